@@ -1,0 +1,46 @@
+# Two commands a newcomer runs: `make demo` (the main job end to end) and `make test` (every test).
+# Each installs what it needs into this folder (.venv, .tools) and starts and stops its own services.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+AZURITE_VERSION := 3.37.0
+AZURITE := .tools/node_modules/.bin/azurite-blob
+PYTEST_ARGS ?=
+
+.PHONY: test demo bench install tools clean help
+
+help:
+	@echo "make demo   - run the data-path demonstration end to end (installs what it needs)"
+	@echo "make test   - run every test (installs what it needs, starts its own Azurite/Redis)"
+	@echo "make bench  - run the benchmarks and write docs/benchmarks.md (not part of make test)"
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed $(AZURITE)
+
+$(AZURITE):
+	@command -v npm >/dev/null || { echo "npm is needed to install Azurite: install Node.js 18+ and npm (Debian: apt-get install nodejs npm)"; exit 1; }
+	mkdir -p .tools
+	npm install --prefix .tools --no-audit --no-fund --loglevel=error azurite@$(AZURITE_VERSION)
+	test -x $@
+
+# Outside tools the tests and benchmarks use as independent checks and peers.
+tools:
+	@bash scripts/ensure-tools.sh
+
+test: install tools
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+demo: install tools
+	$(VENV)/bin/asr demo --workdir demo-work $(DEMO_ARGS)
+
+bench: install tools
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .tools .pytest_cache demo-work bench-work

@@ -1,0 +1,35 @@
+"""sqlmodel tables: the durable state of sites, hosts, VMs, protected items, jobs and job steps.
+
+Importing this package registers every table on `SQLModel.metadata` (what `models.db.init_db` creates).
+"""
+from . import jobs  # noqa: F401  (the job engine's tables; its names are imported from models.jobs)
+from .db import dispose_engines, get_engine, init_db, session_scope
+from .fabric import (
+    AmbiguousVmError,
+    Host,
+    NetworkMapping,
+    Site,
+    VirtualDisk,
+    VirtualMachine,
+    VmmCloud,
+    VmmServer,
+    VmNetworkAdapter,
+    VmNotFoundError,
+)
+from .policy import ReplicationPolicy
+from .protection import (
+    Health,
+    InvalidStateError,
+    ProtectedItem,
+    RecoveryPoint,
+    RecoveryPointKind,
+    ReplicationState,
+)
+
+__all__ = [
+    "get_engine", "init_db", "session_scope", "dispose_engines",
+    "Site", "VmmServer", "VmmCloud", "Host", "VirtualMachine", "VirtualDisk", "VmNetworkAdapter",
+    "NetworkMapping", "VmNotFoundError", "AmbiguousVmError",
+    "ReplicationPolicy",
+    "ProtectedItem", "RecoveryPoint", "ReplicationState", "Health", "RecoveryPointKind", "InvalidStateError",
+]

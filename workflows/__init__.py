@@ -1,0 +1,1 @@
+"""Workflows: the canvases (chains, groups, chords) that compose tasks into ASR jobs."""
