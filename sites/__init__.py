@@ -1,0 +1,1 @@
+"""Site drivers: the protected (primary) host, the recovery-site storage and compute."""
