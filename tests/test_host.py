@@ -1,0 +1,341 @@
+"""The protected host driver and the guest workload, on real disk images, real processes and qemu-img.
+
+The central check: the workload's writes, replayed from the sealed replication logs onto copies of the
+disks taken when tracking began, reproduce the disks byte for byte; so no write bypassed the tracker.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from datapath.disk import open_disk
+from datapath.errors import DiskNotFoundError, NonRecoverableError, PathOutsideRootError
+from datapath.replog import apply_log
+from datapath.tracker import NotTrackedError, ReplicationTracker
+from sites.host import (
+    DiskProtectedError,
+    Host,
+    InvalidNameError,
+    VmExistsError,
+    VmManifestError,
+    VmNotFoundError,
+    VmRunningError,
+    VmSpecError,
+    WorkloadStop,
+)
+
+MiB = 1 << 20
+MB = 1_000_000
+BAD_NAMES = ["", ".", "..", "../x", "a/b", "/abs", ".hidden", "-dash", "a\\b", "a b", "a\x00b", "é", "x" * 65]
+
+
+def qemu_info(path: Path, fmt: str) -> dict:
+    """qemu-img's view of an image; the format is given since qemu only probes VHDs by a header, which
+    a fixed VHD lacks (its footer is at the end)."""
+    result = subprocess.run(["qemu-img", "info", "--output=json", "-f", fmt, str(path)], capture_output=True,
+                            text=True, timeout=30, check=True)
+    return json.loads(result.stdout)
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Host:
+    return Host(tmp_path / "host", "hv01")
+
+
+@pytest.fixture
+def tracked_vm(host: Host):
+    """A 2-disk VM (fixed VHD and raw) with initial content, under the tracker; shut down afterwards."""
+    vm = host.create_vm("app01", [("os", 16 * MiB, "vhd"), ("data", 8 * MiB, "raw")])
+    host.write_initial_data(vm, seed=1, fraction=0.5)
+    host.enable_tracking(vm)
+    yield vm
+    host.shut_down(vm, timeout=5)
+
+
+# ---- VMs -----------------------------------------------------------------------------------------
+def test_create_get_list_delete_vm_with_raw_and_vhd_disks(host: Host):
+    vm = host.create_vm("app01", [("os", 16 * MiB, "vhd"), ("data", "8M", "raw")], networks=("corp", "dmz"))
+
+    assert vm.state == "off" and vm.generation == 1 and vm.host == "hv01"
+    assert uuid.UUID(vm.id).version == 4
+    assert [(a.name, a.vm_network) for a in vm.network_adapters] == [("nic0", "corp"), ("nic1", "dmz")]
+    os_disk, data_disk = vm.disks
+    assert (os_disk.name, os_disk.file, os_disk.size, os_disk.format) == ("os", "os.vhd", 16 * MiB, "vhd")
+    assert (data_disk.name, data_disk.file, data_disk.size, data_disk.format) == ("data", "data.raw", 8 * MiB, "raw")
+    assert os_disk.id != data_disk.id and all(uuid.UUID(d.id) for d in vm.disks)
+    assert vm.path == host.root / "vms" / "app01"
+
+    # qemu-img, an independent reader, agrees on format and virtual size; the images are sparse.
+    assert qemu_info(os_disk.path, "vpc")["virtual-size"] == 16 * MiB
+    assert qemu_info(data_disk.path, "raw")["virtual-size"] == 8 * MiB
+    assert os_disk.path.stat().st_size == 16 * MiB + 512
+    assert all(d.path.stat().st_blocks * 512 <= 64 * 1024 for d in vm.disks)
+
+    manifest = json.loads((vm.path / "vm.json").read_text())
+    assert manifest["name"] == "app01" and manifest["id"] == vm.id and manifest["state"] == "off"
+    assert [d["file"] for d in manifest["disks"]] == ["os.vhd", "data.raw"]
+    assert manifest["network_adapters"] == [{"name": "nic0", "vm_network": "corp"}, {"name": "nic1", "vm_network": "dmz"}]
+
+    assert host.get_vm("app01") == vm
+    assert Host(host.root, "hv01").get_vm("app01") == vm  # the manifest is the whole truth
+    other = host.create_vm("web02", [("os", 4 * MiB, "raw")], networks=(), generation=2)
+    (host.vms_dir / ".creating-x-1").mkdir()  # an interrupted create is not a VM
+    assert [v.name for v in host.list_vms()] == ["app01", "web02"]
+    assert other.generation == 2 and other.network_adapters == []
+
+    before = tree(host.root)
+    with pytest.raises(VmExistsError, match="app01.*hv01"):
+        host.create_vm("app01", [("os", 4 * MiB, "raw")])
+    assert tree(host.root) == before
+
+    host.delete_vm("app01")
+    assert not vm.path.exists()
+    assert [v.name for v in host.list_vms()] == ["web02"]
+    with pytest.raises(VmNotFoundError):
+        host.get_vm("app01")
+
+
+@pytest.mark.parametrize("bad", BAD_NAMES)
+def test_bad_names_are_refused_and_nothing_is_created(tmp_path: Path, bad: str):
+    root = tmp_path / "host"
+    with pytest.raises(InvalidNameError, match="invalid host name"):
+        Host(root, bad)
+    host = Host(root, "hv01")
+    attempts = [
+        (lambda: host.create_vm(bad, [("os", MiB, "raw")]), "VM"),
+        (lambda: host.create_vm("vm1", [(bad, MiB, "raw")]), "disk"),
+        (lambda: host.create_vm("vm1", [("os", MiB, "raw")], networks=(bad,)), "network"),
+        (lambda: host.get_vm(bad), "VM"),
+        (lambda: host.delete_vm(bad), "VM"),
+        (lambda: host.start_workload(bad), "VM"),
+    ]
+    for attempt, kind in attempts:
+        with pytest.raises(InvalidNameError, match=f"invalid {kind} name") as caught:
+            attempt()
+        assert isinstance(caught.value, PathOutsideRootError) and isinstance(caught.value, NonRecoverableError)
+    assert not root.exists()
+
+
+def test_paths_escaping_the_root_are_refused(host: Host, tmp_path: Path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim.raw").write_bytes(b"\1" * MiB)
+    host.vms_dir.mkdir(parents=True)
+    (host.vms_dir / "escape").symlink_to(outside)
+    with pytest.raises(PathOutsideRootError, match="outside host 'hv01' root"):
+        host.create_vm("escape", [("victim", MiB, "raw")])
+    with pytest.raises(PathOutsideRootError):
+        host.get_vm("escape")
+    assert tree(outside) == ["victim.raw"] and (outside / "victim.raw").read_bytes() == b"\1" * MiB
+
+    # A manifest is input too: a disk file naming a path elsewhere, or a link out, is refused.
+    vm = host.create_vm("app01", [("os", MiB, "raw")])
+    manifest = json.loads((vm.path / "vm.json").read_text())
+    for file in ("../../../outside/victim.raw", "victim.raw"):
+        manifest["disks"][0]["file"] = file
+        (vm.path / "vm.json").write_text(json.dumps(manifest))
+        if file == "victim.raw":
+            (vm.path / "victim.raw").symlink_to(outside / "victim.raw")
+        with pytest.raises(VmManifestError, match="app01.*hv01"):
+            host.get_vm("app01")
+    assert (outside / "victim.raw").read_bytes() == b"\1" * MiB
+
+
+@pytest.mark.parametrize("disks, kwargs, message", [
+    ([], {}, "at least one disk"),
+    ([("os", MiB, "raw"), ("os", MiB, "vhd")], {}, "used twice"),
+    ([("os", MiB, "vhdx")], {}, "format must be raw or vhd"),
+    ([("os", MiB + 512, "raw")], {}, "whole number of MiB"),
+    ([("os", 0, "raw")], {}, "whole number of MiB"),
+    ([("os", "lots", "raw")], {}, "invalid size"),
+    ([("os", MiB, "raw")], {"generation": 3}, "generation must be 1 or 2"),
+])
+def test_bad_vm_definitions_are_refused_and_nothing_is_created(host: Host, disks, kwargs, message):
+    with pytest.raises(VmSpecError, match=message):
+        host.create_vm("vm1", disks, **kwargs)
+    assert tree(host.root) == []
+
+
+def test_unknown_vm_and_disk_errors_name_them(host: Host):
+    for call in (lambda: host.get_vm("ghost"), lambda: host.delete_vm("ghost"),
+                 lambda: host.start_workload("ghost"), lambda: host.stop_workload("ghost"),
+                 lambda: host.enable_tracking("ghost")):
+        with pytest.raises(VmNotFoundError, match="VM 'ghost' not found on host 'hv01'") as caught:
+            call()
+        assert isinstance(caught.value, NonRecoverableError)
+    host.create_vm("app01", [("os", MiB, "raw")])
+    with pytest.raises(DiskNotFoundError, match="VM 'app01' on host 'hv01' has no disk 'swap'"):
+        host.tracker("app01", "swap")
+    with pytest.raises(NotTrackedError, match="disk 'os' of VM 'app01' on host 'hv01' is not tracked"):
+        host.tracker("app01", "os")
+
+
+# ---- initial content -----------------------------------------------------------------------------
+def test_initial_data_fills_the_fraction_in_mib_extents_and_is_reproducible(host: Host, tmp_path: Path):
+    vm = host.create_vm("app01", [("os", 32 * MiB, "vhd"), ("data", 32 * MiB, "raw")])
+    twin = host.create_vm("app02", [("os", 32 * MiB, "vhd"), ("data", 32 * MiB, "raw")])
+    assert host.write_initial_data(vm, seed=5, fraction=0.25) == {"os": 8 * MiB, "data": 8 * MiB}
+    host.write_initial_data(twin, seed=5, fraction=0.25)
+
+    for disk, twin_disk in zip(vm.disks, twin.disks):
+        with open_disk(disk.path) as image:
+            extents = list(image.data_extents())
+        assert sum(length for _, length in extents) == 8 * MiB
+        assert all(offset % MiB == 0 and length % MiB == 0 for offset, length in extents)
+        data = disk.path.read_bytes()[: disk.size]
+        for offset, length in extents:
+            assert all(data[o : o + MiB] != bytes(MiB) for o in range(offset, offset + length, MiB))
+        assert twin_disk.path.read_bytes()[: disk.size] == data  # same seed and disk name, same content
+    # qemu-img reads the VHD's data where we wrote it: the image stays a valid fixed VHD.
+    converted = tmp_path / "os-converted.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "vpc", "-O", "raw", str(vm.disks[0].path), str(converted)],
+                   check=True, timeout=60)
+    assert converted.read_bytes() == vm.disks[0].path.read_bytes()[: 32 * MiB]
+
+    host.enable_tracking(vm)
+    hashes = [sha256_of(d.path) for d in vm.disks]
+    with pytest.raises(DiskProtectedError, match="os, data are tracked"):
+        host.write_initial_data(vm, seed=6)
+    assert [sha256_of(d.path) for d in vm.disks] == hashes
+
+
+# ---- tracking and the workload -------------------------------------------------------------------
+def test_enable_tracking_is_idempotent_and_uses_the_disk_ids(host: Host):
+    vm = host.create_vm("app01", [("os", 4 * MiB, "vhd"), ("data", 4 * MiB, "raw")])
+    assert [d.name for d in host.enable_tracking(vm)] == ["os", "data"]
+    assert host.enable_tracking(vm) == []
+    for disk in vm.disks:
+        assert host.is_tracked(vm, disk)
+        with host.tracker(vm, disk) as tracker:
+            assert tracker.disk_id == uuid.UUID(disk.id).bytes
+
+
+def replay_logs_onto(baseline: Path, host: Host, vm, disk) -> tuple[int, int]:
+    """Seal the disk's log, apply every sealed log onto `baseline`; return (records, data bytes)."""
+    with host.tracker(vm, disk) as tracker:
+        tracker.seal()
+        logs = tracker.pending_logs()
+        disk_id = tracker.disk_id
+    with open_disk(baseline, writable=True) as replica:
+        for log in logs:
+            apply_log(log.path, replica, expected_generation=log.generation, disk_id=disk_id, disk_name=disk.name)
+    return sum(log.records for log in logs), sum(log.data_bytes for log in logs)
+
+
+def test_workload_writes_through_the_tracker_at_the_rate_and_stops_cleanly(host: Host, tracked_vm, tmp_path: Path):
+    vm = tracked_vm
+    baselines = {d.name: tmp_path / f"baseline-{d.file}" for d in vm.disks}
+    for disk in vm.disks:
+        shutil.copyfile(disk.path, baselines[disk.name])
+    before = {d.name: sha256_of(d.path) for d in vm.disks}
+
+    rate_mb_s = 3.0
+    pid = host.start_workload(vm, rate_mb_s=rate_mb_s, write_sizes=(4096, 65536), seed=7)
+    assert host.workload_running(vm) and host.get_vm("app01").state == "running"
+    assert json.loads((vm.path / "workload.pid").read_text())["pid"] == pid
+    assert host.start_workload(vm) == pid  # already running: left as it is
+    with pytest.raises(VmRunningError):
+        host.delete_vm("app01")
+    time.sleep(1.5)
+
+    # Another agent process (here another Host on the same root) finds the workload by its pid file.
+    other_agent = Host(host.root, "hv01")
+    assert other_agent.workload_running(vm)
+    started = time.monotonic()
+    assert other_agent.stop_workload(vm, timeout=10) is WorkloadStop.STOPPED
+    assert time.monotonic() - started < 2.0
+    assert not host.workload_running(vm) and not (vm.path / "workload.pid").exists()
+    assert host.stop_workload(vm) is WorkloadStop.NOT_RUNNING
+    assert host.get_vm("app01").state == "running"  # the guest idles; shut_down turns it off
+
+    stats = host.workload_stats(vm)
+    assert stats["stopped_by"] == "SIGTERM" and stats["error"] is None and stats["seed"] == 7
+    expected = rate_mb_s * MB * stats["seconds"]
+    assert 0.3 * expected <= stats["bytes"] <= 1.5 * expected, (stats["bytes"], expected)
+
+    for disk in vm.disks:
+        per_disk = stats["disks"][str(disk.path)]
+        assert per_disk["writes"] > 0, f"no writes reached disk {disk.name}"
+        assert sha256_of(disk.path) != before[disk.name]
+        records, data_bytes = replay_logs_onto(baselines[disk.name], host, vm, disk)
+        assert (records, data_bytes) == (per_disk["writes"], per_disk["bytes"])
+        assert baselines[disk.name].read_bytes() == disk.path.read_bytes(), f"disk {disk.name} has untracked writes"
+
+    assert host.shut_down(vm) is WorkloadStop.NOT_RUNNING and host.get_vm("app01").state == "off"
+
+
+def test_stop_kills_a_workload_that_does_not_exit_in_time(host: Host, tracked_vm, tmp_path: Path):
+    vm = tracked_vm
+    baselines = {d.name: tmp_path / f"baseline-{d.file}" for d in vm.disks}
+    for disk in vm.disks:
+        shutil.copyfile(disk.path, baselines[disk.name])
+    pid = host.start_workload(vm, rate_mb_s=0, write_sizes=(512, 256 * 1024), seed=9)
+    time.sleep(0.3)
+    os.kill(pid, signal.SIGSTOP)  # a stopped process cannot act on SIGTERM, only die of SIGKILL
+
+    started = time.monotonic()
+    assert host.stop_workload(vm, timeout=0.5) is WorkloadStop.KILLED
+    assert 0.5 <= time.monotonic() - started < 3.0
+    assert not host.workload_running(vm) and host.workload_stats(vm) is None
+
+    # Killed anywhere in a write, the tracker still holds the disk and its logs in step.
+    for disk in vm.disks:
+        replay_logs_onto(baselines[disk.name], host, vm, disk)
+        assert baselines[disk.name].read_bytes() == disk.path.read_bytes(), f"disk {disk.name} out of step"
+
+
+def test_workload_refuses_untracked_disks(host: Host, tmp_path: Path):
+    vm = host.create_vm("app01", [("os", 4 * MiB, "raw"), ("data", 4 * MiB, "raw")])
+    stats_file = tmp_path / "stats.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "sites.workload", "--disk", str(vm.disks[0].path), "--duration", "5",
+         "--stats", str(stats_file)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    assert f"disk {vm.disks[0].path} is not enabled for replication tracking" in result.stderr
+    assert "break replication" in result.stderr
+    assert not stats_file.exists() and vm.disks[0].path.read_bytes() == bytes(4 * MiB)
+
+    ReplicationTracker.enable(vm.disks[0].path).close()
+    with pytest.raises(NotTrackedError, match="VM 'app01' on host 'hv01': disks data are not tracked"):
+        host.start_workload(vm)
+    assert not host.workload_running(vm) and host.get_vm("app01").state == "off"
+    assert not (vm.path / "workload.pid").exists()
+
+
+def test_workload_command_line_duration_and_bad_sizes(host: Host, tracked_vm, tmp_path: Path):
+    disk = tracked_vm.disks[1]
+    stats_file = tmp_path / "stats.json"
+    command = [sys.executable, "-m", "sites.workload", "--disk", str(disk.path), "--stats", str(stats_file)]
+    result = subprocess.run(command + ["--rate", "0", "--duration", "0.5", "--min-size", "512",
+                                       "--max-size", "8192", "--seed", "3"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(stats_file.read_text())
+    assert stats["stopped_by"] == "duration" and stats["writes"] > 0 and 0.5 <= stats["seconds"] < 1.5
+    assert stats["disks"][str(disk.path)]["bytes"] == stats["bytes"]
+
+    for sizes in (["--min-size", "1000"], ["--min-size", "8192", "--max-size", "4096"], ["--min-size", "0"]):
+        result = subprocess.run(command + sizes, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and "multiples of 512" in result.stderr
+    with pytest.raises(ValueError, match="multiples of 512"):
+        host.start_workload(tracked_vm, write_sizes=(1000, 4096))
