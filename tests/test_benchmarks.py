@@ -1,0 +1,117 @@
+"""`make bench` end to end, small: the harness runs every benchmark against its peer, writes both
+reports, and its byte counts agree with each other and with the disks it generated. Timings are
+never asserted: they depend on the machine."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RUN_TIMEOUT_S = 300
+BENCHMARKS = {"initial_copy", "sparse_copy", "resync", "checksum_scan", "log_apply"}
+MEMORY_STEPS = {
+    "copy_disk (full disk)", "copy_disk (sparse disk)", "sync_disks", "compute_manifest (cold)",
+    "compute_manifest (warm)", "ReplicationTracker writes + seal", "apply_log",
+}
+HASH_SIZE = 16
+
+
+def test_quick_run_writes_both_reports_with_consistent_byte_counts(tmp_path):
+    workdir, output = tmp_path / "work", tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--workdir", str(workdir), "--output", str(output)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+    )
+    assert run.returncode == 0, run.stderr
+    assert not workdir.exists(), "the workdir is deleted after a run without --keep"
+    report = json.loads((output / "benchmarks.json").read_text())
+    markdown = (output / "benchmarks.md").read_text()
+
+    settings = report["settings"]
+    size, rounds, chunk_size = settings["size"], settings["rounds"], settings["chunk_size"]
+    assert settings["quick"] and size == 256 << 20 and settings["quarter_size"] == size // 4
+    assert set(report["benchmarks"]) == BENCHMARKS
+    for name, benchmark in report["benchmarks"].items():
+        assert len(benchmark["ours"]["runs"]) == rounds, name
+        assert benchmark["rows"], f"{name} has no result rows"
+        for row in benchmark["rows"]:
+            assert row["passed"] in (True, False, None) and row["goal"]
+    judged = [row for b in report["benchmarks"].values() for row in b["rows"] if row["passed"] is not None]
+    assert report["goals_judged"] == len(judged) + len(MEMORY_STEPS)
+    assert report["goals_met"] == sum(row["passed"] for row in judged) + sum(
+        step["passed"] for step in report["memory"]["steps"])
+
+    copy = report["benchmarks"]["initial_copy"]
+    assert len(copy["peer"]["runs"]) == rounds
+    for run_figures in copy["ours"]["runs"]:
+        # Random data: every byte is read and written, no chunk is zero.
+        assert run_figures["bytes_read"] == run_figures["bytes_written"] == size
+        assert run_figures["bytes_written"] + run_figures["zero_bytes_skipped"] == size
+        assert run_figures["allocated_bytes"] >= size
+
+    sparse = report["benchmarks"]["sparse_copy"]
+    virtual, data = sparse["details"]["virtual_size"], sparse["details"]["data_bytes"]
+    assert virtual == 10 * size and data == size
+    assert data <= sparse["details"]["source_allocated_bytes"] < virtual
+    for run_figures in sparse["ours"]["runs"]:
+        # Holes are not read; zeros between two extents of one chunk may be written.
+        assert run_figures["bytes_written"] + run_figures["zero_bytes_skipped"] == virtual
+        assert data <= run_figures["bytes_read"] < virtual
+        assert data <= run_figures["bytes_written"] < virtual
+        assert data <= run_figures["allocated_bytes"] < virtual
+    for run_figures in sparse["peer"]["runs"]:
+        assert data <= run_figures["allocated_bytes"] < virtual
+
+    resync = report["benchmarks"]["resync"]
+    details = resync["details"]
+    blocks_per_chunk = chunk_size // details["block_size"]
+    assert details["damaged_chunks"] == details["damage_writes"] == round(size // chunk_size * 0.01)
+    assert details["damage_bytes"] == details["damage_writes"] * details["damage_write_size"]
+    for run_figures in resync["ours"]["runs"]:
+        assert run_figures["chunks_compared"] == size // chunk_size
+        assert run_figures["chunks_sent"] == details["damaged_chunks"]
+        assert run_figures["blocks_sent"] == details["damaged_blocks"]
+        assert run_figures["bytes_sent"] == details["damaged_blocks"] * details["block_size"]
+        assert run_figures["bytes_zeroed"] == 0
+        assert run_figures["hash_bytes"] == HASH_SIZE * (
+            run_figures["chunks_compared"] + run_figures["chunks_sent"] * blocks_per_chunk)
+    for run_figures in resync["peer"]["runs"]:
+        assert run_figures["literal_data"] + run_figures["matched_data"] == size
+        assert run_figures["literal_data"] >= details["damage_bytes"]
+        assert run_figures["total_bytes_sent"] >= run_figures["literal_data"]
+
+    scan = report["benchmarks"]["checksum_scan"]
+    scans = scan["ours"]["runs"] + scan["ours_warm"]["runs"] + scan["peer"]["runs"]
+    assert len(scans) == 3 * rounds
+    assert all(figures["bytes"] == size and figures["root"] == scan["details"]["root"] for figures in scans)
+
+    log = report["benchmarks"]["log_apply"]
+    log_details = log["details"]
+    assert log_details["data_bytes"] >= settings["log_volume"] == size // 4
+    assert log_details["log_file_bytes"] > log_details["data_bytes"]
+    assert log_details["records"] >= log_details["writes"]
+    for run_figures in log["ours"]["runs"]:
+        assert run_figures["data_bytes"] == log_details["data_bytes"]
+        assert run_figures["records"] == log_details["records"]
+        assert 0 < run_figures["bytes_written"] <= run_figures["data_bytes"]
+
+    memory = report["memory"]
+    assert {step["step"] for step in memory["steps"]} == MEMORY_STEPS
+    assert memory["baseline_peak_rss_bytes"] > 0
+    for step in memory["steps"]:
+        assert step["full_size"] == size and step["quarter_size"] == size // 4
+        assert step["peak_rss_bytes_full"] >= memory["baseline_peak_rss_bytes"] // 2
+        assert step["growth_bytes"] == step["peak_rss_bytes_full"] - step["peak_rss_bytes_quarter"]
+    assert set(memory["quarter_size_runs"]) == BENCHMARKS
+
+    machine = report["machine"]
+    assert machine["nproc"] >= 1 and machine["memory_bytes"] > 0 and machine["workdir_filesystem"]["type"]
+    table_header = "| Benchmark | Metric | Ours | Peer | Ratio | Goal | Result |"
+    for heading in ("## Machine", "## Results", "## Method", table_header):
+        assert heading in markdown
+    for benchmark in report["benchmarks"].values():
+        assert benchmark["title"] in markdown
+    assert all(step in markdown for step in MEMORY_STEPS)
+    assert report["date"] in markdown and machine["kernel"] in markdown
