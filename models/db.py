@@ -1,0 +1,229 @@
+"""The database: engines, sessions, and the column types every table shares.
+
+The database is the source of truth for sites, hosts, protected items and jobs. Several worker
+processes write to it at once, so SQLite runs in WAL mode (readers never block the writer) with a busy
+timeout (a writer waits for the lock instead of failing at once); PostgreSQL is used by URL.
+"""
+from __future__ import annotations
+
+import enum
+import fcntl
+import os
+import re
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, SQLModel
+
+from workflows import clock
+
+DATABASE_URL_ENV = "ASR_DATABASE_URL"
+HOME_ENV = "ASR_HOME"
+SQLITE_BUSY_TIMEOUT_ENV = "ASR_SQLITE_BUSY_TIMEOUT_S"
+# A writer waits this long for another process's transaction before giving up with "database is locked";
+# long enough for any of our short transactions, short enough that a stuck writer is reported.
+DEFAULT_SQLITE_BUSY_TIMEOUT_S = 30.0
+
+# Names of sites, hosts, VMs, disks, networks and policies become path segments and object names (see
+# sites.host and sites.storage.base): the same rule everywhere, so whatever is registered can be protected.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+# Any fixed number, the same in every process: the PostgreSQL advisory lock held while creating tables.
+_SCHEMA_LOCK_KEY = 0x41535230_53434845
+
+_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def new_id() -> str:
+    """A new primary key: a random UUID as text, the same on every database."""
+    return str(uuid.uuid4())
+
+
+def validate_name(name: object, kind: str) -> str:
+    """`name` if it is 1 to 64 letters, digits, '.', '_' or '-' not starting with '.', '_' or '-';
+    ValueError naming the `kind` of thing otherwise."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):  # fullmatch: "$" would let "name\n" through
+        raise ValueError(
+            f"invalid {kind} name {name!r}: use 1 to 64 letters, digits, '.', '_' or '-', starting with a "
+            f"letter or digit"
+        )
+    return name
+
+
+def clock_now() -> datetime:
+    """Now, from the engine clock; looked up at each call, so whatever clock a test sets is used."""
+    return clock.now()
+
+
+def as_utc(when: datetime) -> datetime:
+    """`when` as an aware UTC datetime; a naive datetime is taken to be UTC already (the convention of
+    every timestamp in this project)."""
+    if when.tzinfo is None:
+        return when.replace(tzinfo=timezone.utc)
+    return when.astimezone(timezone.utc)
+
+
+class UtcDateTime(sa.types.TypeDecorator):
+    """A UTC instant, stored without a zone and read back as an aware UTC datetime on every database.
+
+    SQLite has no zone-aware type and PostgreSQL's would convert by the session's zone; storing naive UTC
+    and re-attaching UTC on read gives the same values, comparable with each other, everywhere."""
+
+    impl = sa.DateTime(timezone=False)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime):
+            raise TypeError(f"expected a datetime, got {value!r}")
+        return as_utc(value).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=timezone.utc)
+
+
+def string_enum(enum_class: type[enum.Enum]) -> sa.Enum:
+    """A column type storing the enum's values as plain text (no database enum type to migrate)."""
+    return sa.Enum(
+        enum_class,
+        native_enum=False,
+        length=max(len(member.value) for member in enum_class),
+        values_callable=lambda members: [member.value for member in members],
+        validate_strings=True,
+    )
+
+
+def database_url() -> str:
+    """`ASR_DATABASE_URL`, or a SQLite file `asr.db` in `ASR_HOME` (default ~/.asr)."""
+    url = os.environ.get(DATABASE_URL_ENV)
+    if url:
+        return url
+    home = Path(os.environ.get(HOME_ENV) or Path.home() / ".asr")
+    home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home / 'asr.db'}"
+
+
+def _with_driver(url: str) -> str:
+    """Plain `postgresql://` URLs would pick psycopg2, which is not installed: use psycopg (3)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def _sqlite_busy_timeout_s() -> float:
+    raw = os.environ.get(SQLITE_BUSY_TIMEOUT_ENV)
+    if raw is None:
+        return DEFAULT_SQLITE_BUSY_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{SQLITE_BUSY_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise ValueError(f"{SQLITE_BUSY_TIMEOUT_ENV}={raw!r} must be positive")
+    return value
+
+
+def _create_engine(url: str) -> Engine:
+    if not url.startswith("sqlite"):
+        # pre_ping: a pooled connection the server closed (restart, idle timeout) is replaced, not used.
+        return sa.create_engine(url, pool_pre_ping=True)
+    busy_timeout_s = _sqlite_busy_timeout_s()
+    engine = sa.create_engine(url, connect_args={"timeout": busy_timeout_s})
+
+    @sa.event.listens_for(engine, "connect")
+    def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+            if url not in ("sqlite://", "sqlite:///:memory:"):
+                cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    return engine
+
+
+def get_engine(url: str | None = None) -> Engine:
+    """The engine for `url` (default: `database_url()`), one per URL and process."""
+    url = _with_driver(url or database_url())
+    with _engines_lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = _engines[url] = _create_engine(url)
+        return engine
+
+
+def dispose_engines() -> None:
+    """Close every engine's pooled connections and forget the engines."""
+    with _engines_lock:
+        engines = list(_engines.values())
+        _engines.clear()
+    for engine in engines:
+        engine.dispose()
+
+
+def _forget_inherited_connections() -> None:
+    # A forked worker child must not use the parent's pooled connections (the two would interleave on
+    # one socket or SQLite handle); close=False leaves them open for the parent that owns them.
+    for engine in list(_engines.values()):
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_forget_inherited_connections)
+
+
+def init_db(engine: Engine | None = None) -> Engine:
+    """Create every table that does not exist yet (all modules of `models` register theirs)."""
+    import models  # noqa: F401  (registers every table on SQLModel.metadata)
+
+    engine = engine or get_engine()
+    with _schema_lock(engine) as bind:
+        SQLModel.metadata.create_all(bind)
+    return engine
+
+
+@contextmanager
+def _schema_lock(engine: Engine) -> Iterator[Engine | sa.Connection]:
+    """Serialize table creation between processes: it checks, then creates, so workers starting together
+    would both try to create the same table and one would fail."""
+    database = engine.url.database
+    if engine.dialect.name == "postgresql":
+        with engine.begin() as connection:  # DDL is transactional there: the tables appear at commit
+            connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+            yield connection
+    elif engine.dialect.name == "sqlite" and database not in (None, "", ":memory:"):
+        # A lock file beside the database, not the database itself: opening and closing the database file
+        # would drop the POSIX locks SQLite holds on it in this process.
+        with open(f"{database}.schema-lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield engine
+    else:
+        yield engine
+
+
+@contextmanager
+def session_scope(engine: Engine | None = None) -> Iterator[Session]:
+    """A session that commits when the block ends normally and rolls back when it raises.
+
+    Objects stay readable after the block (no expiry on commit), so a function can return what it
+    created; reload them in a new scope before changing them again."""
+    session = Session(engine or get_engine(), expire_on_commit=False)
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()

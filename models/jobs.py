@@ -1,0 +1,109 @@
+"""Jobs, their steps, and the locks that keep one workflow at a time on a protected item.
+
+A job is what the Jobs tab lists ("Enable protection", "Resynchronize", ...). Its steps run in stages:
+stages one after another, the steps of a stage in parallel. The rows here are the source of truth the
+engine (workflows/engine.py) drives; Redis only carries the messages that wake workers up.
+"""
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Field, SQLModel
+
+from models.db import UtcDateTime, clock_now, new_id, string_enum
+
+__all__ = [
+    "JobState", "StepState", "Job", "JobStep", "JobLock",
+    "ACTIVE_JOB_STATES", "FINISHED_JOB_STATES", "DONE_STEP_STATES",
+]
+
+
+class JobState(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    waiting_retry = "waiting_retry"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class StepState(str, enum.Enum):
+    pending = "pending"  # no message for it is on the broker yet (a later stage, or a launch not sent)
+    queued = "queued"  # a message for it was sent at queued_at
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    waiting_retry = "waiting_retry"  # failed recoverably; due again at next_attempt_at
+    skipped = "skipped"
+    cancelled = "cancelled"
+
+
+ACTIVE_JOB_STATES = (JobState.queued, JobState.running, JobState.waiting_retry)
+FINISHED_JOB_STATES = (JobState.succeeded, JobState.failed, JobState.cancelled)
+# A stage is complete when every step in it is in one of these; the next stage may then start.
+DONE_STEP_STATES = (StepState.succeeded, StepState.skipped)
+
+
+class Job(SQLModel, table=True):
+    __tablename__ = "job"
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=36)
+    kind: str = Field(index=True, max_length=64)
+    target: str | None = Field(default=None, index=True, max_length=255)
+    lock_key: str | None = Field(default=None, max_length=255)
+    state: JobState = Field(default=JobState.queued, sa_type=string_enum(JobState), index=True)
+    params: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+    created_at: datetime = Field(default_factory=clock_now, sa_type=UtcDateTime)
+    started_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    ended_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    error: str | None = Field(default=None, sa_type=sa.Text)
+    error_class: str | None = Field(default=None, max_length=255)
+    # Set once the job has finished and no step of it is still running: its lock is released then, and
+    # its hooks become due (hook_pending) until one run of them commits.
+    settled_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    hook_pending: bool = Field(default=False, index=True)
+    hook_error: str | None = Field(default=None, sa_type=sa.Text)
+
+
+class JobStep(SQLModel, table=True):
+    __tablename__ = "job_step"
+    __table_args__ = (sa.UniqueConstraint("job_id", "stage", "index"),)
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=36)
+    job_id: str = Field(foreign_key="job.id", index=True, max_length=36)
+    stage: int
+    index: int
+    name: str = Field(max_length=255)
+    action: str = Field(max_length=255)
+    queue: str = Field(max_length=255)
+    params: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+    state: StepState = Field(default=StepState.pending, sa_type=string_enum(StepState), index=True)
+    attempts: int = 0
+    deaths: int = 0
+    started_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    ended_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    heartbeat_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    queued_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    next_attempt_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    error: str | None = Field(default=None, sa_type=sa.Text)
+    error_class: str | None = Field(default=None, max_length=255)
+    celery_task_id: str | None = Field(default=None, max_length=64)
+    worker: str | None = Field(default=None, max_length=255)
+    lease: str | None = Field(default=None, max_length=36)
+    progress_done: int = 0
+    progress_total: int = 0
+    result: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
+
+
+class JobLock(SQLModel, table=True):
+    """One row per locked key (e.g. "item:<id>"): inserting a second row for a key fails, which is the
+    lock. The job that inserted it deletes it when it settles."""
+
+    __tablename__ = "job_lock"
+
+    lock_key: str = Field(primary_key=True, max_length=255)
+    job_id: str = Field(foreign_key="job.id", index=True, max_length=36)
+    acquired_at: datetime = Field(default_factory=clock_now, sa_type=UtcDateTime)

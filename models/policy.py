@@ -1,0 +1,195 @@
+"""Replication policies: how often changes are copied, how long recovery points are kept, when initial
+replication starts, and when automatic resynchronization may run (outside office hours, as the
+reference does, so a resync's read load does not hit users)."""
+from collections.abc import Iterable
+from datetime import datetime, time, timedelta, timezone, tzinfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import sqlalchemy as sa
+from sqlmodel import Field, Session, SQLModel, select
+
+from models.db import UtcDateTime, as_utc, clock_now, new_id, validate_name
+
+__all__ = [
+    "ReplicationPolicy", "create_policy", "COPY_FREQUENCIES_S", "MAX_RETENTION_H", "MAX_APP_CONSISTENT_H",
+    "MAX_INITIAL_REPLICATION_DELAY", "WEEKDAY_NAMES",
+]
+
+COPY_FREQUENCIES_S = (30, 300, 900)
+DEFAULT_COPY_FREQUENCY_S = 300
+MAX_RETENTION_H = 24
+DEFAULT_RETENTION_H = 2
+MAX_APP_CONSISTENT_H = 12
+DEFAULT_APP_CONSISTENT_H = 1
+MAX_INITIAL_REPLICATION_DELAY = timedelta(hours=24)
+DEFAULT_OFFICE_HOURS = (time(8, 0), time(18, 0))
+WEEKDAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+DEFAULT_OFFICE_DAYS = (0, 1, 2, 3, 4)
+
+
+class ReplicationPolicy(SQLModel, table=True):
+    __tablename__ = "replication_policy"
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=36)
+    name: str = Field(unique=True, max_length=64)
+    copy_frequency_s: int = Field(default=DEFAULT_COPY_FREQUENCY_S)
+    recovery_point_retention_h: int = Field(default=DEFAULT_RETENTION_H)
+    app_consistent_frequency_h: int = Field(default=DEFAULT_APP_CONSISTENT_H)
+    """Hours between app-consistent snapshots; 0 turns them off."""
+    initial_replication_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    """When initial replication starts; None: at once."""
+    office_hours_start: time = Field(default=DEFAULT_OFFICE_HOURS[0], sa_type=sa.Time)
+    office_hours_end: time = Field(default=DEFAULT_OFFICE_HOURS[1], sa_type=sa.Time)
+    office_days: list[int] = Field(default_factory=lambda: list(DEFAULT_OFFICE_DAYS), sa_type=sa.JSON)
+    """Weekdays (0 = Monday) with office hours."""
+    office_timezone: str = Field(default="UTC", max_length=64)
+    """The IANA zone office hours are in: the protected site's local time."""
+    created_at: datetime = Field(default_factory=clock_now, sa_type=UtcDateTime)
+
+    def in_office_hours(self, when: datetime) -> bool:
+        """Whether `when` (UTC if naive) falls in office hours, when automatic resync must not run."""
+        local = as_utc(when).astimezone(_zone(self.office_timezone))
+        return local.weekday() in self.office_days and self.office_hours_start <= local.time() < self.office_hours_end
+
+    def next_resync_slot(self, after: datetime) -> datetime:
+        """The first moment at or after `after` (aware UTC) outside office hours."""
+        after = as_utc(after)
+        if not self.in_office_hours(after):
+            return after
+        zone = _zone(self.office_timezone)
+        local = after.astimezone(zone)
+        # Office hours lie within one day (start < end), so their end that day is the first free moment.
+        return datetime.combine(local.date(), self.office_hours_end, tzinfo=zone).astimezone(timezone.utc)
+
+
+def create_policy(
+    session: Session,
+    name: str,
+    *,
+    copy_frequency_s: int = DEFAULT_COPY_FREQUENCY_S,
+    recovery_point_retention_h: int = DEFAULT_RETENTION_H,
+    app_consistent_frequency_h: int = DEFAULT_APP_CONSISTENT_H,
+    initial_replication_at: datetime | None = None,
+    office_hours: tuple[time, time] = DEFAULT_OFFICE_HOURS,
+    office_days: Iterable[int | str] = DEFAULT_OFFICE_DAYS,
+    office_timezone: str = "UTC",
+) -> ReplicationPolicy:
+    """A new replication policy, validated (ValueError naming the policy and the setting; nothing written).
+
+    `initial_replication_at`: None to start at once, or a moment at most 24 h ahead.
+    `office_days`: weekday numbers (0 = Monday) or names ("mon" or "monday" .. "sun" or "sunday")."""
+    validate_name(name, "replication policy")
+    where = f"replication policy {name!r}"
+    _check_choice(where, "copy frequency (seconds)", copy_frequency_s, COPY_FREQUENCIES_S)
+    _check_range(where, "recovery point retention (hours)", recovery_point_retention_h, 0, MAX_RETENTION_H)
+    _check_range(
+        where, "app-consistent snapshot frequency (hours)", app_consistent_frequency_h, 0, MAX_APP_CONSISTENT_H
+    )
+    if app_consistent_frequency_h > recovery_point_retention_h:
+        raise ValueError(
+            f"{where}: app-consistent snapshots every {app_consistent_frequency_h} h would not survive a "
+            f"{recovery_point_retention_h} h retention window: choose at most the retention, or 0 (off)"
+        )
+    start_at = _check_initial_replication(where, initial_replication_at)
+    start, end = _check_office_hours(where, office_hours)
+    days = _check_office_days(where, office_days)
+    _zone_or_error(where, office_timezone)
+    if session.exec(select(ReplicationPolicy).where(ReplicationPolicy.name == name)).first() is not None:
+        raise ValueError(f"{where} already exists")
+    policy = ReplicationPolicy(
+        name=name, copy_frequency_s=copy_frequency_s, recovery_point_retention_h=recovery_point_retention_h,
+        app_consistent_frequency_h=app_consistent_frequency_h, initial_replication_at=start_at,
+        office_hours_start=start, office_hours_end=end, office_days=days, office_timezone=office_timezone,
+    )
+    session.add(policy)
+    session.flush()
+    return policy
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_choice(where: str, setting: str, value: object, choices: tuple[int, ...]) -> None:
+    if not _is_int(value) or value not in choices:
+        raise ValueError(f"{where}: {setting} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def _check_range(where: str, setting: str, value: object, low: int, high: int) -> None:
+    if not _is_int(value) or not low <= value <= high:
+        raise ValueError(f"{where}: {setting} must be a whole number from {low} to {high}, got {value!r}")
+
+
+def _check_initial_replication(where: str, start_at: datetime | None) -> datetime | None:
+    if start_at is None:
+        return None
+    if not isinstance(start_at, datetime):
+        raise ValueError(f"{where}: initial replication time must be a datetime or None (now), got {start_at!r}")
+    start_at, now = as_utc(start_at), clock_now()
+    if start_at < now:
+        raise ValueError(
+            f"{where}: initial replication time {start_at.isoformat()} is in the past: use None to start now"
+        )
+    if start_at - now > MAX_INITIAL_REPLICATION_DELAY:
+        raise ValueError(
+            f"{where}: initial replication can be scheduled at most 24 hours ahead, got {start_at.isoformat()} "
+            f"({(start_at - now) / timedelta(hours=1):.1f} h from now)"
+        )
+    return start_at
+
+
+def _check_office_hours(where: str, office_hours: tuple[time, time]) -> tuple[time, time]:
+    try:
+        start, end = office_hours
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: office hours must be a (start, end) pair of times, got {office_hours!r}") from None
+    if not isinstance(start, time) or not isinstance(end, time) or start.tzinfo or end.tzinfo:
+        raise ValueError(f"{where}: office hours must be local times without a zone, got {office_hours!r}")
+    if not start < end:
+        raise ValueError(
+            f"{where}: office hours must start before they end within a day, got {start.isoformat()}-{end.isoformat()}"
+        )
+    return start, end
+
+
+def _check_office_days(where: str, office_days: Iterable[int | str]) -> list[int]:
+    if isinstance(office_days, str):
+        raise ValueError(f"{where}: office days must be a list of weekdays, got the string {office_days!r}")
+    days = []
+    for day in office_days:
+        if _is_int(day) and 0 <= day <= 6:
+            days.append(day)
+        elif isinstance(day, str) and _weekday_number(day) is not None:
+            days.append(_weekday_number(day))
+        else:
+            raise ValueError(
+                f"{where}: office day {day!r} is not a weekday (0 = Monday .. 6 = Sunday, or a name such as "
+                f"'mon' or 'monday')"
+            )
+    if len(set(days)) != len(days):
+        raise ValueError(f"{where}: office days repeat a weekday: {list(office_days)!r}")
+    return sorted(days)
+
+
+def _weekday_number(name: str) -> int | None:
+    """0 for "mon" or "Monday", ... 6 for "sun" or "Sunday"; None for anything else."""
+    lowered = name.lower()
+    for number, full in enumerate(WEEKDAY_NAMES):
+        if lowered in (full, full[:3]):
+            return number
+    return None
+
+
+def _zone(name: str) -> tzinfo:
+    return timezone.utc if name == "UTC" else ZoneInfo(name)
+
+
+def _zone_or_error(where: str, name: object) -> None:
+    if not isinstance(name, str):
+        raise ValueError(f"{where}: office time zone must be an IANA name such as 'Europe/Berlin', got {name!r}")
+    try:
+        _zone(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"{where}: unknown office time zone {name!r} (use an IANA name such as 'Europe/Berlin')"
+        ) from None

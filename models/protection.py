@@ -1,0 +1,343 @@
+"""Protected items (one per protected VM), their replication state and health, and recovery points.
+
+The replication state moves only along `ALLOWED_TRANSITIONS`; any other move is an invalid replica state,
+a non-recoverable error as in the reference. Health is the worst severity among the item's current
+errors, each kept once per code with when it was last seen.
+"""
+import enum
+import json
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from pathlib import PurePosixPath
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import object_session
+from sqlmodel import Field, Session, SQLModel, select
+
+from datapath.errors import NonRecoverableError
+from models.db import UtcDateTime, as_utc, clock_now, new_id, string_enum
+from models.fabric import VirtualMachine
+from models.policy import ReplicationPolicy
+
+__all__ = [
+    "ReplicationState", "Health", "RecoveryPointKind", "ProtectedItem", "RecoveryPoint", "InvalidStateError",
+    "ALLOWED_TRANSITIONS", "protect_vm", "transition", "require_resync", "mark_critical", "mark_warning",
+    "mark_healthy", "acquire_item_lock", "release_item_lock", "record_recovery_point", "recovery_points",
+    "prune_recovery_points",
+]
+
+
+class ReplicationState(enum.StrEnum):
+    ENABLING_PROTECTION = "enabling_protection"
+    INITIAL_REPLICATION_PENDING = "initial_replication_pending"
+    """Initial replication is scheduled for later (the policy's start time)."""
+    INITIAL_REPLICATION = "initial_replication"
+    PROTECTED = "protected"
+    RESYNC_REQUIRED = "resync_required"
+    RESYNCHRONIZING = "resynchronizing"
+    FAILING_OVER = "failing_over"
+    FAILED_OVER = "failed_over"
+    DISABLING_PROTECTION = "disabling_protection"
+    DISABLED = "disabled"
+
+
+class Health(enum.StrEnum):
+    HEALTHY = "Healthy"
+    WARNING = "Warning"
+    CRITICAL = "Critical"
+
+
+class RecoveryPointKind(enum.StrEnum):
+    CRASH_CONSISTENT = "crash_consistent"
+    APP_CONSISTENT = "app_consistent"
+
+
+_S = ReplicationState
+ALLOWED_TRANSITIONS: dict[ReplicationState, frozenset[ReplicationState]] = {
+    # A failed or cancelled enable is cleaned up by disabling protection.
+    _S.ENABLING_PROTECTION: frozenset(
+        {_S.INITIAL_REPLICATION_PENDING, _S.INITIAL_REPLICATION, _S.DISABLING_PROTECTION}
+    ),
+    _S.INITIAL_REPLICATION_PENDING: frozenset({_S.INITIAL_REPLICATION, _S.DISABLING_PROTECTION}),
+    # An initial copy whose tracking was lost cannot finish by copying: it needs a resync.
+    _S.INITIAL_REPLICATION: frozenset({_S.PROTECTED, _S.RESYNC_REQUIRED, _S.DISABLING_PROTECTION}),
+    _S.PROTECTED: frozenset({_S.RESYNC_REQUIRED, _S.FAILING_OVER, _S.DISABLING_PROTECTION}),
+    # Failover uses existing recovery points, so it stays possible while the replica needs a resync.
+    _S.RESYNC_REQUIRED: frozenset({_S.RESYNCHRONIZING, _S.FAILING_OVER, _S.DISABLING_PROTECTION}),
+    _S.RESYNCHRONIZING: frozenset({_S.PROTECTED, _S.RESYNC_REQUIRED, _S.FAILING_OVER, _S.DISABLING_PROTECTION}),
+    # A failover that fails or is cancelled returns the item to replicating (or needing a resync).
+    _S.FAILING_OVER: frozenset({_S.FAILED_OVER, _S.PROTECTED, _S.RESYNC_REQUIRED}),
+    # From failed over: fail over again to another recovery point, or stop protecting.
+    _S.FAILED_OVER: frozenset({_S.FAILING_OVER, _S.DISABLING_PROTECTION}),
+    _S.DISABLING_PROTECTION: frozenset({_S.DISABLED}),
+    _S.DISABLED: frozenset({_S.ENABLING_PROTECTION}),
+}
+del _S
+
+_SEVERITY = {Health.HEALTHY: 0, Health.WARNING: 1, Health.CRITICAL: 2}
+# Values that are credentials themselves; storage options must hold references to them (an environment
+# variable's name, a file path), never the secret, since the database is readable by every worker.
+_SECRET_MARKERS = ("accountkey=", "sharedaccesssignature=", "sig=")
+
+
+class InvalidStateError(NonRecoverableError):
+    """A replication-state move the state machine does not allow ("invalid replica state")."""
+
+
+# ---- tables ------------------------------------------------------------------------------------
+class ProtectedItem(SQLModel, table=True):
+    __tablename__ = "protected_item"
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=36)
+    vm_id: str = Field(foreign_key="virtual_machine.id", unique=True, max_length=36)
+    policy_id: str = Field(foreign_key="replication_policy.id", index=True, max_length=36)
+    recovery_storage: str = Field(max_length=4096)
+    """What `sites.storage.open_storage` opens: "file:///abs/dir" or "azure:<container>"."""
+    storage_options: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+    """Options for the storage opener; credentials only by reference (e.g. an environment variable name)."""
+    replication_state: ReplicationState = Field(
+        default=ReplicationState.ENABLING_PROTECTION, sa_type=string_enum(ReplicationState)
+    )
+    health: Health = Field(default=Health.HEALTHY, sa_type=string_enum(Health))
+    health_errors: list[dict[str, Any]] = Field(default_factory=list, sa_type=sa.JSON)
+    """[{"code", "message", "severity", "at" (ISO 8601 UTC)}], one per code."""
+    resync_required_reason: str | None = Field(default=None, max_length=2048)
+    resync_scheduled_for: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    current_rpo_s: int | None = Field(default=None)
+    last_recovery_point_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    unsent_ratio: float = Field(default=0.0)
+    """The largest share, over the item's disks, of tracked changes not yet sent."""
+    next_delta_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    active_job_id: str | None = Field(default=None, index=True, max_length=36)
+    """The job that holds the item: one workflow at a time per protected item."""
+    created_at: datetime = Field(default_factory=clock_now, sa_type=UtcDateTime)
+    updated_at: datetime = Field(
+        default_factory=clock_now, sa_type=UtcDateTime, sa_column_kwargs={"onupdate": clock_now}
+    )
+
+
+class RecoveryPoint(SQLModel, table=True):
+    __tablename__ = "recovery_point"
+    __table_args__ = (sa.Index("ix_recovery_point_item_created", "item_id", "created_at"),)
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=36)
+    item_id: str = Field(foreign_key="protected_item.id", max_length=36, ondelete="CASCADE")
+    generations: dict[str, int] = Field(sa_type=sa.JSON)
+    """{disk_uuid: generation of the last replication log applied to that disk}."""
+    created_at: datetime = Field(sa_type=UtcDateTime)
+    """On the recovery side's clock: when the point became available there."""
+    kind: RecoveryPointKind = Field(sa_type=string_enum(RecoveryPointKind))
+    manifest_roots: dict[str, str] = Field(default_factory=dict, sa_type=sa.JSON)
+    """{disk_uuid: checksum-manifest root of the replica at this point}."""
+
+
+# ---- protecting a VM ---------------------------------------------------------------------------
+def protect_vm(
+    session: Session, vm: VirtualMachine, policy: ReplicationPolicy, *, recovery_storage: str,
+    storage_options: Mapping[str, Any] | None = None,
+) -> ProtectedItem:
+    """The VM's protected item, new in state enabling_protection. A VM whose protection was disabled
+    gets its item back, re-enabling; a VM protected already is refused."""
+    where = f"protection of VM {vm.name!r}"
+    _check_recovery_storage(where, recovery_storage)
+    options = _check_storage_options(where, storage_options or {})
+    item = session.exec(select(ProtectedItem).where(ProtectedItem.vm_id == vm.id)).first()
+    if item is None:
+        item = ProtectedItem(
+            vm_id=vm.id, policy_id=policy.id, recovery_storage=recovery_storage, storage_options=options
+        )
+    elif item.replication_state is ReplicationState.DISABLED:
+        transition(item, ReplicationState.ENABLING_PROTECTION)
+        item.policy_id, item.recovery_storage, item.storage_options = policy.id, recovery_storage, options
+        item.health, item.health_errors = Health.HEALTHY, []
+        item.current_rpo_s = item.last_recovery_point_at = item.next_delta_at = None
+        item.resync_required_reason = item.resync_scheduled_for = None
+        item.unsent_ratio = 0.0
+    else:
+        raise ValueError(f"VM {vm.name!r} is already protected (item {item.id}, state {item.replication_state})")
+    session.add(item)
+    session.flush()
+    return item
+
+
+def _check_recovery_storage(where: str, url: object) -> None:
+    if isinstance(url, str) and url.startswith("file://"):
+        path = url[len("file://"):]
+        if PurePosixPath(path).is_absolute() and "\x00" not in path:
+            return
+    elif isinstance(url, str) and url.startswith("azure:"):
+        from sites.storage.azure import check_container_name
+
+        try:
+            check_container_name(url.split(":", 1)[1].lstrip("/"))
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        return
+    raise ValueError(f"{where}: recovery storage must be 'file:///absolute/dir' or 'azure:<container>', got {url!r}")
+
+
+def _check_storage_options(where: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(options, Mapping) or not all(isinstance(key, str) for key in options):
+        raise ValueError(f"{where}: storage options must be a mapping with string keys, got {options!r}")
+    try:
+        text = json.dumps(dict(options))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: storage options must be JSON values ({exc})") from None
+    if any(marker in text.lower() for marker in _SECRET_MARKERS):
+        raise ValueError(
+            f"{where}: storage options contain a credential; store a reference to it instead, e.g. "
+            f"{{'connection_string_env': 'ASR_AZURE_CONNECTION_STRING'}}"
+        )
+    return json.loads(text)
+
+
+# ---- replication state -------------------------------------------------------------------------
+def transition(item: ProtectedItem, new_state: ReplicationState | str) -> bool:
+    """Move the item to `new_state` if `ALLOWED_TRANSITIONS` allows it; InvalidStateError otherwise.
+    Moving to the state it is in changes nothing (a rerun step may repeat its move) and returns False.
+    Reaching `protected` clears the resync reason and schedule."""
+    current = ReplicationState(item.replication_state)
+    try:
+        target = ReplicationState(new_state)
+    except ValueError:
+        raise InvalidStateError(
+            f"invalid replica state: {new_state!r} is not a replication state of {_describe(item)}"
+        ) from None
+    if target is current:
+        return False
+    allowed = ALLOWED_TRANSITIONS[current]
+    if target not in allowed:
+        raise InvalidStateError(
+            f"invalid replica state: {_describe(item)} cannot move from {current} to {target} "
+            f"(from {current} it can move to: {', '.join(sorted(allowed))})"
+        )
+    item.replication_state = target
+    if target is ReplicationState.PROTECTED:
+        item.resync_required_reason = item.resync_scheduled_for = None
+    return True
+
+
+def require_resync(
+    session: Session, item: ProtectedItem, reason: str, policy: ReplicationPolicy, now: datetime | None = None
+) -> datetime:
+    """Mark the item as needing a resync for `reason`, scheduled at the policy's next slot outside office
+    hours; returns that moment."""
+    transition(item, ReplicationState.RESYNC_REQUIRED)
+    item.resync_required_reason = reason
+    item.resync_scheduled_for = policy.next_resync_slot(now or clock_now())
+    session.add(item)
+    session.flush()
+    return item.resync_scheduled_for
+
+
+def _describe(item: ProtectedItem) -> str:
+    session = object_session(item)
+    vm = session.get(VirtualMachine, item.vm_id) if session is not None else None
+    return f"protected item {item.id} (VM {vm.name!r})" if vm is not None else f"protected item {item.id}"
+
+
+# ---- health ------------------------------------------------------------------------------------
+def mark_critical(session: Session, item: ProtectedItem, code: str, message: str) -> None:
+    """Record an error that needs an administrator; the item's health becomes Critical."""
+    _record_health_error(session, item, Health.CRITICAL, code, message)
+
+
+def mark_warning(session: Session, item: ProtectedItem, code: str, message: str) -> None:
+    """Record a condition to watch; health becomes Warning unless it is Critical already."""
+    _record_health_error(session, item, Health.WARNING, code, message)
+
+
+def mark_healthy(session: Session, item: ProtectedItem, code: str | None = None) -> None:
+    """Clear the error `code` (every error when None); health becomes the worst of those left."""
+    remaining = [] if code is None else [e for e in item.health_errors if e["code"] != code]
+    _set_health_errors(session, item, remaining)
+
+
+def _record_health_error(session: Session, item: ProtectedItem, severity: Health, code: str, message: str) -> None:
+    if not isinstance(code, str) or not code or not isinstance(message, str):
+        raise ValueError(
+            f"health error of {_describe(item)} needs a non-empty code and a message, got {code!r}, {message!r}"
+        )
+    entry = {"code": code, "message": message, "severity": str(severity), "at": clock_now().isoformat()}
+    # Once per code: a failure that repeats every cycle updates its entry instead of growing the list.
+    _set_health_errors(session, item, [e for e in item.health_errors if e["code"] != code] + [entry])
+
+
+def _set_health_errors(session: Session, item: ProtectedItem, errors: list[dict[str, Any]]) -> None:
+    item.health_errors = errors  # a new list: in-place changes to a JSON column are not tracked
+    item.health = max((Health(e["severity"]) for e in errors), key=_SEVERITY.__getitem__, default=Health.HEALTHY)
+    session.add(item)
+    session.flush()
+
+
+# ---- the item lock: one workflow at a time -----------------------------------------------------------
+def acquire_item_lock(session: Session, item_id: str, job_id: str) -> bool:
+    """Make `job_id` the item's active job if no job holds it (one conditional UPDATE, atomic on every
+    database); True if this job now holds it (also when it already did)."""
+    taken = session.execute(
+        sa.update(ProtectedItem)
+        .where(
+            ProtectedItem.id == item_id,
+            sa.or_(ProtectedItem.active_job_id.is_(None), ProtectedItem.active_job_id == job_id),
+        )
+        .values(active_job_id=job_id)
+    )
+    return taken.rowcount == 1
+
+
+def release_item_lock(session: Session, item_id: str, job_id: str) -> bool:
+    """Free the item if `job_id` holds it; True if it did."""
+    released = session.execute(
+        sa.update(ProtectedItem)
+        .where(ProtectedItem.id == item_id, ProtectedItem.active_job_id == job_id)
+        .values(active_job_id=None)
+    )
+    return released.rowcount == 1
+
+
+# ---- recovery points -----------------------------------------------------------------------------
+def record_recovery_point(
+    session: Session, item: ProtectedItem, generations: Mapping[str, int], created_at: datetime,
+    kind: RecoveryPointKind = RecoveryPointKind.CRASH_CONSISTENT, manifest_roots: Mapping[str, str] | None = None,
+) -> RecoveryPoint:
+    """A new recovery point of the item at `created_at` (recovery-side clock)."""
+    if not generations or not all(
+        isinstance(disk, str) and isinstance(generation, int) and not isinstance(generation, bool) and generation >= 0
+        for disk, generation in generations.items()
+    ):
+        raise ValueError(
+            f"recovery point of {_describe(item)}: generations must map each disk id to a generation "
+            f"number, got {dict(generations)!r}"
+        )
+    point = RecoveryPoint(
+        item_id=item.id, generations=dict(generations), created_at=as_utc(created_at),
+        kind=RecoveryPointKind(kind), manifest_roots=dict(manifest_roots or {}),
+    )
+    session.add(point)
+    if item.last_recovery_point_at is None or point.created_at > item.last_recovery_point_at:
+        item.last_recovery_point_at = point.created_at
+        session.add(item)
+    session.flush()
+    return point
+
+
+def recovery_points(session: Session, item: ProtectedItem) -> list[RecoveryPoint]:
+    """The item's recovery points, oldest first."""
+    query = (
+        select(RecoveryPoint).where(RecoveryPoint.item_id == item.id)
+        .order_by(RecoveryPoint.created_at, RecoveryPoint.id)
+    )
+    return list(session.exec(query))
+
+
+def prune_recovery_points(session: Session, item: ProtectedItem, now: datetime) -> list[RecoveryPoint]:
+    """Delete the points older than the policy's retention window, always keeping the latest (a replica
+    must stay recoverable even when replication has stalled longer than the window); returns them."""
+    policy = session.get(ReplicationPolicy, item.policy_id)
+    cutoff = as_utc(now) - timedelta(hours=policy.recovery_point_retention_h)
+    expired = [point for point in recovery_points(session, item)[:-1] if point.created_at < cutoff]
+    for point in expired:
+        session.delete(point)
+    session.flush()
+    return expired
