@@ -30,6 +30,9 @@ app.conf.update(
     task_send_sent_event=True,
     worker_send_task_events=True,
     broker_connection_retry_on_startup=True,
+    # When the broker connection drops, kombu may hand the in-flight message back to the queue while this
+    # worker still runs it; cancelling the task then keeps two runners from overlapping for a heartbeat.
+    worker_cancel_long_running_tasks_on_connection_loss=True,
 )
 
 # `celery -A worker beat` sends the reconciler on this period. A pass that has waited a whole period is

@@ -1,0 +1,509 @@
+"""The durable job engine with real parts: a private redis-server, real Celery worker and beat processes,
+a SQLite database shared by all of them, and actions that leave their traces in files.
+
+One set of services serves the module (a scaled clock: the 1-2-4-8-10-30 minute back-off runs in
+0.1-0.2-0.4-0.8-1-3 s; heartbeat 1 s, stale after 3 s, reconciler every 0.25 s). Tests that kill a
+worker start their own on their own queues; the Redis restart gets a whole deployment of its own.
+"""
+from __future__ import annotations
+
+import errno
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+from sqlmodel import func, select
+
+from datapath.errors import DiskFormatError, LowDiskSpaceError, StorageAuthError, StorageUnavailableError
+from engine_actions import HOOKED_KIND, read_records  # also registers the test actions for start_job
+from models.db import dispose_engines, init_db, session_scope
+from models.jobs import Job, JobLock, JobStep
+from test_models import POSTGRES_URL, postgres_admin  # noqa: F401  (the fixture, reused)
+from workers import (
+    CeleryProcess, EventCapture, RedisServer, celery_env, point_app_at, start_beat, start_worker, stop_all,
+    wait_until,
+)
+from workflows.engine import ItemBusyError, JobStateError, StepSpec, cancel, get_job, retry_now, start_job
+from workflows.progress import job_progress
+from workflows.retry import is_recoverable, next_attempt_delay
+
+TIME_SCALE = 600
+ENGINE_SETTINGS = {
+    "ASR_TIME_SCALE": str(TIME_SCALE),
+    "ASR_HEARTBEAT_S": "1",
+    "ASR_STALE_AFTER_S": "3",
+    "ASR_RECONCILE_S": "0.25",
+    "ASR_MAX_STEP_DEATHS": "3",
+    "ASR_QUEUED_STALL_S": "600",
+}
+FINISHED = {"succeeded", "failed", "cancelled"}
+
+
+@dataclass
+class Cluster:
+    """One deployment: a Redis, a database, workers and beat, all of them this test module's own."""
+
+    redis: RedisServer
+    env: dict[str, str]
+    workdir: Path
+    processes: list[CeleryProcess] = field(default_factory=list)
+
+    def add_worker(self, name: str, queues: list[str], *, env: dict[str, str] | None = None,
+                   concurrency: int = 1) -> CeleryProcess:
+        worker = start_worker(name, queues, env or self.env, self.workdir, concurrency=concurrency)
+        self.processes.append(worker)
+        return worker
+
+
+@contextmanager
+def deployment(
+    workdir: Path, workers: dict[str, tuple[list[str], int]], *, database_url: str | None = None
+) -> Iterator[Cluster]:
+    """Redis (append-only), a database (default: a SQLite file), `workers` (name: (queues, concurrency))
+    and beat, with this process's engine calls pointed at them until the block ends."""
+    from worker import app
+
+    previous_broker = app.conf.broker_url
+    redis_server = RedisServer(workdir / "redis", appendonly=True).start()
+    database_url = database_url or f"sqlite:///{workdir / 'asr.db'}"
+    cluster = Cluster(redis_server, celery_env(broker_url=redis_server.url, database_url=database_url,
+                                               **ENGINE_SETTINGS), workdir)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("ASR_DATABASE_URL", database_url)
+        env.setenv("ASR_BROKER_URL", redis_server.url)
+        for key, value in ENGINE_SETTINGS.items():
+            env.setenv(key, value)
+        point_app_at(redis_server.url)
+        init_db()
+        try:
+            cluster.processes += [start_worker(name, queues, cluster.env, workdir, concurrency=concurrency,
+                                               wait=False) for name, (queues, concurrency) in workers.items()]
+            cluster.processes.append(start_beat(cluster.env, workdir, wait=False))
+            for process in cluster.processes:
+                process.wait_ready()
+            yield cluster
+        finally:
+            stop_all(cluster.processes)
+            redis_server.stop()
+            dispose_engines()
+            point_app_at(previous_broker)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with deployment(tmp_path_factory.mktemp("engine"), {
+        "orchestration": (["orchestration", "recovery"], 2),
+        "host-h1": (["host.h1"], 3),
+    }) as shared:
+        yield shared
+
+
+def lock_key() -> str:
+    return f"item:{uuid.uuid4()}"
+
+
+def wait_for_job(job_id: str, states: set[str] = FINISHED, *, timeout: float) -> dict[str, Any]:
+    try:
+        return wait_until(lambda: (job := get_job(job_id))["state"] in states and job, timeout=timeout,
+                          what=f"job {job_id} to reach {sorted(states)}")
+    except AssertionError as timed_out:
+        raise AssertionError(f"{timed_out}; the job is now {get_job(job_id)}") from None
+
+
+def wait_for_step(job_id: str, name: str, states: set[str], *, timeout: float) -> dict[str, Any]:
+    def step_in_state() -> dict[str, Any] | None:
+        step = step_named(get_job(job_id), name)
+        return step if step["state"] in states else None
+
+    return wait_until(step_in_state, timeout=timeout, what=f"step {name!r} of job {job_id} to be {states}")
+
+
+def step_named(job: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(step for step in job["steps"] if step["name"] == name)
+
+
+def at(timestamp: str | None) -> datetime:
+    assert timestamp is not None
+    return datetime.fromisoformat(timestamp)
+
+
+def table_counts() -> tuple[int, int, int]:
+    with session_scope() as session:
+        return tuple(session.exec(select(func.count()).select_from(table)).one()  # type: ignore[return-value]
+                     for table in (Job, JobStep, JobLock))
+
+
+def lock_holder(key: str) -> str | None:
+    with session_scope() as session:
+        lock = session.get(JobLock, key)
+        return None if lock is None else lock.job_id
+
+
+# ---- the retry policy, pure ---------------------------------------------------------------------------
+def test_next_attempt_delay_follows_the_long_schedule_then_every_30_minutes() -> None:
+    assert [next_attempt_delay(attempt) for attempt in range(1, 9)] == [
+        60, 120, 240, 480, 600, 1800, 1800, 1800,
+    ]
+    with pytest.raises(ValueError, match="start at 1"):
+        next_attempt_delay(0)
+
+
+def test_errors_are_classified_recoverable_or_not() -> None:
+    for recoverable in (StorageUnavailableError("x"), LowDiskSpaceError("x"), ConnectionResetError(),
+                        TimeoutError(), MemoryError(), OSError(errno.ENOSPC, "full"),
+                        redis.exceptions.ConnectionError("x"), redis.exceptions.TimeoutError("x")):
+        assert is_recoverable(recoverable), recoverable
+    for fatal in (DiskFormatError("x"), StorageAuthError("x"), OSError(errno.EACCES, "denied"),
+                  ValueError("bug"), KeyError("bug")):
+        assert not is_recoverable(fatal), fatal
+
+
+# ---- jobs through real workers --------------------------------------------------------------------------
+def test_three_stage_job_runs_stage_by_stage_with_a_parallel_stage_on_the_host_queue(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    log = str(tmp_path / "record.log")
+    stages = [
+        [StepSpec("Prerequisites check", "test.record", "orchestration", {"log": log, "label": "prereq"})],
+        [StepSpec(f"Copy disk disk{n}", "test.record", "host.h1",
+                  {"log": log, "label": f"disk{n}", "seconds": 1.0}) for n in range(3)],
+        [StepSpec("Finalize protection", "test.record", "orchestration",
+                  {"log": log, "label": "finalize", "seconds": 3.0, "ticks": 30})],
+    ]
+    events = EventCapture(
+        "task-progress", lambda event: event.get("name") == "Finalize protection" and event["done"] < event["total"],
+        timeout=60,
+    )
+    job_id = start_job("enable_protection", lock_key=lock_key(), stages=stages, target="app01")
+
+    live = wait_until(
+        lambda: [p for p in job_progress(job_id).values()
+                 if p["name"] == "Finalize protection" and 0 < p["done"] < p["total"]],
+        timeout=30, what="live progress of the finalize step in Redis",
+    )[0]
+    assert live["total"] == 30 and 0 < live["percent"] < 100
+    events.join(timeout=30)
+    progress_events = [event for event in events.events if event.get("job_id") == job_id]
+    assert any(event["name"] == "Finalize protection" and 0 < event["done"] < 30 for event in progress_events)
+    assert all({"step", "done", "total", "percent", "uuid"} <= event.keys() for event in progress_events)
+
+    job = wait_for_job(job_id, timeout=30)
+    assert job["state"] == "succeeded", job
+    assert job["error"] is None and job["started_at"] and job["ended_at"]
+    steps = job["steps"]
+    assert [step["stage"] for step in steps] == [0, 1, 1, 1, 2]
+    for step in steps:
+        assert step["state"] == "succeeded" and step["attempts"] == 1 and step["deaths"] == 0, step
+        assert at(step["started_at"]) <= at(step["heartbeat_at"]) <= at(step["ended_at"])
+        assert step["result"] == {"label": step["params"]["label"]}
+    assert steps[0]["queued_at"] is not None and at(steps[0]["queued_at"]) <= at(steps[0]["started_at"])
+    disks = steps[1:4]
+    # Stages in order, the disks in parallel, on the host's own worker.
+    assert at(steps[0]["ended_at"]) <= min(at(disk["started_at"]) for disk in disks)
+    assert max(at(disk["ended_at"]) for disk in disks) <= at(steps[4]["started_at"])
+    assert max(at(disk["started_at"]) for disk in disks) < min(at(disk["ended_at"]) for disk in disks)
+    assert all(disk["worker"].startswith("host-h1@") for disk in disks)
+    assert steps[0]["worker"].startswith("orchestration@") and steps[4]["worker"].startswith("orchestration@")
+    assert (steps[4]["progress_done"], steps[4]["progress_total"]) == (30, 30)
+    assert job_progress(job_id)[steps[4]["id"]]["percent"] == 100.0
+    labels = sorted(record["label"] for record in read_records(Path(log)))
+    assert labels == ["disk0", "disk1", "disk2", "finalize", "prereq"]  # each ran exactly once
+    assert lock_holder(job["lock_key"]) is None
+
+
+def test_recoverable_failures_wait_on_the_long_schedule_then_succeed(cluster: Cluster, tmp_path: Path) -> None:
+    log = tmp_path / "flaky.log"
+    failing_attempts = 7
+    job_id = start_job("delta_replication", lock_key=lock_key(), stages=[[StepSpec(
+        "Ship replication log", "test.flaky", "orchestration", {"log": str(log), "failing_attempts": failing_attempts},
+    )]])
+    # Every wait lasts at least 0.1 s: polling every 20 ms sees each one.
+    waits: dict[int, tuple[datetime, datetime]] = {}
+
+    def finished_while_recording_waits() -> dict[str, Any] | None:
+        job = get_job(job_id)
+        step = job["steps"][0]
+        if step["state"] == "waiting_retry":
+            assert job["state"] == "waiting_retry" and "unreachable" in job["error"]
+            waits[step["attempts"]] = (at(step["ended_at"]), at(step["next_attempt_at"]))
+        return job if job["state"] in FINISHED else None
+
+    job = wait_until(finished_while_recording_waits, timeout=40, interval=0.02, what=f"job {job_id} to finish")
+    assert job["state"] == "succeeded", job
+    step = job["steps"][0]
+    assert step["attempts"] == failing_attempts + 1 and step["error"] is None and step["deaths"] == 0
+
+    schedule_s = [next_attempt_delay(attempt) / TIME_SCALE for attempt in range(1, failing_attempts + 1)]
+    assert schedule_s == [0.1, 0.2, 0.4, 0.8, 1.0, 3.0, 3.0]
+    assert sorted(waits) == list(range(1, failing_attempts + 1))
+    for attempt, (failed_at, due_at) in waits.items():
+        assert (due_at - failed_at).total_seconds() == pytest.approx(schedule_s[attempt - 1], abs=0.001)
+
+    calls = read_records(log)
+    # Each failing attempt made the three in-call tries; the last attempt succeeded on its first.
+    assert [call["attempt"] for call in calls] == [a for a in range(1, failing_attempts + 1) for _ in range(3)] + [
+        failing_attempts + 1]
+    for attempt in range(1, failing_attempts + 1):
+        last_try = max(call["at"] for call in calls if call["attempt"] == attempt)
+        next_try = min(call["at"] for call in calls if call["attempt"] == attempt + 1)
+        # Not before it was due; after it, within a reconciler period and a message hop or two.
+        assert schedule_s[attempt - 1] - 0.01 <= next_try - last_try <= schedule_s[attempt - 1] + 2.5
+
+
+def test_a_retried_step_of_a_parallel_stage_runs_alone_and_the_reconciler_carries_the_job_on(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    log, flaky_log = tmp_path / "record.log", tmp_path / "flaky.log"
+    job_id = start_job("delta_replication", lock_key=lock_key(), stages=[
+        [StepSpec("Ship log disk0", "test.flaky", "host.h1", {"log": str(flaky_log), "failing_attempts": 1}),
+         StepSpec("Ship log disk1", "test.record", "host.h1", {"log": str(log), "label": "disk1", "seconds": 1.5})],
+        [StepSpec("Apply logs", "test.record", "orchestration", {"log": str(log), "label": "apply"})],
+    ])
+    job = wait_for_job(job_id, timeout=30)
+    assert job["state"] == "succeeded", job
+    disk0, disk1, apply = job["steps"]
+    assert (disk0["attempts"], disk1["attempts"], apply["attempts"]) == (2, 1, 1)
+    assert [record["label"] for record in read_records(log)] == ["disk1", "apply"]
+    # disk0's retry succeeded while disk1 still ran, and the chord of the stage never fired (its
+    # disk0 member stopped for the retry): the reconciler saw the next stage pending after a complete
+    # one and launched it, once its grace (ASR_STALE_AFTER_S = 3 s) had passed.
+    assert at(disk0["ended_at"]) < at(disk1["ended_at"])
+    waited = (at(apply["started_at"]) - at(disk1["ended_at"])).total_seconds()
+    assert 3.0 <= waited <= 3.0 + 2.0
+
+
+def test_non_recoverable_failure_fails_the_job_at_once_and_runs_its_failure_hook(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    log, hook_log = tmp_path / "broken.log", tmp_path / "hooks.log"
+    key = lock_key()
+    job_id = start_job(HOOKED_KIND, lock_key=key, target="app02", params={"hook_log": str(hook_log)}, stages=[
+        [StepSpec("Prerequisites check", "test.broken_chain", "host.h1", {"log": str(log), "disk": "disk0.vhd"})],
+        [StepSpec("Copy disk disk0", "test.record", "host.h1", {"log": str(tmp_path / "never.log"), "label": "x"})],
+    ])
+    job = wait_for_job(job_id, timeout=30)
+    assert job["state"] == "failed"
+    assert job["error"] == "Prerequisites check failed: disk0.vhd: broken VHD chain: parent disk not found"
+    assert job["error_class"] == "datapath.errors.DiskFormatError"
+    check, copy = job["steps"]
+    assert check["state"] == "failed" and check["attempts"] == 1 and check["next_attempt_at"] is None
+    assert check["error_class"] == "datapath.errors.DiskFormatError"
+    assert copy["state"] == "cancelled" and copy["attempts"] == 0
+    assert len(read_records(log)) == 1  # not even an in-call retry
+    assert not (tmp_path / "never.log").exists()
+    hooks = wait_until(lambda: read_records(hook_log), timeout=10, what="the failure hook")
+    assert [(hook["job"], hook["state"]) for hook in hooks] == [(job_id, "failed")]
+    assert hooks[0]["error"] == job["error"]
+    assert lock_holder(key) is None
+    assert wait_until(lambda: not get_job(job_id)["hook_pending"], timeout=10, what="hooks recorded as run")
+
+
+def test_a_second_job_on_the_same_item_is_refused_and_creates_nothing(cluster: Cluster, tmp_path: Path) -> None:
+    key = lock_key()
+    log = str(tmp_path / "busy.log")
+    holding = [[StepSpec("Initial replication", "test.until_cancelled", "host.h1", {"log": log, "seconds": 20})]]
+    first = start_job("enable_protection", lock_key=key, target="app03", stages=holding)
+    wait_for_step(first, "Initial replication", {"running"}, timeout=20)
+    before = table_counts()
+    with pytest.raises(ItemBusyError, match=rf"app03 is busy with job {first} \(enable_protection, running\)"):
+        start_job("resynchronize", lock_key=key, target="app03", stages=holding)
+    assert table_counts() == before
+    cancel(first)
+    wait_until(lambda: lock_holder(key) is None, timeout=15, what="the lock to be released")
+    second = start_job("resynchronize", lock_key=key, target="app03", stages=holding)
+    assert lock_holder(key) == second
+    cancel(second)
+    assert wait_for_job(second, timeout=15)["state"] == "cancelled"
+
+
+def test_bad_job_definitions_are_refused_with_the_step_named(cluster: Cluster) -> None:
+    before = table_counts()
+    good = StepSpec("Prerequisites check", "test.record", "orchestration", {"log": "/dev/null", "label": "x"})
+    bad_definitions = [
+        ([[good, StepSpec("Copy disk", "test.no_such_action", "host.h1")]], "stage 0 step 1 .*'test.no_such_action'"),
+        ([[good], [StepSpec("Copy disk", "test.record", "somewhere")]], "stage 1 step 0 .*queue 'somewhere'"),
+        ([[good], []], "stage 1 .* has no steps"),
+        ([[StepSpec("Copy disk", "test.record", "host.h1", {"data": b"bytes"})]], "JSON-serializable"),
+    ]
+    for stages, message in bad_definitions:
+        with pytest.raises(ValueError, match=message):
+            start_job("enable_protection", lock_key=lock_key(), stages=stages)
+    assert table_counts() == before
+
+
+def test_cancel_stops_the_running_step_then_runs_the_cleanup_hook(cluster: Cluster, tmp_path: Path) -> None:
+    log, hook_log = tmp_path / "cancel.log", tmp_path / "hooks.log"
+    key = lock_key()
+    job_id = start_job(HOOKED_KIND, lock_key=key, params={"hook_log": str(hook_log)}, stages=[
+        [StepSpec("Initial replication", "test.until_cancelled", "host.h1", {"log": str(log), "seconds": 30})],
+        [StepSpec("Finalize protection", "test.record", "orchestration", {"log": str(tmp_path / "never.log"),
+                                                                           "label": "x"})],
+    ])
+    wait_until(lambda: job_progress(job_id), timeout=20, what="the step to report progress")
+    cancel(job_id)
+    assert get_job(job_id)["state"] == "cancelled"
+    step = wait_for_step(job_id, "Initial replication", {"cancelled"}, timeout=10)
+    events = [record["event"] for record in read_records(log)]
+    assert events == ["started", "stopped"]
+    hooks = wait_until(lambda: read_records(hook_log), timeout=10, what="the cancel hook")
+    assert [(hook["job"], hook["state"]) for hook in hooks] == [(job_id, "cancelled")]
+    stopped_at = read_records(log)[1]["at"]
+    assert hooks[0]["at"] >= stopped_at  # cleanup ran after the step stopped, not beside it
+    assert step["attempts"] == 1
+    job = get_job(job_id)
+    assert step_named(job, "Finalize protection")["state"] == "cancelled"
+    # The lock went with the settling of the job, which waited for the running step to stop.
+    assert lock_holder(key) is None and at(job["settled_at"]) >= at(step["ended_at"])
+    cancel(job_id)  # cancelling again changes nothing
+    with pytest.raises(JobStateError, match="nothing to retry"):
+        retry_now(job_id)
+
+
+def test_retry_now_runs_a_waiting_step_at_once_and_cancel_ends_a_waiting_job(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    # Real time here (scale 1): the first retry would be a whole minute away.
+    real_time = {**cluster.env, "ASR_TIME_SCALE": "1"}
+    cluster.add_worker("host-realtime", ["host.realtime"], env=real_time)
+    log, hook_log = tmp_path / "flaky.log", tmp_path / "hooks.log"
+    job_id = start_job("delta_replication", lock_key=lock_key(), stages=[[StepSpec(
+        "Ship replication log", "test.flaky", "host.realtime", {"log": str(log), "failing_attempts": 1})]])
+    step = wait_for_step(job_id, "Ship replication log", {"waiting_retry"}, timeout=20)
+    assert (at(step["next_attempt_at"]) - at(step["ended_at"])).total_seconds() == pytest.approx(60, abs=0.001)
+    assert retry_now(job_id) == [step["id"]]
+    job = wait_for_job(job_id, timeout=15)
+    assert job["state"] == "succeeded" and job["steps"][0]["attempts"] == 2
+    with pytest.raises(JobStateError, match="succeeded: there is nothing to retry"):
+        retry_now(job_id)
+
+    waiting_id = start_job(HOOKED_KIND, lock_key=lock_key(), params={"hook_log": str(hook_log)}, stages=[[StepSpec(
+        "Ship replication log", "test.flaky", "host.realtime", {"log": str(log), "failing_attempts": 5})]])
+    wait_for_job(waiting_id, {"waiting_retry"}, timeout=20)
+    cancel(waiting_id)
+    job = get_job(waiting_id)
+    assert job["state"] == "cancelled" and job["steps"][0]["state"] == "cancelled"
+    hooks = wait_until(lambda: read_records(hook_log), timeout=10, what="the cancel hook")
+    assert [(hook["job"], hook["state"]) for hook in hooks] == [(waiting_id, "cancelled")]
+    with pytest.raises(JobStateError, match="already ended: succeeded"):
+        cancel(job_id)
+
+
+# ---- faults -------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_step_whose_worker_is_killed_resumes_on_another_worker_without_doing_anything_twice(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    output, runs = tmp_path / "items.txt", tmp_path / "runs.log"
+    total = 40
+    victim = cluster.add_worker("victim", ["host.victim"])
+    job_id = start_job("enable_protection", lock_key=lock_key(), stages=[[StepSpec(
+        "Copy disk disk0", "test.count", "host.victim",
+        {"output": str(output), "runs": str(runs), "total": total, "seconds_per_item": 0.1})]])
+    wait_until(lambda: output.exists() and len(output.read_text().splitlines()) >= 8, timeout=20,
+               what="the first run to get going")
+    victim.kill()
+    done_at_kill = len(output.read_text().splitlines())
+    assert done_at_kill < total
+    cluster.add_worker("rescuer", ["host.victim"])
+
+    job = wait_for_job(job_id, timeout=40)
+    assert job["state"] == "succeeded", job
+    assert output.read_text().splitlines() == [str(item) for item in range(total)]  # none twice, none lost
+    first_run, second_run = read_records(runs)
+    assert first_run["resumed_at"] == 0 and second_run["resumed_at"] == done_at_kill
+    assert first_run["pid"] != second_run["pid"]
+    step = job["steps"][0]
+    assert step["attempts"] == 2 and step["deaths"] == 1 and step["worker"].startswith("rescuer@")
+
+
+@pytest.mark.slow
+def test_a_poison_step_fails_after_max_deaths_instead_of_looping(cluster: Cluster, tmp_path: Path) -> None:
+    log, hook_log = tmp_path / "poison.log", tmp_path / "hooks.log"
+    cluster.add_worker("poisoned", ["host.poisoned"])
+    job_id = start_job(HOOKED_KIND, lock_key=lock_key(), params={"hook_log": str(hook_log)}, stages=[[StepSpec(
+        "Apply replication log", "test.kill_own_worker", "host.poisoned", {"log": str(log)})]])
+    job = wait_for_job(job_id, timeout=45)
+    reason = "worker died 3 times while running this step (poison message?)"
+    assert job["state"] == "failed" and job["error"] == f"Apply replication log failed: {reason}"
+    step = job["steps"][0]
+    assert step["state"] == "failed" and step["error"] == reason and step["deaths"] == 3
+    assert step["error_class"] == "workflows.engine.PoisonStepError"
+    assert len(read_records(log)) == 3
+    hooks = wait_until(lambda: read_records(hook_log), timeout=10, what="the failure hook")
+    assert [(hook["job"], hook["state"]) for hook in hooks] == [(job_id, "failed")]
+
+
+@pytest.mark.slow
+def test_jobs_queued_running_and_started_while_redis_is_down_all_complete(tmp_path: Path) -> None:
+    # A deployment of its own: killing Redis can also take down a worker that has a task in flight
+    # (kombu fails to hand the unacknowledged message back on the dead connection; the worker finishes
+    # its task and exits), which must not cost the other tests their workers.
+    output, runs = tmp_path / "items.txt", tmp_path / "runs.log"
+    total = 40
+
+    def later_job(label: str) -> str:
+        return start_job("enable_protection", lock_key=lock_key(), stages=[[StepSpec(
+            "Prerequisites check", "test.record", "host.later", {"log": str(tmp_path / "later.log"), "label": label},
+        )]])
+
+    with deployment(tmp_path / "deployment", {"restarted": (["orchestration", "host.busy"], 2)}) as private:
+        queued_id = later_job("queued")
+        running_id = start_job("enable_protection", lock_key=lock_key(), stages=[[StepSpec(
+            "Copy disk disk0", "test.count", "host.busy",
+            {"output": str(output), "runs": str(runs), "total": total, "seconds_per_item": 0.1})]])
+        wait_until(lambda: output.exists() and len(output.read_text().splitlines()) >= 5, timeout=20,
+                   what="the running job to get going")
+        assert get_job(queued_id)["steps"][0]["state"] == "queued"
+
+        private.redis.kill()
+        offline_id = later_job("offline")  # recorded, not sent: the reconciler sends it later
+        offline = get_job(offline_id)
+        assert offline["state"] == "queued" and offline["steps"][0]["state"] == "pending"
+        private.redis.start()
+        assert get_job(running_id)["steps"][0]["state"] == "running"
+        # It also serves the reconciler's queue, in case the first worker went down with Redis.
+        private.add_worker("later", ["host.later", "orchestration"])
+
+        for job_id in (queued_id, running_id, offline_id):
+            job = wait_for_job(job_id, timeout=40)
+            assert job["state"] == "succeeded", job
+        assert output.read_text().splitlines() == [str(item) for item in range(total)]
+        assert len(read_records(runs)) == 1
+        assert sorted(record["label"] for record in read_records(tmp_path / "later.log")) == ["offline", "queued"]
+
+
+def test_the_engine_runs_on_postgresql_too(postgres_admin: sa.Engine, tmp_path: Path) -> None:
+    """The conditional updates (claims with subqueries, job state by CASE, settling) on PostgreSQL."""
+    schema = f"asr_engine_{uuid.uuid4().hex[:12]}"
+    with postgres_admin.connect() as connection:
+        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    database_url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+    log, flaky_log = tmp_path / "record.log", tmp_path / "flaky.log"
+    try:
+        with deployment(tmp_path / "deployment", {"pg": (["orchestration", "host.pg"], 2)},
+                        database_url=database_url.render_as_string(hide_password=False)):
+            key = lock_key()
+            job_id = start_job("delta_replication", lock_key=key, target="app04", stages=[
+                [StepSpec("Ship log disk0", "test.flaky", "host.pg", {"log": str(flaky_log), "failing_attempts": 2}),
+                 StepSpec("Ship log disk1", "test.record", "host.pg", {"log": str(log), "label": "disk1"})],
+                [StepSpec("Apply logs", "test.record", "orchestration", {"log": str(log), "label": "apply"})],
+            ])
+            with pytest.raises(ItemBusyError, match=f"app04 is busy with job {job_id}"):
+                start_job("resynchronize", lock_key=key, target="app04", stages=[[StepSpec(
+                    "Resynchronize", "test.record", "host.pg", {"log": str(log), "label": "never"})]])
+            job = wait_for_job(job_id, timeout=40)
+            assert job["state"] == "succeeded", job
+            assert [step["attempts"] for step in job["steps"]] == [3, 1, 1]
+            assert [record["label"] for record in read_records(log)] == ["disk1", "apply"]
+            assert lock_holder(key) is None
+    finally:
+        with postgres_admin.connect() as connection:
+            connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))

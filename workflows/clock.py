@@ -1,0 +1,45 @@
+"""The engine's clock: every timestamp the engine stores and every delay it waits goes through here.
+
+Timestamps are aware UTC datetimes, what `models.db.UtcDateTime` columns store and give back on every
+database.
+
+`ASR_TIME_SCALE` (default 1) divides every engine delay (the retry schedules), so a test can run the
+1-2-4-8-10-30 minute back-off in seconds. Thresholds configured directly in seconds (heartbeat, stale
+and stall limits) are not scaled: they are already whatever the operator or test chose.
+"""
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime, timedelta, timezone
+
+
+def time_scale() -> float:
+    raw = os.environ.get("ASR_TIME_SCALE", "1")
+    try:
+        scale = float(raw)
+    except ValueError:
+        raise ValueError(f"ASR_TIME_SCALE must be a positive number, not {raw!r}") from None
+    if scale <= 0:
+        raise ValueError(f"ASR_TIME_SCALE must be a positive number, not {raw!r}")
+    return scale
+
+
+def now() -> datetime:
+    """The current time, an aware UTC datetime."""
+    return datetime.now(timezone.utc)
+
+
+def scaled(delay_s: float) -> float:
+    """An engine delay in real seconds after `ASR_TIME_SCALE`."""
+    return delay_s / time_scale()
+
+
+def after(delay_s: float) -> datetime:
+    """The moment an engine delay of `delay_s` (before scaling) from now ends."""
+    return now() + timedelta(seconds=scaled(delay_s))
+
+
+def sleep(delay_s: float) -> None:
+    """Wait out an engine delay (scaled)."""
+    time.sleep(scaled(delay_s))

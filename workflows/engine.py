@@ -1,0 +1,942 @@
+"""The durable job engine: jobs of steps in stages, launched as Celery canvases, driven by the database.
+
+The database is the source of truth; Redis carries messages and live progress only. Every state change
+is one conditional UPDATE, so duplicate messages, redeliveries and concurrent reconcilers are harmless:
+whoever wins the UPDATE owns the step, everyone else stands back.
+
+- `start_job` writes the job, its steps and its lock in one transaction, then `launch`es it.
+- `launch` sends `chain(stage_k, stage_k+1, ...)` from the first stage not yet complete: a one-step stage
+  is one `run_step` message, a larger one a group (a group followed by a task is a chord).
+- `execute_step` (behind the `run_step` task) claims the step, keeps a heartbeat while the action runs,
+  and records the outcome: succeeded (the chain goes on), waiting_retry (recoverable: the reconciler
+  runs it again on the long schedule), or failed (the job fails and its hooks run).
+- `reconcile` (run by beat) re-drives whatever a lost message, a dead worker or a broken chord left behind.
+
+A step is `queued` once a message for it was sent to the broker; steps of later stages stay `pending`
+until the chain reaches them, which is what lets the reconciler tell a lost continuation from a slow one.
+Steps already done are left out of a relaunched canvas: the canvas only ever holds work still to do.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from itertools import groupby
+from typing import Any
+
+import kombu.exceptions
+import redis
+import sqlalchemy as sa
+from celery import chain, group
+from celery.canvas import Signature
+from sqlalchemy.orm import aliased
+from sqlmodel import Session, select
+
+from datapath.errors import NonRecoverableError
+from models.db import new_id, session_scope, validate_name
+from models.jobs import (
+    ACTIVE_JOB_STATES,
+    DONE_STEP_STATES,
+    FINISHED_JOB_STATES,
+    Job,
+    JobLock,
+    JobState,
+    JobStep,
+    StepState,
+)
+from worker import app
+from workflows import clock
+from workflows.progress import percent_of, publish_progress
+from workflows.retry import in_call_retrying, is_recoverable, next_attempt_delay
+
+__all__ = [
+    "StepSpec", "StepContext", "StepOutcome", "EngineSettings",
+    "ItemBusyError", "JobNotFoundError", "JobStateError", "PoisonStepError", "StepCancelled",
+    "action", "job_hook", "import_action_modules",
+    "start_job", "launch", "retry_now", "cancel", "reconcile", "get_job",
+    "execute_step", "run_job_hooks", "forget_result_waiters",
+]
+
+logger = logging.getLogger(__name__)
+
+RUN_STEP_TASK = "asr.engine.run_step"
+RECONCILE_TASK = "asr.engine.reconcile"
+RUN_JOB_HOOKS_TASK = "asr.engine.run_job_hooks"
+ORCHESTRATION_QUEUE = "orchestration"
+RECOVERY_QUEUE = "recovery"
+HOST_QUEUE_PREFIX = "host."
+ACTION_MODULES_ENV = "ASR_ACTION_MODULES"
+# Live progress goes to Redis (and as a task event) at most this often, and always when a step finishes.
+PROGRESS_PUBLISH_INTERVAL_S = 0.5
+
+ActionFn = Callable[..., dict[str, Any] | None]
+HookFn = Callable[[Job, Session], None]
+EventEmitter = Callable[..., Any]
+
+_actions: dict[str, ActionFn] = {}
+_job_hooks: dict[tuple[str, JobState], list[HookFn]] = defaultdict(list)
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+class ItemBusyError(NonRecoverableError):
+    """Another job holds the lock this job needs (one workflow at a time per protected item)."""
+
+
+class JobNotFoundError(NonRecoverableError):
+    """No job has this id."""
+
+
+class JobStateError(NonRecoverableError):
+    """The job is not in a state that allows the operation."""
+
+
+class PoisonStepError(NonRecoverableError):
+    """A step's worker died too many times while running it: the step itself is the likely cause."""
+
+
+class StepCancelled(Exception):
+    """Raised inside a running action once its run lost the lease: the job was cancelled or failed, or
+    the step was handed to another worker. The action must stop; nothing it does now is recorded."""
+
+
+# ---- settings ---------------------------------------------------------------------------------------
+def _env_number(name: str, default: float, *, minimum: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if value < minimum:
+        raise ValueError(f"{name}={raw!r} must be at least {minimum:g}")
+    return value
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    heartbeat_s: float  # how often a running step proves it is alive
+    stale_after_s: float  # a heartbeat older than this means the worker vanished
+    max_step_deaths: int  # a step whose worker died this many times fails as a poison message
+    queued_stall_s: float  # a message queued this long without a claim is presumed lost
+
+    @classmethod
+    def from_env(cls) -> EngineSettings:
+        heartbeat_s = _env_number("ASR_HEARTBEAT_S", 10.0, minimum=0.05)
+        return cls(
+            heartbeat_s=heartbeat_s,
+            stale_after_s=_env_number("ASR_STALE_AFTER_S", 3 * heartbeat_s, minimum=heartbeat_s),
+            max_step_deaths=int(_env_number("ASR_MAX_STEP_DEATHS", 3, minimum=1)),
+            queued_stall_s=_env_number("ASR_QUEUED_STALL_S", 600.0, minimum=1.0),
+        )
+
+
+# ---- registries -------------------------------------------------------------------------------------
+def action(name: str) -> Callable[[ActionFn], ActionFn]:
+    """Register `fn(ctx, **params) -> dict | None` as the action `name` steps refer to.
+
+    Actions must be idempotent: a rerun after a crash finds its work done, or resumes from a checkpoint."""
+
+    def register(fn: ActionFn) -> ActionFn:
+        existing = _actions.get(name)
+        if existing is not None and existing is not fn:
+            raise ValueError(
+                f"action {name!r} is already registered by {existing.__module__}.{existing.__qualname__}"
+            )
+        _actions[name] = fn
+        return fn
+
+    return register
+
+
+def job_hook(kind: str, outcome: str) -> Callable[[HookFn], HookFn]:
+    """Register `fn(job, session)` to run when a job of `kind` ends `outcome` ("succeeded", "failed" or
+    "cancelled").
+
+    Hooks run on an orchestration worker once no step of the job is running any more, in one
+    transaction with the record that they ran; a hook that raises is retried by the reconciler, so
+    hooks must be idempotent."""
+    state = JobState(outcome)
+    if state not in FINISHED_JOB_STATES:
+        raise ValueError(f"job hooks run when a job ends: {outcome!r} is not succeeded, failed or cancelled")
+
+    def register(fn: HookFn) -> HookFn:
+        if fn not in _job_hooks[(kind, state)]:
+            _job_hooks[(kind, state)].append(fn)
+        return fn
+
+    return register
+
+
+def import_action_modules() -> list[str]:
+    """Import the modules named in `ASR_ACTION_MODULES` (comma-separated), which register actions and hooks."""
+    names = [name.strip() for name in os.environ.get(ACTION_MODULES_ENV, "").split(",") if name.strip()]
+    for name in names:
+        importlib.import_module(name)
+    return names
+
+
+# ---- building jobs ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepSpec:
+    name: str  # what the Jobs tab shows, e.g. "Copy disk disk0"
+    action: str  # a registered action name
+    queue: str  # "orchestration", "recovery" or "host.<hostname>"
+    params: dict[str, Any] = field(default_factory=dict)  # ids, never data
+
+
+def validate_queue(queue: object) -> str:
+    if queue in (ORCHESTRATION_QUEUE, RECOVERY_QUEUE):
+        return queue
+    if isinstance(queue, str) and queue.startswith(HOST_QUEUE_PREFIX):
+        validate_name(queue[len(HOST_QUEUE_PREFIX):], "host")
+        return queue
+    raise ValueError(f"queue {queue!r} is not 'orchestration', 'recovery' or 'host.<hostname>'")
+
+
+def _require_json_object(value: object, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a dict of ids and settings, not {type(value).__name__}")
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} must be JSON-serializable: {exc}") from None
+    return value
+
+
+def _require_text(value: object, what: str, max_length: int) -> str:
+    if not isinstance(value, str) or not value or len(value) > max_length:
+        raise ValueError(f"{what} must be a non-empty string of at most {max_length} characters, not {value!r}")
+    return value
+
+
+def _validate_job(
+    kind: object, lock_key: object, stages: object, target: object, params: object
+) -> None:
+    _require_text(kind, "job kind", 64)
+    if lock_key is not None:
+        _require_text(lock_key, "lock key", 255)
+    if target is not None:
+        _require_text(target, "job target", 255)
+    _require_json_object(params, "job params")
+    if not isinstance(stages, (list, tuple)) or not stages:
+        raise ValueError(f"a {kind} job needs at least one stage of steps")
+    for stage_no, stage in enumerate(stages):
+        if not isinstance(stage, (list, tuple)) or not stage:
+            raise ValueError(f"stage {stage_no} of the {kind} job has no steps")
+        for index, spec in enumerate(stage):
+            where = f"stage {stage_no} step {index}"
+            if not isinstance(spec, StepSpec):
+                raise ValueError(f"{where} is a {type(spec).__name__}, not a StepSpec")
+            where = f"{where} ({spec.name!r})"
+            _require_text(spec.name, f"the name of {where}", 255)
+            if spec.action not in _actions:
+                raise ValueError(f"{where}: no action is registered as {spec.action!r}")
+            try:
+                validate_queue(spec.queue)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+            _require_json_object(spec.params, f"the params of {where}")
+
+
+def start_job(
+    kind: str,
+    *,
+    lock_key: str | None,
+    stages: Sequence[Sequence[StepSpec]],
+    target: str | None = None,
+    params: dict[str, Any] | None = None,
+) -> str:
+    """Create a job of `stages` holding `lock_key`, and launch it. Returns the job id.
+
+    Raises ItemBusyError, creating nothing, while another job holds `lock_key`."""
+    params = {} if params is None else params
+    _validate_job(kind, lock_key, stages, target, params)
+    # Two tries: a conflict whose holder has just let go is worth one more attempt.
+    for _ in range(2):
+        try:
+            job_id = _create_job(kind, lock_key, stages, target, params)
+            break
+        except sa.exc.IntegrityError:
+            holder = _lock_holder(lock_key) if lock_key is not None else None
+            if holder is not None:
+                raise ItemBusyError(
+                    f"{target or lock_key} is busy with job {holder.id} ({holder.kind}, {holder.state.value})"
+                ) from None
+    else:
+        raise ItemBusyError(f"{target or lock_key} is busy: its lock changed hands twice while starting {kind}")
+    try:
+        launch(job_id)
+    except (kombu.exceptions.OperationalError, redis.RedisError, OSError) as exc:
+        # The job is recorded; the reconciler launches it once the broker is back.
+        logger.warning("job %s (%s) created but not launched yet: %s", job_id, kind, exc)
+    return job_id
+
+
+def _create_job(
+    kind: str, lock_key: str | None, stages: Sequence[Sequence[StepSpec]], target: str | None,
+    params: dict[str, Any],
+) -> str:
+    with session_scope() as session:
+        job = Job(kind=kind, target=target, lock_key=lock_key, params=dict(params))
+        session.add(job)
+        session.flush()
+        if lock_key is not None:
+            session.add(JobLock(lock_key=lock_key, job_id=job.id))
+            session.flush()
+        for stage_no, stage in enumerate(stages):
+            for index, spec in enumerate(stage):
+                session.add(JobStep(
+                    job_id=job.id, stage=stage_no, index=index, name=spec.name, action=spec.action,
+                    queue=spec.queue, params=dict(spec.params),
+                ))
+        return job.id
+
+
+def _lock_holder(lock_key: str) -> Job | None:
+    with session_scope() as session:
+        lock = session.get(JobLock, lock_key)
+        return None if lock is None else session.get(Job, lock.job_id)
+
+
+# ---- launching --------------------------------------------------------------------------------------
+def _update(model: type) -> sa.Update:
+    # Conditional updates decide by rowcount; there are no loaded objects to keep in sync.
+    return sa.update(model).execution_options(synchronize_session=False)
+
+
+def _steps_of(session: Session, job_id: str) -> list[JobStep]:
+    return list(session.exec(
+        select(JobStep).where(JobStep.job_id == job_id).order_by(JobStep.stage, JobStep.index)
+    ).all())
+
+
+def _open_stages(steps: Sequence[JobStep]) -> list[list[JobStep]]:
+    """The stages from the first one not complete, each with its steps not done yet."""
+    stages = [list(stage) for _, stage in groupby(steps, key=lambda step: step.stage)]
+    for stage_no, stage in enumerate(stages):
+        if any(step.state not in DONE_STEP_STATES for step in stage):
+            return [[step for step in later if step.state not in DONE_STEP_STATES] for later in stages[stage_no:]]
+    return []
+
+
+def _due(step: JobStep, now: datetime) -> bool:
+    return step.state == StepState.waiting_retry and step.next_attempt_at is not None and step.next_attempt_at <= now
+
+
+def _launchable(step: JobStep, now: datetime) -> bool:
+    return step.state in (StepState.pending, StepState.queued) or _due(step, now)
+
+
+def _run_step_signature(step: JobStep) -> Signature:
+    # The database holds every step's outcome: no result is stored for anyone to wait on (a chord
+    # still counts its members, which does not depend on stored results).
+    return app.signature(RUN_STEP_TASK, args=(step.id,), immutable=True, queue=step.queue, ignore_result=True)
+
+
+def _stage_signature(steps: Sequence[JobStep]) -> Signature:
+    signatures = [_run_step_signature(step) for step in steps]
+    return signatures[0] if len(signatures) == 1 else group(signatures)
+
+
+def launch(job_id: str) -> list[str]:
+    """Send the job's remaining stages as one canvas. Returns the ids of the steps of its first stage
+    that were sent (empty when there is nothing to send: finished, running, or waiting for a retry)."""
+    now = clock.now()
+    with session_scope() as session:
+        if _existing_job(session, job_id).state not in ACTIVE_JOB_STATES:
+            return []
+        stages = _open_stages(_steps_of(session, job_id))
+        # Running steps belong to their runner; retries not due yet are the reconciler's to send later.
+        candidates = [step.id for step in stages[0] if _launchable(step, now)] if stages else []
+        if not candidates:
+            return []
+        # Marked before sending, so no worker can claim a step before it is marked; only steps still
+        # launchable are marked and sent (a duplicate message may have claimed one meanwhile).
+        stamp = clock.now()
+        session.exec(_update(JobStep).where(
+            JobStep.id.in_(candidates),
+            sa.or_(
+                JobStep.state.in_((StepState.pending, StepState.queued)),
+                sa.and_(JobStep.state == StepState.waiting_retry, JobStep.next_attempt_at <= now),
+            ),
+        ).values(state=StepState.queued, queued_at=stamp))
+        first = list(session.exec(select(JobStep).where(
+            JobStep.id.in_(candidates), JobStep.state == StepState.queued, JobStep.queued_at == stamp,
+        ).order_by(JobStep.index)).all())
+    if not first:
+        return []
+    try:
+        chain(_stage_signature(first), *(_stage_signature(stage) for stage in stages[1:])).apply_async()
+    except BaseException:
+        # Nothing was sent: pending again, which the reconciler relaunches as a lost continuation.
+        with session_scope() as session:
+            session.exec(_update(JobStep).where(
+                JobStep.id.in_([step.id for step in first]), JobStep.state == StepState.queued,
+                JobStep.queued_at == stamp,
+            ).values(state=StepState.pending))
+        raise
+    forget_result_waiters()
+    return [step.id for step in first]
+
+
+def forget_result_waiters() -> None:
+    """Drop the result waiters Celery holds in this process.
+
+    A process that freezes a group (one sending a canvas with a parallel stage, or a worker continuing
+    into one) keeps a waiter and a Redis subscription per member until the member's result arrives.
+    run_step stores no result, so none ever does, and both would pile up with every parallel stage.
+    Nothing in the engine waits on a Celery result (the database is the record), so all of them go.
+    Result backends that do not push results (pending_results absent) keep none."""
+    backend = app.backend
+    pending = getattr(backend, "_pending_results", None)
+    if pending is None:
+        return
+    for by_task in pending:  # held strongly, and weakly
+        for waiters in list(by_task.values()):
+            for waiter in list(waiters.values()):
+                backend.remove_pending_result(waiter)
+
+
+def retry_now(job_id: str) -> list[str]:
+    """Run the job's steps waiting for a retry now instead of at their scheduled time."""
+    now = clock.now()
+    with session_scope() as session:
+        job = _existing_job(session, job_id)
+        if job.state not in ACTIVE_JOB_STATES:
+            raise JobStateError(f"job {job_id} ({job.kind}) has {job.state.value}: there is nothing to retry")
+        retried = session.exec(_update(JobStep).where(
+            JobStep.job_id == job_id, JobStep.state == StepState.waiting_retry,
+        ).values(next_attempt_at=now)).rowcount
+        if not retried:
+            raise JobStateError(f"job {job_id} ({job.kind}) has no step waiting for a retry")
+    return launch(job_id)
+
+
+def _existing_job(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise JobNotFoundError(f"no job {job_id}")
+    return job
+
+
+# ---- running one step -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepOutcome:
+    advance: bool  # the step is done: the canvas may go on to what follows it
+    state: StepState | None  # the step's state as this run left it (None: the step does not exist)
+
+
+class StepContext:
+    """What an action gets besides its params: who it is, progress reporting, the database, the clock."""
+
+    def __init__(
+        self, *, job_id: str, step_id: str, step_name: str, attempt: int, emit_event: EventEmitter
+    ) -> None:
+        self.job_id = job_id
+        self.step_id = step_id
+        self.step_name = step_name
+        self.attempt = attempt
+        self.clock = clock
+        self._emit_event = emit_event
+        self._revoked = threading.Event()
+        self._progress_lock = threading.Lock()
+        self._done = 0
+        self._total = 0
+        self._published_at = float("-inf")
+
+    def session(self) -> AbstractContextManager[Session]:
+        return session_scope()
+
+    def progress(self, done: int, total: int) -> None:
+        """Report progress; raises StepCancelled once this run lost its lease (cancel, takeover)."""
+        if self._revoked.is_set():
+            raise StepCancelled(f"step {self.step_name!r} of job {self.job_id} was cancelled or taken over")
+        if not (isinstance(done, int) and isinstance(total, int) and 0 <= done and 0 <= total):
+            raise ValueError(f"progress of step {self.step_name!r} must be counts >= 0, got {done!r}/{total!r}")
+        with self._progress_lock:
+            self._done, self._total = done, total
+        moment = time.monotonic()
+        if done < total and moment - self._published_at < PROGRESS_PUBLISH_INTERVAL_S:
+            return
+        self._published_at = moment
+        self._publish(done, total)
+
+    def progress_snapshot(self) -> tuple[int, int]:
+        with self._progress_lock:
+            return self._done, self._total
+
+    def revoke(self) -> None:
+        self._revoked.set()
+
+    def _publish(self, done: int, total: int) -> None:
+        # Live progress is a convenience: Redis being away must not fail the step it describes.
+        try:
+            publish_progress(self.job_id, self.step_id, name=self.step_name, done=done, total=total,
+                             updated=clock.now())
+        except redis.RedisError as exc:
+            logger.warning("progress of step %s not published to Redis: %s", self.step_id, exc)
+        try:
+            self._emit_event(job_id=self.job_id, step=self.step_id, name=self.step_name, done=done,
+                             total=total, percent=percent_of(done, total))
+        except Exception as exc:  # noqa: BLE001 - a lost progress event must never fail the step
+            logger.warning("task-progress event of step %s not sent: %s", self.step_id, exc)
+
+
+class _Heartbeat(threading.Thread):
+    """Stamps heartbeat_at (and the latest progress) while the action runs; revokes the context as soon
+    as the step is no longer this run's, or when it could not prove it alive for as long as the
+    reconciler waits before taking the step over."""
+
+    def __init__(self, step_id: str, lease: str, context: StepContext, settings: EngineSettings) -> None:
+        super().__init__(name=f"heartbeat-{step_id}", daemon=True)
+        self._step_id = step_id
+        self._lease = lease
+        self._context = context
+        self._settings = settings
+        self._stopping = threading.Event()
+
+    def run(self) -> None:
+        last_beat = time.monotonic()
+        while not self._stopping.wait(self._settings.heartbeat_s):
+            done, total = self._context.progress_snapshot()
+            try:
+                with session_scope() as session:
+                    held = session.exec(_update(JobStep).where(
+                        JobStep.id == self._step_id, JobStep.lease == self._lease,
+                        JobStep.state == StepState.running,
+                    ).values(heartbeat_at=clock.now(), progress_done=done, progress_total=total)).rowcount
+            except sa.exc.SQLAlchemyError as exc:
+                logger.warning("heartbeat of step %s not recorded: %s", self._step_id, exc)
+                if time.monotonic() - last_beat >= self._settings.stale_after_s:
+                    self._context.revoke()
+                    return
+                continue
+            if not held:
+                self._context.revoke()
+                return
+            last_beat = time.monotonic()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join(timeout=5)
+
+
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _error_text(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _poison_reason(deaths: int) -> str:
+    return f"worker died {deaths} times while running this step (poison message?)"
+
+
+def _claimable(task_id: str, now: datetime) -> sa.ColumnElement[bool]:
+    predecessor = aliased(JobStep)
+    unfinished_predecessor = sa.exists().where(
+        predecessor.job_id == JobStep.job_id, predecessor.stage < JobStep.stage,
+        predecessor.state.not_in(DONE_STEP_STATES),
+    )
+    job_active = sa.exists().where(Job.id == JobStep.job_id, Job.state.in_(ACTIVE_JOB_STATES))
+    return sa.and_(
+        sa.or_(
+            JobStep.state.in_((StepState.pending, StepState.queued)),
+            sa.and_(JobStep.state == StepState.waiting_retry, JobStep.next_attempt_at <= now),
+            # The broker redelivered the very message whose run died (acks late, reject on worker lost).
+            sa.and_(JobStep.state == StepState.running, JobStep.celery_task_id == task_id),
+        ),
+        job_active,
+        ~unfinished_predecessor,
+    )
+
+
+def _claim(step_id: str, *, task_id: str, worker: str, lease: str) -> JobStep | None:
+    """Make this run the step's owner, or return None if it may not run now."""
+    now = clock.now()
+    with session_scope() as session:
+        claimed = session.exec(_update(JobStep).where(JobStep.id == step_id, _claimable(task_id, now)).values(
+            state=StepState.running, lease=lease, attempts=JobStep.attempts + 1,
+            # SET sees the row as it was: a step still marked running died under its last runner.
+            deaths=JobStep.deaths + sa.case((JobStep.state == StepState.running, 1), else_=0),
+            started_at=now, heartbeat_at=now, ended_at=None, worker=worker, celery_task_id=task_id,
+        )).rowcount
+        if not claimed:
+            return None
+        step = session.get(JobStep, step_id)
+        session.exec(_update(Job).where(Job.id == step.job_id, Job.started_at.is_(None)).values(started_at=now))
+        _refresh_job_state(session, step.job_id)
+        return step
+
+
+def _job_state_value(state: JobState) -> sa.ColumnElement[Any]:
+    return sa.literal(state, type_=Job.__table__.c.state.type)
+
+
+def _has_step_in(state: StepState) -> sa.Exists:
+    return sa.exists().where(JobStep.job_id == Job.id, JobStep.state == state)
+
+
+def _refresh_job_state(session: Session, job_id: str) -> None:
+    """An active job is running while any step runs, else waiting_retry while any step waits."""
+    session.exec(_update(Job).where(Job.id == job_id, Job.state.in_(ACTIVE_JOB_STATES)).values(state=sa.case(
+        (_has_step_in(StepState.running), _job_state_value(JobState.running)),
+        (_has_step_in(StepState.waiting_retry), _job_state_value(JobState.waiting_retry)),
+        else_=Job.state,
+    )))
+
+
+def _owned(step_id: str, lease: str) -> sa.ColumnElement[bool]:
+    return sa.and_(JobStep.id == step_id, JobStep.lease == lease, JobStep.state == StepState.running)
+
+
+def execute_step(step_id: str, *, task_id: str, worker: str, emit_event: EventEmitter) -> StepOutcome:
+    """Claim the step, run its action with a heartbeat, record the outcome."""
+    settings = EngineSettings.from_env()
+    lease = new_id()
+    step = _claim(step_id, task_id=task_id, worker=worker, lease=lease)
+    if step is None:
+        return _unclaimed(step_id)
+    if step.deaths >= settings.max_step_deaths:
+        return _fail_step(step, lease, _poison_reason(step.deaths), _class_name(PoisonStepError))
+    fn = _actions.get(step.action)
+    if fn is None:
+        return _fail_step(step, lease, f"no action is registered as {step.action!r} on worker {worker}",
+                          _class_name(NonRecoverableError))
+    context = StepContext(job_id=step.job_id, step_id=step.id, step_name=step.name, attempt=step.attempts,
+                          emit_event=emit_event)
+    heartbeat = _Heartbeat(step.id, lease, context, settings)
+    heartbeat.start()
+    try:
+        try:
+            result = in_call_retrying()(_call_action, fn, context, step.params)
+        finally:
+            heartbeat.stop()
+    except StepCancelled:
+        return _stand_down(step)
+    except Exception as exc:  # noqa: BLE001 - classified below: recoverable, or a failure to look at
+        if is_recoverable(exc):
+            logger.warning("step %s (%s) failed, will retry: %s", step.id, step.name, exc)
+            return _wait_for_retry(step, lease, exc)
+        if isinstance(exc, NonRecoverableError):
+            logger.warning("step %s (%s) failed: %s", step.id, step.name, exc)
+        else:
+            logger.exception("step %s (%s) failed with an unexpected error", step.id, step.name)
+        return _fail_step(step, lease, _error_text(exc), _class_name(type(exc)))
+    return _succeed_step(step, lease, result, context.progress_snapshot())
+
+
+def _call_action(fn: ActionFn, context: StepContext, params: dict[str, Any]) -> dict[str, Any] | None:
+    result = fn(context, **params)
+    if result is not None:
+        _require_json_object(result, f"the result of action {fn.__module__}.{fn.__qualname__}")
+    return result
+
+
+def _unclaimed(step_id: str) -> StepOutcome:
+    with session_scope() as session:
+        step = session.get(JobStep, step_id)
+    if step is None:
+        logger.warning("run_step for unknown step %s ignored", step_id)
+        return StepOutcome(advance=False, state=None)
+    # Done already (a redelivery after a crash just after the commit): the canvas must still go on.
+    return StepOutcome(advance=step.state in DONE_STEP_STATES, state=step.state)
+
+
+def _succeed_step(
+    step: JobStep, lease: str, result: dict[str, Any] | None, progress: tuple[int, int]
+) -> StepOutcome:
+    now = clock.now()
+    with session_scope() as session:
+        recorded = session.exec(_update(JobStep).where(_owned(step.id, lease)).values(
+            state=StepState.succeeded, result=result, ended_at=now, lease=None, error=None, error_class=None,
+            progress_done=progress[0], progress_total=progress[1],
+        )).rowcount
+        settled = recorded and _finish_if_complete(session, step.job_id, now)
+    if not recorded:
+        return _stand_down(step)
+    if settled:
+        _dispatch_hooks(step.job_id)
+    return StepOutcome(advance=True, state=StepState.succeeded)
+
+
+def _finish_if_complete(session: Session, job_id: str, now: datetime) -> bool:
+    """The job succeeds when its last step does. Returns whether it settled now (hooks due)."""
+    step_not_done = sa.exists().where(JobStep.job_id == Job.id, JobStep.state.not_in(DONE_STEP_STATES))
+    succeeded = session.exec(_update(Job).where(
+        Job.id == job_id, Job.state.in_(ACTIVE_JOB_STATES), ~step_not_done,
+    ).values(state=JobState.succeeded, ended_at=now, error=None, error_class=None)).rowcount
+    if not succeeded:
+        _refresh_job_state(session, job_id)
+        return False
+    return _settle(session, job_id)
+
+
+def _wait_for_retry(step: JobStep, lease: str, exc: BaseException) -> StepOutcome:
+    now = clock.now()
+    next_attempt_at = now + timedelta(seconds=clock.scaled(next_attempt_delay(step.attempts)))
+    with session_scope() as session:
+        recorded = session.exec(_update(JobStep).where(_owned(step.id, lease)).values(
+            state=StepState.waiting_retry, next_attempt_at=next_attempt_at, ended_at=now, lease=None,
+            error=_error_text(exc), error_class=_class_name(type(exc)),
+        )).rowcount
+        if recorded:
+            session.exec(_update(Job).where(Job.id == step.job_id, Job.state.in_(ACTIVE_JOB_STATES)).values(
+                error=f"{step.name}: {_error_text(exc)}", error_class=_class_name(type(exc)),
+            ))
+            _refresh_job_state(session, step.job_id)
+    if not recorded:
+        return _stand_down(step)
+    return StepOutcome(advance=False, state=StepState.waiting_retry)
+
+
+def _fail_step(step: JobStep, lease: str, error: str, error_class: str) -> StepOutcome:
+    now = clock.now()
+    with session_scope() as session:
+        recorded = session.exec(_update(JobStep).where(_owned(step.id, lease)).values(
+            state=StepState.failed, ended_at=now, lease=None, error=error, error_class=error_class,
+        )).rowcount
+        settled = recorded and _fail_job(session, step.job_id, f"{step.name} failed: {error}", error_class)
+    if not recorded:
+        return _stand_down(step)
+    if settled:
+        _dispatch_hooks(step.job_id)
+    return StepOutcome(advance=False, state=StepState.failed)
+
+
+def _stand_down(step: JobStep) -> StepOutcome:
+    """This run lost its lease. If the job was cancelled or failed meanwhile, the step ends cancelled
+    here; if another run took the step over, that run records it."""
+    with session_scope() as session:
+        job_finished = sa.exists().where(Job.id == JobStep.job_id, Job.state.in_(FINISHED_JOB_STATES))
+        stopped = session.exec(_update(JobStep).where(
+            JobStep.id == step.id, JobStep.state == StepState.running, JobStep.lease.is_(None), job_finished,
+        ).values(state=StepState.cancelled, ended_at=clock.now())).rowcount
+        settled = bool(stopped) and _settle(session, step.job_id)
+        state = session.get(JobStep, step.id).state
+    if settled:
+        _dispatch_hooks(step.job_id)
+    return StepOutcome(advance=False, state=state)
+
+
+# ---- ending jobs ------------------------------------------------------------------------------------
+def _stop_remaining_steps(session: Session, job_id: str, now: datetime) -> None:
+    """A job that ended early: steps not started will not start; running ones lose their lease and stop
+    at their next heartbeat or progress report."""
+    session.exec(_update(JobStep).where(
+        JobStep.job_id == job_id,
+        JobStep.state.in_((StepState.pending, StepState.queued, StepState.waiting_retry)),
+    ).values(state=StepState.cancelled, ended_at=now))
+    session.exec(_update(JobStep).where(
+        JobStep.job_id == job_id, JobStep.state == StepState.running,
+    ).values(lease=None))
+
+
+def _fail_job(session: Session, job_id: str, error: str, error_class: str) -> bool:
+    """Fail the job (if still active). Returns whether it settled now (its hooks are due)."""
+    now = clock.now()
+    failed = session.exec(_update(Job).where(Job.id == job_id, Job.state.in_(ACTIVE_JOB_STATES)).values(
+        state=JobState.failed, ended_at=now, error=error, error_class=error_class,
+    )).rowcount
+    if failed:
+        _stop_remaining_steps(session, job_id, now)
+    return _settle(session, job_id)
+
+
+def _settle(session: Session, job_id: str) -> bool:
+    """Once a finished job has no step running: release its lock and make its hooks due. True if this
+    call did it (the caller dispatches the hooks after committing)."""
+    settled = session.exec(_update(Job).where(
+        Job.id == job_id, Job.state.in_(FINISHED_JOB_STATES), Job.settled_at.is_(None),
+        ~_has_step_in(StepState.running),
+    ).values(settled_at=clock.now(), hook_pending=True)).rowcount
+    if settled:
+        session.exec(sa.delete(JobLock).where(JobLock.job_id == job_id))
+    return bool(settled)
+
+
+def _dispatch_hooks(job_id: str) -> None:
+    try:
+        app.signature(
+            RUN_JOB_HOOKS_TASK, args=(job_id,), immutable=True, queue=ORCHESTRATION_QUEUE, ignore_result=True,
+        ).apply_async()
+    except (kombu.exceptions.OperationalError, redis.RedisError, OSError) as exc:
+        logger.warning("hooks of job %s not dispatched (the reconciler will run them): %s", job_id, exc)
+
+
+class _HooksAlreadyRan(Exception):
+    """Another run of the same hooks committed first: this run's changes are rolled back."""
+
+
+def run_job_hooks(job_id: str) -> bool:
+    """Run the hooks of a settled job whose hooks are due, together with the record that they ran.
+    Returns True if they ran and committed."""
+    try:
+        with session_scope() as session:
+            job = session.get(Job, job_id)
+            if job is None or not job.hook_pending:
+                return False
+            for hook in _job_hooks.get((job.kind, job.state), ()):
+                hook(job, session)
+            done = session.exec(_update(Job).where(Job.id == job_id, Job.hook_pending.is_(True)).values(
+                hook_pending=False, hook_error=None,
+            )).rowcount
+            if not done:
+                raise _HooksAlreadyRan()
+    except _HooksAlreadyRan:
+        return False
+    except Exception as exc:  # noqa: BLE001 - recorded on the job; the reconciler runs the hooks again
+        logger.exception("hooks of job %s failed", job_id)
+        with session_scope() as session:
+            session.exec(_update(Job).where(Job.id == job_id).values(hook_error=f"{_class_name(type(exc))}: {exc}"))
+        return False
+    return True
+
+
+def cancel(job_id: str) -> None:
+    """Cancel the job: steps not started never start, running steps stop at their next heartbeat or
+    progress report, and the job's cancel hooks run once nothing of it is running."""
+    now = clock.now()
+    with session_scope() as session:
+        job = _existing_job(session, job_id)
+        if job.state == JobState.cancelled:
+            return
+        cancelled = session.exec(_update(Job).where(Job.id == job_id, Job.state.in_(ACTIVE_JOB_STATES)).values(
+            state=JobState.cancelled, ended_at=now,
+        )).rowcount
+        if not cancelled:
+            raise JobStateError(f"job {job_id} ({job.kind}) has already ended: {job.state.value}")
+        _stop_remaining_steps(session, job_id, now)
+        settled = _settle(session, job_id)
+    if settled:
+        _dispatch_hooks(job_id)
+
+
+# ---- reconciling ------------------------------------------------------------------------------------
+def reconcile() -> dict[str, int]:
+    """Re-drive what lost messages, dead workers and broken chords left behind. Returns what it did."""
+    settings = EngineSettings.from_env()
+    now = clock.now()
+    stale_before = now - timedelta(seconds=settings.stale_after_s)
+    report: Counter[str] = Counter()
+    with session_scope() as session:
+        stale = session.exec(select(JobStep.id).where(
+            JobStep.state == StepState.running, JobStep.heartbeat_at < stale_before,
+        )).all()
+    for step_id in stale:
+        report[_recover_stale_step(step_id, stale_before, settings)] += 1
+    with session_scope() as session:
+        jobs = session.exec(select(Job).where(Job.state.in_(ACTIVE_JOB_STATES))).all()
+        steps = session.exec(select(JobStep).where(JobStep.job_id.in_([job.id for job in jobs])).order_by(
+            JobStep.job_id, JobStep.stage, JobStep.index,
+        )).all() if jobs else []
+    steps_by_job = {job_id: list(job_steps) for job_id, job_steps in groupby(steps, key=lambda s: s.job_id)}
+    for job in jobs:
+        reason = _relaunch_reason(job, steps_by_job.get(job.id, []), now, settings)
+        if reason and launch(job.id):
+            report[reason] += 1
+    with session_scope() as session:
+        unhooked = session.exec(select(Job.id).where(
+            Job.hook_pending.is_(True), Job.settled_at < stale_before,
+        )).all()
+    for job_id in unhooked:
+        report["hooks_run" if run_job_hooks(job_id) else "hooks_failed"] += 1
+    return dict(report)
+
+
+def _relaunch_reason(job: Job, steps: list[JobStep], now: datetime, settings: EngineSettings) -> str | None:
+    stages = [list(stage) for _, stage in groupby(steps, key=lambda step: step.stage)]
+    stalled_before = now - timedelta(seconds=settings.queued_stall_s)
+    for stage_no, stage in enumerate(stages):
+        if all(step.state in DONE_STEP_STATES for step in stage):
+            continue
+        if any(_due(step, now) for step in stage):
+            return "retry_due"
+        if any(step.state == StepState.queued and step.queued_at < stalled_before for step in stage):
+            return "queued_stalled"
+        if any(step.state == StepState.pending for step in stage):
+            # No message was ever sent for it: the chain that should have carried it was cut (a chord
+            # whose other member waited for a retry, a launch the broker refused). Give the chain a
+            # moment to deliver before concluding that.
+            ended = [step.ended_at for step in stages[stage_no - 1]] if stage_no else []
+            since = max(ended) if ended else job.created_at
+            if since < now - timedelta(seconds=settings.stale_after_s):
+                return "continuation_lost"
+        return None
+    return None
+
+
+def _recover_stale_step(step_id: str, stale_before: datetime, settings: EngineSettings) -> str:
+    """A running step whose heartbeat stopped: its worker vanished. Run it again elsewhere, or fail it
+    as a poison message after too many deaths, or (job already over) just record that it stopped."""
+    now = clock.now()
+    with session_scope() as session:
+        step = session.get(JobStep, step_id)
+        if step is None or step.state != StepState.running:
+            return "raced"
+        job = session.get(Job, step.job_id)
+        still_stale = sa.and_(
+            JobStep.id == step_id, JobStep.state == StepState.running, JobStep.heartbeat_at < stale_before,
+            JobStep.lease.is_(None) if step.lease is None else JobStep.lease == step.lease,
+        )
+        deaths = step.deaths + 1
+        if job.state in FINISHED_JOB_STATES:
+            outcome = "stopped"
+            changed = session.exec(_update(JobStep).where(still_stale).values(
+                state=StepState.cancelled, ended_at=now, lease=None,
+            )).rowcount
+            settled = bool(changed) and _settle(session, job.id)
+        elif deaths >= settings.max_step_deaths:
+            outcome = "poisoned"
+            reason = _poison_reason(deaths)
+            error_class = _class_name(PoisonStepError)
+            changed = session.exec(_update(JobStep).where(still_stale).values(
+                state=StepState.failed, deaths=deaths, ended_at=now, lease=None, error=reason,
+                error_class=error_class,
+            )).rowcount
+            settled = bool(changed) and _fail_job(session, job.id, f"{step.name} failed: {reason}", error_class)
+        else:
+            outcome = "relaunched_stale"
+            changed = session.exec(_update(JobStep).where(still_stale).values(
+                state=StepState.queued, deaths=deaths, lease=None, queued_at=now,
+            )).rowcount
+            settled = False
+    if not changed:
+        return "raced"
+    if settled:
+        _dispatch_hooks(job.id)
+    if outcome == "relaunched_stale":
+        logger.warning("step %s (%s) of job %s lost its worker (death %d); relaunching", step_id, step.name,
+                       job.id, deaths)
+        launch(job.id)
+    return outcome
+
+
+# ---- reading ----------------------------------------------------------------------------------------
+def _plain(row: Job | JobStep) -> dict[str, Any]:
+    plain: dict[str, Any] = {}
+    for name, value in row.model_dump().items():
+        if isinstance(value, datetime):
+            value = value.isoformat()
+        elif isinstance(value, (JobState, StepState)):
+            value = value.value
+        plain[name] = value
+    return plain
+
+
+def get_job(job_id: str) -> dict[str, Any]:
+    """The job and its steps (in order) as plain JSON-ready dicts."""
+    with session_scope() as session:
+        job = _existing_job(session, job_id)
+        return {**_plain(job), "steps": [_plain(step) for step in _steps_of(session, job_id)]}
+
