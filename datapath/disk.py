@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Iterator
 
 from datapath.buffers import aligned_buffer
+from datapath.durable import fsync_directory
 from datapath.errors import DiskFormatError, DiskNotFoundError, LowDiskSpaceError
 from datapath.vhd import COOKIE, FOOTER_SIZE, build_footer, parse_footer
 
@@ -115,7 +116,7 @@ def create_disk(path: str | os.PathLike[str], size: int, fmt: str = "raw") -> No
         if isinstance(exc, OSError) and exc.errno in _NO_SPACE_ERRNOS:
             raise LowDiskSpaceError(f"no space left to create {path} ({format_size(size)})") from exc
         raise
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)  # a new file survives a crash only with its directory entry
 
 
 def open_disk(path: str | os.PathLike[str], writable: bool = False) -> LocalDisk:
@@ -287,15 +288,6 @@ def _open_existing(path: Path, flags: int) -> int:
         os.close(fd)
         raise DiskFormatError(_NOT_A_FILE.format(path=path))
     return fd
-
-
-def _fsync_directory(directory: Path) -> None:
-    # A new file survives a crash only once its directory entry is on disk too.
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _detect_open_format(fd: int, file_size: int, name: str) -> str:

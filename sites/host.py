@@ -32,6 +32,7 @@ from typing import Iterator, Sequence
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from datapath.disk import FORMATS, create_disk, open_disk, parse_size
+from datapath.durable import fsync_directory, replace_file
 from datapath.errors import DiskNotFoundError, NonRecoverableError, PathOutsideRootError
 from datapath.tracker import NotTrackedError, ReplicationTracker
 
@@ -237,7 +238,7 @@ class Host:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        _fsync_dir(self.vms_dir)
+        fsync_directory(self.vms_dir)
         return vm
 
     def get_vm(self, name: str) -> VirtualMachine:
@@ -269,7 +270,7 @@ class Host:
             # Renamed away first, so the VM vanishes at once even if removing its files is interrupted.
             trash = Path(tempfile.mkdtemp(prefix=f".deleting-{name}-", dir=self.vms_dir))
             os.rename(vm.path, trash / name)
-        _fsync_dir(self.vms_dir)
+        fsync_directory(self.vms_dir)
         shutil.rmtree(trash)
 
     # ---- replication tracking ---------------------------------------------------------------------
@@ -584,25 +585,7 @@ def _fill_disk(disk: VirtualDisk, seed: int, fraction: float) -> int:
 
 
 def _write_json_atomically(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as out:
-            json.dump(data, out, indent=2, sort_keys=True)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    replace_file(path, json.dumps(data, indent=2, sort_keys=True).encode())
 
 
 def _log_tail(path: Path) -> str:

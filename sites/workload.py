@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import random
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import Sequence
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from datapath.durable import replace_file
 from datapath.errors import DataPathError, DiskNotFoundError
 from datapath.tracker import NotTrackedError, ReplicationTracker
 
@@ -150,19 +149,6 @@ def open_tracker(path: Path) -> ReplicationTracker:
         ) from None
 
 
-def write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def run(
     disks: Sequence[TrackedDisk],
     *,
@@ -263,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for disk in disks:
             disk.close()
     if args.stats:
-        write_atomically(args.stats, json.dumps(asdict(stats), indent=2, sort_keys=True))
+        replace_file(args.stats, json.dumps(asdict(stats), indent=2, sort_keys=True).encode())
     return exit_code
 
 

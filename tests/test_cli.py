@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ASR = str(Path(sys.executable).with_name("asr"))
 MiB = 1 << 20

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from datapath.disk import LocalDisk, create_disk, open_disk
+from datapath.durable import fsync_directory
 from datapath.errors import (
     DiskFormatError,
     LowDiskSpaceError,
@@ -31,14 +32,6 @@ MAX_PARALLELISM = 32
 _COPY_CHUNK = 1024 * 1024
 _NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _HIDDEN_PREFIX = "."  # validate_name refuses it, so temporary files can never collide with a name
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _no_space(error: OSError, action: str) -> LowDiskSpaceError | None:
@@ -104,7 +97,7 @@ class LocalDirectoryStorage(RecoveryStorage):
                 return
             except OSError as error:
                 raise _no_space(error, f"creating disk {path}") or error
-            _fsync_directory(path.parent)
+            fsync_directory(path.parent)
         finally:
             staging.unlink(missing_ok=True)
 
@@ -165,7 +158,7 @@ class LocalDirectoryStorage(RecoveryStorage):
         except BaseException:
             staging.unlink(missing_ok=True)
             raise
-        _fsync_directory(path.parent)
+        fsync_directory(path.parent)
         return size
 
     def get_object(self, name: str, dst: BinaryIO) -> int:
@@ -226,7 +219,7 @@ class LocalDirectoryStorage(RecoveryStorage):
             path.unlink()
         except FileNotFoundError:
             return
-        _fsync_directory(path.parent)
+        fsync_directory(path.parent)
 
     def _make_parents(self, path: Path) -> None:
         """Create the missing directories between the root and `path`, each made durable in its
@@ -241,4 +234,4 @@ class LocalDirectoryStorage(RecoveryStorage):
                 directory.mkdir(exist_ok=True)
             except OSError as error:
                 raise _no_space(error, f"creating directory {directory}") or error
-            _fsync_directory(directory.parent)
+            fsync_directory(directory.parent)
