@@ -20,7 +20,6 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from itertools import groupby
 
 from datapath.disk import LocalDisk
 from datapath.endpoint import DiskEndpoint
