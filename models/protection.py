@@ -23,8 +23,7 @@ from models.policy import ReplicationPolicy
 __all__ = [
     "ReplicationState", "Health", "RecoveryPointKind", "ProtectedItem", "RecoveryPoint", "InvalidStateError",
     "ALLOWED_TRANSITIONS", "protect_vm", "transition", "require_resync", "mark_critical", "mark_warning",
-    "mark_healthy", "acquire_item_lock", "release_item_lock", "record_recovery_point", "recovery_points",
-    "prune_recovery_points",
+    "mark_healthy", "record_recovery_point", "recovery_points", "prune_recovery_points", "item_lock_key",
 ]
 
 
@@ -109,8 +108,8 @@ class ProtectedItem(SQLModel, table=True):
     unsent_ratio: float = Field(default=0.0)
     """The largest share, over the item's disks, of tracked changes not yet sent."""
     next_delta_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
-    active_job_id: str | None = Field(default=None, index=True, max_length=36)
-    """The job that holds the item: one workflow at a time per protected item."""
+    initial_replication_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    """When a scheduled initial replication starts (state initial_replication_pending); None otherwise."""
     created_at: datetime = Field(default_factory=clock_now, sa_type=UtcDateTime)
     updated_at: datetime = Field(
         default_factory=clock_now, sa_type=UtcDateTime, sa_column_kwargs={"onupdate": clock_now}
@@ -152,6 +151,7 @@ def protect_vm(
         item.policy_id, item.recovery_storage, item.storage_options = policy.id, recovery_storage, options
         item.health, item.health_errors = Health.HEALTHY, []
         item.current_rpo_s = item.last_recovery_point_at = item.next_delta_at = None
+        item.initial_replication_at = None
         item.resync_required_reason = item.resync_scheduled_for = None
         item.unsent_ratio = 0.0
     else:
@@ -271,29 +271,10 @@ def _set_health_errors(session: Session, item: ProtectedItem, errors: list[dict[
     session.flush()
 
 
-# ---- the item lock: one workflow at a time -----------------------------------------------------------
-def acquire_item_lock(session: Session, item_id: str, job_id: str) -> bool:
-    """Make `job_id` the item's active job if no job holds it (one conditional UPDATE, atomic on every
-    database); True if this job now holds it (also when it already did)."""
-    taken = session.execute(
-        sa.update(ProtectedItem)
-        .where(
-            ProtectedItem.id == item_id,
-            sa.or_(ProtectedItem.active_job_id.is_(None), ProtectedItem.active_job_id == job_id),
-        )
-        .values(active_job_id=job_id)
-    )
-    return taken.rowcount == 1
-
-
-def release_item_lock(session: Session, item_id: str, job_id: str) -> bool:
-    """Free the item if `job_id` holds it; True if it did."""
-    released = session.execute(
-        sa.update(ProtectedItem)
-        .where(ProtectedItem.id == item_id, ProtectedItem.active_job_id == job_id)
-        .values(active_job_id=None)
-    )
-    return released.rowcount == 1
+# ---- one workflow at a time ----------------------------------------------------------------------
+def item_lock_key(item_id: str) -> str:
+    """The job-engine lock every workflow of the item holds (workflows.engine.start_job's lock_key)."""
+    return f"item:{item_id}"
 
 
 # ---- recovery points -----------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from models.fabric import (
     AmbiguousVmError, Host, NetworkMapping, Site, VirtualDisk, VirtualMachine, VmmCloud, VmmServer,
     VmNetworkAdapter, VmNotFoundError,
 )
+from models.jobs import Job, JobLock
 from models.policy import ReplicationPolicy
 from models.protection import (
     ALLOWED_TRANSITIONS, Health, InvalidStateError, ProtectedItem, RecoveryPoint, RecoveryPointKind,
@@ -768,8 +769,9 @@ def test_retention_zero_keeps_only_the_latest_point(engine: Engine) -> None:
 # the outcome: all start the contended part within milliseconds of each other.
 _CONTENDER = textwrap.dedent("""
     import os, sys, time
+    import sqlalchemy
     from models.db import get_engine, init_db, session_scope
-    from models.protection import acquire_item_lock
+    from models.jobs import JobLock
     part, url, ready, go, *arguments = sys.argv[1:]
     engine = get_engine(url)
     with engine.connect():
@@ -784,8 +786,13 @@ _CONTENDER = textwrap.dedent("""
         init_db(engine)
         print("created", flush=True)
     else:
-        with session_scope(engine) as session:
-            print("won" if acquire_item_lock(session, *arguments) else "lost", flush=True)
+        lock_key, job_id = arguments
+        try:
+            with session_scope(engine) as session:
+                session.add(JobLock(lock_key=lock_key, job_id=job_id))
+            print("won", flush=True)
+        except sqlalchemy.exc.IntegrityError:
+            print("lost", flush=True)
 """)
 
 
@@ -828,20 +835,15 @@ def test_workers_starting_together_all_create_the_tables(db_url: str, tmp_path: 
 
 
 def test_item_lock_is_taken_by_exactly_one_of_several_processes(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """One workflow at a time per protected item: the engine's lock row keyed by the item."""
     with session_scope(engine) as session:
         item_id = make_item(session).id
-    jobs = [str(uuid.uuid4()) for _ in range(4)]
-    outcomes = run_contenders(tmp_path, "lock", db_url, [[item_id, job] for job in jobs])
+        jobs = [Job(kind="enable_protection", target=item_id) for _ in range(4)]
+        session.add_all(jobs)
+        session.flush()
+        job_ids = [job.id for job in jobs]
+    key = protection.item_lock_key(item_id)
+    outcomes = run_contenders(tmp_path, "lock", db_url, [[key, job_id] for job_id in job_ids])
     assert sorted(outcomes) == ["lost"] * 3 + ["won"]
-    winner = jobs[outcomes.index("won")]
-    loser = jobs[outcomes.index("lost")]
     with session_scope(engine) as session:
-        item = session.get(ProtectedItem, item_id)
-        assert item.active_job_id == winner
-        assert protection.acquire_item_lock(session, item_id, winner)  # re-entrant for the holder
-        assert not protection.release_item_lock(session, item_id, loser)
-        assert item.active_job_id == winner  # the session's copy follows the UPDATEs
-        assert protection.release_item_lock(session, item_id, winner)
-        assert item.active_job_id is None
-        assert protection.acquire_item_lock(session, item_id, loser)
-        assert item.active_job_id == loser
+        assert session.get(JobLock, key).job_id == job_ids[outcomes.index("won")]
