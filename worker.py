@@ -50,3 +50,11 @@ app.conf.beat_schedule = {
         "options": {"queue": "orchestration", "expires": RECONCILE_INTERVAL_S, "ignore_result": True},
     },
 }
+
+
+@app.on_after_configure.connect
+def _add_replication_schedule(sender, **_):
+    # Imported late: workflows import this module for `app`, so a top-level import would be circular.
+    from workflows.protection import BEAT_SCHEDULE
+
+    sender.conf.beat_schedule.update(BEAT_SCHEDULE)

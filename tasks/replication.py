@@ -1,0 +1,412 @@
+"""The replication actions: the steps of the jobs workflows/protection.py builds.
+
+Each is thin: it loads the protected item by id, opens the host's trackers (on the host's agent worker)
+or the recovery storage, calls one resumable step of `datapath.replication`, reports progress through
+`ctx.progress`, and records what the orchestration needs. Every action can run again after a crash and
+find its work done or resume it.
+
+Also the beat task `asr.replication.tick`, which runs the replication scheduler.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from datetime import datetime
+from typing import Any
+
+from sqlmodel import select
+
+from datapath.disk import FORMATS, open_disk
+from datapath.errors import DiskNotFoundError, LogCorruptError, LogOutOfSequenceError, NonRecoverableError
+from datapath.replication import (
+    ReplicaDisk,
+    acknowledge_applied,
+    apply_shipped_logs,
+    initial_copy,
+    resynchronize,
+    ship_pending_logs,
+)
+from datapath.tracker import RESYNC_THRESHOLD, ReplicationTracker
+from models.db import session_scope
+from models.jobs import JobStep
+from models.protection import (
+    ProtectedItem,
+    RecoveryPoint,
+    ReplicationState,
+    mark_healthy,
+    mark_warning,
+    prune_recovery_points,
+    record_recovery_point,
+    require_resync,
+    transition,
+)
+from sites.host import Host as HostDriver
+from sites.storage import open_storage
+from sites.storage.base import RecoveryStorage
+from worker import app
+from workflows import clock, protection
+from workflows.engine import StepContext, action
+
+MIB = 1024 * 1024
+MAX_OS_DISK_BYTES = 2 * 1024**4
+MAX_DATA_DISK_BYTES = 4 * 1024**4
+RESYNC_REQUIRED_CODE = "resync_required"
+
+
+# ---- opening things ------------------------------------------------------------------------------
+def open_recovery_storage(url: str, options: Mapping[str, Any]) -> RecoveryStorage:
+    """Open an item's recovery storage. Credentials never sit in the database: the option
+    `connection_string_env` names the environment variable of this worker that holds them."""
+    resolved = dict(options)
+    variable = resolved.pop("connection_string_env", None)
+    if variable is not None:
+        value = os.environ.get(variable)
+        if not value:
+            raise NonRecoverableError(
+                f"recovery storage {url}: the environment variable {variable} (its connection string) is not "
+                f"set on this worker ({os.uname().nodename}, pid {os.getpid()})"
+            )
+        resolved["connection_string"] = value
+    return open_storage(url, **resolved)
+
+
+def replica_name(host: str, vm: str, disk: str) -> str:
+    """Where a disk's replica lives on the recovery storage: one folder per host and VM, a fixed VHD."""
+    return f"{host}/{vm}/{disk}.vhd"
+
+
+@contextmanager
+def _storage(view: protection.ItemView) -> Iterator[RecoveryStorage]:
+    storage = open_recovery_storage(view.item.recovery_storage, view.item.storage_options)
+    try:
+        yield storage
+    finally:
+        storage.close()
+
+
+def _replica(view: protection.ItemView, storage: RecoveryStorage, disk_name: str) -> ReplicaDisk:
+    return ReplicaDisk(storage, replica_name(view.host.name, view.vm.name, disk_name))
+
+
+def _driver(view: protection.ItemView) -> HostDriver:
+    return HostDriver(view.host.root, view.host.name)
+
+
+@contextmanager
+def _tracker(view: protection.ItemView, disk_name: str) -> Iterator[ReplicationTracker]:
+    tracker = _driver(view).tracker(view.vm.name, disk_name)
+    try:
+        yield tracker
+    finally:
+        tracker.close()
+
+
+def _load(ctx: StepContext, item_id: str) -> protection.ItemView:
+    with ctx.session() as session:
+        return protection.load_item(session, item_id)
+
+
+# ---- enable protection -----------------------------------------------------------------------------
+@action(protection.PREREQUISITES)
+def prerequisites(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
+    """The VM and each of its disks are on the host as registered, in a format and size that can be
+    replicated, and the recovery storage is reachable with credentials it accepts."""
+    view = _load(ctx, item_id)
+    on_host = _driver(view).get_vm(view.vm.name)
+    where = f"VM {view.vm.name!r} on host {view.host.name!r}"
+    host_disks = {disk.id: disk for disk in on_host.disks}
+    # The VM's first disk (in its manifest) is the OS disk, which Azure caps lower.
+    os_disk = on_host.disks[0].id if on_host.disks else None
+    for disk in view.disks:
+        found = host_disks.get(disk.disk_uuid)
+        if found is None:
+            raise DiskNotFoundError(f"{where} has no disk {disk.name!r} ({disk.disk_uuid}) any more")
+        with open_disk(found.path) as image:
+            size = image.size
+        if found.format not in FORMATS:
+            raise NonRecoverableError(f"{where}, disk {disk.name!r}: format {found.format!r} is not raw or VHD")
+        if size != disk.size or size % MIB:
+            raise NonRecoverableError(
+                f"{where}, disk {disk.name!r}: {size} bytes on the host, {disk.size} registered; replicas "
+                f"need a whole number of MiB"
+            )
+        limit, kind = (MAX_OS_DISK_BYTES, "OS") if disk.disk_uuid == os_disk else (MAX_DATA_DISK_BYTES, "data")
+        if size > limit:
+            raise NonRecoverableError(f"{where}, {kind} disk {disk.name!r}: {size} bytes exceeds {limit}")
+    with _storage(view) as storage:
+        # A request, so refused credentials show here (StorageAuthError: not retried).
+        storage.list_objects(f"{view.host.name}/{view.vm.name}/")
+    return {"disks": len(view.disks)}
+
+
+@action(protection.CREATE_RELATIONSHIP)
+def create_relationship(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
+    """Track every disk's writes from now on, and create its replica on the recovery storage."""
+    view = _load(ctx, item_id)
+    newly_tracked = _driver(view).enable_tracking(view.vm.name)
+    with _storage(view) as storage:
+        for disk in view.disks:
+            storage.create_disk(_replica(view, storage, disk.name).name, disk.size)
+    return {"newly_tracked": [disk.name for disk in newly_tracked]}
+
+
+@action(protection.START_REPLICATION)
+def start_replication(ctx: StepContext, *, item_id: str, scheduled_at: str | None) -> dict[str, Any]:
+    """Initial replication starts now, or is left to the scheduler at the policy's time."""
+    with ctx.session() as session:
+        item = session.get(ProtectedItem, item_id)
+        if scheduled_at is None:
+            transition(item, ReplicationState.INITIAL_REPLICATION)
+        else:
+            transition(item, ReplicationState.INITIAL_REPLICATION_PENDING)
+            item.initial_replication_at = datetime.fromisoformat(scheduled_at)
+        session.add(item)
+        return {"state": str(item.replication_state), "scheduled_at": scheduled_at}
+
+
+# ---- snapshot and copy ---------------------------------------------------------------------------------
+@action(protection.SNAPSHOT_VM)
+def snapshot_vm(ctx: StepContext, *, item_id: str, enter_state: str | None) -> dict[str, Any]:
+    """Snapshot every disk of the VM together (each later copy or resync reads its disk's snapshot)."""
+    if enter_state is not None:
+        _enter_state(ctx, item_id, ReplicationState(enter_state))
+    view = _load(ctx, item_id)
+    generations = {}
+    for disk in view.disks:
+        with _tracker(view, disk.name) as tracker:
+            generations[disk.name] = tracker.create_snapshot()
+    return {"first_generations": generations}
+
+
+def _enter_state(ctx: StepContext, item_id: str, state: ReplicationState) -> None:
+    with ctx.session() as session:
+        view = protection.load_item(session, item_id)
+        item = view.item
+        if state is ReplicationState.RESYNCHRONIZING and item.replication_state is ReplicationState.PROTECTED:
+            require_resync(session, item, "manual resynchronization requested", view.policy)
+        transition(item, state)
+        session.add(item)
+
+
+@action(protection.COPY_DISK)
+def copy_disk(ctx: StepContext, *, item_id: str, disk_id: str) -> dict[str, Any]:
+    """Copy the disk's snapshot to its replica, resuming from the replica's checkpoint."""
+    view = _load(ctx, item_id)
+    disk = view.disk(disk_id)
+    with _storage(view) as storage, _tracker(view, disk.name) as tracker:
+        state = initial_copy(tracker, _replica(view, storage, disk.name), on_progress=ctx.progress)
+    ctx.progress(state.size, state.size)
+    return {"bytes": state.size, "applied_generation": state.applied_generation}
+
+
+@action(protection.DELETE_SNAPSHOT)
+def delete_snapshot(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
+    view = _load(ctx, item_id)
+    for disk in view.disks:
+        with _tracker(view, disk.name) as tracker:
+            tracker.delete_snapshot()
+    return {"disks": len(view.disks)}
+
+
+@action(protection.RESYNC_DISK)
+def resync_disk(ctx: StepContext, *, item_id: str, disk_id: str) -> dict[str, Any]:
+    """Send the replica only the blocks of the disk's snapshot that differ from it."""
+    view = _load(ctx, item_id)
+    disk = view.disk(disk_id)
+    with _storage(view) as storage, _tracker(view, disk.name) as tracker:
+        report = resynchronize(tracker, _replica(view, storage, disk.name), on_progress=ctx.progress)
+    return {
+        "bytes_sent": report.bytes_sent, "bytes_zeroed": report.bytes_zeroed, "blocks_sent": report.blocks_sent,
+        "chunks_compared": report.chunks_compared, "chunks_sent": report.chunks_sent,
+        "first_generation": report.first_generation,
+    }
+
+
+# ---- merging logs ------------------------------------------------------------------------------------
+@action(protection.SHIP_LOGS)
+def ship_logs(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
+    """Seal every disk's log (also a disk without writes: all disks advance together into one recovery
+    point), then upload every sealed log not yet shipped. All seals come before any upload, so the disks'
+    logs end as close together in time as the trackers allow."""
+    view = _load(ctx, item_id)
+    disks: dict[str, dict[str, Any]] = {}
+    with ExitStack() as stack:
+        trackers = {disk.name: stack.enter_context(_tracker(view, disk.name)) for disk in view.disks}
+        # Measured before sealing: what piled up since the last cycle.
+        unsent = {name: tracker.unsent_ratio() for name, tracker in trackers.items()}
+        sealed = {name: tracker.seal().generation for name, tracker in trackers.items()}
+        storage = stack.enter_context(_storage(view))
+        for done, disk in enumerate(view.disks):
+            shipped = ship_pending_logs(trackers[disk.name], _replica(view, storage, disk.name))
+            disks[disk.disk_uuid] = {"name": disk.name, "unsent_ratio": unsent[disk.name],
+                                     "sealed": sealed[disk.name], "shipped": shipped}
+            ctx.progress(done + 1, len(view.disks))
+    return {"disks": disks}
+
+
+@action(protection.APPLY_LOGS)
+def apply_logs(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
+    """Apply the shipped logs to every replica, then record the recovery point they make and drop the
+    points past the policy's retention. A corrupt or out-of-sequence log marks the item resync_required
+    (Warning, with the reason) and fails the job with it."""
+    view = _load(ctx, item_id)
+    generations: dict[str, int] = {}
+    applied: dict[str, list[int]] = {}
+    with _storage(view) as storage:
+        for done, disk in enumerate(view.disks):
+            replica = _replica(view, storage, disk.name)
+            try:
+                report = apply_shipped_logs(replica, disk_name=f"{view.vm.name}/{disk.name}")
+            except (LogCorruptError, LogOutOfSequenceError) as broken:
+                _require_resync(ctx, item_id, f"disk {disk.name}: {broken}")
+                raise
+            applied[disk.name] = report.applied
+            generations[disk.disk_uuid] = replica.load_state().applied_generation
+            ctx.progress(done + 1, len(view.disks))
+    sealed_at = _ship_started_at(ctx.job_id)
+    with ctx.session() as session:
+        item = session.get(ProtectedItem, item_id)
+        known = session.exec(select(RecoveryPoint.generations).where(RecoveryPoint.item_id == item_id)).all()
+        if generations not in known:  # a rerun after a crash records nothing twice
+            record_recovery_point(session, item, generations, sealed_at)
+        pruned = prune_recovery_points(session, item, clock.now())
+    return {"applied": applied, "generations": generations, "point_at": sealed_at.isoformat(),
+            "pruned": len(pruned)}
+
+
+def _require_resync(ctx: StepContext, item_id: str, reason: str) -> None:
+    with ctx.session() as session:
+        view = protection.load_item(session, item_id)
+        require_resync(session, view.item, reason, view.policy)
+        mark_warning(session, view.item, RESYNC_REQUIRED_CODE, f"resynchronization required: {reason}")
+
+
+def _ship_step(job_id: str) -> JobStep:
+    with session_scope() as session:
+        step = session.exec(select(JobStep).where(
+            JobStep.job_id == job_id, JobStep.action == protection.SHIP_LOGS)).first()
+    if step is None or step.started_at is None:
+        raise NonRecoverableError(f"job {job_id} has no Ship logs step that ran: nothing to base the point on")
+    return step
+
+
+def _ship_started_at(job_id: str) -> datetime:
+    """When this cycle's logs were sealed, as the engine recorded it when the Ship logs step started (a
+    moment before the seal, so the RPO is never under-stated); never a time the host reports."""
+    return _ship_step(job_id).started_at
+
+
+@action(protection.ACKNOWLEDGE_LOGS)
+def acknowledge_logs(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
+    """Delete on the host the logs the recovery side has applied (its own state says which)."""
+    view = _load(ctx, item_id)
+    acknowledged = {}
+    with _storage(view) as storage:
+        for disk in view.disks:
+            with _tracker(view, disk.name) as tracker:
+                acknowledged[disk.name] = acknowledge_applied(tracker, _replica(view, storage, disk.name))
+    return {"acknowledged": acknowledged}
+
+
+# ---- health and the end of a job -------------------------------------------------------------------------
+def _unsent_by_disk(job_id: str) -> dict[str, float]:
+    result = _ship_step(job_id).result or {}
+    return {entry["name"]: entry["unsent_ratio"] for entry in result.get("disks", {}).values()}
+
+
+def _record_replication_health(ctx: StepContext, item_id: str, *, finishing: bool) -> dict[str, Any]:
+    unsent = _unsent_by_disk(ctx.job_id)
+    now = clock.now()
+    with ctx.session() as session:
+        view = protection.load_item(session, item_id)
+        item = view.item
+        if finishing:
+            transition(item, ReplicationState.PROTECTED)
+            item.initial_replication_at = None
+            mark_healthy(session, item)
+        item.unsent_ratio = max(unsent.values(), default=0.0)
+        if item.last_recovery_point_at is not None:
+            item.current_rpo_s = math.ceil((now - item.last_recovery_point_at).total_seconds())
+        item.next_delta_at = clock.after(view.policy.copy_frequency_s)
+        over = {name: ratio for name, ratio in unsent.items() if ratio >= RESYNC_THRESHOLD}
+        if over and item.replication_state is ReplicationState.PROTECTED:
+            reason = "; ".join(
+                f"disk {name}: unsent logs reached {ratio:.0%} of the disk (threshold {RESYNC_THRESHOLD:.0%})"
+                for name, ratio in sorted(over.items())
+            )
+            require_resync(session, item, reason, view.policy, now)
+            mark_warning(session, item, RESYNC_REQUIRED_CODE, f"resynchronization required: {reason}")
+        session.add(item)
+        return {"state": str(item.replication_state), "health": str(item.health), "rpo_s": item.current_rpo_s,
+                "unsent_ratio": item.unsent_ratio}
+
+
+@action(protection.UPDATE_HEALTH)
+def update_health(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
+    """RPO from the recovery side's latest point; unsent logs at 50% of a disk require a resync."""
+    return _record_replication_health(ctx, item_id, finishing=False)
+
+
+@action(protection.FINALIZE)
+def finalize(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
+    """The item is protected and Healthy; the scheduler runs its next delta cycle after the copy frequency."""
+    return _record_replication_health(ctx, item_id, finishing=True)
+
+
+# ---- disabling protection ---------------------------------------------------------------------------------
+@action(protection.BEGIN_DISABLE)
+def begin_disable(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
+    with ctx.session() as session:
+        item = session.get(ProtectedItem, item_id)
+        transition(item, ReplicationState.DISABLING_PROTECTION)
+        session.add(item)
+        return {"state": str(item.replication_state)}
+
+
+@action(protection.STOP_TRACKING)
+def stop_tracking(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
+    """Stop tracking every disk of the VM: its logs and any snapshot are deleted on the host."""
+    view = _load(ctx, item_id)
+    driver = _driver(view)
+    stopped = []
+    for disk in view.disks:
+        if driver.is_tracked(view.vm.name, disk.name):
+            driver.tracker(view.vm.name, disk.name).disable()  # disable() also closes it
+            stopped.append(disk.name)
+    return {"stopped": stopped}
+
+
+@action(protection.REMOVE_REPLICAS)
+def remove_replicas(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
+    """Delete the VM's replica disks, their state and shipped logs, and its recovery points."""
+    view = _load(ctx, item_id)
+    with _storage(view) as storage:
+        removed = storage.list_objects(f"{view.host.name}/{view.vm.name}/")
+        for disk in view.disks:
+            storage.delete_disk(_replica(view, storage, disk.name).name)
+        for name in storage.list_objects(f"{view.host.name}/{view.vm.name}/"):
+            storage.delete_object(name)
+    with ctx.session() as session:
+        for point in session.exec(select(RecoveryPoint).where(RecoveryPoint.item_id == item_id)).all():
+            session.delete(point)
+    return {"removed": removed}
+
+
+@action(protection.FINISH_DISABLE)
+def finish_disable(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
+    with ctx.session() as session:
+        item = session.get(ProtectedItem, item_id)
+        transition(item, ReplicationState.DISABLED)
+        item.current_rpo_s = item.last_recovery_point_at = item.next_delta_at = None
+        item.unsent_ratio = 0.0
+        mark_healthy(session, item)
+        return {"state": str(item.replication_state)}
+
+
+# ---- the scheduler's beat task -------------------------------------------------------------------------
+@app.task(name=protection.TICK_TASK)
+def tick() -> dict[str, int]:
+    """Start the delta cycles, scheduled initial replications and automatic resyncs that are due."""
+    return protection.run_scheduler()

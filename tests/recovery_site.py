@@ -1,0 +1,373 @@
+"""A whole Site Recovery Engine deployment on this machine, for one test: `RecoverySite`.
+
+(Not named `site.py`: the standard library's `site` module is loaded before any test, so
+`from site import RecoverySite` would find that one.)
+
+A private redis-server, a SQLite database file, real Celery workers (one orchestration+recovery worker,
+one agent worker per protected host) and beat (reconciler and replication scheduler), a Hyper-V site
+with its hosts (directory trees under the test's tmp_path), a replication policy, and a recovery
+storage (a local directory, or a container of its own in the session's Azurite). The test process
+points its own database and Celery app at the same Redis and database, so it can call
+`workflows.protection` and read jobs directly.
+
+Times are scaled (`ASR_TIME_SCALE`, default 10): a 30 s copy frequency is a 3 s cycle. The default
+policy has office hours all day, every day, so automatic resynchronization never starts behind a test's
+back; a test that wants it creates a policy of its own (`create_policy`).
+"""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import time as time_of_day
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from sqlmodel import select
+
+from datapath.compare import first_difference
+from datapath.disk import open_disk
+from models.db import dispose_engines, init_db, session_scope
+from models.fabric import Host as HostRow
+from models.fabric import VirtualMachine as VmRow
+from models.fabric import create_site, import_vm_manifest, register_host, vm_disks
+from models.policy import create_policy
+from models.jobs import Job
+from models.protection import ProtectedItem
+from services import AzuriteProcess
+from sites.host import Host
+from sites.storage.base import RecoveryStorage
+from workers import CeleryProcess, RedisServer, celery_env, point_app_at, start_beat, start_worker, stop_all, wait_until
+
+import tasks.replication as replication_actions  # registers the actions start_job validates
+from workflows.engine import ItemBusyError, get_job
+from workflows.protection import enable_protection, item_status, start_delta_replication
+
+AZURE_CONNECTION_ENV = "ASR_AZURE_CONNECTION_STRING"
+"""The variable holding the Azurite connection string in every worker (and this process)."""
+DEFAULT_TIME_SCALE = 10
+ALL_DAY = (time_of_day(0, 0), time_of_day(23, 59, 59, 999999))
+EVERY_DAY = (0, 1, 2, 3, 4, 5, 6)
+FINISHED_JOB_STATES = ("succeeded", "failed", "cancelled")
+LOG_TAIL_CHARS = 3000
+
+
+class RecoverySite:
+    """A deployment for one test; use as a context manager (or call `close()`)."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        *,
+        backend: str = "local",
+        azurite: AzuriteProcess | None = None,
+        appendonly: bool = False,
+        host_names: Iterable[str] = ("host1",),
+        time_scale: float = DEFAULT_TIME_SCALE,
+        env: Mapping[str, str] | None = None,
+        start_workers: bool = True,
+        policy_options: Mapping[str, Any] | None = None,
+        host_concurrency: int = 3,
+    ) -> None:
+        if backend not in ("local", "azure"):
+            raise ValueError(f"backend must be 'local' or 'azure', got {backend!r}")
+        if backend == "azure" and azurite is None:
+            raise ValueError("the azure backend needs the session's AzuriteProcess (fixture `azurite`)")
+        self.workdir = Path(tmp_path)
+        self.backend = backend
+        self.azurite = azurite
+        self.host_names = tuple(host_names)
+        self.host_concurrency = host_concurrency
+        self.processes: list[CeleryProcess] = []
+        self.workers: dict[str, CeleryProcess] = {}
+        self.vm_hosts: dict[str, str] = {}  # vm id -> host name
+        self._hosts: dict[str, Host] = {}
+        self._saved_env: dict[str, str | None] = {}
+        self._closed = False
+
+        self.redis = RedisServer(self.workdir / "redis", appendonly=appendonly).start()
+        try:
+            self.database_url = f"sqlite:///{self.workdir / 'asr.db'}"
+            settings = {
+                "ASR_HEARTBEAT_S": "1",
+                "ASR_STALE_AFTER_S": "3",
+                "ASR_RECONCILE_S": "1",
+                "ASR_TICK_S": "1",
+                "ASR_TIME_SCALE": str(time_scale),
+                # tasks/__init__ imports these already; named so the engine tests' actions (celery_env's
+                # default) are not loaded into this deployment.
+                "ASR_ACTION_MODULES": replication_actions.__name__,
+            }
+            if backend == "azure":
+                settings[AZURE_CONNECTION_ENV] = azurite.connection_string()
+                self.container = f"site-{uuid.uuid4().hex[:20]}"
+                self.recovery_storage = f"azure:{self.container}"
+                self.storage_options: dict[str, Any] = {"connection_string_env": AZURE_CONNECTION_ENV}
+            else:
+                self.recovery_dir = self.workdir / "recovery-site"
+                self.recovery_storage = f"file://{self.recovery_dir}"
+                self.storage_options = {}
+            settings.update(env or {})
+            self.env = celery_env(broker_url=self.redis.url, database_url=self.database_url, **settings)
+            self._point_this_process_here(settings)
+            init_db()
+            self._register_fabric(policy_options or {})
+            if start_workers:
+                self._start_default_processes()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def __enter__(self) -> RecoverySite:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop workloads, workers, beat and Redis (each bounded); restore this process's settings."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            for vm_id, host_name in self.vm_hosts.items():
+                try:
+                    self.host(host_name).stop_workload(self.vm_name(vm_id), timeout=5)
+                except Exception:  # noqa: BLE001 - closing must go on to stop everything else
+                    pass
+            stop_all(self.processes)
+            self.redis.stop()
+        finally:
+            dispose_engines()
+            for key, value in self._saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            point_app_at(self._previous_broker)
+
+    def _point_this_process_here(self, settings: Mapping[str, str]) -> None:
+        from worker import app
+
+        self._previous_broker = app.conf.broker_url
+        for key, value in {**settings, "ASR_BROKER_URL": self.redis.url,
+                           "ASR_DATABASE_URL": self.database_url}.items():
+            if key == "ASR_ACTION_MODULES":
+                continue
+            self._saved_env.setdefault(key, os.environ.get(key))
+            os.environ[key] = value
+        dispose_engines()
+        point_app_at(self.redis.url)
+
+    def _start_default_processes(self) -> None:
+        starting = [self.start_orchestration_worker(wait=False)]
+        starting += [self.start_host_worker(name, wait=False) for name in self.host_names]
+        starting.append(self.start_beat(wait=False))
+        for process in starting:
+            process.wait_ready()
+
+    def start_orchestration_worker(self, *, name: str = "orchestration", concurrency: int = 2,
+                                   wait: bool = True) -> CeleryProcess:
+        """A worker on the orchestration and recovery queues."""
+        return self._track(name, start_worker(name, ["orchestration", "recovery"], self.env, self.workdir,
+                                              concurrency=concurrency, wait=wait))
+
+    def start_host_worker(self, host_name: str, *, concurrency: int | None = None,
+                          wait: bool = True) -> CeleryProcess:
+        """The agent worker of a host: it serves the queue host.<name>."""
+        name = f"host-{host_name}"
+        return self._track(name, start_worker(name, [f"host.{host_name}"], self.env, self.workdir,
+                                              concurrency=concurrency or self.host_concurrency, wait=wait))
+
+    def start_beat(self, *, wait: bool = True) -> CeleryProcess:
+        """Beat: the reconciler every ASR_RECONCILE_S and the replication scheduler every ASR_TICK_S."""
+        return self._track("beat", start_beat(self.env, self.workdir, wait=wait))
+
+    def stop_process(self, name: str, *, kill: bool = False) -> None:
+        """Stop one of the processes by its name ("orchestration", "host-host1", "beat")."""
+        process = self.workers.pop(name)
+        self.processes.remove(process)
+        if kill:
+            process.kill()
+        else:
+            stop_all([process])
+
+    def _track(self, name: str, process: CeleryProcess) -> CeleryProcess:
+        if name in self.workers:
+            raise ValueError(f"a process named {name!r} is already running in this site")
+        self.workers[name] = process
+        self.processes.append(process)
+        return process
+
+    # ---- fabric ---------------------------------------------------------------------------------
+    def _register_fabric(self, policy_options: Mapping[str, Any]) -> None:
+        with session_scope() as session:
+            site = create_site(session, "primary")
+            for name in self.host_names:
+                root = self.workdir / "hosts" / name
+                root.mkdir(parents=True)
+                register_host(session, name, str(root), site=site)
+        self.policy_id = self.create_policy("default", **policy_options)
+
+    def create_policy(self, name: str, **options: Any) -> str:
+        """A replication policy; defaults: 30 s copy frequency, office hours all day every day (no
+        automatic resync). Returns its id."""
+        settings: dict[str, Any] = {"copy_frequency_s": 30, "office_hours": ALL_DAY, "office_days": EVERY_DAY}
+        settings.update(options)
+        with session_scope() as session:
+            return create_policy(session, name, **settings).id
+
+    def host(self, name: str) -> Host:
+        """The host driver of a host of this site (one per name, so it can stop workloads it started)."""
+        if name not in self._hosts:
+            if name not in self.host_names:
+                raise ValueError(f"host {name!r} is not one of this site's hosts {self.host_names}")
+            self._hosts[name] = Host(self.workdir / "hosts" / name, name)
+        return self._hosts[name]
+
+    def create_vm(self, host: str, name: str, disks: Iterable[tuple[str, int | str, str]], *,
+                  fill: float = 0.5, seed: int = 1) -> str:
+        """Create a VM on the host (sparse disks filled to `fill` with data from `seed`), register it in
+        the database; returns its id there."""
+        driver = self.host(host)
+        vm = driver.create_vm(name, list(disks))
+        if fill:
+            driver.write_initial_data(name, seed, fill)
+        with session_scope() as session:
+            host_row = session.exec(select(HostRow).where(HostRow.name == host)).one()
+            vm_id = import_vm_manifest(session, host_row, vm.to_manifest()).id
+        self.vm_hosts[vm_id] = host
+        return vm_id
+
+    def vm_name(self, vm_id: str) -> str:
+        with session_scope() as session:
+            return session.get(VmRow, vm_id).name
+
+    # ---- protection -----------------------------------------------------------------------------
+    def protect(self, vm_id: str, *, policy_id: str | None = None,
+                storage_options: Mapping[str, Any] | None = None) -> str:
+        """Enable protection of the VM on this site's recovery storage; returns the job id."""
+        return enable_protection(
+            vm_id, policy_id or self.policy_id, recovery_storage=self.recovery_storage,
+            storage_options=dict(self.storage_options if storage_options is None else storage_options),
+        )
+
+    def item_id(self, vm_id: str) -> str:
+        with session_scope() as session:
+            item = session.exec(select(ProtectedItem).where(ProtectedItem.vm_id == vm_id)).first()
+        if item is None:
+            raise AssertionError(f"VM {vm_id} has no protected item")
+        return item.id
+
+    def item(self, vm_id: str) -> dict[str, Any]:
+        """The protected item's status (workflows.protection.item_status)."""
+        return item_status(self.item_id(vm_id))
+
+    def jobs(self, vm_id: str, kind: str | None = None) -> list[Job]:
+        """The jobs of the VM's protected item (of `kind` when given), oldest first."""
+        query = select(Job).where(Job.target == self.item_id(vm_id))
+        if kind is not None:
+            query = query.where(Job.kind == kind)
+        with session_scope() as session:
+            return list(session.exec(query.order_by(Job.created_at)).all())
+
+    def wait_job(self, job_id: str, timeout: float, states: Iterable[str] = ("succeeded",)) -> dict[str, Any]:
+        """Wait (at most `timeout` s) until the job is in one of `states`; AssertionError with the job's
+        steps and the tail of every worker log when it ends otherwise or time runs out."""
+        wanted = tuple(states)
+        deadline = time.monotonic() + timeout
+        while True:
+            job = get_job(job_id)
+            if job["state"] in wanted:
+                return job
+            if job["state"] in FINISHED_JOB_STATES or time.monotonic() > deadline:
+                what = "ended" if job["state"] in FINISHED_JOB_STATES else f"timed out after {timeout:g} s"
+                raise AssertionError(
+                    f"job {job_id} ({job['kind']}) {what} in state {job['state']}, expected {wanted}; "
+                    f"error: {job['error']}\n{self.describe_job(job)}\n{self.log_tails()}"
+                )
+            time.sleep(0.1)
+
+    def wait_idle(self, vm_id: str, timeout: float) -> None:
+        """Wait until no job holds the VM's protected item."""
+        wait_until(lambda: self.item(vm_id)["active_job"] is None, timeout=timeout,
+                   what=f"the protected item of VM {vm_id} to be free of jobs")
+
+    def delta_cycle(self, vm_id: str, timeout: float = 60) -> dict[str, Any]:
+        """Run one delta replication of the VM now (waiting for a job the scheduler started first);
+        returns the finished job."""
+        item_id = self.item_id(vm_id)
+        deadline = time.monotonic() + timeout
+
+        def started() -> str | None:
+            try:
+                return start_delta_replication(item_id)
+            except ItemBusyError:
+                return None
+
+        job_id = wait_until(started, timeout=timeout, interval=0.1,
+                            what=f"a delta replication of VM {vm_id} to start")
+        return self.wait_job(job_id, max(1.0, deadline - time.monotonic()))
+
+    def final_cycle(self, vm_id: str, timeout: float = 60) -> dict[str, Any]:
+        """Stop the VM's workload, then run one more delta cycle: the replica then equals the source."""
+        self.host(self.vm_hosts[vm_id]).stop_workload(self.vm_name(vm_id), timeout=10)
+        return self.delta_cycle(vm_id, timeout)
+
+    # ---- the recovery side ----------------------------------------------------------------------
+    def storage(self) -> RecoveryStorage:
+        """The recovery storage, opened in this process (the caller closes it)."""
+        return replication_actions.open_recovery_storage(self.recovery_storage, self.storage_options)
+
+    def verify_replica(self, vm_id: str) -> None:
+        """Every disk of the VM equals its replica byte for byte (AssertionError naming the disk and the
+        first differing offset otherwise). Quiesce first: `final_cycle`."""
+        host_name = self.vm_hosts[vm_id]
+        vm = self.host(host_name).get_vm(self.vm_name(vm_id))
+        storage = self.storage()
+        try:
+            for disk in vm.disks:
+                name = replication_actions.replica_name(host_name, vm.name, disk.name)
+                with open_disk(disk.path) as source:
+                    replica = storage.open_disk(name)
+                    try:
+                        assert replica.size == source.size, (
+                            f"disk {disk.name} of VM {vm.name}: replica {name} is {replica.size} bytes, "
+                            f"the source {source.size}"
+                        )
+                        offset = first_difference(source, replica)
+                    finally:
+                        replica.close()
+                assert offset is None, (
+                    f"disk {disk.name} of VM {vm.name}: replica {name} differs from the source first at "
+                    f"offset {offset}"
+                )
+        finally:
+            storage.close()
+
+    def disk_ids(self, vm_id: str) -> dict[str, str]:
+        """{disk name: the disk's uuid} as registered."""
+        with session_scope() as session:
+            return {disk.name: disk.disk_uuid for disk in vm_disks(session, session.get(VmRow, vm_id))}
+
+    # ---- diagnostics ----------------------------------------------------------------------------
+    @staticmethod
+    def describe_job(job: Mapping[str, Any]) -> str:
+        lines = [f"steps of job {job['id']} ({job['kind']}, {job['state']}):"]
+        for step in job["steps"]:
+            lines.append(
+                f"  [{step['stage']}.{step['index']}] {step['name']}: {step['state']} attempts={step['attempts']} "
+                f"deaths={step['deaths']} progress={step['progress_done']}/{step['progress_total']} "
+                f"error={step['error']}"
+            )
+        return "\n".join(lines)
+
+    def log_tails(self) -> str:
+        parts = []
+        for name, process in self.workers.items():
+            parts.append(f"--- tail of {name} ({process.log_path}) ---\n{process.log()[-LOG_TAIL_CHARS:]}")
+        return "\n".join(parts)
