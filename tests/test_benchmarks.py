@@ -1,6 +1,7 @@
 """`make bench` end to end, small: the harness runs every benchmark against its peer, writes both
-reports, and its byte counts agree with each other and with the disks it generated. Timings are
-never asserted: they depend on the machine."""
+reports, and its byte counts agree with each other and with the disks it generated; the workflow
+section, tiny, reports the step overhead and a verified fleet protection. Timings are never
+asserted: they depend on the machine."""
 from __future__ import annotations
 
 import json
@@ -21,7 +22,8 @@ HASH_SIZE = 16
 def test_quick_run_writes_both_reports_with_consistent_byte_counts(tmp_path):
     workdir, output = tmp_path / "work", tmp_path / "out"
     run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--workdir", str(workdir), "--output", str(output)],
+        [sys.executable, "-m", "benchmarks.run", "--only", "datapath", "--quick", "--workdir", str(workdir),
+         "--output", str(output)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
     )
     assert run.returncode == 0, run.stderr
@@ -29,6 +31,7 @@ def test_quick_run_writes_both_reports_with_consistent_byte_counts(tmp_path):
     report = json.loads((output / "benchmarks.json").read_text())
     markdown = (output / "benchmarks.md").read_text()
 
+    assert report["sections"] == ["datapath"] and "workflows" not in report
     settings = report["settings"]
     size, rounds, chunk_size = settings["size"], settings["rounds"], settings["chunk_size"]
     assert settings["quick"] and size == 256 << 20 and settings["quarter_size"] == size // 4
@@ -115,3 +118,49 @@ def test_quick_run_writes_both_reports_with_consistent_byte_counts(tmp_path):
         assert benchmark["title"] in markdown
     assert all(step in markdown for step in MEMORY_STEPS)
     assert report["date"] in markdown and machine["kernel"] in markdown
+
+
+WORKFLOW_RUN_TIMEOUT_S = 120
+WORKFLOW_BENCHMARKS = {"step_overhead", "enable_protection"}
+
+
+def test_tiny_workflow_run_reports_step_overhead_and_a_verified_fleet(tmp_path):
+    steps, vms, rounds = 5, 2, 1
+    workdir, output = tmp_path / "work", tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--only", "workflows", "--steps", str(steps), "--vms", str(vms),
+         "--rounds", str(rounds), "--workdir", str(workdir), "--output", str(output)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=WORKFLOW_RUN_TIMEOUT_S,
+    )
+    assert run.returncode == 0, run.stderr
+    assert not workdir.exists(), "the workdir is deleted after a run without --keep"
+    report = json.loads((output / "benchmarks.json").read_text())
+    markdown = (output / "benchmarks.md").read_text()
+
+    assert report["sections"] == ["workflows"]
+    assert "benchmarks" not in report and "memory" not in report, "a workflows-only run reports nothing else"
+    settings = report["settings"]
+    assert (settings["steps"], settings["vms"], settings["rounds"]) == (steps, vms, rounds)
+    assert set(report["workflows"]) == WORKFLOW_BENCHMARKS
+
+    overhead = report["workflows"]["step_overhead"]
+    assert len(overhead["ours"]["runs"]) == len(overhead["peer"]["runs"]) == rounds
+    assert all(run_figures["steps"] == steps for run_figures in overhead["ours"]["runs"] + overhead["peer"]["runs"])
+    [per_step] = overhead["rows"]
+    assert per_step["unit"] == "ms" and per_step["ours"] > 0 and per_step["peer"] > 0
+    assert per_step["passed"] == (per_step["ours"] <= 1.5 * per_step["peer"])
+
+    fleet = report["workflows"]["enable_protection"]
+    details = fleet["details"]
+    assert details["vms"] == details["replicas_verified"] == vms
+    assert details["hosts"] == settings["fleet_hosts"] and details["disk_size"] == settings["vm_disk_size"]
+    assert details["steps_per_job"] and all(count > 0 for count in details["steps_per_job"])
+    assert {row["metric"] for row in fleet["rows"]} == {"wall time, first submit to all succeeded", "jobs per minute"}
+    assert all(row["passed"] is None for row in fleet["rows"]), "the fleet run has no goal, only figures"
+
+    assert report["goals_judged"] == 1 and report["goals_met"] == int(per_step["passed"])
+    for heading in ("## Machine", "## Results", "## Method", "## Details"):
+        assert heading in markdown
+    for benchmark in report["workflows"].values():
+        assert benchmark["title"] in markdown
+    assert report["date"] in markdown and report["machine"]["redis_server"] in markdown
