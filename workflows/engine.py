@@ -4,7 +4,8 @@ The database is the source of truth; Redis carries messages and live progress on
 is one conditional UPDATE, so duplicate messages, redeliveries and concurrent reconcilers are harmless:
 whoever wins the UPDATE owns the step, everyone else stands back.
 
-- `start_job` writes the job, its steps and its lock in one transaction, then `launch`es it.
+- `start_job` writes the job, its steps (the first stage's marked queued, as `launch` would) and its
+  lock in one transaction, then sends the job's canvas.
 - `launch` sends `chain(stage_k, stage_k+1, ...)` from the first stage not yet complete: a one-step stage
   is one `run_step` message, a larger one a group (a group followed by a task is a chord).
 - `execute_step` (behind the `run_step` task) claims the step, keeps a heartbeat while the action runs,
@@ -18,6 +19,8 @@ Steps already done are left out of a relaunched canvas: the canvas only ever hol
 """
 from __future__ import annotations
 
+import enum
+import functools
 import importlib
 import json
 import logging
@@ -30,18 +33,17 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import groupby
-from typing import Any
+from typing import Any, NamedTuple
 
 import kombu.exceptions
 import redis
 import sqlalchemy as sa
 from celery import chain, group
 from celery.canvas import Signature
-from sqlalchemy.orm import aliased
 from sqlmodel import Session, select
 
 from datapath.errors import NonRecoverableError
-from models.db import new_id, session_scope, validate_name
+from models.db import get_engine, new_id, session_scope, validate_name
 from models.jobs import (
     ACTIVE_JOB_STATES,
     DONE_STEP_STATES,
@@ -263,7 +265,7 @@ def start_job(
     # Two tries: a conflict whose holder has just let go is worth one more attempt.
     for _ in range(2):
         try:
-            job_id = _create_job(kind, lock_key, stages, target, params)
+            job_id, stamp, routes = _create_job(kind, lock_key, stages, target, params)
             break
         except sa.exc.IntegrityError:
             holder = _lock_holder(lock_key) if lock_key is not None else None
@@ -274,17 +276,29 @@ def start_job(
     else:
         raise ItemBusyError(f"{target or lock_key} is busy: its lock changed hands twice while starting {kind}")
     try:
-        launch(job_id)
+        _send_canvas(routes, stamp)
     except (kombu.exceptions.OperationalError, redis.RedisError, OSError) as exc:
         # The job is recorded; the reconciler launches it once the broker is back.
         logger.warning("job %s (%s) created but not launched yet: %s", job_id, kind, exc)
     return job_id
 
 
+class _StepRoute(NamedTuple):
+    """Where a step's message goes."""
+
+    id: str
+    queue: str
+
+
 def _create_job(
     kind: str, lock_key: str | None, stages: Sequence[Sequence[StepSpec]], target: str | None,
     params: dict[str, Any],
-) -> str:
+) -> tuple[str, datetime, list[list[_StepRoute]]]:
+    """Record the job, its lock and its steps, the first stage's steps already queued (as `launch`
+    would mark them, in the same transaction). Returns the job id, the queued_at stamp of the first
+    stage, and every stage's steps to send."""
+    stamp = clock.now()
+    routes = [[_StepRoute(new_id(), spec.queue) for spec in stage] for stage in stages]
     with session_scope() as session:
         job = Job(kind=kind, target=target, lock_key=lock_key, params=dict(params))
         session.add(job)
@@ -292,13 +306,15 @@ def _create_job(
         if lock_key is not None:
             session.add(JobLock(lock_key=lock_key, job_id=job.id))
             session.flush()
-        for stage_no, stage in enumerate(stages):
-            for index, spec in enumerate(stage):
-                session.add(JobStep(
-                    job_id=job.id, stage=stage_no, index=index, name=spec.name, action=spec.action,
-                    queue=spec.queue, params=dict(spec.params),
-                ))
-        return job.id
+        # One statement for all steps: building an ORM object per step costs more than inserting it.
+        session.connection().execute(sa.insert(JobStep.__table__), [
+            {"id": routes[stage_no][index].id, "job_id": job.id, "stage": stage_no, "index": index,
+             "name": spec.name, "action": spec.action, "queue": spec.queue, "params": dict(spec.params),
+             "state": StepState.queued if stage_no == 0 else StepState.pending,
+             "queued_at": stamp if stage_no == 0 else None}
+            for stage_no, stage in enumerate(stages) for index, spec in enumerate(stage)
+        ])
+        return job.id, stamp, routes
 
 
 def _lock_holder(lock_key: str) -> Job | None:
@@ -336,13 +352,13 @@ def _launchable(step: JobStep, now: datetime) -> bool:
     return step.state in (StepState.pending, StepState.queued) or _due(step, now)
 
 
-def _run_step_signature(step: JobStep) -> Signature:
+def _run_step_signature(step: JobStep | _StepRoute) -> Signature:
     # The database holds every step's outcome: no result is stored for anyone to wait on (a chord
     # still counts its members, which does not depend on stored results).
     return app.signature(RUN_STEP_TASK, args=(step.id,), immutable=True, queue=step.queue, ignore_result=True)
 
 
-def _stage_signature(steps: Sequence[JobStep]) -> Signature:
+def _stage_signature(steps: Sequence[JobStep | _StepRoute]) -> Signature:
     signatures = [_run_step_signature(step) for step in steps]
     return signatures[0] if len(signatures) == 1 else group(signatures)
 
@@ -374,18 +390,23 @@ def launch(job_id: str) -> list[str]:
         ).order_by(JobStep.index)).all())
     if not first:
         return []
+    _send_canvas([first, *stages[1:]], stamp)
+    return [step.id for step in first]
+
+
+def _send_canvas(stages: Sequence[Sequence[JobStep | _StepRoute]], stamp: datetime) -> None:
+    """Send `chain(stage, ...)`: the first stage's steps were marked queued at `stamp`."""
     try:
-        chain(_stage_signature(first), *(_stage_signature(stage) for stage in stages[1:])).apply_async()
+        chain(*(_stage_signature(stage) for stage in stages)).apply_async()
     except BaseException:
         # Nothing was sent: pending again, which the reconciler relaunches as a lost continuation.
         with session_scope() as session:
             session.exec(_update(JobStep).where(
-                JobStep.id.in_([step.id for step in first]), JobStep.state == StepState.queued,
+                JobStep.id.in_([step.id for step in stages[0]]), JobStep.state == StepState.queued,
                 JobStep.queued_at == stamp,
             ).values(state=StepState.pending))
         raise
     forget_result_waiters()
-    return [step.id for step in first]
 
 
 def forget_result_waiters() -> None:
@@ -491,43 +512,109 @@ class StepContext:
             logger.warning("task-progress event of step %s not sent: %s", self.step_id, exc)
 
 
-class _Heartbeat(threading.Thread):
-    """Stamps heartbeat_at (and the latest progress) while the action runs; revokes the context as soon
-    as the step is no longer this run's, or when it could not prove it alive for as long as the
-    reconciler waits before taking the step over."""
+class _Heartbeats:
+    """Stamps heartbeat_at (and the latest progress) of every step this process runs, from one thread
+    started with the process's first step: starting and stopping a thread per step would cost more than
+    a short step itself. A step's context is revoked as soon as the step is no longer its run's, or when
+    the run could not prove itself alive for as long as the reconciler waits before taking it over."""
 
-    def __init__(self, step_id: str, lease: str, context: StepContext, settings: EngineSettings) -> None:
-        super().__init__(name=f"heartbeat-{step_id}", daemon=True)
-        self._step_id = step_id
-        self._lease = lease
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._watched: dict[str, _Beat] = {}  # by lease
+        self._thread: threading.Thread | None = None
+        # When the thread wakes next: a step due later needs no wake-up call. Idle, it still wakes every
+        # heartbeat interval, so a step watched meanwhile (due one interval after) needs none either.
+        self._wake_at = float("inf")
+        self._idle_interval_s = float("inf")
+
+    def watch(self, step_id: str, lease: str, context: StepContext, settings: EngineSettings) -> _Beat:
+        beat = _Beat(step_id, lease, context, settings, due=time.monotonic() + settings.heartbeat_s)
+        with self._changed:
+            self._watched[lease] = beat
+            self._idle_interval_s = settings.heartbeat_s
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="step-heartbeats", daemon=True)
+                self._thread.start()
+            elif beat.due < self._wake_at:
+                self._changed.notify()
+        return beat
+
+    def unwatch(self, beat: _Beat) -> None:
+        """No heartbeat of this run starts once this returns; one being written meanwhile is harmless:
+        it is conditional on the lease, which the run's outcome clears."""
+        with self._changed:
+            self._watched.pop(beat.lease, None)
+            beat.stopped = True
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                moment = time.monotonic()
+                due = [beat for beat in self._watched.values() if beat.due <= moment]
+                if not due:
+                    self._wake_at = min((beat.due for beat in self._watched.values()),
+                                        default=moment + self._idle_interval_s)
+                    self._changed.wait(self._wake_at - moment)
+                    continue
+            for beat in due:
+                try:
+                    held = beat.write()
+                except Exception:  # noqa: BLE001 - the thread beats for every step: it must outlive one's bug
+                    logger.exception("heartbeat of step %s failed", beat.step_id)
+                    held = True
+                if not held:
+                    with self._changed:
+                        self._watched.pop(beat.lease, None)
+
+
+class _Beat:
+    """One running step's heartbeat."""
+
+    def __init__(self, step_id: str, lease: str, context: StepContext, settings: EngineSettings,
+                 *, due: float) -> None:
+        self.step_id = step_id
+        self.lease = lease
+        self.due = due
+        self.stopped = False
         self._context = context
         self._settings = settings
-        self._stopping = threading.Event()
+        self._last_beat = time.monotonic()
 
-    def run(self) -> None:
-        last_beat = time.monotonic()
-        while not self._stopping.wait(self._settings.heartbeat_s):
-            done, total = self._context.progress_snapshot()
-            try:
-                with session_scope() as session:
-                    held = session.exec(_update(JobStep).where(
-                        JobStep.id == self._step_id, JobStep.lease == self._lease,
-                        JobStep.state == StepState.running,
-                    ).values(heartbeat_at=clock.now(), progress_done=done, progress_total=total)).rowcount
-            except sa.exc.SQLAlchemyError as exc:
-                logger.warning("heartbeat of step %s not recorded: %s", self._step_id, exc)
-                if time.monotonic() - last_beat >= self._settings.stale_after_s:
-                    self._context.revoke()
-                    return
-                continue
-            if not held:
+    def write(self) -> bool:
+        """Stamp the heartbeat; False (and the context revoked) once the run lost the step, or could not
+        prove itself alive for as long as the reconciler waits."""
+        self.due = time.monotonic() + self._settings.heartbeat_s
+        done, total = self._context.progress_snapshot()
+        try:
+            with get_engine().begin() as connection:
+                held = connection.execute(_heartbeat_statement(), {
+                    "beat_step_id": self.step_id, "beat_lease": self.lease, "beat_now": clock.now(),
+                    "beat_done": done, "beat_total": total,
+                }).rowcount
+        except sa.exc.SQLAlchemyError as exc:
+            logger.warning("heartbeat of step %s not recorded: %s", self.step_id, exc)
+            if time.monotonic() - self._last_beat >= self._settings.stale_after_s and not self.stopped:
                 self._context.revoke()
-                return
-            last_beat = time.monotonic()
+                return False
+            return True
+        if not held:
+            if not self.stopped:
+                self._context.revoke()
+            return False
+        self._last_beat = time.monotonic()
+        return True
 
-    def stop(self) -> None:
-        self._stopping.set()
-        self.join(timeout=5)
+
+_heartbeats = _Heartbeats()
+
+
+def _forget_inherited_heartbeats() -> None:
+    # A forked worker child has none of its parent's threads: it starts its own with its first step.
+    global _heartbeats
+    _heartbeats = _Heartbeats()
+
+
+os.register_at_fork(after_in_child=_forget_inherited_heartbeats)
 
 
 def _class_name(cls: type) -> str:
@@ -542,58 +629,181 @@ def _poison_reason(deaths: int) -> str:
     return f"worker died {deaths} times while running this step (poison message?)"
 
 
-def _claimable(task_id: str, now: datetime) -> sa.ColumnElement[bool]:
-    predecessor = aliased(JobStep)
-    unfinished_predecessor = sa.exists().where(
-        predecessor.job_id == JobStep.job_id, predecessor.stage < JobStep.stage,
-        predecessor.state.not_in(DONE_STEP_STATES),
+# Built once with bind parameters: building a statement with its subqueries costs more than SQLite takes to
+# run it. They run on a Connection: an ORM Session adds as much again, for objects nobody needs here.
+_STEP = JobStep.__table__
+_JOB = Job.__table__
+
+
+def _param(name: str, column: sa.Column[Any]) -> sa.BindParameter[Any]:
+    # Names differ from column names: SQLAlchemy keeps those for the SET clause's own parameters.
+    return sa.bindparam(name, type_=column.type)
+
+
+def _one_of(column: sa.Column[Any], states: Sequence[enum.Enum]) -> sa.ColumnElement[bool]:
+    # Equalities rather than IN: an IN list is rendered into the SQL again at every execution.
+    return sa.or_(*(column == state for state in states))
+
+
+def _step_has(state: StepState) -> sa.Exists:
+    return sa.exists().where(_STEP.c.job_id == _JOB.c.id, _STEP.c.state == state)
+
+
+def _job_state_value(state: JobState) -> sa.ColumnElement[Any]:
+    return sa.literal(state, type_=_JOB.c.state.type)
+
+
+# An active job is running while any step runs, else waiting_retry while any step waits.
+def _refreshed_job_state() -> sa.ColumnElement[Any]:
+    return sa.case(
+        (_step_has(StepState.running), _job_state_value(JobState.running)),
+        (_step_has(StepState.waiting_retry), _job_state_value(JobState.waiting_retry)),
+        else_=_JOB.c.state,
     )
-    job_active = sa.exists().where(Job.id == JobStep.job_id, Job.state.in_(ACTIVE_JOB_STATES))
-    return sa.and_(
+
+
+@functools.cache
+def _claim_statement() -> sa.Update:
+    """The claim (see `_claim`): the step's row as claimed, or no row."""
+    step = _STEP.c
+    now, task_id = _param("claim_now", step.started_at), _param("claim_task_id", step.celery_task_id)
+    predecessor = _STEP.alias("predecessor")
+    unfinished_predecessor = sa.exists().where(
+        predecessor.c.job_id == step.job_id, predecessor.c.stage < step.stage,
+        ~_one_of(predecessor.c.state, DONE_STEP_STATES),
+    )
+    job_active = sa.exists().where(_JOB.c.id == step.job_id, _one_of(_JOB.c.state, ACTIVE_JOB_STATES))
+    claimable = sa.and_(
         sa.or_(
-            JobStep.state.in_((StepState.pending, StepState.queued)),
-            sa.and_(JobStep.state == StepState.waiting_retry, JobStep.next_attempt_at <= now),
+            _one_of(step.state, (StepState.pending, StepState.queued)),
+            sa.and_(step.state == StepState.waiting_retry, step.next_attempt_at <= now),
             # The broker redelivered the very message whose run died (acks late, reject on worker lost).
-            sa.and_(JobStep.state == StepState.running, JobStep.celery_task_id == task_id),
+            sa.and_(step.state == StepState.running, step.celery_task_id == task_id),
         ),
         job_active,
         ~unfinished_predecessor,
     )
+    return sa.update(_STEP).where(step.id == _param("claim_step_id", step.id), claimable).values(
+        state=StepState.running, lease=_param("claim_lease", step.lease), attempts=step.attempts + 1,
+        # SET sees the row as it was: a step still marked running died under its last runner.
+        deaths=step.deaths + sa.case((step.state == StepState.running, 1), else_=0),
+        started_at=now, heartbeat_at=now, ended_at=None, worker=_param("claim_worker", step.worker),
+        celery_task_id=task_id,
+    ).returning(step.id, step.job_id, step.name, step.action, step.params, step.attempts, step.deaths)
 
 
-def _claim(step_id: str, *, task_id: str, worker: str, lease: str) -> JobStep | None:
-    """Make this run the step's owner, or return None if it may not run now."""
+@functools.cache
+def _job_started_statement() -> sa.Update:
+    """After a claim: the job is running (if still active) and has started. A job already running and
+    started is not written at all, which spares most claims a row write."""
+    job = _JOB.c
+    active = _one_of(job.state, ACTIVE_JOB_STATES)
+    return sa.update(_JOB).where(
+        job.id == _param("started_job_id", job.id),
+        sa.or_(sa.and_(active, job.state != JobState.running), job.started_at.is_(None)),
+    ).values(
+        state=sa.case((active, _job_state_value(JobState.running)), else_=job.state),
+        started_at=sa.func.coalesce(job.started_at, _param("started_now", job.started_at)),
+    )
+
+
+@functools.cache
+def _heartbeat_statement() -> sa.Update:
+    step = _STEP.c
+    return sa.update(_STEP).where(
+        step.id == _param("beat_step_id", step.id), step.lease == _param("beat_lease", step.lease),
+        step.state == StepState.running,
+    ).values(heartbeat_at=_param("beat_now", step.heartbeat_at), progress_done=_param("beat_done", step.progress_done),
+             progress_total=_param("beat_total", step.progress_total))
+
+
+def _owned_by_run() -> sa.ColumnElement[bool]:
+    step = _STEP.c
+    return sa.and_(step.id == _param("owned_step_id", step.id), step.lease == _param("owned_lease", step.lease),
+                   step.state == StepState.running)
+
+
+@functools.cache
+def _step_succeeded_statement() -> sa.Update:
+    step = _STEP.c
+    return sa.update(_STEP).where(_owned_by_run()).values(
+        state=StepState.succeeded, result=_param("succeeded_result", step.result),
+        ended_at=_param("succeeded_now", step.ended_at), lease=None, error=None, error_class=None,
+        progress_done=_param("succeeded_done", step.progress_done),
+        progress_total=_param("succeeded_total", step.progress_total),
+    )
+
+
+@functools.cache
+def _job_after_step_succeeded_statement() -> sa.Update:
+    """After a step succeeded, an active job succeeds if that was its last step, else its state is
+    refreshed (`_refreshed_job_state`); the row is written only when that changes it. Returns the job's
+    new state."""
+    job = _JOB.c
+    complete = ~sa.exists().where(_STEP.c.job_id == job.id, ~_one_of(_STEP.c.state, DONE_STEP_STATES))
+    new_state = sa.case((complete, _job_state_value(JobState.succeeded)), else_=_refreshed_job_state())
+    return sa.update(_JOB).where(
+        job.id == _param("finished_job_id", job.id), _one_of(job.state, ACTIVE_JOB_STATES), job.state != new_state,
+    ).values(
+        state=new_state,
+        ended_at=sa.case((complete, _param("finished_now", job.ended_at)), else_=job.ended_at),
+        error=sa.case((complete, sa.null()), else_=job.error),
+        error_class=sa.case((complete, sa.null()), else_=job.error_class),
+    ).returning(job.state)
+
+
+@functools.cache
+def _job_state_refresh_statement() -> sa.Update:
+    """`_refreshed_job_state` of an active job, written only when it changes the state."""
+    job = _JOB.c
+    return sa.update(_JOB).where(
+        job.id == _param("refresh_job_id", job.id), _one_of(job.state, ACTIVE_JOB_STATES),
+        job.state != _refreshed_job_state(),
+    ).values(state=_refreshed_job_state())
+
+
+@functools.cache
+def _settle_statement() -> sa.Update:
+    job = _JOB.c
+    return sa.update(_JOB).where(
+        job.id == _param("settle_job_id", job.id), _one_of(job.state, FINISHED_JOB_STATES), job.settled_at.is_(None),
+        ~_step_has(StepState.running),
+    ).values(settled_at=_param("settle_now", job.settled_at), hook_pending=True)
+
+
+def _refresh_job_state(connection: sa.Connection, job_id: str) -> None:
+    connection.execute(_job_state_refresh_statement(), {"refresh_job_id": job_id})
+
+
+@dataclass(frozen=True)
+class _ClaimedStep:
+    """A step as its claim left it."""
+
+    id: str
+    job_id: str
+    name: str
+    action: str
+    params: dict[str, Any]
+    attempts: int
+    deaths: int
+
+
+def _claim(step_id: str, *, task_id: str, worker: str, lease: str) -> _ClaimedStep | None:
+    """Make this run the step's owner with ONE conditional UPDATE (pending, queued, a retry now due, or
+    running under this very Celery task: a redelivery after its runner died), or return None if it may
+    not run now."""
     now = clock.now()
-    with session_scope() as session:
-        claimed = session.exec(_update(JobStep).where(JobStep.id == step_id, _claimable(task_id, now)).values(
-            state=StepState.running, lease=lease, attempts=JobStep.attempts + 1,
-            # SET sees the row as it was: a step still marked running died under its last runner.
-            deaths=JobStep.deaths + sa.case((JobStep.state == StepState.running, 1), else_=0),
-            started_at=now, heartbeat_at=now, ended_at=None, worker=worker, celery_task_id=task_id,
-        )).rowcount
-        if not claimed:
+    with get_engine().begin() as connection:
+        # all(): SQLite applies an UPDATE … RETURNING row by row as its rows are read.
+        rows = connection.execute(_claim_statement(), {
+            "claim_step_id": step_id, "claim_task_id": task_id, "claim_now": now, "claim_lease": lease,
+            "claim_worker": worker,
+        }).all()
+        if not rows:
             return None
-        step = session.get(JobStep, step_id)
-        session.exec(_update(Job).where(Job.id == step.job_id, Job.started_at.is_(None)).values(started_at=now))
-        _refresh_job_state(session, step.job_id)
+        step = _ClaimedStep(*rows[0])
+        connection.execute(_job_started_statement(), {"started_job_id": step.job_id, "started_now": now})
         return step
-
-
-def _job_state_value(state: JobState) -> sa.ColumnElement[Any]:
-    return sa.literal(state, type_=Job.__table__.c.state.type)
-
-
-def _has_step_in(state: StepState) -> sa.Exists:
-    return sa.exists().where(JobStep.job_id == Job.id, JobStep.state == state)
-
-
-def _refresh_job_state(session: Session, job_id: str) -> None:
-    """An active job is running while any step runs, else waiting_retry while any step waits."""
-    session.exec(_update(Job).where(Job.id == job_id, Job.state.in_(ACTIVE_JOB_STATES)).values(state=sa.case(
-        (_has_step_in(StepState.running), _job_state_value(JobState.running)),
-        (_has_step_in(StepState.waiting_retry), _job_state_value(JobState.waiting_retry)),
-        else_=Job.state,
-    )))
 
 
 def _owned(step_id: str, lease: str) -> sa.ColumnElement[bool]:
@@ -615,13 +825,12 @@ def execute_step(step_id: str, *, task_id: str, worker: str, emit_event: EventEm
                           _class_name(NonRecoverableError))
     context = StepContext(job_id=step.job_id, step_id=step.id, step_name=step.name, attempt=step.attempts,
                           emit_event=emit_event)
-    heartbeat = _Heartbeat(step.id, lease, context, settings)
-    heartbeat.start()
+    beat = _heartbeats.watch(step.id, lease, context, settings)
     try:
         try:
             result = in_call_retrying()(_call_action, fn, context, step.params)
         finally:
-            heartbeat.stop()
+            _heartbeats.unwatch(beat)
     except StepCancelled:
         return _stand_down(step)
     except Exception as exc:  # noqa: BLE001 - classified below: recoverable, or a failure to look at
@@ -654,15 +863,15 @@ def _unclaimed(step_id: str) -> StepOutcome:
 
 
 def _succeed_step(
-    step: JobStep, lease: str, result: dict[str, Any] | None, progress: tuple[int, int]
+    step: _ClaimedStep, lease: str, result: dict[str, Any] | None, progress: tuple[int, int]
 ) -> StepOutcome:
     now = clock.now()
-    with session_scope() as session:
-        recorded = session.exec(_update(JobStep).where(_owned(step.id, lease)).values(
-            state=StepState.succeeded, result=result, ended_at=now, lease=None, error=None, error_class=None,
-            progress_done=progress[0], progress_total=progress[1],
-        )).rowcount
-        settled = recorded and _finish_if_complete(session, step.job_id, now)
+    with get_engine().begin() as connection:
+        recorded = connection.execute(_step_succeeded_statement(), {
+            "owned_step_id": step.id, "owned_lease": lease, "succeeded_result": result, "succeeded_now": now,
+            "succeeded_done": progress[0], "succeeded_total": progress[1],
+        }).rowcount
+        settled = bool(recorded) and _finish_if_complete(connection, step.job_id, now)
     if not recorded:
         return _stand_down(step)
     if settled:
@@ -670,19 +879,14 @@ def _succeed_step(
     return StepOutcome(advance=True, state=StepState.succeeded)
 
 
-def _finish_if_complete(session: Session, job_id: str, now: datetime) -> bool:
+def _finish_if_complete(connection: sa.Connection, job_id: str, now: datetime) -> bool:
     """The job succeeds when its last step does. Returns whether it settled now (hooks due)."""
-    step_not_done = sa.exists().where(JobStep.job_id == Job.id, JobStep.state.not_in(DONE_STEP_STATES))
-    succeeded = session.exec(_update(Job).where(
-        Job.id == job_id, Job.state.in_(ACTIVE_JOB_STATES), ~step_not_done,
-    ).values(state=JobState.succeeded, ended_at=now, error=None, error_class=None)).rowcount
-    if not succeeded:
-        _refresh_job_state(session, job_id)
-        return False
-    return _settle(session, job_id)
+    states = connection.execute(_job_after_step_succeeded_statement(),
+                                {"finished_job_id": job_id, "finished_now": now}).scalars().all()
+    return states == [JobState.succeeded] and _settle(connection, job_id)
 
 
-def _wait_for_retry(step: JobStep, lease: str, exc: BaseException) -> StepOutcome:
+def _wait_for_retry(step: _ClaimedStep, lease: str, exc: BaseException) -> StepOutcome:
     now = clock.now()
     next_attempt_at = now + timedelta(seconds=clock.scaled(next_attempt_delay(step.attempts)))
     with session_scope() as session:
@@ -694,13 +898,13 @@ def _wait_for_retry(step: JobStep, lease: str, exc: BaseException) -> StepOutcom
             session.exec(_update(Job).where(Job.id == step.job_id, Job.state.in_(ACTIVE_JOB_STATES)).values(
                 error=f"{step.name}: {_error_text(exc)}", error_class=_class_name(type(exc)),
             ))
-            _refresh_job_state(session, step.job_id)
+            _refresh_job_state(session.connection(), step.job_id)
     if not recorded:
         return _stand_down(step)
     return StepOutcome(advance=False, state=StepState.waiting_retry)
 
 
-def _fail_step(step: JobStep, lease: str, error: str, error_class: str) -> StepOutcome:
+def _fail_step(step: _ClaimedStep, lease: str, error: str, error_class: str) -> StepOutcome:
     now = clock.now()
     with session_scope() as session:
         recorded = session.exec(_update(JobStep).where(_owned(step.id, lease)).values(
@@ -714,7 +918,7 @@ def _fail_step(step: JobStep, lease: str, error: str, error_class: str) -> StepO
     return StepOutcome(advance=False, state=StepState.failed)
 
 
-def _stand_down(step: JobStep) -> StepOutcome:
+def _stand_down(step: _ClaimedStep) -> StepOutcome:
     """This run lost its lease. If the job was cancelled or failed meanwhile, the step ends cancelled
     here; if another run took the step over, that run records it."""
     with session_scope() as session:
@@ -722,7 +926,7 @@ def _stand_down(step: JobStep) -> StepOutcome:
         stopped = session.exec(_update(JobStep).where(
             JobStep.id == step.id, JobStep.state == StepState.running, JobStep.lease.is_(None), job_finished,
         ).values(state=StepState.cancelled, ended_at=clock.now())).rowcount
-        settled = bool(stopped) and _settle(session, step.job_id)
+        settled = bool(stopped) and _settle(session.connection(), step.job_id)
         state = session.get(JobStep, step.id).state
     if settled:
         _dispatch_hooks(step.job_id)
@@ -750,18 +954,15 @@ def _fail_job(session: Session, job_id: str, error: str, error_class: str) -> bo
     )).rowcount
     if failed:
         _stop_remaining_steps(session, job_id, now)
-    return _settle(session, job_id)
+    return _settle(session.connection(), job_id)
 
 
-def _settle(session: Session, job_id: str) -> bool:
+def _settle(connection: sa.Connection, job_id: str) -> bool:
     """Once a finished job has no step running: release its lock and make its hooks due. True if this
     call did it (the caller dispatches the hooks after committing)."""
-    settled = session.exec(_update(Job).where(
-        Job.id == job_id, Job.state.in_(FINISHED_JOB_STATES), Job.settled_at.is_(None),
-        ~_has_step_in(StepState.running),
-    ).values(settled_at=clock.now(), hook_pending=True)).rowcount
+    settled = connection.execute(_settle_statement(), {"settle_job_id": job_id, "settle_now": clock.now()}).rowcount
     if settled:
-        session.exec(sa.delete(JobLock).where(JobLock.job_id == job_id))
+        connection.execute(sa.delete(JobLock).where(JobLock.job_id == job_id))
     return bool(settled)
 
 
@@ -817,7 +1018,7 @@ def cancel(job_id: str) -> None:
         if not cancelled:
             raise JobStateError(f"job {job_id} ({job.kind}) has already ended: {job.state.value}")
         _stop_remaining_steps(session, job_id, now)
-        settled = _settle(session, job_id)
+        settled = _settle(session.connection(), job_id)
     if settled:
         _dispatch_hooks(job_id)
 
@@ -895,7 +1096,7 @@ def _recover_stale_step(step_id: str, stale_before: datetime, settings: EngineSe
             changed = session.exec(_update(JobStep).where(still_stale).values(
                 state=StepState.cancelled, ended_at=now, lease=None,
             )).rowcount
-            settled = bool(changed) and _settle(session, job.id)
+            settled = bool(changed) and _settle(session.connection(), job.id)
         elif deaths >= settings.max_step_deaths:
             outcome = "poisoned"
             reason = _poison_reason(deaths)
