@@ -11,6 +11,8 @@ import os
 
 from celery import Celery
 
+from workflows.settings import env_number
+
 BROKER_URL = os.environ.get("ASR_BROKER_URL", "redis://127.0.0.1:6379/0")
 RESULT_BACKEND = os.environ.get("ASR_RESULT_BACKEND", BROKER_URL)
 
@@ -37,12 +39,7 @@ app.conf.update(
 
 # `celery -A worker beat` sends the reconciler on this period. A pass that has waited a whole period is
 # dropped (expires): the next one is already on its way, and a backlog of passes helps nobody.
-try:
-    RECONCILE_INTERVAL_S = float(os.environ.get("ASR_RECONCILE_S", "15"))
-except ValueError:
-    raise ValueError(f"ASR_RECONCILE_S={os.environ['ASR_RECONCILE_S']!r} is not a number of seconds") from None
-if RECONCILE_INTERVAL_S <= 0:
-    raise ValueError(f"ASR_RECONCILE_S={RECONCILE_INTERVAL_S:g} must be a positive number of seconds")
+RECONCILE_INTERVAL_S = env_number("ASR_RECONCILE_S", 15.0)
 app.conf.beat_schedule = {
     "reconcile-jobs": {
         "task": "asr.engine.reconcile",

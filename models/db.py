@@ -23,6 +23,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel
 
 from workflows import clock
+from workflows.settings import env_number
 
 DATABASE_URL_ENV = "ASR_DATABASE_URL"
 HOME_ENV = "ASR_HOME"
@@ -120,24 +121,11 @@ def _with_driver(url: str) -> str:
     return url
 
 
-def _sqlite_busy_timeout_s() -> float:
-    raw = os.environ.get(SQLITE_BUSY_TIMEOUT_ENV)
-    if raw is None:
-        return DEFAULT_SQLITE_BUSY_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{SQLITE_BUSY_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
-    if value <= 0:
-        raise ValueError(f"{SQLITE_BUSY_TIMEOUT_ENV}={raw!r} must be positive")
-    return value
-
-
 def _create_engine(url: str) -> Engine:
     if not url.startswith("sqlite"):
         # pre_ping: a pooled connection the server closed (restart, idle timeout) is replaced, not used.
         return sa.create_engine(url, pool_pre_ping=True)
-    busy_timeout_s = _sqlite_busy_timeout_s()
+    busy_timeout_s = env_number(SQLITE_BUSY_TIMEOUT_ENV, DEFAULT_SQLITE_BUSY_TIMEOUT_S)
     engine = sa.create_engine(url, connect_args={"timeout": busy_timeout_s})
 
     @sa.event.listens_for(engine, "connect")

@@ -9,20 +9,14 @@ and stall limits) are not scaled: they are already whatever the operator or test
 """
 from __future__ import annotations
 
-import os
 import time
 from datetime import datetime, timedelta, timezone
 
+from workflows.settings import env_number
+
 
 def time_scale() -> float:
-    raw = os.environ.get("ASR_TIME_SCALE", "1")
-    try:
-        scale = float(raw)
-    except ValueError:
-        raise ValueError(f"ASR_TIME_SCALE must be a positive number, not {raw!r}") from None
-    if scale <= 0:
-        raise ValueError(f"ASR_TIME_SCALE must be a positive number, not {raw!r}")
-    return scale
+    return env_number("ASR_TIME_SCALE", 1.0)
 
 
 def now() -> datetime:

@@ -56,6 +56,7 @@ from models.jobs import (
 )
 from worker import app
 from workflows import clock
+from workflows.settings import env_number
 from workflows.progress import percent_of, publish_progress
 from workflows.retry import in_call_retrying, is_recoverable, next_attempt_delay
 
@@ -110,17 +111,6 @@ class StepCancelled(Exception):
 
 
 # ---- settings ---------------------------------------------------------------------------------------
-def _env_number(name: str, default: float, *, minimum: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
-    if value < minimum:
-        raise ValueError(f"{name}={raw!r} must be at least {minimum:g}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -132,12 +122,12 @@ class EngineSettings:
 
     @classmethod
     def from_env(cls) -> EngineSettings:
-        heartbeat_s = _env_number("ASR_HEARTBEAT_S", 10.0, minimum=0.05)
+        heartbeat_s = env_number("ASR_HEARTBEAT_S", 10.0, minimum=0.05)
         return cls(
             heartbeat_s=heartbeat_s,
-            stale_after_s=_env_number("ASR_STALE_AFTER_S", 3 * heartbeat_s, minimum=heartbeat_s),
-            max_step_deaths=int(_env_number("ASR_MAX_STEP_DEATHS", 3, minimum=1)),
-            queued_stall_s=_env_number("ASR_QUEUED_STALL_S", 600.0, minimum=1.0),
+            stale_after_s=env_number("ASR_STALE_AFTER_S", 3 * heartbeat_s, minimum=heartbeat_s),
+            max_step_deaths=int(env_number("ASR_MAX_STEP_DEATHS", 3, minimum=1)),
+            queued_stall_s=env_number("ASR_QUEUED_STALL_S", 600.0, minimum=1.0),
         )
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
@@ -47,6 +46,7 @@ from models.protection import (
     protect_vm,
 )
 from workflows import clock
+from workflows.settings import env_number
 from workflows.engine import (
     ORCHESTRATION_QUEUE,
     RECOVERY_QUEUE,
@@ -99,18 +99,7 @@ RESYNC_ERROR_CLASSES = frozenset(
 )
 
 
-def _tick_interval_s() -> float:
-    raw = os.environ.get("ASR_TICK_S", "5")
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"ASR_TICK_S={raw!r} is not a number of seconds") from None
-    if value <= 0:
-        raise ValueError(f"ASR_TICK_S={raw!r} must be a positive number of seconds")
-    return value
-
-
-TICK_INTERVAL_S = _tick_interval_s()
+TICK_INTERVAL_S = env_number("ASR_TICK_S", 5.0)
 # For worker.py: `app.conf.beat_schedule.update(BEAT_SCHEDULE)`. A tick that waited a whole period is
 # dropped: the next one is already on its way.
 BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
