@@ -9,6 +9,7 @@ Also the beat task `asr.replication.tick`, which runs the replication scheduler.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -48,6 +49,7 @@ from sites.storage.base import RecoveryStorage
 from worker import app
 from workflows import clock, protection
 from workflows.engine import StepContext, action
+from workflows.retry import is_recoverable
 
 MIB = 1024 * 1024
 MAX_OS_DISK_BYTES = 2 * 1024**4
@@ -109,7 +111,33 @@ def _load(ctx: StepContext, item_id: str) -> protection.ItemView:
 
 
 # ---- enable protection -----------------------------------------------------------------------------
-@action(protection.PREREQUISITES)
+RETRYING_CODE = "replication_retrying"
+
+
+def item_action(name: str):
+    """Register an action on one protected item. A recoverable failure leaves the item Warning while its
+    step waits on the retry schedule, so health shows replication falling behind; the next successful
+    health update clears it (a non-recoverable one is the failure hook's: Critical)."""
+
+    def register(fn):
+        @functools.wraps(fn)
+        def run(ctx: StepContext, *, item_id: str, **params: Any):
+            try:
+                return fn(ctx, item_id=item_id, **params)
+            except Exception as exc:
+                if is_recoverable(exc):
+                    with ctx.session() as session:
+                        item = protection.load_item(session, item_id).item
+                        mark_warning(session, item, RETRYING_CODE,
+                                     f"{ctx.step_name} failed and will be retried: {exc}")
+                raise
+
+        return action(name)(run)
+
+    return register
+
+
+@item_action(protection.PREREQUISITES)
 def prerequisites(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     """The VM and each of its disks are on the host as registered, in a format and size that can be
     replicated, and the recovery storage is reachable with credentials it accepts."""
@@ -141,7 +169,7 @@ def prerequisites(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     return {"disks": len(view.disks)}
 
 
-@action(protection.CREATE_RELATIONSHIP)
+@item_action(protection.CREATE_RELATIONSHIP)
 def create_relationship(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     """Track every disk's writes from now on, and create its replica on the recovery storage."""
     view = _load(ctx, item_id)
@@ -152,7 +180,7 @@ def create_relationship(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     return {"newly_tracked": [disk.name for disk in newly_tracked]}
 
 
-@action(protection.START_REPLICATION)
+@item_action(protection.START_REPLICATION)
 def start_replication(ctx: StepContext, *, item_id: str, scheduled_at: str | None) -> dict[str, Any]:
     """Initial replication starts now, or is left to the scheduler at the policy's time."""
     with ctx.session() as session:
@@ -167,7 +195,7 @@ def start_replication(ctx: StepContext, *, item_id: str, scheduled_at: str | Non
 
 
 # ---- snapshot and copy ---------------------------------------------------------------------------------
-@action(protection.SNAPSHOT_VM)
+@item_action(protection.SNAPSHOT_VM)
 def snapshot_vm(ctx: StepContext, *, item_id: str, enter_state: str | None) -> dict[str, Any]:
     """Snapshot every disk of the VM together (each later copy or resync reads its disk's snapshot)."""
     if enter_state is not None:
@@ -190,7 +218,7 @@ def _enter_state(ctx: StepContext, item_id: str, state: ReplicationState) -> Non
         session.add(item)
 
 
-@action(protection.COPY_DISK)
+@item_action(protection.COPY_DISK)
 def copy_disk(ctx: StepContext, *, item_id: str, disk_id: str) -> dict[str, Any]:
     """Copy the disk's snapshot to its replica, resuming from the replica's checkpoint."""
     view = _load(ctx, item_id)
@@ -201,7 +229,7 @@ def copy_disk(ctx: StepContext, *, item_id: str, disk_id: str) -> dict[str, Any]
     return {"bytes": state.size, "applied_generation": state.applied_generation}
 
 
-@action(protection.DELETE_SNAPSHOT)
+@item_action(protection.DELETE_SNAPSHOT)
 def delete_snapshot(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     view = _load(ctx, item_id)
     for disk in view.disks:
@@ -210,7 +238,7 @@ def delete_snapshot(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     return {"disks": len(view.disks)}
 
 
-@action(protection.RESYNC_DISK)
+@item_action(protection.RESYNC_DISK)
 def resync_disk(ctx: StepContext, *, item_id: str, disk_id: str) -> dict[str, Any]:
     """Send the replica only the blocks of the disk's snapshot that differ from it."""
     view = _load(ctx, item_id)
@@ -225,7 +253,7 @@ def resync_disk(ctx: StepContext, *, item_id: str, disk_id: str) -> dict[str, An
 
 
 # ---- merging logs ------------------------------------------------------------------------------------
-@action(protection.SHIP_LOGS)
+@item_action(protection.SHIP_LOGS)
 def ship_logs(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     """Seal every disk's log (also a disk without writes: all disks advance together into one recovery
     point), then upload every sealed log not yet shipped. All seals come before any upload, so the disks'
@@ -246,7 +274,7 @@ def ship_logs(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     return {"disks": disks}
 
 
-@action(protection.APPLY_LOGS)
+@item_action(protection.APPLY_LOGS)
 def apply_logs(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     """Apply the shipped logs to every replica, then record the recovery point they make and drop the
     points past the policy's retention. A corrupt or out-of-sequence log marks the item resync_required
@@ -298,7 +326,7 @@ def _ship_started_at(job_id: str) -> datetime:
     return _ship_step(job_id).started_at
 
 
-@action(protection.ACKNOWLEDGE_LOGS)
+@item_action(protection.ACKNOWLEDGE_LOGS)
 def acknowledge_logs(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     """Delete on the host the logs the recovery side has applied (its own state says which)."""
     view = _load(ctx, item_id)
@@ -326,6 +354,7 @@ def _record_replication_health(ctx: StepContext, item_id: str, *, finishing: boo
             transition(item, ReplicationState.PROTECTED)
             item.initial_replication_at = None
             mark_healthy(session, item)
+        mark_healthy(session, item, RETRYING_CODE)
         item.unsent_ratio = max(unsent.values(), default=0.0)
         if item.last_recovery_point_at is not None:
             item.current_rpo_s = math.ceil((now - item.last_recovery_point_at).total_seconds())
@@ -343,20 +372,20 @@ def _record_replication_health(ctx: StepContext, item_id: str, *, finishing: boo
                 "unsent_ratio": item.unsent_ratio}
 
 
-@action(protection.UPDATE_HEALTH)
+@item_action(protection.UPDATE_HEALTH)
 def update_health(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     """RPO from the recovery side's latest point; unsent logs at 50% of a disk require a resync."""
     return _record_replication_health(ctx, item_id, finishing=False)
 
 
-@action(protection.FINALIZE)
+@item_action(protection.FINALIZE)
 def finalize(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     """The item is protected and Healthy; the scheduler runs its next delta cycle after the copy frequency."""
     return _record_replication_health(ctx, item_id, finishing=True)
 
 
 # ---- disabling protection ---------------------------------------------------------------------------------
-@action(protection.BEGIN_DISABLE)
+@item_action(protection.BEGIN_DISABLE)
 def begin_disable(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     with ctx.session() as session:
         item = session.get(ProtectedItem, item_id)
@@ -365,7 +394,7 @@ def begin_disable(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
         return {"state": str(item.replication_state)}
 
 
-@action(protection.STOP_TRACKING)
+@item_action(protection.STOP_TRACKING)
 def stop_tracking(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     """Stop tracking every disk of the VM: its logs and any snapshot are deleted on the host."""
     view = _load(ctx, item_id)
@@ -378,7 +407,7 @@ def stop_tracking(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     return {"stopped": stopped}
 
 
-@action(protection.REMOVE_REPLICAS)
+@item_action(protection.REMOVE_REPLICAS)
 def remove_replicas(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     """Delete the VM's replica disks, their state and shipped logs, and its recovery points."""
     view = _load(ctx, item_id)
@@ -394,7 +423,7 @@ def remove_replicas(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     return {"removed": removed}
 
 
-@action(protection.FINISH_DISABLE)
+@item_action(protection.FINISH_DISABLE)
 def finish_disable(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     with ctx.session() as session:
         item = session.get(ProtectedItem, item_id)
