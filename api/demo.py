@@ -71,7 +71,7 @@ def run_backend(backend: str, storage, workdir: Path, *, quiet: bool, seed: int)
     vm = host.create_vm("app01", [("disk0", 64 * MiB, "vhd"), ("disk1", 32 * MiB, "raw")])
     host.write_initial_data(vm, seed=seed, fraction=0.5)
     host.enable_tracking(vm)
-    replicas = {d.name: ReplicaDisk(storage, ReplicaDisk.name_for(vm.name, d.file)) for d in vm.disks}
+    replicas = {d.name: ReplicaDisk(storage, ReplicaDisk.name_for(host.name, vm.name, d.name)) for d in vm.disks}
     _say(quiet, f"[{backend}] VM {vm.name} on {host.name}: "
                 + ", ".join(f"{d.name} ({d.format}, {d.size // MiB} MiB)" for d in vm.disks))
 

@@ -11,7 +11,7 @@ crash, be redelivered and call it again:
 - `resynchronize`: like the initial copy, but only blocks that differ are sent (two-level checksums).
 
 The replica's progress lives in a small state object beside the replica disk
-(`<vm>/<disk>.state.json`), written after each step completes: it is the recovery side's truth about
+(`<host>/<vm>/<disk>.vhd.state.json`), written after each step completes: it is the recovery side's truth about
 which generation it holds, so the host never has to be trusted about what was applied.
 """
 from __future__ import annotations
@@ -54,11 +54,6 @@ class ReplicaState:
     manifest_root: str | None = None
     updated_at: float = field(default_factory=time.time)
 
-    @property
-    def consistent(self) -> bool:
-        """True when the replica holds the disk exactly as of the end of `applied_generation`."""
-        return self.initial_copy_done
-
 
 class ReplicaDisk:
     """The replica of one protected disk on a recovery storage: its disk, its state, its shipped logs."""
@@ -68,8 +63,10 @@ class ReplicaDisk:
         self.name = validate_name(name)
 
     @staticmethod
-    def name_for(vm: str, disk_file: str) -> str:
-        return validate_name(f"{vm}/{disk_file}")
+    def name_for(host: str, vm: str, disk: str) -> str:
+        """Where a disk's replica lives: one folder per host and VM (VM names are unique per host only),
+        always a fixed VHD whatever the source's format."""
+        return validate_name(f"{host}/{vm}/{disk}.vhd")
 
     @property
     def state_name(self) -> str:

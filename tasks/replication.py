@@ -74,11 +74,6 @@ def open_recovery_storage(url: str, options: Mapping[str, Any]) -> RecoveryStora
     return open_storage(url, **resolved)
 
 
-def replica_name(host: str, vm: str, disk: str) -> str:
-    """Where a disk's replica lives on the recovery storage: one folder per host and VM, a fixed VHD."""
-    return f"{host}/{vm}/{disk}.vhd"
-
-
 @contextmanager
 def _storage(view: protection.ItemView) -> Iterator[RecoveryStorage]:
     storage = open_recovery_storage(view.item.recovery_storage, view.item.storage_options)
@@ -89,7 +84,7 @@ def _storage(view: protection.ItemView) -> Iterator[RecoveryStorage]:
 
 
 def _replica(view: protection.ItemView, storage: RecoveryStorage, disk_name: str) -> ReplicaDisk:
-    return ReplicaDisk(storage, replica_name(view.host.name, view.vm.name, disk_name))
+    return ReplicaDisk(storage, ReplicaDisk.name_for(view.host.name, view.vm.name, disk_name))
 
 
 def _driver(view: protection.ItemView) -> HostDriver:

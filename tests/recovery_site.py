@@ -37,6 +37,7 @@ from models.policy import create_policy
 from models.jobs import Job
 from models.protection import ProtectedItem
 from services import AzuriteProcess
+from datapath.replication import ReplicaDisk
 from sites.host import Host
 from sites.storage.base import RecoveryStorage
 from workers import CeleryProcess, RedisServer, celery_env, point_app_at, start_beat, start_worker, stop_all, wait_until
@@ -331,7 +332,7 @@ class RecoverySite:
         storage = self.storage()
         try:
             for disk in vm.disks:
-                name = replication_actions.replica_name(host_name, vm.name, disk.name)
+                name = ReplicaDisk.name_for(host_name, vm.name, disk.name)
                 with open_disk(disk.path) as source:
                     replica = storage.open_disk(name)
                     try:

@@ -21,7 +21,6 @@ import sites.localservices
 from datapath.replication import ReplicaDisk, ReplicaState
 from recovery_site import RecoverySite
 from services import AzuriteProcess
-from tasks.replication import replica_name
 from workers import EventCapture, wait_until
 from workflows.engine import get_job
 from workflows.progress import job_progress
@@ -50,7 +49,7 @@ def replica_state(site: RecoverySite, vm: str, disk: str) -> ReplicaState | None
     """What the recovery side records for the disk's replica (its copy checkpoint among it)."""
     storage = site.storage()
     try:
-        return ReplicaDisk(storage, replica_name(HOST, vm, disk)).load_state()
+        return ReplicaDisk(storage, ReplicaDisk.name_for(HOST, vm, disk)).load_state()
     finally:
         storage.close()
 

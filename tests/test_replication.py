@@ -54,7 +54,7 @@ def vm(tmp_path):
 
 
 def replicas_for(storage, machine):
-    return {d.name: ReplicaDisk(storage, ReplicaDisk.name_for(machine.name, d.file)) for d in machine.disks}
+    return {d.name: ReplicaDisk(storage, ReplicaDisk.name_for(machine.host, machine.name, d.name)) for d in machine.disks}
 
 
 def test_protect_multi_disk_vm_while_workload_writes(storage, vm):
@@ -219,7 +219,7 @@ def test_initial_copy_resumes_from_its_checkpoint(storage, vm):
     host, machine = vm
     disk = machine.disks[0]
     tracker = host.tracker(machine, disk.name)
-    replica = ReplicaDisk(storage, ReplicaDisk.name_for(machine.name, disk.file))
+    replica = ReplicaDisk(storage, ReplicaDisk.name_for(host.name, machine.name, disk.name))
 
     class Interrupted(Exception):
         pass

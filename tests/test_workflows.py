@@ -23,7 +23,6 @@ from models.jobs import Job
 from models.protection import ProtectedItem, recovery_points, require_resync
 from recovery_site import RecoverySite
 from services import AzuriteProcess
-from tasks.replication import replica_name
 from workers import wait_until
 from workflows.engine import ItemBusyError
 from workflows.protection import disable_protection, load_item, start_delta_replication, start_resync
@@ -61,7 +60,7 @@ def assert_replica_at_last_point(site: RecoverySite, vm_id: str) -> None:
     storage = site.storage()
     try:
         for name, disk_uuid in disks:
-            state = ReplicaDisk(storage, replica_name(host, vm, name)).load_state()
+            state = ReplicaDisk(storage, ReplicaDisk.name_for(host, vm, name)).load_state()
             assert state.applied_generation == latest.generations[disk_uuid], (name, state, latest.generations)
     finally:
         storage.close()

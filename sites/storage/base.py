@@ -41,8 +41,9 @@ class RecoveryStorage(ABC):
     """Replica disks are stored as fixed VHD (data then a 512-byte footer), the format Azure takes.
 
     Disk and object names share one namespace of '/'-separated names, validated by `validate_name`.
-    Convention used by the replication code: `<vm>/<disk>.vhd` for a replica disk,
-    `<vm>/<disk>.vhd.<generation>.hrl` for a shipped log, `<vm>/<disk>.vhd.state.json` for its state.
+    Convention used by the replication code (`ReplicaDisk`): `<host>/<vm>/<disk>.vhd` for a replica disk,
+    `<host>/<vm>/<disk>.vhd.<generation>.hrl` for a shipped log, `<host>/<vm>/<disk>.vhd.state.json` for its
+    state.
     """
 
     description: str = ""
