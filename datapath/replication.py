@@ -13,19 +13,42 @@ crash, be redelivered and call it again:
 The replica's progress lives in a small state object beside the replica disk
 (`<host>/<vm>/<disk>.vhd.state.json`), written after each step completes: it is the recovery side's truth about
 which generation it holds, so the host never has to be trusted about what was applied.
+
+Every completed change of the replica's content is a new *version* (datapath/points.py): the initial
+copy is version 1, each applied log and each resync adds one. Before a change touches the replica, the
+bytes it overwrites are stored as that version's undo log, and once it is complete its manifest is
+stored, so every earlier version stays readable and checkable until it is pruned.
 """
 from __future__ import annotations
 
 import json
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import BinaryIO, Callable, Iterator
 
 from datapath.copy import DEFAULT_FLUSH_INTERVAL, copy_disk
+from datapath.endpoint import DiskEndpoint
 from datapath.errors import LogOutOfSequenceError, NonRecoverableError, SizeMismatchError
-from datapath.manifest import DEFAULT_CHUNK_SIZE
-from datapath.replog import apply_log
+from datapath.manifest import (
+    DEFAULT_CHUNK_SIZE,
+    Manifest,
+    ReadAhead,
+    chunk_hash,
+    compute_manifest,
+    split_ranges,
+)
+from datapath.points import (
+    Range,
+    delete_all_versions,
+    load_manifest,
+    merge_ranges,
+    reads_as_zeros,
+    record_undo,
+    store_manifest,
+)
+from datapath.replog import MAX_TARGET_WRITE, LogDiskMismatchError, LogReader, apply_log
 from datapath.resync import sync_disks
 from datapath.tracker import ReplicationTracker
 from sites.storage.base import ObjectNotFoundError, RecoveryStorage, validate_name
@@ -52,6 +75,10 @@ class ReplicaState:
     copy_checkpoint: int = 0
     """Offset below which the copy in progress is flushed to the replica."""
     manifest_root: str | None = None
+    """Root of the manifest of the current version (None only before the initial copy completes)."""
+    version: int = 0
+    """The version of the replica's content: 1 after the initial copy, one more per applied log and
+    per resync. 0 until the initial copy completes."""
     updated_at: float = field(default_factory=time.time)
 
 
@@ -74,6 +101,13 @@ class ReplicaDisk:
 
     def log_name(self, generation: int) -> str:
         return f"{self.name}.{generation:08d}.hrl"
+
+    def undo_name(self, version: int) -> str:
+        """The undo log of `version`: the bytes its change overwrote, as they were at version - 1."""
+        return f"{self.name}.v{version:08d}.undo"
+
+    def manifest_name(self, version: int) -> str:
+        return f"{self.name}.v{version:08d}.manifest"
 
     def load_state(self) -> ReplicaState | None:
         try:
@@ -119,7 +153,8 @@ def initial_copy(
     flush_interval: int = DEFAULT_FLUSH_INTERVAL,
     on_progress: Progress | None = None,
 ) -> ReplicaState:
-    """Copy a point-in-time view of the disk to the replica; resumes from the last checkpoint.
+    """Copy a point-in-time view of the disk to the replica; resumes from the last checkpoint. The
+    completed copy is version 1 of the replica, its manifest stored with it.
 
     `flush_interval` is how much is copied between checkpoints a redelivered copy can resume from.
     Idempotent: when the state says the copy is done, it only makes sure the snapshot is gone."""
@@ -132,11 +167,18 @@ def initial_copy(
     if state is not None and state.initial_copy_done:
         tracker.delete_snapshot()
         return state
+    if state is not None and state.version > 0:
+        raise NonRecoverableError(
+            f"replica {replica.name} holds recovery points (version {state.version}) and is being "
+            f"resynchronized: finish the resynchronization, or disable protection to start over"
+        )
 
     first_generation = tracker.create_snapshot()  # returns the existing snapshot's generation on a retry
     replica.storage.create_disk(replica.name, tracker.disk_size)
     if state is None or state.copy_started_generation != first_generation:
-        # A copy of an older snapshot (the host lost it) cannot be resumed: start over.
+        # A copy of an older snapshot (the host lost it) cannot be resumed: start over. Versions left
+        # by an earlier protection of this disk describe content this copy overwrites.
+        delete_all_versions(replica)
         state = ReplicaState(disk_id=disk_id, size=tracker.disk_size, copy_started_generation=first_generation)
         replica.save_state(state)
 
@@ -149,18 +191,23 @@ def initial_copy(
             chunk_size=chunk_size,
             flush_interval=flush_interval,
             start_offset=state.copy_checkpoint,
-            # A fresh replica is all zeros; a resumed one may hold stale bytes past the checkpoint.
-            target_is_zero=state.copy_checkpoint == 0,
+            # Zero chunks are skipped only on a replica that reads as zeros past the checkpoint: a
+            # fresh one. A resumed copy, or one started over, may find stale bytes there.
+            target_is_zero=state.copy_checkpoint == 0 and reads_as_zeros(target),
             on_progress=_checkpointer(replica, state, on_progress),
         )
+        # A resumed copy did not see every chunk: the replica, now complete, is checksummed instead.
+        manifest = result.manifest if result.manifest is not None else compute_manifest(target, chunk_size)
     finally:
         source.close()
         target.close()
 
+    store_manifest(replica, 1, manifest)
     state.copy_checkpoint = state.size
     state.initial_copy_done = True
     state.applied_generation = first_generation - 1
-    state.manifest_root = result.manifest.root_hex if result.manifest is not None else None
+    state.version = 1
+    state.manifest_root = manifest.root_hex
     replica.save_state(state)
     tracker.delete_snapshot()
     # Logs sealed before the snapshot hold writes the copy already contains.
@@ -191,10 +238,18 @@ class ApplyReport:
     records: int = 0
     data_bytes: int = 0
     seconds: float = 0.0
+    version: int = 0
+    """The replica's version after the call (one more per log applied)."""
+    manifest_root: str = ""
+    """Root of that version's manifest."""
 
 
 def apply_shipped_logs(replica: ReplicaDisk, *, disk_name: str = "") -> ApplyReport:
     """Apply every shipped log after the replica's generation, in order, recording each in the state.
+
+    Each log makes a new version: it is verified whole first (a corrupt log changes nothing, not even
+    the undo logs), then the bytes it will overwrite are stored as the version's undo log, then it is
+    applied and the version's manifest stored (the previous one with the chunks it touched rehashed).
 
     A gap (a log missing between the replica's generation and a later shipped one) raises
     LogOutOfSequenceError: delta replication is broken and the disk needs resynchronization."""
@@ -205,6 +260,7 @@ def apply_shipped_logs(replica: ReplicaDisk, *, disk_name: str = "") -> ApplyRep
         )
     report = ApplyReport()
     started = time.monotonic()
+    manifest: Manifest | None = None  # of the current version, once loaded
     for generation in replica.shipped_generations():
         if generation <= state.applied_generation:
             replica.storage.delete_object(replica.log_name(generation))  # applied before a crash
@@ -214,8 +270,13 @@ def apply_shipped_logs(replica: ReplicaDisk, *, disk_name: str = "") -> ApplyRep
                 f"replica {replica.name}: next log to apply is generation {state.applied_generation + 1}, "
                 f"but the recovery site has generation {generation}; the disk needs resynchronization"
             )
+        version = state.version + 1
         with tempfile.TemporaryFile() as spool:
             replica.storage.get_object(replica.log_name(generation), spool)
+            spool.seek(0)
+            ranges = _verified_log_ranges(spool, replica, state, generation, disk_name or replica.name)
+            if state.version >= 1:  # a replica from before versions has no version to go back to
+                record_undo(replica, state, version, ranges)
             spool.seek(0)
             target = replica.storage.open_disk(replica.name)
             try:
@@ -228,15 +289,83 @@ def apply_shipped_logs(replica: ReplicaDisk, *, disk_name: str = "") -> ApplyRep
                 )
             finally:
                 target.close()
+        if manifest is None:
+            manifest = load_manifest(replica, state.version)
+        manifest = _rehashed(replica, manifest, ranges)
+        store_manifest(replica, version, manifest)
         state.applied_generation = generation
-        state.manifest_root = None  # the replica changed; a manifest is recomputed when asked for
+        state.version = version
+        state.manifest_root = manifest.root_hex
         replica.save_state(state)
         replica.storage.delete_object(replica.log_name(generation))
         report.applied.append(generation)
         report.records += applied.records
         report.data_bytes += applied.data_bytes
+    report.version = state.version
+    report.manifest_root = state.manifest_root or ""
     report.seconds = time.monotonic() - started
     return report
+
+
+# Record ranges are merged this often while a log is read, so memory follows the disk area a log
+# touches rather than its number of records.
+_MERGE_EVERY = 65536
+
+
+def _verified_log_ranges(
+    log: BinaryIO, replica: ReplicaDisk, state: ReplicaState, generation: int, disk_name: str
+) -> list[Range]:
+    """Verify a whole shipped log as `apply_log` will (every record, the seal, the disk it belongs
+    to, its generation) and return the disk ranges its records write, merged."""
+    reader = LogReader(log, log_name=replica.log_name(generation), disk_name=disk_name)
+    header = reader.header
+    disk_id = bytes.fromhex(state.disk_id)
+    if header.disk_id != disk_id:
+        raise reader.error(
+            LogDiskMismatchError,
+            f"the log belongs to disk id {header.disk_label}, not {uuid.UUID(bytes=disk_id)}",
+        )
+    if header.disk_size != state.size:
+        raise reader.error(
+            LogDiskMismatchError,
+            f"the log is of a {header.disk_size}-byte disk but the replica is {state.size} bytes",
+        )
+    if header.generation != generation:
+        raise reader.error(
+            LogOutOfSequenceError,
+            f"generation {header.generation} cannot be applied: the replica expects generation {generation} next",
+        )
+    ranges: list[Range] = []
+    for record in reader.records():
+        ranges.append((record.offset, record.offset + record.length))
+        if len(ranges) >= _MERGE_EVERY:
+            ranges = merge_ranges(ranges, size=state.size)
+    return merge_ranges(ranges, size=state.size)
+
+
+def _rehashed(replica: ReplicaDisk, previous: Manifest | None, ranges: list[Range]) -> Manifest:
+    """The replica's manifest after a change that wrote `ranges`: `previous` (the manifest before it)
+    with the chunks the change touched checksummed again from the replica; the whole replica
+    checksummed when there is no previous manifest."""
+    target = replica.storage.open_disk(replica.name)
+    try:
+        if previous is None:
+            return compute_manifest(target)
+        chunk_size = previous.chunk_size
+        # The touched chunks, consecutive ones joined.
+        runs = merge_ranges(ranges, align=chunk_size, size=target.size)
+        extents = ((start, end - start) for start, end in runs)
+        window = max(1, MAX_TARGET_WRITE // chunk_size) * chunk_size
+        updates: dict[int, bytes] = {}
+        with ReadAhead([target], split_ranges(extents, window), window) as reader:
+            for piece in reader:
+                for position in range(0, piece.length, chunk_size):
+                    chunk = piece.view[position:position + chunk_size]
+                    updates[(piece.offset + position) // chunk_size] = chunk_hash(chunk)
+                reader.release(piece)
+        return previous.with_chunk_hashes(updates)
+    finally:
+        target.close()
 
 
 def acknowledge_applied(tracker: ReplicationTracker, replica: ReplicaDisk) -> int:
@@ -260,6 +389,55 @@ class ResyncReport:
     chunks_sent: int
     seconds: float
     first_generation: int
+    version: int = 0
+    """The replica's version after the resync."""
+    manifest_root: str = ""
+    """Root of that version's manifest (the snapshot's content)."""
+    damaged_chunks: list[int] = field(default_factory=list)
+    """Chunks where the replica did not hold the content its previous version's manifest records
+    (bit rot, writes from outside): the resync repaired them."""
+    lost_chunks: list[int] = field(default_factory=list)
+    """Those damaged chunks whose earlier content could not be rebuilt (the disk also changed there
+    since): the earlier versions that read them fail `verify_point` and `restore_point`. In the other
+    damaged chunks the snapshot holds exactly the previous version's content, so earlier versions
+    stay right."""
+
+
+class RecordingTarget:
+    """A DiskEndpoint that reads from the real target but only records the ranges written to it: a
+    sync run through it finds what would change without changing anything."""
+
+    def __init__(self, target: DiskEndpoint):
+        self.target = target
+        self.name = target.name
+        self.size = target.size
+        self.alignment = target.alignment
+        self.writes: list[tuple[int, int]] = []
+        """(offset, length) of each range that would be written with data."""
+        self.zeros: list[tuple[int, int]] = []
+        """(offset, length) of each range that would be made zero."""
+
+    def read_into(self, offset: int, buf: memoryview) -> int:
+        return self.target.read_into(offset, buf)
+
+    def data_extents(self, offset: int = 0, length: int | None = None) -> Iterator[tuple[int, int]]:
+        return self.target.data_extents(offset, length)
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        self.writes.append((offset, memoryview(data).nbytes))
+
+    def write_zeros(self, offset: int, length: int) -> None:
+        self.zeros.append((offset, length))
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def ranges(self) -> list[Range]:
+        """Every range that would change, as [start, end)."""
+        return [(offset, offset + length) for offset, length in self.writes + self.zeros]
 
 
 def resynchronize(
@@ -271,36 +449,83 @@ def resynchronize(
     """Bring a replica whose log chain broke back in line, sending only the blocks that differ.
 
     Like the initial copy it works on a snapshot, so the guest keeps writing; logs from the snapshot's
-    generation on are then applied as usual. Logs already shipped for the broken chain are dropped."""
+    generation on are then applied as usual. Logs already shipped for the broken chain are dropped.
+
+    The resync is a new version, and earlier versions stay readable: the blocks that differ are found
+    first without writing (a sync into a RecordingTarget), then the replica's bytes there are stored
+    as the version's undo log, then those blocks are copied from the snapshot (read a second time:
+    only the differing blocks, from a view that does not change). A rerun after a crash finds fewer
+    blocks differing and keeps the undo log it already stored."""
     disk_id = tracker.disk_id.hex()
     if not replica.storage.disk_exists(replica.name):
         raise NonRecoverableError(f"replica {replica.name} does not exist: enable protection again")
     state = replica.load_state() or ReplicaState(disk_id=disk_id, size=tracker.disk_size)
+    if state.disk_id != disk_id:
+        raise NonRecoverableError(
+            f"replica {replica.name} belongs to disk {state.disk_id}, not {disk_id}: refusing to overwrite it"
+        )
     if state.size != tracker.disk_size:
         raise SizeMismatchError(
             f"replica {replica.name} is {state.size} bytes but disk {tracker.disk_id.hex()} is {tracker.disk_size}"
         )
+    started = time.monotonic()
     first_generation = tracker.create_snapshot()
+    if state.initial_copy_done and state.copy_started_generation == first_generation:
+        # This snapshot was already copied (a rerun after the state was saved): nothing differs.
+        tracker.delete_snapshot()
+        tracker.acknowledge(first_generation - 1)
+        return ResyncReport(
+            bytes_sent=0, bytes_zeroed=0, blocks_sent=0, hash_bytes=0, chunks_compared=0, chunks_sent=0,
+            seconds=time.monotonic() - started, first_generation=first_generation, version=state.version,
+            manifest_root=state.manifest_root or "",
+        )
     state.initial_copy_done = False
     state.copy_started_generation = first_generation
     replica.save_state(state)
     for generation in replica.shipped_generations():
         replica.storage.delete_object(replica.log_name(generation))
 
+    version = state.version + 1
+    damaged: list[int] = []
+    lost: list[int] = []
     source = tracker.snapshot_view()
     target = replica.storage.open_disk(replica.name)
     try:
-        result = sync_disks(source, target, on_progress=on_progress)
+        recorder = RecordingTarget(target)
+        progress = _HeldBack(on_progress)
+        result = sync_disks(source, recorder, on_progress=progress)
+        if state.version >= 1:  # no undo for the first version: there is nothing before it
+            previous = load_manifest(replica, state.version)
+            if previous is not None and previous.chunk_size != result.target_manifest.chunk_size:
+                previous = None
+
+            def keep_chunk(index: int, digest: bytes) -> bool:
+                """Whether the replica's old bytes in this chunk go into the undo log."""
+                if previous is None or digest == previous.chunk_hash(index):
+                    return True  # the replica holds the previous version here
+                damaged.append(index)
+                if result.target_manifest.chunk_hash(index) == previous.chunk_hash(index):
+                    return False  # the snapshot holds the previous version here: the sync writes it back
+                lost.append(index)
+                return True
+
+            record_undo(replica, state, version, recorder.ranges(), keep_chunk=keep_chunk,
+                        chunk_size=result.target_manifest.chunk_size)
+        _copy_ranges(source, target, recorder)
     finally:
         source.close()
         target.close()
+    manifest = result.target_manifest
+    store_manifest(replica, version, manifest)
     state.initial_copy_done = True
     state.applied_generation = first_generation - 1
     state.copy_checkpoint = state.size
-    state.manifest_root = result.source_root.hex()
+    state.version = version
+    state.manifest_root = manifest.root_hex
     replica.save_state(state)
     tracker.delete_snapshot()
     tracker.acknowledge(first_generation - 1)
+    progress.finish()
     return ResyncReport(
         bytes_sent=result.bytes_sent,
         bytes_zeroed=result.bytes_zeroed,
@@ -308,9 +533,45 @@ def resynchronize(
         hash_bytes=result.hash_bytes,
         chunks_compared=result.chunks_compared,
         chunks_sent=result.chunks_sent,
-        seconds=result.seconds,
+        seconds=time.monotonic() - started,
         first_generation=first_generation,
+        version=version,
+        manifest_root=manifest.root_hex,
+        damaged_chunks=sorted(set(damaged)),
+        lost_chunks=sorted(set(lost)),
     )
+
+
+def _copy_ranges(source: DiskEndpoint, target: DiskEndpoint, recorded: RecordingTarget) -> None:
+    """Carry out on `target` what the sync recorded: the data ranges copied from `source`, the zero
+    ranges cleared."""
+    data = [(start, end - start) for start, end in merge_ranges(
+        ((offset, offset + length) for offset, length in recorded.writes), align=1, size=target.size)]
+    with ReadAhead([source], split_ranges(data, MAX_TARGET_WRITE), MAX_TARGET_WRITE) as reader:
+        for window in reader:
+            target.write(window.offset, window.view)
+            reader.release(window)
+    for start, end in merge_ranges(((offset, offset + length) for offset, length in recorded.zeros),
+                                   align=1, size=target.size):
+        target.write_zeros(start, end - start)
+    target.flush()
+
+
+class _HeldBack:
+    """Passes a sync's progress on, holding back its last step until the writes after it are done."""
+
+    def __init__(self, on_progress: Progress | None):
+        self._on_progress = on_progress
+        self._total = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        self._total = total
+        if self._on_progress is not None:
+            self._on_progress(min(done, total - 1), total)
+
+    def finish(self) -> None:
+        if self._on_progress is not None and self._total:
+            self._on_progress(self._total, self._total)
 
 
 def replicate_cycle(tracker: ReplicationTracker, replica: ReplicaDisk) -> ApplyReport:
