@@ -2,7 +2,9 @@
 
 A host is a directory tree. Each VM lives in `<root>/vms/<vm>/`: its manifest `vm.json`, its disk
 images (`<disk>.raw` or `<disk>.vhd`), the trackers' replication logs beside them, and while its
-workload runs, `workload.pid`, `workload.log` and (on exit) `workload-stats.json`.
+workload runs, `workload.pid`, `workload.log` and (on exit) `workload-stats.json`. A failback stages
+each disk's incoming image as `.<file>.failback` beside it; a quiesce talks to the workload through
+`workload.freeze` and `workload.frozen`, and `quiesce.lock` says a quiesce is in progress.
 
 Names of hosts, VMs, disks and networks come from outside (API calls, manifests) and become path
 segments, so each is checked against one rule before anything is built from it, and every path is
@@ -14,6 +16,7 @@ import contextlib
 import enum
 import fcntl
 import hashlib
+import ipaddress
 import json
 import os
 import random
@@ -33,7 +36,14 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from datapath.disk import FORMATS, create_disk, open_disk, parse_size
 from datapath.durable import fsync_directory, replace_file
-from datapath.errors import DiskNotFoundError, NonRecoverableError, PathOutsideRootError
+from datapath.errors import (
+    DiskFormatError,
+    DiskNotFoundError,
+    NonRecoverableError,
+    PathOutsideRootError,
+    RecoverableError,
+    SizeMismatchError,
+)
 from datapath.tracker import NotTrackedError, ReplicationTracker
 
 MIB = 1024 * 1024
@@ -43,6 +53,12 @@ WORKLOAD_PID = "workload.pid"
 WORKLOAD_LOG = "workload.log"
 WORKLOAD_STATS = "workload-stats.json"
 WORKLOAD_READY = "workload.ready"
+WORKLOAD_FREEZE = "workload.freeze"
+"""Present while a quiesce asks the workload to hold its writes; holds the request's token."""
+WORKLOAD_FROZEN = "workload.frozen"
+"""Written by the workload once it holds its writes; holds the token of the request it honours."""
+QUIESCE_LOCK = "quiesce.lock"
+STAGING_SUFFIX = ".failback"
 DISK_SUFFIX = {"raw": ".raw", "vhd": ".vhd"}
 
 VM_GENERATIONS = (1, 2)
@@ -60,6 +76,8 @@ WORKLOAD_START_TIMEOUT_S = 15.0
 WORKLOAD_KILL_WAIT_S = 5.0
 _POLL_S = 0.02
 _LOG_TAIL_BYTES = 2000
+# After a quiesce command is killed for overrunning, how long its output pipes may take to close.
+_QUIESCE_COMMAND_KILL_WAIT_S = 5.0
 _PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -96,6 +114,15 @@ class WorkloadError(NonRecoverableError):
     """The workload process failed to start, or could not be stopped."""
 
 
+class NetworkConfigError(NonRecoverableError):
+    """A network adapter the VM does not have, or a subnet or IP address that is not valid."""
+
+
+class QuiesceError(RecoverableError):
+    """The VM could not be brought to an application-consistent state: the workload did not hold its
+    writes in time, or a pre/post quiesce command failed or timed out. Trying again may succeed."""
+
+
 class WorkloadStop(enum.Enum):
     """How `stop_workload` ended the workload."""
 
@@ -121,6 +148,18 @@ class NetworkAdapter:
     name: str
     vm_network: str
     """The VM network it connects to; network mapping pairs it with a recovery-site network."""
+    subnet: str | None = None
+    """The subnet it is attached to, in CIDR form (a failed-over VM's NIC gets the mapped subnet)."""
+    public_ip: str | None = None
+
+    def to_manifest(self) -> dict:
+        # Unset fields are left out, so manifests of VMs that never had them stay as they were.
+        entry = {"name": self.name, "vm_network": self.vm_network}
+        if self.subnet is not None:
+            entry["subnet"] = self.subnet
+        if self.public_ip is not None:
+            entry["public_ip"] = self.public_ip
+        return entry
 
 
 @dataclass(frozen=True)
@@ -148,6 +187,19 @@ class VirtualMachine:
     path: Path
     """The VM's folder on the host."""
     host: str
+    quiesce_pre: tuple[str, ...] | None = None
+    """Command (argv) run in the VM's folder once its writes are held, before a consistent point."""
+    quiesce_post: tuple[str, ...] | None = None
+    """Command run after the consistent point, before writes resume."""
+
+    def adapter(self, name: str) -> NetworkAdapter:
+        for adapter in self.network_adapters:
+            if adapter.name == name:
+                return adapter
+        raise NetworkConfigError(
+            f"VM {self.name!r} on host {self.host!r} has no network adapter {name!r} "
+            f"(its adapters: {', '.join(a.name for a in self.network_adapters) or 'none'})"
+        )
 
     def disk(self, name: str) -> VirtualDisk:
         for disk in self.disks:
@@ -159,7 +211,7 @@ class VirtualMachine:
         )
 
     def to_manifest(self) -> dict:
-        return {
+        manifest = {
             "name": self.name,
             "id": self.id,
             "generation": self.generation,
@@ -168,8 +220,14 @@ class VirtualMachine:
                 {"id": d.id, "name": d.name, "file": d.file, "size": d.size, "format": d.format}
                 for d in self.disks
             ],
-            "network_adapters": [{"name": a.name, "vm_network": a.vm_network} for a in self.network_adapters],
+            "network_adapters": [a.to_manifest() for a in self.network_adapters],
         }
+        if self.quiesce_pre is not None or self.quiesce_post is not None:
+            manifest["quiesce"] = {
+                "pre": list(self.quiesce_pre) if self.quiesce_pre is not None else None,
+                "post": list(self.quiesce_post) if self.quiesce_post is not None else None,
+            }
+        return manifest
 
 
 @dataclass
@@ -352,10 +410,14 @@ class Host:
                 )
             for leftover in (WORKLOAD_STATS, WORKLOAD_READY):
                 (current.path / leftover).unlink(missing_ok=True)
+            self._clear_abandoned_freeze(current)
             command = [sys.executable, "-m", "sites.workload", "--rate", repr(float(rate_mb_s)),
                        "--min-size", str(min_size), "--max-size", str(max_size),
                        "--stats", str(current.path / WORKLOAD_STATS),
-                       "--ready-file", str(current.path / WORKLOAD_READY)]
+                       "--ready-file", str(current.path / WORKLOAD_READY),
+                       "--freeze-file", str(current.path / WORKLOAD_FREEZE),
+                       "--frozen-file", str(current.path / WORKLOAD_FROZEN),
+                       "--quiesce-lock", str(current.path / QUIESCE_LOCK)]
             for disk in current.disks:
                 command += ["--disk", str(disk.path)]
             if seed is not None:
@@ -390,6 +452,160 @@ class Host:
                 current.state = STATE_OFF
                 self._write_manifest(current)
             return outcome
+
+    def start_vm(self, vm: VirtualMachine | str) -> VirtualMachine:
+        """Mark the VM running, without a workload: a failed-over or failed-back VM powered on.
+        Idempotent."""
+        with self._vm_lock(_vm_name(vm)) as current:
+            if current.state != STATE_RUNNING:
+                current.state = STATE_RUNNING
+                self._write_manifest(current)
+            return current
+
+    # ---- networking ---------------------------------------------------------------------------------
+    def connect_adapter(
+        self, vm: VirtualMachine | str, adapter_name: str, network: str, subnet: str | None = None
+    ) -> NetworkAdapter:
+        """Connect a network adapter to `network` and, when given, `subnet` (CIDR, e.g. "10.1.0.0/24");
+        a subnet of None detaches it from any subnet. Its public IP, if any, stays. Idempotent."""
+        validate_segment(network, "network")
+        subnet = _canonical_subnet(subnet, f"adapter {adapter_name!r} of VM {_vm_name(vm)!r}")
+        with self._vm_lock(_vm_name(vm)) as current:
+            adapter = current.adapter(adapter_name)
+            connected = NetworkAdapter(adapter.name, network, subnet, adapter.public_ip)
+            return self._replace_adapter(current, adapter, connected)
+
+    def assign_public_ip(self, vm: VirtualMachine | str, adapter_name: str, ip: str) -> NetworkAdapter:
+        """Give a network adapter a public IP address (IPv4 or IPv6, stored in its canonical form).
+        Idempotent."""
+        where = f"VM {_vm_name(vm)!r} on host {self.name!r}, adapter {adapter_name!r}"
+        try:
+            address = ipaddress.ip_address(ip)
+        except (TypeError, ValueError):
+            raise NetworkConfigError(f"{where}: {ip!r} is not an IPv4 or IPv6 address") from None
+        if address.is_unspecified or address.is_loopback or address.is_multicast or address.is_link_local:
+            raise NetworkConfigError(
+                f"{where}: {ip!r} cannot be a VM's address (unspecified, loopback, multicast or link-local)"
+            )
+        with self._vm_lock(_vm_name(vm)) as current:
+            adapter = current.adapter(adapter_name)
+            addressed = NetworkAdapter(adapter.name, adapter.vm_network, adapter.subnet, str(address))
+            return self._replace_adapter(current, adapter, addressed)
+
+    # ---- failback staging ----------------------------------------------------------------------------
+    def staging_path(self, vm: VirtualMachine | str, disk: VirtualDisk | str) -> Path:
+        """Where a failback assembles the disk's incoming image: a hidden file beside the disk, on the
+        same filesystem, so `replace_disk` can swap it in with one rename."""
+        virtual_disk = self._disk_of(vm, disk)
+        return self._inside_root(virtual_disk.path.parent / f".{virtual_disk.file}{STAGING_SUFFIX}")
+
+    def replace_disk(self, vm: VirtualMachine | str, disk: VirtualDisk | str, staging: Path) -> bool:
+        """Swap the staging image in as the disk, atomically: the disk holds its old content or the
+        whole new one, even across a crash. True when swapped; False when there is no staging image
+        any more, as after a swap that completed (a rerun).
+
+        Refused while the VM runs (VmRunningError) or the disk is tracked (DiskProtectedError: its
+        logs would describe the old content; disable tracking first), and when the staging image is
+        not inside the VM's folder or differs from the disk in format or size; nothing changes then."""
+        with self._vm_lock(_vm_name(vm)) as current:
+            virtual_disk = self._disk_of(current, disk)
+            where = f"disk {virtual_disk.name!r} of VM {current.name!r} on host {self.name!r}"
+            if current.state == STATE_RUNNING or self._running_workload(current) is not None:
+                raise VmRunningError(f"{where}: the VM is running; shut it down before replacing its disk")
+            if _is_tracked(virtual_disk.path):
+                raise DiskProtectedError(
+                    f"{where} is tracked: its replication logs would describe the old content; disable "
+                    f"tracking before replacing the disk"
+                )
+            staging = self._staging_inside(current, Path(staging), where)
+            try:
+                image = open_disk(staging, writable=True)
+            except DiskNotFoundError:
+                return False
+            with image:
+                if image.format != virtual_disk.format:
+                    raise DiskFormatError(
+                        f"{where}: staging image {staging} is {image.format}, the disk is {virtual_disk.format}"
+                    )
+                if image.size != virtual_disk.size:
+                    raise SizeMismatchError(
+                        f"{where}: staging image {staging} is {image.size} bytes, the disk is {virtual_disk.size}"
+                    )
+                image.flush()  # its content must be durable before the rename makes it the disk
+            os.replace(staging, virtual_disk.path)
+            fsync_directory(current.path)
+            return True
+
+    def discard_staging(self, vm: VirtualMachine | str, disk: VirtualDisk | str) -> None:
+        """Delete the disk's staging image, if any; the disk is untouched. Idempotent."""
+        with self._vm_lock(_vm_name(vm)) as current:
+            staging = self.staging_path(current, disk)
+            try:
+                staging.unlink()
+            except FileNotFoundError:
+                return
+            fsync_directory(current.path)
+
+    # ---- quiesce (application-consistent points) ------------------------------------------------------
+    def set_quiesce_commands(
+        self, vm: VirtualMachine | str, pre: Sequence[str] | None, post: Sequence[str] | None
+    ) -> VirtualMachine:
+        """Set the commands (argv lists) a quiesce runs before and after the consistent point; None
+        removes one. They run in the VM's folder with ASR_VM, ASR_HOST and ASR_VM_DIR set."""
+        where = f"VM {_vm_name(vm)!r} on host {self.name!r}"
+        pre_argv = _checked_command(pre, f"{where}: quiesce pre command", VmSpecError)
+        post_argv = _checked_command(post, f"{where}: quiesce post command", VmSpecError)
+        with self._vm_lock(_vm_name(vm)) as current:
+            if (current.quiesce_pre, current.quiesce_post) != (pre_argv, post_argv):
+                current.quiesce_pre, current.quiesce_post = pre_argv, post_argv
+                self._write_manifest(current)
+            return current
+
+    @contextlib.contextmanager
+    def quiesce(self, vm: VirtualMachine | str, timeout: float = 10.0) -> Iterator[VirtualMachine]:
+        """Hold the VM at an application-consistent state for the body of the `with`, as VSS does for
+        a Hyper-V snapshot: the workload stops writing between two writes and says so, then the pre
+        command runs; after the body the post command runs and the workload resumes, whatever
+        happened (the post command runs whenever the pre command was started).
+
+        QuiesceError when another quiesce of the VM holds it past `timeout`, the workload does not
+        acknowledge within `timeout`, or a command fails or overruns `timeout` (each phase gets
+        `timeout` seconds). A post failure after a failed body is added to the body's error as a note.
+
+        A host agent that dies mid-quiesce does not leave the guest frozen: the workload notices that
+        no process holds the quiesce lock any more and resumes."""
+        if not timeout > 0:
+            raise ValueError(f"quiesce timeout must be positive, got {timeout!r}")
+        current = self.get_vm(_vm_name(vm))
+        with self._quiesce_lock(current, timeout):
+            try:
+                self._freeze(current, timeout)
+            except BaseException:
+                self._thaw(current)
+                raise
+            failure: BaseException | None = None
+            try:
+                self._run_quiesce_command(current, "pre", current.quiesce_pre, timeout)
+                yield current
+            except BaseException as exc:
+                failure = exc
+                raise
+            finally:
+                try:
+                    self._run_quiesce_command(current, "post", current.quiesce_post, timeout)
+                except QuiesceError as post_failure:
+                    if failure is None:
+                        raise
+                    failure.add_note(f"and then: {post_failure}")
+                finally:
+                    self._thaw(current)
+
+    def workload_frozen(self, vm: VirtualMachine | str) -> bool:
+        """Whether the VM's workload currently acknowledges a freeze (holds its writes)."""
+        current = self.get_vm(_vm_name(vm))
+        request = _read_token(current.path / WORKLOAD_FREEZE)
+        return request is not None and _read_token(current.path / WORKLOAD_FROZEN) == request \
+            and self._running_workload(current) is not None
 
     # ---- internals ----------------------------------------------------------------------------------
     def _vm_dir(self, name: str) -> Path:
@@ -449,19 +665,126 @@ class Host:
                     entry["size"], entry["format"], self._inside_root(folder / file),
                 ))
             adapters = [
-                NetworkAdapter(validate_segment(a["name"], "network adapter"), validate_segment(a["vm_network"], "network"))
+                NetworkAdapter(
+                    validate_segment(a["name"], "network adapter"), validate_segment(a["vm_network"], "network"),
+                    _canonical_subnet(a.get("subnet"), f"{where}, adapter {a['name']!r}"),
+                    _canonical_public_ip(a.get("public_ip")),
+                )
                 for a in data["network_adapters"]
             ]
+            quiesce = data.get("quiesce") or {}
             return VirtualMachine(
-                name, str(uuid.UUID(data["id"])), data["generation"], data["state"], disks, adapters, folder, self.name
+                name, str(uuid.UUID(data["id"])), data["generation"], data["state"], disks, adapters, folder, self.name,
+                _checked_command(quiesce.get("pre"), f"{where}: quiesce pre command", VmManifestError),
+                _checked_command(quiesce.get("post"), f"{where}: quiesce post command", VmManifestError),
             )
         except VmManifestError:
             raise
-        except (ValueError, KeyError, TypeError, PathOutsideRootError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, PathOutsideRootError, NetworkConfigError) as exc:
             raise VmManifestError(f"{where} is invalid: {exc}") from exc
 
     def _write_manifest(self, vm: VirtualMachine) -> None:
         _write_json_atomically(vm.path / MANIFEST, vm.to_manifest())
+
+    def _replace_adapter(self, vm: VirtualMachine, old: NetworkAdapter, new: NetworkAdapter) -> NetworkAdapter:
+        if new != old:
+            vm.network_adapters = [new if a.name == old.name else a for a in vm.network_adapters]
+            self._write_manifest(vm)
+        return new
+
+    def _staging_inside(self, vm: VirtualMachine, staging: Path, where: str) -> Path:
+        """The staging image's path, refused unless it is a hidden `.failback` file of the VM's folder:
+        a rename from elsewhere could cross filesystems, or swap another disk or a log in."""
+        resolved = self._inside_root(vm.path / staging)  # an absolute `staging` replaces vm.path
+        name = resolved.name
+        if resolved.parent != vm.path or not (name.startswith(".") and name.endswith(STAGING_SUFFIX)):
+            raise PathOutsideRootError(
+                f"{where}: staging image {staging} must be a staging file in the VM's folder {vm.path} "
+                f"(see Host.staging_path), not another file"
+            )
+        return resolved
+
+    @contextlib.contextmanager
+    def _quiesce_lock(self, vm: VirtualMachine, timeout: float) -> Iterator[None]:
+        """One quiesce at a time per VM. Held for the whole quiesce: the workload takes a free lock
+        beside a freeze request as the sign that its quiescer died."""
+        deadline = time.monotonic() + timeout
+        with open(vm.path / QUIESCE_LOCK, "a") as lock:
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise QuiesceError(
+                            f"VM {vm.name!r} on host {self.name!r}: another quiesce has held it for over "
+                            f"{timeout:g} s"
+                        ) from None
+                    time.sleep(_POLL_S)
+            yield
+
+    def _freeze(self, vm: VirtualMachine, timeout: float) -> None:
+        """Ask the workload to hold its writes and wait until it says it does. The request is left in
+        place even when no workload runs, so a workload started meanwhile starts frozen."""
+        token = uuid.uuid4().hex
+        ack = vm.path / WORKLOAD_FROZEN
+        ack.unlink(missing_ok=True)
+        _write_token(vm.path / WORKLOAD_FREEZE, token)
+        deadline = time.monotonic() + timeout
+        while _read_token(ack) != token:
+            workload = self._running_workload(vm)
+            if workload is None:
+                return  # nothing writes, and a workload starting now sees the request first
+            if time.monotonic() > deadline:
+                raise QuiesceError(
+                    f"VM {vm.name!r} on host {self.name!r}: its workload (pid {workload.pid}) did not "
+                    f"acknowledge the freeze within {timeout:g} s"
+                )
+            time.sleep(_POLL_S)
+
+    def _thaw(self, vm: VirtualMachine) -> None:
+        (vm.path / WORKLOAD_FREEZE).unlink(missing_ok=True)
+        (vm.path / WORKLOAD_FROZEN).unlink(missing_ok=True)
+
+    def _clear_abandoned_freeze(self, vm: VirtualMachine) -> None:
+        """Remove a freeze request no quiesce holds any more (its quiescer died), so a workload
+        starting now does not start frozen."""
+        with open(vm.path / QUIESCE_LOCK, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # a quiesce is in progress: a workload starting now must start frozen
+            self._thaw(vm)
+
+    def _run_quiesce_command(
+        self, vm: VirtualMachine, phase: str, argv: tuple[str, ...] | None, timeout: float
+    ) -> None:
+        if not argv:
+            return
+        where = f"VM {vm.name!r} on host {self.name!r}: quiesce {phase} command {list(argv)!r}"
+        env = dict(os.environ, ASR_VM=vm.name, ASR_HOST=self.name, ASR_VM_DIR=str(vm.path))
+        try:
+            process = subprocess.Popen(
+                argv, cwd=vm.path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE, start_new_session=True,  # its own group: a timeout kills all of it
+            )
+        except OSError as exc:
+            raise QuiesceError(f"{where} could not be started: {exc}") from None
+        try:
+            _, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            try:
+                _, stderr = process.communicate(timeout=_QUIESCE_COMMAND_KILL_WAIT_S)
+            except subprocess.TimeoutExpired:  # a descendant left the group and holds the pipe
+                process.kill()
+                stderr = b""
+            raise QuiesceError(
+                f"{where} did not finish within {timeout:g} s and was killed: {_text_tail(stderr)}"
+            ) from None
+        if process.returncode != 0:
+            raise QuiesceError(f"{where} exited with code {process.returncode}: {_text_tail(stderr)}")
 
     @contextlib.contextmanager
     def _vm_lock(self, name: str) -> Iterator[VirtualMachine]:
@@ -595,3 +918,46 @@ def _log_tail(path: Path) -> str:
             return log.read().decode(errors="replace").strip() or "(no output)"
     except FileNotFoundError:
         return "(no log)"
+
+
+def _canonical_subnet(subnet: str | None, where: str) -> str | None:
+    if subnet is None:
+        return None
+    try:
+        return str(ipaddress.ip_network(subnet, strict=True))
+    except (TypeError, ValueError) as exc:
+        raise NetworkConfigError(f"{where}: subnet {subnet!r} is not a network in CIDR form ({exc})") from None
+
+
+def _canonical_public_ip(ip: str | None) -> str | None:
+    return None if ip is None else str(ipaddress.ip_address(ip))
+
+
+def _checked_command(
+    argv: Sequence[str] | None, what: str, error: type[NonRecoverableError]
+) -> tuple[str, ...] | None:
+    """`argv` as a tuple, or None; `error` unless it is a non-empty list of strings naming a program."""
+    if argv is None:
+        return None
+    if isinstance(argv, (str, bytes)) or not isinstance(argv, Sequence) or not argv \
+            or not all(isinstance(arg, str) and "\x00" not in arg for arg in argv) or not argv[0]:
+        raise error(f"{what} must be a non-empty list of strings (program, arguments), got {argv!r}")
+    return tuple(argv)
+
+
+def _write_token(path: Path, token: str) -> None:
+    """Write a small file whole or not at all (readers poll it); durability does not matter."""
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    temporary.write_text(token)
+    os.replace(temporary, path)
+
+
+def _read_token(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+
+
+def _text_tail(data: bytes) -> str:
+    return data[-_LOG_TAIL_BYTES:].decode(errors="replace").strip() or "(no output)"

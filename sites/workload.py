@@ -8,13 +8,22 @@ SIGTERM (or SIGINT) is only noted by the handler; the loop checks it between wri
 leaves a write half in the disk and half in the log. The workload then closes its trackers, writes its
 statistics and exits 0.
 
+Quiesce, as a VSS writer freezes I/O for a consistent snapshot: while the freeze-request file exists
+the workload makes no write. Between writes it checks for the file; once it holds its writes it writes
+the request's token to the frozen file, then waits until the request goes away (or carries a new token,
+which it acknowledges in turn). A stop request still ends it within the usual latency. A request that
+no process holds the quiesce lock for any more was left by a quiescer that died: it is ignored, so a
+crash of the host agent never leaves the guest frozen.
+
     python -m sites.workload --disk a.raw --disk b.vhd --rate 2 --seed 7 --stats stats.json
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
+import os
 import random
 import signal
 import sys
@@ -37,6 +46,11 @@ MB = 1_000_000
 MAX_SLEEP_S = 0.05
 # How long the token bucket may save up unused rate: bounds the burst after an idle spell.
 BURST_S = 0.1
+# While frozen, how often the request (thaw, new token) and the stop flag are looked at.
+FREEZE_POLL_S = 0.01
+# While writing, how often the freeze request is looked for: a file lookup per write cost an unpaced
+# workload 12% of its writes; this adds at most this much to the time a freeze takes.
+FREEZE_CHECK_S = 0.002
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -58,6 +72,80 @@ class StopRequest:
 
     def _handle(self, signum: int, _frame: object) -> None:
         self.signal_name = signal.Signals(signum).name
+
+
+class FreezeControl:
+    """The guest's side of a quiesce: the freeze request, the acknowledgement, the quiescer's lock."""
+
+    def __init__(self, request: Path, frozen: Path, quiesce_lock: Path | None = None):
+        self.request = request
+        self.frozen = frozen
+        self.quiesce_lock = quiesce_lock
+        self._abandoned: str | None = None
+        self._next_check = 0.0
+        self.freezes = 0
+        self.frozen_seconds = 0.0
+
+    def requested(self, now: float) -> bool:
+        """Whether a live freeze request stands; looked up at most every FREEZE_CHECK_S. Writes made
+        between lookups are harmless: the quiescer waits for the acknowledgement, which only `hold`
+        gives."""
+        if now < self._next_check:
+            return False
+        self._next_check = now + FREEZE_CHECK_S
+        token = self._token()
+        return token is not None and token != self._abandoned
+
+    def hold(self, stop: StopRequest) -> None:
+        """Make no write until the request is withdrawn, abandoned, or a stop is requested."""
+        started = time.monotonic()
+        acknowledged = None
+        self.freezes += 1
+        try:
+            while not stop.requested:
+                token = self._token()
+                if token is None or token == self._abandoned:
+                    return
+                if not self._quiescer_alive():
+                    self._abandoned = token
+                    return
+                if token != acknowledged:
+                    _write_small_file(self.frozen, token)
+                    acknowledged = token
+                time.sleep(FREEZE_POLL_S)
+        finally:
+            self.frozen.unlink(missing_ok=True)
+            self.frozen_seconds += time.monotonic() - started
+
+    def _token(self) -> str | None:
+        try:
+            return self.request.read_text()
+        except FileNotFoundError:
+            return None
+
+    def _quiescer_alive(self) -> bool:
+        """A quiescer holds its lock for as long as its request stands; a lock anyone can take means
+        the request outlived the process that made it."""
+        if self.quiesce_lock is None:
+            return True
+        try:
+            fd = os.open(self.quiesce_lock, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # releases the lock if it was taken
+        return False
+
+
+def _write_small_file(path: Path, text: str) -> None:
+    """Readers poll this file: they see the old content or the whole new one."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 class TokenBucket:
@@ -115,6 +203,8 @@ class WorkloadStats:
     stopped_by: str = ""
     """"duration", the signal's name, or "error"."""
     error: str | None = None
+    freezes: int = 0
+    frozen_seconds: float = 0.0
     disks: dict[str, DiskStats] = field(default_factory=dict)
 
     def record(self, disk: str, size: int) -> None:
@@ -159,9 +249,11 @@ def run(
     duration_s: float,
     stop: StopRequest,
     stats: WorkloadStats,
+    freeze: FreezeControl | None = None,
 ) -> None:
     """Write random data at random sector-aligned places until the duration ends or a stop arrives,
-    counting each completed write in `stats` (so a failure still reports what was written before it)."""
+    counting each completed write in `stats` (so a failure still reports what was written before it).
+    With `freeze`, no write is made while a freeze is requested."""
     choices = random.Random(seed)
     data = RandomData(seed, max_size)
     started = time.monotonic()
@@ -172,6 +264,9 @@ def run(
             now = time.monotonic()
             if stop.requested or now >= deadline:
                 break
+            if freeze is not None and freeze.requested(now):
+                freeze.hold(stop)
+                continue
             wait = bucket.wait_time(now)
             if wait > 0:
                 time.sleep(min(wait, MAX_SLEEP_S, deadline - now))
@@ -184,6 +279,8 @@ def run(
             stats.record(str(disk.path), size)
     finally:
         stats.seconds = time.monotonic() - started
+        if freeze is not None:
+            stats.freezes, stats.frozen_seconds = freeze.freezes, freeze.frozen_seconds
     stats.stopped_by = stop.signal_name or "duration"
 
 
@@ -209,6 +306,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--stats", type=Path, metavar="FILE", help="write statistics as JSON here on exit")
     parser.add_argument("--ready-file", type=Path, metavar="FILE",
                         help="create this file once every disk is open and the write loop starts")
+    parser.add_argument("--freeze-file", type=Path, metavar="FILE",
+                        help="while this file exists, make no write (quiesce); needs --frozen-file")
+    parser.add_argument("--frozen-file", type=Path, metavar="FILE",
+                        help="write the freeze request's content here once writes are held")
+    parser.add_argument("--quiesce-lock", type=Path, metavar="FILE",
+                        help="the lock a quiescer holds while its request stands; a request whose lock "
+                             "is free was abandoned and is ignored")
     args = parser.parse_args(argv)
     if args.min_size <= 0 or args.min_size % SECTOR or args.max_size % SECTOR or args.max_size < args.min_size:
         parser.error(f"--min-size {args.min_size} and --max-size {args.max_size} must be positive multiples "
@@ -217,6 +321,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("each --disk may be given once (one tracker per disk and process)")
     if args.rate < 0 or args.duration < 0:
         parser.error("--rate and --duration must not be negative")
+    if (args.freeze_file is None) != (args.frozen_file is None):
+        parser.error("--freeze-file and --frozen-file go together")
     return args
 
 
@@ -239,8 +345,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     exit_code = EXIT_OK
     stats = WorkloadStats(seed=seed, rate_mb_s=args.rate, disks={str(d.path): DiskStats() for d in disks})
     try:
+        freeze = FreezeControl(args.freeze_file, args.frozen_file, args.quiesce_lock) if args.freeze_file else None
         run(disks, rate_bytes_s=args.rate * MB, min_size=args.min_size, max_size=args.max_size,
-            seed=seed, duration_s=args.duration, stop=stop, stats=stats)
+            seed=seed, duration_s=args.duration, stop=stop, stats=stats, freeze=freeze)
     except (DataPathError, OSError) as exc:
         stats.stopped_by, stats.error = "error", str(exc)
         print(f"sites.workload: write failed: {exc}", file=sys.stderr)
