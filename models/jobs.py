@@ -25,6 +25,8 @@ class JobState(str, enum.Enum):
     queued = "queued"
     running = "running"
     waiting_retry = "waiting_retry"
+    # A manual action waits for someone to do it and resume the job; the job keeps its locks meanwhile.
+    waiting_action = "waiting_action"
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
@@ -37,11 +39,12 @@ class StepState(str, enum.Enum):
     succeeded = "succeeded"
     failed = "failed"
     waiting_retry = "waiting_retry"  # failed recoverably; due again at next_attempt_at
+    waiting_action = "waiting_action"  # a manual action: done when an operator resumes the job
     skipped = "skipped"
     cancelled = "cancelled"
 
 
-ACTIVE_JOB_STATES = (JobState.queued, JobState.running, JobState.waiting_retry)
+ACTIVE_JOB_STATES = (JobState.queued, JobState.running, JobState.waiting_retry, JobState.waiting_action)
 FINISHED_JOB_STATES = (JobState.succeeded, JobState.failed, JobState.cancelled)
 # A stage is complete when every step in it is in one of these; the next stage may then start.
 DONE_STEP_STATES = (StepState.succeeded, StepState.skipped)
@@ -53,7 +56,10 @@ class Job(SQLModel, table=True):
     id: str = Field(default_factory=new_id, primary_key=True, max_length=36)
     kind: str = Field(index=True, max_length=64)
     target: str | None = Field(default=None, index=True, max_length=255)
+    # The job's lock when it holds exactly one (the usual case: one protected item); lock_keys lists
+    # every key it holds, one or many (a recovery plan holds the lock of each of its items).
     lock_key: str | None = Field(default=None, max_length=255)
+    lock_keys: list[str] = Field(default_factory=list, sa_type=sa.JSON)
     state: JobState = Field(default=JobState.queued, sa_type=string_enum(JobState), index=True)
     params: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
     created_at: datetime = Field(default_factory=clock_now, sa_type=UtcDateTime)
@@ -90,6 +96,8 @@ class JobStep(SQLModel, table=True):
     next_attempt_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     error: str | None = Field(default=None, sa_type=sa.Text)
     error_class: str | None = Field(default=None, max_length=255)
+    # What a manual action asks the operator to do (shown while it waits, kept after the resume).
+    instructions: str | None = Field(default=None, sa_type=sa.Text)
     celery_task_id: str | None = Field(default=None, max_length=64)
     worker: str | None = Field(default=None, max_length=255)
     lease: str | None = Field(default=None, max_length=36)
@@ -100,7 +108,7 @@ class JobStep(SQLModel, table=True):
 
 class JobLock(SQLModel, table=True):
     """One row per locked key (e.g. "item:<id>"): inserting a second row for a key fails, which is the
-    lock. The job that inserted it deletes it when it settles."""
+    lock. A job may hold several keys, all taken when it is created; it deletes them when it settles."""
 
     __tablename__ = "job_lock"
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from datapath.errors import DiskFormatError, NonRecoverableError, StorageUnavailableError
 from models.jobs import Job
-from workflows.engine import StepCancelled, StepContext, action, job_hook
+from workflows.engine import AwaitingOperator, StepCancelled, StepContext, action, job_hook
 
 HOOKED_KIND = "test.hooked"
 
@@ -114,6 +114,13 @@ def until_cancelled(ctx: StepContext, *, log: str, seconds: float) -> dict:
         raise
     append_line(log, {"event": "finished", "at": time.time()})
     return {"ticks": ticks}
+
+
+@action("test.manual")
+def manual(ctx: StepContext, *, log: str, instructions: str) -> None:
+    """A manual step: log that it ran, then hand over to an operator with `instructions`."""
+    append_line(log, {"step": ctx.step_id, "attempt": ctx.attempt, "pid": os.getpid(), "at": time.time()})
+    raise AwaitingOperator(instructions)
 
 
 def _log_outcome(job: Job, _session: Any) -> None:

@@ -8,6 +8,8 @@ worker start their own on their own queues; the Redis restart gets a whole deplo
 from __future__ import annotations
 
 import errno
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,13 +27,15 @@ from sqlmodel import func, select
 from datapath.errors import DiskFormatError, LowDiskSpaceError, StorageAuthError, StorageUnavailableError
 from engine_actions import HOOKED_KIND, read_records  # also registers the test actions for start_job
 from models.db import dispose_engines, init_db, session_scope
-from models.jobs import Job, JobLock, JobStep
+from models.jobs import Job, JobLock, JobStep, StepState
 from test_models import POSTGRES_URL, postgres_admin  # noqa: F401  (the fixture, reused)
 from workers import (
     CeleryProcess, EventCapture, RedisServer, celery_env, point_app_at, start_beat, start_worker, stop_all,
     wait_until,
 )
-from workflows.engine import ItemBusyError, JobStateError, StepSpec, cancel, get_job, retry_now, start_job
+from workflows.engine import (
+    ItemBusyError, JobStateError, StepSpec, cancel, execute_step, get_job, reconcile, resume, retry_now, start_job,
+)
 from workflows.progress import job_progress
 from workflows.retry import is_recoverable, next_attempt_delay
 
@@ -396,6 +400,217 @@ def test_retry_now_runs_a_waiting_step_at_once_and_cancel_ends_a_waiting_job(
         cancel(job_id)
 
 
+# ---- manual actions -------------------------------------------------------------------------------------
+SWITCH_DNS = "Switch DNS to the recovery site, then resume"
+
+
+def manual_step(name: str, log: Path, instructions: str = SWITCH_DNS) -> StepSpec:
+    return StepSpec(name, "test.manual", "orchestration", {"log": str(log), "instructions": instructions})
+
+
+def test_a_manual_action_pauses_the_job_holding_its_lock_until_an_operator_resumes_it(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    log, manual_log, hook_log = tmp_path / "record.log", tmp_path / "manual.log", tmp_path / "hooks.log"
+    key = lock_key()
+    job_id = start_job(HOOKED_KIND, lock_key=key, target="app05", params={"hook_log": str(hook_log)}, stages=[
+        [StepSpec("Shut down VM", "test.record", "host.h1", {"log": str(log), "label": "shutdown"})],
+        [manual_step("Switch DNS", manual_log)],
+        [StepSpec("Start VM at the recovery site", "test.record", "recovery", {"log": str(log), "label": "start"})],
+    ])
+    job = wait_for_job(job_id, {"waiting_action"}, timeout=20)
+    shutdown, switch, start = job["steps"]
+    assert shutdown["state"] == "succeeded"
+    assert switch["state"] == "waiting_action" and switch["instructions"] == SWITCH_DNS
+    assert switch["error"] is None and switch["attempts"] == 1 and switch["lease"] is None
+    assert start["state"] == "pending" and start["queued_at"] is None
+
+    # The broker redelivering the step's own message (acks late) finds nothing to run.
+    outcome = execute_step(switch["id"], task_id=switch["celery_task_id"], worker="redelivered@test",
+                           emit_event=lambda **_: None)
+    assert (outcome.advance, outcome.state) == (False, StepState.waiting_action)
+    # Reconciler rounds (beat's every 0.25 s and ours) until well past the 3 s after which a pending
+    # stage behind a finished one counts as a lost continuation: this one is held back by the operator.
+    rounds = 0
+    while (datetime.now(at(switch["ended_at"]).tzinfo) - at(switch["ended_at"])).total_seconds() < 4.5:
+        reconcile()
+        rounds += 1
+        time.sleep(0.2)
+    assert rounds >= 10
+    job = get_job(job_id)
+    assert job["state"] == "waiting_action"
+    assert [step["state"] for step in job["steps"]] == ["succeeded", "waiting_action", "pending"]
+    assert job["steps"][2]["queued_at"] is None and job["steps"][1]["attempts"] == 1
+    assert len(read_records(manual_log)) == 1
+    assert [record["label"] for record in read_records(log)] == ["shutdown"]
+    # The job still holds its item.
+    assert lock_holder(key) == job_id
+    with pytest.raises(ItemBusyError, match=rf"app05 is busy with job {job_id} \(test.hooked, waiting_action\)"):
+        start_job("delta_replication", lock_key=key, target="app05", stages=[[StepSpec(
+            "Ship logs", "test.record", "host.h1", {"log": str(log), "label": "never"})]])
+    assert not read_records(hook_log)
+
+    assert resume(job_id, note="DNS switched by ops") == [switch["id"]]
+    job = wait_for_job(job_id, timeout=20)
+    assert job["state"] == "succeeded", job
+    assert job["error"] is None and job["ended_at"]
+    shutdown, switch, start = job["steps"]
+    assert switch["state"] == "succeeded" and switch["instructions"] == SWITCH_DNS
+    assert switch["result"] == {"resumed": True, "note": "DNS switched by ops",
+                                "resumed_at": switch["result"]["resumed_at"]}
+    assert at(switch["result"]["resumed_at"]) == at(switch["ended_at"]) <= at(start["started_at"])
+    assert start["state"] == "succeeded" and start["attempts"] == 1
+    assert [record["label"] for record in read_records(log)] == ["shutdown", "start"]
+    assert len(read_records(manual_log)) == 1  # resuming completes the manual step: it never runs again
+    hooks = wait_until(lambda: read_records(hook_log), timeout=10, what="the success hook")
+    assert [(hook["job"], hook["state"]) for hook in hooks] == [(job_id, "succeeded")]
+    assert lock_holder(key) is None
+    with pytest.raises(JobStateError, match=rf"job {job_id} \(test.hooked\) has succeeded: it has no step waiting"):
+        resume(job_id)
+
+
+def test_two_operators_resuming_at_once_resume_the_step_once(cluster: Cluster, tmp_path: Path) -> None:
+    log, manual_log = tmp_path / "record.log", tmp_path / "manual.log"
+    job_id = start_job("failover", lock_key=lock_key(), stages=[
+        [manual_step("Confirm application shutdown", manual_log, "Stop the application tier, then resume")],
+        [StepSpec("Fail over VM", "test.record", "recovery", {"log": str(log), "label": "failover"})],
+    ])
+    waiting = wait_for_step(job_id, "Confirm application shutdown", {"waiting_action"}, timeout=20)
+    assert waiting["instructions"] == "Stop the application tier, then resume"
+    start_together = threading.Barrier(2)
+    outcomes: dict[str, list[str] | JobStateError] = {}
+
+    def operator(note: str) -> None:
+        start_together.wait()
+        try:
+            outcomes[note] = resume(job_id, note=note)
+        except JobStateError as refused:
+            outcomes[note] = refused
+
+    operators = [threading.Thread(target=operator, args=(note,)) for note in ("alice", "bob")]
+    for thread in operators:
+        thread.start()
+    for thread in operators:
+        thread.join(timeout=30)
+    resumed = {note: steps for note, steps in outcomes.items() if isinstance(steps, list)}
+    refused = {note: error for note, error in outcomes.items() if isinstance(error, JobStateError)}
+    assert list(resumed.values()) == [[waiting["id"]]] and len(refused) == 1, outcomes
+    assert "no step waiting for an operator" in str(next(iter(refused.values())))
+    job = wait_for_job(job_id, timeout=20)
+    assert job["state"] == "succeeded", job
+    assert job["steps"][0]["result"]["note"] == next(iter(resumed))
+    assert [record["label"] for record in read_records(log)] == ["failover"]
+    assert len(read_records(manual_log)) == 1
+
+
+def test_cancel_ends_a_job_waiting_for_an_operator_and_frees_its_lock(cluster: Cluster, tmp_path: Path) -> None:
+    manual_log, hook_log, never = tmp_path / "manual.log", tmp_path / "hooks.log", tmp_path / "never.log"
+    key = lock_key()
+    job_id = start_job(HOOKED_KIND, lock_key=key, params={"hook_log": str(hook_log)}, stages=[
+        [manual_step("Switch DNS", manual_log)],
+        [StepSpec("Start VM at the recovery site", "test.record", "recovery", {"log": str(never), "label": "x"})],
+    ])
+    wait_for_job(job_id, {"waiting_action"}, timeout=20)
+    assert lock_holder(key) == job_id
+    cancel(job_id)
+    job = get_job(job_id)
+    assert job["state"] == "cancelled"
+    assert [step["state"] for step in job["steps"]] == ["cancelled", "cancelled"]
+    # Nothing of it was running: the cancel itself settled the job and let go of its lock.
+    assert job["settled_at"] is not None and lock_holder(key) is None
+    hooks = wait_until(lambda: read_records(hook_log), timeout=10, what="the cancel hook")
+    assert [(hook["job"], hook["state"]) for hook in hooks] == [(job_id, "cancelled")]
+    with pytest.raises(JobStateError, match="has cancelled: it has no step waiting for an operator"):
+        resume(job_id)
+    assert get_job(job_id)["steps"][0]["state"] == "cancelled"
+    assert len(read_records(manual_log)) == 1 and not never.exists()
+
+
+def test_an_operator_wait_shows_before_a_retry_wait_and_resume_leaves_the_retry_to_its_schedule(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    # Real time for the flaky step (scale 1): its retry stays a minute away while the operator acts.
+    cluster.add_worker("host-operator-rt", ["host.operatorrt"], env={**cluster.env, "ASR_TIME_SCALE": "1"})
+    log, flaky_log, manual_log = tmp_path / "record.log", tmp_path / "flaky.log", tmp_path / "manual.log"
+    job_id = start_job("failover", lock_key=lock_key(), stages=[
+        [StepSpec("Ship log disk0", "test.flaky", "host.operatorrt", {"log": str(flaky_log), "failing_attempts": 1}),
+         manual_step("Confirm application shutdown", manual_log)],
+        [StepSpec("Fail over VM", "test.record", "recovery", {"log": str(log), "label": "failover"})],
+    ])
+    ship = wait_for_step(job_id, "Ship log disk0", {"waiting_retry"}, timeout=20)
+    confirm = wait_for_step(job_id, "Confirm application shutdown", {"waiting_action"}, timeout=20)
+    assert get_job(job_id)["state"] == "waiting_action"
+
+    assert resume(job_id) == [confirm["id"]]
+    job = get_job(job_id)
+    assert job["state"] == "waiting_retry"
+    assert [step["state"] for step in job["steps"]] == ["waiting_retry", "succeeded", "pending"]
+    assert job["steps"][1]["result"]["note"] == ""
+    with pytest.raises(JobStateError, match=rf"job {job_id} \(failover\) has no step waiting for an operator"):
+        resume(job_id)
+
+    assert retry_now(job_id) == [ship["id"]]
+    job = wait_for_job(job_id, timeout=20)
+    assert job["state"] == "succeeded", job
+    assert [step["attempts"] for step in job["steps"]] == [2, 1, 1]
+    assert [record["label"] for record in read_records(log)] == ["failover"]
+    assert len(read_records(manual_log)) == 1
+
+
+# ---- jobs holding several locks ---------------------------------------------------------------------
+def test_a_job_holding_several_locks_keeps_each_item_busy_and_frees_them_all_when_it_ends(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    manual_log, never = tmp_path / "manual.log", tmp_path / "never.log"
+    keys = [lock_key() for _ in range(3)]
+    plan = start_job("recovery_plan_failover", lock_key=keys, target="plan01", stages=[
+        [manual_step("Confirm failover of plan01", manual_log, "Confirm the failover, then resume")],
+    ])
+    wait_for_job(plan, {"waiting_action"}, timeout=20)
+    job = get_job(plan)
+    assert job["lock_key"] is None and job["lock_keys"] == keys
+    assert [lock_holder(key) for key in keys] == [plan] * 3
+
+    before = table_counts()
+    one_step = [[StepSpec("Ship logs", "test.record", "host.h1", {"log": str(never), "label": "never"})]]
+    for number, key in enumerate(keys):
+        with pytest.raises(ItemBusyError,
+                           match=rf"^app{number} is busy with job {plan} \(recovery_plan_failover, waiting_action\)$"):
+            start_job("delta_replication", lock_key=key, target=f"app{number}", stages=one_step)
+    # Another plan sharing items with it is refused, naming the first of them it asked for, and takes
+    # none of its keys, not even the free ones.
+    free = [lock_key(), lock_key()]
+    with pytest.raises(ItemBusyError, match=rf"^plan02: {keys[2]} is busy with job {plan} \(recovery_plan_failover"):
+        start_job("recovery_plan_failover", lock_key=[free[0], keys[2], free[1], keys[0]], target="plan02",
+                  stages=one_step)
+    with pytest.raises(ItemBusyError, match=rf"^{keys[1]} is busy with job {plan} "):
+        start_job("recovery_plan_failover", lock_key=(free[1], keys[1]), stages=one_step)
+    for bad, message in (([free[0], ""], "lock key must be a non-empty string"),
+                         (7, "lock_key must be a string, a sequence of strings or None, not int")):
+        with pytest.raises(ValueError, match=message):
+            start_job("recovery_plan_failover", lock_key=bad, stages=one_step)
+    assert table_counts() == before
+    assert lock_holder(free[0]) is None and lock_holder(free[1]) is None
+
+    resume(plan)
+    assert wait_for_job(plan, timeout=20)["state"] == "succeeded"
+    assert [lock_holder(key) for key in keys] == [None] * 3
+    # Each item is free for a job of its own again; a key given twice is taken once.
+    single = start_job("delta_replication", lock_key=keys[1], stages=[[manual_step("Wait", manual_log)]])
+    twice = start_job("recovery_plan_failover", lock_key=[keys[0], keys[2], keys[0]],
+                      stages=[[manual_step("Wait", manual_log)]])
+    assert (get_job(single)["lock_key"], get_job(single)["lock_keys"]) == (keys[1], [keys[1]])
+    assert get_job(twice)["lock_keys"] == [keys[0], keys[2]]
+    assert [lock_holder(key) for key in keys] == [twice, single, twice]
+    for job_id in (single, twice):
+        cancel(job_id)
+        assert wait_for_job(job_id, timeout=15)["state"] == "cancelled"
+    # A step may still have been running its action when cancelled: the locks go once it stopped.
+    wait_until(lambda: [lock_holder(key) for key in keys] == [None] * 3, timeout=15,
+               what="every lock of the cancelled jobs to be released")
+    assert not never.exists()
+
+
 # ---- faults -------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_a_step_whose_worker_is_killed_resumes_on_another_worker_without_doing_anything_twice(
@@ -481,7 +696,8 @@ def test_jobs_queued_running_and_started_while_redis_is_down_all_complete(tmp_pa
 
 
 def test_the_engine_runs_on_postgresql_too(postgres_admin: sa.Engine, tmp_path: Path) -> None:
-    """The conditional updates (claims with subqueries, job state by CASE, settling) on PostgreSQL."""
+    """The conditional updates (claims with subqueries, job state by CASE, settling, resume, several
+    locks taken at once or not at all) on PostgreSQL."""
     schema = f"asr_engine_{uuid.uuid4().hex[:12]}"
     with postgres_admin.connect() as connection:
         connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
@@ -490,20 +706,26 @@ def test_the_engine_runs_on_postgresql_too(postgres_admin: sa.Engine, tmp_path: 
     try:
         with deployment(tmp_path / "deployment", {"pg": (["orchestration", "host.pg"], 2)},
                         database_url=database_url.render_as_string(hide_password=False)):
-            key = lock_key()
-            job_id = start_job("delta_replication", lock_key=key, target="app04", stages=[
+            key, other = lock_key(), lock_key()
+            job_id = start_job("delta_replication", lock_key=[key, other], target="app04", stages=[
                 [StepSpec("Ship log disk0", "test.flaky", "host.pg", {"log": str(flaky_log), "failing_attempts": 2}),
                  StepSpec("Ship log disk1", "test.record", "host.pg", {"log": str(log), "label": "disk1"})],
+                [manual_step("Confirm", tmp_path / "manual.log")],
                 [StepSpec("Apply logs", "test.record", "orchestration", {"log": str(log), "label": "apply"})],
             ])
-            with pytest.raises(ItemBusyError, match=f"app04 is busy with job {job_id}"):
-                start_job("resynchronize", lock_key=key, target="app04", stages=[[StepSpec(
+            before = table_counts()
+            with pytest.raises(ItemBusyError, match=f"app05: {other} is busy with job {job_id}"):
+                start_job("resynchronize", lock_key=[lock_key(), other], target="app05", stages=[[StepSpec(
                     "Resynchronize", "test.record", "host.pg", {"log": str(log), "label": "never"})]])
+            assert table_counts() == before
+            wait_for_job(job_id, {"waiting_action"}, timeout=40)
+            assert [lock_holder(held) for held in (key, other)] == [job_id, job_id]
+            assert len(resume(job_id, note="checked")) == 1
             job = wait_for_job(job_id, timeout=40)
             assert job["state"] == "succeeded", job
-            assert [step["attempts"] for step in job["steps"]] == [3, 1, 1]
+            assert [step["attempts"] for step in job["steps"]] == [3, 1, 1, 1]
             assert [record["label"] for record in read_records(log)] == ["disk1", "apply"]
-            assert lock_holder(key) is None
+            assert lock_holder(key) is None and lock_holder(other) is None
     finally:
         with postgres_admin.connect() as connection:
             connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))

@@ -10,7 +10,8 @@ whoever wins the UPDATE owns the step, everyone else stands back.
   is one `run_step` message, a larger one a group (a group followed by a task is a chord).
 - `execute_step` (behind the `run_step` task) claims the step, keeps a heartbeat while the action runs,
   and records the outcome: succeeded (the chain goes on), waiting_retry (recoverable: the reconciler
-  runs it again on the long schedule), or failed (the job fails and its hooks run).
+  runs it again on the long schedule), waiting_action (a manual action: the job waits, holding its
+  locks, until `resume`), or failed (the job fails and its hooks run).
 - `reconcile` (run by beat) re-drives whatever a lost message, a dead worker or a broken chord left behind.
 
 A step is `queued` once a message for it was sent to the broker; steps of later stages stay `pending`
@@ -62,9 +63,9 @@ from workflows.retry import in_call_retrying, is_recoverable, next_attempt_delay
 
 __all__ = [
     "StepSpec", "StepContext", "StepOutcome", "EngineSettings",
-    "ItemBusyError", "JobNotFoundError", "JobStateError", "PoisonStepError", "StepCancelled",
+    "ItemBusyError", "JobNotFoundError", "JobStateError", "PoisonStepError", "StepCancelled", "AwaitingOperator",
     "action", "job_hook", "import_action_modules",
-    "start_job", "launch", "retry_now", "cancel", "reconcile", "get_job",
+    "start_job", "launch", "retry_now", "resume", "cancel", "reconcile", "get_job",
     "execute_step", "run_job_hooks", "forget_result_waiters",
 ]
 
@@ -108,6 +109,19 @@ class PoisonStepError(NonRecoverableError):
 class StepCancelled(Exception):
     """Raised inside a running action once its run lost the lease: the job was cancelled or failed, or
     the step was handed to another worker. The action must stop; nothing it does now is recorded."""
+
+
+class AwaitingOperator(Exception):
+    """Raised by an action that is a manual step: `raise AwaitingOperator("Switch DNS to the recovery
+    site, then resume")`. Not an error: the step waits (waiting_action, its instructions recorded) and
+    the job with it, keeping its locks, until `resume` marks the step done or `cancel` ends the job.
+    The action is not run again: resuming is what completes it."""
+
+    def __init__(self, instructions: str) -> None:
+        if not isinstance(instructions, str) or not instructions.strip():
+            raise ValueError(f"a manual action must say what the operator is to do, not {instructions!r}")
+        super().__init__(instructions)
+        self.instructions = instructions
 
 
 # ---- settings ---------------------------------------------------------------------------------------
@@ -210,12 +224,20 @@ def _require_text(value: object, what: str, max_length: int) -> str:
     return value
 
 
-def _validate_job(
-    kind: object, lock_key: object, stages: object, target: object, params: object
-) -> None:
+def _lock_keys(lock_key: object) -> list[str]:
+    """`start_job`'s lock_key as the list of keys to take: none, one, or several (in order, each once:
+    a plan naming an item twice still holds its one lock)."""
+    if lock_key is None:
+        return []
+    if isinstance(lock_key, str):
+        return [_require_text(lock_key, "lock key", 255)]
+    if not isinstance(lock_key, Sequence):
+        raise ValueError(f"lock_key must be a string, a sequence of strings or None, not {type(lock_key).__name__}")
+    return list(dict.fromkeys(_require_text(key, "lock key", 255) for key in lock_key))
+
+
+def _validate_job(kind: object, stages: object, target: object, params: object) -> None:
     _require_text(kind, "job kind", 64)
-    if lock_key is not None:
-        _require_text(lock_key, "lock key", 255)
     if target is not None:
         _require_text(target, "job target", 255)
     _require_json_object(params, "job params")
@@ -242,29 +264,42 @@ def _validate_job(
 def start_job(
     kind: str,
     *,
-    lock_key: str | None,
+    lock_key: str | Sequence[str] | None,
     stages: Sequence[Sequence[StepSpec]],
     target: str | None = None,
     params: dict[str, Any] | None = None,
 ) -> str:
-    """Create a job of `stages` holding `lock_key`, and launch it. Returns the job id.
+    """Create a job of `stages` holding `lock_key` (one key, several keys, or none), and launch it.
+    Returns the job id.
 
-    Raises ItemBusyError, creating nothing, while another job holds `lock_key`."""
+    Every key is taken in the transaction that creates the job, or none is: while another job holds any
+    of them, ItemBusyError names the first busy key (in the order given) and its holder, and nothing is
+    created. The job lets go of all of them when it settles."""
     params = {} if params is None else params
-    _validate_job(kind, lock_key, stages, target, params)
+    keys = _lock_keys(lock_key)
+    _validate_job(kind, stages, target, params)
     # Two tries: a conflict whose holder has just let go is worth one more attempt.
     for _ in range(2):
         try:
-            job_id, stamp, routes = _create_job(kind, lock_key, stages, target, params)
+            job_id, stamp, routes = _create_job(kind, keys, stages, target, params)
             break
         except sa.exc.IntegrityError:
-            holder = _lock_holder(lock_key) if lock_key is not None else None
-            if holder is not None:
+            if not keys:
+                raise
+            busy = _first_busy_lock(keys)
+            if busy is not None:
+                key, holder = busy
+                # One key is the item the job is about: the target names it best.
+                if len(keys) == 1:
+                    what = target or key
+                else:
+                    what = f"{target}: {key}" if target else key
                 raise ItemBusyError(
-                    f"{target or lock_key} is busy with job {holder.id} ({holder.kind}, {holder.state.value})"
+                    f"{what} is busy with job {holder.id} ({holder.kind}, {holder.state.value})"
                 ) from None
     else:
-        raise ItemBusyError(f"{target or lock_key} is busy: its lock changed hands twice while starting {kind}")
+        what = target or ", ".join(keys)
+        raise ItemBusyError(f"{what} is busy: its locks changed hands twice while starting {kind}")
     try:
         _send_canvas(routes, stamp)
     except (kombu.exceptions.OperationalError, redis.RedisError, OSError) as exc:
@@ -281,21 +316,23 @@ class _StepRoute(NamedTuple):
 
 
 def _create_job(
-    kind: str, lock_key: str | None, stages: Sequence[Sequence[StepSpec]], target: str | None,
+    kind: str, lock_keys: list[str], stages: Sequence[Sequence[StepSpec]], target: str | None,
     params: dict[str, Any],
 ) -> tuple[str, datetime, list[list[_StepRoute]]]:
-    """Record the job, its lock and its steps, the first stage's steps already queued (as `launch`
+    """Record the job, its locks and its steps, the first stage's steps already queued (as `launch`
     would mark them, in the same transaction). Returns the job id, the queued_at stamp of the first
-    stage, and every stage's steps to send."""
+    stage, and every stage's steps to send. IntegrityError, with nothing written, if a key is taken."""
     stamp = clock.now()
     routes = [[_StepRoute(new_id(), spec.queue) for spec in stage] for stage in stages]
     with session_scope() as session:
-        job = Job(kind=kind, target=target, lock_key=lock_key, params=dict(params))
+        job = Job(kind=kind, target=target, lock_key=lock_keys[0] if len(lock_keys) == 1 else None,
+                  lock_keys=list(lock_keys), params=dict(params))
         session.add(job)
         session.flush()
-        if lock_key is not None:
-            session.add(JobLock(lock_key=lock_key, job_id=job.id))
-            session.flush()
+        if lock_keys:
+            session.connection().execute(sa.insert(JobLock.__table__), [
+                {"lock_key": key, "job_id": job.id, "acquired_at": stamp} for key in lock_keys
+            ])
         # One statement for all steps: building an ORM object per step costs more than inserting it.
         session.connection().execute(sa.insert(JobStep.__table__), [
             {"id": routes[stage_no][index].id, "job_id": job.id, "stage": stage_no, "index": index,
@@ -307,10 +344,17 @@ def _create_job(
         return job.id, stamp, routes
 
 
-def _lock_holder(lock_key: str) -> Job | None:
+def _first_busy_lock(lock_keys: list[str]) -> tuple[str, Job] | None:
+    """The first of `lock_keys` another job holds, and that job; None if all are free now."""
     with session_scope() as session:
-        lock = session.get(JobLock, lock_key)
-        return None if lock is None else session.get(Job, lock.job_id)
+        holders = dict(session.exec(select(JobLock.lock_key, JobLock.job_id).where(
+            JobLock.lock_key.in_(lock_keys),
+        )).all())
+        for key in lock_keys:
+            job = session.get(Job, holders[key]) if key in holders else None
+            if job is not None:
+                return key, job
+    return None
 
 
 # ---- launching --------------------------------------------------------------------------------------
@@ -355,13 +399,15 @@ def _stage_signature(steps: Sequence[JobStep | _StepRoute]) -> Signature:
 
 def launch(job_id: str) -> list[str]:
     """Send the job's remaining stages as one canvas. Returns the ids of the steps of its first stage
-    that were sent (empty when there is nothing to send: finished, running, or waiting for a retry)."""
+    that were sent (empty when there is nothing to send: finished, running, waiting for a retry or for
+    an operator)."""
     now = clock.now()
     with session_scope() as session:
         if _existing_job(session, job_id).state not in ACTIVE_JOB_STATES:
             return []
         stages = _open_stages(_steps_of(session, job_id))
-        # Running steps belong to their runner; retries not due yet are the reconciler's to send later.
+        # Running steps belong to their runner; retries not due yet are the reconciler's to send later;
+        # a step waiting for an operator is never sent again (`resume` completes it).
         candidates = [step.id for step in stages[0] if _launchable(step, now)] if stages else []
         if not candidates:
             return []
@@ -430,6 +476,47 @@ def retry_now(job_id: str) -> list[str]:
         if not retried:
             raise JobStateError(f"job {job_id} ({job.kind}) has no step waiting for a retry")
     return launch(job_id)
+
+
+def resume(job_id: str, *, note: str = "") -> list[str]:
+    """An operator did what the job's manual steps asked: every step of the job waiting for an operator
+    succeeds, its result {"resumed": True, "note": note, "resumed_at": <ISO time>}. If that was the job's
+    last work it succeeds (and its hooks run); otherwise its next stages are launched. Returns the ids of
+    the steps resumed.
+
+    JobStateError when no step of the job waits for an operator; of two concurrent resumes one gets it
+    (the steps change in one conditional UPDATE, which only one of them can make)."""
+    if not isinstance(note, str):
+        raise ValueError(f"the note of a resume must be text, not {type(note).__name__}")
+    now = clock.now()
+    with session_scope() as session:
+        job = _existing_job(session, job_id)
+        if job.state not in ACTIVE_JOB_STATES:
+            raise JobStateError(
+                f"job {job_id} ({job.kind}) has {job.state.value}: it has no step waiting for an operator"
+            )
+        job_active = sa.exists().where(Job.id == job_id, Job.state.in_(ACTIVE_JOB_STATES))
+        connection = session.connection()
+        resumed = list(connection.execute(_update(JobStep).where(
+            JobStep.job_id == job_id, JobStep.state == StepState.waiting_action, job_active,
+        ).values(
+            state=StepState.succeeded, ended_at=now,
+            result={"resumed": True, "note": note, "resumed_at": now.isoformat()},
+        ).returning(JobStep.id)).scalars().all())
+        if not resumed:
+            raise JobStateError(f"job {job_id} ({job.kind}) has no step waiting for an operator")
+        settled = _finish_if_complete(connection, job_id, now)
+    logger.info("job %s (%s) resumed by an operator (steps %s)%s", job_id, job.kind, ", ".join(resumed),
+                f": {note}" if note else "")
+    if settled:
+        _dispatch_hooks(job_id)
+        return resumed
+    try:
+        launch(job_id)
+    except (kombu.exceptions.OperationalError, redis.RedisError, OSError) as exc:
+        # The resume is recorded; the reconciler launches the next stage once the broker is back.
+        logger.warning("job %s resumed but its next steps not launched yet: %s", job_id, exc)
+    return resumed
 
 
 def _existing_job(session: Session, job_id: str) -> Job:
@@ -643,11 +730,16 @@ def _job_state_value(state: JobState) -> sa.ColumnElement[Any]:
     return sa.literal(state, type_=_JOB.c.state.type)
 
 
-# An active job is running while any step runs, else waiting_retry while any step waits.
+# An active job is running while any step runs; else waiting_action while any step waits for an operator,
+# ahead of waiting_retry, because a retry comes due by itself and an operator's action does not: the job
+# list must show the job someone has to act on. A job whose operator wait is over is running again
+# (its next steps are queued); otherwise the state stays as it is (queued, or between stages).
 def _refreshed_job_state() -> sa.ColumnElement[Any]:
     return sa.case(
         (_step_has(StepState.running), _job_state_value(JobState.running)),
+        (_step_has(StepState.waiting_action), _job_state_value(JobState.waiting_action)),
         (_step_has(StepState.waiting_retry), _job_state_value(JobState.waiting_retry)),
+        (_JOB.c.state == JobState.waiting_action, _job_state_value(JobState.running)),
         else_=_JOB.c.state,
     )
 
@@ -823,6 +915,8 @@ def execute_step(step_id: str, *, task_id: str, worker: str, emit_event: EventEm
             _heartbeats.unwatch(beat)
     except StepCancelled:
         return _stand_down(step)
+    except AwaitingOperator as request:
+        return _await_operator(step, lease, request.instructions)
     except Exception as exc:  # noqa: BLE001 - classified below: recoverable, or a failure to look at
         if is_recoverable(exc):
             logger.warning("step %s (%s) failed, will retry: %s", step.id, step.name, exc)
@@ -894,6 +988,23 @@ def _wait_for_retry(step: _ClaimedStep, lease: str, exc: BaseException) -> StepO
     return StepOutcome(advance=False, state=StepState.waiting_retry)
 
 
+def _await_operator(step: _ClaimedStep, lease: str, instructions: str) -> StepOutcome:
+    """A manual action: the step waits for `resume` with its instructions; the canvas stops here (resume
+    launches what follows)."""
+    now = clock.now()
+    with session_scope() as session:
+        recorded = session.exec(_update(JobStep).where(_owned(step.id, lease)).values(
+            state=StepState.waiting_action, instructions=instructions, ended_at=now, lease=None,
+            next_attempt_at=None, error=None, error_class=None,
+        )).rowcount
+        if recorded:
+            _refresh_job_state(session.connection(), step.job_id)
+    if not recorded:
+        return _stand_down(step)
+    logger.info("step %s (%s) of job %s waits for an operator: %s", step.id, step.name, step.job_id, instructions)
+    return StepOutcome(advance=False, state=StepState.waiting_action)
+
+
 def _fail_step(step: _ClaimedStep, lease: str, error: str, error_class: str) -> StepOutcome:
     now = clock.now()
     with session_scope() as session:
@@ -929,7 +1040,7 @@ def _stop_remaining_steps(session: Session, job_id: str, now: datetime) -> None:
     at their next heartbeat or progress report."""
     session.exec(_update(JobStep).where(
         JobStep.job_id == job_id,
-        JobStep.state.in_((StepState.pending, StepState.queued, StepState.waiting_retry)),
+        JobStep.state.in_((StepState.pending, StepState.queued, StepState.waiting_retry, StepState.waiting_action)),
     ).values(state=StepState.cancelled, ended_at=now))
     session.exec(_update(JobStep).where(
         JobStep.job_id == job_id, JobStep.state == StepState.running,
@@ -1048,6 +1159,8 @@ def reconcile() -> dict[str, int]:
 def _relaunch_reason(job: Job, steps: list[JobStep], now: datetime, settings: EngineSettings) -> str | None:
     stages = [list(stage) for _, stage in groupby(steps, key=lambda step: step.stage)]
     stalled_before = now - timedelta(seconds=settings.queued_stall_s)
+    # Only the first stage not complete is looked at: a stage whose step waits for an operator (or a
+    # retry not due yet) holds the later ones back, and their pending steps are not a lost continuation.
     for stage_no, stage in enumerate(stages):
         if all(step.state in DONE_STEP_STATES for step in stage):
             continue
