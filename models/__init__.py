@@ -1,9 +1,11 @@
-"""sqlmodel tables: the durable state of sites, hosts, VMs, protected items, jobs and job steps.
+"""sqlmodel tables: the durable state of sites, hosts, VMs, protected items, failovers, recovery plans, jobs and job
+steps.
 
 Importing this package registers every table on `SQLModel.metadata` (what `models.db.init_db` creates).
 """
 from . import jobs  # noqa: F401  (the job engine's tables; its names are imported from models.jobs)
 from .db import dispose_engines, get_engine, init_db, session_scope
+from .failover import FailoverKind, FailoverRecord, FailoverStatus
 from .fabric import (
     AmbiguousVmError,
     Host,
@@ -16,6 +18,7 @@ from .fabric import (
     VmNetworkAdapter,
     VmNotFoundError,
 )
+from .plans import PlanError, PlanNotFoundError, PlanOperation, RecoveryPlan
 from .policy import ReplicationPolicy
 from .protection import (
     Health,
@@ -31,5 +34,7 @@ __all__ = [
     "Site", "VmmServer", "VmmCloud", "Host", "VirtualMachine", "VirtualDisk", "VmNetworkAdapter",
     "NetworkMapping", "VmNotFoundError", "AmbiguousVmError",
     "ReplicationPolicy",
+    "FailoverRecord", "FailoverKind", "FailoverStatus",
+    "RecoveryPlan", "PlanError", "PlanNotFoundError", "PlanOperation",
     "ProtectedItem", "RecoveryPoint", "ReplicationState", "Health", "RecoveryPointKind", "InvalidStateError",
 ]

@@ -17,7 +17,7 @@ from sqlmodel import Field, Session, SQLModel, select
 
 from datapath.errors import NonRecoverableError
 from models.db import UtcDateTime, as_utc, clock_now, new_id, string_enum
-from models.fabric import VirtualMachine
+from models.fabric import Host, VirtualMachine
 from models.policy import ReplicationPolicy
 
 __all__ = [
@@ -37,6 +37,16 @@ class ReplicationState(enum.StrEnum):
     RESYNCHRONIZING = "resynchronizing"
     FAILING_OVER = "failing_over"
     FAILED_OVER = "failed_over"
+    """Running at the recovery site, not committed: the failover can still be cancelled."""
+    FAILOVER_COMMITTED = "failover_committed"
+    """The recovery site's VM is the VM now; the primary is not replicated any more."""
+    FAILING_BACK = "failing_back"
+    FAILBACK_READY = "failback_ready"
+    """Minimize-downtime failback: the primary holds a staged copy; waits for the operator to complete."""
+    FAILED_BACK = "failed_back"
+    """Running on the primary again, from the swapped-in disks; waits for commit."""
+    FAILBACK_COMMITTED = "failback_committed"
+    """Waits for reverse replication to protect the primary again."""
     DISABLING_PROTECTION = "disabling_protection"
     DISABLED = "disabled"
 
@@ -65,10 +75,17 @@ ALLOWED_TRANSITIONS: dict[ReplicationState, frozenset[ReplicationState]] = {
     # Failover uses existing recovery points, so it stays possible while the replica needs a resync.
     _S.RESYNC_REQUIRED: frozenset({_S.RESYNCHRONIZING, _S.FAILING_OVER, _S.DISABLING_PROTECTION}),
     _S.RESYNCHRONIZING: frozenset({_S.PROTECTED, _S.RESYNC_REQUIRED, _S.FAILING_OVER, _S.DISABLING_PROTECTION}),
-    # A failover that fails or is cancelled returns the item to replicating (or needing a resync).
+    # A failover that fails returns the item to replicating (or needing a resync).
     _S.FAILING_OVER: frozenset({_S.FAILED_OVER, _S.PROTECTED, _S.RESYNC_REQUIRED}),
-    # From failed over: fail over again to another recovery point, or stop protecting.
-    _S.FAILED_OVER: frozenset({_S.FAILING_OVER, _S.DISABLING_PROTECTION}),
+    # From failed over: fail over again to another point, cancel (the primary resumes), commit, or stop.
+    _S.FAILED_OVER: frozenset({_S.FAILING_OVER, _S.PROTECTED, _S.FAILOVER_COMMITTED, _S.DISABLING_PROTECTION}),
+    _S.FAILOVER_COMMITTED: frozenset({_S.FAILING_BACK, _S.DISABLING_PROTECTION}),
+    # A cancelled or failed failback leaves the recovery VM the VM (the primary's disks were not swapped).
+    _S.FAILING_BACK: frozenset({_S.FAILBACK_READY, _S.FAILED_BACK, _S.FAILOVER_COMMITTED}),
+    _S.FAILBACK_READY: frozenset({_S.FAILING_BACK, _S.FAILOVER_COMMITTED}),
+    _S.FAILED_BACK: frozenset({_S.FAILBACK_COMMITTED}),
+    # Reverse replication is a resynchronization against the replica the failover started from.
+    _S.FAILBACK_COMMITTED: frozenset({_S.RESYNCHRONIZING, _S.DISABLING_PROTECTION}),
     _S.DISABLING_PROTECTION: frozenset({_S.DISABLED}),
     _S.DISABLED: frozenset({_S.ENABLING_PROTECTION}),
 }
@@ -108,6 +125,13 @@ class ProtectedItem(SQLModel, table=True):
     unsent_ratio: float = Field(default=0.0)
     """The largest share, over the item's disks, of tracked changes not yet sent."""
     next_delta_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    next_app_consistent_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    """When the next delta cycle quiesces the VM first and makes an app-consistent point."""
+    recovery_host_id: str | None = Field(default=None, foreign_key="host.id", max_length=36)
+    """The recovery site's compute host failovers create the VM on (unless a failover names another)."""
+    replica_folder: str | None = Field(default=None, max_length=200)
+    """`<host>/<vm>` of the replicas, fixed when protection is enabled, so a VM failed back to an alternate
+    host keeps its replicas (reverse replication then sends only what differs)."""
     initial_replication_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     """When a scheduled initial replication starts (state initial_replication_pending); None otherwise."""
     created_at: datetime = Field(default_factory=clock_now, sa_type=UtcDateTime)
@@ -129,22 +153,25 @@ class RecoveryPoint(SQLModel, table=True):
     kind: RecoveryPointKind = Field(sa_type=string_enum(RecoveryPointKind))
     manifest_roots: dict[str, str] = Field(default_factory=dict, sa_type=sa.JSON)
     """{disk_uuid: checksum-manifest root of the replica at this point}."""
+    versions: dict[str, int] = Field(default_factory=dict, sa_type=sa.JSON)
+    """{disk_uuid: replica version at this point} (datapath.points opens a replica at a version)."""
 
 
 # ---- protecting a VM ---------------------------------------------------------------------------
 def protect_vm(
     session: Session, vm: VirtualMachine, policy: ReplicationPolicy, *, recovery_storage: str,
-    storage_options: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None, recovery_host: Host | None = None,
 ) -> ProtectedItem:
     """The VM's protected item, new in state enabling_protection. A VM whose protection was disabled
-    gets its item back, re-enabling; a VM protected already is refused."""
+    gets its item back, re-enabling; a VM protected already is refused. `recovery_host` is where its
+    failovers create the VM by default."""
     where = f"protection of VM {vm.name!r}"
     _check_recovery_storage(where, recovery_storage)
     options = _check_storage_options(where, storage_options or {})
     item = session.exec(select(ProtectedItem).where(ProtectedItem.vm_id == vm.id)).first()
     if item is None:
         item = ProtectedItem(
-            vm_id=vm.id, policy_id=policy.id, recovery_storage=recovery_storage, storage_options=options
+            vm_id=vm.id, policy_id=policy.id, recovery_storage=recovery_storage, storage_options=options,
         )
     elif item.replication_state is ReplicationState.DISABLED:
         transition(item, ReplicationState.ENABLING_PROTECTION)
@@ -156,6 +183,12 @@ def protect_vm(
         item.unsent_ratio = 0.0
     else:
         raise ValueError(f"VM {vm.name!r} is already protected (item {item.id}, state {item.replication_state})")
+    if recovery_host is not None:
+        if recovery_host.id == vm.host_id:
+            raise ValueError(f"{where}: the recovery host {recovery_host.name!r} is the VM's own host")
+        item.recovery_host_id = recovery_host.id
+    host = session.get(Host, vm.host_id)
+    item.replica_folder = f"{host.name}/{vm.name}"
     session.add(item)
     session.flush()
     return item
@@ -281,6 +314,7 @@ def item_lock_key(item_id: str) -> str:
 def record_recovery_point(
     session: Session, item: ProtectedItem, generations: Mapping[str, int], created_at: datetime,
     kind: RecoveryPointKind = RecoveryPointKind.CRASH_CONSISTENT, manifest_roots: Mapping[str, str] | None = None,
+    versions: Mapping[str, int] | None = None,
 ) -> RecoveryPoint:
     """A new recovery point of the item at `created_at` (recovery-side clock)."""
     if not generations or not all(
@@ -293,7 +327,7 @@ def record_recovery_point(
         )
     point = RecoveryPoint(
         item_id=item.id, generations=dict(generations), created_at=as_utc(created_at),
-        kind=RecoveryPointKind(kind), manifest_roots=dict(manifest_roots or {}),
+        kind=RecoveryPointKind(kind), manifest_roots=dict(manifest_roots or {}), versions=dict(versions or {}),
     )
     session.add(point)
     if item.last_recovery_point_at is None or point.created_at > item.last_recovery_point_at:

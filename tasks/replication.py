@@ -29,12 +29,14 @@ from datapath.replication import (
     resynchronize,
     ship_pending_logs,
 )
+from datapath.points import prune_versions
 from datapath.tracker import RESYNC_THRESHOLD, ReplicationTracker
 from models.db import session_scope
 from models.jobs import JobStep
 from models.protection import (
     ProtectedItem,
     RecoveryPoint,
+    RecoveryPointKind,
     ReplicationState,
     mark_healthy,
     mark_warning,
@@ -44,6 +46,7 @@ from models.protection import (
     transition,
 )
 from sites.host import Host as HostDriver
+from sites.host import QuiesceError
 from sites.storage import open_storage
 from sites.storage.base import RecoveryStorage
 from worker import app
@@ -55,6 +58,7 @@ MIB = 1024 * 1024
 MAX_OS_DISK_BYTES = 2 * 1024**4
 MAX_DATA_DISK_BYTES = 4 * 1024**4
 RESYNC_REQUIRED_CODE = "resync_required"
+APP_CONSISTENCY_CODE = "app_consistency_failed"
 
 
 # ---- opening things ------------------------------------------------------------------------------
@@ -84,7 +88,14 @@ def _storage(view: protection.ItemView) -> Iterator[RecoveryStorage]:
 
 
 def _replica(view: protection.ItemView, storage: RecoveryStorage, disk_name: str) -> ReplicaDisk:
-    return ReplicaDisk(storage, ReplicaDisk.name_for(view.host.name, view.vm.name, disk_name))
+    return replica_of(view, storage, disk_name)
+
+
+def replica_of(view: protection.ItemView, storage: RecoveryStorage, disk_name: str) -> ReplicaDisk:
+    """The disk's replica, in the folder fixed when protection was enabled (a VM failed back to an
+    alternate host keeps it)."""
+    host, vm = (view.item.replica_folder or f"{view.host.name}/{view.vm.name}").split("/", 1)
+    return ReplicaDisk(storage, ReplicaDisk.name_for(host, vm, disk_name))
 
 
 def _driver(view: protection.ItemView) -> HostDriver:
@@ -252,51 +263,93 @@ def resync_disk(ctx: StepContext, *, item_id: str, disk_id: str) -> dict[str, An
 def ship_logs(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     """Seal every disk's log (also a disk without writes: all disks advance together into one recovery
     point), then upload every sealed log not yet shipped. All seals come before any upload, so the disks'
-    logs end as close together in time as the trackers allow."""
+    logs end as close together in time as the trackers allow. When the policy's app-consistent frequency
+    is due, the seals happen with the VM quiesced (its pre/post commands, its writes paused), so the
+    point is app-consistent; a quiesce that fails leaves a crash-consistent point and a warning."""
     view = _load(ctx, item_id)
     disks: dict[str, dict[str, Any]] = {}
+    app_consistent = _app_consistent_due(view)
+    quiesce_error = None
     with ExitStack() as stack:
         trackers = {disk.name: stack.enter_context(_tracker(view, disk.name)) for disk in view.disks}
         # Measured before sealing: what piled up since the last cycle.
         unsent = {name: tracker.unsent_ratio() for name, tracker in trackers.items()}
-        sealed = {name: tracker.seal().generation for name, tracker in trackers.items()}
+        if app_consistent:
+            try:
+                with _driver(view).quiesce(view.vm.name):
+                    sealed = {name: tracker.seal().generation for name, tracker in trackers.items()}
+            except QuiesceError as exc:
+                app_consistent, quiesce_error = False, str(exc)
+                sealed = {name: tracker.seal().generation for name, tracker in trackers.items()}
+        else:
+            sealed = {name: tracker.seal().generation for name, tracker in trackers.items()}
         storage = stack.enter_context(_storage(view))
         for done, disk in enumerate(view.disks):
             shipped = ship_pending_logs(trackers[disk.name], _replica(view, storage, disk.name))
             disks[disk.disk_uuid] = {"name": disk.name, "unsent_ratio": unsent[disk.name],
                                      "sealed": sealed[disk.name], "shipped": shipped}
             ctx.progress(done + 1, len(view.disks))
-    return {"disks": disks}
+    if quiesce_error is not None:
+        with ctx.session() as session:
+            mark_warning(session, protection.load_item(session, item_id).item, APP_CONSISTENCY_CODE,
+                         f"app-consistent point not taken, crash-consistent instead: {quiesce_error}")
+    return {"disks": disks, "app_consistent": app_consistent, "quiesce_error": quiesce_error}
+
+
+def _app_consistent_due(view: protection.ItemView) -> bool:
+    if view.policy.app_consistent_frequency_h <= 0:
+        return False
+    due = view.item.next_app_consistent_at
+    return due is None or due <= clock.now()
 
 
 @item_action(protection.APPLY_LOGS)
 def apply_logs(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
-    """Apply the shipped logs to every replica, then record the recovery point they make and drop the
-    points past the policy's retention. A corrupt or out-of-sequence log marks the item resync_required
-    (Warning, with the reason) and fails the job with it."""
+    """Apply the shipped logs to every replica, then record the recovery point they make (its replica
+    versions and manifest roots per disk, app-consistent when the ship step quiesced the VM) and drop the
+    points, and the replica versions only they needed, past the policy's retention. A corrupt or
+    out-of-sequence log marks the item resync_required (Warning, with the reason) and fails the job."""
     view = _load(ctx, item_id)
     generations: dict[str, int] = {}
+    versions: dict[str, int] = {}
+    roots: dict[str, str] = {}
     applied: dict[str, list[int]] = {}
     with _storage(view) as storage:
+        replicas = {disk.disk_uuid: _replica(view, storage, disk.name) for disk in view.disks}
         for done, disk in enumerate(view.disks):
-            replica = _replica(view, storage, disk.name)
+            replica = replicas[disk.disk_uuid]
             try:
                 report = apply_shipped_logs(replica, disk_name=f"{view.vm.name}/{disk.name}")
             except (LogCorruptError, LogOutOfSequenceError) as broken:
                 _require_resync(ctx, item_id, f"disk {disk.name}: {broken}")
                 raise
             applied[disk.name] = report.applied
-            generations[disk.disk_uuid] = replica.load_state().applied_generation
+            state = replica.load_state()
+            generations[disk.disk_uuid] = state.applied_generation
+            versions[disk.disk_uuid] = state.version
+            roots[disk.disk_uuid] = state.manifest_root
             ctx.progress(done + 1, len(view.disks))
-    sealed_at = _ship_started_at(ctx.job_id)
-    with ctx.session() as session:
-        item = session.get(ProtectedItem, item_id)
-        known = session.exec(select(RecoveryPoint.generations).where(RecoveryPoint.item_id == item_id)).all()
-        if generations not in known:  # a rerun after a crash records nothing twice
-            record_recovery_point(session, item, generations, sealed_at)
-        pruned = prune_recovery_points(session, item, clock.now())
-    return {"applied": applied, "generations": generations, "point_at": sealed_at.isoformat(),
-            "pruned": len(pruned)}
+        ship = _ship_step(ctx.job_id)
+        sealed_at = ship.started_at
+        app_consistent = bool((ship.result or {}).get("app_consistent"))
+        kind = RecoveryPointKind.APP_CONSISTENT if app_consistent else RecoveryPointKind.CRASH_CONSISTENT
+        with ctx.session() as session:
+            item = session.get(ProtectedItem, item_id)
+            known = session.exec(select(RecoveryPoint.versions).where(RecoveryPoint.item_id == item_id)).all()
+            if versions not in known:  # a rerun after a crash records nothing twice
+                record_recovery_point(session, item, generations, sealed_at, kind=kind, manifest_roots=roots,
+                                      versions=versions)
+                if app_consistent:
+                    item.next_app_consistent_at = clock.after(view.policy.app_consistent_frequency_h * 3600)
+                    session.add(item)
+            pruned = prune_recovery_points(session, item, clock.now())
+            kept = session.exec(select(RecoveryPoint.versions).where(RecoveryPoint.item_id == item_id)).all()
+        pruned_versions = {}
+        for disk_uuid, replica in replicas.items():
+            oldest = min((point.get(disk_uuid, versions[disk_uuid]) for point in kept), default=versions[disk_uuid])
+            pruned_versions[disk_uuid] = prune_versions(replica, oldest)
+    return {"applied": applied, "generations": generations, "versions": versions, "point_at": sealed_at.isoformat(),
+            "kind": str(kind), "pruned": len(pruned), "pruned_versions": pruned_versions}
 
 
 def _require_resync(ctx: StepContext, item_id: str, reason: str) -> None:
@@ -407,10 +460,11 @@ def remove_replicas(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     """Delete the VM's replica disks, their state and shipped logs, and its recovery points."""
     view = _load(ctx, item_id)
     with _storage(view) as storage:
-        removed = storage.list_objects(f"{view.host.name}/{view.vm.name}/")
+        folder = view.item.replica_folder or f"{view.host.name}/{view.vm.name}"
+        removed = storage.list_objects(f"{folder}/")
         for disk in view.disks:
             storage.delete_disk(_replica(view, storage, disk.name).name)
-        for name in storage.list_objects(f"{view.host.name}/{view.vm.name}/"):
+        for name in storage.list_objects(f"{folder}/"):
             storage.delete_object(name)
     with ctx.session() as session:
         for point in session.exec(select(RecoveryPoint).where(RecoveryPoint.item_id == item_id)).all():

@@ -213,11 +213,13 @@ def _require_state(view: ItemView, allowed: tuple[ReplicationState, ...], doing:
 
 # ---- the workflows ------------------------------------------------------------------------------------
 def enable_protection(
-    vm_id: str, policy_id: str, *, recovery_storage: str, storage_options: dict | None = None
+    vm_id: str, policy_id: str, *, recovery_storage: str, storage_options: dict | None = None,
+    recovery_host: str | None = None,
 ) -> str:
     """Protect the VM: creates (or reuses, after a failed enable) its protected item and starts the
-    enable_protection job. Returns the job id. ItemBusyError while another job holds the item."""
-    item_id = _protected_item_for(vm_id, policy_id, recovery_storage, storage_options or {})
+    enable_protection job. Returns the job id. ItemBusyError while another job holds the item.
+    `recovery_host` (a registered host's name) is where failovers create the VM by default."""
+    item_id = _protected_item_for(vm_id, policy_id, recovery_storage, storage_options or {}, recovery_host)
     view = _load_or_raise(item_id)
     scheduled_at = view.policy.initial_replication_at
     scheduled = scheduled_at is not None and scheduled_at > clock.now()
@@ -233,8 +235,13 @@ def enable_protection(
     return _start_item_job(ENABLE_PROTECTION, view, stages)
 
 
-def _protected_item_for(vm_id: str, policy_id: str, recovery_storage: str, storage_options: dict) -> str:
+def _protected_item_for(
+    vm_id: str, policy_id: str, recovery_storage: str, storage_options: dict, recovery_host: str | None = None,
+) -> str:
     with session_scope() as session:
+        if recovery_host is not None and session.exec(
+                select(Host).where(Host.name == recovery_host)).first() is None:
+            raise ValueError(f"protection of VM {vm_id}: no host {recovery_host!r} is registered to recover to")
         vm = session.get(VirtualMachine, vm_id)
         if vm is None:
             raise VmNotFoundError(f"no VM {vm_id} is registered")
@@ -261,8 +268,10 @@ def _protected_item_for(vm_id: str, policy_id: str, recovery_storage: str, stora
         with session_scope() as session:
             vm = session.get(VirtualMachine, vm_id)
             policy = session.get(ReplicationPolicy, policy_id)
+            target = None if recovery_host is None else session.exec(
+                select(Host).where(Host.name == recovery_host)).first()
             return protect_vm(session, vm, policy, recovery_storage=recovery_storage,
-                              storage_options=storage_options).id
+                              storage_options=storage_options, recovery_host=target).id
     except (sa.exc.IntegrityError, ValueError):
         # Another request may have created or re-enabled the item since we looked: that one runs.
         if _item_state(vm_id) != seen:
@@ -307,8 +316,12 @@ def start_resync(item_id: str, *, manual: bool = True) -> str:
             f"automatic resync of VM {view.vm.name!r} waits for the end of the office hours of policy "
             f"{view.policy.name!r}; start a manual resync to run it now"
         )
-    params = {"item_id": item_id}
-    stages = [
+    return _start_item_job(RESYNCHRONIZE, view, _resync_stages(view), manual=manual)
+
+
+def _resync_stages(view: ItemView) -> list[list[StepSpec]]:
+    params = {"item_id": view.item.id}
+    return [
         [StepSpec("Take VM snapshot", SNAPSHOT_VM, view.queue,
                   {**params, "enter_state": ReplicationState.RESYNCHRONIZING.value})],
         [StepSpec(f"Resynchronize disk {disk.name}", RESYNC_DISK, view.queue, {**params, "disk_id": disk.id})
@@ -316,7 +329,6 @@ def start_resync(item_id: str, *, manual: bool = True) -> str:
         *_merge_stages(view),
         [StepSpec("Resume replication", FINALIZE, ORCHESTRATION_QUEUE, params)],
     ]
-    return _start_item_job(RESYNCHRONIZE, view, stages, manual=manual)
 
 
 def disable_protection(item_id: str) -> str:
