@@ -3,4 +3,4 @@
 The worker imports this package at start (`include=["tasks"]` in worker.py); every task module is
 imported here so its tasks are registered.
 """
-from tasks import replication, steps  # noqa: F401
+from tasks import failover, plans, replication, steps  # noqa: F401

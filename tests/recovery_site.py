@@ -32,19 +32,19 @@ from datapath.disk import open_disk
 from models.db import dispose_engines, init_db, session_scope
 from models.fabric import Host as HostRow
 from models.fabric import VirtualMachine as VmRow
-from models.fabric import create_site, import_vm_manifest, register_host, vm_disks
+from models.fabric import add_network_mapping, create_site, import_vm_manifest, register_host, vm_disks
 from models.policy import create_policy
 from models.jobs import Job
 from models.protection import ProtectedItem
 from services import AzuriteProcess
-from datapath.replication import ReplicaDisk
 from sites.host import Host
 from sites.storage.base import RecoveryStorage
 from workers import CeleryProcess, RedisServer, celery_env, point_app_at, start_beat, start_worker, stop_all, wait_until
 
-import tasks.replication as replication_actions  # registers the actions start_job validates
+import tasks  # noqa: F401  (registers every action start_job validates)
+import tasks.replication as replication_actions
 from workflows.engine import ItemBusyError, get_job
-from workflows.protection import enable_protection, item_status, start_delta_replication
+from workflows.protection import enable_protection, item_status, load_item, start_delta_replication
 
 AZURE_CONNECTION_ENV = "ASR_AZURE_CONNECTION_STRING"
 """The variable holding the Azurite connection string in every worker (and this process)."""
@@ -52,6 +52,7 @@ DEFAULT_TIME_SCALE = 10
 ALL_DAY = (time_of_day(0, 0), time_of_day(23, 59, 59, 999999))
 EVERY_DAY = (0, 1, 2, 3, 4, 5, 6)
 FINISHED_JOB_STATES = ("succeeded", "failed", "cancelled")
+RECOVERY_SUBNETS = {"default": "10.10.0.0/24", "backend": "10.20.0.0/24"}
 LOG_TAIL_CHARS = 3000
 
 
@@ -66,6 +67,7 @@ class RecoverySite:
         azurite: AzuriteProcess | None = None,
         appendonly: bool = False,
         host_names: Iterable[str] = ("host1",),
+        recovery_host_names: Iterable[str] = (),
         time_scale: float = DEFAULT_TIME_SCALE,
         env: Mapping[str, str] | None = None,
         start_workers: bool = True,
@@ -80,6 +82,9 @@ class RecoverySite:
         self.backend = backend
         self.azurite = azurite
         self.host_names = tuple(host_names)
+        self.recovery_host_names = tuple(recovery_host_names)
+        """Compute hosts of the recovery site (failovers create VMs there); the first is every item's
+        default recovery host."""
         self.host_concurrency = host_concurrency
         self.processes: list[CeleryProcess] = []
         self.workers: dict[str, CeleryProcess] = {}
@@ -166,7 +171,8 @@ class RecoverySite:
 
     def _start_default_processes(self) -> None:
         starting = [self.start_orchestration_worker(wait=False)]
-        starting += [self.start_host_worker(name, wait=False) for name in self.host_names]
+        starting += [self.start_host_worker(name, wait=False)
+                     for name in (*self.host_names, *self.recovery_host_names)]
         starting.append(self.start_beat(wait=False))
         for process in starting:
             process.wait_ready()
@@ -212,6 +218,15 @@ class RecoverySite:
                 root = self.workdir / "hosts" / name
                 root.mkdir(parents=True)
                 register_host(session, name, str(root), site=site)
+            # Every VM network a test uses lands in one recovery network.
+            for network in ("default", "backend"):
+                add_network_mapping(session, network, f"recovery-{network}", RECOVERY_SUBNETS[network], site=site)
+            if self.recovery_host_names:
+                recovery = create_site(session, "recovery")
+                for name in self.recovery_host_names:
+                    root = self.workdir / "hosts" / name
+                    root.mkdir(parents=True)
+                    register_host(session, name, str(root), site=recovery)
         self.policy_id = self.create_policy("default", **policy_options)
 
     def create_policy(self, name: str, **options: Any) -> str:
@@ -225,17 +240,18 @@ class RecoverySite:
     def host(self, name: str) -> Host:
         """The host driver of a host of this site (one per name, so it can stop workloads it started)."""
         if name not in self._hosts:
-            if name not in self.host_names:
-                raise ValueError(f"host {name!r} is not one of this site's hosts {self.host_names}")
+            if name not in (*self.host_names, *self.recovery_host_names):
+                raise ValueError(f"host {name!r} is not one of this site's hosts "
+                                 f"{(*self.host_names, *self.recovery_host_names)}")
             self._hosts[name] = Host(self.workdir / "hosts" / name, name)
         return self._hosts[name]
 
     def create_vm(self, host: str, name: str, disks: Iterable[tuple[str, int | str, str]], *,
-                  fill: float = 0.5, seed: int = 1) -> str:
+                  fill: float = 0.5, seed: int = 1, networks: Iterable[str] = ("default",)) -> str:
         """Create a VM on the host (sparse disks filled to `fill` with data from `seed`), register it in
         the database; returns its id there."""
         driver = self.host(host)
-        vm = driver.create_vm(name, list(disks))
+        vm = driver.create_vm(name, list(disks), networks=tuple(networks))
         if fill:
             driver.write_initial_data(name, seed, fill)
         with session_scope() as session:
@@ -255,6 +271,7 @@ class RecoverySite:
         return enable_protection(
             vm_id, policy_id or self.policy_id, recovery_storage=self.recovery_storage,
             storage_options=dict(self.storage_options if storage_options is None else storage_options),
+            recovery_host=self.recovery_host_names[0] if self.recovery_host_names else None,
         )
 
     def item_id(self, vm_id: str) -> str:
@@ -329,10 +346,12 @@ class RecoverySite:
         first differing offset otherwise). Quiesce first: `final_cycle`."""
         host_name = self.vm_hosts[vm_id]
         vm = self.host(host_name).get_vm(self.vm_name(vm_id))
+        with session_scope() as session:
+            view = load_item(session, self.item_id(vm_id))
         storage = self.storage()
         try:
             for disk in vm.disks:
-                name = ReplicaDisk.name_for(host_name, vm.name, disk.name)
+                name = replication_actions.replica_of(view, storage, disk.name).name
                 with open_disk(disk.path) as source:
                     replica = storage.open_disk(name)
                     try:
