@@ -174,13 +174,19 @@ def disk_verify(a: Path, b: Path):
     sys.exit(1)
 
 
-def _register_demo():
+def _register_commands():
+    # The operator's verbs (api/cli_ops.py) and the process launchers (api/cli_processes.py) add their
+    # commands to `main` when imported; they import this module, hence here and not at the top.
+    import importlib
+
     from api.demo import demo
 
     main.add_command(demo)
+    for module in ("api.cli_ops", "api.cli_processes"):
+        importlib.import_module(module)
 
 
-_register_demo()
+_register_commands()
 
 if __name__ == "__main__":
     main()

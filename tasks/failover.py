@@ -25,13 +25,13 @@ from datapath.failback import (
     write_difference_log,
 )
 from datapath.manifest import Manifest, compute_manifest
-from datapath.points import restore_point
+from datapath.points import restore_point, verify_point
 from datapath.replog import apply_log
 from models.db import as_utc
 from models.jobs import JobStep, StepState
 from models.failover import FailoverKind, FailoverRecord, FailoverStatus
 from models.fabric import Host, VirtualDisk, VirtualMachine, vm_adapters, vm_disks
-from models.protection import ProtectedItem, ReplicationState, mark_healthy, transition
+from models.protection import ProtectedItem, RecoveryPoint, ReplicationState, mark_healthy, transition
 from sites.host import Host as HostDriver
 from sites.host import VmNotFoundError as HostVmNotFoundError
 from tasks.replication import _load, _storage, item_action, replica_of
@@ -691,3 +691,29 @@ def begin_reverse_replication(ctx: StepContext, *, item_id: str) -> dict[str, An
         session.add(item)
     return {"state": str(S.RESYNCHRONIZING)}
 
+
+
+# ---- checking a point ----------------------------------------------------------------------------------------
+@item_action(failover.VERIFY_POINT)
+def verify_point_of_disk(ctx: StepContext, *, item_id: str, point_id: str, disk_id: str) -> dict[str, Any]:
+    """Read the disk's content at the point back from the recovery storage and compare its manifest root
+    with the point's; a difference fails the step, naming the first differing chunk."""
+    view = _load(ctx, item_id)
+    disk = view.disk(disk_id)
+    with ctx.session() as session:
+        point = session.get(RecoveryPoint, point_id)
+        if point is None:
+            raise NonRecoverableError(f"recovery point {point_id} no longer exists (pruned past retention)")
+        version, expected = point.versions.get(disk.disk_uuid), point.manifest_roots.get(disk.disk_uuid)
+    if version is None:
+        raise NonRecoverableError(f"recovery point {point_id} has no version of disk {disk.name}")
+    with _storage(view) as storage:
+        check = verify_point(replica_of(view, storage, disk.name), version, expected, on_progress=ctx.progress)
+    if not check.ok:
+        raise NonRecoverableError(
+            f"VM {view.vm.name!r}, disk {disk.name}: the replica at recovery point {point_id} (version {version}) "
+            f"has manifest root {check.actual_root}, the point recorded {expected}; first differing chunk "
+            f"{check.first_bad_chunk}"
+        )
+    return {"disk": disk.name, "version": version, "root": check.actual_root, "ok": True,
+            "seconds": round(check.seconds, 3)}

@@ -391,3 +391,24 @@ def test_recovery_plan_of_three_groups_with_a_manual_action(tmp_path, request):
         with pytest.raises(Exception, match="web01"):
             start_plan("shop", "planned_failover")
         assert state(site, vms["db01"]) == "protected"
+
+
+def test_verify_a_replica_against_its_points_and_catch_damage(tmp_path, request):
+    """The replica is checked against a point from the recovery storage alone; damage to the replica fails
+    the check, names the disk, and leaves the item Warning."""
+    with make_site(tmp_path, "local", request) as site:
+        vm_id = protected_vm(site)
+        item_id = site.item_id(vm_id)
+        first = points(item_id)[0]
+        site.final_cycle(vm_id)
+        job = run(site, fo.start_verify(item_id))
+        assert {s["result"]["disk"] for s in job["steps"]} == {"disk0", "disk1"}
+        run(site, fo.start_verify(item_id, first.id))
+
+        replica = site.recovery_dir / "host1" / "app01" / "disk1.vhd"
+        with open(replica, "r+b") as f:
+            f.seek(3 * MIB + 100)
+            f.write(b"\xff" * 16)
+        job = site.wait_job(fo.start_verify(item_id), JOB_TIMEOUT, states=("failed",))
+        assert "disk1" in job["error"] and "first differing chunk 3" in job["error"]
+        assert site.item(vm_id)["health"] == "Warning"

@@ -45,6 +45,7 @@ from models.protection import (
     RecoveryPointKind,
     ReplicationState,
     mark_critical,
+    mark_warning,
     recovery_points,
 )
 from workflows import engine
@@ -57,6 +58,7 @@ __all__ = [
     "start_planned_failover", "start_unplanned_failover", "cancel_failover", "commit_failover",
     "start_failback", "complete_failback", "cancel_failback", "commit_failback", "start_reverse_replication",
     "failover_stages", "failback_stages", "resolve_point", "recovery_network_for", "failover_report",
+    "start_verify",
 ]
 
 ACTIONS_MODULE = "tasks.failover"
@@ -91,6 +93,7 @@ RESTART_RECOVERY_VM = "failback.restart_recovery_vm"
 FINISH_FAILBACK_CANCEL = "failback.finish_cancel"
 COMMIT_FAILBACK = "failback.commit"
 BEGIN_REVERSE = "failback.begin_reverse_replication"
+VERIFY_POINT = "points.verify"
 
 TEST_FAILOVER = "test_failover"
 TEST_FAILOVER_CLEANUP = "test_failover_cleanup"
@@ -103,6 +106,7 @@ FAILBACK_COMPLETION = "failback_completion"
 CANCEL_FAILBACK = "cancel_failback"
 COMMIT_FAILBACK_JOB = "commit_failback"
 REVERSE_REPLICATION = "reverse_replication"
+VERIFY_RECOVERY_POINT = "verify_recovery_point"
 FAILOVER_JOB_KINDS = (TEST_FAILOVER, TEST_FAILOVER_CLEANUP, PLANNED_FAILOVER, UNPLANNED_FAILOVER,
                       CANCEL_FAILOVER, COMMIT_FAILOVER, FAILBACK, FAILBACK_COMPLETION, CANCEL_FAILBACK,
                       COMMIT_FAILBACK_JOB, REVERSE_REPLICATION)
@@ -536,6 +540,20 @@ def start_reverse_replication(item_id: str) -> str:
     return _start(REVERSE_REPLICATION, Prepared(item_id, view.vm.name, stages, {}))
 
 
+# ---- checking a point ------------------------------------------------------------------------------------
+def start_verify(item_id: str, point: str | None = None) -> str:
+    """Check the replica against a recovery point (the latest by default) without touching the source: each
+    disk's content at that point is read back from the recovery storage and its manifest root compared
+    with the one the point recorded. The job fails, naming the disk and chunk, when one differs."""
+    view = _view(item_id)
+    with session_scope() as session:
+        chosen = resolve_point(session, session.get(ProtectedItem, item_id), point or PointChoice.LATEST_PROCESSED)
+    params = {"item_id": item_id, "point_id": chosen.id}
+    stages = [[StepSpec(f"Verify disk {disk.name} against recovery point", VERIFY_POINT,
+                        engine.RECOVERY_QUEUE, {**params, "disk_id": disk.id}) for disk in view.disks]]
+    return _start(VERIFY_RECOVERY_POINT, Prepared(item_id, view.vm.name, stages, {"point_id": chosen.id}))
+
+
 # ---- reports -----------------------------------------------------------------------------------------------
 def failover_report(record_id: str) -> dict[str, Any]:
     """A failover's record as plain JSON: the drill report (point, roots and their check, RTO, RPO)."""
@@ -591,6 +609,14 @@ for _kind in FAILOVER_JOB_KINDS:
         job_hook(_kind, "failed")(_on_end)
         job_hook(_kind, "cancelled")(_on_end)
 job_hook(REVERSE_REPLICATION, "failed")(protection_workflows._on_failure)
+
+
+@job_hook(VERIFY_RECOVERY_POINT, "failed")
+def _on_verify_failed(job: Job, session: Session) -> None:
+    """A replica that does not hold what its point recorded is not to be trusted for failover: Warning."""
+    item = session.get(ProtectedItem, job.params.get("item_id"))
+    if item is not None:
+        mark_warning(session, item, "recovery_point_verification_failed", job.error or "verification failed")
 
 
 def active_jobs(item_ids: list[str]) -> list[Job]:
