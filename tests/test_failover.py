@@ -209,6 +209,13 @@ def test_drill_to_an_older_point_while_replication_continues(tmp_path, request):
         site.final_cycle(vm_id)
         site.verify_replica(vm_id)
 
+        # "Latest" processes the pending logs first: the drill then holds the disks as they are now.
+        site.host("host1").stop_workload("app01")
+        job = run(site, fo.start_test_failover(item_id, point=fo.PointChoice.LATEST))
+        assert [s["name"] for s in job["steps"]][1:4] == ["Ship logs", "Apply logs", "Acknowledge logs"]
+        assert vm_digests(site, "dr1", "app01-test") == vm_digests(site, "host1", "app01")
+        run(site, fo.start_test_failover_cleanup(item_id))
+
 
 def test_pruned_point_cannot_be_restored(tmp_path, request):
     """A point past the retention window is pruned with the replica versions only it needed: failing over to
