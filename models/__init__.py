@@ -4,6 +4,7 @@ steps.
 Importing this package registers every table on `SQLModel.metadata` (what `models.db.init_db` creates).
 """
 from . import jobs  # noqa: F401  (the job engine's tables; its names are imported from models.jobs)
+from .apikeys import ApiKey, ApiKeyNotFoundError
 from .db import dispose_engines, get_engine, init_db, session_scope
 from .failover import FailoverKind, FailoverRecord, FailoverStatus
 from .fabric import (
@@ -37,4 +38,5 @@ __all__ = [
     "FailoverRecord", "FailoverKind", "FailoverStatus",
     "RecoveryPlan", "PlanError", "PlanNotFoundError", "PlanOperation",
     "ProtectedItem", "RecoveryPoint", "ReplicationState", "Health", "RecoveryPointKind", "InvalidStateError",
+    "ApiKey", "ApiKeyNotFoundError",
 ]

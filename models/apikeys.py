@@ -1,0 +1,144 @@
+"""API keys of the REST API: who may call it. Only a salted scrypt hash of each key is kept.
+
+A key reads `asr_<prefix>_<secret>`. The prefix is stored in clear and finds the key's row, so a request costs
+one scrypt check, not one per key; the whole key is what is hashed. Keys are shown once, when created.
+Deployments that cannot write to the database list hashes in `ASR_API_KEY_HASHES` instead (`hash_key` makes
+one); those keys may have any form.
+
+Functions flush but never commit: the caller's `session_scope` does.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlmodel import Field, Session, SQLModel, select
+
+from datapath.errors import NonRecoverableError
+from models.db import UtcDateTime, clock_now, new_id, validate_name
+from models.fabric import _hash_key  # the same salted scrypt the hosts' registration keys use
+
+__all__ = [
+    "ApiKey", "ApiKeyNotFoundError", "API_KEY_HASHES_ENV", "create_api_key", "verify_api_key", "revoke_api_key",
+    "list_api_keys", "hash_key", "key_matches", "env_key_matches", "describe",
+]
+
+API_KEY_HASHES_ENV = "ASR_API_KEY_HASHES"
+_PREFIX_CHARS = 10
+_KEY_START = "asr_"
+# Recording every use would make each request a database write; once a minute says enough.
+_LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+class ApiKeyNotFoundError(NonRecoverableError):
+    """No API key has this name."""
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_key"
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=36)
+    name: str = Field(unique=True, max_length=64)
+    prefix: str = Field(unique=True, max_length=16)
+    key_hash: str = Field(max_length=256)
+    created_at: datetime = Field(default_factory=clock_now, sa_type=UtcDateTime)
+    last_used_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    revoked_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+
+
+def hash_key(key: str) -> str:
+    """`scrypt$N$r$p$salt$digest` of the key, a new salt each time."""
+    if not isinstance(key, str) or not key:
+        raise ValueError("an API key is non-empty text")
+    return _hash_key(key)
+
+
+def key_matches(key: str, stored: str) -> bool:
+    """Whether `key` hashes to `stored` (compared in constant time); False for a malformed hash."""
+    if not isinstance(key, str) or not key or not isinstance(stored, str):
+        return False
+    try:
+        scheme, n, r, p, salt, expected = stored.strip().split("$")
+        if scheme != "scrypt":
+            return False
+        expected_bytes = base64.b64decode(expected, validate=True)
+        actual = hashlib.scrypt(key.encode(), salt=base64.b64decode(salt, validate=True), n=int(n), r=int(r),
+                                p=int(p), dklen=len(expected_bytes))
+    except ValueError:
+        return False
+    return hmac.compare_digest(actual, expected_bytes)
+
+
+def env_key_matches(key: str, hashes: str | None = None) -> bool:
+    """Whether `key` is one of the keys whose hashes `ASR_API_KEY_HASHES` lists (comma-separated)."""
+    listed = os.environ.get(API_KEY_HASHES_ENV, "") if hashes is None else hashes
+    return any(key_matches(key, stored) for stored in listed.split(",") if stored.strip())
+
+
+def create_api_key(session: Session, name: str) -> tuple[ApiKey, str]:
+    """A new key named `name`; returns its row and the key itself, which is not kept anywhere."""
+    validate_name(name, "API key")
+    if session.exec(select(ApiKey).where(ApiKey.name == name)).first() is not None:
+        raise ValueError(f"an API key named {name!r} already exists")
+    prefix = secrets.token_hex(_PREFIX_CHARS // 2)
+    key = f"{_KEY_START}{prefix}_{secrets.token_urlsafe(32)}"
+    row = ApiKey(name=name, prefix=prefix, key_hash=hash_key(key))
+    session.add(row)
+    session.flush()
+    return row, key
+
+
+def _prefix_of(key: str) -> str | None:
+    if not key.startswith(_KEY_START) or len(key) <= len(_KEY_START) + _PREFIX_CHARS + 1:
+        return None
+    prefix = key[len(_KEY_START):len(_KEY_START) + _PREFIX_CHARS]
+    return prefix if key[len(_KEY_START) + _PREFIX_CHARS] == "_" else None
+
+
+def verify_api_key(session: Session, key: str) -> ApiKey | None:
+    """The live (not revoked) key row `key` belongs to, or None."""
+    if not isinstance(key, str) or len(key) > 512:
+        return None
+    prefix = _prefix_of(key)
+    if prefix is None:
+        return None
+    row = session.exec(select(ApiKey).where(ApiKey.prefix == prefix)).first()
+    if row is None or row.revoked_at is not None or not key_matches(key, row.key_hash):
+        return None
+    now = clock_now()
+    if row.last_used_at is None or now - row.last_used_at >= _LAST_USED_RESOLUTION:
+        row.last_used_at = now
+        session.add(row)
+        session.flush()
+    return row
+
+
+def revoke_api_key(session: Session, name: str) -> ApiKey:
+    """Revoke the key named `name` (its row stays, for the record); ApiKeyNotFoundError if there is none."""
+    row = session.exec(select(ApiKey).where(ApiKey.name == name)).first()
+    if row is None:
+        raise ApiKeyNotFoundError(f"API key {name!r} not found")
+    if row.revoked_at is None:
+        row.revoked_at = clock_now()
+        session.add(row)
+        session.flush()
+    return row
+
+
+def list_api_keys(session: Session) -> list[ApiKey]:
+    return list(session.exec(select(ApiKey).order_by(ApiKey.name)))
+
+
+def describe(row: ApiKey) -> dict[str, Any]:
+    """The key's record, without its hash."""
+    return {
+        "id": row.id, "name": row.name, "prefix": row.prefix,
+        "created_at": row.created_at.isoformat(),
+        "last_used_at": row.last_used_at.isoformat() if row.last_used_at else None,
+        "revoked_at": row.revoked_at.isoformat() if row.revoked_at else None,
+    }

@@ -1,0 +1,308 @@
+"""The REST API as it is deployed: `uvicorn api.rest:app` as a real subprocess on a free port, pointed at a
+real deployment (tests/recovery_site.py: private redis-server, SQLite, Celery workers and beat), used
+through the typed client (api/client.py) and, where the wire itself is the point, through plain httpx.
+
+Covered: 401 without a valid key and nothing written; 202 with the job id and a Location; a job followed to
+its end as server-sent events; 404/409/422 with readable messages; protection and a drill through the API;
+the OpenAPI document in docs/ matching the app.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from sqlmodel import select
+
+from api import service
+from api.client import ApiError, SiteRecoveryClient
+from api.rest import openapi_text
+from models.db import session_scope
+from models.fabric import Site, VirtualMachine
+from models.jobs import Job
+from models.protection import ProtectedItem
+from recovery_site import RecoverySite
+from sites.localservices import LOCALHOST, free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+OPENAPI_DOC = REPO_ROOT / "docs" / "openapi.json"
+DISKS = [("disk0", "8M", "vhd"), ("disk1", "4M", "raw")]
+JOB_TIMEOUT = 90
+START_TIMEOUT = 30
+
+
+class ApiServer:
+    """`python -m uvicorn api.rest:app` on 127.0.0.1 and a free port, in a session of its own."""
+
+    def __init__(self, env: dict[str, str], workdir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://{LOCALHOST}:{self.port}"
+        self.log_path = workdir / "api.log"
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "api.rest:app", "--host", LOCALHOST, "--port", str(self.port)],
+                cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the API server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"the API server did not answer within {START_TIMEOUT} s:\n{self.log()}")
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+
+
+class Deployment:
+    def __init__(self, site: RecoverySite, server: ApiServer, key: str, env_key: str) -> None:
+        self.site, self.server, self.key, self.env_key = site, server, key, env_key
+        self.url = server.url
+
+    def client(self, key: str | None = None) -> SiteRecoveryClient:
+        return SiteRecoveryClient(self.url, self.key if key is None else key, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    workdir = tmp_path_factory.mktemp("api")
+    with RecoverySite(workdir, recovery_host_names=("dr1",), time_scale=1) as site:
+        key = service.create_api_key("tests")["key"]
+        # A second key known only by its hash in the environment, as a deployment without DB writes has it.
+        env_key = "env-only-key-0123456789"
+        env = {**site.env, "ASR_API_KEY_HASHES": f"not-a-hash,{service.hash_api_key(env_key)}",
+               "ASR_API_KEY_CACHE_S": "0"}  # every request checks its key: revocation takes effect at once
+        server = ApiServer(env, workdir)
+        try:
+            yield Deployment(site, server, key, env_key)
+        except BaseException:
+            print(server.log())
+            raise
+        finally:
+            server.stop()
+
+
+def rows() -> dict[str, int]:
+    with session_scope() as session:
+        return {model.__name__: session.exec(select(sa.func.count()).select_from(model)).one()
+                for model in (Site, VirtualMachine, ProtectedItem, Job)}
+
+
+def api_error(call, status: int, *fragments: str) -> str:
+    """`call` fails with `status` and a message holding every fragment, writing nothing; returns the message."""
+    before = rows()
+    with pytest.raises(ApiError) as caught:
+        call()
+    assert caught.value.status == status, f"expected {status}, got {caught.value}"
+    for fragment in fragments:
+        assert fragment in caught.value.message, f"{caught.value.message!r} should mention {fragment!r}"
+    assert rows() == before, f"a refused request ({caught.value}) wrote to the database"
+    return caught.value.message
+
+
+# ---- the document ----------------------------------------------------------------------------------------
+def test_openapi_document_is_current() -> None:
+    current = openapi_text()
+    assert OPENAPI_DOC.is_file() and OPENAPI_DOC.read_text() == current, (
+        "docs/openapi.json is stale: regenerate it with `python -m api.rest --write-openapi docs/openapi.json`")
+
+
+# ---- keys ----------------------------------------------------------------------------------------------------
+def test_requests_without_a_valid_key_do_nothing(deployment: Deployment) -> None:
+    url = deployment.url + "/api/v1"
+    make_vm(deployment.site, "keyless")
+    service.add_vm("host1", "keyless")
+    before = rows()
+    attempts = [
+        ("POST", "/sites", {"name": "intruder"}, {}),
+        ("POST", "/sites", {"name": "intruder"}, {"X-API-Key": "asr_0123456789_guessed"}),
+        ("POST", "/sites", {"name": "intruder"}, {"Authorization": "Bearer not-a-key"}),
+        ("POST", "/sites", {"name": "intruder"}, {"Authorization": f"Basic {deployment.key}"}),
+        ("POST", "/vms/keyless/protect", {"policy": "default", "recovery_storage": deployment.site.recovery_storage},
+         {}),
+        ("POST", "/sites", "{not json", {}),  # refused for the key before the body is even read
+        ("GET", "/sites", None, {}),
+        ("GET", "/no/such/route", None, {}),
+    ]
+    for method, path, body, headers in attempts:
+        kwargs = {"content": body} if isinstance(body, str) else {"json": body}
+        response = httpx.request(method, url + path, headers=headers, timeout=10, **kwargs)
+        assert response.status_code == 401, f"{method} {path} with {headers}: {response.status_code} {response.text}"
+        assert "API key" in response.json()["error"]
+        assert response.headers["www-authenticate"].startswith("Bearer")
+    assert rows() == before, "a request without a valid key changed the database"
+    assert service.list_jobs(vm="host1/keyless") == []
+
+    # Open without a key: liveness and the API's own description.
+    assert httpx.get(deployment.url + "/healthz").json()["status"] == "ok"
+    assert httpx.get(deployment.url + "/openapi.json").json()["info"]["title"] == "Site Recovery Engine API"
+
+    # The database key as a header or a bearer token, the key listed by hash in the environment.
+    assert httpx.get(url + "/sites", headers={"X-API-Key": deployment.key}).status_code == 200
+    assert httpx.get(url + "/sites", headers={"Authorization": f"Bearer {deployment.key}"}).status_code == 200
+    with deployment.client(deployment.env_key) as by_env:
+        assert "primary" in {s["name"] for s in by_env.list_sites()}
+
+    # A revoked key stops working.
+    temporary = service.create_api_key("temporary")["key"]
+    with deployment.client(temporary) as client:
+        assert client.list_vms()
+        service.revoke_api_key("temporary")
+        api_error(client.list_vms, 401, "not valid")
+
+
+# ---- errors ----------------------------------------------------------------------------------------------------
+def test_errors_are_clear_and_change_nothing(deployment: Deployment) -> None:
+    url = deployment.url + "/api/v1"
+    headers = {"X-API-Key": deployment.key}
+    with deployment.client() as client:
+        for bad in ("a/b", "..", "up..", "back\\slash"):
+            api_error(lambda bad=bad: client.add_site(bad), 422, "name", "cannot contain")
+        api_error(lambda: client.add_site("x" * 65), 422, "name")
+        api_error(lambda: client.add_site("primary"), 409, "site 'primary' already exists")
+        api_error(lambda: client.show_vm("ghost"), 404, "VM 'ghost' not found")
+        api_error(lambda: client.show_site("ghost"), 404, "site 'ghost' not found")
+        api_error(lambda: client.show_job("no-such-job"), 404, "no job no-such-job")
+        api_error(lambda: list(client.events("no-such-job")), 404, "no job")
+        api_error(lambda: client.add_policy("bad", copy_frequency_s=17), 422, "copy frequency", "30, 300, 900")
+        api_error(lambda: client.add_vm("host1", "ghost"), 404, "VM 'ghost' not found on host 'host1'")
+        api_error(lambda: client.list_jobs(limit=0), 422, "limit")
+        api_error(lambda: client.protect("ghost", policy="default", recovery_storage="file:///x"), 404, "ghost")
+        api_error(lambda: client.run_plan("nope", "test_failover"), 404, "recovery plan 'nope' not found")
+
+    # What the typed client cannot send: names with separators in the path, unknown fields, wrong types,
+    # malformed JSON. Each a 422 naming the problem.
+    for path in ("/sites/..%2Fetc", "/sites/a%5Cb", "/hosts/%2E%2E", "/policies/x%2F..%2Fy"):
+        response = httpx.get(url + path, headers=headers)
+        assert response.status_code == 422 and "cannot contain" in response.json()["error"], (path, response.text)
+    cases = [
+        ({"name": "ok1", "colour": "blue"}, "colour: unknown field"),
+        ({"description": "no name"}, "name: required"),
+        ({"name": ["a"]}, "name:"),
+        ("{not json", "not valid JSON"),
+    ]
+    before = rows()
+    for body, expected in cases:
+        kwargs = {"content": body, "headers": {**headers, "content-type": "application/json"}} \
+            if isinstance(body, str) else {"json": body, "headers": headers}
+        response = httpx.post(url + "/sites", **kwargs)
+        assert response.status_code == 422 and expected in response.json()["error"], (body, response.text)
+    assert rows() == before
+    response = httpx.get(url + "/no/such/route", headers=headers)
+    assert response.status_code == 404 and "no such route" in response.json()["error"]
+
+
+# ---- operations ----------------------------------------------------------------------------------------------
+def make_vm(site: RecoverySite, name: str) -> None:
+    driver = site.host("host1")
+    driver.create_vm(name, DISKS)
+    driver.write_initial_data(name, 7, 0.5)
+
+
+def follow(client: SiteRecoveryClient, job_id: str) -> list[dict[str, Any]]:
+    """The job's server-sent events to its end; fails naming the job unless it succeeded."""
+    snapshots = list(client.events(job_id, interval=0.2, timeout=JOB_TIMEOUT))
+    last = snapshots[-1]
+    assert last["finished"], f"job {job_id} did not finish in {JOB_TIMEOUT} s: {last}"
+    assert last["state"] == "succeeded", f"job {job_id} ({last['kind']}) {last['state']}: {last['error']}"
+    return snapshots
+
+
+def test_protect_and_drill_through_the_api(deployment: Deployment) -> None:
+    site = deployment.site
+    make_vm(site, "web01")
+    with deployment.client() as client:
+        vm = client.add_vm("host1", "web01")
+        assert [d["name"] for d in vm["disks"]] == ["disk0", "disk1"] and vm["state"] is None
+        # Quiet: no delta cycle takes the VM's lock while the test drives it.
+        policy = client.add_policy("quiet", copy_frequency_s=900, office_hours=["00:00", "23:59"],
+                                   office_days=["mon", "tue", "wed", "thu", "fri", "sat", "sun"])
+        assert policy["copy_frequency_s"] == 900
+
+        # Submitting answers 202 at once, with the job id and where to follow it.
+        response = httpx.post(f"{deployment.url}/api/v1/vms/web01/protect", headers={"X-API-Key": deployment.key},
+                              json={"policy": "quiet", "recovery_storage": site.recovery_storage,
+                                    "recovery_host": "dr1"})
+        assert response.status_code == 202, response.text
+        started = response.json()
+        assert started["kind"] == "enable_protection" and started["vm"] == "web01"
+        assert response.headers["location"] == f"/api/v1/jobs/{started['job_id']}"
+        api_error(lambda: client.protect("web01", policy="quiet", recovery_storage=site.recovery_storage), 409,
+                  "web01")
+
+        snapshots = follow(client, started["job_id"])
+        assert len(snapshots) >= 2 and not snapshots[0]["finished"], "the stream should show the job running"
+        assert snapshots[-1]["percent"] == 100.0
+        assert {step["name"] for step in snapshots[-1]["steps"]} >= {"Copy disk disk0", "Copy disk disk1"}
+
+        job = client.show_job(started["job_id"])
+        assert job["state"] == "succeeded" and all(step["progress"]["percent"] == 100.0 for step in job["steps"])
+        points = client.recovery_points("web01")
+        assert points, "protection should leave a recovery point"
+        shown = client.show_vm("host1/web01")
+        assert shown["state"] == "protected"
+        assert [d["replica"] for d in shown["disks"]] == ["host1/web01/disk0.vhd", "host1/web01/disk1.vhd"]
+
+        # A drill through the API, followed as events; the report says the disks were verified.
+        drill = client.test_failover("web01")
+        assert drill["kind"] == "test_failover"
+        follow(client, drill["job_id"])
+        shown = client.show_vm("web01")
+        assert shown["failover"]["kind"] == "test" and shown["failover"]["verified"] is True
+        assert all(Path(d["test_path"]).is_file() for d in shown["disks"])
+        api_error(lambda: client.test_failover("web01"), 409, "clean it up first")
+        cleanup = client.test_failover_cleanup("web01")
+        assert client.wait_job(cleanup["job_id"], timeout=JOB_TIMEOUT)["state"] == "succeeded"
+        assert all(d["test_path"] is None for d in client.show_vm("web01")["disks"])
+
+        assert [j["kind"] for j in client.list_jobs(vm="web01")] == ["test_failover_cleanup", "test_failover",
+                                                                      "enable_protection"]
+        api_error(lambda: client.cancel_job(drill["job_id"]), 409, "already ended")
+        api_error(lambda: client.restart_job(drill["job_id"]), 409, "only a failed or cancelled job")
+        api_error(lambda: client.commit_failover("web01"), 409, "nothing to commit")
+        api_error(lambda: client.failback("web01", mode="sideways"), 422, "failback mode")
+        health = {entry["vm"]: entry for entry in client.health()}
+        assert health["web01"]["state"] == "protected" and health["web01"]["health"] == "Healthy"
+
+        # A recovery plan whose manual action pauses the job: the stream ends at its timeout showing what the
+        # operator is asked to do; resuming lets the drill run to its end.
+        plan = client.create_plan("web-drill", [{
+            "name": "web", "vms": ["web01"],
+            "before": [{"kind": "manual", "name": "dns", "instructions": "Point www at the test network"}],
+        }])
+        assert plan["groups"][0]["vms"][0]["name"] == "web01"
+        run = client.run_plan("web-drill", "test_failover")
+        assert run["kind"] == "plan_test_failover" and run["plan"] == "web-drill"
+        paused = list(client.events(run["job_id"], interval=0.2, timeout=3))
+        assert not paused[-1]["finished"] and paused[-1]["state"] == "waiting_action", paused[-1]
+        assert paused[-1]["waiting_for"] == [{"step": "Group web: before action dns",
+                                              "instructions": "Point www at the test network"}]
+        assert client.resume_job(run["job_id"], note="done")["resumed_steps"]
+        follow(client, run["job_id"])
+        assert client.show_vm("web01")["failover"]["kind"] == "test"
+        assert client.wait_job(client.test_failover_cleanup("web01")["job_id"], JOB_TIMEOUT)["state"] == "succeeded"
