@@ -183,7 +183,7 @@ def test_three_stage_job_runs_stage_by_stage_with_a_parallel_stage_on_the_host_q
                   {"log": log, "label": "finalize", "seconds": 3.0, "ticks": 30})],
     ]
     events = EventCapture(
-        "task-progress", lambda event: event.get("name") == "Finalize protection" and event["done"] < event["total"],
+        "task-progress", lambda event: event.get("step_name") == "Finalize protection" and event["done"] < event["total"],
         timeout=60,
     )
     job_id = start_job("enable_protection", lock_key=lock_key(), stages=stages, target="app01")
@@ -196,7 +196,7 @@ def test_three_stage_job_runs_stage_by_stage_with_a_parallel_stage_on_the_host_q
     assert live["total"] == 30 and 0 < live["percent"] < 100
     events.join(timeout=30)
     progress_events = [event for event in events.events if event.get("job_id") == job_id]
-    assert any(event["name"] == "Finalize protection" and 0 < event["done"] < 30 for event in progress_events)
+    assert any(event["step_name"] == "Finalize protection" and 0 < event["done"] < 30 for event in progress_events)
     assert all({"step", "done", "total", "percent", "uuid"} <= event.keys() for event in progress_events)
 
     job = wait_for_job(job_id, timeout=30)

@@ -115,7 +115,7 @@ def test_host_worker_killed_mid_copy_resumes_from_the_checkpoint_on_a_new_worker
     with RecoverySite(tmp_path, backend="azure", azurite=azurite) as site:
         vm_id = site.create_vm(HOST, "app01", [("disk0", size, "vhd")], fill=1.0, seed=11)
         finished = EventCapture(
-            "task-progress", lambda event: event.get("name") == copy and event["done"] == event["total"],
+            "task-progress", lambda event: event.get("step_name") == copy and event["done"] == event["total"],
             timeout=180,
         )
         job_id = site.protect(vm_id)

@@ -583,7 +583,8 @@ class StepContext:
         except redis.RedisError as exc:
             logger.warning("progress of step %s not published to Redis: %s", self.step_id, exc)
         try:
-            self._emit_event(job_id=self.job_id, step=self.step_id, name=self.step_name, done=done,
+            # Not "name": Flower takes an event's name field as the task's name.
+            self._emit_event(job_id=self.job_id, step=self.step_id, step_name=self.step_name, done=done,
                              total=total, percent=percent_of(done, total))
         except Exception as exc:  # noqa: BLE001 - a lost progress event must never fail the step
             logger.warning("task-progress event of step %s not sent: %s", self.step_id, exc)

@@ -1,0 +1,29 @@
+# One image for every Site Recovery Engine process; compose.yaml picks the process by its command
+# (`asr api`, `asr beat`, `asr worker orchestration|recovery|host NAME`, `asr flower`).
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    ASR_HOME=/var/lib/asr
+
+WORKDIR /opt/site-recovery-engine
+
+# Only what the package is built from (no .venv, .tools or test data in the image).
+COPY pyproject.toml README.md worker.py ./
+COPY api ./api
+COPY datapath ./datapath
+COPY models ./models
+COPY sites ./sites
+COPY tasks ./tasks
+COPY workflows ./workflows
+RUN pip install .
+
+# Not root. The mount points exist, owned by that user, so named volumes mounted there start out
+# writable by it (Docker copies a mount point's ownership into an empty volume).
+RUN useradd --system --create-home --home-dir /var/lib/asr asr \
+    && mkdir -p /hosts/host1 /hosts/host2 /hosts/dr1 \
+    && chown -R asr:asr /hosts /var/lib/asr
+USER asr
+
+CMD ["asr", "--help"]

@@ -1,0 +1,460 @@
+"""compose.yaml, checked without Docker (none on the test machines): it parses, every service is buildable
+or pulled, our processes' commands are `asr` verbs that exist with options they accept, dependencies and
+volumes resolve, orchestration can scale, Redis keeps its append-only file, credentials come from the
+environment, and the services match README.md's compose section both ways.
+
+PyYAML is not a dependency of the project, so the file is read by `load_compose_yaml` below: the YAML
+subset compose.yaml keeps to (block mappings and sequences, flat flow sequences, quoted and plain scalars,
+anchors, aliases and `<<` merges). Anything outside that subset is an error, not a guess; where PyYAML
+happens to be installed, both readings must agree.
+"""
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+COMPOSE = REPO / "compose.yaml"
+README = REPO / "README.md"
+README_SECTION = "## Running with compose"
+
+OUR_SERVICES = {"api", "beat", "orchestration", "recovery", "host1", "host2", "dr1", "flower"}
+EXPECTED_SERVICES = OUR_SERVICES | {"redis", "postgres", "azurite"}
+HOST_AGENTS = {"host1", "host2", "dr1"}
+# The compose specification's service keys this file may use (a typo in a key is silently ignored by
+# nothing: Docker rejects the file, so we reject it here).
+SERVICE_KEYS = {
+    "build", "image", "command", "entrypoint", "environment", "env_file", "depends_on", "volumes", "ports",
+    "restart", "healthcheck", "deploy", "container_name", "hostname", "user", "working_dir", "networks",
+    "expose", "labels", "logging", "stop_signal", "stop_grace_period", "init", "profiles", "pull_policy",
+}
+TOP_LEVEL_KEYS = {"services", "volumes", "networks", "configs", "secrets", "name"}
+RESTART_POLICIES = re.compile(r"no|always|unless-stopped|on-failure(:\d+)?")
+DEPENDENCY_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
+INTERPOLATION = re.compile(r"\$(\$|\{[A-Za-z_][A-Za-z0-9_]*(:?[-?+][^}]*)?\})")
+DURATION = re.compile(r"(\d+(us|ms|s|m|h))+")
+
+
+# ---- a YAML subset reader ------------------------------------------------------------------------
+class YamlSubsetError(ValueError):
+    pass
+
+
+_BOOLS = {"true": True, "True": True, "TRUE": True, "false": False, "False": False, "FALSE": False,
+          "yes": True, "Yes": True, "YES": True, "no": False, "No": False, "NO": False,
+          "on": True, "On": True, "ON": True, "off": False, "Off": False, "OFF": False}
+
+
+def _strip_comment(line: str) -> str:
+    quote = None
+    for i, char in enumerate(line):
+        if quote:
+            if char == quote:
+                quote = None
+        elif char in "\"'" and (i == 0 or line[i - 1] in " [,{:"):
+            quote = char
+        elif char == "#" and (i == 0 or line[i - 1] in " \t"):
+            return line[:i].rstrip()
+    return line.rstrip()
+
+
+def _scalar(text: str, anchors: dict[str, Any]) -> Any:
+    text = text.strip()
+    if text.startswith("*"):
+        name = text[1:]
+        if name not in anchors:
+            raise YamlSubsetError(f"unknown alias {text}")
+        return anchors[name]
+    if text.startswith('"'):
+        if not text.endswith('"') or len(text) < 2:
+            raise YamlSubsetError(f"unterminated string {text}")
+        return json.loads(text)  # the escapes this file uses (\\, \") are JSON's too
+    if text.startswith("'"):
+        if not text.endswith("'") or len(text) < 2:
+            raise YamlSubsetError(f"unterminated string {text}")
+        return text[1:-1].replace("''", "'")
+    if text[:1] in "|>&!%@`{":
+        if text == "{}":
+            return {}
+        raise YamlSubsetError(f"unsupported YAML construct: {text}")
+    if text.startswith("["):
+        return _flow_sequence(text, anchors)
+    if text in ("", "~", "null", "Null", "NULL"):
+        return None
+    if text in _BOOLS:
+        return _BOOLS[text]
+    if re.fullmatch(r"[-+]?(0|[1-9][0-9]*)", text):
+        return int(text)
+    if re.fullmatch(r"[-+]?(\d+\.\d*|\.\d+)([eE][-+]?\d+)?", text):
+        return float(text)
+    return text
+
+
+def _flow_sequence(text: str, anchors: dict[str, Any]) -> list[Any]:
+    if not text.endswith("]"):
+        raise YamlSubsetError(f"unterminated flow sequence: {text}")
+    items, current, quote = [], "", None
+    for char in text[1:-1]:
+        if quote:
+            current += char
+            if char == quote:
+                quote = None
+        elif char in "\"'" and not current.strip():
+            quote, current = char, current + char
+        elif char == ",":
+            items.append(current)
+            current = ""
+        elif char in "[]{}":
+            raise YamlSubsetError(f"nested flow collections are not supported: {text}")
+        else:
+            current += char
+    if quote:
+        raise YamlSubsetError(f"unterminated string in {text}")
+    if current.strip():  # (a trailing comma is allowed)
+        items.append(current)
+    return [_scalar(item, anchors) for item in items]
+
+
+def _open_brackets(text: str) -> int:
+    """'[' minus ']' outside quoted strings."""
+    depth, quote = 0, None
+    for char in text:
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+    return depth
+
+
+def _split_key(content: str) -> tuple[str, str] | None:
+    """(key, rest) of `key: rest` or `key:`; None when `content` is not a mapping entry."""
+    match = re.match(r"([A-Za-z0-9_.<-][A-Za-z0-9_.<-]*|\"[^\"]*\"):(?: (.*)|$)", content)
+    if match is None:
+        return None
+    key = match.group(1)
+    return (json.loads(key) if key.startswith('"') else key), (match.group(2) or "").strip()
+
+
+def load_compose_yaml(text: str) -> Any:
+    """Read the YAML subset described in the module docstring; YamlSubsetError on anything else."""
+    lines: list[tuple[int, str, int]] = []  # (indentation, content, line number)
+    pending: tuple[int, str, int] | None = None
+    for number, raw in enumerate(text.splitlines(), 1):
+        if "\t" in raw[: len(raw) - len(raw.lstrip())]:
+            raise YamlSubsetError(f"line {number}: tab in indentation")
+        line = _strip_comment(raw)
+        if not line.strip():
+            continue
+        if pending is None:
+            pending = (len(line) - len(line.lstrip()), line.strip(), number)
+        else:  # a flow sequence continued over several lines
+            pending = (pending[0], f"{pending[1]} {line.strip()}", pending[2])
+        if _open_brackets(pending[1]) <= 0:
+            lines.append(pending)
+            pending = None
+    if pending is not None:
+        raise YamlSubsetError(f"line {pending[2]}: unterminated flow sequence")
+    anchors: dict[str, Any] = {}
+
+    def block(start: int, indent: int) -> tuple[Any, int]:
+        if lines[start][1].startswith("- ") or lines[start][1] == "-":
+            return sequence(start, indent)
+        return mapping(start, indent)
+
+    def value_after(rest: str, index: int, indent: int) -> tuple[Any, int]:
+        anchor = None
+        if rest.startswith("&"):
+            anchor, _, rest = rest.partition(" ")
+            anchor = anchor[1:]
+        if rest:
+            value, index = _scalar(rest, anchors), index + 1
+        elif index + 1 < len(lines) and lines[index + 1][0] > indent:
+            value, index = block(index + 1, lines[index + 1][0])
+        elif index + 1 < len(lines) and lines[index + 1][0] == indent and lines[index + 1][1].startswith("- "):
+            value, index = block(index + 1, indent)  # a sequence may sit at its key's indentation
+        else:
+            value, index = None, index + 1
+        if anchor:
+            anchors[anchor] = value
+        return value, index
+
+    def mapping(index: int, indent: int) -> tuple[dict[str, Any], int]:
+        result: dict[str, Any] = {}
+        merged: dict[str, Any] = {}
+        while index < len(lines) and lines[index][0] == indent:
+            _, content, number = lines[index]
+            entry = _split_key(content)
+            if entry is None:
+                raise YamlSubsetError(f"line {number}: expected `key: value`, got {content!r}")
+            key, rest = entry
+            value, index = value_after(rest, index, indent)
+            if key == "<<":
+                if not isinstance(value, dict):
+                    raise YamlSubsetError(f"line {number}: `<<` needs a mapping alias")
+                merged.update(value)
+                continue
+            if key in result:
+                raise YamlSubsetError(f"line {number}: duplicate key {key!r}")
+            result[key] = value
+        if index < len(lines) and lines[index][0] > indent:
+            raise YamlSubsetError(f"line {lines[index][2]}: unexpected indentation")
+        return {**merged, **result}, index
+
+    def sequence(index: int, indent: int) -> tuple[list[Any], int]:
+        result = []
+        while index < len(lines) and lines[index][0] == indent and (
+                lines[index][1].startswith("- ") or lines[index][1] == "-"):
+            _, content, number = lines[index]
+            item = content[1:].strip()
+            if _split_key(item) is not None:
+                raise YamlSubsetError(f"line {number}: mappings inside sequences are not supported")
+            result.append(_scalar(item, anchors))
+            index += 1
+        return result, index
+
+    if not lines:
+        return None
+    value, end = block(0, lines[0][0])
+    if end != len(lines):
+        raise YamlSubsetError(f"line {lines[end][2]}: unexpected content {lines[end][1]!r}")
+    return value
+
+
+# ---- the file ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    text = COMPOSE.read_text()
+    document = load_compose_yaml(text)
+    try:
+        import yaml
+    except ImportError:
+        pass
+    else:
+        assert document == yaml.safe_load(text), "the subset reader and PyYAML disagree on compose.yaml"
+    assert isinstance(document, dict), "compose.yaml must be a mapping"
+    return document
+
+
+def test_the_subset_reader_reads_what_compose_uses_and_rejects_the_rest() -> None:
+    text = """
+x-base: &base
+  image: a:1   # comment
+  environment: &env
+    A: "x # not a comment"
+    B: 'it''s'
+services:
+  one:
+    <<: *base
+    environment:
+      <<: *env
+      C: ${X:-}
+    command: ["asr", "worker",
+              "host", "h1"]
+    ports:
+    - "127.0.0.1:1:1"
+    - 8000
+    init: true
+volumes:
+  data:
+"""
+    assert load_compose_yaml(text) == {
+        "x-base": {"image": "a:1", "environment": {"A": "x # not a comment", "B": "it's"}},
+        "services": {"one": {
+            "image": "a:1", "environment": {"A": "x # not a comment", "B": "it's", "C": "${X:-}"},
+            "command": ["asr", "worker", "host", "h1"], "ports": ["127.0.0.1:1:1", 8000], "init": True,
+        }},
+        "volumes": {"data": None},
+    }
+    for bad in ("a: |\n  text\n", "a:\n  - b: c\n", "a: [b, [c]]\n", "a: 1\na: 2\n", "a: *nowhere\n",
+                "a: [b, c\n", "a:\n    b: 1\n   c: 2\n"):
+        with pytest.raises(YamlSubsetError):
+            load_compose_yaml(bad)
+
+
+def test_compose_file_structure(compose: dict[str, Any]) -> None:
+    assert set(compose) - TOP_LEVEL_KEYS <= {key for key in compose if key.startswith("x-")}, set(compose)
+    services: dict[str, dict[str, Any]] = compose["services"]
+    assert set(services) == EXPECTED_SERVICES, sorted(services)
+    declared_volumes = set(compose.get("volumes") or {})
+    for name, service in services.items():
+        where = f"service {name}"
+        assert set(service) <= SERVICE_KEYS, f"{where}: unknown keys {set(service) - SERVICE_KEYS}"
+        assert "image" in service or "build" in service, f"{where} has neither image nor build"
+        if "build" in service:
+            assert service["build"] == "." and (REPO / "Dockerfile").is_file(), where
+        command = service.get("command")
+        assert command is None or (isinstance(command, list) and all(isinstance(a, str) for a in command)), \
+            f"{where}: command must be a list of strings (no shell parsing), got {command!r}"
+        if "restart" in service:
+            assert RESTART_POLICIES.fullmatch(service["restart"]), f"{where}: restart {service['restart']!r}"
+        for key in ("stop_grace_period",):
+            if key in service:
+                assert DURATION.fullmatch(service[key]), f"{where}: {key} {service[key]!r}"
+        environment = service.get("environment") or {}
+        assert isinstance(environment, dict), f"{where}: environment as a mapping"
+        for variable, value in environment.items():
+            # Compose wants strings here; an unquoted yes/no/number would become a YAML bool or int.
+            assert isinstance(value, str), f"{where}: {variable} must be a quoted string, got {value!r}"
+            leftover = INTERPOLATION.sub("", value)
+            assert "$" not in leftover, f"{where}: {variable} has a malformed ${{...}}: {value!r}"
+        depends = service.get("depends_on") or {}
+        if isinstance(depends, list):
+            depends = {dependency: {"condition": "service_started"} for dependency in depends}
+        for dependency, spec in depends.items():
+            assert dependency in services and dependency != name, f"{where} depends on unknown {dependency!r}"
+            assert spec["condition"] in DEPENDENCY_CONDITIONS, f"{where}: condition {spec['condition']!r}"
+            if spec["condition"] == "service_healthy":
+                assert "healthcheck" in services[dependency], f"{where} waits for {dependency}'s health check"
+        for mount in service.get("volumes") or []:
+            source, target, *options = mount.split(":")
+            assert target.startswith("/") and options in ([], ["ro"], ["rw"]), f"{where}: volume {mount!r}"
+            if not source.startswith((".", "/")):
+                assert source in declared_volumes, f"{where} mounts undeclared volume {source!r}"
+        for port in service.get("ports") or []:
+            assert re.fullmatch(r"127\.0\.0\.1:\d+:\d+", str(port)), \
+                f"{where}: publish on 127.0.0.1 only, as host:container, got {port!r}"
+        if "healthcheck" in service:
+            check = service["healthcheck"]
+            assert isinstance(check["test"], list) and check["test"][0] in ("CMD", "CMD-SHELL"), where
+            for key in ("interval", "timeout"):
+                assert DURATION.fullmatch(check.get(key, "30s")), f"{where}: healthcheck {key}"
+    used_volumes = {mount.split(":")[0] for service in services.values() for mount in service.get("volumes") or []}
+    assert declared_volumes <= used_volumes, f"declared but unused volumes: {declared_volumes - used_volumes}"
+
+
+def test_redis_keeps_an_append_only_file(compose: dict[str, Any]) -> None:
+    redis = compose["services"]["redis"]
+    command = redis["command"]
+    assert command[0] == "redis-server"
+    assert command[command.index("--appendonly") + 1] == "yes", command
+    assert any(mount.endswith(":/data") for mount in redis["volumes"]), "the AOF must live in a volume"
+
+
+def test_orchestration_scales(compose: dict[str, Any]) -> None:
+    orchestration = compose["services"]["orchestration"]
+    # `docker compose up --scale orchestration=3` refuses a fixed container name or a published port,
+    # and a fixed hostname would make three Celery nodes of one name.
+    for key in ("container_name", "ports", "hostname"):
+        assert key not in orchestration, f"orchestration must not set {key}: it could not scale"
+    assert orchestration["command"][:3] == ["asr", "worker", "orchestration"]
+    assert "deploy" not in orchestration or "replicas" not in orchestration["deploy"]
+
+
+def test_our_processes_run_asr_verbs_that_exist(compose: dict[str, Any]) -> None:
+    from api.cli import main
+
+    services = compose["services"]
+    for name in OUR_SERVICES:
+        service = services[name]
+        assert service.get("image") == "site-recovery-engine:dev" and service.get("build") == ".", name
+        command = service["command"]
+        assert command[0] == "asr", f"{name}: run through its `asr` launcher, got {command}"
+        # Walk the click tree and parse the arguments as `asr` would: an unknown verb or option fails.
+        current: click.Command = main
+        args = command[1:]
+        while isinstance(current, click.Group) and args and args[0] in current.commands:
+            current, args = current.commands[args[0]], args[1:]
+        assert not isinstance(current, click.Group), f"{name}: `{' '.join(command)}` is not a command"
+        try:
+            current.make_context(current.name, list(args), resilient_parsing=False)
+        except click.ClickException as error:
+            pytest.fail(f"{name}: `{' '.join(command)}`: {error.format_message()}")
+    expected = {
+        "api": ["asr", "api"], "beat": ["asr", "beat"], "orchestration": ["asr", "worker", "orchestration"],
+        "recovery": ["asr", "worker", "recovery"], "host1": ["asr", "worker", "host", "host1"],
+        "host2": ["asr", "worker", "host", "host2"], "dr1": ["asr", "worker", "host", "dr1"],
+        "flower": ["asr", "flower"],
+    }
+    for name, prefix in expected.items():
+        assert services[name]["command"][: len(prefix)] == prefix, (name, services[name]["command"])
+    # Listening services bind every interface inside their container, or the published port reaches nothing.
+    for name in ("api", "flower"):
+        command = services[name]["command"]
+        assert command[command.index("--host" if name == "api" else "--address") + 1] == "0.0.0.0", name
+
+
+def test_host_agents_have_their_own_trees_and_keys_from_the_environment(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    trees = {}
+    for name in HOST_AGENTS:
+        agent = services[name]
+        key = agent["environment"]["ASR_HOST_KEY"]
+        assert re.fullmatch(r"\$\{ASR_[A-Z0-9]+_KEY(:?-)?\}", key), f"{name}: key from the environment, got {key!r}"
+        for setting in ("ASR_BROKER_URL", "ASR_DATABASE_URL", "ASR_AZURE_CONNECTION_STRING"):
+            assert setting in agent["environment"], f"{name} lacks {setting} (merged from the shared settings)"
+        mounts = [m for m in agent["volumes"] if m.split(":")[1] == f"/hosts/{name}"]
+        assert len(mounts) == 1 and not mounts[0].endswith(":ro"), (name, agent["volumes"])
+        trees[name] = mounts[0].split(":")[0]
+    assert len(set(trees.values())) == len(trees), f"each host agent needs a volume of its own: {trees}"
+    keys = {services[name]["environment"]["ASR_HOST_KEY"] for name in HOST_AGENTS}
+    assert len(keys) == len(HOST_AGENTS), "each host agent needs a key of its own"
+
+
+def test_flower_credentials_come_from_the_environment(compose: dict[str, Any]) -> None:
+    environment = compose["services"]["flower"]["environment"]
+    for variable in ("ASR_FLOWER_USER", "ASR_FLOWER_PASSWORD"):
+        assert re.fullmatch(rf"\$\{{{variable}(:?[-?][^}}]*)?\}}", environment[variable]), environment[variable]
+    assert not any(name.startswith("FLOWER_") for name in environment), "asr flower sets Flower's own options"
+
+
+def test_every_process_shares_the_deployment_settings(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name in OUR_SERVICES:
+        environment = services[name]["environment"]
+        assert environment["ASR_BROKER_URL"] == "redis://redis:6379/0", name
+        assert environment["ASR_DATABASE_URL"].startswith("postgresql://") and "@postgres:5432/" in environment["ASR_DATABASE_URL"], name
+        assert {"redis", "postgres"} <= set(services[name]["depends_on"]), name
+
+
+def test_the_image_is_built_from_the_package(compose: dict[str, Any]) -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim$", dockerfile, re.MULTILINE), "FROM python:3.11-slim"
+    assert re.search(r"^RUN pip install \.", dockerfile, re.MULTILINE), "pip install ."
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    copied = set()
+    for line in re.findall(r"^COPY (.+)$", dockerfile, re.MULTILINE):
+        copied.update(part.rstrip("/") for part in line.split()[:-1])
+    needed = {pattern.rstrip("*") for pattern in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    needed |= {f"{module}.py" for module in project["tool"]["setuptools"]["py-modules"]}
+    needed |= {"pyproject.toml", project["project"]["readme"]}
+    assert needed <= copied, f"the Dockerfile does not copy {sorted(needed - copied)}: pip install . would miss them"
+    for name in HOST_AGENTS:
+        assert f"/hosts/{name}" in dockerfile, f"the image should own the mount point /hosts/{name}"
+
+
+def readme_compose_services() -> set[str]:
+    text = README.read_text()
+    start = text.find(f"\n{README_SECTION}\n")
+    if start < 0:
+        pytest.fail(f"README.md has no section {README_SECTION!r}: add it (docs/operations.md, "
+                    f"'README compose section', has the text to paste), naming every compose service")
+    body = text[start + len(README_SECTION) + 2:]
+    end = body.find("\n## ")
+    body = body if end < 0 else body[:end]
+    # The section's table names one service per row, in backticks in the first cell.
+    return set(re.findall(r"^\|\s*`([a-z0-9][a-z0-9_-]*)`", body, re.MULTILINE))
+
+
+def test_readme_compose_section_names_every_service(compose: dict[str, Any]) -> None:
+    named = readme_compose_services()
+    services = set(compose["services"])
+    assert named - services == set(), f"README.md names services compose.yaml lacks: {sorted(named - services)}"
+    assert services - named == set(), f"README.md's compose section leaves out: {sorted(services - named)}"
+
+
+def test_operations_doc_proposes_a_readme_section_matching_the_file(compose: dict[str, Any]) -> None:
+    doc = (REPO / "docs" / "operations.md").read_text()
+    start = doc.index("## README compose section")
+    proposal = doc[start:]
+    named = set(re.findall(r"^\|\s*`([a-z0-9][a-z0-9_-]*)`", proposal, re.MULTILINE))
+    assert named == set(compose["services"]), sorted(named ^ set(compose["services"]))
