@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 .PHONY: test demo bench install tools clean help
 
 help:
-	@echo "make demo   - run the data-path demonstration end to end (installs what it needs)"
+	@echo "make demo   - run the whole engine end to end on this machine (installs what it needs)"
 	@echo "make test   - run every test (installs what it needs, starts its own Azurite/Redis)"
 	@echo "make bench  - run the benchmarks and write docs/benchmarks.md (not part of make test)"
 
@@ -36,7 +36,13 @@ tools:
 test: install tools
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-demo: install tools
+# The demo starts its own redis-server on a free port (installed by scripts/ensure-tools.sh when missing
+# and the machine allows it); Azurite only for `DEMO_ARGS="--backend azure"` or `both`. The outside tools of the
+# tests (qemu-img, rsync) are not needed.
+DEMO_AZURITE = $(if $(or $(findstring azure,$(DEMO_ARGS)),$(findstring both,$(DEMO_ARGS))),$(AZURITE))
+
+demo: $(VENV)/.installed $(DEMO_AZURITE)
+	@bash scripts/ensure-tools.sh redis-server
 	$(VENV)/bin/asr demo --workdir demo-work $(DEMO_ARGS)
 
 bench: install tools

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Installs qemu-img (qemu-utils) and rsync when missing and the machine allows it (root with apt-get);
-# otherwise says exactly what to install and fails.
+# Installs the outside tools a target needs when missing and the machine allows it (root with apt-get);
+# otherwise says exactly what to install and fails. Arguments: the commands needed (default: every one
+# the tests use: qemu-img, rsync, redis-server).
 set -euo pipefail
+declare -A package=([qemu-img]=qemu-utils [rsync]=rsync [redis-server]=redis-server)
+wanted=("$@")
+[ ${#wanted[@]} -eq 0 ] && wanted=(qemu-img rsync redis-server)
 missing=()
-command -v qemu-img >/dev/null || missing+=(qemu-utils)
-command -v rsync >/dev/null || missing+=(rsync)
+for tool in "${wanted[@]}"; do
+    command -v "$tool" >/dev/null || missing+=("${package[$tool]}")
+done
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing ${missing[*]} with apt-get"

@@ -1,0 +1,130 @@
+"""`asr demo` as `make demo` runs it: the installed console script in a subprocess, with everything real
+(its own redis-server, Celery workers, beat, Flower, host trees, writers), checked from the outside:
+the JSON report, the exit status, and /proc for anything left running in its work folder."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ASR = str(Path(sys.executable).with_name("asr"))
+STAGES = ["start", "register", "protect", "replicate", "drill", "failover", "plan"]
+DEMO_TIMEOUT_S = 300
+
+
+def run_demo(*args: str, timeout: float = DEMO_TIMEOUT_S) -> tuple[int, str, str]:
+    """Run `asr demo ARGS`; on timeout it gets Ctrl-C (so it still stops what it started) and the test fails."""
+    process = subprocess.Popen([ASR, "demo", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGINT)
+        try:
+            stdout, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+        raise AssertionError(f"asr demo {' '.join(args)} ran over {timeout} s:\n{stderr[-4000:]}") from None
+    return process.returncode, stdout, stderr
+
+
+def left_running(folder: Path) -> list[str]:
+    """Live processes whose working directory or command line is inside `folder`: redis-server runs in
+    its data folder (it rewrites its command line), Celery and the writers in folders of the work folder."""
+    folder = folder.resolve()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cwd = os.readlink(entry / "cwd")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and (str(folder) in command or cwd == str(folder) or cwd.startswith(f"{folder}/")):
+            found.append(f"pid {entry.name} (cwd {cwd}): {command}")
+    return found
+
+
+def test_demo_runs_every_stage_and_stops_everything(tmp_path):
+    workdir = tmp_path / "work"
+    code, stdout, stderr = run_demo("--json", "--keep", "--workdir", str(workdir))
+    assert code == 0, stderr[-6000:]
+    report = json.loads(stdout)  # stdout is the report alone; progress went to stderr
+    assert report["ok"] is True and report["failed_checks"] == []
+    assert [s["stage"] for s in report["stages"]] == STAGES
+    for stage in report["stages"]:
+        assert stage["status"] == "passed" and stage["checks"], stage
+        assert all(check["ok"] for check in stage["checks"]), stage
+        assert stage["seconds"] > 0
+    checks = {check["check"] for stage in report["stages"] for check in stage["checks"]}
+    # Every disk is checked byte for byte at each stage.
+    for vm in ("app01", "app02", "db01", "web01"):
+        assert {f"replica of {vm}/disk0 equals its source", f"replica of {vm}/disk1 equals its source"} <= checks
+    assert "recovery VM app01/disk0 equals the primary's final disk" in checks
+    assert "primary app01/disk1 equals the recovery VM's disk at its shutdown" in checks
+    assert "test VM app01-test/disk0 equals the source at the point" in checks
+    assert {f"test VM {vm}-test/disk1 equals the source at the point" for vm in ("app02", "db01", "web01")} <= checks
+    assert report["flower"]["local"]["tasks_seen"] > 0 and report["flower"]["local"]["task_names"]
+    jobs = [job for stage in report["stages"] for job in stage["jobs"]]
+    assert len(jobs) == len(set(jobs)) > 20
+    # Progress while it ran: a line per job with its id, Flower's address.
+    assert f"job {jobs[0]}" in stderr and "Flower: http://127.0.0.1:" in stderr
+    assert report["cleanup"] == [{"check": "nothing the demo started is left running", "ok": True, "detail": "none"}]
+    assert left_running(workdir) == []
+    assert (workdir / "local" / "logs" / "worker-orchestration.log").exists()
+
+
+def test_a_corrupted_replica_fails_the_demo_and_names_the_check(tmp_path):
+    workdir = tmp_path / "work"
+    code, stdout, stderr = run_demo("--json", "--workdir", str(workdir), "--inject-failure", "corrupt-replica")
+    assert code == 1, stderr[-6000:]
+    report = json.loads(stdout)
+    assert report["ok"] is False
+    assert len(report["failed_checks"]) == 1, report["failed_checks"]
+    failed = report["failed_checks"][0]
+    assert "replicate: replica of app02/disk1 equals its source: first difference at offset" in failed
+    statuses = {s["stage"]: s["status"] for s in report["stages"]}
+    assert statuses == {"start": "passed", "register": "passed", "protect": "passed", "replicate": "failed",
+                        "drill": "skipped", "failover": "skipped", "plan": "skipped"}
+    assert left_running(workdir) == []
+    assert (workdir / "local" / "logs").is_dir(), "a failed run keeps its logs"
+
+
+def test_ctrl_c_stops_everything_the_demo_started(tmp_path):
+    workdir = tmp_path / "work"
+    process = subprocess.Popen([ASR, "demo", "--workdir", str(workdir)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    seen = []
+    try:
+        deadline = time.monotonic() + 120
+        for line in process.stdout:  # the protect stage: writers, workers and jobs all running
+            seen.append(line)
+            if "enable protection of app01: job" in line or time.monotonic() > deadline:
+                break
+        assert left_running(workdir), "the demo should be running its processes by now"
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, "".join(seen) + output
+    assert "interrupted: everything the demo started has been stopped" in output
+    assert left_running(workdir) == []
+
+
+def test_a_folder_the_demo_did_not_make_is_refused_and_left_alone(tmp_path):
+    workdir = tmp_path / "mine"
+    workdir.mkdir()
+    (workdir / "notes.txt").write_text("precious")
+    code, stdout, stderr = run_demo("--workdir", str(workdir), timeout=60)
+    assert code == 2
+    assert "is not empty and was not made by `asr demo`" in stderr
+    assert [p.name for p in workdir.iterdir()] == ["notes.txt"]
+    assert (workdir / "notes.txt").read_text() == "precious"
