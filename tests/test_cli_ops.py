@@ -441,3 +441,34 @@ def test_recovery_plan_definitions(site: RecoverySite, fabric: dict[str, Any], t
     check_refused(refusals[1], "lonely")
     check_refused(refusals[2], "bad")
     assert counts()["jobs"] == jobs_before
+
+
+def test_api_keys_are_created_shown_once_listed_without_the_key_and_revoked(tmp_path):
+    """`asr apikey`: the printed key is accepted by the API's check, never listed, refused once revoked."""
+    import os
+
+    from sqlalchemy import create_engine
+
+    from models.apikeys import verify_api_key
+    from models.db import init_db
+    from sqlmodel import Session
+
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    env = {**os.environ, "ASR_DATABASE_URL": url}
+    init_db(create_engine(url))
+
+    def run(*args: str, code: int = 0) -> subprocess.CompletedProcess:
+        proc = subprocess.run([ASR, "apikey", *args], capture_output=True, text=True, timeout=60, env=env)
+        assert proc.returncode == code, proc.stderr
+        return proc
+
+    key = json.loads(run("create", "ops", "--json").stdout)["key"]
+    engine = create_engine(url)
+    with Session(engine) as session:
+        assert verify_api_key(session, key) is not None
+    listed = run("list").stdout
+    assert "ops" in listed and key not in listed
+    assert "already exists" in run("create", "ops", code=2).stderr
+    run("revoke", "ops")
+    with Session(engine) as session:
+        assert verify_api_key(session, key) is None
