@@ -51,3 +51,8 @@ def reconcile() -> dict[str, int]:
 def run_job_hooks(job_id: str) -> bool:
     """Run the hooks of a job that has just settled."""
     return engine.run_job_hooks(job_id)
+
+
+@app.task(name=engine.STAGE_BARRIER_TASK)
+def stage_barrier() -> None:
+    """A link between two parallel stages of a job's chain (see engine._chain_links); does nothing."""

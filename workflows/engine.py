@@ -397,6 +397,22 @@ def _stage_signature(steps: Sequence[JobStep | _StepRoute]) -> Signature:
     return signatures[0] if len(signatures) == 1 else group(signatures)
 
 
+STAGE_BARRIER_TASK = "asr.engine.stage_barrier"
+
+
+def _chain_links(stages: Sequence[Sequence[JobStep | _StepRoute]]) -> list[Signature]:
+    """The stages as chain links, with a no-op barrier task between two parallel stages: Celery turns a
+    group followed by a group into a chord whose body it may deliver once per header member (celery
+    issues 8180, 8662), and every copy would carry the rest of the chain along."""
+    links: list[Signature] = []
+    for number, stage in enumerate(stages):
+        if number and len(stage) > 1 and len(stages[number - 1]) > 1:
+            links.append(app.signature(STAGE_BARRIER_TASK, immutable=True, queue=ORCHESTRATION_QUEUE,
+                                       ignore_result=True))
+        links.append(_stage_signature(stage))
+    return links
+
+
 def launch(job_id: str) -> list[str]:
     """Send the job's remaining stages as one canvas. Returns the ids of the steps of its first stage
     that were sent (empty when there is nothing to send: finished, running, waiting for a retry or for
@@ -433,7 +449,7 @@ def launch(job_id: str) -> list[str]:
 def _send_canvas(stages: Sequence[Sequence[JobStep | _StepRoute]], stamp: datetime) -> None:
     """Send `chain(stage, ...)`: the first stage's steps were marked queued at `stamp`."""
     try:
-        chain(*(_stage_signature(stage) for stage in stages)).apply_async()
+        chain(*_chain_links(stages)).apply_async()
     except BaseException:
         # Nothing was sent: pending again, which the reconciler relaunches as a lost continuation.
         with session_scope() as session:
@@ -761,7 +777,10 @@ def _claim_statement() -> sa.Update:
             _one_of(step.state, (StepState.pending, StepState.queued)),
             sa.and_(step.state == StepState.waiting_retry, step.next_attempt_at <= now),
             # The broker redelivered the very message whose run died (acks late, reject on worker lost).
-            sa.and_(step.state == StepState.running, step.celery_task_id == task_id),
+            # Only once its heartbeat is stale: Celery may also deliver a copy of a message whose run is
+            # alive, and two runs of one step must never overlap.
+            sa.and_(step.state == StepState.running, step.celery_task_id == task_id,
+                    step.heartbeat_at < _param("claim_stale_before", step.heartbeat_at)),
         ),
         job_active,
         ~unfinished_predecessor,
@@ -871,16 +890,16 @@ class _ClaimedStep:
     deaths: int
 
 
-def _claim(step_id: str, *, task_id: str, worker: str, lease: str) -> _ClaimedStep | None:
+def _claim(step_id: str, *, task_id: str, worker: str, lease: str, stale_after_s: float) -> _ClaimedStep | None:
     """Make this run the step's owner with ONE conditional UPDATE (pending, queued, a retry now due, or
-    running under this very Celery task: a redelivery after its runner died), or return None if it may
-    not run now."""
+    running under this very Celery task with a stale heartbeat: a redelivery after its runner died), or
+    return None if it may not run now."""
     now = clock.now()
     with get_engine().begin() as connection:
         # all(): SQLite applies an UPDATE … RETURNING row by row as its rows are read.
         rows = connection.execute(_claim_statement(), {
             "claim_step_id": step_id, "claim_task_id": task_id, "claim_now": now, "claim_lease": lease,
-            "claim_worker": worker,
+            "claim_worker": worker, "claim_stale_before": now - timedelta(seconds=stale_after_s),
         }).all()
         if not rows:
             return None
@@ -897,7 +916,7 @@ def execute_step(step_id: str, *, task_id: str, worker: str, emit_event: EventEm
     """Claim the step, run its action with a heartbeat, record the outcome."""
     settings = EngineSettings.from_env()
     lease = new_id()
-    step = _claim(step_id, task_id=task_id, worker=worker, lease=lease)
+    step = _claim(step_id, task_id=task_id, worker=worker, lease=lease, stale_after_s=settings.stale_after_s)
     if step is None:
         return _unclaimed(step_id)
     if step.deaths >= settings.max_step_deaths:
