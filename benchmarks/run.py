@@ -3,7 +3,9 @@ the results.
 
 Two sections, both by default, one with `--only`: `datapath` (benchmarks/datapath.py: copy, sparse
 copy, resync, checksum scan, log apply, peak memory) and `workflows` (benchmarks/workflows.py: the job
-engine's cost per step against a bare Celery chain, and enabling protection of many VMs end to end).
+engine's cost per step against a bare Celery chain, enabling protection of many VMs end to end, and the
+failover time (RTO) of a recovery plan of many VMs, test and planned, against the same canvas of no-op
+tasks).
 Writes `benchmarks.json` (every run's figures) and `benchmarks.md` (a table: ours, the peer, the
 ratio, the goal, pass or miss) into `--output` (docs/ by default), and prints the table. The report
 holds the sections this run measured, no others. Goals are judged only on what was measured in this
@@ -65,6 +67,14 @@ FLEET_HOSTS = 2
 VM_DISK_SIZE = 4 << 20
 WORKFLOW_SPACE_PER_VM = 3 * VM_DISK_SIZE
 """A VM's disk (sparse, half full), its replica and the replication logs beside them, generously."""
+DEFAULT_PLAN_VMS = 50
+QUICK_PLAN_VMS = 10
+DEFAULT_PLAN_GROUPS = 3
+MAX_PLAN_VMS = 100
+MAX_PLAN_GROUPS = 20
+"""A recovery plan's limits (models/plans.py)."""
+PLAN_SPACE_PER_VM = 5 * VM_DISK_SIZE
+"""Besides WORKFLOW_SPACE_PER_VM: the test VM's and the recovery VM's disks, written in full."""
 
 
 class UsageError(ValueError):
@@ -77,8 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Benchmark the data path (copy, sparse copy, resync, checksum scan, log apply, peak "
                     "memory) against cp, cp --sparse=always, rsync and bare mmh3, in one run on the same "
                     "generated disks, and the workflows (the job engine's cost per step against a bare Celery "
-                    "chain; enabling protection of many VMs end to end with real workers); write "
-                    "benchmarks.md and benchmarks.json.",
+                    "chain; enabling protection of many VMs end to end with real workers; the test and planned "
+                    "failover of a recovery plan of many VMs, its RTO); write benchmarks.md and benchmarks.json.",
     )
     parser.add_argument("--only", choices=SECTIONS,
                         help="run one section only (default: both); the report then holds that section alone")
@@ -99,6 +109,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vms", type=int,
                         help=f"workflows: VMs protected at once, one {VM_DISK_SIZE >> 20} MiB disk each on "
                              f"{FLEET_HOSTS} hosts (default {DEFAULT_VMS}, {QUICK_VMS} with --quick)")
+    parser.add_argument("--plan-vms", type=int,
+                        help=f"workflows: VMs in the recovery plan failed over (test, then planned), one "
+                             f"{VM_DISK_SIZE >> 20} MiB disk each on {FLEET_HOSTS} hosts, at most {MAX_PLAN_VMS} "
+                             f"(default {DEFAULT_PLAN_VMS}, {QUICK_PLAN_VMS} with --quick)")
+    parser.add_argument("--plan-groups", type=int, default=DEFAULT_PLAN_GROUPS,
+                        help=f"workflows: groups the plan's VMs are cut into, at most {MAX_PLAN_GROUPS} and at most "
+                             f"the plan's VMs (default {DEFAULT_PLAN_GROUPS})")
     parser.add_argument("--seed", type=int, default=1, help="seed of the generated data and damage (default 1)")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "docs",
                         help="where benchmarks.md and benchmarks.json are written (default: docs/ in the repo)")
@@ -137,6 +154,16 @@ def checked_vms(args: argparse.Namespace) -> int:
     if vms < 1:
         raise UsageError(f"--vms {vms}: at least one VM is needed")
     return vms
+
+
+def checked_plan(args: argparse.Namespace) -> tuple[int, int]:
+    vms = args.plan_vms if args.plan_vms is not None else (QUICK_PLAN_VMS if args.quick else DEFAULT_PLAN_VMS)
+    if not 1 <= vms <= MAX_PLAN_VMS:
+        raise UsageError(f"--plan-vms {vms}: a recovery plan holds 1 to {MAX_PLAN_VMS} VMs")
+    if not 1 <= args.plan_groups <= min(MAX_PLAN_GROUPS, vms):
+        raise UsageError(f"--plan-groups {args.plan_groups}: a plan of {vms} VMs has 1 to "
+                         f"{min(MAX_PLAN_GROUPS, vms)} groups (none may be empty)")
+    return vms, args.plan_groups
 
 
 def prepare_workdir(workdir: Path, space_needed: int) -> bool:
@@ -260,16 +287,25 @@ def measure(workdir: Path, sections: tuple[str, ...], settings: dict[str, Any]) 
 
 
 def measure_workflows(workdir: Path, settings: dict[str, Any], progress: Callable[[str], None]) -> dict[str, Any]:
-    """The job engine's cost per step against a bare Celery chain, then enabling protection of the fleet."""
+    """The job engine's cost per step against a bare Celery chain, then enabling protection of the fleet,
+    then a recovery plan's test and planned failover."""
     # Imported here: the workflow benchmarks bring Celery, the database and the tests' process helpers,
     # which a data-path run does not need.
-    from benchmarks.workflows import FleetSettings, bench_enable_protection, bench_step_overhead
+    from benchmarks.workflows import (
+        FleetSettings,
+        PlanSettings,
+        bench_enable_protection,
+        bench_recovery_plan,
+        bench_step_overhead,
+    )
 
     fleet = FleetSettings(vms=settings["vms"], hosts=settings["fleet_hosts"], disk_size=settings["vm_disk_size"])
+    plan = PlanSettings(vms=settings["plan_vms"], groups=settings["plan_groups"], hosts=settings["fleet_hosts"],
+                        disk_size=settings["vm_disk_size"])
     return {
         "step_overhead": bench_step_overhead(workdir, settings["steps"], settings["rounds"], progress),
         "enable_protection": bench_enable_protection(workdir, fleet, settings["seed"], progress),
-    }
+    } | bench_recovery_plan(workdir, plan, settings["seed"], progress)
 
 
 def measure_datapath(workdir: Path, size: int, rounds: int, seed: int,
@@ -306,14 +342,16 @@ def checked_settings(args: argparse.Namespace, sections: tuple[str, ...]) -> dic
         size = checked_size(args)
         settings |= {"size": size, "quarter_size": size // 4, "chunk_size": CHUNK_SIZE}
     if "workflows" in sections:
+        plan_vms, plan_groups = checked_plan(args)
         settings |= {"steps": checked_steps(args), "vms": checked_vms(args), "fleet_hosts": FLEET_HOSTS,
-                     "vm_disk_size": VM_DISK_SIZE}
+                     "vm_disk_size": VM_DISK_SIZE, "plan_vms": plan_vms, "plan_groups": plan_groups}
     return settings
 
 
 def space_needed(settings: dict[str, Any]) -> int:
     datapath = SPACE_NEEDED_PER_DISK_SIZE * settings.get("size", 0)
-    return datapath + WORKFLOW_SPACE_PER_VM * settings.get("vms", 0)
+    workflows = WORKFLOW_SPACE_PER_VM * (settings.get("vms", 0) + settings.get("plan_vms", 0))
+    return datapath + workflows + PLAN_SPACE_PER_VM * settings.get("plan_vms", 0)
 
 
 def all_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -443,7 +481,8 @@ def markdown(report: dict[str, Any]) -> str:
         scope.append(f"disk size {format_size(settings['size'])} (memory also at "
                      f"{format_size(settings['quarter_size'])})")
     if "workflows" in report["sections"]:
-        scope.append(f"{settings['steps']} workflow steps, {settings['vms']} VMs protected")
+        scope.append(f"{settings['steps']} workflow steps, {settings['vms']} VMs protected, a recovery plan of "
+                     f"{settings['plan_vms']} VMs in {settings['plan_groups']} groups failed over")
     lines = [
         "# Benchmarks: " + " and ".join(SECTION_TITLES[section] for section in report["sections"]),
         "",
@@ -512,7 +551,40 @@ def workflow_detail_lines(workflows: dict[str, Any]) -> list[str]:
         f"a job took {fleet['job_seconds_median']:.1f} s (median) to {fleet['job_seconds_max']:.1f} s (max) "
         f"from creation to success; {fleet['replicas_verified']} of {fleet['vms']} replicas equal their source "
         f"byte for byte, every item protected and Healthy.",
-    ]
+    ] + [plan_detail_line(workflows[key]) for key in workflows if key.startswith("plan_")]
+
+
+def plan_detail_line(benchmark: dict[str, Any]) -> str:
+    """What a recovery plan's failover took, where its time went, and what was verified."""
+    details = benchmark["details"]
+    label = details["operation"].replace("_", " ")
+    by_step = "; ".join(f"{kind} {ms:.0f}" for kind, ms in details["median_ms_claim_to_recorded_by_step"].items())
+    seconds = benchmark["ours"]["best_seconds"]
+    point = ("the plan's own, recorded after each VM's shutdown" if details["operation"] == "planned_failover"
+             else "those enabling protection recorded")
+    return (
+        f"- Recovery plan {label}: {details['vms']} VMs in {details['groups']} groups of "
+        f"{', '.join(map(str, details['group_sizes']))} ({details['stages']} stages, {details['steps']} steps); "
+        f"the plan's RTO {seconds:.2f} s, of which submitting (validating the plan and every VM's request, "
+        f"building the stages) {details['submit_seconds']:.2f} s; the job {details['job_seconds_in_database']:.2f} s "
+        f"in the database; each group {', '.join(f'{s:.2f}' for s in details['group_seconds'])} s (first claim to "
+        f"last success). Per-VM RTO (request to the VM running): {details['rto_s_min']:.2f} s min, "
+        f"{details['rto_s_median']:.2f} s median, {details['rto_s_max']:.2f} s max; median by group "
+        f"{', '.join(f'{s:.2f}' for s in details['rto_s_median_by_group'])} s; RPO {details['rpo_s_median']:.1f} s "
+        f"median, {details['rpo_s_max']:.1f} s max (the points are {point}). Median claim to success per step, "
+        f"ms: {by_step}. Messages delivered (workers' logs): the plan job {details['deliveries']} for "
+        f"{details['steps']} steps ({details['deliveries_per_step']:.2f} per step; {details['steps_run_more_than_once']} "
+        f"step(s) claimed again while running, {details['step_deaths']} deaths, at most {details['max_attempts']} "
+        f"attempts), the no-op engine job {details['engine_same_shape_deliveries']}, the bare canvas "
+        f"{details['bare_same_shape_deliveries']}. Same shape without work: the bare canvas "
+        f"{details['bare_same_shape_seconds']:.2f} s, the no-op engine job {details['engine_same_shape_seconds']:.2f} s; "
+        f"read as shares of the RTO (meaningful only when every message arrives once): Celery's floor "
+        f"{details['share_celery_floor']:.0%}, the engine's coordination {details['share_engine_coordination']:.0%}, "
+        f"the steps' work {details['share_step_work']:.0%}. {details['records_verified']} of {details['vms']} "
+        f"failover records succeeded and verified; {details['disks_compared']} recovery disks "
+        f"({format_size(details['bytes_compared'])}) have the point's manifest root and equal their source byte "
+        f"for byte."
+    )
 
 
 def detail_lines(report: dict[str, Any]) -> list[str]:

@@ -1,13 +1,15 @@
 """`make bench` end to end, small: the harness runs every benchmark against its peer, writes both
 reports, and its byte counts agree with each other and with the disks it generated; the workflow
-section, tiny, reports the step overhead and a verified fleet protection. Timings are never
-asserted: they depend on the machine."""
+section, tiny, reports the step overhead, a verified fleet protection and a recovery plan's RTO with
+every recovery disk verified. Timings are never asserted: they depend on the machine."""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT_S = 300
@@ -120,27 +122,36 @@ def test_quick_run_writes_both_reports_with_consistent_byte_counts(tmp_path):
     assert report["date"] in markdown and machine["kernel"] in markdown
 
 
-WORKFLOW_RUN_TIMEOUT_S = 120
-WORKFLOW_BENCHMARKS = {"step_overhead", "enable_protection"}
+WORKFLOW_RUN_TIMEOUT_S = 240
+WORKFLOW_BENCHMARKS = {"step_overhead", "enable_protection", "plan_test_failover", "plan_planned_failover"}
+TINY = {"steps": 5, "vms": 2, "rounds": 1, "plan_vms": 4, "plan_groups": 3}
 
 
-def test_tiny_workflow_run_reports_step_overhead_and_a_verified_fleet(tmp_path):
-    steps, vms, rounds = 5, 2, 1
+@pytest.fixture(scope="module")
+def tiny_workflow_run(tmp_path_factory):
+    """One workflows-only run, tiny, shared by the tests below: (report, markdown)."""
+    tmp_path = tmp_path_factory.mktemp("workflow-bench")
     workdir, output = tmp_path / "work", tmp_path / "out"
     run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--only", "workflows", "--steps", str(steps), "--vms", str(vms),
-         "--rounds", str(rounds), "--workdir", str(workdir), "--output", str(output)],
+        [sys.executable, "-m", "benchmarks.run", "--only", "workflows", "--steps", str(TINY["steps"]),
+         "--vms", str(TINY["vms"]), "--plan-vms", str(TINY["plan_vms"]), "--plan-groups", str(TINY["plan_groups"]),
+         "--rounds", str(TINY["rounds"]), "--workdir", str(workdir), "--output", str(output)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=WORKFLOW_RUN_TIMEOUT_S,
     )
     assert run.returncode == 0, run.stderr
     assert not workdir.exists(), "the workdir is deleted after a run without --keep"
-    report = json.loads((output / "benchmarks.json").read_text())
-    markdown = (output / "benchmarks.md").read_text()
+    return json.loads((output / "benchmarks.json").read_text()), (output / "benchmarks.md").read_text()
+
+
+def test_tiny_workflow_run_reports_step_overhead_and_a_verified_fleet(tiny_workflow_run):
+    report, markdown = tiny_workflow_run
+    steps, vms, rounds = TINY["steps"], TINY["vms"], TINY["rounds"]
 
     assert report["sections"] == ["workflows"]
     assert "benchmarks" not in report and "memory" not in report, "a workflows-only run reports nothing else"
     settings = report["settings"]
     assert (settings["steps"], settings["vms"], settings["rounds"]) == (steps, vms, rounds)
+    assert (settings["plan_vms"], settings["plan_groups"]) == (TINY["plan_vms"], TINY["plan_groups"])
     assert set(report["workflows"]) == WORKFLOW_BENCHMARKS
 
     overhead = report["workflows"]["step_overhead"]
@@ -164,3 +175,63 @@ def test_tiny_workflow_run_reports_step_overhead_and_a_verified_fleet(tmp_path):
     for benchmark in report["workflows"].values():
         assert benchmark["title"] in markdown
     assert report["date"] in markdown and report["machine"]["redis_server"] in markdown
+
+
+# A VM's stages in a plan (workflows/failover.py): test failover Begin, Choose recovery point, Create
+# recovery VM, Restore disk (one disk), Start recovery VM, Finish; planned failover adds Shut down VM and
+# Ship, Apply, Acknowledge logs.
+PLAN_STAGES_PER_GROUP = {"test_failover": 6, "planned_failover": 10}
+
+
+def test_tiny_workflow_run_reports_a_recovery_plans_rto_with_every_recovery_disk_verified(tiny_workflow_run):
+    report, markdown = tiny_workflow_run
+    vms, groups = TINY["plan_vms"], TINY["plan_groups"]
+    for operation, stages_per_group in PLAN_STAGES_PER_GROUP.items():
+        plan = report["workflows"][f"plan_{operation}"]
+        details = plan["details"]
+        assert (details["operation"], details["vms"], details["groups"]) == (operation, vms, groups)
+        assert details["group_sizes"] == [2, 1, 1], "4 VMs cut into 3 groups, sizes differing by at most one"
+        assert details["stages"] == groups * stages_per_group and details["steps"] == vms * stages_per_group
+        assert details["recovery_host"] == "dr1" and details["disk_size"] == report["settings"]["vm_disk_size"]
+
+        # Every VM came up from the point: record verified, roots and bytes checked by the benchmark.
+        assert details["records_verified"] == details["disks_compared"] == vms
+        assert details["bytes_compared"] == vms * details["disk_size"]
+        per_vm = details["per_vm"]
+        assert len(per_vm) == len({vm["vm"] for vm in per_vm}) == vms
+        assert sorted(vm["group"] for vm in per_vm) == [1, 1, 2, 3]
+        target_suffix = "-test" if operation == "test_failover" else ""
+        assert all(vm["target_vm"] == vm["vm"] + target_suffix for vm in per_vm)
+
+        # The plan's RTO holds every VM's; groups run in order, so a later group's VMs come up later.
+        [run_figures] = plan["ours"]["runs"]
+        seconds = run_figures["seconds"]
+        rto = sorted(vm["rto_s"] for vm in per_vm)
+        assert 0 < details["submit_seconds"] < seconds
+        assert 0 < rto[0] and rto[-1] <= seconds
+        assert (details["rto_s_min"], details["rto_s_max"]) == (rto[0], rto[-1])
+        by_group = details["rto_s_median_by_group"]
+        assert len(by_group) == groups and by_group == sorted(by_group)
+        assert len(details["group_seconds"]) == groups and all(span > 0 for span in details["group_seconds"])
+        assert all(vm["rpo_s"] >= 0 for vm in per_vm)
+        if operation == "planned_failover":
+            assert details["rpo_s_max"] == 0, "a planned failover ships the last changes: nothing is lost"
+        assert set(details["median_ms_claim_to_recorded_by_step"]) >= {
+            "Choose recovery point", "Create recovery VM", "Restore disk disk0", "Start recovery VM"}
+
+        # The peer and the no-op engine job ran the plan job's very shape, each once.
+        assert plan["peer"]["runs"][0]["steps"] == plan["engine_same_shape"]["runs"][0]["steps"] == details["steps"]
+        assert plan["peer"]["runs"][0]["stages"] == plan["engine_same_shape"]["runs"][0]["stages"] == details["stages"]
+        # Every step's message arrives at least once (duplicates are counted, not hidden).
+        for delivered in (details["deliveries"], details["engine_same_shape_deliveries"],
+                          details["bare_same_shape_deliveries"]):
+            assert delivered >= details["steps"]
+        assert details["max_attempts"] >= 1 and details["step_deaths"] >= details["steps_run_more_than_once"] >= 0
+
+        rows = {row["metric"]: row for row in plan["rows"]}
+        rto_row = rows["RTO of the plan, submit to job succeeded"]
+        assert rto_row["ours"] == seconds and rto_row["peer"] == plan["peer"]["best_seconds"]
+        assert rows["per-VM RTO (FailoverRecord.rto_s), median"]["ours"] == details["rto_s_median"]
+        assert rows["per-VM RTO (FailoverRecord.rto_s), max"]["ours"] == rto[-1]
+        assert all(row["passed"] is None for row in plan["rows"]), "a plan's RTO has no goal, only figures"
+        assert plan["title"] in markdown and f"- Recovery plan {operation.replace('_', ' ')}: " in markdown
