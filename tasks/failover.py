@@ -93,10 +93,6 @@ def _vm_or_none(driver: HostDriver, name: str):
         return None
 
 
-def _now_utc() -> datetime:
-    return clock.now()
-
-
 # ---- failover -----------------------------------------------------------------------------------------------
 @item_action(failover.BEGIN_FAILOVER)
 def begin_failover(ctx: StepContext, *, item_id: str, failover_id: str, kind: str, point: str, target_host: str,
@@ -239,7 +235,7 @@ def start_recovery_vm(ctx: StepContext, *, item_id: str, failover_id: str) -> di
 
 @item_action(failover.FINISH_FAILOVER)
 def finish_failover(ctx: StepContext, *, item_id: str, failover_id: str) -> dict[str, Any]:
-    now = _now_utc()
+    now = clock.now()
     with ctx.session() as session:
         record = _record(session, failover_id)
         item = session.get(ProtectedItem, item_id)
@@ -283,7 +279,7 @@ def finish_cleanup(ctx: StepContext, *, item_id: str, failover_id: str) -> dict[
     with ctx.session() as session:
         record = _record(session, failover_id)
         record.status = FailoverStatus.CLEANED_UP
-        record.ended_at = record.ended_at or _now_utc()
+        record.ended_at = record.ended_at or clock.now()
         session.add(record)
     return {"failover_id": failover_id}
 
@@ -295,34 +291,35 @@ def resume_primary(ctx: StepContext, *, item_id: str, failover_id: str) -> dict[
     return {"vm": view.vm.name}
 
 
-@item_action(failover.FINISH_CANCEL)
-def finish_cancel(ctx: StepContext, *, item_id: str, failover_id: str) -> dict[str, Any]:
-    """The primary is the VM again; delta replication resumes at once."""
+def _end(ctx: StepContext, item_id: str, failover_id: str, status: FailoverStatus, state: ReplicationState,
+         **item_fields: Any) -> dict[str, Any]:
+    """The operation's record ends with `status` and the item moves to `state`, in one transaction."""
     with ctx.session() as session:
         record = _record(session, failover_id)
         item = session.get(ProtectedItem, item_id)
-        record.status = FailoverStatus.CANCELLED
-        record.ended_at = _now_utc()
-        transition(item, S.PROTECTED)
-        item.next_delta_at = _now_utc()
+        record.status = status
+        record.ended_at = clock.now()
+        transition(item, state)
+        for name, value in item_fields.items():
+            setattr(item, name, value)
         session.add(record)
         session.add(item)
-    return {"state": "protected"}
+    return {"state": str(state), "failover": str(status)}
+
+
+@item_action(failover.FINISH_CANCEL)
+def finish_cancel(ctx: StepContext, *, item_id: str, failover_id: str) -> dict[str, Any]:
+    """The primary is the VM again; delta replication resumes at once."""
+    return _end(ctx, item_id, failover_id, FailoverStatus.CANCELLED, S.PROTECTED, next_delta_at=clock.now())
 
 
 @item_action(failover.COMMIT)
 def commit(ctx: StepContext, *, item_id: str, failover_id: str) -> dict[str, Any]:
+    """The recovery VM is the VM; the primary is not replicated any more."""
+    result = _end(ctx, item_id, failover_id, FailoverStatus.COMMITTED, S.FAILOVER_COMMITTED, next_delta_at=None)
     with ctx.session() as session:
-        record = _record(session, failover_id)
-        item = session.get(ProtectedItem, item_id)
-        record.status = FailoverStatus.COMMITTED
-        record.ended_at = _now_utc()
-        transition(item, S.FAILOVER_COMMITTED)
-        item.next_delta_at = None
-        mark_healthy(session, item)
-        session.add(record)
-        session.add(item)
-    return {"state": str(S.FAILOVER_COMMITTED)}
+        mark_healthy(session, session.get(ProtectedItem, item_id))
+    return result
 
 
 # ---- failback ----------------------------------------------------------------------------------------------
@@ -658,28 +655,12 @@ def restart_recovery_vm(ctx: StepContext, *, item_id: str, failover_id: str) -> 
 
 @item_action(failover.FINISH_FAILBACK_CANCEL)
 def finish_failback_cancel(ctx: StepContext, *, item_id: str, failover_id: str) -> dict[str, Any]:
-    with ctx.session() as session:
-        record = _record(session, failover_id)
-        item = session.get(ProtectedItem, item_id)
-        record.status = FailoverStatus.CANCELLED
-        record.ended_at = clock.now()
-        transition(item, S.FAILOVER_COMMITTED)
-        session.add(record)
-        session.add(item)
-    return {"state": str(S.FAILOVER_COMMITTED)}
+    return _end(ctx, item_id, failover_id, FailoverStatus.CANCELLED, S.FAILOVER_COMMITTED)
 
 
 @item_action(failover.COMMIT_FAILBACK)
 def commit_failback(ctx: StepContext, *, item_id: str, failover_id: str) -> dict[str, Any]:
-    with ctx.session() as session:
-        record = _record(session, failover_id)
-        item = session.get(ProtectedItem, item_id)
-        record.status = FailoverStatus.COMMITTED
-        record.ended_at = clock.now()
-        transition(item, S.FAILBACK_COMMITTED)
-        session.add(record)
-        session.add(item)
-    return {"state": str(S.FAILBACK_COMMITTED)}
+    return _end(ctx, item_id, failover_id, FailoverStatus.COMMITTED, S.FAILBACK_COMMITTED)
 
 
 @item_action(failover.BEGIN_REVERSE)

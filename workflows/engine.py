@@ -1259,8 +1259,18 @@ def _plain(row: Job | JobStep) -> dict[str, Any]:
 
 
 def get_job(job_id: str) -> dict[str, Any]:
-    """The job and its steps (in order) as plain JSON-ready dicts."""
-    with session_scope() as session:
-        job = _existing_job(session, job_id)
-        return {**_plain(job), "steps": [_plain(step) for step in _steps_of(session, job_id)]}
+    """The job and its steps (in order) as plain JSON-ready dicts, as of one moment."""
+    for _ in range(_CONSISTENT_READ_TRIES):
+        with session_scope() as session:
+            # SQLite runs each SELECT on its own (no read transaction), so a step can be read after a
+            # commit the job row was read before: read the job again and start over if it moved.
+            job = _plain(_existing_job(session, job_id))
+            steps = [_plain(step) for step in _steps_of(session, job_id)]
+            again = session.exec(select(Job.state, Job.error).where(Job.id == job_id)).one()
+            if (again[0].value, again[1]) == (job["state"], job["error"]):
+                break
+    return {**job, "steps": steps}
+
+
+_CONSISTENT_READ_TRIES = 5
 
