@@ -43,7 +43,9 @@ class RecoveryStorage(ABC):
     Disk and object names share one namespace of '/'-separated names, validated by `validate_name`.
     Convention used by the replication code (`ReplicaDisk`): `<host>/<vm>/<disk>.vhd` for a replica disk,
     `<host>/<vm>/<disk>.vhd.<generation>.hrl` for a shipped log, `<host>/<vm>/<disk>.vhd.state.json` for its
-    state.
+    state, `<host>/<vm>/<disk>.vhd.v<version>.undo` and `.v<version>.manifest` for its recovery points
+    (`datapath.points`); `failback/<host>/<vm>/<disk>.<what>` for what a failback moves
+    (`datapath.failback`).
     """
 
     description: str = ""
