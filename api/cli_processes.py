@@ -298,7 +298,7 @@ def api(host: str, port: int, loglevel: str, dry_run: bool):
               help="Address to listen on (0.0.0.0 in a container).")
 @_dry_run_option
 def flower(port: int, address: str, dry_run: bool):
-    """Flower: live workers, tasks (readable names such as asr.engine.run_step) and task events.
+    """Flower: live workers, tasks (readable names such as asr.replication.copy_disk) and task events.
 
     Authentication is always on: HTTP basic auth with the user and password from ASR_FLOWER_USER and
     ASR_FLOWER_PASSWORD (it refuses to start without them). Flower's HTTP API (/api/workers, /api/tasks,

@@ -469,7 +469,7 @@ def bench_recovery_plan(workdir: Path, plan: PlanSettings, seed: int,
     from models.db import session_scope
     from models.plans import create_plan
     from recovery_site import RecoverySite
-    from workflows.engine import RUN_STEP_TASK, get_job
+    from workflows.engine import get_job, is_step_task
     from workflows.plans import start_plan
 
     from benchmarks.workflow_actions import NOOP_TASK
@@ -497,7 +497,7 @@ def bench_recovery_plan(workdir: Path, plan: PlanSettings, seed: int,
             for operation in PLAN_OPERATIONS:
                 label = operation.replace("_", " ")
                 _wait_idle(site, vm_ids)
-                before = _settled_deliveries(site, RUN_STEP_TASK)
+                before = _settled_deliveries(site, is_step_task)
                 progress(f"recovery plan: {label} of {plan.vms} VMs in {len(groups)} groups")
                 started = time.perf_counter()
                 job_id = start_plan(PLAN_NAME, operation)
@@ -508,7 +508,7 @@ def bench_recovery_plan(workdir: Path, plan: PlanSettings, seed: int,
                 if state != "succeeded":
                     raise AssertionError(f"the plan's {operation} job {job_id} ended {state}: {job['error']}\n"
                                          f"{site.describe_job(job)}\n{site.log_tails()}")
-                deliveries = _settled_deliveries(site, RUN_STEP_TASK) - before
+                deliveries = _settled_deliveries(site, is_step_task) - before
                 progress(f"recovery plan: {label} succeeded in {seconds:.1f} s; verifying every recovery VM's disks")
                 measured[operation] = {"seconds": seconds, "submit_seconds": submitted, "job": job,
                                        "deliveries": deliveries,
@@ -518,9 +518,9 @@ def bench_recovery_plan(workdir: Path, plan: PlanSettings, seed: int,
                 shape = job_shape(measured[operation]["job"])
                 progress(f"recovery plan: the {operation.replace('_', ' ')}'s shape ({len(shape)} stages, "
                          f"{sum(map(len, shape))} steps) as no-op engine steps, then as bare Celery tasks")
-                before = _settled_deliveries(site, RUN_STEP_TASK)
+                before = _settled_deliveries(site, is_step_task)
                 engine_run = run_engine_shape(shape)
-                engine_run["deliveries"] = _settled_deliveries(site, RUN_STEP_TASK) - before
+                engine_run["deliveries"] = _settled_deliveries(site, is_step_task) - before
                 before = _settled_deliveries(site, NOOP_TASK)
                 bare_run = run_bare_canvas(shape)
                 bare_run["deliveries"] = _settled_deliveries(site, NOOP_TASK) - before
@@ -538,14 +538,15 @@ _QUIET_S = 1.0
 _SETTLE_BOUND_S = 60.0
 
 
-def _deliveries(site: Any, task_name: str) -> int:
-    """How many messages of the task the site's workers have received so far (their logs' "Task
-    name[id] received" lines: duplicates of one message each count)."""
+def _deliveries(site: Any, task_name: str | Callable[[str], bool]) -> int:
+    """How many messages of the task (a name, or a test of names) the site's workers have received so
+    far (their logs' "Task name[id] received" lines: duplicates of one message each count)."""
+    matches = task_name if callable(task_name) else task_name.__eq__
     return sum(1 for process in site.workers.values() if process.log_path.exists()
-               for name in _RECEIVED.findall(process.log()) if name == task_name)
+               for name in _RECEIVED.findall(process.log()) if matches(name))
 
 
-def _settled_deliveries(site: Any, task_name: str) -> int:
+def _settled_deliveries(site: Any, task_name: str | Callable[[str], bool]) -> int:
     """`_deliveries` once no new message of the task has arrived for a second (at most a minute): late
     duplicates of one run neither land in the next nor go uncounted."""
     deadline = time.monotonic() + _SETTLE_BOUND_S

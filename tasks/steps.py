@@ -5,20 +5,22 @@ Importing this module (the worker does at start, through `tasks`) also imports t
 """
 from __future__ import annotations
 
+import logging
+import socket
 from typing import Any
 
 from celery import Task
 from celery.exceptions import Ignore
-from celery.signals import task_postrun
+from celery.signals import task_postrun, task_unknown
 
 from worker import app
 from workflows import engine
 
 engine.import_action_modules()
+logger = logging.getLogger(__name__)
 
 
-@app.task(bind=True, name=engine.RUN_STEP_TASK)
-def run_step(self: Task, step_id: str) -> dict[str, Any]:
+def _run_step(self: Task, step_id: str) -> dict[str, Any]:
     """Run one job step. Returning lets the canvas go on; Ignore stops it here, because whoever owns the
     step now (a retry, another worker, the reconciler) owns what follows."""
 
@@ -34,11 +36,39 @@ def run_step(self: Task, step_id: str) -> dict[str, Any]:
     return {"step_id": step_id, "state": outcome.state.value}
 
 
-@task_postrun.connect(sender=run_step)
-def _forget_result_waiters(**_: Any) -> None:
-    # Celery sends the rest of the canvas after run_step returns, freezing the next parallel stage
-    # here; postrun comes after that.
-    engine.forget_result_waiters()
+run_step = app.task(bind=True, name=engine.RUN_STEP_TASK)(_run_step)
+
+
+def _register_step_task(action_name: str) -> None:
+    # One Celery task per action, all running the same engine code: Flower and the worker logs then name
+    # what a step does (asr.replication.copy_disk), not just that it is a step.
+    name = engine.step_task_name(action_name)
+    if name not in app.tasks:
+        app.task(bind=True, name=name)(_run_step)
+
+
+engine.on_action_registered(_register_step_task)
+
+
+@task_postrun.connect
+def _forget_result_waiters(sender: Task | None = None, **_: Any) -> None:
+    # Celery sends the rest of the canvas after a step returns, freezing the next parallel stage here;
+    # postrun comes after that.
+    if sender is not None and engine.is_step_task(sender.name):
+        engine.forget_result_waiters()
+
+
+@task_unknown.connect
+def _refuse_unknown_step(name: str | None = None, message: Any = None, **_: Any) -> None:
+    """A step message for an action this worker does not have: fail the step, naming both, rather than
+    leave it queued until the reconciler's stall limit (Celery itself only logs and drops it)."""
+    if not name or not name.startswith(engine.STEP_TASK_PREFIX):
+        return
+    try:
+        args = message.payload[0] if isinstance(message.payload, (list, tuple)) else message.payload.get("args")
+        engine.refuse_unknown_step_task(str(args[0]), name, socket.gethostname())
+    except Exception:  # noqa: BLE001 - a signal handler must not break the consumer; the reconciler remains
+        logger.exception("could not fail the step of unknown task %s", name)
 
 
 @app.task(name=engine.RECONCILE_TASK)

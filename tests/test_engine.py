@@ -310,6 +310,32 @@ def test_non_recoverable_failure_fails_the_job_at_once_and_runs_its_failure_hook
     assert wait_until(lambda: not get_job(job_id)["hook_pending"], timeout=10, what="hooks recorded as run")
 
 
+def test_steps_run_as_tasks_named_after_their_action_and_an_action_a_worker_lacks_fails_clearly(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Each step's message is the task of its action (what Flower and the worker logs show); a worker
+    without that action's module fails the step naming it, instead of dropping the message."""
+    from workflows.engine import action, step_task_name
+
+    @action("test.only_in_this_process")
+    def only_here(ctx, **_):  # registered here, not in the workers' ASR_ACTION_MODULES
+        return None
+
+    log = tmp_path / "named.log"
+    job_id = start_job("delta_replication", lock_key=lock_key(), stages=[
+        [StepSpec("Record", "test.record", "orchestration", {"log": str(log), "label": "a"})],
+        [StepSpec("Not on the worker", "test.only_in_this_process", "orchestration", {})],
+    ])
+    job = wait_for_job(job_id, timeout=30)
+    assert job["state"] == "failed", job
+    recorded, missing = job["steps"]
+    assert recorded["state"] == "succeeded" and missing["state"] == "failed" and missing["attempts"] == 0
+    assert "has no task 'asr.test.only_in_this_process'" in missing["error"], missing["error"]
+    assert missing["error_class"] == "datapath.errors.NonRecoverableError"
+    worker_logs = "".join(process.log() for process in cluster.processes if process.log_path.exists())
+    assert f"Task {step_task_name('test.record')}[{recorded['celery_task_id']}] received" in worker_logs
+
+
 def test_a_second_job_on_the_same_item_is_refused_and_creates_nothing(cluster: Cluster, tmp_path: Path) -> None:
     key = lock_key()
     log = str(tmp_path / "busy.log")

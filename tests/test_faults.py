@@ -205,9 +205,9 @@ def test_redis_killed_and_restarted_while_three_vms_are_being_protected(tmp_path
             assert all(step["state"] == "succeeded" for step in job["steps"]), site.describe_job(job)
         # The messages that still waited in Redis when it died were delivered after it came back.
         host_log = site.workers[HOST_WORKER].log()
-        after_kill = [task_id for task_id in waiting if f"run_step[{task_id}] received" not in host_log[:host_log_at_kill]]
+        after_kill = [task_id for task_id in waiting if f"[{task_id}] received" not in host_log[:host_log_at_kill]]
         assert after_kill, f"every waiting message {waiting} was taken before Redis died: nothing was tested"
-        lost = [task_id for task_id in after_kill if f"run_step[{task_id}] received" not in host_log[host_log_at_kill:]]
+        lost = [task_id for task_id in after_kill if f"[{task_id}] received" not in host_log[host_log_at_kill:]]
         assert not lost, f"messages waiting in Redis when it was killed never arrived: {lost}"
         for vm_id in vm_ids:
             item = site.item(vm_id)

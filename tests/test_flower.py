@@ -22,9 +22,10 @@ from typing import Any
 from recovery_site import RecoverySite
 from services import LOCALHOST, free_port, port_answers
 from workers import wait_until
+from workflows.engine import step_task_name
 
 ASR = str(Path(sys.executable).with_name("asr"))
-RUN_STEP = "asr.engine.run_step"
+COPY_DISK = "replication.copy_disk"
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 SMALL_VM = [("disk0", "8M", "raw"), ("disk1", "4M", "vhd")]
 
@@ -142,15 +143,16 @@ def test_flower_shows_the_jobs_tasks_and_workers_behind_basic_auth(tmp_path: Pat
                 assert task["worker"] == step["worker"], (step["name"], task["worker"], step["worker"])
                 expected_node = "host-host1" if step["queue"] == "host.host1" else "orchestration"
                 assert task["worker"].split("@")[0] == expected_node, (step["name"], step["queue"], task)
-                # The readable task name, for every step: also those that reported progress.
-                assert task["name"] == RUN_STEP, (step["name"], task["name"])
+                # The readable task name, its action's, for every step: also those that reported progress.
+                assert task["name"] == step_task_name(step["action"]), (step["name"], task["name"])
             assert {s["queue"] for s in steps.values()} == {"host.host1", "orchestration", "recovery"}
 
             # Filtering by the readable name finds them too (what an operator types in Flower).
-            status, named = flower.get(f"/api/tasks?taskname={RUN_STEP}&limit=1000")
-            assert status == 200 and {t["uuid"] for t in tasks.values()} <= set(named), (status, len(named))
+            copies = {task["uuid"] for step_id, task in tasks.items() if steps[step_id]["action"] == COPY_DISK}
+            status, named = flower.get(f"/api/tasks?taskname={step_task_name(COPY_DISK)}&limit=1000")
+            assert status == 200 and copies and copies == set(named), (status, copies, sorted(named))
             status, types = flower.get("/api/task/types")
-            assert status == 200 and RUN_STEP in types["task-types"], types
+            assert status == 200 and step_task_name(COPY_DISK) in types["task-types"], types
 
             # The workers through inspect (what /api/workers answers), with the queues each consumes.
             status, workers = flower.get("/api/workers?refresh=1")
@@ -172,7 +174,7 @@ def test_flower_shows_the_jobs_tasks_and_workers_behind_basic_auth(tmp_path: Pat
             assert flower.get("/healthcheck", auth=None) == (200, "OK")
             status, metrics = flower.get("/metrics", auth=None)
             assert status == 200
-            progress_count = event_count(metrics, worker=host_node, type="task-progress", task=RUN_STEP)
+            progress_count = event_count(metrics, worker=host_node, type="task-progress", task=step_task_name(COPY_DISK))
             assert progress_count >= 2, metrics[-3000:]
         finally:
             flower.stop()

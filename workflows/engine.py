@@ -72,6 +72,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 RUN_STEP_TASK = "asr.engine.run_step"
+"""The generic step task (any action); jobs send each step as the task named after its action."""
+STEP_TASK_PREFIX = "asr."
 RECONCILE_TASK = "asr.engine.reconcile"
 RUN_JOB_HOOKS_TASK = "asr.engine.run_job_hooks"
 ORCHESTRATION_QUEUE = "orchestration"
@@ -86,6 +88,7 @@ HookFn = Callable[[Job, Session], None]
 EventEmitter = Callable[..., Any]
 
 _actions: dict[str, ActionFn] = {}
+_action_listeners: list[Callable[[str], None]] = []
 _job_hooks: dict[tuple[str, JobState], list[HookFn]] = defaultdict(list)
 
 
@@ -158,9 +161,31 @@ def action(name: str) -> Callable[[ActionFn], ActionFn]:
                 f"action {name!r} is already registered by {existing.__module__}.{existing.__qualname__}"
             )
         _actions[name] = fn
+        if existing is None:
+            for listener in _action_listeners:
+                listener(name)
         return fn
 
     return register
+
+
+def step_task_name(action_name: str) -> str:
+    """The Celery task a step of `action_name` runs as: what Flower and the worker logs show, e.g.
+    `asr.replication.copy_disk`."""
+    return f"{STEP_TASK_PREFIX}{action_name}"
+
+
+def is_step_task(task_name: str) -> bool:
+    return task_name == RUN_STEP_TASK or (task_name.startswith(STEP_TASK_PREFIX) and task_name[len(STEP_TASK_PREFIX):]
+                                          in _actions)
+
+
+def on_action_registered(listener: Callable[[str], None]) -> None:
+    """Call `listener(name)` for every action registered so far and every one registered later (the
+    worker registers a Celery task per action this way)."""
+    _action_listeners.append(listener)
+    for name in list(_actions):
+        listener(name)
 
 
 def job_hook(kind: str, outcome: str) -> Callable[[HookFn], HookFn]:
@@ -313,6 +338,7 @@ class _StepRoute(NamedTuple):
 
     id: str
     queue: str
+    action: str
 
 
 def _create_job(
@@ -323,7 +349,7 @@ def _create_job(
     would mark them, in the same transaction). Returns the job id, the queued_at stamp of the first
     stage, and every stage's steps to send. IntegrityError, with nothing written, if a key is taken."""
     stamp = clock.now()
-    routes = [[_StepRoute(new_id(), spec.queue) for spec in stage] for stage in stages]
+    routes = [[_StepRoute(new_id(), spec.queue, spec.action) for spec in stage] for stage in stages]
     with session_scope() as session:
         job = Job(kind=kind, target=target, lock_key=lock_keys[0] if len(lock_keys) == 1 else None,
                   lock_keys=list(lock_keys), params=dict(params))
@@ -389,7 +415,8 @@ def _launchable(step: JobStep, now: datetime) -> bool:
 def _run_step_signature(step: JobStep | _StepRoute) -> Signature:
     # The database holds every step's outcome: no result is stored for anyone to wait on (a chord
     # still counts its members, which does not depend on stored results).
-    return app.signature(RUN_STEP_TASK, args=(step.id,), immutable=True, queue=step.queue, ignore_result=True)
+    return app.signature(step_task_name(step.action), args=(step.id,), immutable=True, queue=step.queue,
+                         ignore_result=True)
 
 
 def _stage_signature(steps: Sequence[JobStep | _StepRoute]) -> Signature:
@@ -954,6 +981,26 @@ def _call_action(fn: ActionFn, context: StepContext, params: dict[str, Any]) -> 
     if result is not None:
         _require_json_object(result, f"the result of action {fn.__module__}.{fn.__qualname__}")
     return result
+
+
+def refuse_unknown_step_task(step_id: str, task_name: str, worker: str) -> bool:
+    """A worker received a step's message for a task it does not have (its action's module is not loaded
+    there): the step fails non-recoverably, naming both, instead of the message being lost silently.
+    Returns whether the step was failed now."""
+    error = (f"worker {worker} has no task {task_name!r}: the module registering action "
+             f"{task_name[len(STEP_TASK_PREFIX):]!r} is not loaded there (ASR_ACTION_MODULES)")
+    error_class = _class_name(NonRecoverableError)
+    with session_scope() as session:
+        step = session.get(JobStep, step_id)
+        if step is None:
+            return False
+        failed = session.exec(_update(JobStep).where(
+            JobStep.id == step_id, JobStep.state.in_((StepState.pending, StepState.queued)),
+        ).values(state=StepState.failed, ended_at=clock.now(), error=error, error_class=error_class)).rowcount
+        settled = bool(failed) and _fail_job(session, step.job_id, f"{step.name} failed: {error}", error_class)
+    if settled:
+        _dispatch_hooks(step.job_id)
+    return bool(failed)
 
 
 def _unclaimed(step_id: str) -> StepOutcome:
