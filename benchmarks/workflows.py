@@ -81,17 +81,18 @@ METHOD = [
     "comparison: it is the share of the RTO that Celery itself needs to carry a canvas of that shape. "
     "The peer is the plan job's shape as it ran (its stages, and in each the queue of every step) sent "
     "as a bare chain of plain no-op tasks built as the engine builds its canvas (a stage of several "
-    "steps a group), on the same queues and workers; beside it runs an engine job of no-op steps of the "
+    "steps a group, a no-op barrier task between two groups), on the same queues and workers; beside it runs an engine job of no-op steps of the "
     "same shape, so the RTO splits into Celery's floor, the engine's coordination (no-op job less the "
     "floor) and the steps' work (the plan less the no-op job). Each runs once, as the plan does, after "
     "the planned failover (no delta cycle can start then); no goal is set.",
     "Messages delivered: before and after each plan job and each same-shape run, once no new message "
-    "of the task (run_step, or the no-op task) has arrived for 1 s, the workers' logs' \"Task ...[id] "
-    "received\" lines are counted; the difference over the steps is the deliveries per step (1.00 when "
-    "every message arrives once). Celery duplicates the members of a group that follows a group in a "
-    "chain (celery/celery#8180, #8662); a duplicate that finds its step running claims it again "
-    "(counted as a death): those figures are reported, and the run stops only when a job fails or a "
-    "disk is wrong.",
+    "of the task (a step's task, or the no-op task) has arrived for 1 s, the workers' logs' \"Task "
+    "...[id] received\" lines are counted; the difference over the steps is the deliveries per step "
+    "(1.00 when every message arrives once). Celery delivers the members of a group that follows a "
+    "group in a chain once per member of the first (celery/celery#8180, #8662): the engine and the peer "
+    "put a no-op barrier task between two groups, and a copy that still finds its step running is "
+    "refused while the step's heartbeat is fresh. The figures are reported; the run stops only when a "
+    "job fails or a disk is wrong.",
 ]
 _SECONDS_PER_STEP_BOUND = 0.5
 """A bound on every wait: far above any step's cost here (a few ms), so only a hang reaches it."""
@@ -427,8 +428,8 @@ def run_engine_shape(shape: list[list[dict[str, str]]]) -> dict[str, Any]:
 
 def run_bare_canvas(shape: list[list[dict[str, str]]]) -> dict[str, Any]:
     """`chain(stage, ...)` of the plain no-op task with the plan's shape, built as the engine builds its
-    canvas (a one-step stage one signature, a larger one a group; a group followed by a task is a
-    chord), each task on its step's queue; timed from apply_async to the last stage's results. Only
+    canvas (a one-step stage one signature, a larger one a group, a no-op barrier between two groups; a
+    group followed by a task is a chord), each task on its step's queue; timed from apply_async to the last stage's results. Only
     the last stage stores results, as only the engine's database records its steps."""
     from celery import group
 
@@ -441,10 +442,16 @@ def run_bare_canvas(shape: list[list[dict[str, str]]]) -> dict[str, Any]:
                       for step in stage]
         return signatures[0] if len(signatures) == 1 else group(signatures)
 
+    links = []
+    for number, stage in enumerate(shape):
+        if number and len(stage) > 1 and len(shape[number - 1]) > 1:
+            # The engine's barrier between two parallel stages (without it Celery delivers the second
+            # group once per member of the first): the peer gets the same fix, so it is not slowed by it.
+            links.append(app.signature(NOOP_TASK, immutable=True, queue="orchestration", ignore_result=True))
+        links.append(stage_signature(stage, number == len(shape) - 1))
     steps = sum(map(len, shape))
     started = time.perf_counter()
-    result = chain(*(stage_signature(stage, number == len(shape) - 1)
-                     for number, stage in enumerate(shape))).apply_async()
+    result = chain(*links).apply_async()
     timeout = 10 + steps * _SECONDS_PER_STEP_BOUND
     try:
         result.get(timeout=timeout, interval=POLL_INTERVAL_S)

@@ -365,6 +365,17 @@ def start_unplanned_failover(item_id: str, *, point: str = PointChoice.LATEST_PR
                                                       recovery_host=recovery_host, public_ips=public_ips))
 
 
+def _operation_on(item_id: str, allowed: tuple[ReplicationState, ...], doing: str, find_record) -> tuple[
+        ItemView, FailoverRecord, dict[str, Any]]:
+    """The item (checked to be in an `allowed` state), the failover record the operation acts on, and the
+    params of its steps."""
+    view = _view(item_id)
+    _require_state(view, allowed, doing)
+    with session_scope() as session:
+        record = find_record(session, item_id)
+    return view, record, {"item_id": item_id, "failover_id": record.id}
+
+
 def _current_failover(session: Session, item_id: str) -> FailoverRecord:
     record = latest_failover(session, item_id, (FailoverKind.PLANNED, FailoverKind.UNPLANNED))
     if record is None or record.status is not FailoverStatus.SUCCEEDED:
@@ -374,11 +385,7 @@ def _current_failover(session: Session, item_id: str) -> FailoverRecord:
 
 def cancel_failover(item_id: str) -> str:
     """Before commit: delete the recovery VM and let the primary run and replicate again."""
-    view = _view(item_id)
-    _require_state(view, (S.FAILED_OVER,), "cancel the failover of")
-    with session_scope() as session:
-        record = _current_failover(session, item_id)
-    params = {"item_id": item_id, "failover_id": record.id}
+    view, record, params = _operation_on(item_id, (S.FAILED_OVER,), "cancel the failover of", _current_failover)
     stages = [[StepSpec("Delete recovery VM", DELETE_RECOVERY_VM, host_queue(record.target_host), params)]]
     if record.kind is FailoverKind.PLANNED:
         stages.append([StepSpec("Start VM on the primary", RESUME_PRIMARY, view.queue, params)])
@@ -388,11 +395,7 @@ def cancel_failover(item_id: str) -> str:
 
 def commit_failover(item_id: str) -> str:
     """The recovery site's VM is the VM from now on; failback is possible afterwards."""
-    view = _view(item_id)
-    _require_state(view, (S.FAILED_OVER,), "commit the failover of")
-    with session_scope() as session:
-        record = _current_failover(session, item_id)
-    params = {"item_id": item_id, "failover_id": record.id}
+    view, record, params = _operation_on(item_id, (S.FAILED_OVER,), "commit the failover of", _current_failover)
     stages = [[StepSpec("Commit failover", COMMIT, ORCHESTRATION_QUEUE, params)]]
     return _start(COMMIT_FAILOVER, Prepared(item_id, view.vm.name, stages, {"failover_id": record.id}))
 
@@ -472,11 +475,7 @@ def _current_failback(session: Session, item_id: str) -> FailoverRecord:
 
 def complete_failback(item_id: str) -> str:
     """Minimize downtime, second half: shut the recovery VM down, copy its last changes, swap, start."""
-    view = _view(item_id)
-    _require_state(view, (S.FAILBACK_READY,), "complete the failback of")
-    with session_scope() as session:
-        record = _current_failback(session, item_id)
-    params = {"item_id": item_id, "failover_id": record.id}
+    view, record, params = _operation_on(item_id, (S.FAILBACK_READY,), "complete the failback of", _current_failback)
     stages = [[StepSpec("Begin failback completion", BEGIN_FAILBACK, ORCHESTRATION_QUEUE,
                         {**params, "completing": True})]]
     stages += _completion_stages(view, params, host_queue(record.target_host),
@@ -517,11 +516,7 @@ def cancel_failback(item_id: str, *, wait_s: float = CANCEL_WAIT_S) -> str:
 
 def commit_failback(item_id: str) -> str:
     """The VM runs on the primary for good: the recovery VM is deleted; reverse replication comes next."""
-    view = _view(item_id)
-    _require_state(view, (S.FAILED_BACK,), "commit the failback of")
-    with session_scope() as session:
-        record = _current_failback(session, item_id)
-    params = {"item_id": item_id, "failover_id": record.id}
+    view, record, params = _operation_on(item_id, (S.FAILED_BACK,), "commit the failback of", _current_failback)
     stages = [
         [StepSpec("Delete recovery VM", DELETE_RECOVERY_VM, host_queue(record.details["recovery_host"]), params)],
         [StepSpec("Commit failback", COMMIT_FAILBACK, ORCHESTRATION_QUEUE, params)],
