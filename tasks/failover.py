@@ -623,11 +623,13 @@ def finish_failback(ctx: StepContext, *, item_id: str, failover_id: str) -> dict
             session.add(vm)
         vm.state = "running"
         record.status = FailoverStatus.SUCCEEDED
-        record.rto_s = max(0.0, ((record.vm_up_at and as_utc(record.vm_up_at)) or now).timestamp()
-                           - as_utc(record.started_at).timestamp())
+        up_at = as_utc(record.vm_up_at) if record.vm_up_at else now
+        record.rto_s = max(0.0, (up_at - as_utc(record.started_at)).total_seconds())
         downtime_from = record.details.get("downtime_from")
         if downtime_from:
-            record.details = {**record.details, "downtime_s": max(0.0, (as_utc(record.vm_up_at or now) - datetime.fromisoformat(downtime_from)).total_seconds())}
+            # From the recovery VM's shutdown to the primary's start: what the users of the VM noticed.
+            downtime = (up_at - datetime.fromisoformat(downtime_from)).total_seconds()
+            record.details = {**record.details, "downtime_s": max(0.0, downtime)}
         transition(item, S.FAILED_BACK)
         session.add(record)
         session.add(item)
@@ -671,7 +673,6 @@ def begin_reverse_replication(ctx: StepContext, *, item_id: str) -> dict[str, An
         item.resync_required_reason = "reverse replication after failback"
         session.add(item)
     return {"state": str(S.RESYNCHRONIZING)}
-
 
 
 # ---- checking a point ----------------------------------------------------------------------------------------

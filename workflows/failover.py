@@ -263,10 +263,7 @@ def failover_stages(
     elif kind == FailoverKind.TEST and point == PointChoice.LATEST and view.item.replication_state is not S.PROTECTED:
         raise ValueError(f"VM {view.vm.name!r} is {view.item.replication_state}: pending logs cannot be processed; "
                          f"choose latest_processed or a point id")
-    if point not in PointChoice.NAMED:
-        _check_choice(view, point)
-    elif point != PointChoice.LATEST:
-        _check_choice(view, point)
+    _check_choice(view, point)
     with session_scope() as session:
         if kind == FailoverKind.TEST:
             drill = active_test_failover(session, item_id)
