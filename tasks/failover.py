@@ -34,7 +34,7 @@ from models.fabric import Host, VirtualDisk, VirtualMachine, vm_adapters, vm_dis
 from models.protection import ProtectedItem, RecoveryPoint, ReplicationState, mark_healthy, transition
 from sites.host import Host as HostDriver
 from sites.host import VmNotFoundError as HostVmNotFoundError
-from tasks.replication import _load, _storage, item_action, replica_of
+from tasks.replication import _load, _storage, item_action, move_item, replica_of
 from workflows import clock, failover
 from workflows.engine import StepContext
 from workflows.failover import resolve_point
@@ -465,11 +465,7 @@ def download_differences(ctx: StepContext, *, item_id: str, failover_id: str, di
 
 @item_action(failover.FAILBACK_READY)
 def failback_ready(ctx: StepContext, *, item_id: str, failover_id: str) -> dict[str, Any]:
-    with ctx.session() as session:
-        item = session.get(ProtectedItem, item_id)
-        transition(item, S.FAILBACK_READY)
-        session.add(item)
-    return {"state": str(S.FAILBACK_READY)}
+    return move_item(ctx, item_id, S.FAILBACK_READY)
 
 
 @item_action(failover.SHUT_DOWN_RECOVERY_VM)
@@ -667,12 +663,7 @@ def commit_failback(ctx: StepContext, *, item_id: str, failover_id: str) -> dict
 
 @item_action(failover.BEGIN_REVERSE)
 def begin_reverse_replication(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
-    with ctx.session() as session:
-        item = session.get(ProtectedItem, item_id)
-        transition(item, S.RESYNCHRONIZING)
-        item.resync_required_reason = "reverse replication after failback"
-        session.add(item)
-    return {"state": str(S.RESYNCHRONIZING)}
+    return move_item(ctx, item_id, S.RESYNCHRONIZING, resync_required_reason="reverse replication after failback")
 
 
 # ---- checking a point ----------------------------------------------------------------------------------------

@@ -433,13 +433,20 @@ def finalize(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
 
 
 # ---- disabling protection ---------------------------------------------------------------------------------
-@item_action(protection.BEGIN_DISABLE)
-def begin_disable(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
+def move_item(ctx: StepContext, item_id: str, state: ReplicationState, **fields: Any) -> dict[str, Any]:
+    """Move the item to `state` (along the allowed transitions) and set `fields` on it, in one transaction."""
     with ctx.session() as session:
         item = session.get(ProtectedItem, item_id)
-        transition(item, ReplicationState.DISABLING_PROTECTION)
+        transition(item, state)
+        for name, value in fields.items():
+            setattr(item, name, value)
         session.add(item)
-        return {"state": str(item.replication_state)}
+    return {"state": str(state)}
+
+
+@item_action(protection.BEGIN_DISABLE)
+def begin_disable(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
+    return move_item(ctx, item_id, ReplicationState.DISABLING_PROTECTION)
 
 
 @item_action(protection.STOP_TRACKING)
