@@ -20,7 +20,8 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime, time as time_of_day, timedelta, timezone
+from datetime import UTC, datetime, timedelta
+from datetime import time as time_of_day
 from pathlib import Path
 from typing import IO, Any
 
@@ -159,7 +160,7 @@ def _parse_time(text: Any) -> datetime | None:
     if not isinstance(text, str) or not _ISO_TIME.match(text):
         return None
     moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def format_time(value: Any) -> str:
@@ -167,7 +168,7 @@ def format_time(value: Any) -> str:
     moment = _parse_time(value)
     if moment is None:
         return NOTHING if value in (None, "") else str(value)
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def format_duration(seconds: Any) -> str:
@@ -764,13 +765,13 @@ def _moment(value: str | None, option: str) -> datetime | None:
     relative = _RELATIVE.match(value.strip())
     if relative:
         amount, unit = float(relative.group(1)), relative.group(2)
-        return datetime.now(timezone.utc) + (timedelta(minutes=amount) if unit == "m" else timedelta(hours=amount))
+        return datetime.now(UTC) + (timedelta(minutes=amount) if unit == "m" else timedelta(hours=amount))
     try:
         moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
     except ValueError:
         raise click.BadParameter(f"expected an ISO time (2030-01-01T22:00) or a delay (+30m, +2h), got {value!r}",
                                  param_hint=option) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 @_command(policy, "add")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from api.cli import _Group, _fail, main
+from api.cli import _fail, _Group, main
 
 __all__ = [
     "HOST_KEY_ENV", "FLOWER_USER_ENV", "FLOWER_PASSWORD_ENV", "FLOWER_BASIC_AUTH_ENV", "Launch",

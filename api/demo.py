@@ -213,7 +213,12 @@ class Deployment:
     # ---- processes --------------------------------------------------------------------------------------
     def start(self) -> list[Check]:
         from sites.localservices import (
-            AzuriteProcess, RedisServer, celery_env, start_beat, start_flower, start_worker,
+            AzuriteProcess,
+            RedisServer,
+            celery_env,
+            start_beat,
+            start_flower,
+            start_worker,
         )
 
         say = self.console.say

@@ -11,13 +11,14 @@ A `vm` argument is a VM's name (when only one host has a VM of that name), "host
 """
 from __future__ import annotations
 
+import enum
 import functools
 import ipaddress
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from datetime import date, datetime, time as time_of_day, timezone
-import enum
+from datetime import UTC, date, datetime
+from datetime import time as time_of_day
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,7 +30,6 @@ from datapath.errors import DiskNotFoundError, NonRecoverableError, PathOutsideR
 from datapath.replication import ReplicaDisk
 from models import apikeys
 from models.db import database_url, init_db, session_scope, validate_name
-from models.failover import FailoverKind, FailoverRecord, FailoverStatus, active_test_failover, latest_failover
 from models.fabric import (
     AmbiguousVmError,
     Host,
@@ -39,7 +39,6 @@ from models.fabric import (
     VmmCloud,
     VmmServer,
     VmNotFoundError,
-    add_network_mapping as _add_network_mapping,
     create_cloud,
     create_site,
     create_vmm_server,
@@ -49,14 +48,19 @@ from models.fabric import (
     vm_adapters,
     vm_disks,
 )
+from models.fabric import (
+    add_network_mapping as _add_network_mapping,
+)
+from models.failover import FailoverKind, FailoverRecord, FailoverStatus, active_test_failover, latest_failover
 from models.jobs import ACTIVE_JOB_STATES, FINISHED_JOB_STATES, Job, JobState, JobStep, StepState
 from models.plans import PlanError, PlanNotFoundError, PlanOperation, RecoveryPlan, get_plan
 from models.plans import create_plan as _create_plan
 from models.plans import list_plans as _list_plans
-from models.policy import ReplicationPolicy, WEEKDAY_NAMES, create_policy
+from models.policy import WEEKDAY_NAMES, ReplicationPolicy, create_policy
 from models.protection import InvalidStateError, ProtectedItem, RecoveryPoint, ReplicationState
 from models.protection import recovery_points as _recovery_points
-from sites.host import DISK_SUFFIX, Host as HostDriver, VmExistsError
+from sites.host import DISK_SUFFIX, VmExistsError
+from sites.host import Host as HostDriver
 from workflows import engine
 from workflows import failover as failover_workflows
 from workflows import plans as plan_workflows
@@ -607,7 +611,7 @@ def _policy_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
         except ValueError:
             raise Invalid(f"replication policy {name!r}: initial_replication_at {start!r} is not an ISO 8601 "
                           f"time such as '2030-01-01T02:00:00+00:00'") from None
-        settings["initial_replication_at"] = parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+        settings["initial_replication_at"] = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     hours = settings.get("office_hours")
     if hours is not None:
         if isinstance(hours, str):

@@ -25,9 +25,10 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from benchmarks.datapath import (
     CHUNK_SIZE,
@@ -373,7 +374,7 @@ def build_report(argv: list[str], sections: tuple[str, ...], settings: dict[str,
                  measured: dict[str, Any]) -> dict[str, Any]:
     report = {
         "format": "sre-benchmarks/2",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python -m benchmarks.run", *argv]),
         "sections": list(sections),
         "machine": machine,

@@ -6,8 +6,8 @@ difference between a job of no-op steps and a bare chain of no-op tasks is what 
 """
 from __future__ import annotations
 
-from workflows.engine import StepContext, action
 from worker import app
+from workflows.engine import StepContext, action
 
 NOOP_ACTION = "bench.noop"
 NOOP_TASK = "bench.noop_task"

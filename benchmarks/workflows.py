@@ -434,8 +434,8 @@ def run_bare_canvas(shape: list[list[dict[str, str]]]) -> dict[str, Any]:
     from celery import group
 
     from benchmarks.workflow_actions import NOOP_TASK
-    from workflows.engine import forget_result_waiters
     from worker import app
+    from workflows.engine import forget_result_waiters
 
     def stage_signature(stage: list[dict[str, str]], last: bool):
         signatures = [app.signature(NOOP_TASK, immutable=True, queue=step["queue"], ignore_result=not last)
@@ -473,13 +473,13 @@ def bench_recovery_plan(workdir: Path, plan: PlanSettings, seed: int,
     as no-op engine steps and once as bare Celery tasks. Returns one benchmark per operation
     ({"plan_test_failover": ..., ...}); BenchmarkError unless every job succeeded and every recovery
     VM's disks hold the recovery point."""
-    from models.db import session_scope
-    from models.plans import create_plan
     from recovery_site import RecoverySite
-    from workflows.engine import get_job, is_step_task
-    from workflows.plans import start_plan
 
     from benchmarks.workflow_actions import NOOP_TASK
+    from models.db import session_scope
+    from models.plans import create_plan
+    from workflows.engine import get_job, is_step_task
+    from workflows.plans import start_plan
 
     host_names = tuple(f"host{number}" for number in range(1, plan.hosts + 1))
     measured: dict[str, dict[str, Any]] = {}
@@ -569,6 +569,7 @@ def _settled_deliveries(site: Any, task_name: str | Callable[[str], bool]) -> in
 def _wait_idle(site: Any, vm_ids: list[str]) -> None:
     """Until no job holds any of the VMs (a plan is refused while one does)."""
     from workers import wait_until
+
     from workflows.failover import active_jobs
 
     item_ids = [site.item_id(vm_id) for vm_id in vm_ids]

@@ -6,7 +6,7 @@ with memcmp. Ranges that are holes on both disks read as zeros on both and are s
 from __future__ import annotations
 
 import heapq
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from datapath.endpoint import DiskEndpoint
 from datapath.errors import SizeMismatchError

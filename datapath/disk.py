@@ -12,10 +12,10 @@ import io
 import os
 import re
 import stat
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
-from typing import Iterator
 
 from datapath.buffers import aligned_buffer
 from datapath.durable import fsync_directory

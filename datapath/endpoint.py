@@ -6,7 +6,8 @@ source and target works, and a test on one backend exercises the same code as on
 """
 from __future__ import annotations
 
-from typing import Iterator, Protocol, runtime_checkable
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
 
 SECTOR = 512
 

@@ -19,10 +19,10 @@ import queue
 import struct
 import threading
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from types import TracebackType
-from typing import Callable, Iterable, Iterator, Sequence
 
 import mmh3
 

@@ -28,10 +28,11 @@ import tempfile
 import time
 import uuid
 from bisect import bisect_right
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice, takewhile
 from types import TracebackType
-from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, BinaryIO
 
 from datapath.copy import copy_disk
 from datapath.endpoint import SECTOR, DiskEndpoint

@@ -25,8 +25,9 @@ import json
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO
 
 from datapath.copy import DEFAULT_FLUSH_INTERVAL, copy_disk
 from datapath.endpoint import DiskEndpoint

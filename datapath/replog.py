@@ -18,10 +18,11 @@ import tempfile
 import time
 import uuid
 from bisect import bisect_right
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import mmh3
 

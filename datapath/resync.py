@@ -21,10 +21,10 @@ target side's part of the exchange when the sides are apart.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import groupby
-from typing import Callable
 
 from datapath.buffers import aligned_buffer
 from datapath.endpoint import DiskEndpoint

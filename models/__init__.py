@@ -6,7 +6,6 @@ Importing this package registers every table on `SQLModel.metadata` (what `model
 from . import jobs  # noqa: F401  (the job engine's tables; its names are imported from models.jobs)
 from .apikeys import ApiKey, ApiKeyNotFoundError
 from .db import dispose_engines, get_engine, init_db, session_scope
-from .failover import FailoverKind, FailoverRecord, FailoverStatus
 from .fabric import (
     AmbiguousVmError,
     Host,
@@ -19,6 +18,7 @@ from .fabric import (
     VmNetworkAdapter,
     VmNotFoundError,
 )
+from .failover import FailoverKind, FailoverRecord, FailoverStatus
 from .plans import PlanError, PlanNotFoundError, PlanOperation, RecoveryPlan
 from .policy import ReplicationPolicy
 from .protection import (

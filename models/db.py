@@ -14,7 +14,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +68,8 @@ def as_utc(when: datetime) -> datetime:
     """`when` as an aware UTC datetime; a naive datetime is taken to be UTC already (the convention of
     every timestamp in this project)."""
     if when.tzinfo is None:
-        return when.replace(tzinfo=timezone.utc)
-    return when.astimezone(timezone.utc)
+        return when.replace(tzinfo=UTC)
+    return when.astimezone(UTC)
 
 
 class UtcDateTime(sa.types.TypeDecorator):
@@ -89,7 +89,7 @@ class UtcDateTime(sa.types.TypeDecorator):
         return as_utc(value).replace(tzinfo=None)
 
     def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
-        return None if value is None else value.replace(tzinfo=timezone.utc)
+        return None if value is None else value.replace(tzinfo=UTC)
 
 
 def string_enum(enum_class: type[enum.Enum]) -> sa.Enum:

@@ -25,7 +25,8 @@ from sqlmodel import Field, Session, SQLModel, select
 from datapath.disk import FORMATS
 from datapath.errors import NonRecoverableError
 from models.db import UtcDateTime, clock_now, new_id, validate_name
-from sites.host import STATE_OFF, STATES as VM_POWER_STATES, VM_GENERATIONS, VmNotFoundError
+from sites.host import STATE_OFF, VM_GENERATIONS, VmNotFoundError
+from sites.host import STATES as VM_POWER_STATES
 
 __all__ = [
     "Site", "VmmServer", "VmmCloud", "Host", "VirtualMachine", "VirtualDisk", "VmNetworkAdapter",

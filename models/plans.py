@@ -23,7 +23,14 @@ from sqlmodel import Field, Session, SQLModel, select
 from datapath.errors import NonRecoverableError
 from models.db import UtcDateTime, clock_now, new_id, validate_name
 from models.fabric import (
-    AmbiguousVmError, Host, NetworkMapping, Site, VirtualMachine, VmmCloud, VmNetworkAdapter, VmNotFoundError,
+    AmbiguousVmError,
+    Host,
+    NetworkMapping,
+    Site,
+    VirtualMachine,
+    VmmCloud,
+    VmNetworkAdapter,
+    VmNotFoundError,
     get_vm,
 )
 from models.protection import ProtectedItem

@@ -2,7 +2,7 @@
 replication starts, and when automatic resynchronization may run (outside office hours, as the
 reference does, so a resync's read load does not hit users)."""
 from collections.abc import Iterable
-from datetime import datetime, time, timedelta, timezone, tzinfo
+from datetime import UTC, datetime, time, timedelta, tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import sqlalchemy as sa
@@ -59,7 +59,7 @@ class ReplicationPolicy(SQLModel, table=True):
         zone = _zone(self.office_timezone)
         local = after.astimezone(zone)
         # Office hours lie within one day (start < end), so their end that day is the first free moment.
-        return datetime.combine(local.date(), self.office_hours_end, tzinfo=zone).astimezone(timezone.utc)
+        return datetime.combine(local.date(), self.office_hours_end, tzinfo=zone).astimezone(UTC)
 
 
 def create_policy(
@@ -181,7 +181,7 @@ def _weekday_number(name: str) -> int | None:
 
 
 def _zone(name: str) -> tzinfo:
-    return timezone.utc if name == "UTC" else ZoneInfo(name)
+    return UTC if name == "UTC" else ZoneInfo(name)
 
 
 def _zone_or_error(where: str, name: object) -> None:

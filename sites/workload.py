@@ -28,9 +28,9 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 

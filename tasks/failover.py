@@ -8,9 +8,9 @@ applied again (applying a log twice gives the same disk), swaps checked by manif
 from __future__ import annotations
 
 import json
-import uuid
 import tempfile
-from datetime import datetime, timezone
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,9 @@ from datapath.manifest import Manifest, compute_manifest
 from datapath.points import restore_point, verify_point
 from datapath.replog import apply_log
 from models.db import as_utc
-from models.jobs import JobStep, StepState
-from models.failover import FailoverKind, FailoverRecord, FailoverStatus
 from models.fabric import Host, VirtualDisk, VirtualMachine, vm_adapters, vm_disks
+from models.failover import FailoverKind, FailoverRecord, FailoverStatus
+from models.jobs import JobStep, StepState
 from models.protection import ProtectedItem, RecoveryPoint, ReplicationState, mark_healthy, transition
 from sites.host import Host as HostDriver
 from sites.host import VmNotFoundError as HostVmNotFoundError
@@ -106,7 +106,7 @@ def begin_failover(ctx: StepContext, *, item_id: str, failover_id: str, kind: st
             record = FailoverRecord(
                 id=failover_id, item_id=item_id, kind=FailoverKind(kind), job_id=ctx.job_id, point_choice=point,
                 target_host=target_host, target_vm=target_vm, network=", ".join(p["network"] for p in placement),
-                started_at=datetime.fromtimestamp(requested_at, timezone.utc),
+                started_at=datetime.fromtimestamp(requested_at, UTC),
                 details={"placement": placement, "public_ips": public_ips, "replaces": replaces,
                          "previous_state": str(item.replication_state)},
             )
@@ -346,7 +346,7 @@ def begin_failback(ctx: StepContext, *, item_id: str, failover_id: str, completi
             record = FailoverRecord(
                 id=failover_id, item_id=item_id, kind=FailoverKind.FAILBACK, job_id=ctx.job_id,
                 target_host=target_host, target_vm=session.get(VirtualMachine, item.vm_id).name,
-                started_at=datetime.fromtimestamp(requested_at, timezone.utc),
+                started_at=datetime.fromtimestamp(requested_at, UTC),
                 details={"mode": mode, "create_vm": create_vm, "recovery_host": recovery_host,
                          "recovery_vm": recovery_vm, "recovery_vm_id": failed_over.details.get("vm_id"),
                          "failover_id": failed_over.id, "previous_state": str(item.replication_state)},

@@ -21,6 +21,7 @@ from sqlmodel import select
 
 from datapath.disk import FORMATS, open_disk
 from datapath.errors import DiskNotFoundError, LogCorruptError, LogOutOfSequenceError, NonRecoverableError
+from datapath.points import prune_versions
 from datapath.replication import (
     ReplicaDisk,
     acknowledge_applied,
@@ -29,7 +30,6 @@ from datapath.replication import (
     resynchronize,
     ship_pending_logs,
 )
-from datapath.points import prune_versions
 from datapath.tracker import RESYNC_THRESHOLD, ReplicationTracker
 from models.db import session_scope
 from models.jobs import JobStep

@@ -5,16 +5,16 @@ Services are session-scoped and started on first use, so a run that needs none o
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from azure.storage.blob import BlobServiceClient
+from services import AzuriteProcess, ServiceStartError
 
 from sites.storage.azure import AzureBlobStorage
 from sites.storage.base import RecoveryStorage
 from sites.storage.local import LocalDirectoryStorage
-from services import AzuriteProcess, ServiceStartError
 
 
 # ---- services -----------------------------------------------------------------------------------

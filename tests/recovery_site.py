@@ -25,24 +25,23 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from services import AzuriteProcess
 from sqlmodel import select
+from workers import CeleryProcess, RedisServer, celery_env, point_app_at, start_beat, start_worker, stop_all, wait_until
 
+import tasks  # noqa: F401  (registers every action start_job validates)
+import tasks.replication as replication_actions
 from datapath.compare import first_difference
 from datapath.disk import open_disk
 from models.db import dispose_engines, init_db, session_scope
 from models.fabric import Host as HostRow
 from models.fabric import VirtualMachine as VmRow
 from models.fabric import add_network_mapping, create_site, import_vm_manifest, register_host, vm_disks
-from models.policy import create_policy
 from models.jobs import Job
+from models.policy import create_policy
 from models.protection import ProtectedItem
-from services import AzuriteProcess
 from sites.host import Host
 from sites.storage.base import RecoveryStorage
-from workers import CeleryProcess, RedisServer, celery_env, point_app_at, start_beat, start_worker, stop_all, wait_until
-
-import tasks  # noqa: F401  (registers every action start_job validates)
-import tasks.replication as replication_actions
 from workflows.engine import ItemBusyError, get_job
 from workflows.protection import enable_protection, item_status, load_item, start_delta_replication
 

@@ -5,9 +5,9 @@ from sites.localservices import (  # noqa: F401
     AZURITE_BLOB,
     LOCALHOST,
     REPO_ROOT,
-    _log_tail,
     AzuriteProcess,
     ServiceStartError,
+    _log_tail,
     free_port,
     port_answers,
 )

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from recovery_site import RecoverySite
 from sqlmodel import select
 
 from api import service
@@ -29,7 +30,6 @@ from models.db import session_scope
 from models.fabric import Site, VirtualMachine
 from models.jobs import Job
 from models.protection import ProtectedItem
-from recovery_site import RecoverySite
 from sites.localservices import LOCALHOST, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

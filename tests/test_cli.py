@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 ASR = str(Path(sys.executable).with_name("asr"))
 MiB = 1 << 20
 

@@ -12,9 +12,9 @@ import io
 import json
 import os
 import pty
-import threading
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from recovery_site import RecoverySite
 from sqlmodel import select
 
 from api.cli import main
@@ -31,7 +32,6 @@ from models.fabric import Host as HostRow
 from models.fabric import Site, verify_host_key
 from models.jobs import Job
 from models.policy import ReplicationPolicy
-from recovery_site import RecoverySite
 from sites.host import Host
 
 ASR = str(Path(sys.executable).with_name("asr"))
@@ -448,10 +448,10 @@ def test_api_keys_are_created_shown_once_listed_without_the_key_and_revoked(tmp_
     import os
 
     from sqlalchemy import create_engine
+    from sqlmodel import Session
 
     from models.apikeys import verify_api_key
     from models.db import init_db
-    from sqlmodel import Session
 
     url = f"sqlite:///{tmp_path / 'keys.db'}"
     env = {**os.environ, "ASR_DATABASE_URL": url}

@@ -5,11 +5,11 @@ from __future__ import annotations
 import random
 
 import pytest
+from instrumented_disks import GIB, KIB, MIB, FailingDisk, InstrumentedDisk
 
 from datapath.compare import first_difference, same_bytes
 from datapath.disk import create_disk, open_disk
 from datapath.errors import SizeMismatchError
-from instrumented_disks import GIB, KIB, MIB, FailingDisk, InstrumentedDisk
 
 SIZE = 24 * MIB
 

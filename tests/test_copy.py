@@ -7,12 +7,6 @@ import subprocess
 import threading
 
 import pytest
-
-from datapath.compare import first_difference
-from datapath.copy import copy_disk
-from datapath.disk import create_disk, open_disk
-from datapath.errors import AlignmentError, LowDiskSpaceError, SizeMismatchError
-from datapath.manifest import compute_manifest
 from instrumented_disks import (
     KIB,
     MIB,
@@ -24,6 +18,12 @@ from instrumented_disks import (
     file_bytes,
     file_digest,
 )
+
+from datapath.compare import first_difference
+from datapath.copy import copy_disk
+from datapath.disk import create_disk, open_disk
+from datapath.errors import AlignmentError, LowDiskSpaceError, SizeMismatchError
+from datapath.manifest import compute_manifest
 
 QEMU_TIMEOUT = 30
 

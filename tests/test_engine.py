@@ -21,20 +21,36 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
+from engine_actions import HOOKED_KIND, read_records  # also registers the test actions for start_job
 from sqlalchemy.engine import make_url
 from sqlmodel import func, select
-
-from datapath.errors import DiskFormatError, LowDiskSpaceError, StorageAuthError, StorageUnavailableError
-from engine_actions import HOOKED_KIND, read_records  # also registers the test actions for start_job
-from models.db import dispose_engines, init_db, session_scope
-from models.jobs import Job, JobLock, JobStep, StepState
 from test_models import POSTGRES_URL, postgres_admin  # noqa: F401  (the fixture, reused)
 from workers import (
-    CeleryProcess, EventCapture, RedisServer, celery_env, point_app_at, start_beat, start_worker, stop_all,
+    CeleryProcess,
+    EventCapture,
+    RedisServer,
+    celery_env,
+    point_app_at,
+    start_beat,
+    start_worker,
+    stop_all,
     wait_until,
 )
+
+from datapath.errors import DiskFormatError, LowDiskSpaceError, StorageAuthError, StorageUnavailableError
+from models.db import dispose_engines, init_db, session_scope
+from models.jobs import Job, JobLock, JobStep, StepState
 from workflows.engine import (
-    ItemBusyError, JobStateError, StepSpec, cancel, execute_step, get_job, reconcile, resume, retry_now, start_job,
+    ItemBusyError,
+    JobStateError,
+    StepSpec,
+    cancel,
+    execute_step,
+    get_job,
+    reconcile,
+    resume,
+    retry_now,
+    start_job,
 )
 from workflows.progress import job_progress
 from workflows.retry import is_recoverable, next_attempt_delay

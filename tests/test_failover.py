@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from recovery_site import RecoverySite
 from sqlmodel import select
+from workers import wait_until
 
 from datapath.disk import open_disk
 from datapath.points import PointUnavailableError, open_point
@@ -25,9 +27,7 @@ from models.db import session_scope
 from models.failover import FailoverKind, FailoverRecord, FailoverStatus
 from models.plans import create_plan
 from models.protection import ProtectedItem, RecoveryPoint, RecoveryPointKind, recovery_points
-from recovery_site import RecoverySite
 from tasks.replication import open_recovery_storage, replica_of
-from workers import wait_until
 from workflows import failover as fo
 from workflows.engine import get_job
 from workflows.plans import resume_plan, start_plan

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-
-import sites.localservices
-from datapath.replication import ReplicaDisk, ReplicaState
 from recovery_site import RecoverySite
 from services import AzuriteProcess
 from workers import EventCapture, wait_until
+
+import sites.localservices
+from datapath.replication import ReplicaDisk, ReplicaState
 from workflows.engine import get_job
 from workflows.progress import job_progress
 

@@ -22,6 +22,7 @@ from typing import Any
 from recovery_site import RecoverySite
 from services import LOCALHOST, free_port, port_answers
 from workers import wait_until
+
 from workflows.engine import step_task_name
 
 ASR = str(Path(sys.executable).with_name("asr"))

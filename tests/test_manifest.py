@@ -9,6 +9,7 @@ import threading
 
 import mmh3
 import pytest
+from instrumented_disks import GIB, KIB, MIB, FailingDisk, InstrumentedDisk, allocated_bytes, file_bytes
 
 from datapath.disk import create_disk, open_disk
 from datapath.errors import SizeMismatchError
@@ -24,7 +25,6 @@ from datapath.manifest import (
     is_zero,
     zero_chunk_hash,
 )
-from instrumented_disks import GIB, KIB, MIB, FailingDisk, InstrumentedDisk, allocated_bytes, file_bytes
 
 
 def expected_hashes(path, size: int, chunk_size: int) -> bytes:

@@ -14,7 +14,8 @@ import textwrap
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, time as clock_time, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
+from datetime import time as clock_time
 from pathlib import Path
 
 import pytest
@@ -23,16 +24,30 @@ from sqlalchemy.engine import Engine, make_url
 from sqlmodel import Session, select
 
 from datapath.errors import NonRecoverableError
-from models import fabric, policy as policies, protection
+from models import fabric, protection
+from models import policy as policies
 from models.db import database_url, dispose_engines, get_engine, init_db, session_scope
 from models.fabric import (
-    AmbiguousVmError, Host, NetworkMapping, Site, VirtualDisk, VirtualMachine, VmmCloud, VmmServer,
-    VmNetworkAdapter, VmNotFoundError,
+    AmbiguousVmError,
+    Host,
+    NetworkMapping,
+    Site,
+    VirtualDisk,
+    VirtualMachine,
+    VmmCloud,
+    VmmServer,
+    VmNetworkAdapter,
+    VmNotFoundError,
 )
 from models.jobs import Job, JobLock
 from models.policy import ReplicationPolicy
 from models.protection import (
-    ALLOWED_TRANSITIONS, Health, InvalidStateError, ProtectedItem, RecoveryPoint, RecoveryPointKind,
+    ALLOWED_TRANSITIONS,
+    Health,
+    InvalidStateError,
+    ProtectedItem,
+    RecoveryPoint,
+    RecoveryPointKind,
     ReplicationState,
 )
 from sites.host import Host as HostTree
@@ -44,7 +59,7 @@ MY_TABLES = (
     ReplicationPolicy, ProtectedItem, RecoveryPoint,
 )
 # A Friday, in winter (no daylight saving anywhere in Europe).
-FRIDAY = datetime(2026, 1, 16, tzinfo=timezone.utc)
+FRIDAY = datetime(2026, 1, 16, tzinfo=UTC)
 SUBPROCESS_TIMEOUT_S = 60
 
 
@@ -168,11 +183,11 @@ def test_timestamps_come_back_as_aware_utc(engine: Engine) -> None:
         item_id = item.id
     with session_scope(engine) as session:
         item = session.get(ProtectedItem, item_id)
-        assert item.next_delta_at == datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
-        assert item.next_delta_at.tzinfo == timezone.utc
-        assert item.resync_scheduled_for == datetime(2026, 3, 1, 12, 30, tzinfo=timezone.utc)
-        assert item.created_at.tzinfo == timezone.utc
-        assert abs(item.created_at - datetime.now(timezone.utc)) < timedelta(minutes=1)
+        assert item.next_delta_at == datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+        assert item.next_delta_at.tzinfo == UTC
+        assert item.resync_scheduled_for == datetime(2026, 3, 1, 12, 30, tzinfo=UTC)
+        assert item.created_at.tzinfo == UTC
+        assert abs(item.created_at - datetime.now(UTC)) < timedelta(minutes=1)
         # Comparisons in SQL see the same instants.
         found = session.exec(select(ProtectedItem).where(
             ProtectedItem.next_delta_at == datetime(2026, 3, 1, 13, 0, tzinfo=timezone(timedelta(hours=1)))
@@ -199,7 +214,7 @@ def test_hyperv_site_shape(engine: Engine) -> None:
     with session_scope(engine) as session:
         host = session.exec(select(Host).where(Host.name == "hv01")).one()
         assert (host.site_id, host.cloud_id, host.queue, host.root) == (site.id, None, "host.hv01", "/srv/hosts/hv01")
-        assert host.registered_at.tzinfo == timezone.utc and host.last_seen_at is None
+        assert host.registered_at.tzinfo == UTC and host.last_seen_at is None
         vm = fabric.get_vm(session, "app01", host)
         assert (vm.generation, vm.state, vm.host_id) == (2, "running", host.id)
         uuid.UUID(vm.vm_uuid)
@@ -486,7 +501,7 @@ def test_policy_defaults_follow_the_reference(engine: Engine) -> None:
 
 
 def test_policy_validation(engine: Engine) -> None:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     before = row_counts(engine)
     cases = [
         ({"copy_frequency_s": 60}, "copy frequency \\(seconds\\) must be one of 30, 300, 900, got 60"),
@@ -548,7 +563,7 @@ def test_office_hours_and_resync_slots_across_a_weekend(engine: Engine) -> None:
     # Office hours are local time: 08:00-18:00 in Berlin is 07:00-17:00 UTC in winter, 06:00-16:00 in summer.
     assert berlin.in_office_hours(at(0, 7, 30)) and not berlin.in_office_hours(at(0, 17, 30))
     assert berlin.next_resync_slot(at(0, 12)) == at(0, 17)
-    summer_monday = datetime(2026, 7, 13, 12, 0, tzinfo=timezone.utc)
+    summer_monday = datetime(2026, 7, 13, 12, 0, tzinfo=UTC)
     assert summer_monday.weekday() == 0
     assert berlin.next_resync_slot(summer_monday) == summer_monday.replace(hour=16)
     # Naive datetimes are UTC.
@@ -641,7 +656,7 @@ def test_health_records_errors_and_takes_the_worst(engine: Engine) -> None:
         item = reload(session)
         assert item.health is Health.WARNING
         assert [(e["code"], e["severity"]) for e in item.health_errors] == [("RpoExceeded", "Warning")]
-        started = datetime.now(timezone.utc)
+        started = datetime.now(UTC)
         protection.mark_critical(session, item, "LogCorrupt", "log of disk0 failed its checksum at record 7")
     with session_scope(engine) as session:
         item = reload(session)
@@ -722,7 +737,7 @@ def test_protecting_a_vm(engine: Engine) -> None:
 
 
 def test_recovery_points_prune_keeps_the_latest(engine: Engine) -> None:
-    now = datetime(2026, 5, 4, 12, 0, tzinfo=timezone.utc)
+    now = datetime(2026, 5, 4, 12, 0, tzinfo=UTC)
     with session_scope(engine) as session:
         item = make_item(session, retention_h=2)
         disk = "3b8f1f59-0f6c-4c1e-9d39-6d4c8e3b8a01"
@@ -759,7 +774,7 @@ def test_recovery_points_prune_keeps_the_latest(engine: Engine) -> None:
 
 
 def test_retention_zero_keeps_only_the_latest_point(engine: Engine) -> None:
-    now = datetime(2026, 5, 4, 12, 0, tzinfo=timezone.utc)
+    now = datetime(2026, 5, 4, 12, 0, tzinfo=UTC)
     with session_scope(engine) as session:
         item = make_item(session, retention_h=0)
         for minutes in (30, 20, 10):

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
+from test_models import db_url, engine, postgres_admin  # noqa: F401  (the fixtures, reused)
 
 from datapath.errors import NonRecoverableError
-from models import fabric, plans, policy as policies, protection
+from models import fabric, plans, protection
+from models import policy as policies
 from models.db import session_scope
 from models.fabric import Host, NetworkMapping, VirtualMachine, VmNetworkAdapter
 from models.plans import PlanError, PlanNotFoundError, PlanOperation, RecoveryPlan
 from models.protection import ProtectedItem, ReplicationState
-from test_models import db_url, engine, postgres_admin  # noqa: F401  (the fixtures, reused)
 
 DISK = {"name": "disk0", "file": "disk0.raw", "size": 1 << 20, "format": "raw"}
 S = ReplicationState
@@ -118,8 +119,8 @@ def test_a_three_group_plan_with_actions_round_trips(engine: Engine) -> None:
         for key in (plan_id, "shop-dr"):
             plan = plans.get_plan(session, key)
             assert (plan.id, plan.name, plan.description) == (plan_id, "shop-dr", "The whole web shop")
-        assert plan.created_at.tzinfo == timezone.utc
-        assert abs(plan.created_at - datetime.now(timezone.utc)) < timedelta(minutes=1)
+        assert plan.created_at.tzinfo == UTC
+        assert abs(plan.created_at - datetime.now(UTC)) < timedelta(minutes=1)
         assert plan.groups == [
             {"name": "databases", "vms": [ids["db01"]],
              "before": [{"kind": "manual", "name": "stop-batch", "instructions": "Stop the nightly batch jobs."}],

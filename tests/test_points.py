@@ -36,7 +36,7 @@ from datapath.replication import (
     resynchronize,
     ship_pending_logs,
 )
-from datapath.replog import LogDiskMismatchError, MAX_RECORD_DATA
+from datapath.replog import MAX_RECORD_DATA, LogDiskMismatchError
 from sites.host import Host
 
 MiB = 1 << 20

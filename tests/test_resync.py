@@ -9,13 +9,6 @@ import subprocess
 
 import mmh3
 import pytest
-
-from datapath.compare import first_difference
-from datapath.copy import copy_disk
-from datapath.disk import create_disk, open_disk
-from datapath.errors import AlignmentError, NonRecoverableError, SizeMismatchError
-from datapath.manifest import HASH_SIZE, compute_manifest, zero_chunk_hash
-from datapath.resync import block_hashes, sync_disks
 from instrumented_disks import (
     KIB,
     MIB,
@@ -25,6 +18,13 @@ from instrumented_disks import (
     file_bytes,
     file_digest,
 )
+
+from datapath.compare import first_difference
+from datapath.copy import copy_disk
+from datapath.disk import create_disk, open_disk
+from datapath.errors import AlignmentError, NonRecoverableError, SizeMismatchError
+from datapath.manifest import HASH_SIZE, compute_manifest, zero_chunk_hash
+from datapath.resync import block_hashes, sync_disks
 
 BLOCK = 4 * KIB
 RSYNC_TIMEOUT = 30

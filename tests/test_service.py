@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from recovery_site import RecoverySite
 from sqlmodel import select
 
 from api import service
@@ -25,7 +26,6 @@ from models.jobs import Job
 from models.plans import RecoveryPlan
 from models.policy import ReplicationPolicy
 from models.protection import ProtectedItem
-from recovery_site import RecoverySite
 
 DISKS = [("disk0", "8M", "vhd"), ("disk1", "4M", "raw")]
 JOB_TIMEOUT = 90

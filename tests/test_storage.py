@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from azure.storage.blob import BlobServiceClient
+from services import AZURITE_ACCOUNT_KEY, AzuriteProcess, ServiceStartError
 
 from datapath.endpoint import DiskEndpoint
 from datapath.errors import (
@@ -33,7 +34,6 @@ from datapath.errors import (
     StorageUnavailableError,
 )
 from datapath.vhd import DISK_TYPE_FIXED, FOOTER_SIZE, MIB, parse_footer
-from services import AZURITE_ACCOUNT_KEY, AzuriteProcess, ServiceStartError
 from sites.storage import ObjectNotFoundError, open_storage
 from sites.storage.azure import MAX_PUT_PAGE, AzureBlobStorage, StorageRequestError
 from sites.storage.base import RecoveryStorage

@@ -10,20 +10,20 @@ from __future__ import annotations
 import base64
 import random
 import threading
-from datetime import datetime, time, timedelta, timezone
+from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from recovery_site import RecoverySite
+from services import AzuriteProcess
 from sqlmodel import select
+from workers import wait_until
 
 from datapath.replication import ReplicaDisk
 from models.db import session_scope
 from models.jobs import Job
 from models.protection import ProtectedItem, recovery_points, require_resync
-from recovery_site import RecoverySite
-from services import AzuriteProcess
-from workers import wait_until
 from workflows.engine import ItemBusyError
 from workflows.protection import disable_protection, load_item, start_delta_replication, start_resync
 
@@ -268,7 +268,7 @@ def test_unsent_logs_reaching_half_a_disk_require_a_resync(tmp_path: Path) -> No
 def test_automatic_resync_waits_for_the_end_of_office_hours_and_manual_resync_runs_at_once(
     tmp_path: Path,
 ) -> None:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with RecoverySite(tmp_path) as site:
         in_office = site.create_policy("office-now", copy_frequency_s=900, office_days=list(range(7)),
                                        office_hours=office_hours_around(now))
@@ -296,7 +296,7 @@ def test_automatic_resync_waits_for_the_end_of_office_hours_and_manual_resync_ru
 
         waiting_item = site.item(waiting_vm)
         assert waiting_item["state"] == "resync_required"
-        assert datetime.fromisoformat(waiting_item["resync_scheduled_for"]) > datetime.now(timezone.utc)
+        assert datetime.fromisoformat(waiting_item["resync_scheduled_for"]) > datetime.now(UTC)
         assert site.jobs(waiting_vm, "resynchronize") == []
         with pytest.raises(Exception, match="office hours"):
             start_resync(waiting, manual=False)
@@ -309,7 +309,7 @@ def test_automatic_resync_waits_for_the_end_of_office_hours_and_manual_resync_ru
 
 def test_a_scheduled_initial_replication_is_started_by_the_scheduler_when_due(tmp_path: Path) -> None:
     with RecoverySite(tmp_path) as site:
-        start_at = datetime.now(timezone.utc) + timedelta(seconds=4)
+        start_at = datetime.now(UTC) + timedelta(seconds=4)
         policy_id = site.create_policy("tonight", initial_replication_at=start_at)
         vm_id = site.create_vm("host1", "app01", TWO_DISKS, fill=0.5, seed=23)
         job = site.wait_job(site.protect(vm_id, policy_id=policy_id), timeout=30)

@@ -6,7 +6,6 @@ engine tests' action module as every worker's default, and `EventCapture`.
 """
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -72,7 +71,7 @@ class EventCapture:
                 while not receiver.should_stop and time.monotonic() < deadline:
                     try:
                         consuming.drain_events(timeout=0.2)
-                    except socket.timeout:
+                    except TimeoutError:
                         pass
 
     def _on_event(self, event: dict) -> None:

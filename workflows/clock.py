@@ -10,7 +10,7 @@ and stall limits) are not scaled: they are already whatever the operator or test
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from workflows.settings import env_number
 
@@ -21,7 +21,7 @@ def time_scale() -> float:
 
 def now() -> datetime:
     """The current time, an aware UTC datetime."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def scaled(delay_s: float) -> float:

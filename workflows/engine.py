@@ -57,9 +57,9 @@ from models.jobs import (
 )
 from worker import app
 from workflows import clock
-from workflows.settings import env_number
 from workflows.progress import percent_of, publish_progress
 from workflows.retry import in_call_retrying, is_recoverable, next_attempt_delay
+from workflows.settings import env_number
 
 __all__ = [
     "StepSpec", "StepContext", "StepOutcome", "EngineSettings",

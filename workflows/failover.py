@@ -35,8 +35,8 @@ from sqlmodel import Session, select
 
 from datapath.errors import NonRecoverableError
 from models.db import session_scope
-from models.failover import FailoverKind, FailoverRecord, FailoverStatus, active_test_failover, latest_failover
 from models.fabric import Host, NetworkMapping, host_queue, vm_adapters
+from models.failover import FailoverKind, FailoverRecord, FailoverStatus, active_test_failover, latest_failover
 from models.jobs import ACTIVE_JOB_STATES, Job
 from models.protection import (
     InvalidStateError,

@@ -46,7 +46,6 @@ from models.protection import (
     protect_vm,
 )
 from workflows import clock
-from workflows.settings import env_number
 from workflows.engine import (
     ORCHESTRATION_QUEUE,
     RECOVERY_QUEUE,
@@ -55,6 +54,7 @@ from workflows.engine import (
     job_hook,
     start_job,
 )
+from workflows.settings import env_number
 
 __all__ = [
     "BEAT_SCHEDULE", "TICK_TASK", "ACTIONS_MODULE", "ItemView", "load_item",

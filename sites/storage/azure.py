@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO
 
 import requests
 from azure.core import MatchConditions
