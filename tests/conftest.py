@@ -1,17 +1,23 @@
-"""Shared fixtures: the services the tests run against, and the recovery-site storage backends.
+"""Shared fixtures: the services the tests run against, the databases, and the recovery-site storage
+backends. Every fixture more than one test module uses lives here (a test module imports none from another).
 
 Services are session-scoped and started on first use, so a run that needs none of them starts none.
 """
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from azure.storage.blob import BlobServiceClient
-from services import AzuriteProcess, ServiceStartError
+from sqlalchemy.engine import Engine, make_url
+from sqlmodel import Session
 
+from models.db import dispose_engines, get_engine, init_db
+from sites.localservices import AzuriteProcess, ServiceStartError
 from sites.storage.azure import AzureBlobStorage
 from sites.storage.base import RecoveryStorage
 from sites.storage.local import LocalDirectoryStorage
@@ -28,6 +34,60 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzuriteProcess
         pytest.fail(str(error), pytrace=False)
     yield process
     process.stop()
+
+
+# ---- databases ------------------------------------------------------------------------------------
+POSTGRES_URL = os.environ.get("ASR_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(scope="module")
+def postgres_admin() -> Iterator[Engine]:
+    """An engine on the test PostgreSQL (ASR_TEST_POSTGRES_URL) that creates and drops schemas; its `url`
+    is the server's."""
+    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+    try:
+        with admin.connect():
+            pass
+    except sa.exc.OperationalError as error:
+        pytest.fail(
+            f"PostgreSQL at {POSTGRES_URL} is not reachable ({error.orig}): start it (Debian: "
+            f"pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start) or point "
+            f"ASR_TEST_POSTGRES_URL at one",
+            pytrace=False,
+        )
+    yield admin
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of an empty database: a SQLite file, or a PostgreSQL schema of the test's own."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'asr.db'}"
+        dispose_engines()
+        return
+    admin: Engine = request.getfixturevalue("postgres_admin")
+    schema = f"asr_test_{uuid.uuid4().hex[:16]}"
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        dispose_engines()
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+
+
+@pytest.fixture
+def engine(db_url: str) -> Engine:
+    return init_db(get_engine(db_url))
+
+
+@pytest.fixture
+def session(engine: Engine) -> Iterator[Session]:
+    with Session(engine, expire_on_commit=False) as session:
+        yield session
 
 
 # ---- recovery-site storage ----------------------------------------------------------------------

@@ -12,8 +12,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,24 +20,14 @@ import pytest
 import redis
 import sqlalchemy as sa
 from engine_actions import HOOKED_KIND, read_records  # also registers the test actions for start_job
-from sqlalchemy.engine import make_url
+from engine_harness import ACTION_MODULES, EventCapture
 from sqlmodel import func, select
-from test_models import POSTGRES_URL, postgres_admin  # noqa: F401  (the fixture, reused)
-from workers import (
-    CeleryProcess,
-    EventCapture,
-    RedisServer,
-    celery_env,
-    point_app_at,
-    start_beat,
-    start_worker,
-    stop_all,
-    wait_until,
-)
 
 from datapath.errors import DiskFormatError, LowDiskSpaceError, StorageAuthError, StorageUnavailableError
-from models.db import dispose_engines, init_db, session_scope
+from models.db import session_scope
 from models.jobs import Job, JobLock, JobStep, StepState
+from sites.deployment import Deployment
+from sites.localservices import wait_until
 from workflows.engine import (
     ItemBusyError,
     JobStateError,
@@ -67,58 +55,17 @@ ENGINE_SETTINGS = {
 FINISHED = {"succeeded", "failed", "cancelled"}
 
 
-@dataclass
-class Cluster:
-    """One deployment: a Redis, a database, workers and beat, all of them this test module's own."""
-
-    redis: RedisServer
-    env: dict[str, str]
-    workdir: Path
-    processes: list[CeleryProcess] = field(default_factory=list)
-
-    def add_worker(self, name: str, queues: list[str], *, env: dict[str, str] | None = None,
-                   concurrency: int = 1) -> CeleryProcess:
-        worker = start_worker(name, queues, env or self.env, self.workdir, concurrency=concurrency)
-        self.processes.append(worker)
-        return worker
-
-
-@contextmanager
-def deployment(
-    workdir: Path, workers: dict[str, tuple[list[str], int]], *, database_url: str | None = None
-) -> Iterator[Cluster]:
+def deployment(workdir: Path, workers: dict[str, tuple[list[str], int]], *,
+               database_url: str | None = None) -> Deployment:
     """Redis (append-only), a database (default: a SQLite file), `workers` (name: (queues, concurrency))
-    and beat, with this process's engine calls pointed at them until the block ends."""
-    from worker import app
-
-    previous_broker = app.conf.broker_url
-    redis_server = RedisServer(workdir / "redis", appendonly=True).start()
-    database_url = database_url or f"sqlite:///{workdir / 'asr.db'}"
-    cluster = Cluster(redis_server, celery_env(broker_url=redis_server.url, database_url=database_url,
-                                               **ENGINE_SETTINGS), workdir)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("ASR_DATABASE_URL", database_url)
-        env.setenv("ASR_BROKER_URL", redis_server.url)
-        for key, value in ENGINE_SETTINGS.items():
-            env.setenv(key, value)
-        point_app_at(redis_server.url)
-        init_db()
-        try:
-            cluster.processes += [start_worker(name, queues, cluster.env, workdir, concurrency=concurrency,
-                                               wait=False) for name, (queues, concurrency) in workers.items()]
-            cluster.processes.append(start_beat(cluster.env, workdir, wait=False))
-            for process in cluster.processes:
-                process.wait_ready()
-            yield cluster
-        finally:
-            stop_all(cluster.processes)
-            redis_server.stop()
-            dispose_engines()
-            point_app_at(previous_broker)
+    and beat with the engine settings above and the test actions, with this process's engine calls
+    pointed at them while the deployment is entered."""
+    return Deployment(workdir, workers=workers, database_url=database_url, settings=ENGINE_SETTINGS,
+                      worker_settings={"ASR_ACTION_MODULES": ACTION_MODULES})
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     with deployment(tmp_path_factory.mktemp("engine"), {
         "orchestration": (["orchestration", "recovery"], 2),
         "host-h1": (["host.h1"], 3),
@@ -188,7 +135,7 @@ def test_errors_are_classified_recoverable_or_not() -> None:
 
 # ---- jobs through real workers --------------------------------------------------------------------------
 def test_three_stage_job_runs_stage_by_stage_with_a_parallel_stage_on_the_host_queue(
-    cluster: Cluster, tmp_path: Path
+    cluster: Deployment, tmp_path: Path
 ) -> None:
     log = str(tmp_path / "record.log")
     stages = [
@@ -199,7 +146,8 @@ def test_three_stage_job_runs_stage_by_stage_with_a_parallel_stage_on_the_host_q
                   {"log": log, "label": "finalize", "seconds": 3.0, "ticks": 30})],
     ]
     events = EventCapture(
-        "task-progress", lambda event: event.get("step_name") == "Finalize protection" and event["done"] < event["total"],
+        "task-progress",
+        lambda event: event.get("step_name") == "Finalize protection" and event["done"] < event["total"],
         timeout=60,
     )
     job_id = start_job("enable_protection", lock_key=lock_key(), stages=stages, target="app01")
@@ -239,7 +187,7 @@ def test_three_stage_job_runs_stage_by_stage_with_a_parallel_stage_on_the_host_q
     assert lock_holder(job["lock_key"]) is None
 
 
-def test_recoverable_failures_wait_on_the_long_schedule_then_succeed(cluster: Cluster, tmp_path: Path) -> None:
+def test_recoverable_failures_wait_on_the_long_schedule_then_succeed(cluster: Deployment, tmp_path: Path) -> None:
     log = tmp_path / "flaky.log"
     failing_attempts = 7
     job_id = start_job("delta_replication", lock_key=lock_key(), stages=[[StepSpec(
@@ -279,7 +227,7 @@ def test_recoverable_failures_wait_on_the_long_schedule_then_succeed(cluster: Cl
 
 
 def test_a_retried_step_of_a_parallel_stage_runs_alone_and_the_reconciler_carries_the_job_on(
-    cluster: Cluster, tmp_path: Path
+    cluster: Deployment, tmp_path: Path
 ) -> None:
     log, flaky_log = tmp_path / "record.log", tmp_path / "flaky.log"
     job_id = start_job("delta_replication", lock_key=lock_key(), stages=[
@@ -301,7 +249,7 @@ def test_a_retried_step_of_a_parallel_stage_runs_alone_and_the_reconciler_carrie
 
 
 def test_non_recoverable_failure_fails_the_job_at_once_and_runs_its_failure_hook(
-    cluster: Cluster, tmp_path: Path
+    cluster: Deployment, tmp_path: Path
 ) -> None:
     log, hook_log = tmp_path / "broken.log", tmp_path / "hooks.log"
     key = lock_key()
@@ -327,7 +275,7 @@ def test_non_recoverable_failure_fails_the_job_at_once_and_runs_its_failure_hook
 
 
 def test_steps_run_as_tasks_named_after_their_action_and_an_action_a_worker_lacks_fails_clearly(
-    cluster: Cluster, tmp_path: Path
+    cluster: Deployment, tmp_path: Path
 ) -> None:
     """Each step's message is the task of its action (what Flower and the worker logs show); a worker
     without that action's module fails the step naming it, instead of dropping the message."""
@@ -352,7 +300,7 @@ def test_steps_run_as_tasks_named_after_their_action_and_an_action_a_worker_lack
     assert f"Task {step_task_name('test.record')}[{recorded['celery_task_id']}] received" in worker_logs
 
 
-def test_a_second_job_on_the_same_item_is_refused_and_creates_nothing(cluster: Cluster, tmp_path: Path) -> None:
+def test_a_second_job_on_the_same_item_is_refused_and_creates_nothing(cluster: Deployment, tmp_path: Path) -> None:
     key = lock_key()
     log = str(tmp_path / "busy.log")
     holding = [[StepSpec("Initial replication", "test.until_cancelled", "host.h1", {"log": log, "seconds": 20})]]
@@ -370,7 +318,7 @@ def test_a_second_job_on_the_same_item_is_refused_and_creates_nothing(cluster: C
     assert wait_for_job(second, timeout=15)["state"] == "cancelled"
 
 
-def test_bad_job_definitions_are_refused_with_the_step_named(cluster: Cluster) -> None:
+def test_bad_job_definitions_are_refused_with_the_step_named(cluster: Deployment) -> None:
     before = table_counts()
     good = StepSpec("Prerequisites check", "test.record", "orchestration", {"log": "/dev/null", "label": "x"})
     bad_definitions = [
@@ -385,7 +333,7 @@ def test_bad_job_definitions_are_refused_with_the_step_named(cluster: Cluster) -
     assert table_counts() == before
 
 
-def test_cancel_stops_the_running_step_then_runs_the_cleanup_hook(cluster: Cluster, tmp_path: Path) -> None:
+def test_cancel_stops_the_running_step_then_runs_the_cleanup_hook(cluster: Deployment, tmp_path: Path) -> None:
     log, hook_log = tmp_path / "cancel.log", tmp_path / "hooks.log"
     key = lock_key()
     job_id = start_job(HOOKED_KIND, lock_key=key, params={"hook_log": str(hook_log)}, stages=[
@@ -414,7 +362,7 @@ def test_cancel_stops_the_running_step_then_runs_the_cleanup_hook(cluster: Clust
 
 
 def test_retry_now_runs_a_waiting_step_at_once_and_cancel_ends_a_waiting_job(
-    cluster: Cluster, tmp_path: Path
+    cluster: Deployment, tmp_path: Path
 ) -> None:
     # Real time here (scale 1): the first retry would be a whole minute away.
     real_time = {**cluster.env, "ASR_TIME_SCALE": "1"}
@@ -451,7 +399,7 @@ def manual_step(name: str, log: Path, instructions: str = SWITCH_DNS) -> StepSpe
 
 
 def test_a_manual_action_pauses_the_job_holding_its_lock_until_an_operator_resumes_it(
-    cluster: Cluster, tmp_path: Path
+    cluster: Deployment, tmp_path: Path
 ) -> None:
     log, manual_log, hook_log = tmp_path / "record.log", tmp_path / "manual.log", tmp_path / "hooks.log"
     key = lock_key()
@@ -511,7 +459,7 @@ def test_a_manual_action_pauses_the_job_holding_its_lock_until_an_operator_resum
         resume(job_id)
 
 
-def test_two_operators_resuming_at_once_resume_the_step_once(cluster: Cluster, tmp_path: Path) -> None:
+def test_two_operators_resuming_at_once_resume_the_step_once(cluster: Deployment, tmp_path: Path) -> None:
     log, manual_log = tmp_path / "record.log", tmp_path / "manual.log"
     job_id = start_job("failover", lock_key=lock_key(), stages=[
         [manual_step("Confirm application shutdown", manual_log, "Stop the application tier, then resume")],
@@ -545,7 +493,7 @@ def test_two_operators_resuming_at_once_resume_the_step_once(cluster: Cluster, t
     assert len(read_records(manual_log)) == 1
 
 
-def test_cancel_ends_a_job_waiting_for_an_operator_and_frees_its_lock(cluster: Cluster, tmp_path: Path) -> None:
+def test_cancel_ends_a_job_waiting_for_an_operator_and_frees_its_lock(cluster: Deployment, tmp_path: Path) -> None:
     manual_log, hook_log, never = tmp_path / "manual.log", tmp_path / "hooks.log", tmp_path / "never.log"
     key = lock_key()
     job_id = start_job(HOOKED_KIND, lock_key=key, params={"hook_log": str(hook_log)}, stages=[
@@ -569,7 +517,7 @@ def test_cancel_ends_a_job_waiting_for_an_operator_and_frees_its_lock(cluster: C
 
 
 def test_an_operator_wait_shows_before_a_retry_wait_and_resume_leaves_the_retry_to_its_schedule(
-    cluster: Cluster, tmp_path: Path
+    cluster: Deployment, tmp_path: Path
 ) -> None:
     # Real time for the flaky step (scale 1): its retry stays a minute away while the operator acts.
     cluster.add_worker("host-operator-rt", ["host.operatorrt"], env={**cluster.env, "ASR_TIME_SCALE": "1"})
@@ -601,7 +549,7 @@ def test_an_operator_wait_shows_before_a_retry_wait_and_resume_leaves_the_retry_
 
 # ---- jobs holding several locks ---------------------------------------------------------------------
 def test_a_job_holding_several_locks_keeps_each_item_busy_and_frees_them_all_when_it_ends(
-    cluster: Cluster, tmp_path: Path
+    cluster: Deployment, tmp_path: Path
 ) -> None:
     manual_log, never = tmp_path / "manual.log", tmp_path / "never.log"
     keys = [lock_key() for _ in range(3)]
@@ -656,7 +604,7 @@ def test_a_job_holding_several_locks_keeps_each_item_busy_and_frees_them_all_whe
 # ---- faults -------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_a_step_whose_worker_is_killed_resumes_on_another_worker_without_doing_anything_twice(
-    cluster: Cluster, tmp_path: Path
+    cluster: Deployment, tmp_path: Path
 ) -> None:
     output, runs = tmp_path / "items.txt", tmp_path / "runs.log"
     total = 40
@@ -682,7 +630,7 @@ def test_a_step_whose_worker_is_killed_resumes_on_another_worker_without_doing_a
 
 
 @pytest.mark.slow
-def test_a_poison_step_fails_after_max_deaths_instead_of_looping(cluster: Cluster, tmp_path: Path) -> None:
+def test_a_poison_step_fails_after_max_deaths_instead_of_looping(cluster: Deployment, tmp_path: Path) -> None:
     log, hook_log = tmp_path / "poison.log", tmp_path / "hooks.log"
     cluster.add_worker("poisoned", ["host.poisoned"])
     job_id = start_job(HOOKED_KIND, lock_key=lock_key(), params={"hook_log": str(hook_log)}, stages=[[StepSpec(
@@ -743,7 +691,7 @@ def test_the_engine_runs_on_postgresql_too(postgres_admin: sa.Engine, tmp_path: 
     schema = f"asr_engine_{uuid.uuid4().hex[:12]}"
     with postgres_admin.connect() as connection:
         connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    database_url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+    database_url = postgres_admin.url.update_query_dict({"options": f"-csearch_path={schema}"})
     log, flaky_log = tmp_path / "record.log", tmp_path / "flaky.log"
     try:
         with deployment(tmp_path / "deployment", {"pg": (["orchestration", "host.pg"], 2)},

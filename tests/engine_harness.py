@@ -1,8 +1,7 @@
-"""Real Redis and Celery processes for tests of the job engine.
+"""Test-only parts of the engine tests' deployments: the engine tests' action module (their workers'
+ASR_ACTION_MODULES) and `EventCapture`, Celery events received in this process.
 
-The process helpers live in the product (sites/localservices.py: the demo starts the same processes);
-they are re-exported here so tests import them from one place. What stays here is test-only: the
-engine tests' action module as every worker's default, and `EventCapture`.
+The deployment itself is the product's (sites/deployment.py: the demo starts the same processes).
 """
 from __future__ import annotations
 
@@ -10,35 +9,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from sites.localservices import (  # noqa: F401  (re-exported)
-    CeleryProcess,
-    FlowerProcess,
-    RedisServer,
-    WaitTimeout,
-    _ask_to_stop,
-    _reap,
-    point_app_at,
-    start_beat,
-    start_flower,
-    start_worker,
-    stop_all,
-    wait_until,
-)
-from sites.localservices import celery_env as _celery_env
-
-__all__ = [
-    "ACTION_MODULES", "CeleryProcess", "EventCapture", "FlowerProcess", "RedisServer", "WaitTimeout", "celery_env",
-    "point_app_at", "start_beat", "start_flower", "start_worker", "stop_all", "wait_until",
-]
-
 ACTION_MODULES = "tests.engine_actions"
-
-
-def celery_env(*, broker_url: str, database_url: str, **settings: str) -> dict[str, str]:
-    """The environment of a worker or beat process: the test's own Redis and database, the test
-    actions, and engine settings given as ASR_* keyword arguments (e.g. ASR_HEARTBEAT_S="1")."""
-    return _celery_env(broker_url=broker_url, database_url=database_url,
-                       **{"ASR_ACTION_MODULES": ACTION_MODULES, **settings})
+"""What the engine tests' workers import for their actions (`tests/engine_actions.py`)."""
 
 
 class EventCapture:

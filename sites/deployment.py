@@ -1,0 +1,205 @@
+"""A whole deployment of the engine's services on this machine: `Deployment`.
+
+The demo, the tests and the benchmarks start the same parts: a private redis-server, a database (a SQLite
+file in the work folder, or a URL), optionally Azurite, Celery workers by name (name: queues and
+concurrency), beat and optionally Flower (the process helpers of sites/localservices.py). This process's
+database and Celery app are pointed at them (its environment and `point_app_at`) until `close()`, which
+stops everything the deployment started and restores this process's settings; so does a failed `start()`.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from sites.localservices import (
+    AzuriteProcess,
+    CeleryProcess,
+    FlowerProcess,
+    RedisServer,
+    celery_env,
+    point_app_at,
+    start_beat,
+    start_flower,
+    start_worker,
+    stop_all,
+)
+
+AZURE_CONNECTION_ENV = "ASR_AZURE_CONNECTION_STRING"
+"""The variable holding the Azurite connection string in every worker (and this process)."""
+
+
+class Deployment:
+    """Redis, a database, optionally Azurite, workers, beat and optionally Flower, with this process pointed
+    at them; a context manager (or `start()` and `close()`).
+
+    `settings` (ASR_* variables) reach the workers and this process, `worker_settings` the workers only;
+    this process's own ASR_* variables never reach the workers (`celery_env`). `azurite`: True starts one
+    (stopped on close), an AzuriteProcess already running is used as it is; either way its connection
+    string is the setting ASR_AZURE_CONNECTION_STRING. `flower`: (user, password) starts Flower with basic
+    authentication. Worker, beat and Flower logs go to `logs` (default: `workdir`); `say` hears of every
+    service started."""
+
+    def __init__(
+        self, workdir: Path, *, workers: Mapping[str, tuple[Sequence[str], int]] | None = None, beat: bool = True,
+        flower: tuple[str, str] | None = None, database_url: str | None = None, appendonly: bool = True,
+        azurite: AzuriteProcess | bool = False, settings: Mapping[str, str] | None = None,
+        worker_settings: Mapping[str, str] | None = None, logs: Path | None = None, ready_timeout: float = 30.0,
+        say: Callable[[str], None] | None = None,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.logs = Path(logs) if logs is not None else self.workdir
+        self.database_url = database_url or f"sqlite:///{self.workdir / 'asr.db'}"
+        self.settings = dict(settings or {})
+        self.worker_settings = dict(worker_settings or {})
+        self.ready_timeout = ready_timeout
+        self._worker_specs = {name: (list(queues), concurrency) for name, (queues, concurrency)
+                              in (workers or {}).items()}
+        self._beat = beat
+        self._flower_login = flower
+        self._say = say or (lambda _text: None)
+        self.redis = RedisServer(self.workdir / "redis", appendonly=appendonly)
+        self._own_azurite = azurite is True
+        self.azurite: AzuriteProcess | None = (
+            AzuriteProcess(self.workdir / "azurite") if azurite is True else (azurite or None)
+        )
+        self.env: dict[str, str] = {}
+        """The environment of the workers, beat and Flower (and of any other process of this deployment)."""
+        self.processes: list[CeleryProcess] = []
+        self.workers: dict[str, CeleryProcess] = {}
+        """Every running process by name: the workers', "beat", "flower"."""
+        self.flower: FlowerProcess | None = None
+        self._saved_env: dict[str, str | None] = {}
+        self._previous_broker: str | None = None
+        self._started = False
+        self._closed = False
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+    def start(self, *, processes: bool = True) -> Deployment:
+        """Start Redis (and Azurite), point this process here, create the tables; then, unless `processes`
+        is false (call `start_processes` later), the workers, beat and Flower side by side."""
+        if self._started:
+            raise RuntimeError("this deployment was started already")
+        self._started = True
+        try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self.redis.start()
+            self._say(f"  redis-server on {self.redis.url} (pid {self.redis.pid})")
+            if self.azurite is not None:
+                if self._own_azurite:
+                    self.azurite.start()
+                    self._say(f"  Azurite on {self.azurite.blob_endpoint}")
+                self.settings.setdefault(AZURE_CONNECTION_ENV, self.azurite.connection_string())
+            self.env = celery_env(broker_url=self.redis.url, database_url=self.database_url,
+                                  **{**self.settings, **self.worker_settings})
+            self._point_this_process_here()
+            from models.db import init_db
+
+            init_db()  # before the workers, so they do not race each other to create the tables
+            if processes:
+                self.start_processes()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def start_processes(self) -> None:
+        """The configured workers, beat and Flower, all started before any is waited for (they start side
+        by side); each one tracked as soon as it exists, so `close()` stops it even if a later one fails."""
+        starting = [self.add_worker(name, queues, concurrency=concurrency, wait=False)
+                    for name, (queues, concurrency) in self._worker_specs.items()]
+        if self._beat:
+            starting.append(self.start_beat(wait=False))
+        if self._flower_login is not None:
+            user, password = self._flower_login
+            self._name_free("flower")
+            self.flower = self._track("flower", start_flower(self.env, self.logs, user=user, password=password,
+                                                             wait=False))
+        for process in starting:
+            process.wait_ready(self.ready_timeout)
+            self._say(f"  {process.name} ready (pid {process.process.pid})")
+        if self.flower is not None:
+            self.flower.wait_ready(self.ready_timeout)
+            self._say(f"  Flower: {self.flower.url}  (user {self._flower_login[0]}, password "
+                      f"{self._flower_login[1]})")
+
+    def close(self) -> None:
+        """Stop the workers, beat and Flower, Redis and the Azurite it started (each bounded); restore this
+        process's settings. Once; a later call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            stop_all(self.processes)
+            self.processes = []
+            self.workers = {}
+            self.redis.stop()
+            if self._own_azurite and self.azurite is not None:
+                self.azurite.stop()
+        finally:
+            from models.db import dispose_engines
+
+            dispose_engines()
+            for key, value in self._saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            if self._previous_broker is not None:
+                point_app_at(self._previous_broker)
+
+    def __enter__(self) -> Deployment:
+        return self if self._started else self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _point_this_process_here(self) -> None:
+        from models.db import dispose_engines
+        from worker import app
+
+        self._previous_broker = app.conf.broker_url
+        for key, value in {**self.settings, "ASR_BROKER_URL": self.redis.url,
+                           "ASR_DATABASE_URL": self.database_url}.items():
+            self._saved_env.setdefault(key, os.environ.get(key))
+            os.environ[key] = value
+        dispose_engines()
+        point_app_at(self.redis.url)
+
+    # ---- processes ------------------------------------------------------------------------------------
+    def add_worker(self, name: str, queues: Sequence[str], *, concurrency: int = 1,
+                   env: Mapping[str, str] | None = None, wait: bool = True) -> CeleryProcess:
+        """One more worker node `<name>@<host>` on `queues` (with `env` instead of the deployment's)."""
+        self._name_free(name)
+        return self._track(name, start_worker(name, list(queues), env or self.env, self.logs,
+                                              concurrency=concurrency, wait=wait, timeout=self.ready_timeout))
+
+    def start_beat(self, *, wait: bool = True) -> CeleryProcess:
+        """Beat: the reconciler every ASR_RECONCILE_S and the replication scheduler every ASR_TICK_S."""
+        self._name_free("beat")
+        return self._track("beat", start_beat(self.env, self.logs, wait=wait, timeout=self.ready_timeout))
+
+    def stop_process(self, name: str, *, kill: bool = False) -> None:
+        """Stop one of the processes by its name (a worker's, "beat", "flower"); SIGKILL when `kill`."""
+        process = self.workers.pop(name)
+        self.processes.remove(process)
+        if kill:
+            process.kill()
+        else:
+            stop_all([process])
+
+    def _name_free(self, name: str) -> None:
+        if name in self.workers:
+            raise ValueError(f"a process named {name!r} is already running in this deployment")
+
+    def _track(self, name: str, process: CeleryProcess) -> CeleryProcess:
+        self.workers[name] = process
+        self.processes.append(process)
+        return process
+
+    def log_tails(self, chars: int) -> str:
+        """The last `chars` characters of every process's log, each under a line naming it."""
+        return "\n".join(f"--- tail of {name} ({process.log_path}) ---\n{process.log()[-chars:]}"
+                         for name, process in self.workers.items())
