@@ -1,0 +1,154 @@
+"""Routes of protection and failover: enable, disable, resync, recovery points and verification of a VM; its
+drills, failovers, commit and cancel, failback and reverse replication; the health of every protected VM.
+
+The VM itself (GET /vms/{vm}, a fabric route) is routed here, after the GET routes under it: its `{vm:path}`
+would take them. The routes are in the order they are matched and listed in the OpenAPI document."""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+from pydantic import Field
+
+from api import service
+
+from .common import ACCEPTED, HostQuery, Name, _Body, _started, _vm_ref
+
+router = APIRouter()
+
+
+# ---- request bodies ----------------------------------------------------------------------------------------
+class ProtectIn(_Body):
+    policy: str = Field(description="Name or id of the replication policy")
+    recovery_storage: str = Field(description="'file:///absolute/dir' or 'azure:<container>'")
+    storage_options: dict[str, Any] | None = Field(
+        None, description="e.g. {'connection_string_env': 'NAME'}: credentials only by reference")
+    recovery_host: Name | None = None
+
+
+class TestFailoverIn(_Body):
+    point: str = Field("latest_processed", description="latest_processed, latest_app_consistent, latest or a point id")
+    recovery_host: Name | None = None
+    test_network: Name | None = None
+
+
+class PlannedFailoverIn(_Body):
+    recovery_host: Name | None = None
+    public_ips: dict[str, str] | None = Field(None, description="{adapter name: public IP address}")
+
+
+class UnplannedFailoverIn(_Body):
+    point: str = Field("latest_processed", description="latest_processed, latest_app_consistent or a point id")
+    recovery_host: Name | None = None
+    public_ips: dict[str, str] | None = None
+
+
+class FailbackIn(_Body):
+    mode: str = Field("minimize_downtime", description="minimize_downtime or full_download")
+    create_vm: bool = False
+    host: Name | None = Field(None, description="Fail back to this host instead of the VM's own")
+
+
+class VerifyIn(_Body):
+    point: str | None = Field(None, description="A point id or choice; omitted: the latest point")
+
+
+# ---- routes ------------------------------------------------------------------------------------------------
+@router.post("/vms/{vm:path}/protect", tags=["protection"], summary="Enable protection", **ACCEPTED)
+def protect(vm: str, body: ProtectIn, response: Response, host: HostQuery = None) -> dict[str, Any]:
+    return _started(response, service.protect(_vm_ref(vm, host), policy=body.policy,
+                                              recovery_storage=body.recovery_storage,
+                                              storage_options=body.storage_options, recovery_host=body.recovery_host))
+
+
+@router.post("/vms/{vm:path}/disable-protection", tags=["protection"], summary="Disable protection", **ACCEPTED)
+def disable_protection(vm: str, response: Response, host: HostQuery = None) -> dict[str, Any]:
+    return _started(response, service.disable_protection(_vm_ref(vm, host)))
+
+
+@router.post("/vms/{vm:path}/resync", tags=["protection"], summary="Resynchronize now", **ACCEPTED)
+def resync(vm: str, response: Response, host: HostQuery = None) -> dict[str, Any]:
+    return _started(response, service.resync(_vm_ref(vm, host)))
+
+
+@router.get("/vms/{vm:path}/recovery-points", tags=["protection"], summary="Recovery points, oldest first")
+def recovery_points(vm: str, host: HostQuery = None) -> list[dict[str, Any]]:
+    return service.recovery_points(_vm_ref(vm, host))
+
+
+@router.get("/vms/{vm:path}", tags=["fabric"],
+            summary="A VM: disks (primary path, replica, recovery path), protection, latest failover")
+def show_vm(vm: str, host: HostQuery = None) -> dict[str, Any]:
+    return service.show_vm(_vm_ref(vm, host))
+
+
+@router.post("/vms/{vm:path}/verify", tags=["protection"],
+             summary="Verify the replica against a recovery point, from the recovery storage", **ACCEPTED)
+def verify(vm: str, response: Response, body: VerifyIn | None = None, host: HostQuery = None) -> dict[str, Any]:
+    return _started(response, service.verify(_vm_ref(vm, host), point=body.point if body else None))
+
+
+@router.post("/vms/{vm:path}/failover/test", tags=["failover"], summary="Test failover (drill)", **ACCEPTED)
+def test_failover(vm: str, response: Response, body: TestFailoverIn | None = None,
+                  host: HostQuery = None) -> dict[str, Any]:
+    body = body or TestFailoverIn()
+    return _started(response, service.test_failover(_vm_ref(vm, host), point=body.point,
+                                                    recovery_host=body.recovery_host, test_network=body.test_network))
+
+
+@router.post("/vms/{vm:path}/failover/cleanup", tags=["failover"], summary="Clean up the drill's test VM", **ACCEPTED)
+def test_failover_cleanup(vm: str, response: Response, host: HostQuery = None) -> dict[str, Any]:
+    return _started(response, service.test_failover_cleanup(_vm_ref(vm, host)))
+
+
+@router.post("/vms/{vm:path}/failover/planned", tags=["failover"], summary="Planned failover (no data loss)",
+             **ACCEPTED)
+def planned_failover(vm: str, response: Response, body: PlannedFailoverIn | None = None,
+                     host: HostQuery = None) -> dict[str, Any]:
+    body = body or PlannedFailoverIn()
+    return _started(response, service.planned_failover(_vm_ref(vm, host), recovery_host=body.recovery_host,
+                                                       public_ips=body.public_ips))
+
+
+@router.post("/vms/{vm:path}/failover/unplanned", tags=["failover"], summary="Unplanned failover", **ACCEPTED)
+def unplanned_failover(vm: str, response: Response, body: UnplannedFailoverIn | None = None,
+                       host: HostQuery = None) -> dict[str, Any]:
+    body = body or UnplannedFailoverIn()
+    return _started(response, service.unplanned_failover(_vm_ref(vm, host), point=body.point,
+                                                         recovery_host=body.recovery_host, public_ips=body.public_ips))
+
+
+@router.post("/vms/{vm:path}/failover/complete", tags=["failover"],
+             summary="Complete a minimize-downtime failback", **ACCEPTED)
+def complete_failover(vm: str, response: Response, host: HostQuery = None) -> dict[str, Any]:
+    return _started(response, service.complete_failover(_vm_ref(vm, host)))
+
+
+@router.post("/vms/{vm:path}/failover/commit", tags=["failover"], summary="Commit the pending failover or failback",
+             **ACCEPTED)
+def commit_failover(vm: str, response: Response, host: HostQuery = None) -> dict[str, Any]:
+    return _started(response, service.commit_failover(_vm_ref(vm, host)))
+
+
+@router.post("/vms/{vm:path}/failover/cancel", tags=["failover"], summary="Cancel the pending failover or failback",
+             **ACCEPTED)
+def cancel_failover(vm: str, response: Response, host: HostQuery = None) -> dict[str, Any]:
+    return _started(response, service.cancel_failover(_vm_ref(vm, host)))
+
+
+@router.post("/vms/{vm:path}/failback", tags=["failover"], summary="Fail back a committed failover", **ACCEPTED)
+def failback(vm: str, response: Response, body: FailbackIn | None = None, host: HostQuery = None) -> dict[str, Any]:
+    body = body or FailbackIn()
+    return _started(response, service.failback(_vm_ref(vm, host), mode=body.mode, create_vm=body.create_vm,
+                                               host=body.host))
+
+
+@router.post("/vms/{vm:path}/reverse-replication", tags=["failover"], summary="Reverse replication after failback",
+             **ACCEPTED)
+def reverse_replication(vm: str, response: Response, host: HostQuery = None) -> dict[str, Any]:
+    return _started(response, service.reverse_replication(_vm_ref(vm, host)))
+
+
+@router.get("/health", tags=["protection"], summary="Replication health of every protected VM")
+def health() -> list[dict[str, Any]]:
+    return service.health()

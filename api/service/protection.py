@@ -1,0 +1,113 @@
+"""Protection of a VM: enable, disable, resynchronize; its recovery points, their verification, and the
+replication health of every protected VM."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from sqlmodel import select
+
+from models.db import session_scope
+from models.fabric import Host, VirtualMachine
+from models.protection import ProtectedItem, ReplicationState
+from models.protection import recovery_points as _recovery_points
+from workflows import failover as failover_workflows
+from workflows import protection as protection_workflows
+
+from .errors import Conflict, Invalid, _operation
+from .failover import _check_point
+from .lookups import _host, _item_of, _policy, _protected, _vm
+from .presenters import _iso, _job_ref
+
+
+# ---- protection --------------------------------------------------------------------------------------------
+def _check_storage(url: Any) -> str:
+    if not isinstance(url, str) or not url:
+        raise Invalid(f"recovery storage must be 'file:///absolute/dir' or 'azure:<container>', got {url!r}")
+    if url.startswith("file://") and ".." in Path(url[len("file://"):]).parts:
+        raise Invalid(f"recovery storage {url!r}: the directory cannot contain '..'")
+    return url
+
+
+@_operation
+def protect(vm: str, *, policy: str, recovery_storage: str, storage_options: dict | None = None,
+            recovery_host: str | None = None) -> dict:
+    """Enable protection of the VM with the policy, replicating to `recovery_storage`; `recovery_host` is where
+    its failovers create the VM unless a failover names another."""
+    _check_storage(recovery_storage)
+    if storage_options is not None and not isinstance(storage_options, Mapping):
+        raise Invalid(f"storage options must be an object, got {storage_options!r}")
+    with session_scope() as session:
+        row = _vm(session, vm)
+        policy_row = _policy(session, policy)
+        if recovery_host is not None:
+            target = _host(session, recovery_host, "recovery host")
+            if target.id == row.host_id:
+                raise Invalid(f"the recovery host {recovery_host!r} is VM {row.name!r}'s own host")
+        item = _item_of(session, row)
+        if item is not None and item.replication_state not in (ReplicationState.DISABLED,
+                                                               ReplicationState.ENABLING_PROTECTION):
+            raise Conflict(f"VM {row.name!r} is already protected (state {item.replication_state})")
+        vm_id, vm_name, policy_id = row.id, row.name, policy_row.id
+    job_id = protection_workflows.enable_protection(
+        vm_id, policy_id, recovery_storage=recovery_storage, storage_options=dict(storage_options or {}),
+        recovery_host=recovery_host)
+    return _job_ref(job_id, protection_workflows.ENABLE_PROTECTION, vm_name)
+
+
+@_operation
+def disable_protection(vm: str) -> dict:
+    """Stop protecting the VM: replicas, shipped logs and recovery points are deleted."""
+    item_id, name = _protected(vm)
+    return _job_ref(protection_workflows.disable_protection(item_id), protection_workflows.DISABLE_PROTECTION, name)
+
+
+@_operation
+def resync(vm: str) -> dict:
+    """Resynchronize the VM's replicas now, sending only the blocks that differ."""
+    item_id, name = _protected(vm)
+    return _job_ref(protection_workflows.start_resync(item_id, manual=True), protection_workflows.RESYNCHRONIZE, name)
+
+
+# ---- recovery points, verification, health -----------------------------------------------------------------
+@_operation
+def recovery_points(vm: str) -> list[dict]:
+    """The VM's recovery points, oldest first."""
+    item_id, _name_of_vm = _protected(vm)
+    with session_scope() as session:
+        item = session.get(ProtectedItem, item_id)
+        return [{"id": point.id, "created_at": _iso(point.created_at), "kind": str(point.kind),
+                 "versions": dict(point.versions), "manifest_roots": dict(point.manifest_roots),
+                 "generations": dict(point.generations)}
+                for point in _recovery_points(session, item)]
+
+
+@_operation
+def verify(vm: str, *, point: str | None = None) -> dict:
+    """Check the replica against a recovery point (the latest by default), reading it back from the recovery
+    storage: the job fails naming the disk and chunk when one differs."""
+    item_id, name = _protected(vm)
+    if point is not None:
+        point = _check_point(item_id, point)
+    return _job_ref(failover_workflows.start_verify(item_id, point), failover_workflows.VERIFY_RECOVERY_POINT, name)
+
+
+@_operation
+def health() -> list[dict]:
+    """One entry per protected VM (protection not disabled): state, health and its errors, RPO, latest point,
+    the job running on it."""
+    with session_scope() as session:
+        ids = session.exec(select(ProtectedItem.id).join(VirtualMachine, VirtualMachine.id == ProtectedItem.vm_id)
+                           .join(Host, Host.id == VirtualMachine.host_id)
+                           .where(ProtectedItem.replication_state != ReplicationState.DISABLED)
+                           .order_by(Host.name, VirtualMachine.name)).all()
+    report = []
+    for item_id in ids:
+        status = protection_workflows.item_status(item_id)
+        report.append({"vm": status["vm"], "host": status["host"], "item_id": item_id, "state": status["state"],
+                       "health": status["health"], "errors": status["errors"], "rpo_s": status["rpo_s"],
+                       "last_recovery_point_at": status["last_recovery_point_at"],
+                       "recovery_points": status["recovery_points"], "unsent_ratio": status["unsent_ratio"],
+                       "active_job": status["active_job"]})
+    return report
