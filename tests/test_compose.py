@@ -1,16 +1,11 @@
 """compose.yaml, checked without Docker (none on the test machines): it parses, every service is buildable
 or pulled, our processes' commands are `asr` verbs that exist with options they accept, dependencies and
 volumes resolve, orchestration can scale, Redis keeps its append-only file, credentials come from the
-environment, and the services match README.md's compose section both ways.
-
-PyYAML is not a dependency of the project, so the file is read by `load_compose_yaml` below: the YAML
-subset compose.yaml keeps to (block mappings and sequences, flat flow sequences, quoted and plain scalars,
-anchors, aliases and `<<` merges). Anything outside that subset is an error, not a guess; where PyYAML
-happens to be installed, both readings must agree.
+environment, and the services match README.md's compose section both ways. The file is read with
+PyYAML's safe loader.
 """
 from __future__ import annotations
 
-import json
 import re
 import tomllib
 from pathlib import Path
@@ -18,6 +13,7 @@ from typing import Any
 
 import click
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "compose.yaml"
@@ -41,244 +37,12 @@ INTERPOLATION = re.compile(r"\$(\$|\{[A-Za-z_][A-Za-z0-9_]*(:?[-?+][^}]*)?\})")
 DURATION = re.compile(r"(\d+(us|ms|s|m|h))+")
 
 
-# ---- a YAML subset reader ------------------------------------------------------------------------
-class YamlSubsetError(ValueError):
-    pass
-
-
-_BOOLS = {"true": True, "True": True, "TRUE": True, "false": False, "False": False, "FALSE": False,
-          "yes": True, "Yes": True, "YES": True, "no": False, "No": False, "NO": False,
-          "on": True, "On": True, "ON": True, "off": False, "Off": False, "OFF": False}
-
-
-def _strip_comment(line: str) -> str:
-    quote = None
-    for i, char in enumerate(line):
-        if quote:
-            if char == quote:
-                quote = None
-        elif char in "\"'" and (i == 0 or line[i - 1] in " [,{:"):
-            quote = char
-        elif char == "#" and (i == 0 or line[i - 1] in " \t"):
-            return line[:i].rstrip()
-    return line.rstrip()
-
-
-def _scalar(text: str, anchors: dict[str, Any]) -> Any:
-    text = text.strip()
-    if text.startswith("*"):
-        name = text[1:]
-        if name not in anchors:
-            raise YamlSubsetError(f"unknown alias {text}")
-        return anchors[name]
-    if text.startswith('"'):
-        if not text.endswith('"') or len(text) < 2:
-            raise YamlSubsetError(f"unterminated string {text}")
-        return json.loads(text)  # the escapes this file uses (\\, \") are JSON's too
-    if text.startswith("'"):
-        if not text.endswith("'") or len(text) < 2:
-            raise YamlSubsetError(f"unterminated string {text}")
-        return text[1:-1].replace("''", "'")
-    if text[:1] in "|>&!%@`{":
-        if text == "{}":
-            return {}
-        raise YamlSubsetError(f"unsupported YAML construct: {text}")
-    if text.startswith("["):
-        return _flow_sequence(text, anchors)
-    if text in ("", "~", "null", "Null", "NULL"):
-        return None
-    if text in _BOOLS:
-        return _BOOLS[text]
-    if re.fullmatch(r"[-+]?(0|[1-9][0-9]*)", text):
-        return int(text)
-    if re.fullmatch(r"[-+]?(\d+\.\d*|\.\d+)([eE][-+]?\d+)?", text):
-        return float(text)
-    return text
-
-
-def _flow_sequence(text: str, anchors: dict[str, Any]) -> list[Any]:
-    if not text.endswith("]"):
-        raise YamlSubsetError(f"unterminated flow sequence: {text}")
-    items, current, quote = [], "", None
-    for char in text[1:-1]:
-        if quote:
-            current += char
-            if char == quote:
-                quote = None
-        elif char in "\"'" and not current.strip():
-            quote, current = char, current + char
-        elif char == ",":
-            items.append(current)
-            current = ""
-        elif char in "[]{}":
-            raise YamlSubsetError(f"nested flow collections are not supported: {text}")
-        else:
-            current += char
-    if quote:
-        raise YamlSubsetError(f"unterminated string in {text}")
-    if current.strip():  # (a trailing comma is allowed)
-        items.append(current)
-    return [_scalar(item, anchors) for item in items]
-
-
-def _open_brackets(text: str) -> int:
-    """'[' minus ']' outside quoted strings."""
-    depth, quote = 0, None
-    for char in text:
-        if quote:
-            quote = None if char == quote else quote
-        elif char in "\"'":
-            quote = char
-        elif char == "[":
-            depth += 1
-        elif char == "]":
-            depth -= 1
-    return depth
-
-
-def _split_key(content: str) -> tuple[str, str] | None:
-    """(key, rest) of `key: rest` or `key:`; None when `content` is not a mapping entry."""
-    match = re.match(r"([A-Za-z0-9_.<-][A-Za-z0-9_.<-]*|\"[^\"]*\"):(?: (.*)|$)", content)
-    if match is None:
-        return None
-    key = match.group(1)
-    return (json.loads(key) if key.startswith('"') else key), (match.group(2) or "").strip()
-
-
-def load_compose_yaml(text: str) -> Any:
-    """Read the YAML subset described in the module docstring; YamlSubsetError on anything else."""
-    lines: list[tuple[int, str, int]] = []  # (indentation, content, line number)
-    pending: tuple[int, str, int] | None = None
-    for number, raw in enumerate(text.splitlines(), 1):
-        if "\t" in raw[: len(raw) - len(raw.lstrip())]:
-            raise YamlSubsetError(f"line {number}: tab in indentation")
-        line = _strip_comment(raw)
-        if not line.strip():
-            continue
-        if pending is None:
-            pending = (len(line) - len(line.lstrip()), line.strip(), number)
-        else:  # a flow sequence continued over several lines
-            pending = (pending[0], f"{pending[1]} {line.strip()}", pending[2])
-        if _open_brackets(pending[1]) <= 0:
-            lines.append(pending)
-            pending = None
-    if pending is not None:
-        raise YamlSubsetError(f"line {pending[2]}: unterminated flow sequence")
-    anchors: dict[str, Any] = {}
-
-    def block(start: int, indent: int) -> tuple[Any, int]:
-        if lines[start][1].startswith("- ") or lines[start][1] == "-":
-            return sequence(start, indent)
-        return mapping(start, indent)
-
-    def value_after(rest: str, index: int, indent: int) -> tuple[Any, int]:
-        anchor = None
-        if rest.startswith("&"):
-            anchor, _, rest = rest.partition(" ")
-            anchor = anchor[1:]
-        if rest:
-            value, index = _scalar(rest, anchors), index + 1
-        elif index + 1 < len(lines) and lines[index + 1][0] > indent:
-            value, index = block(index + 1, lines[index + 1][0])
-        elif index + 1 < len(lines) and lines[index + 1][0] == indent and lines[index + 1][1].startswith("- "):
-            value, index = block(index + 1, indent)  # a sequence may sit at its key's indentation
-        else:
-            value, index = None, index + 1
-        if anchor:
-            anchors[anchor] = value
-        return value, index
-
-    def mapping(index: int, indent: int) -> tuple[dict[str, Any], int]:
-        result: dict[str, Any] = {}
-        merged: dict[str, Any] = {}
-        while index < len(lines) and lines[index][0] == indent:
-            _, content, number = lines[index]
-            entry = _split_key(content)
-            if entry is None:
-                raise YamlSubsetError(f"line {number}: expected `key: value`, got {content!r}")
-            key, rest = entry
-            value, index = value_after(rest, index, indent)
-            if key == "<<":
-                if not isinstance(value, dict):
-                    raise YamlSubsetError(f"line {number}: `<<` needs a mapping alias")
-                merged.update(value)
-                continue
-            if key in result:
-                raise YamlSubsetError(f"line {number}: duplicate key {key!r}")
-            result[key] = value
-        if index < len(lines) and lines[index][0] > indent:
-            raise YamlSubsetError(f"line {lines[index][2]}: unexpected indentation")
-        return {**merged, **result}, index
-
-    def sequence(index: int, indent: int) -> tuple[list[Any], int]:
-        result = []
-        while index < len(lines) and lines[index][0] == indent and (
-                lines[index][1].startswith("- ") or lines[index][1] == "-"):
-            _, content, number = lines[index]
-            item = content[1:].strip()
-            if _split_key(item) is not None:
-                raise YamlSubsetError(f"line {number}: mappings inside sequences are not supported")
-            result.append(_scalar(item, anchors))
-            index += 1
-        return result, index
-
-    if not lines:
-        return None
-    value, end = block(0, lines[0][0])
-    if end != len(lines):
-        raise YamlSubsetError(f"line {lines[end][2]}: unexpected content {lines[end][1]!r}")
-    return value
-
-
 # ---- the file ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    text = COMPOSE.read_text()
-    document = load_compose_yaml(text)
-    try:
-        import yaml
-    except ImportError:
-        pass
-    else:
-        assert document == yaml.safe_load(text), "the subset reader and PyYAML disagree on compose.yaml"
+    document = yaml.safe_load(COMPOSE.read_text())
     assert isinstance(document, dict), "compose.yaml must be a mapping"
     return document
-
-
-def test_the_subset_reader_reads_what_compose_uses_and_rejects_the_rest() -> None:
-    text = """
-x-base: &base
-  image: a:1   # comment
-  environment: &env
-    A: "x # not a comment"
-    B: 'it''s'
-services:
-  one:
-    <<: *base
-    environment:
-      <<: *env
-      C: ${X:-}
-    command: ["asr", "worker",
-              "host", "h1"]
-    ports:
-    - "127.0.0.1:1:1"
-    - 8000
-    init: true
-volumes:
-  data:
-"""
-    assert load_compose_yaml(text) == {
-        "x-base": {"image": "a:1", "environment": {"A": "x # not a comment", "B": "it's"}},
-        "services": {"one": {
-            "image": "a:1", "environment": {"A": "x # not a comment", "B": "it's", "C": "${X:-}"},
-            "command": ["asr", "worker", "host", "h1"], "ports": ["127.0.0.1:1:1", 8000], "init": True,
-        }},
-        "volumes": {"data": None},
-    }
-    for bad in ("a: |\n  text\n", "a:\n  - b: c\n", "a: [b, [c]]\n", "a: 1\na: 2\n", "a: *nowhere\n",
-                "a: [b, c\n", "a:\n    b: 1\n   c: 2\n"):
-        with pytest.raises(YamlSubsetError):
-            load_compose_yaml(bad)
 
 
 def test_compose_file_structure(compose: dict[str, Any]) -> None:
@@ -412,7 +176,8 @@ def test_every_process_shares_the_deployment_settings(compose: dict[str, Any]) -
     for name in OUR_SERVICES:
         environment = services[name]["environment"]
         assert environment["ASR_BROKER_URL"] == "redis://redis:6379/0", name
-        assert environment["ASR_DATABASE_URL"].startswith("postgresql://") and "@postgres:5432/" in environment["ASR_DATABASE_URL"], name
+        database_url = environment["ASR_DATABASE_URL"]
+        assert database_url.startswith("postgresql://") and "@postgres:5432/" in database_url, name
         assert {"redis", "postgres"} <= set(services[name]["depends_on"]), name
 
 
