@@ -1,0 +1,209 @@
+"""The manifest store: each VM as `<root>/vms/<vm>/vm.json` beside its disk images.
+
+Every path built from a name is checked to resolve inside the host's root; a manifest is checked as a
+whole when read, and written whole or not at all. Changes to one VM are serialized by a lock file in
+its folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from datapath.disk import FORMATS, create_disk, parse_size
+from datapath.durable import fsync_directory, replace_file
+from datapath.errors import PathOutsideRootError
+
+from .errors import NetworkConfigError, VmExistsError, VmManifestError, VmNotFoundError, VmSpecError
+from .vm import (
+    DISK_SUFFIX,
+    NAME,
+    STATE_OFF,
+    STATES,
+    VM_GENERATIONS,
+    NetworkAdapter,
+    VirtualDisk,
+    VirtualMachine,
+    canonical_public_ip,
+    canonical_subnet,
+    checked_command,
+    validate_segment,
+)
+
+MIB = 1024 * 1024
+MANIFEST = "vm.json"
+LOCK_FILE = "vm.lock"
+
+
+class VmStore:
+    """The VMs of a host rooted at `root`, as manifests and disk images in one folder per VM."""
+
+    def __init__(self, root: str | os.PathLike[str], name: str):
+        self.name = validate_segment(name, "host")
+        self.root = Path(root).resolve()
+
+    @property
+    def vms_dir(self) -> Path:
+        return self.root / "vms"
+
+    def create_vm(
+        self,
+        name: str,
+        disks: Sequence[tuple[str, int | str, str]],
+        *,
+        networks: Sequence[str] = ("default",),
+        generation: int = 1,
+    ) -> VirtualMachine:
+        """Create a VM, off, with sparse all-zero disks of (name, size, format "raw"|"vhd").
+
+        Everything is checked before anything is written, and the VM folder appears whole or not at
+        all (it is assembled in a hidden staging folder and renamed into place)."""
+        folder = self._vm_dir(name)
+        disk_specs = self._check_disk_specs(name, disks)
+        adapters = [
+            NetworkAdapter(f"nic{i}", validate_segment(network, "network")) for i, network in enumerate(networks)
+        ]
+        if generation not in VM_GENERATIONS:
+            raise VmSpecError(f"VM {name!r}: generation must be 1 or 2, got {generation!r}")
+        if folder.exists():
+            raise VmExistsError(f"VM {name!r} already exists on host {self.name!r} ({folder})")
+
+        self.vms_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".creating-{name}-", dir=self.vms_dir))
+        staging.chmod(0o755)  # mkdtemp's 0700 would keep other local readers (image tools) out
+        try:
+            vm_disks = []
+            for disk_name, size, fmt in disk_specs:
+                file = disk_name + DISK_SUFFIX[fmt]
+                create_disk(staging / file, size, fmt)
+                vm_disks.append(VirtualDisk(str(uuid.uuid4()), disk_name, file, size, fmt, folder / file))
+            vm = VirtualMachine(name, str(uuid.uuid4()), generation, STATE_OFF, vm_disks, adapters, folder, self.name)
+            write_json_atomically(staging / MANIFEST, vm.to_manifest())
+            try:
+                os.rename(staging, folder)
+            except OSError as exc:  # created meanwhile by someone else
+                raise VmExistsError(f"VM {name!r} already exists on host {self.name!r} ({folder})") from exc
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        fsync_directory(self.vms_dir)
+        return vm
+
+    def get_vm(self, name: str) -> VirtualMachine:
+        """The VM as its manifest describes it; VmNotFoundError when there is no such VM."""
+        folder = self._vm_dir(name)
+        manifest_path = folder / MANIFEST
+        try:
+            raw = manifest_path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            raise VmNotFoundError(f"VM {name!r} not found on host {self.name!r} (no {manifest_path})") from None
+        return self._parse_manifest(name, folder, raw)
+
+    def list_vms(self) -> list[VirtualMachine]:
+        """Every VM on the host, by name (folders being created or deleted are not VMs yet or any more)."""
+        if not self.vms_dir.is_dir():
+            return []
+        names = sorted(
+            entry.name
+            for entry in self.vms_dir.iterdir()
+            if NAME.fullmatch(entry.name) and (entry / MANIFEST).is_file()
+        )
+        return [self.get_vm(name) for name in names]
+
+    def _vm_dir(self, name: str) -> Path:
+        folder = self.vms_dir / validate_segment(name, "VM")
+        return self._inside_root(folder)
+
+    def _inside_root(self, path: Path) -> Path:
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.root):
+            raise PathOutsideRootError(f"{path} resolves to {resolved}, outside host {self.name!r} root {self.root}")
+        return resolved
+
+    def _disk_of(self, vm: VirtualMachine | str, disk: VirtualDisk | str) -> VirtualDisk:
+        current = vm if isinstance(vm, VirtualMachine) else self.get_vm(vm)
+        return current.disk(disk.name if isinstance(disk, VirtualDisk) else disk)
+
+    def _check_disk_specs(
+        self, vm_name: str, disks: Sequence[tuple[str, int | str, str]]
+    ) -> list[tuple[str, int, str]]:
+        if not disks:
+            raise VmSpecError(f"VM {vm_name!r}: a VM needs at least one disk")
+        specs = []
+        for disk_name, size, fmt in disks:
+            validate_segment(disk_name, "disk")
+            if any(disk_name == seen for seen, _, _ in specs):
+                raise VmSpecError(f"VM {vm_name!r}: disk name {disk_name!r} is used twice")
+            if fmt not in FORMATS:
+                raise VmSpecError(f"VM {vm_name!r} disk {disk_name!r}: format must be raw or vhd, got {fmt!r}")
+            try:
+                size_bytes = parse_size(size) if isinstance(size, str) else size
+            except ValueError as exc:
+                raise VmSpecError(f"VM {vm_name!r} disk {disk_name!r}: {exc}") from None
+            # The replica is a fixed VHD in Azure, whose virtual size must be a whole number of MiB.
+            if not isinstance(size_bytes, int) or isinstance(size_bytes, bool) or size_bytes <= 0 or size_bytes % MIB:
+                raise VmSpecError(
+                    f"VM {vm_name!r} disk {disk_name!r}: size must be a positive whole number of MiB "
+                    f"(the replica is a fixed VHD), got {size!r}"
+                )
+            specs.append((disk_name, size_bytes, fmt))
+        return specs
+
+    def _parse_manifest(self, name: str, folder: Path, raw: bytes) -> VirtualMachine:
+        where = f"manifest {folder / MANIFEST} of VM {name!r} on host {self.name!r}"
+        try:
+            data = json.loads(raw)
+            if data["name"] != name:
+                raise VmManifestError(f"{where} names the VM {data['name']!r}")
+            if data["state"] not in STATES or data["generation"] not in VM_GENERATIONS:
+                raise VmManifestError(f"{where}: bad state {data['state']!r} or generation {data['generation']!r}")
+            disks = []
+            for entry in data["disks"]:
+                file = validate_segment(entry["file"], "disk file")
+                if entry["format"] not in FORMATS or not isinstance(entry["size"], int) or entry["size"] <= 0:
+                    raise VmManifestError(f"{where}: bad format or size for disk {entry['name']!r}")
+                disks.append(VirtualDisk(
+                    str(uuid.UUID(entry["id"])), validate_segment(entry["name"], "disk"), file,
+                    entry["size"], entry["format"], self._inside_root(folder / file),
+                ))
+            adapters = [
+                NetworkAdapter(
+                    validate_segment(a["name"], "network adapter"), validate_segment(a["vm_network"], "network"),
+                    canonical_subnet(a.get("subnet"), f"{where}, adapter {a['name']!r}"),
+                    canonical_public_ip(a.get("public_ip")),
+                )
+                for a in data["network_adapters"]
+            ]
+            quiesce = data.get("quiesce") or {}
+            return VirtualMachine(
+                name, str(uuid.UUID(data["id"])), data["generation"], data["state"], disks, adapters, folder, self.name,
+                checked_command(quiesce.get("pre"), f"{where}: quiesce pre command", VmManifestError),
+                checked_command(quiesce.get("post"), f"{where}: quiesce post command", VmManifestError),
+            )
+        except VmManifestError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError, PathOutsideRootError, NetworkConfigError) as exc:
+            raise VmManifestError(f"{where} is invalid: {exc}") from exc
+
+    def _write_manifest(self, vm: VirtualMachine) -> None:
+        write_json_atomically(vm.path / MANIFEST, vm.to_manifest())
+
+    @contextlib.contextmanager
+    def _vm_lock(self, name: str) -> Iterator[VirtualMachine]:
+        """Serialize changes to one VM (several host-agent tasks may act on it at once); yields the VM
+        as read under the lock."""
+        self.get_vm(name)
+        folder = self._vm_dir(name)
+        with open(folder / LOCK_FILE, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield self.get_vm(name)  # again: it may have changed, or gone, while we waited
+
+
+def write_json_atomically(path: Path, data: dict) -> None:
+    replace_file(path, json.dumps(data, indent=2, sort_keys=True).encode())
