@@ -35,8 +35,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from datapath.buffers import aligned_buffer
 from datapath.copy import copy_disk
 from datapath.disk import format_size, open_disk
+from datapath.logapply import apply_log
 from datapath.manifest import Manifest, chunk_hash, compute_manifest
-from datapath.replog import apply_log
 from datapath.resync import sync_disks
 from datapath.tracker import ReplicationTracker
 from sites.storage.local import LocalDirectoryStorage

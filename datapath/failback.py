@@ -28,6 +28,8 @@ from datapath.disk import FORMATS, create_disk, open_disk
 from datapath.durable import fsync_directory
 from datapath.endpoint import SECTOR, DiskEndpoint
 from datapath.errors import SizeMismatchError
+from datapath.logapply import AppliedLog, apply_log
+from datapath.logformat import MAX_RECORD_DATA, LogWriter
 from datapath.manifest import (
     DEFAULT_CHUNK_SIZE,
     HASH_SIZE,
@@ -41,7 +43,6 @@ from datapath.manifest import (
     window_size,
     zero_chunk_hash,
 )
-from datapath.replog import MAX_RECORD_DATA, AppliedLog, LogWriter, apply_log
 from sites.storage.base import validate_name
 
 FAILBACK_GENERATION = 1

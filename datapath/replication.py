@@ -32,6 +32,8 @@ from typing import BinaryIO
 from datapath.copy import DEFAULT_FLUSH_INTERVAL, copy_disk
 from datapath.endpoint import DiskEndpoint
 from datapath.errors import LogOutOfSequenceError, NonRecoverableError, SizeMismatchError
+from datapath.logapply import MAX_TARGET_WRITE, apply_log
+from datapath.logreader import LogDiskMismatchError, LogReader
 from datapath.manifest import (
     DEFAULT_CHUNK_SIZE,
     Manifest,
@@ -40,18 +42,10 @@ from datapath.manifest import (
     compute_manifest,
     split_ranges,
 )
-from datapath.points import (
-    Range,
-    delete_all_versions,
-    load_manifest,
-    merge_ranges,
-    reads_as_zeros,
-    record_undo,
-    store_manifest,
-)
-from datapath.replog import MAX_TARGET_WRITE, LogDiskMismatchError, LogReader, apply_log
+from datapath.points import delete_all_versions, load_manifest, reads_as_zeros, store_manifest
 from datapath.resync import sync_disks
 from datapath.tracker import ReplicationTracker
+from datapath.undolog import Range, merge_ranges, record_undo
 from sites.storage.base import ObjectNotFoundError, RecoveryStorage, validate_name
 
 Progress = Callable[[int, int], None]

@@ -1,16 +1,7 @@
 """The replication tracker: every write to a protected disk goes to its replication log first.
 
-Files beside a tracked disk `disk0.vhd` (layouts in docs/formats.md):
-
-- `disk0.vhd.ctl`: the control file and the cross-process lock (flock). Two checksummed slots written
-  alternately, so a crash mid-update leaves the previous state readable. It holds the active
-  generation, the active log's writer state (next sequence number, record count, data bytes, digest,
-  end), how much of that log has reached the disk, the snapshot state, and a seal in progress.
-- `disk0.vhd.hrl`: the active log, taking new writes.
-- `disk0.vhd.00000007.hrl`: sealed logs waiting to be shipped and acknowledged.
-- `disk0.vhd.hrl.new`: the next active log while a seal is being committed.
-- `disk0.vhd.snap`, `disk0.vhd.snapmap`: a copy-on-write snapshot: preserved old contents (a sparse
-  file with the disk's offsets) and one byte per snapshot block, non-zero once it is preserved.
+The files it keeps beside a tracked disk, its control file among them, are described in
+datapath/trackerstate.py; its copy-on-write snapshot is in datapath/snapshot.py.
 
 The guest's process writes through one tracker object while the host agent's process seals, ships,
 acknowledges and snapshots through another. Every operation runs under the flock and starts by
@@ -25,12 +16,8 @@ disk never holds a write its log lacks, and the log never holds one the disk wil
 """
 from __future__ import annotations
 
-import errno
 import fcntl
-import io
 import os
-import re
-import struct
 import threading
 import uuid
 from collections.abc import Iterator
@@ -38,52 +25,31 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import mmh3
-
 from datapath.buffers import aligned_buffer
 from datapath.disk import LocalDisk, open_disk
 from datapath.endpoint import SECTOR
-from datapath.errors import AlignmentError, NonRecoverableError
-from datapath.replog import (
-    HEADER_SIZE,
-    MAX_RECORD_DATA,
-    RECORD_OVERHEAD,
-    LogHeader,
-    LogState,
-    LogWriter,
-    read_log_header,
-    read_record,
-    read_seal,
-    write_fully,
+from datapath.errors import AlignmentError
+from datapath.logformat import HEADER_SIZE, MAX_RECORD_DATA, RECORD_OVERHEAD, LogHeader, LogState, LogWriter
+from datapath.logreader import read_log_header, read_record, read_seal
+from datapath.snapshot import (
+    SNAPSHOT_BLOCK,
+    CopyOnWrite,
+    SnapshotError,
+    SnapshotView,
+    create_snapshot_files,
+    delete_snapshot_files,
+)
+from datapath.trackerstate import (
+    ControlFile,
+    ControlState,
+    NotTrackedError,
+    TrackerFiles,
+    TrackerStateError,
+    unlink_quietly,
 )
 
 RESYNC_THRESHOLD = 0.5
 """Unsent logs at this fraction of the disk size or more: the disk needs resynchronization."""
-
-SNAPSHOT_BLOCK = 64 * 1024
-"""Copy-on-write granularity of a snapshot."""
-
-_PRESERVE_CHUNK = 1024 * 1024
-
-_CONTROL_MAGIC = b"ASRCTL1\0"
-_CONTROL_VERSION = 1
-# magic, version, flags, snapshot block, counter, disk id, disk size, generation, first seq, next seq,
-# records, data bytes, digest, log end, applied end, snapshot generation, sealing generation
-_CONTROL_FIELDS = struct.Struct("<8sHHIQ16sQQQQQQ16sQQQQ")
-_CONTROL_SLOT = 256
-_FLAG_DISABLED = 1
-
-
-class NotTrackedError(NonRecoverableError):
-    """The disk is not (or no longer) enabled for replication tracking."""
-
-
-class TrackerStateError(NonRecoverableError):
-    """The tracker's files are damaged or inconsistent: disable, enable and resynchronize the disk."""
-
-
-class SnapshotError(NonRecoverableError):
-    """No snapshot exists, or it was deleted while its view was being read."""
 
 
 @dataclass(frozen=True)
@@ -97,125 +63,6 @@ class SealedLog:
     size: int
 
 
-@dataclass(frozen=True)
-class _Control:
-    disk_id: bytes
-    disk_size: int
-    generation: int
-    first_seq: int
-    """First sequence number of the active generation."""
-    log: LogState
-    """The active log's committed state."""
-    applied_end: int
-    """Records of the active log before this position have reached the disk."""
-    snapshot_generation: int = 0
-    """0, or the generation the snapshot was taken at (its id)."""
-    snapshot_block: int = 0
-    sealing: int = 0
-    """0, or the generation whose seal is committed but whose files are not yet renamed."""
-    disabled: bool = False
-    counter: int = 0
-
-    def encode(self) -> bytes:
-        fields = _CONTROL_FIELDS.pack(
-            _CONTROL_MAGIC, _CONTROL_VERSION, _FLAG_DISABLED if self.disabled else 0, self.snapshot_block,
-            self.counter, self.disk_id, self.disk_size, self.generation, self.first_seq, self.log.next_seq,
-            self.log.records, self.log.data_bytes, self.log.digest, self.log.end, self.applied_end,
-            self.snapshot_generation, self.sealing,
-        )
-        return fields + mmh3.mmh3_x64_128_digest(fields)
-
-    @classmethod
-    def decode(cls, slot: bytes) -> _Control | None:
-        """The control state in a slot, or None if the slot is empty or torn."""
-        size = _CONTROL_FIELDS.size
-        if len(slot) < size + 16 or mmh3.mmh3_x64_128_digest(slot[:size]) != slot[size : size + 16]:
-            return None
-        (magic, version, flags, snapshot_block, counter, disk_id, disk_size, generation, first_seq, next_seq,
-         records, data_bytes, digest, log_end, applied_end, snapshot_generation, sealing) = _CONTROL_FIELDS.unpack(
-            slot[:size]
-        )
-        if magic != _CONTROL_MAGIC or version != _CONTROL_VERSION:
-            return None
-        return cls(
-            disk_id, disk_size, generation, first_seq, LogState(next_seq, records, data_bytes, digest, log_end),
-            applied_end, snapshot_generation, snapshot_block, sealing, bool(flags & _FLAG_DISABLED), counter,
-        )
-
-
-class _ControlFile:
-    def __init__(self, path: Path, fd: int):
-        self.path = path
-        self.fd = fd
-
-    @classmethod
-    def open(cls, path: Path, disk_path: Path) -> _ControlFile:
-        try:
-            return cls(path, os.open(path, os.O_RDWR))
-        except FileNotFoundError:
-            raise NotTrackedError(
-                f"disk {disk_path} is not enabled for replication tracking (no {path.name})"
-            ) from None
-
-    def read(self) -> _Control:
-        raw = os.pread(self.fd, 2 * _CONTROL_SLOT, 0)
-        slots = [_Control.decode(raw[i * _CONTROL_SLOT : (i + 1) * _CONTROL_SLOT]) for i in (0, 1)]
-        valid = [slot for slot in slots if slot is not None]
-        if not valid:
-            raise TrackerStateError(f"tracker control file {self.path} is damaged: no valid state slot")
-        return max(valid, key=lambda control: control.counter)
-
-    def write(self, control: _Control, *, fsync: bool = False) -> _Control:
-        """Store `control` in the slot not holding the current state; return it as stored."""
-        control = replace(control, counter=control.counter + 1)
-        write_fully(self.fd, [control.encode()], (control.counter % 2) * _CONTROL_SLOT)
-        if fsync:
-            os.fsync(self.fd)
-        return control
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-class _TrackerFiles:
-    """Paths of the files a tracker keeps beside its disk."""
-
-    def __init__(self, disk_path: Path):
-        self.disk = disk_path
-        self.directory = disk_path.parent
-        name = disk_path.name
-        self.control = disk_path.with_name(f"{name}.ctl")
-        self.active = disk_path.with_name(f"{name}.hrl")
-        self.next_active = disk_path.with_name(f"{name}.hrl.new")
-        self.snapshot_data = disk_path.with_name(f"{name}.snap")
-        self.snapshot_map = disk_path.with_name(f"{name}.snapmap")
-        self._sealed_pattern = re.compile(re.escape(name) + r"\.(\d{8,})\.hrl")
-
-    def sealed(self, generation: int) -> Path:
-        return self.disk.with_name(f"{self.disk.name}.{generation:08d}.hrl")
-
-    def sealed_generations(self) -> list[int]:
-        generations = []
-        for entry in os.scandir(self.directory):
-            match = self._sealed_pattern.fullmatch(entry.name)
-            if match:
-                generations.append(int(match.group(1)))
-        return sorted(generations)
-
-    def all_files(self) -> list[Path]:
-        fixed = [self.control, self.active, self.next_active, self.snapshot_data, self.snapshot_map]
-        return fixed + [self.sealed(g) for g in self.sealed_generations()]
-
-    def sync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 @contextmanager
 def _directory_lock(directory: Path) -> Iterator[None]:
     """Serializes enable and disable of the disks in one folder; writes never take it."""
@@ -225,13 +72,6 @@ def _directory_lock(directory: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 class ReplicationTracker:
@@ -245,15 +85,13 @@ class ReplicationTracker:
     def __init__(self, disk_path: str | os.PathLike[str], *, sync: bool = False):
         self.disk_path = Path(disk_path)
         self.sync = sync
-        self._files = _TrackerFiles(self.disk_path)
+        self._files = TrackerFiles(self.disk_path)
         self._lock = threading.Lock()
-        self._control_file = _ControlFile.open(self._files.control, self.disk_path)
+        self._control_file = ControlFile.open(self._files.control, self.disk_path)
         self._disk: LocalDisk | None = None
         self._log_fd = -1
         self._log_header: LogHeader | None = None
-        self._snapshot_fds: tuple[int, int] | None = None
-        self._snapshot_generation = 0
-        self._preserve_buffer: memoryview | None = None
+        self._copy_on_write = CopyOnWrite(self._files)
         try:
             with self._locked() as control:
                 self.disk_id: bytes = control.disk_id
@@ -292,20 +130,20 @@ class ReplicationTracker:
 
     @staticmethod
     def _create_files(disk_path: Path, disk_id: bytes, disk_size: int) -> None:
-        files = _TrackerFiles(disk_path)
+        files = TrackerFiles(disk_path)
         # Leftovers of an interrupted enable or disable mean nothing without a control file.
         for path in files.all_files():
-            _unlink_quietly(path)
+            unlink_quietly(path)
         with LogWriter.create(
             files.active, disk_id=disk_id, generation=1, first_seq=1, disk_size=disk_size
         ) as log:
             log.sync()
             header = log.header
-        control = _Control(disk_id, disk_size, 1, 1, LogState.empty(header), HEADER_SIZE)
+        control = ControlState(disk_id, disk_size, 1, 1, LogState.empty(header), HEADER_SIZE)
         staging = disk_path.with_name(f"{disk_path.name}.ctl.tmp")
         fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            _ControlFile(staging, fd).write(control, fsync=True)
+            ControlFile(staging, fd).write(control, fsync=True)
         finally:
             os.close(fd)
         os.rename(staging, files.control)
@@ -319,9 +157,9 @@ class ReplicationTracker:
                 with self._locked() as control:
                     self._control_file.write(replace(control, disabled=True), fsync=True)
                     self._close_log()
-                    self._close_snapshot()
+                    self._copy_on_write.close()
                     for path in self._files.all_files():
-                        _unlink_quietly(path)
+                        unlink_quietly(path)
                     self._files.sync_directory()
             except NotTrackedError:
                 pass
@@ -330,7 +168,7 @@ class ReplicationTracker:
     def close(self) -> None:
         """Release this process's file descriptors; the disk stays tracked."""
         self._close_log()
-        self._close_snapshot()
+        self._copy_on_write.close()
         if self._disk is not None:
             self._disk.close()
             self._disk = None
@@ -378,7 +216,7 @@ class ReplicationTracker:
                 f"[0, {self.disk_size})"
             )
 
-    def _write_locked(self, control: _Control, offset: int, data: memoryview) -> tuple[_Control, int]:
+    def _write_locked(self, control: ControlState, offset: int, data: memoryview) -> tuple[ControlState, int]:
         writer = self._active_writer(control)
         seq = writer.append(offset, data)
         if self.sync:
@@ -388,10 +226,10 @@ class ReplicationTracker:
         control = self._control_file.write(replace(control, applied_end=control.log.end))
         return control, seq
 
-    def _write_disk(self, control: _Control, offset: int, data: memoryview) -> None:
+    def _write_disk(self, control: ControlState, offset: int, data: memoryview) -> None:
         disk = self._writable_disk()
         if control.snapshot_generation:
-            self._preserve(control, offset, data.nbytes)
+            self._copy_on_write.preserve(control, disk, offset, data.nbytes)
         disk.write(offset, data)
         if self.sync:
             disk.flush()
@@ -445,7 +283,7 @@ class ReplicationTracker:
         more than comparing the disks."""
         return self.unsent_ratio() >= RESYNC_THRESHOLD
 
-    def _seal_locked(self, control: _Control) -> tuple[_Control, SealedLog]:
+    def _seal_locked(self, control: ControlState) -> tuple[ControlState, SealedLog]:
         writer = self._active_writer(control)
         seal = writer.seal()
         header = writer.header
@@ -477,7 +315,7 @@ class ReplicationTracker:
         )
         return control, sealed
 
-    def _finish_seal(self, control: _Control) -> _Control:
+    def _finish_seal(self, control: ControlState) -> ControlState:
         """Rename the sealed log and put the next one in place. Repeatable after a crash at any point:
         the next log's file still existing means the renames are not done."""
         self._close_log()
@@ -512,17 +350,7 @@ class ReplicationTracker:
             if control.snapshot_generation:
                 return control.snapshot_generation
             control, _ = self._seal_locked(control)
-            block_count = -(-control.disk_size // SNAPSHOT_BLOCK)
-            new_files = ((self._files.snapshot_data, control.disk_size), (self._files.snapshot_map, block_count))
-            for path, size in new_files:
-                _unlink_quietly(path)  # a previous create that crashed before committing
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-                try:
-                    os.ftruncate(fd, size)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            self._files.sync_directory()
+            create_snapshot_files(self._files, control.disk_size)
             control = self._control_file.write(
                 replace(control, snapshot_generation=control.generation, snapshot_block=SNAPSHOT_BLOCK), fsync=True
             )
@@ -533,9 +361,8 @@ class ReplicationTracker:
         with self._locked() as control:
             if control.snapshot_generation:
                 self._control_file.write(replace(control, snapshot_generation=0, snapshot_block=0), fsync=True)
-            self._close_snapshot()
-            _unlink_quietly(self._files.snapshot_data)
-            _unlink_quietly(self._files.snapshot_map)
+            self._copy_on_write.close()
+            delete_snapshot_files(self._files)
 
     def snapshot_view(self) -> SnapshotView:
         """A read-only endpoint of the disk as it was when the snapshot was taken."""
@@ -547,56 +374,9 @@ class ReplicationTracker:
                 self._files, control.snapshot_generation, control.snapshot_block, control.disk_size
             )
 
-    def _preserve(self, control: _Control, offset: int, length: int) -> None:
-        """Copy the snapshot blocks that [offset, offset+length) touches and that are not preserved
-        yet into the snapshot file, then mark them. Preserve before mark, mark before the disk write:
-        a reader that sees a mark finds the old contents complete."""
-        data_fd, map_fd = self._snapshot_files(control)
-        block = control.snapshot_block
-        first = offset // block
-        marks = os.pread(map_fd, (offset + length - 1) // block - first + 1, first)
-        if b"\0" not in marks:
-            return
-        disk = self._writable_disk()
-        if self._preserve_buffer is None:
-            self._preserve_buffer = memoryview(aligned_buffer(_PRESERVE_CHUNK))
-        for run in re.finditer(rb"\x00+", marks):
-            start = (first + run.start()) * block
-            end = min((first + run.end()) * block, control.disk_size)
-            # A hole needs no copy: the snapshot file is sparse and reads as zeros there too.
-            if next(disk.data_extents(start, end - start), None) is not None:
-                for position in range(start, end, _PRESERVE_CHUNK):
-                    chunk = self._preserve_buffer[: min(_PRESERVE_CHUNK, end - position)]
-                    disk.read_into(position, chunk)
-                    write_fully(data_fd, [chunk], position)
-            write_fully(map_fd, [b"\1" * (run.end() - run.start())], first + run.start())
-
-    def _snapshot_files(self, control: _Control) -> tuple[int, int]:
-        if self._snapshot_generation != control.snapshot_generation or self._snapshot_fds is None:
-            self._close_snapshot()
-            try:
-                data_fd = os.open(self._files.snapshot_data, os.O_RDWR)
-            except FileNotFoundError:
-                raise TrackerStateError(f"snapshot file {self._files.snapshot_data} is missing") from None
-            try:
-                map_fd = os.open(self._files.snapshot_map, os.O_RDWR)
-            except FileNotFoundError:
-                os.close(data_fd)
-                raise TrackerStateError(f"snapshot map {self._files.snapshot_map} is missing") from None
-            self._snapshot_fds = (data_fd, map_fd)
-            self._snapshot_generation = control.snapshot_generation
-        return self._snapshot_fds
-
-    def _close_snapshot(self) -> None:
-        if self._snapshot_fds is not None:
-            for fd in self._snapshot_fds:
-                os.close(fd)
-            self._snapshot_fds = None
-            self._snapshot_generation = 0
-
     # ---- locking, recovery, files --------------------------------------------------------------
     @contextmanager
-    def _locked(self) -> Iterator[_Control]:
+    def _locked(self) -> Iterator[ControlState]:
         """Hold the tracker lock with the current control state, after finishing whatever a crashed
         process left half done."""
         with self._lock:
@@ -615,7 +395,7 @@ class ReplicationTracker:
             finally:
                 fcntl.flock(self._control_file.fd, fcntl.LOCK_UN)
 
-    def _replay_unapplied(self, control: _Control) -> _Control:
+    def _replay_unapplied(self, control: ControlState) -> ControlState:
         """Write to the disk the committed record a crashed writer may not have written. Each record
         is committed and written before the next is appended, so there is exactly one, the last."""
         self._active_writer(control)
@@ -632,7 +412,7 @@ class ReplicationTracker:
         self._write_disk(control, record.offset, record.data)
         return self._control_file.write(replace(control, applied_end=control.log.end))
 
-    def _active_writer(self, control: _Control) -> LogWriter:
+    def _active_writer(self, control: ControlState) -> LogWriter:
         """A writer continuing the active log from the committed state in `control`."""
         if self._log_header is None or self._log_header.generation != control.generation:
             self._close_log()
@@ -667,132 +447,3 @@ class ReplicationTracker:
             self._disk = open_disk(self.disk_path, writable=True)
         return self._disk
 
-
-class SnapshotView:
-    """The disk as it was when the snapshot was taken, as a read-only DiskEndpoint.
-
-    Reads take no lock, yet are exact while another process writes. A writer (1) preserves a
-    block's old contents, (2) marks the block, (3) writes the disk. A read (a) reads the disk, (b)
-    reads the marks, (c) takes the preserved copy of every marked block instead. If (b) finds a
-    block unmarked, the writer's (2) came after (b), so its (3) came after (a): the disk bytes read
-    were the snapshot's. If (b) finds it marked, (1) is complete. Afterwards (d) the snapshot must
-    still exist: once deleted, writes stop preserving and nothing read later could be trusted.
-    """
-
-    alignment = 1
-
-    def __init__(self, files: _TrackerFiles, generation: int, block: int, size: int):
-        self.name = f"{files.disk} (snapshot at generation {generation})"
-        self.size = size
-        self.generation = generation
-        self._block = block
-        self._fds: list[int] = []
-        self._disk: LocalDisk | None = None
-        try:
-            self._control_file = _ControlFile(files.control, self._open(files.control))
-            self._data_fd = self._open(files.snapshot_data)
-            self._map_fd = self._open(files.snapshot_map)
-            self._disk = open_disk(files.disk)
-        except BaseException:
-            self.close()
-            raise
-
-    def _open(self, path: Path) -> int:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise TrackerStateError(f"{self.name}: {path} is missing") from None
-        self._fds.append(fd)
-        return fd
-
-    def read_into(self, offset: int, buf: memoryview) -> int:
-        assert self._disk is not None
-        with memoryview(buf) as outer, outer.cast("B") as view:
-            length = view.nbytes
-            if not isinstance(offset, int) or offset < 0 or offset + length > self.size:
-                raise ValueError(
-                    f"{self.name}: cannot read {length} bytes at offset {offset!r}: outside [0, {self.size})"
-                )
-            if length == 0:
-                return 0
-            self._disk.read_into(offset, view)
-            first = offset // self._block
-            marks = os.pread(self._map_fd, (offset + length - 1) // self._block - first + 1, first)
-            for run in re.finditer(rb"[^\x00]+", marks):
-                low = max(offset, (first + run.start()) * self._block)
-                high = min(offset + length, (first + run.end()) * self._block)
-                _pread_fully(self._data_fd, view[low - offset : high - offset], low)
-            self._check_alive()
-            return length
-
-    def data_extents(self, offset: int = 0, length: int | None = None) -> Iterator[tuple[int, int]]:
-        """The disk's extents now plus the preserved blocks. The disk's are listed first: a block
-        changed before that listing is marked before it changed, so the marks read next include it."""
-        assert self._disk is not None
-        end = self.size if length is None else min(offset + length, self.size)
-        disk_extents = [(start, start + size) for start, size in self._disk.data_extents(offset, end - offset)]
-        preserved = list(self._preserved_extents(offset, end))
-        self._check_alive()
-        return _merge_extents(sorted(disk_extents + preserved))
-
-    def _preserved_extents(self, offset: int, end: int) -> Iterator[tuple[int, int]]:
-        if end <= offset:
-            return
-        block = self._block
-        first, last = offset // block, (end - 1) // block
-        step = 1 << 20
-        for chunk_first in range(first, last + 1, step):
-            marks = os.pread(self._map_fd, min(step, last + 1 - chunk_first), chunk_first)
-            for run in re.finditer(rb"[^\x00]+", marks):
-                yield max(offset, (chunk_first + run.start()) * block), min(end, (chunk_first + run.end()) * block)
-
-    def _check_alive(self) -> None:
-        control = self._control_file.read()
-        if control.disabled or control.snapshot_generation != self.generation:
-            raise SnapshotError(f"{self.name}: the snapshot was deleted while it was being read")
-
-    def write(self, offset: int, data: bytes | memoryview) -> None:
-        raise io.UnsupportedOperation(f"{self.name} is read-only")
-
-    def write_zeros(self, offset: int, length: int) -> None:
-        raise io.UnsupportedOperation(f"{self.name} is read-only")
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        if self._disk is not None:
-            self._disk.close()
-            self._disk = None
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
-
-    def __enter__(self) -> SnapshotView:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _merge_extents(ranges: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
-    """(offset, length) of the union of sorted [start, end) ranges."""
-    current: tuple[int, int] | None = None
-    for start, end in ranges:
-        if current is not None and start <= current[1]:
-            current = (current[0], max(current[1], end))
-            continue
-        if current is not None:
-            yield current[0], current[1] - current[0]
-        current = (start, end)
-    if current is not None:
-        yield current[0], current[1] - current[0]
-
-
-def _pread_fully(fd: int, view: memoryview, position: int) -> None:
-    done = 0
-    while done < view.nbytes:
-        n = os.preadv(fd, [view[done:]], position + done)
-        if n == 0:
-            raise OSError(errno.EIO, f"unexpected end of file at byte {position + done}")
-        done += n

@@ -16,6 +16,8 @@ import pytest
 
 from datapath.disk import create_disk, open_disk
 from datapath.errors import LogCorruptError, NonRecoverableError
+from datapath.logformat import MAX_RECORD_DATA
+from datapath.logreader import LogDiskMismatchError
 from datapath.manifest import compute_manifest
 from datapath.points import (
     PointMismatchError,
@@ -36,7 +38,6 @@ from datapath.replication import (
     resynchronize,
     ship_pending_logs,
 )
-from datapath.replog import MAX_RECORD_DATA, LogDiskMismatchError
 from sites.host import Host
 
 MiB = 1 << 20

@@ -18,18 +18,9 @@ import pytest
 
 from datapath.disk import create_disk, open_disk
 from datapath.errors import AlignmentError, LogCorruptError, LogOutOfSequenceError
-from datapath.replog import (
-    HEADER_SIZE,
-    MAX_RECORD_DATA,
-    MAX_TARGET_WRITE,
-    LogDiskMismatchError,
-    LogReader,
-    LogWriter,
-    apply_log,
-    read_log_header,
-    read_seal,
-    verify_log,
-)
+from datapath.logapply import MAX_TARGET_WRITE, apply_log
+from datapath.logformat import HEADER_SIZE, MAX_RECORD_DATA, LogWriter
+from datapath.logreader import LogDiskMismatchError, LogReader, read_log_header, read_seal, verify_log
 from sites.storage.base import RecoveryStorage
 
 KIB = 1024

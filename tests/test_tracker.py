@@ -18,16 +18,12 @@ import pytest
 
 from datapath.disk import create_disk, open_disk
 from datapath.errors import AlignmentError, NonRecoverableError
-from datapath.replog import HEADER_SIZE, MAX_RECORD_DATA, LogReader, apply_log, verify_log
-from datapath.tracker import (
-    RESYNC_THRESHOLD,
-    SNAPSHOT_BLOCK,
-    NotTrackedError,
-    ReplicationTracker,
-    SealedLog,
-    SnapshotError,
-    TrackerStateError,
-)
+from datapath.logapply import apply_log
+from datapath.logformat import HEADER_SIZE, MAX_RECORD_DATA
+from datapath.logreader import LogReader, verify_log
+from datapath.snapshot import SNAPSHOT_BLOCK, SnapshotError
+from datapath.tracker import RESYNC_THRESHOLD, ReplicationTracker, SealedLog
+from datapath.trackerstate import NotTrackedError, TrackerStateError
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -58,7 +54,7 @@ with open(journal, "w", buffering=1) as out:
 # A guest that dies at one chosen point of its first write (or seal), as a crash would leave things.
 CRASHER = r"""
 import os, sys
-import datapath.disk, datapath.tracker
+import datapath.disk, datapath.trackerstate
 from datapath.tracker import ReplicationTracker
 
 disk, point = sys.argv[1], sys.argv[2]
@@ -69,7 +65,7 @@ if point == "mid-seal":
     tracker.seal()
 else:
     if point == "before-commit":
-        datapath.tracker._ControlFile.write = die
+        datapath.trackerstate.ControlFile.write = die
     else:
         datapath.disk.LocalDisk.write = die
     tracker.write(1 * 1024 * 1024, b"\xab" * 8192)

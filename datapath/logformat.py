@@ -1,0 +1,240 @@
+"""Replication logs (`.hrl`): every write made to a protected disk, in order, verifiable record by record.
+
+The byte layout is specified in docs/formats.md. In short: an 80-byte file header (disk id, generation,
+first sequence number, block size, disk size), then WRITE records (header, data, 128-bit mmh3 checksum
+over both), then one SEAL record carrying the record count, last sequence number, data bytes and a
+hash chain over every record checksum. Nothing follows the seal.
+
+This module holds the layout and `LogWriter`, which appends records; the tracker keeps a writer's
+`LogState` in its control file so that any process can continue or seal the active log. Reading and
+verifying a log: datapath/logreader.py; applying one to a replica: datapath/logapply.py.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import mmh3
+
+from datapath.endpoint import SECTOR
+from datapath.errors import AlignmentError
+
+MAGIC = b"ASRHRL1\0"
+FORMAT_VERSION = 1
+
+# magic, version, header size, block size, disk id, generation, first seq, disk size, created (ns)
+HEADER_FIELDS = struct.Struct("<8sHHI16sQQQQ")
+CHECKSUM_SIZE = 16
+HEADER_SIZE = HEADER_FIELDS.size + CHECKSUM_SIZE
+
+# type, data length, sequence number, disk offset
+RECORD_HEADER = struct.Struct("<IIQQ")
+RECORD_HEADER_SIZE = RECORD_HEADER.size
+RECORD_OVERHEAD = RECORD_HEADER_SIZE + CHECKSUM_SIZE
+WRITE = 1
+SEAL = 2
+
+# records, last sequence number, data bytes, log digest
+SEAL_PAYLOAD = struct.Struct("<QQQ16s")
+SEAL_RECORD_SIZE = RECORD_HEADER_SIZE + SEAL_PAYLOAD.size + CHECKSUM_SIZE
+
+MAX_RECORD_DATA = 4 * 1024 * 1024
+"""Largest data length of one WRITE record; the tracker splits larger writes. Bounds every reader's
+buffer regardless of what a (corrupt) length field claims."""
+
+_MIN_BLOCK_SIZE = SECTOR
+_MAX_BLOCK_SIZE = 64 * 1024
+
+
+def log_digest_step(digest: bytes, record_checksum: bytes) -> bytes:
+    """The log digest after one more record: a hash chain, so a writer's whole running state is 16
+    bytes that another process can pick up from the tracker's control file."""
+    return mmh3.mmh3_x64_128_digest(digest + record_checksum)
+
+
+@dataclass(frozen=True)
+class LogHeader:
+    disk_id: bytes
+    generation: int
+    first_seq: int
+    disk_size: int
+    block_size: int = SECTOR
+    created_ns: int = 0
+    version: int = FORMAT_VERSION
+
+    def encode(self) -> bytes:
+        fields = HEADER_FIELDS.pack(
+            MAGIC, self.version, HEADER_SIZE, self.block_size, self.disk_id, self.generation,
+            self.first_seq, self.disk_size, self.created_ns,
+        )
+        return fields + mmh3.mmh3_x64_128_digest(fields)
+
+    @property
+    def checksum(self) -> bytes:
+        """The header checksum; also the first link of the log digest chain."""
+        return self.encode()[-CHECKSUM_SIZE:]
+
+    @property
+    def disk_label(self) -> str:
+        return str(uuid.UUID(bytes=self.disk_id))
+
+    def check_valid(self) -> None:
+        """ValueError unless the fields make a log that readers accept."""
+        problems = []
+        if len(self.disk_id) != 16:
+            problems.append(f"disk id must be 16 bytes, got {len(self.disk_id)}")
+        if not (_MIN_BLOCK_SIZE <= self.block_size <= _MAX_BLOCK_SIZE) or self.block_size & (self.block_size - 1):
+            problems.append(f"block size {self.block_size} is not a power of two in [512, 65536]")
+        if self.generation < 1:
+            problems.append(f"generation {self.generation} is below 1")
+        if self.first_seq < 1:
+            problems.append(f"first sequence number {self.first_seq} is below 1")
+        if self.disk_size <= 0 or self.disk_size % max(self.block_size, 1):
+            problems.append(f"disk size {self.disk_size} is not a positive multiple of the block size")
+        if problems:
+            raise ValueError("invalid replication log header: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class LogState:
+    """Where a log stands after its last record: enough for any process to append or seal."""
+
+    next_seq: int
+    records: int
+    data_bytes: int
+    digest: bytes
+    end: int
+    """File position just after the last record."""
+
+    @classmethod
+    def empty(cls, header: LogHeader) -> LogState:
+        return cls(header.first_seq, 0, 0, header.checksum, HEADER_SIZE)
+
+
+@dataclass(frozen=True)
+class LogSeal:
+    records: int
+    last_seq: int
+    data_bytes: int
+    digest: bytes
+    size: int
+    """Size of the whole sealed log file."""
+
+
+class LogWriter:
+    """Appends WRITE records to a log file and seals it.
+
+    Each append is one positioned write of header, data and checksum (the data is not copied), so a
+    record reaches the OS before `append` returns. Nothing is fsynced before `seal`.
+    """
+
+    def __init__(self, fd: int, header: LogHeader, state: LogState, *, name: str = "", owns_fd: bool = False):
+        header.check_valid()
+        self._fd = fd
+        self.header = header
+        self.state = state
+        self.name = name or f"log of disk {header.disk_label}"
+        self._owns_fd = owns_fd
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        disk_id: bytes,
+        generation: int,
+        first_seq: int,
+        disk_size: int,
+        block_size: int = SECTOR,
+    ) -> LogWriter:
+        """Create (or replace) the log file at `path` with a fresh header."""
+        header = LogHeader(disk_id, generation, first_seq, disk_size, block_size, time.time_ns())
+        header.check_valid()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            write_fully(fd, [header.encode()], 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, header, LogState.empty(header), name=Path(path).name, owns_fd=True)
+
+    def append(self, offset: int, data: bytes | memoryview) -> int:
+        """Append one WRITE record; return its sequence number."""
+        length = memoryview(data).nbytes
+        self._check_write(offset, length)
+        state = self.state
+        record_header = RECORD_HEADER.pack(WRITE, length, state.next_seq, offset)
+        hasher = mmh3.mmh3_x64_128(record_header)
+        hasher.update(data)
+        checksum = hasher.digest()
+        write_fully(self._fd, [record_header, data, checksum], state.end)
+        self.state = LogState(
+            state.next_seq + 1,
+            state.records + 1,
+            state.data_bytes + length,
+            log_digest_step(state.digest, checksum),
+            state.end + RECORD_OVERHEAD + length,
+        )
+        return state.next_seq
+
+    def seal(self, *, fsync: bool = True) -> LogSeal:
+        """Append the SEAL record, drop anything after it (a torn record left by a crash) and fsync."""
+        state = self.state
+        payload = SEAL_PAYLOAD.pack(state.records, state.next_seq - 1, state.data_bytes, state.digest)
+        record = RECORD_HEADER.pack(SEAL, len(payload), state.next_seq, 0) + payload
+        record += mmh3.mmh3_x64_128_digest(record)
+        write_fully(self._fd, [record], state.end)
+        size = state.end + len(record)
+        os.ftruncate(self._fd, size)
+        if fsync:
+            os.fsync(self._fd)
+        return LogSeal(state.records, state.next_seq - 1, state.data_bytes, state.digest, size)
+
+    def sync(self) -> None:
+        """fsync the log file."""
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._owns_fd and self._fd >= 0:
+            os.close(self._fd)
+        self._fd = -1
+
+    def __enter__(self) -> LogWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_write(self, offset: int, length: int) -> None:
+        block = self.header.block_size
+        if offset % block or length % block:
+            raise AlignmentError(
+                f"{self.name}: write of {length} bytes at offset {offset} is not aligned to "
+                f"{block}-byte blocks"
+            )
+        if length <= 0 or length > MAX_RECORD_DATA:
+            raise ValueError(
+                f"{self.name}: a record holds 1 to {MAX_RECORD_DATA} bytes of data, got {length}"
+            )
+        if offset < 0 or offset + length > self.header.disk_size:
+            raise ValueError(
+                f"{self.name}: write of {length} bytes at offset {offset} is outside the disk "
+                f"[0, {self.header.disk_size})"
+            )
+
+
+def write_fully(fd: int, buffers: list[bytes | memoryview], position: int) -> None:
+    """pwritev all of `buffers` at `position`, continuing after short writes."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    while views:
+        written = os.pwritev(fd, views, position)
+        position += written
+        while views and written >= views[0].nbytes:
+            written -= views[0].nbytes
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
