@@ -22,7 +22,8 @@ from models.policy import ReplicationPolicy
 
 __all__ = [
     "ReplicationState", "Health", "RecoveryPointKind", "ProtectedItem", "RecoveryPoint", "InvalidStateError",
-    "ALLOWED_TRANSITIONS", "protect_vm", "transition", "require_resync", "mark_critical", "mark_warning",
+    "ALLOWED_TRANSITIONS", "ROLLBACKS", "protect_vm", "transition", "roll_back", "require_resync", "mark_critical",
+    "mark_warning",
     "mark_healthy", "record_recovery_point", "recovery_points", "prune_recovery_points", "item_lock_key",
 ]
 
@@ -88,6 +89,25 @@ ALLOWED_TRANSITIONS: dict[ReplicationState, frozenset[ReplicationState]] = {
     _S.FAILBACK_COMMITTED: frozenset({_S.RESYNCHRONIZING, _S.DISABLING_PROTECTION}),
     _S.DISABLING_PROTECTION: frozenset({_S.DISABLED}),
     _S.DISABLED: frozenset({_S.ENABLING_PROTECTION}),
+}
+
+# Where a failover or failback job that failed or was cancelled puts the item back, as data: for the state
+# the job left it in, (the state before the operation began, how the job ended) -> the state to return to,
+# None standing for any. A failover returns the item to replicating as before (a resync it interrupted must
+# start again); a failback leaves the recovery VM the VM, except that a failed completion of a minimize-
+# downtime failback can be completed again. Every target is a move of ALLOWED_TRANSITIONS (`roll_back`).
+ROLLBACKS: dict[ReplicationState, dict[tuple[ReplicationState | None, str | None], ReplicationState]] = {
+    _S.FAILING_OVER: {
+        (_S.PROTECTED, None): _S.PROTECTED,
+        (_S.RESYNC_REQUIRED, None): _S.RESYNC_REQUIRED,
+        (_S.RESYNCHRONIZING, None): _S.RESYNC_REQUIRED,
+        (_S.FAILED_OVER, None): _S.FAILED_OVER,
+        (None, None): _S.PROTECTED,
+    },
+    _S.FAILING_BACK: {
+        (_S.FAILBACK_READY, "failed"): _S.FAILBACK_READY,
+        (None, None): _S.FAILOVER_COMMITTED,
+    },
 }
 del _S
 
@@ -249,6 +269,18 @@ def transition(item: ProtectedItem, new_state: ReplicationState | str) -> bool:
     if target is ReplicationState.PROTECTED:
         item.resync_required_reason = item.resync_scheduled_for = None
     return True
+
+
+def roll_back(item: ProtectedItem, previous: str | None, outcome: str) -> bool:
+    """Return an item whose failover or failback job ended `outcome` ("failed", "cancelled") to where it was
+    before (`previous`, the state the operation began in), along `ROLLBACKS` and through `transition`.
+    Returns whether the item moved (an item not mid-operation stays where it is)."""
+    targets = ROLLBACKS.get(ReplicationState(item.replication_state))
+    if targets is None:
+        return False
+    before = ReplicationState(previous) if previous in set(ReplicationState) else None
+    target = targets.get((before, outcome)) or targets.get((before, None)) or targets[(None, None)]
+    return transition(item, target)
 
 
 def require_resync(

@@ -1,6 +1,7 @@
 """Celery tasks: thin wrappers that load state, call the data path, and record progress.
 
 The worker imports this package at start (`include=["tasks"]` in worker.py); every task module is
-imported here so its tasks are registered.
+imported here so its actions are registered, one module per family of the action catalog
+(workflows/actions.py).
 """
-from tasks import failover, plans, replication, steps  # noqa: F401
+from tasks import failback, failover, plans, points, replication, steps  # noqa: F401

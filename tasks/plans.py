@@ -7,14 +7,14 @@ import subprocess
 from typing import Any
 
 from datapath.errors import NonRecoverableError
-from workflows import plans
+from workflows import actions as A
 from workflows.engine import AwaitingOperator, StepContext, action
 
 # What the job records of a script's output: enough to see why it failed.
 OUTPUT_TAIL_CHARS = 2000
 
 
-@action(plans.RUN_SCRIPT)
+@action(A.RUN_SCRIPT)
 def run_script(ctx: StepContext, *, plan_id: str, command: list[str], timeout_s: float) -> dict[str, Any]:
     """Run a plan's script on this orchestration worker; a non-zero exit or a timeout fails the plan.
     The script sees the plan and job in ASR_PLAN_ID and ASR_JOB_ID."""
@@ -33,7 +33,7 @@ def run_script(ctx: StepContext, *, plan_id: str, command: list[str], timeout_s:
     return {"exit_code": 0, "stdout": done.stdout[-OUTPUT_TAIL_CHARS:]}
 
 
-@action(plans.MANUAL_ACTION)
+@action(A.MANUAL_ACTION)
 def manual_action(ctx: StepContext, *, plan_id: str, instructions: str) -> dict[str, Any]:
-    """Pause the plan until an operator resumes it (workflows.plans.resume_plan)."""
+    """Pause the plan until an operator resumes it (`asr plan resume`, workflows.engine.resume)."""
     raise AwaitingOperator(instructions)

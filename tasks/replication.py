@@ -1,4 +1,4 @@
-"""The replication actions: the steps of the jobs workflows/protection.py builds.
+"""The replication actions: the steps of the protection job kinds (workflows/kinds/).
 
 Each is thin: it loads the protected item by id, opens the host's trackers (on the host's agent worker)
 or the recovery storage, calls one resumable step of `datapath.replication`, reports progress through
@@ -50,8 +50,10 @@ from sites.host import QuiesceError
 from sites.storage import open_storage
 from sites.storage.base import RecoveryStorage
 from worker import app
-from workflows import clock, protection
+from workflows import actions as A
+from workflows import clock, scheduler
 from workflows.engine import StepContext, action
+from workflows.items import ItemView, load_item
 from workflows.retry import is_recoverable
 
 MIB = 1024 * 1024
@@ -79,7 +81,7 @@ def open_recovery_storage(url: str, options: Mapping[str, Any]) -> RecoveryStora
 
 
 @contextmanager
-def _storage(view: protection.ItemView) -> Iterator[RecoveryStorage]:
+def _storage(view: ItemView) -> Iterator[RecoveryStorage]:
     storage = open_recovery_storage(view.item.recovery_storage, view.item.storage_options)
     try:
         yield storage
@@ -87,23 +89,19 @@ def _storage(view: protection.ItemView) -> Iterator[RecoveryStorage]:
         storage.close()
 
 
-def _replica(view: protection.ItemView, storage: RecoveryStorage, disk_name: str) -> ReplicaDisk:
-    return replica_of(view, storage, disk_name)
-
-
-def replica_of(view: protection.ItemView, storage: RecoveryStorage, disk_name: str) -> ReplicaDisk:
+def replica_of(view: ItemView, storage: RecoveryStorage, disk_name: str) -> ReplicaDisk:
     """The disk's replica, in the folder fixed when protection was enabled (a VM failed back to an
     alternate host keeps it)."""
     host, vm = (view.item.replica_folder or f"{view.host.name}/{view.vm.name}").split("/", 1)
     return ReplicaDisk(storage, ReplicaDisk.name_for(host, vm, disk_name))
 
 
-def _driver(view: protection.ItemView) -> HostDriver:
+def _driver(view: ItemView) -> HostDriver:
     return HostDriver(view.host.root, view.host.name)
 
 
 @contextmanager
-def _tracker(view: protection.ItemView, disk_name: str) -> Iterator[ReplicationTracker]:
+def _tracker(view: ItemView, disk_name: str) -> Iterator[ReplicationTracker]:
     tracker = _driver(view).tracker(view.vm.name, disk_name)
     try:
         yield tracker
@@ -111,9 +109,9 @@ def _tracker(view: protection.ItemView, disk_name: str) -> Iterator[ReplicationT
         tracker.close()
 
 
-def _load(ctx: StepContext, item_id: str) -> protection.ItemView:
+def _load(ctx: StepContext, item_id: str) -> ItemView:
     with ctx.session() as session:
-        return protection.load_item(session, item_id)
+        return load_item(session, item_id)
 
 
 # ---- enable protection -----------------------------------------------------------------------------
@@ -133,7 +131,7 @@ def item_action(name: str):
             except Exception as exc:
                 if is_recoverable(exc):
                     with ctx.session() as session:
-                        item = protection.load_item(session, item_id).item
+                        item = load_item(session, item_id).item
                         mark_warning(session, item, RETRYING_CODE,
                                      f"{ctx.step_name} failed and will be retried: {exc}")
                 raise
@@ -143,7 +141,7 @@ def item_action(name: str):
     return register
 
 
-@item_action(protection.PREREQUISITES)
+@item_action(A.PREREQUISITES)
 def prerequisites(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     """The VM and each of its disks are on the host as registered, in a format and size that can be
     replicated, and the recovery storage is reachable with credentials it accepts."""
@@ -175,18 +173,18 @@ def prerequisites(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     return {"disks": len(view.disks)}
 
 
-@item_action(protection.CREATE_RELATIONSHIP)
+@item_action(A.CREATE_RELATIONSHIP)
 def create_relationship(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     """Track every disk's writes from now on, and create its replica on the recovery storage."""
     view = _load(ctx, item_id)
     newly_tracked = _driver(view).enable_tracking(view.vm.name)
     with _storage(view) as storage:
         for disk in view.disks:
-            storage.create_disk(_replica(view, storage, disk.name).name, disk.size)
+            storage.create_disk(replica_of(view, storage, disk.name).name, disk.size)
     return {"newly_tracked": [disk.name for disk in newly_tracked]}
 
 
-@item_action(protection.START_REPLICATION)
+@item_action(A.START_REPLICATION)
 def start_replication(ctx: StepContext, *, item_id: str, scheduled_at: str | None) -> dict[str, Any]:
     """Initial replication starts now, or is left to the scheduler at the policy's time."""
     with ctx.session() as session:
@@ -201,7 +199,7 @@ def start_replication(ctx: StepContext, *, item_id: str, scheduled_at: str | Non
 
 
 # ---- snapshot and copy ---------------------------------------------------------------------------------
-@item_action(protection.SNAPSHOT_VM)
+@item_action(A.SNAPSHOT_VM)
 def snapshot_vm(ctx: StepContext, *, item_id: str, enter_state: str | None) -> dict[str, Any]:
     """Snapshot every disk of the VM together (each later copy or resync reads its disk's snapshot)."""
     if enter_state is not None:
@@ -216,7 +214,7 @@ def snapshot_vm(ctx: StepContext, *, item_id: str, enter_state: str | None) -> d
 
 def _enter_state(ctx: StepContext, item_id: str, state: ReplicationState) -> None:
     with ctx.session() as session:
-        view = protection.load_item(session, item_id)
+        view = load_item(session, item_id)
         item = view.item
         if state is ReplicationState.RESYNCHRONIZING and item.replication_state is ReplicationState.PROTECTED:
             require_resync(session, item, "manual resynchronization requested", view.policy)
@@ -224,18 +222,18 @@ def _enter_state(ctx: StepContext, item_id: str, state: ReplicationState) -> Non
         session.add(item)
 
 
-@item_action(protection.COPY_DISK)
+@item_action(A.COPY_DISK)
 def copy_disk(ctx: StepContext, *, item_id: str, disk_id: str) -> dict[str, Any]:
     """Copy the disk's snapshot to its replica, resuming from the replica's checkpoint."""
     view = _load(ctx, item_id)
     disk = view.disk(disk_id)
     with _storage(view) as storage, _tracker(view, disk.name) as tracker:
-        state = initial_copy(tracker, _replica(view, storage, disk.name), on_progress=ctx.progress)
+        state = initial_copy(tracker, replica_of(view, storage, disk.name), on_progress=ctx.progress)
     ctx.progress(state.size, state.size)
     return {"bytes": state.size, "applied_generation": state.applied_generation}
 
 
-@item_action(protection.DELETE_SNAPSHOT)
+@item_action(A.DELETE_SNAPSHOT)
 def delete_snapshot(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     view = _load(ctx, item_id)
     for disk in view.disks:
@@ -244,13 +242,13 @@ def delete_snapshot(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     return {"disks": len(view.disks)}
 
 
-@item_action(protection.RESYNC_DISK)
+@item_action(A.RESYNC_DISK)
 def resync_disk(ctx: StepContext, *, item_id: str, disk_id: str) -> dict[str, Any]:
     """Send the replica only the blocks of the disk's snapshot that differ from it."""
     view = _load(ctx, item_id)
     disk = view.disk(disk_id)
     with _storage(view) as storage, _tracker(view, disk.name) as tracker:
-        report = resynchronize(tracker, _replica(view, storage, disk.name), on_progress=ctx.progress)
+        report = resynchronize(tracker, replica_of(view, storage, disk.name), on_progress=ctx.progress)
     return {
         "bytes_sent": report.bytes_sent, "bytes_zeroed": report.bytes_zeroed, "blocks_sent": report.blocks_sent,
         "chunks_compared": report.chunks_compared, "chunks_sent": report.chunks_sent,
@@ -259,7 +257,7 @@ def resync_disk(ctx: StepContext, *, item_id: str, disk_id: str) -> dict[str, An
 
 
 # ---- merging logs ------------------------------------------------------------------------------------
-@item_action(protection.SHIP_LOGS)
+@item_action(A.SHIP_LOGS)
 def ship_logs(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     """Seal every disk's log (also a disk without writes: all disks advance together into one recovery
     point), then upload every sealed log not yet shipped. All seals come before any upload, so the disks'
@@ -285,25 +283,25 @@ def ship_logs(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
             sealed = {name: tracker.seal().generation for name, tracker in trackers.items()}
         storage = stack.enter_context(_storage(view))
         for done, disk in enumerate(view.disks):
-            shipped = ship_pending_logs(trackers[disk.name], _replica(view, storage, disk.name))
+            shipped = ship_pending_logs(trackers[disk.name], replica_of(view, storage, disk.name))
             disks[disk.disk_uuid] = {"name": disk.name, "unsent_ratio": unsent[disk.name],
                                      "sealed": sealed[disk.name], "shipped": shipped}
             ctx.progress(done + 1, len(view.disks))
     if quiesce_error is not None:
         with ctx.session() as session:
-            mark_warning(session, protection.load_item(session, item_id).item, APP_CONSISTENCY_CODE,
+            mark_warning(session, load_item(session, item_id).item, APP_CONSISTENCY_CODE,
                          f"app-consistent point not taken, crash-consistent instead: {quiesce_error}")
     return {"disks": disks, "app_consistent": app_consistent, "quiesce_error": quiesce_error}
 
 
-def _app_consistent_due(view: protection.ItemView) -> bool:
+def _app_consistent_due(view: ItemView) -> bool:
     if view.policy.app_consistent_frequency_h <= 0:
         return False
     due = view.item.next_app_consistent_at
     return due is None or due <= clock.now()
 
 
-@item_action(protection.APPLY_LOGS)
+@item_action(A.APPLY_LOGS)
 def apply_logs(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     """Apply the shipped logs to every replica, then record the recovery point they make (its replica
     versions and manifest roots per disk, app-consistent when the ship step quiesced the VM) and drop the
@@ -315,7 +313,7 @@ def apply_logs(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     roots: dict[str, str] = {}
     applied: dict[str, list[int]] = {}
     with _storage(view) as storage:
-        replicas = {disk.disk_uuid: _replica(view, storage, disk.name) for disk in view.disks}
+        replicas = {disk.disk_uuid: replica_of(view, storage, disk.name) for disk in view.disks}
         for done, disk in enumerate(view.disks):
             replica = replicas[disk.disk_uuid]
             try:
@@ -354,7 +352,7 @@ def apply_logs(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
 
 def _require_resync(ctx: StepContext, item_id: str, reason: str) -> None:
     with ctx.session() as session:
-        view = protection.load_item(session, item_id)
+        view = load_item(session, item_id)
         require_resync(session, view.item, reason, view.policy)
         mark_warning(session, view.item, RESYNC_REQUIRED_CODE, f"resynchronization required: {reason}")
 
@@ -362,19 +360,13 @@ def _require_resync(ctx: StepContext, item_id: str, reason: str) -> None:
 def _ship_step(job_id: str) -> JobStep:
     with session_scope() as session:
         step = session.exec(select(JobStep).where(
-            JobStep.job_id == job_id, JobStep.action == protection.SHIP_LOGS)).first()
+            JobStep.job_id == job_id, JobStep.action == A.SHIP_LOGS)).first()
     if step is None or step.started_at is None:
         raise NonRecoverableError(f"job {job_id} has no Ship logs step that ran: nothing to base the point on")
     return step
 
 
-def _ship_started_at(job_id: str) -> datetime:
-    """When this cycle's logs were sealed, as the engine recorded it when the Ship logs step started (a
-    moment before the seal, so the RPO is never under-stated); never a time the host reports."""
-    return _ship_step(job_id).started_at
-
-
-@item_action(protection.ACKNOWLEDGE_LOGS)
+@item_action(A.ACKNOWLEDGE_LOGS)
 def acknowledge_logs(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     """Delete on the host the logs the recovery side has applied (its own state says which)."""
     view = _load(ctx, item_id)
@@ -382,7 +374,7 @@ def acknowledge_logs(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     with _storage(view) as storage:
         for disk in view.disks:
             with _tracker(view, disk.name) as tracker:
-                acknowledged[disk.name] = acknowledge_applied(tracker, _replica(view, storage, disk.name))
+                acknowledged[disk.name] = acknowledge_applied(tracker, replica_of(view, storage, disk.name))
     return {"acknowledged": acknowledged}
 
 
@@ -396,7 +388,7 @@ def _record_replication_health(ctx: StepContext, item_id: str, *, finishing: boo
     unsent = _unsent_by_disk(ctx.job_id)
     now = clock.now()
     with ctx.session() as session:
-        view = protection.load_item(session, item_id)
+        view = load_item(session, item_id)
         item = view.item
         if finishing:
             transition(item, ReplicationState.PROTECTED)
@@ -420,13 +412,13 @@ def _record_replication_health(ctx: StepContext, item_id: str, *, finishing: boo
                 "unsent_ratio": item.unsent_ratio}
 
 
-@item_action(protection.UPDATE_HEALTH)
+@item_action(A.UPDATE_HEALTH)
 def update_health(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     """RPO from the recovery side's latest point; unsent logs at 50% of a disk require a resync."""
     return _record_replication_health(ctx, item_id, finishing=False)
 
 
-@item_action(protection.FINALIZE)
+@item_action(A.FINALIZE)
 def finalize(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     """The item is protected and Healthy; the scheduler runs its next delta cycle after the copy frequency."""
     return _record_replication_health(ctx, item_id, finishing=True)
@@ -444,12 +436,12 @@ def move_item(ctx: StepContext, item_id: str, state: ReplicationState, **fields:
     return {"state": str(state)}
 
 
-@item_action(protection.BEGIN_DISABLE)
+@item_action(A.BEGIN_DISABLE)
 def begin_disable(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     return move_item(ctx, item_id, ReplicationState.DISABLING_PROTECTION)
 
 
-@item_action(protection.STOP_TRACKING)
+@item_action(A.STOP_TRACKING)
 def stop_tracking(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     """Stop tracking every disk of the VM: its logs and any snapshot are deleted on the host."""
     view = _load(ctx, item_id)
@@ -462,7 +454,7 @@ def stop_tracking(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     return {"stopped": stopped}
 
 
-@item_action(protection.REMOVE_REPLICAS)
+@item_action(A.REMOVE_REPLICAS)
 def remove_replicas(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     """Delete the VM's replica disks, their state and shipped logs, and its recovery points."""
     view = _load(ctx, item_id)
@@ -470,7 +462,7 @@ def remove_replicas(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
         folder = view.item.replica_folder or f"{view.host.name}/{view.vm.name}"
         removed = storage.list_objects(f"{folder}/")
         for disk in view.disks:
-            storage.delete_disk(_replica(view, storage, disk.name).name)
+            storage.delete_disk(replica_of(view, storage, disk.name).name)
         for name in storage.list_objects(f"{folder}/"):
             storage.delete_object(name)
     with ctx.session() as session:
@@ -479,7 +471,7 @@ def remove_replicas(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     return {"removed": removed}
 
 
-@item_action(protection.FINISH_DISABLE)
+@item_action(A.FINISH_DISABLE)
 def finish_disable(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     with ctx.session() as session:
         item = session.get(ProtectedItem, item_id)
@@ -491,7 +483,7 @@ def finish_disable(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
 
 
 # ---- the scheduler's beat task -------------------------------------------------------------------------
-@app.task(name=protection.TICK_TASK)
+@app.task(name=scheduler.TICK_TASK)
 def tick() -> dict[str, int]:
     """Start the delta cycles, scheduled initial replications and automatic resyncs that are due."""
-    return protection.run_scheduler()
+    return scheduler.run_scheduler()

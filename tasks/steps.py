@@ -15,6 +15,7 @@ from celery.signals import task_postrun, task_unknown
 
 from worker import app
 from workflows import engine
+from workflows.canvas import forget_result_waiters
 
 engine.import_action_modules()
 logger = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def _forget_result_waiters(sender: Task | None = None, **_: Any) -> None:
     # Celery sends the rest of the canvas after a step returns, freezing the next parallel stage here;
     # postrun comes after that.
     if sender is not None and engine.is_step_task(sender.name):
-        engine.forget_result_waiters()
+        forget_result_waiters()
 
 
 @task_unknown.connect
@@ -85,4 +86,4 @@ def run_job_hooks(job_id: str) -> bool:
 
 @app.task(name=engine.STAGE_BARRIER_TASK)
 def stage_barrier() -> None:
-    """A link between two parallel stages of a job's chain (see engine._chain_links); does nothing."""
+    """A link between two parallel stages of a job's chain (see workflows/canvas.py); does nothing."""

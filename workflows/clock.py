@@ -12,11 +12,7 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime, timedelta
 
-from workflows.settings import env_number
-
-
-def time_scale() -> float:
-    return env_number("ASR_TIME_SCALE", 1.0)
+from workflows.settings import time_scale
 
 
 def now() -> datetime:

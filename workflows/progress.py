@@ -7,20 +7,20 @@ so losing this hash loses nothing but a few seconds of detail.
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
 import redis
 
+from workflows import settings
+
 PROGRESS_TTL_S = 24 * 3600
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def redis_url() -> str:
     """Where live progress goes: `ASR_REDIS_URL`, else the broker's Redis."""
-    return os.environ.get("ASR_REDIS_URL") or os.environ.get("ASR_BROKER_URL") or DEFAULT_REDIS_URL
+    return settings.progress_redis_url()
 
 
 @lru_cache(maxsize=4)

@@ -1,7 +1,16 @@
-"""Numbers read from the environment, with one rule and one kind of error for every setting."""
+"""Every `ASR_*` setting of the engine and its workers, read from the environment when asked, never at import.
+
+Reading at call time lets one process (a test, the demo, a benchmark) point the engine at another
+deployment by changing its environment, and a bad value is one ValueError naming the variable. Each
+setting is a function; its default and its reason are written beside it.
+"""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 
 
 def env_number(name: str, default: float, *, minimum: float | None = None) -> float:
@@ -21,3 +30,71 @@ def env_number(name: str, default: float, *, minimum: float | None = None) -> fl
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}={raw!r} must be at least {minimum:g}")
     return value
+
+
+# ---- broker and workers ------------------------------------------------------------------------------
+def broker_url() -> str:
+    """ASR_BROKER_URL: the Redis that carries the task messages."""
+    return os.environ.get("ASR_BROKER_URL", DEFAULT_BROKER_URL)
+
+
+def result_backend_url() -> str:
+    """ASR_RESULT_BACKEND: where Celery keeps task results (the broker's Redis by default)."""
+    return os.environ.get("ASR_RESULT_BACKEND") or broker_url()
+
+
+def progress_redis_url() -> str:
+    """ASR_REDIS_URL: the Redis holding live job progress (the broker's by default)."""
+    return os.environ.get("ASR_REDIS_URL") or broker_url()
+
+
+def visibility_timeout_s() -> int:
+    """ASR_VISIBILITY_TIMEOUT: longer than the longest task, or a copy still running is delivered again."""
+    return int(env_number("ASR_VISIBILITY_TIMEOUT", 6 * 3600.0))
+
+
+def reconcile_interval_s() -> float:
+    """ASR_RECONCILE_S: how often beat sends the reconciler."""
+    return env_number("ASR_RECONCILE_S", 15.0)
+
+
+def tick_interval_s() -> float:
+    """ASR_TICK_S: how often beat sends the replication scheduler's tick."""
+    return env_number("ASR_TICK_S", 5.0)
+
+
+def time_scale() -> float:
+    """ASR_TIME_SCALE: divides every engine delay (retry schedules, copy frequencies), so a test can run
+    a 1-2-4-8-10-30 minute back-off in seconds."""
+    return env_number("ASR_TIME_SCALE", 1.0)
+
+
+def action_modules() -> list[str]:
+    """ASR_ACTION_MODULES: extra modules (comma-separated) registering actions and job kinds of their own."""
+    return [name.strip() for name in os.environ.get("ASR_ACTION_MODULES", "").split(",") if name.strip()]
+
+
+def asr_home() -> Path:
+    """ASR_HOME: the folder of this user's engine files (default database, beat schedule)."""
+    return Path(os.environ.get("ASR_HOME") or Path.home() / ".asr")
+
+
+# ---- the job engine ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EngineSettings:
+    heartbeat_s: float  # how often a running step proves it is alive
+    stale_after_s: float  # a heartbeat older than this means the worker vanished
+    max_step_deaths: int  # a step whose worker died this many times fails as a poison message
+    queued_stall_s: float  # a message queued this long without a claim is presumed lost
+
+    @classmethod
+    def from_env(cls) -> EngineSettings:
+        """ASR_HEARTBEAT_S (10), ASR_STALE_AFTER_S (3 heartbeats), ASR_MAX_STEP_DEATHS (3),
+        ASR_QUEUED_STALL_S (600)."""
+        heartbeat_s = env_number("ASR_HEARTBEAT_S", 10.0, minimum=0.05)
+        return cls(
+            heartbeat_s=heartbeat_s,
+            stale_after_s=env_number("ASR_STALE_AFTER_S", 3 * heartbeat_s, minimum=heartbeat_s),
+            max_step_deaths=int(env_number("ASR_MAX_STEP_DEATHS", 3, minimum=1)),
+            queued_stall_s=env_number("ASR_QUEUED_STALL_S", 600.0, minimum=1.0),
+        )

@@ -1,0 +1,396 @@
+"""The failback actions: the steps of the failback job kinds and reverse replication (workflows/kinds/).
+
+Failback goes through the recovery storage as logs of the differing chunks (datapath.failback) into a
+staging copy beside the primary disk, checked against the recovery VM's final manifest root, then swapped
+in by rename. Every action can run again after a crash: staged changes are applied again (applying a log
+twice gives the same disk), swaps are checked by manifest root.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlmodel import select
+
+from datapath.disk import open_disk
+from datapath.errors import NonRecoverableError
+from datapath.failback import (
+    apply_difference_log,
+    failback_object,
+    prepare_staging,
+    write_difference_log,
+)
+from datapath.manifest import Manifest, compute_manifest
+from datapath.replog import apply_log
+from models.db import as_utc
+from models.fabric import Host, VirtualDisk, VirtualMachine, vm_adapters
+from models.failover import FailoverKind, FailoverRecord, FailoverStatus, latest_failover
+from models.protection import ProtectedItem, ReplicationState, transition
+from sites.host import Host as HostDriver
+from tasks.failover_records import (
+    driver_named,
+    end_operation,
+    failover_record,
+    host_driver,
+    read_record,
+    results_of,
+    update_details,
+    vm_or_none,
+)
+from tasks.replication import _load, _storage, item_action, move_item, replica_of
+from workflows import actions as A
+from workflows import clock
+from workflows.engine import StepContext
+from workflows.failover_request import FailbackMode
+
+S = ReplicationState
+
+
+# ---- failback ----------------------------------------------------------------------------------------------
+def _failback_context(ctx: StepContext, item_id: str, failover_id: str):
+    view = _load(ctx, item_id)
+    record = read_record(ctx, failover_id)
+    return view, record
+
+
+def _objects(record: FailoverRecord, view, disk_name: str, what: str) -> str:
+    return failback_object(record.target_host, view.vm.name, disk_name, what)
+
+
+@item_action(A.BEGIN_FAILBACK)
+def begin_failback(ctx: StepContext, *, item_id: str, failover_id: str, completing: bool = False,
+                   mode: str | None = None, create_vm: bool = False, target_host: str | None = None,
+                   recovery_host: str | None = None, recovery_vm: str | None = None,
+                   requested_at: float | None = None) -> dict[str, Any]:
+    with ctx.session() as session:
+        item = session.get(ProtectedItem, item_id)
+        record = session.get(FailoverRecord, failover_id)
+        if record is None:
+            failed_over = latest_failover(session, item_id, (FailoverKind.PLANNED, FailoverKind.UNPLANNED))
+            record = FailoverRecord(
+                id=failover_id, item_id=item_id, kind=FailoverKind.FAILBACK, job_id=ctx.job_id,
+                target_host=target_host, target_vm=session.get(VirtualMachine, item.vm_id).name,
+                started_at=datetime.fromtimestamp(requested_at, UTC),
+                details={"mode": mode, "create_vm": create_vm, "recovery_host": recovery_host,
+                         "recovery_vm": recovery_vm, "recovery_vm_id": failed_over.details.get("vm_id"),
+                         "failover_id": failed_over.id, "previous_state": str(item.replication_state)},
+            )
+            session.add(record)
+        elif completing and item.replication_state is S.FAILBACK_READY:
+            record.details = {**record.details, "previous_state": str(S.FAILBACK_READY),
+                              "completion_started_at": clock.now().isoformat()}
+            session.add(record)
+        transition(item, S.FAILING_BACK)
+        session.add(item)
+    return {"failover_id": failover_id}
+
+
+@item_action(A.PREPARE_PRIMARY_VM)
+def prepare_primary_vm(ctx: StepContext, *, item_id: str, failover_id: str) -> dict[str, Any]:
+    """The VM on the primary (or alternate) host, off: created like the protected VM when it does not exist
+    there and the request allows it; its disks must match the protected VM's."""
+    view, record = _failback_context(ctx, item_id, failover_id)
+    with ctx.session() as session:
+        driver = host_driver(session, record.target_host)
+        adapters = [adapter.vm_network for adapter in vm_adapters(session, view.vm)]
+    vm = vm_or_none(driver, view.vm.name)
+    created = False
+    if vm is None:
+        if not record.details.get("create_vm"):
+            raise NonRecoverableError(
+                f"VM {view.vm.name!r} does not exist on host {driver.name!r}: fail back with create_vm (to create "
+                f"it there) or to another host"
+            )
+        vm = driver.create_vm(view.vm.name, [(disk.name, disk.size, disk.format) for disk in view.disks],
+                              networks=adapters or ("default",), generation=view.vm.generation)
+        created = True
+    on_host = {disk.name: disk for disk in vm.disks}
+    for disk in view.disks:
+        found = on_host.get(disk.name)
+        if found is None or found.size != disk.size:
+            raise NonRecoverableError(
+                f"VM {view.vm.name!r} on host {driver.name!r}: disk {disk.name!r} is missing or not {disk.size} bytes"
+            )
+    driver.shut_down(vm.name)
+    update_details(ctx, failover_id, primary_vm_id=vm.id,
+                    vm_created=created or bool(read_record(ctx, failover_id).details.get("vm_created")))
+    return {"vm": vm.name, "host": driver.name, "created": created}
+
+
+@item_action(A.PREPARE_STAGING)
+def prepare_staging_disk(ctx: StepContext, *, item_id: str, failover_id: str, disk_id: str) -> dict[str, Any]:
+    """A staging copy beside the primary disk receives everything; the disk itself is not touched until the
+    swap. Minimize downtime starts from a copy of the disk and publishes its checksums."""
+    view, record = _failback_context(ctx, item_id, failover_id)
+    disk = view.disk(disk_id)
+    driver = driver_named(ctx, record.target_host)
+    on_host = driver.get_vm(view.vm.name).disk(disk.name)
+    minimize = record.details["mode"] == FailbackMode.MINIMIZE_DOWNTIME
+    copy_from = on_host.path if minimize and not record.details.get("vm_created") else None
+    manifest = prepare_staging(driver.staging_path(view.vm.name, disk.name), on_host.size, on_host.format,
+                               copy_from=copy_from, on_progress=lambda done: ctx.progress(done, on_host.size))
+    if minimize:
+        with _storage(view) as storage:
+            storage.put_object(_objects(record, view, disk.name, "staging.manifest"), manifest.to_bytes())
+    return {"disk": disk.name, "copied_from_primary": copy_from is not None, "root": manifest.root_hex}
+
+
+@item_action(A.SEND_DIFFERENCES)
+def send_differences(ctx: StepContext, *, item_id: str, failover_id: str, disk_id: str) -> dict[str, Any]:
+    """On the recovery host: snapshot the recovery VM's disk, and upload as a log the chunks that differ
+    from the primary's staging copy (every chunk with data, for a full download). Writes after the
+    snapshot are in the disk's tracker logs from the snapshot's generation on: the final changes."""
+    view, record = _failback_context(ctx, item_id, failover_id)
+    disk = view.disk(disk_id)
+    driver = driver_named(ctx, record.details["recovery_host"])
+    recovery_vm = record.details["recovery_vm"]
+    minimize = record.details["mode"] == FailbackMode.MINIMIZE_DOWNTIME
+    with _storage(view) as storage, tempfile.TemporaryDirectory() as scratch:
+        against = None
+        if minimize:
+            against = Manifest.from_bytes(storage.read_object(_objects(record, view, disk.name, "staging.manifest")))
+        tracker = driver.tracker(recovery_vm, disk.name)
+        try:
+            generation = tracker.create_snapshot()
+            source = tracker.snapshot_view()
+            try:
+                log = Path(scratch) / "differences.hrl"
+                stats = write_difference_log(source, log, disk_id=tracker.disk_id, against=against,
+                                             on_progress=lambda done: ctx.progress(done, disk.size))
+            finally:
+                source.close()
+            with open(log, "rb") as data:
+                storage.put_object(_objects(record, view, disk.name, "sync.hrl"), data)
+            storage.put_object(_objects(record, view, disk.name, "sync.json"), json.dumps(
+                {"snapshot_generation": generation, "disk_id": tracker.disk_id.hex(), "root": stats.source_root},
+            ).encode())
+            tracker.delete_snapshot()
+        finally:
+            tracker.close()
+    return {"disk": disk.name, "chunks_compared": stats.chunks_compared, "chunks_sent": stats.chunks_sent,
+            "bytes": stats.bytes_in_log, "snapshot_generation": generation}
+
+
+@item_action(A.DOWNLOAD_DIFFERENCES)
+def download_differences(ctx: StepContext, *, item_id: str, failover_id: str, disk_id: str) -> dict[str, Any]:
+    view, record = _failback_context(ctx, item_id, failover_id)
+    disk = view.disk(disk_id)
+    driver = driver_named(ctx, record.target_host)
+    staging = driver.staging_path(view.vm.name, disk.name)
+    with _storage(view) as storage, tempfile.TemporaryFile() as spool:
+        sync = json.loads(storage.read_object(_objects(record, view, disk.name, "sync.json")))
+        storage.get_object(_objects(record, view, disk.name, "sync.hrl"), spool)
+        spool.seek(0)
+        with open_disk(staging, writable=True) as target:
+            applied = apply_difference_log(spool, target, disk_id=bytes.fromhex(sync["disk_id"]))
+    ctx.progress(1, 1)
+    return {"disk": disk.name, "bytes": applied.data_bytes, "records": applied.records}
+
+
+@item_action(A.FAILBACK_READY)
+def failback_ready(ctx: StepContext, *, item_id: str, failover_id: str) -> dict[str, Any]:
+    return move_item(ctx, item_id, S.FAILBACK_READY)
+
+
+@item_action(A.SHUT_DOWN_RECOVERY_VM)
+def shut_down_recovery_vm(ctx: StepContext, *, item_id: str, failover_id: str) -> dict[str, Any]:
+    record = read_record(ctx, failover_id)
+    driver = driver_named(ctx, record.details["recovery_host"])
+    outcome = driver.shut_down(record.details["recovery_vm"])
+    if "downtime_from" not in record.details:
+        update_details(ctx, failover_id, downtime_from=clock.now().isoformat())
+    return {"workload": outcome.name}
+
+
+@item_action(A.SEND_FINAL_CHANGES)
+def send_final_changes(ctx: StepContext, *, item_id: str, failover_id: str) -> dict[str, Any]:
+    """With the recovery VM off: seal each disk's log and upload the logs written since the snapshot the
+    differences were taken at, with the disk's final manifest root for the primary to check against."""
+    view, record = _failback_context(ctx, item_id, failover_id)
+    driver = driver_named(ctx, record.details["recovery_host"])
+    recovery_vm = record.details["recovery_vm"]
+    sent: dict[str, list[int]] = {}
+    with _storage(view) as storage:
+        for done, disk in enumerate(view.disks):
+            sync = json.loads(storage.read_object(_objects(record, view, disk.name, "sync.json")))
+            tracker = driver.tracker(recovery_vm, disk.name)
+            try:
+                tracker.seal()
+                logs = [log for log in tracker.pending_logs() if log.generation >= sync["snapshot_generation"]]
+                for log in logs:
+                    with open(log.path, "rb") as data:
+                        storage.put_object(_objects(record, view, disk.name, f"{log.generation:08d}.hrl"), data)
+            finally:
+                tracker.close()
+            with open_disk(driver.get_vm(recovery_vm).disk(disk.name).path) as image:
+                root = compute_manifest(image).root_hex
+            sent[disk.name] = [log.generation for log in logs]
+            storage.put_object(_objects(record, view, disk.name, "final.json"), json.dumps(
+                {"generations": sent[disk.name], "root": root, "disk_id": sync["disk_id"]}).encode())
+            ctx.progress(done + 1, len(view.disks))
+    return {"logs": sent}
+
+
+@item_action(A.APPLY_FINAL_CHANGES)
+def apply_final_changes(ctx: StepContext, *, item_id: str, failover_id: str, disk_id: str) -> dict[str, Any]:
+    """Apply the final logs to the staging disk, in order, and check it now equals the recovery VM's disk."""
+    view, record = _failback_context(ctx, item_id, failover_id)
+    disk = view.disk(disk_id)
+    driver = driver_named(ctx, record.target_host)
+    staging = driver.staging_path(view.vm.name, disk.name)
+    with _storage(view) as storage:
+        final = json.loads(storage.read_object(_objects(record, view, disk.name, "final.json")))
+        with open_disk(staging, writable=True) as target:
+            for generation in final["generations"]:
+                with tempfile.TemporaryFile() as spool:
+                    storage.get_object(_objects(record, view, disk.name, f"{generation:08d}.hrl"), spool)
+                    spool.seek(0)
+                    apply_log(spool, target, expected_generation=generation,
+                              disk_id=bytes.fromhex(final["disk_id"]), disk_name=f"{view.vm.name}/{disk.name}")
+        with open_disk(staging) as image:
+            root = compute_manifest(image).root_hex
+    if root != final["root"]:
+        raise NonRecoverableError(
+            f"failback of VM {view.vm.name!r}, disk {disk.name}: the staged disk's manifest root {root} is not the "
+            f"recovery VM's {final['root']}; the primary disk was not touched"
+        )
+    return {"disk": disk.name, "logs": final["generations"], "root": root}
+
+
+@item_action(A.SWAP_DISKS)
+def swap_disks(ctx: StepContext, *, item_id: str, failover_id: str) -> dict[str, Any]:
+    """Swap every staged disk in (a rename each), track the disks afresh, start the VM. A rerun finds the
+    disks already swapped by their manifest root."""
+    view, record = _failback_context(ctx, item_id, failover_id)
+    expected = {result["disk"]: result["root"]
+                for result in results_of(ctx, A.APPLY_FINAL_CHANGES, failover_id)}
+    downloaded = {result["disk"]: result["bytes"]
+                  for result in results_of(ctx, A.DOWNLOAD_DIFFERENCES, failover_id)}
+    with ctx.session() as session:
+        record = failover_record(session, failover_id)
+        record.expected_roots = expected
+        if downloaded:
+            record.details = {**record.details, "downloaded": downloaded}
+        session.add(record)
+    driver = driver_named(ctx, record.target_host)
+    vm = driver.get_vm(view.vm.name)
+    produced = {}
+    for disk in view.disks:
+        on_host = vm.disk(disk.name)
+        staging = driver.staging_path(vm.name, disk.name)
+        if staging.exists():
+            if driver.is_tracked(vm.name, disk.name):
+                driver.tracker(vm.name, disk.name).disable()
+            driver.replace_disk(vm.name, disk.name, staging)
+        with open_disk(on_host.path) as image:
+            produced[disk.name] = compute_manifest(image).root_hex
+    wrong = {name: root for name, root in produced.items() if record.expected_roots.get(name) != root}
+    if wrong:
+        raise NonRecoverableError(
+            f"failback of VM {view.vm.name!r}: disk(s) {', '.join(wrong)} on host {driver.name!r} do not hold the "
+            f"recovery VM's content and no staged copy is left; run the failback again"
+        )
+    driver.enable_tracking(vm.name)
+    adopted = _adopt_replicas(view, vm)
+    driver.start_vm(vm.name)
+    with ctx.session() as session:
+        record = failover_record(session, failover_id)
+        record.details = {**record.details, "replicas_adopted": adopted}
+        record.produced_roots = produced
+        record.verified = True
+        record.vm_up_at = clock.now()
+        session.add(record)
+    return {"vm": vm.name, "host": driver.name, "roots": produced}
+
+
+def _adopt_replicas(view, vm) -> list[str]:
+    """The swapped-in disks are tracked afresh (their generations restart at 1), and a VM created anew on
+    its host (failback with create_vm) has new disk ids. The replicas are still this item's (their folder is
+    pinned to it): they follow the disks, marked as starting a new generation sequence, so reverse
+    replication resynchronizes them (only what differs) instead of copying everything again."""
+    adopted = []
+    with _storage(view) as storage:
+        for disk in vm.disks:
+            replica = replica_of(view, storage, disk.name)
+            state = replica.load_state()
+            if state is None:
+                continue
+            disk_id = uuid.UUID(disk.id).hex
+            if state.disk_id != disk_id:
+                adopted.append(disk.name)
+            state.disk_id = disk_id
+            state.applied_generation = state.copy_started_generation = 0
+            replica.save_state(state)
+    return adopted
+
+
+@item_action(A.FINISH_FAILBACK)
+def finish_failback(ctx: StepContext, *, item_id: str, failover_id: str) -> dict[str, Any]:
+    """The VM runs on the primary. Moved to an alternate host, its registration follows it there."""
+    now = clock.now()
+    with ctx.session() as session:
+        record = failover_record(session, failover_id)
+        item = session.get(ProtectedItem, item_id)
+        vm = session.get(VirtualMachine, item.vm_id)
+        target = session.exec(select(Host).where(Host.name == record.target_host)).first()
+        on_host = HostDriver(target.root, target.name).get_vm(vm.name)
+        if vm.host_id != target.id or vm.vm_uuid != on_host.id:
+            vm.host_id, vm.vm_uuid = target.id, on_host.id
+            ids = {disk.name: disk.id for disk in on_host.disks}
+            for disk in session.exec(select(VirtualDisk).where(VirtualDisk.vm_id == vm.id)).all():
+                disk.disk_uuid = ids[disk.name]
+                session.add(disk)
+            session.add(vm)
+        vm.state = "running"
+        record.status = FailoverStatus.SUCCEEDED
+        up_at = as_utc(record.vm_up_at) if record.vm_up_at else now
+        record.rto_s = max(0.0, (up_at - as_utc(record.started_at)).total_seconds())
+        downtime_from = record.details.get("downtime_from")
+        if downtime_from:
+            # From the recovery VM's shutdown to the primary's start: what the users of the VM noticed.
+            downtime = (up_at - datetime.fromisoformat(downtime_from)).total_seconds()
+            record.details = {**record.details, "downtime_s": max(0.0, downtime)}
+        transition(item, S.FAILED_BACK)
+        session.add(record)
+        session.add(item)
+        return {"rto_s": record.rto_s, "downtime_s": record.details.get("downtime_s"), "roots": record.produced_roots}
+
+
+@item_action(A.DISCARD_STAGING)
+def discard_staging(ctx: StepContext, *, item_id: str, failover_id: str) -> dict[str, Any]:
+    view, record = _failback_context(ctx, item_id, failover_id)
+    driver = driver_named(ctx, record.target_host)
+    if vm_or_none(driver, view.vm.name) is None:
+        return {"discarded": []}
+    for disk in view.disks:
+        driver.discard_staging(view.vm.name, disk.name)
+    return {"discarded": [disk.name for disk in view.disks]}
+
+
+@item_action(A.RESTART_RECOVERY_VM)
+def restart_recovery_vm(ctx: StepContext, *, item_id: str, failover_id: str) -> dict[str, Any]:
+    record = read_record(ctx, failover_id)
+    driver = driver_named(ctx, record.details["recovery_host"])
+    driver.start_vm(record.details["recovery_vm"])
+    return {"vm": record.details["recovery_vm"]}
+
+
+@item_action(A.FINISH_FAILBACK_CANCEL)
+def finish_failback_cancel(ctx: StepContext, *, item_id: str, failover_id: str) -> dict[str, Any]:
+    return end_operation(ctx, item_id, failover_id, FailoverStatus.CANCELLED, S.FAILOVER_COMMITTED)
+
+
+@item_action(A.COMMIT_FAILBACK)
+def commit_failback(ctx: StepContext, *, item_id: str, failover_id: str) -> dict[str, Any]:
+    return end_operation(ctx, item_id, failover_id, FailoverStatus.COMMITTED, S.FAILBACK_COMMITTED)
+
+
+@item_action(A.BEGIN_REVERSE)
+def begin_reverse_replication(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
+    return move_item(ctx, item_id, S.RESYNCHRONIZING, resync_required_reason="reverse replication after failback")
+
+

@@ -1,0 +1,70 @@
+"""The durable job engine: jobs of steps in stages, driven by the database, delivered by a dispatcher.
+
+The database is the source of truth; the broker carries messages and Redis live progress only. Every
+state change is one conditional UPDATE, so duplicate messages, redeliveries and concurrent reconcilers
+are harmless: whoever wins the UPDATE owns the step, everyone else stands back. Nothing here imports
+Celery: `workflows/canvas.py` turns stages into Celery canvases, behind `engine.dispatch`.
+
+- `jobs.py`: `start_job` writes the job, its steps (the first stage's marked queued) and its locks in one
+  transaction, then dispatches its stages; `launch` dispatches the remaining stages from the first one not
+  complete; `cancel`, `resume`, `retry_now`; ending and settling jobs, running their hooks; `get_job`.
+- `steps.py`: `execute_step` (behind every step task) claims a step, keeps a heartbeat while its action
+  runs, and records the outcome.
+- `reconciler.py`: `reconcile` (run by beat) re-drives whatever a lost message, a dead worker or a broken
+  chord left behind.
+- `registry.py`: queue and task names, the registered action implementations and job hooks.
+- `statements.py`: the prebuilt conditional statements; `errors.py`; `dispatch.py`.
+
+A step is `queued` once a message for it was sent to the broker; steps of later stages stay `pending`
+until the chain reaches them, which is what lets the reconciler tell a lost continuation from a slow one.
+Steps already done are left out of a relaunched canvas: the canvas only ever holds work still to do.
+"""
+from workflows.engine.dispatch import Dispatcher, DispatchError, use_dispatcher
+from workflows.engine.errors import (
+    AwaitingOperator,
+    ItemBusyError,
+    JobNotFoundError,
+    JobStateError,
+    PoisonStepError,
+    StepCancelled,
+)
+from workflows.engine.jobs import (
+    StepSpec,
+    cancel,
+    get_job,
+    launch,
+    resume,
+    retry_now,
+    run_job_hooks,
+    start_job,
+    validate_queue,
+)
+from workflows.engine.reconciler import reconcile
+from workflows.engine.registry import (
+    HOST_QUEUE_PREFIX,
+    ORCHESTRATION_QUEUE,
+    RECONCILE_TASK,
+    RECOVERY_QUEUE,
+    RUN_JOB_HOOKS_TASK,
+    RUN_STEP_TASK,
+    STAGE_BARRIER_TASK,
+    STEP_TASK_PREFIX,
+    action,
+    import_action_modules,
+    is_step_task,
+    job_hook,
+    on_action_registered,
+    step_task_name,
+)
+from workflows.engine.steps import StepContext, StepOutcome, execute_step, refuse_unknown_step_task
+from workflows.settings import EngineSettings
+
+__all__ = [
+    "StepSpec", "StepContext", "StepOutcome", "EngineSettings", "Dispatcher", "DispatchError", "use_dispatcher",
+    "ItemBusyError", "JobNotFoundError", "JobStateError", "PoisonStepError", "StepCancelled", "AwaitingOperator",
+    "action", "job_hook", "import_action_modules", "on_action_registered", "step_task_name", "is_step_task",
+    "start_job", "launch", "retry_now", "resume", "cancel", "reconcile", "get_job", "validate_queue",
+    "execute_step", "run_job_hooks", "refuse_unknown_step_task",
+    "ORCHESTRATION_QUEUE", "RECOVERY_QUEUE", "HOST_QUEUE_PREFIX", "RUN_STEP_TASK", "STEP_TASK_PREFIX",
+    "RECONCILE_TASK", "RUN_JOB_HOOKS_TASK", "STAGE_BARRIER_TASK",
+]

@@ -1,0 +1,474 @@
+"""Jobs: creating them with their steps and locks, launching their stages, ending them, reading them.
+
+A job is stages of steps (`StepSpec`), recorded with its locks in one transaction by `start_job` and sent
+to the workers through the dispatcher (`workflows/engine/dispatch.py`). `launch` sends the remaining
+stages from the first one not complete; `cancel`, `resume` and `retry_now` are the operator's verbs.
+A job that ends settles once no step of it runs: its locks are released and its hooks become due.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from itertools import groupby
+from typing import Any, NamedTuple
+
+import sqlalchemy as sa
+from sqlmodel import Session, select
+
+from models.db import new_id, session_scope, validate_name
+from models.jobs import (
+    ACTIVE_JOB_STATES,
+    DONE_STEP_STATES,
+    Job,
+    JobLock,
+    JobState,
+    JobStep,
+    StepState,
+)
+from workflows import clock
+from workflows.engine.dispatch import DispatchError, dispatcher
+from workflows.engine.errors import ItemBusyError, JobNotFoundError, JobStateError, class_name
+from workflows.engine.registry import (
+    HOST_QUEUE_PREFIX,
+    ORCHESTRATION_QUEUE,
+    RECOVERY_QUEUE,
+    declared_kinds,
+    registered_hooks,
+)
+from workflows.engine.statements import (
+    job_after_step_succeeded_statement,
+    settle_statement,
+    update_rows,
+)
+
+logger = logging.getLogger(__name__)
+
+
+# ---- building jobs ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepSpec:
+    name: str  # what the Jobs tab shows, e.g. "Copy disk disk0"
+    action: str  # a registered action name
+    queue: str  # "orchestration", "recovery" or "host.<hostname>"
+    params: dict[str, Any] = field(default_factory=dict)  # ids, never data
+
+
+def validate_queue(queue: object) -> str:
+    if queue in (ORCHESTRATION_QUEUE, RECOVERY_QUEUE):
+        return queue
+    if isinstance(queue, str) and queue.startswith(HOST_QUEUE_PREFIX):
+        validate_name(queue[len(HOST_QUEUE_PREFIX):], "host")
+        return queue
+    raise ValueError(f"queue {queue!r} is not 'orchestration', 'recovery' or 'host.<hostname>'")
+
+
+def require_json_object(value: object, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a dict of ids and settings, not {type(value).__name__}")
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} must be JSON-serializable: {exc}") from None
+    return value
+
+
+def _require_text(value: object, what: str, max_length: int) -> str:
+    if not isinstance(value, str) or not value or len(value) > max_length:
+        raise ValueError(f"{what} must be a non-empty string of at most {max_length} characters, not {value!r}")
+    return value
+
+
+def _lock_keys(lock_key: object) -> list[str]:
+    """`start_job`'s lock_key as the list of keys to take: none, one, or several (in order, each once:
+    a plan naming an item twice still holds its one lock)."""
+    if lock_key is None:
+        return []
+    if isinstance(lock_key, str):
+        return [_require_text(lock_key, "lock key", 255)]
+    if not isinstance(lock_key, Sequence):
+        raise ValueError(f"lock_key must be a string, a sequence of strings or None, not {type(lock_key).__name__}")
+    return list(dict.fromkeys(_require_text(key, "lock key", 255) for key in lock_key))
+
+
+def _validate_job(kind: object, stages: object, target: object, params: object) -> None:
+    """Refuse, before anything is written, a job whose kind is not declared or whose steps use an action
+    its kind did not declare, or whose parts are not what the database and the messages can carry."""
+    _require_text(kind, "job kind", 64)
+    allowed = declared_kinds.get(kind)
+    if allowed is None:
+        raise ValueError(f"no job kind {kind!r} is declared (see workflows/kinds/)")
+    if target is not None:
+        _require_text(target, "job target", 255)
+    require_json_object(params, "job params")
+    if not isinstance(stages, (list, tuple)) or not stages:
+        raise ValueError(f"a {kind} job needs at least one stage of steps")
+    for stage_no, stage in enumerate(stages):
+        if not isinstance(stage, (list, tuple)) or not stage:
+            raise ValueError(f"stage {stage_no} of the {kind} job has no steps")
+        for index, spec in enumerate(stage):
+            where = f"stage {stage_no} step {index}"
+            if not isinstance(spec, StepSpec):
+                raise ValueError(f"{where} is a {type(spec).__name__}, not a StepSpec")
+            where = f"{where} ({spec.name!r})"
+            _require_text(spec.name, f"the name of {where}", 255)
+            if spec.action not in allowed:
+                raise ValueError(f"{where}: action {spec.action!r} is not one the {kind} job kind declares")
+            try:
+                validate_queue(spec.queue)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+            require_json_object(spec.params, f"the params of {where}")
+
+def start_job(
+    kind: str,
+    *,
+    lock_key: str | Sequence[str] | None,
+    stages: Sequence[Sequence[StepSpec]],
+    target: str | None = None,
+    params: dict[str, Any] | None = None,
+) -> str:
+    """Create a job of `stages` holding `lock_key` (one key, several keys, or none), and launch it.
+    Returns the job id.
+
+    Every key is taken in the transaction that creates the job, or none is: while another job holds any
+    of them, ItemBusyError names the first busy key (in the order given) and its holder, and nothing is
+    created. The job lets go of all of them when it settles."""
+    params = {} if params is None else params
+    keys = _lock_keys(lock_key)
+    _validate_job(kind, stages, target, params)
+    # Two tries: a conflict whose holder has just let go is worth one more attempt.
+    for _ in range(2):
+        try:
+            job_id, stamp, routes = _create_job(kind, keys, stages, target, params)
+            break
+        except sa.exc.IntegrityError:
+            if not keys:
+                raise
+            busy = _first_busy_lock(keys)
+            if busy is not None:
+                key, holder = busy
+                # One key is the item the job is about: the target names it best.
+                if len(keys) == 1:
+                    what = target or key
+                else:
+                    what = f"{target}: {key}" if target else key
+                raise ItemBusyError(
+                    f"{what} is busy with job {holder.id} ({holder.kind}, {holder.state.value})"
+                ) from None
+    else:
+        what = target or ", ".join(keys)
+        raise ItemBusyError(f"{what} is busy: its locks changed hands twice while starting {kind}")
+    try:
+        _send_canvas(routes, stamp)
+    except DispatchError as exc:
+        # The job is recorded; the reconciler launches it once the broker is back.
+        logger.warning("job %s (%s) created but not launched yet: %s", job_id, kind, exc)
+    return job_id
+
+
+class StepRoute(NamedTuple):
+    """Where a step's message goes."""
+
+    id: str
+    queue: str
+    action: str
+
+
+def _create_job(
+    kind: str, lock_keys: list[str], stages: Sequence[Sequence[StepSpec]], target: str | None,
+    params: dict[str, Any],
+) -> tuple[str, datetime, list[list[StepRoute]]]:
+    """Record the job, its locks and its steps, the first stage's steps already queued (as `launch`
+    would mark them, in the same transaction). Returns the job id, the queued_at stamp of the first
+    stage, and every stage's steps to send. IntegrityError, with nothing written, if a key is taken."""
+    stamp = clock.now()
+    routes = [[StepRoute(new_id(), spec.queue, spec.action) for spec in stage] for stage in stages]
+    with session_scope() as session:
+        job = Job(kind=kind, target=target, lock_key=lock_keys[0] if len(lock_keys) == 1 else None,
+                  lock_keys=list(lock_keys), params=dict(params))
+        session.add(job)
+        session.flush()
+        if lock_keys:
+            session.connection().execute(sa.insert(JobLock.__table__), [
+                {"lock_key": key, "job_id": job.id, "acquired_at": stamp} for key in lock_keys
+            ])
+        # One statement for all steps: building an ORM object per step costs more than inserting it.
+        session.connection().execute(sa.insert(JobStep.__table__), [
+            {"id": routes[stage_no][index].id, "job_id": job.id, "stage": stage_no, "index": index,
+             "name": spec.name, "action": spec.action, "queue": spec.queue, "params": dict(spec.params),
+             "state": StepState.queued if stage_no == 0 else StepState.pending,
+             "queued_at": stamp if stage_no == 0 else None}
+            for stage_no, stage in enumerate(stages) for index, spec in enumerate(stage)
+        ])
+        return job.id, stamp, routes
+
+
+def _first_busy_lock(lock_keys: list[str]) -> tuple[str, Job] | None:
+    """The first of `lock_keys` another job holds, and that job; None if all are free now."""
+    with session_scope() as session:
+        holders = dict(session.exec(select(JobLock.lock_key, JobLock.job_id).where(
+            JobLock.lock_key.in_(lock_keys),
+        )).all())
+        for key in lock_keys:
+            job = session.get(Job, holders[key]) if key in holders else None
+            if job is not None:
+                return key, job
+    return None
+
+
+# ---- launching --------------------------------------------------------------------------------------
+def steps_of(session: Session, job_id: str) -> list[JobStep]:
+    return list(session.exec(
+        select(JobStep).where(JobStep.job_id == job_id).order_by(JobStep.stage, JobStep.index)
+    ).all())
+
+
+def _open_stages(steps: Sequence[JobStep]) -> list[list[JobStep]]:
+    """The stages from the first one not complete, each with its steps not done yet."""
+    stages = [list(stage) for _, stage in groupby(steps, key=lambda step: step.stage)]
+    for stage_no, stage in enumerate(stages):
+        if any(step.state not in DONE_STEP_STATES for step in stage):
+            return [[step for step in later if step.state not in DONE_STEP_STATES] for later in stages[stage_no:]]
+    return []
+
+
+def retry_due(step: JobStep, now: datetime) -> bool:
+    return step.state == StepState.waiting_retry and step.next_attempt_at is not None and step.next_attempt_at <= now
+
+
+def _launchable(step: JobStep, now: datetime) -> bool:
+    return step.state in (StepState.pending, StepState.queued) or retry_due(step, now)
+
+def launch(job_id: str) -> list[str]:
+    """Send the job's remaining stages as one canvas. Returns the ids of the steps of its first stage
+    that were sent (empty when there is nothing to send: finished, running, waiting for a retry or for
+    an operator)."""
+    now = clock.now()
+    with session_scope() as session:
+        if existing_job(session, job_id).state not in ACTIVE_JOB_STATES:
+            return []
+        stages = _open_stages(steps_of(session, job_id))
+        # Running steps belong to their runner; retries not due yet are the reconciler's to send later;
+        # a step waiting for an operator is never sent again (`resume` completes it).
+        candidates = [step.id for step in stages[0] if _launchable(step, now)] if stages else []
+        if not candidates:
+            return []
+        # Marked before sending, so no worker can claim a step before it is marked; only steps still
+        # launchable are marked and sent (a duplicate message may have claimed one meanwhile).
+        stamp = clock.now()
+        session.exec(update_rows(JobStep).where(
+            JobStep.id.in_(candidates),
+            sa.or_(
+                JobStep.state.in_((StepState.pending, StepState.queued)),
+                sa.and_(JobStep.state == StepState.waiting_retry, JobStep.next_attempt_at <= now),
+            ),
+        ).values(state=StepState.queued, queued_at=stamp))
+        first = list(session.exec(select(JobStep).where(
+            JobStep.id.in_(candidates), JobStep.state == StepState.queued, JobStep.queued_at == stamp,
+        ).order_by(JobStep.index)).all())
+    if not first:
+        return []
+    _send_canvas([first, *stages[1:]], stamp)
+    return [step.id for step in first]
+
+def _send_canvas(stages: Sequence[Sequence[JobStep | StepRoute]], stamp: datetime) -> None:
+    """Send the stages (the first one's steps were marked queued at `stamp`)."""
+    try:
+        dispatcher().send_stages(stages)
+    except BaseException:
+        # Nothing was sent: pending again, which the reconciler relaunches as a lost continuation.
+        with session_scope() as session:
+            session.exec(update_rows(JobStep).where(
+                JobStep.id.in_([step.id for step in stages[0]]), JobStep.state == StepState.queued,
+                JobStep.queued_at == stamp,
+            ).values(state=StepState.pending))
+        raise
+
+
+def retry_now(job_id: str) -> list[str]:
+    """Run the job's steps waiting for a retry now instead of at their scheduled time."""
+    now = clock.now()
+    with session_scope() as session:
+        job = existing_job(session, job_id)
+        if job.state not in ACTIVE_JOB_STATES:
+            raise JobStateError(f"job {job_id} ({job.kind}) has {job.state.value}: there is nothing to retry")
+        retried = session.exec(update_rows(JobStep).where(
+            JobStep.job_id == job_id, JobStep.state == StepState.waiting_retry,
+        ).values(next_attempt_at=now)).rowcount
+        if not retried:
+            raise JobStateError(f"job {job_id} ({job.kind}) has no step waiting for a retry")
+    return launch(job_id)
+
+
+def resume(job_id: str, *, note: str = "") -> list[str]:
+    """An operator did what the job's manual steps asked: every step of the job waiting for an operator
+    succeeds, its result {"resumed": True, "note": note, "resumed_at": <ISO time>}. If that was the job's
+    last work it succeeds (and its hooks run); otherwise its next stages are launched. Returns the ids of
+    the steps resumed.
+
+    JobStateError when no step of the job waits for an operator; of two concurrent resumes one gets it
+    (the steps change in one conditional UPDATE, which only one of them can make)."""
+    if not isinstance(note, str):
+        raise ValueError(f"the note of a resume must be text, not {type(note).__name__}")
+    now = clock.now()
+    with session_scope() as session:
+        job = existing_job(session, job_id)
+        if job.state not in ACTIVE_JOB_STATES:
+            raise JobStateError(
+                f"job {job_id} ({job.kind}) has {job.state.value}: it has no step waiting for an operator"
+            )
+        job_active = sa.exists().where(Job.id == job_id, Job.state.in_(ACTIVE_JOB_STATES))
+        connection = session.connection()
+        resumed = list(connection.execute(update_rows(JobStep).where(
+            JobStep.job_id == job_id, JobStep.state == StepState.waiting_action, job_active,
+        ).values(
+            state=StepState.succeeded, ended_at=now,
+            result={"resumed": True, "note": note, "resumed_at": now.isoformat()},
+        ).returning(JobStep.id)).scalars().all())
+        if not resumed:
+            raise JobStateError(f"job {job_id} ({job.kind}) has no step waiting for an operator")
+        settled = finish_if_complete(connection, job_id, now)
+    logger.info("job %s (%s) resumed by an operator (steps %s)%s", job_id, job.kind, ", ".join(resumed),
+                f": {note}" if note else "")
+    if settled:
+        dispatch_hooks(job_id)
+        return resumed
+    try:
+        launch(job_id)
+    except DispatchError as exc:
+        # The resume is recorded; the reconciler launches the next stage once the broker is back.
+        logger.warning("job %s resumed but its next steps not launched yet: %s", job_id, exc)
+    return resumed
+
+
+def existing_job(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise JobNotFoundError(f"no job {job_id}")
+    return job
+
+# ---- ending jobs ------------------------------------------------------------------------------------
+def stop_remaining_steps(session: Session, job_id: str, now: datetime) -> None:
+    """A job that ended early: steps not started will not start; running ones lose their lease and stop
+    at their next heartbeat or progress report."""
+    session.exec(update_rows(JobStep).where(
+        JobStep.job_id == job_id,
+        JobStep.state.in_((StepState.pending, StepState.queued, StepState.waiting_retry, StepState.waiting_action)),
+    ).values(state=StepState.cancelled, ended_at=now))
+    session.exec(update_rows(JobStep).where(
+        JobStep.job_id == job_id, JobStep.state == StepState.running,
+    ).values(lease=None))
+
+
+def fail_job(session: Session, job_id: str, error: str, error_class: str) -> bool:
+    """Fail the job (if still active). Returns whether it settled now (its hooks are due)."""
+    now = clock.now()
+    failed = session.exec(update_rows(Job).where(Job.id == job_id, Job.state.in_(ACTIVE_JOB_STATES)).values(
+        state=JobState.failed, ended_at=now, error=error, error_class=error_class,
+    )).rowcount
+    if failed:
+        stop_remaining_steps(session, job_id, now)
+    return settle(session.connection(), job_id)
+
+
+def finish_if_complete(connection: sa.Connection, job_id: str, now: datetime) -> bool:
+    """The job succeeds when its last step does. Returns whether it settled now (hooks due)."""
+    states = connection.execute(job_after_step_succeeded_statement(),
+                                {"finished_job_id": job_id, "finished_now": now}).scalars().all()
+    return states == [JobState.succeeded] and settle(connection, job_id)
+
+
+def settle(connection: sa.Connection, job_id: str) -> bool:
+    """Once a finished job has no step running: release its lock and make its hooks due. True if this
+    call did it (the caller dispatches the hooks after committing)."""
+    settled = connection.execute(settle_statement(), {"settle_job_id": job_id, "settle_now": clock.now()}).rowcount
+    if settled:
+        connection.execute(sa.delete(JobLock).where(JobLock.job_id == job_id))
+    return bool(settled)
+
+
+def dispatch_hooks(job_id: str) -> None:
+    try:
+        dispatcher().dispatch_hooks(job_id)
+    except DispatchError as exc:
+        logger.warning("hooks of job %s not dispatched (the reconciler will run them): %s", job_id, exc)
+
+
+class _HooksAlreadyRan(Exception):
+    """Another run of the same hooks committed first: this run's changes are rolled back."""
+
+
+def run_job_hooks(job_id: str) -> bool:
+    """Run the hooks of a settled job whose hooks are due, together with the record that they ran.
+    Returns True if they ran and committed."""
+    try:
+        with session_scope() as session:
+            job = session.get(Job, job_id)
+            if job is None or not job.hook_pending:
+                return False
+            for hook in registered_hooks.get((job.kind, job.state), ()):
+                hook(job, session)
+            done = session.exec(update_rows(Job).where(Job.id == job_id, Job.hook_pending.is_(True)).values(
+                hook_pending=False, hook_error=None,
+            )).rowcount
+            if not done:
+                raise _HooksAlreadyRan()
+    except _HooksAlreadyRan:
+        return False
+    except Exception as exc:  # noqa: BLE001 - recorded on the job; the reconciler runs the hooks again
+        logger.exception("hooks of job %s failed", job_id)
+        with session_scope() as session:
+            session.exec(update_rows(Job).where(Job.id == job_id).values(hook_error=f"{class_name(type(exc))}: {exc}"))
+        return False
+    return True
+
+
+def cancel(job_id: str) -> None:
+    """Cancel the job: steps not started never start, running steps stop at their next heartbeat or
+    progress report, and the job's cancel hooks run once nothing of it is running."""
+    now = clock.now()
+    with session_scope() as session:
+        job = existing_job(session, job_id)
+        if job.state == JobState.cancelled:
+            return
+        cancelled = session.exec(update_rows(Job).where(Job.id == job_id, Job.state.in_(ACTIVE_JOB_STATES)).values(
+            state=JobState.cancelled, ended_at=now,
+        )).rowcount
+        if not cancelled:
+            raise JobStateError(f"job {job_id} ({job.kind}) has already ended: {job.state.value}")
+        stop_remaining_steps(session, job_id, now)
+        settled = settle(session.connection(), job_id)
+    if settled:
+        dispatch_hooks(job_id)
+
+# ---- reading ----------------------------------------------------------------------------------------
+def _plain(row: Job | JobStep) -> dict[str, Any]:
+    plain: dict[str, Any] = {}
+    for name, value in row.model_dump().items():
+        if isinstance(value, datetime):
+            value = value.isoformat()
+        elif isinstance(value, (JobState, StepState)):
+            value = value.value
+        plain[name] = value
+    return plain
+
+
+def get_job(job_id: str) -> dict[str, Any]:
+    """The job and its steps (in order) as plain JSON-ready dicts, as of one moment."""
+    for _ in range(_CONSISTENT_READ_TRIES):
+        with session_scope() as session:
+            # SQLite runs each SELECT on its own (no read transaction), so a step can be read after a
+            # commit the job row was read before: read the job again and start over if it moved.
+            job = _plain(existing_job(session, job_id))
+            steps = [_plain(step) for step in steps_of(session, job_id)]
+            again = session.exec(select(Job.state, Job.error).where(Job.id == job_id)).one()
+            if (again[0].value, again[1]) == (job["state"], job["error"]):
+                break
+    return {**job, "steps": steps}
+
+
+_CONSISTENT_READ_TRIES = 5
+

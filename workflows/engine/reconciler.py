@@ -1,0 +1,138 @@
+"""The reconciler (run by beat): re-drives what lost messages, dead workers and broken chords left behind.
+
+Its decisions are pure functions of the rows it reads (`relaunch_reason`, `stale_step_outcome`), so they
+are unit-tested without workers; acting on them goes through the same conditional updates as everything
+else, so two reconcilers at once are harmless.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from datetime import datetime, timedelta
+from itertools import groupby
+
+import sqlalchemy as sa
+from sqlmodel import select
+
+from models.db import session_scope
+from models.jobs import ACTIVE_JOB_STATES, DONE_STEP_STATES, FINISHED_JOB_STATES, Job, JobStep, StepState
+from workflows import clock
+from workflows.engine.errors import PoisonStepError, class_name, poison_reason
+from workflows.engine.jobs import dispatch_hooks, fail_job, launch, retry_due, run_job_hooks, settle
+from workflows.engine.statements import update_rows
+from workflows.settings import EngineSettings
+
+logger = logging.getLogger(__name__)
+
+
+def reconcile() -> dict[str, int]:
+    """Re-drive what lost messages, dead workers and broken chords left behind. Returns what it did."""
+    settings = EngineSettings.from_env()
+    now = clock.now()
+    stale_before = now - timedelta(seconds=settings.stale_after_s)
+    report: Counter[str] = Counter()
+    with session_scope() as session:
+        stale = session.exec(select(JobStep.id).where(
+            JobStep.state == StepState.running, JobStep.heartbeat_at < stale_before,
+        )).all()
+    for step_id in stale:
+        report[_recover_stale_step(step_id, stale_before, settings)] += 1
+    with session_scope() as session:
+        jobs = session.exec(select(Job).where(Job.state.in_(ACTIVE_JOB_STATES))).all()
+        steps = session.exec(select(JobStep).where(JobStep.job_id.in_([job.id for job in jobs])).order_by(
+            JobStep.job_id, JobStep.stage, JobStep.index,
+        )).all() if jobs else []
+    steps_by_job = {job_id: list(job_steps) for job_id, job_steps in groupby(steps, key=lambda s: s.job_id)}
+    for job in jobs:
+        reason = relaunch_reason(job, steps_by_job.get(job.id, []), now, settings)
+        if reason and launch(job.id):
+            report[reason] += 1
+    with session_scope() as session:
+        unhooked = session.exec(select(Job.id).where(
+            Job.hook_pending.is_(True), Job.settled_at < stale_before,
+        )).all()
+    for job_id in unhooked:
+        report["hooks_run" if run_job_hooks(job_id) else "hooks_failed"] += 1
+    return dict(report)
+
+
+def relaunch_reason(job: Job, steps: list[JobStep], now: datetime, settings: EngineSettings) -> str | None:
+    """Why the active `job` (its steps in stage order) must be launched again now, or None: a retry is due,
+    a queued message stalled past the stall limit, or a stage's messages were never sent (a lost
+    continuation)."""
+    stages = [list(stage) for _, stage in groupby(steps, key=lambda step: step.stage)]
+    stalled_before = now - timedelta(seconds=settings.queued_stall_s)
+    # Only the first stage not complete is looked at: a stage whose step waits for an operator (or a
+    # retry not due yet) holds the later ones back, and their pending steps are not a lost continuation.
+    for stage_no, stage in enumerate(stages):
+        if all(step.state in DONE_STEP_STATES for step in stage):
+            continue
+        if any(retry_due(step, now) for step in stage):
+            return "retry_due"
+        if any(step.state == StepState.queued and step.queued_at < stalled_before for step in stage):
+            return "queued_stalled"
+        if any(step.state == StepState.pending for step in stage):
+            # No message was ever sent for it: the chain that should have carried it was cut (a chord
+            # whose other member waited for a retry, a launch the broker refused). Give the chain a
+            # moment to deliver before concluding that.
+            ended = [step.ended_at for step in stages[stage_no - 1]] if stage_no else []
+            since = max(ended) if ended else job.created_at
+            if since < now - timedelta(seconds=settings.stale_after_s):
+                return "continuation_lost"
+        return None
+    return None
+
+
+def stale_step_outcome(job_finished: bool, deaths: int, settings: EngineSettings) -> str:
+    """What becomes of a running step whose worker vanished, counting this as its `deaths`-th death: it just
+    stops when its job is over, fails as a poison message after too many deaths, or runs again."""
+    if job_finished:
+        return "stopped"
+    if deaths >= settings.max_step_deaths:
+        return "poisoned"
+    return "relaunched_stale"
+
+
+def _recover_stale_step(step_id: str, stale_before: datetime, settings: EngineSettings) -> str:
+    """A running step whose heartbeat stopped: its worker vanished. Run it again elsewhere, or fail it
+    as a poison message after too many deaths, or (job already over) just record that it stopped."""
+    now = clock.now()
+    with session_scope() as session:
+        step = session.get(JobStep, step_id)
+        if step is None or step.state != StepState.running:
+            return "raced"
+        job = session.get(Job, step.job_id)
+        still_stale = sa.and_(
+            JobStep.id == step_id, JobStep.state == StepState.running, JobStep.heartbeat_at < stale_before,
+            JobStep.lease.is_(None) if step.lease is None else JobStep.lease == step.lease,
+        )
+        deaths = step.deaths + 1
+        outcome = stale_step_outcome(job.state in FINISHED_JOB_STATES, deaths, settings)
+        if outcome == "stopped":
+            changed = session.exec(update_rows(JobStep).where(still_stale).values(
+                state=StepState.cancelled, ended_at=now, lease=None,
+            )).rowcount
+            settled = bool(changed) and settle(session.connection(), job.id)
+        elif outcome == "poisoned":
+            reason = poison_reason(deaths)
+            error_class = class_name(PoisonStepError)
+            changed = session.exec(update_rows(JobStep).where(still_stale).values(
+                state=StepState.failed, deaths=deaths, ended_at=now, lease=None, error=reason,
+                error_class=error_class,
+            )).rowcount
+            settled = bool(changed) and fail_job(session, job.id, f"{step.name} failed: {reason}", error_class)
+        else:
+            changed = session.exec(update_rows(JobStep).where(still_stale).values(
+                state=StepState.queued, deaths=deaths, lease=None, queued_at=now,
+            )).rowcount
+            settled = False
+    if not changed:
+        return "raced"
+    if settled:
+        dispatch_hooks(job.id)
+    if outcome == "relaunched_stale":
+        logger.warning("step %s (%s) of job %s lost its worker (death %d); relaunching", step_id, step.name,
+                       job.id, deaths)
+        launch(job.id)
+    return outcome
+

@@ -1,0 +1,62 @@
+"""disable_protection: stop protecting a VM: its disks stop being tracked, its replicas, shipped logs and
+recovery points are deleted, and the item ends `disabled` (protection can be enabled again).
+
+Disable protection (O: `disabling_protection`) → Stop tracking disks (H: logs and snapshot deleted) →
+Remove replica disks (R) → Finalize disabling protection (O: `disabled`).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from models.protection import ALLOWED_TRANSITIONS, ReplicationState
+from workflows import actions as A
+from workflows.engine import ORCHESTRATION_QUEUE, RECOVERY_QUEUE, StepSpec
+from workflows.items import (
+    ItemRequest,
+    item_job_params,
+    item_locks,
+    item_target,
+    require_state,
+    start_for_item,
+    view_of,
+)
+from workflows.jobkind import JobKind, declare
+from workflows.outcomes import replication_failed
+from workflows.stages import Stages
+
+S = ReplicationState
+
+
+def build(request: ItemRequest) -> Stages:
+    params = request.params
+    return [
+        [StepSpec("Disable protection", A.BEGIN_DISABLE, ORCHESTRATION_QUEUE, params)],
+        [StepSpec("Stop tracking disks", A.STOP_TRACKING, request.queue, params)],
+        [StepSpec("Remove replica disks", A.REMOVE_REPLICAS, RECOVERY_QUEUE, params)],
+        [StepSpec("Finalize disabling protection", A.FINISH_DISABLE, ORCHESTRATION_QUEUE, params)],
+    ]
+
+
+def start(item_id: str) -> str:
+    """Stop protecting the VM. Returns the job id."""
+    view = view_of(item_id)
+    require_state(view, KIND.starts_from, "disable protection of")
+    return start_for_item(KIND, ItemRequest.of(view))
+
+
+def restart(params: Mapping[str, Any]) -> str:
+    return start(params["item_id"])
+
+
+KIND = declare(JobKind(
+    name="disable_protection",
+    summary="Stop protecting a VM and delete its replicas and recovery points",
+    actions=frozenset({A.BEGIN_DISABLE, A.STOP_TRACKING, A.REMOVE_REPLICAS, A.FINISH_DISABLE}),
+    build=build, locks=item_locks, target=item_target, params=item_job_params, restart=restart,
+    # Any state that may move to disabling_protection, and that state itself (a rerun after a failure).
+    starts_from=(*(state for state, targets in ALLOWED_TRANSITIONS.items() if S.DISABLING_PROTECTION in targets),
+                 S.DISABLING_PROTECTION),
+    moves_to=frozenset({S.DISABLING_PROTECTION, S.DISABLED}),
+    on_failed=(replication_failed,),
+))

@@ -1,0 +1,74 @@
+"""The replication scheduler: beat's tick starts what is due.
+
+`run_scheduler` (the beat task `asr.replication.tick`, every ASR_TICK_S) starts delta cycles of protected
+items whose copy frequency has passed, scheduled initial replications that are due, and automatic
+resyncs whose slot has come, only outside the policy's office hours. Busy items are skipped: they are due
+again at the next tick.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import select
+
+from models.db import as_utc, session_scope
+from models.jobs import JobLock
+from models.protection import InvalidStateError, ProtectedItem, ReplicationState, item_lock_key
+from workflows import clock, settings
+from workflows.engine import ORCHESTRATION_QUEUE, ItemBusyError
+from workflows.items import view_of
+from workflows.kinds import delta_replication, initial_replication, resynchronize
+
+TICK_TASK = "asr.replication.tick"
+
+
+def beat_schedule() -> dict[str, dict[str, Any]]:
+    """Beat's entry for the tick (worker.py adds it). A tick that waited a whole period is dropped: the
+    next one is already on its way."""
+    interval = settings.tick_interval_s()
+    return {"replication-tick": {"task": TICK_TASK, "schedule": interval,
+                                 "options": {"queue": ORCHESTRATION_QUEUE, "expires": interval,
+                                             "ignore_result": True}}}
+
+
+def run_scheduler(now: datetime | None = None) -> dict[str, int]:
+    """Start what is due at `now` (default: the clock). Returns counts of what it did."""
+    now = as_utc(now) if now is not None else clock.now()
+    report: Counter[str] = Counter()
+    with session_scope() as session:
+        due = session.exec(select(ProtectedItem.id, ProtectedItem.replication_state).where(sa.or_(
+            sa.and_(ProtectedItem.replication_state == ReplicationState.PROTECTED,
+                    ProtectedItem.next_delta_at <= now),
+            sa.and_(ProtectedItem.replication_state == ReplicationState.INITIAL_REPLICATION_PENDING,
+                    ProtectedItem.initial_replication_at <= now),
+            sa.and_(ProtectedItem.replication_state == ReplicationState.RESYNC_REQUIRED,
+                    ProtectedItem.resync_scheduled_for <= now),
+        ))).all()
+        locked = set(session.exec(select(JobLock.lock_key)).all())
+    for item_id, state in due:
+        if item_lock_key(item_id) in locked:
+            report["busy"] += 1
+            continue
+        report[_start_due(item_id, ReplicationState(state), now)] += 1
+    return dict(report)
+
+
+def _start_due(item_id: str, state: ReplicationState, now: datetime) -> str:
+    try:
+        if state is ReplicationState.PROTECTED:
+            delta_replication.start(item_id)
+            return "delta_started"
+        if state is ReplicationState.INITIAL_REPLICATION_PENDING:
+            initial_replication.start(item_id)
+            return "initial_replication_started"
+        if view_of(item_id).policy.in_office_hours(now):
+            return "resync_waiting_for_office_hours_to_end"
+        resynchronize.start(item_id, manual=False)
+        return "resync_started"
+    except ItemBusyError:
+        return "busy"
+    except InvalidStateError:
+        return "state_changed"  # another process moved the item meanwhile
