@@ -15,22 +15,13 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel
 
-from workflows import clock
-from workflows.settings import env_number
-
-DATABASE_URL_ENV = "ASR_DATABASE_URL"
-HOME_ENV = "ASR_HOME"
-SQLITE_BUSY_TIMEOUT_ENV = "ASR_SQLITE_BUSY_TIMEOUT_S"
-# A writer waits this long for another process's transaction before giving up with "database is locked";
-# long enough for any of our short transactions, short enough that a stuck writer is reported.
-DEFAULT_SQLITE_BUSY_TIMEOUT_S = 30.0
+from workflows import clock, settings
 
 # Names of sites, hosts, VMs, disks, networks and policies become path segments and object names (see
 # sites.host and sites.storage.base): the same rule everywhere, so whatever is registered can be protected.
@@ -105,10 +96,10 @@ def string_enum(enum_class: type[enum.Enum]) -> sa.Enum:
 
 def database_url() -> str:
     """`ASR_DATABASE_URL`, or a SQLite file `asr.db` in `ASR_HOME` (default ~/.asr)."""
-    url = os.environ.get(DATABASE_URL_ENV)
+    url = settings.database_url_setting()
     if url:
         return url
-    home = Path(os.environ.get(HOME_ENV) or Path.home() / ".asr")
+    home = settings.asr_home()
     home.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{home / 'asr.db'}"
 
@@ -125,7 +116,7 @@ def _create_engine(url: str) -> Engine:
     if not url.startswith("sqlite"):
         # pre_ping: a pooled connection the server closed (restart, idle timeout) is replaced, not used.
         return sa.create_engine(url, pool_pre_ping=True)
-    busy_timeout_s = env_number(SQLITE_BUSY_TIMEOUT_ENV, DEFAULT_SQLITE_BUSY_TIMEOUT_S)
+    busy_timeout_s = settings.sqlite_busy_timeout_s()
     engine = sa.create_engine(url, connect_args={"timeout": busy_timeout_s})
 
     @sa.event.listens_for(engine, "connect")

@@ -25,7 +25,7 @@ from datapath.failback import (
     write_difference_log,
 )
 from datapath.manifest import Manifest, compute_manifest
-from datapath.replog import apply_log
+from datapath.logapply import apply_log
 from models.db import as_utc
 from models.fabric import Host, VirtualDisk, VirtualMachine, vm_adapters
 from models.failover import FailoverKind, FailoverRecord, FailoverStatus, latest_failover

@@ -79,6 +79,19 @@ def asr_home() -> Path:
     return Path(os.environ.get("ASR_HOME") or Path.home() / ".asr")
 
 
+# ---- the database -------------------------------------------------------------------------------------
+def database_url_setting() -> str | None:
+    """ASR_DATABASE_URL: the engine's database (unset: a SQLite file in ASR_HOME, see models.db)."""
+    return os.environ.get("ASR_DATABASE_URL") or None
+
+
+def sqlite_busy_timeout_s() -> float:
+    """ASR_SQLITE_BUSY_TIMEOUT_S: how long a SQLite writer waits for another process's transaction before
+    giving up with "database is locked": long enough for any of our short transactions, short enough that
+    a stuck writer is reported."""
+    return env_number("ASR_SQLITE_BUSY_TIMEOUT_S", 30.0)
+
+
 # ---- the job engine ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class EngineSettings:

@@ -1,0 +1,254 @@
+"""The engine's decisions on SQLite alone: no Redis, no Celery, no workers.
+
+A recording dispatcher stands in for the Celery canvas (workflows/canvas.py, tested with real workers in
+test_engine.py); the engine core is driven by calling what a worker would call (`execute_step`), and
+what the reconciler decides is checked against the rows."""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlmodel import select
+
+from datapath.errors import NonRecoverableError, StorageUnavailableError
+from models.db import dispose_engines, init_db, session_scope
+from models.jobs import Job, JobState, JobStep, StepState
+from workflows import actions, clock
+from workflows.engine import (
+    DispatchError,
+    StepSpec,
+    action,
+    execute_step,
+    get_job,
+    reconcile,
+    run_job_hooks,
+    start_job,
+    use_dispatcher,
+)
+from workflows.engine.reconciler import relaunch_reason, stale_step_outcome
+from workflows.jobkind import JobKind, declare
+from workflows.settings import EngineSettings
+
+OK = actions.declare("test.core.ok")
+FLAKY = actions.declare("test.core.flaky")
+BROKEN = actions.declare("test.core.broken")
+HOOK_CALLS: list[tuple[str, str]] = []
+
+
+@action(OK)
+def _ok(ctx, **params):
+    return {"ran": ctx.step_name}
+
+
+@action(FLAKY)
+def _flaky(ctx, **params):
+    raise StorageUnavailableError("the recovery storage is away")
+
+
+@action(BROKEN)
+def _broken(ctx, **params):
+    raise NonRecoverableError("the VM is gone")
+
+
+def _record_hook(job, session):
+    HOOK_CALLS.append((job.id, job.state.value))
+
+
+KIND = declare(JobKind(
+    name="test.core", summary="engine core tests", actions=frozenset({OK, FLAKY, BROKEN}),
+    build=lambda request: request, locks=lambda request: [], target=lambda request: None,
+    params=lambda request: {}, on_failed=(_record_hook,), on_succeeded=(_record_hook,),
+))
+
+
+@dataclass
+class RecordingDispatcher:
+    sent: list[list[list[str]]]
+    hooks: list[str]
+    refuse: bool = False
+
+    def send_stages(self, stages: Sequence[Sequence]) -> None:
+        if self.refuse:
+            raise DispatchError("broker down")
+        self.sent.append([[step.id for step in stage] for stage in stages])
+
+    def dispatch_hooks(self, job_id: str) -> None:
+        self.hooks.append(job_id)
+
+
+@pytest.fixture
+def dispatcher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RecordingDispatcher]:
+    monkeypatch.setenv("ASR_DATABASE_URL", f"sqlite:///{tmp_path / 'asr.db'}")
+    monkeypatch.setenv("ASR_REDIS_URL", "redis://127.0.0.1:1/0")  # live progress is not part of these tests
+    monkeypatch.setenv("ASR_HEARTBEAT_S", "0.2")
+    monkeypatch.setenv("ASR_TIME_SCALE", "600")
+    init_db()
+    HOOK_CALLS.clear()
+    recording = RecordingDispatcher([], [])
+    previous = use_dispatcher(recording)
+    yield recording
+    use_dispatcher(previous)
+    dispose_engines()
+
+
+def run(step_id: str):
+    return execute_step(step_id, task_id=f"task-{step_id}", worker="test-worker", emit_event=lambda **_: None)
+
+
+def steps(job_id: str) -> list[dict]:
+    return get_job(job_id)["steps"]
+
+
+def two_stage_job(first: str = OK, second: str = OK) -> str:
+    return start_job(KIND.name, lock_key="item:x", stages=[
+        [StepSpec("A", first, "orchestration"), StepSpec("B", OK, "host.h1")],
+        [StepSpec("C", second, "recovery")],
+    ])
+
+
+def test_start_job_records_steps_and_locks_then_dispatches_every_stage(dispatcher):
+    job_id = two_stage_job()
+    recorded = steps(job_id)
+    assert [(s["name"], s["state"]) for s in recorded] == [("A", "queued"), ("B", "queued"), ("C", "pending")]
+    assert dispatcher.sent == [[[recorded[0]["id"], recorded[1]["id"]], [recorded[2]["id"]]]]
+    with pytest.raises(Exception, match="busy"):
+        two_stage_job()
+
+
+@pytest.mark.parametrize(("kind", "stage", "message"), [
+    ("no.such.kind", [StepSpec("A", OK, "orchestration")], "no job kind 'no.such.kind' is declared"),
+    (KIND.name, [StepSpec("A", actions.COPY_DISK, "orchestration")], "is not one the test.core job kind"),
+    (KIND.name, [StepSpec("A", OK, "host.../etc")], "stage 0 step 0"),
+])
+def test_a_job_its_kind_does_not_allow_is_refused_and_nothing_is_written(dispatcher, kind, stage, message):
+    with pytest.raises(ValueError, match=message):
+        start_job(kind, lock_key="item:y", stages=[stage])
+    with session_scope() as session:
+        assert session.exec(select(Job)).all() == []
+    assert dispatcher.sent == []
+
+
+def test_steps_succeed_stage_by_stage_and_the_last_one_settles_the_job_and_its_hooks(dispatcher):
+    job_id = two_stage_job()
+    first, second, last = (s["id"] for s in steps(job_id))
+    assert run(last).advance is False, "a step whose earlier stage is not done is not claimed"
+    assert run(first).advance is True
+    assert run(first).state is StepState.succeeded, "a redelivered message finds the step done and lets it go on"
+    assert run(second).advance is True
+    assert run(last).state is StepState.succeeded
+    job = get_job(job_id)
+    assert job["state"] == "succeeded" and job["hook_pending"] is True
+    assert dispatcher.hooks == [job_id]
+    assert run_job_hooks(job_id) is True and HOOK_CALLS == [(job_id, "succeeded")]
+    assert run_job_hooks(job_id) is False, "hooks run once"
+
+
+def test_a_recoverable_failure_waits_for_the_schedule_and_the_reconciler_relaunches_it_when_due(dispatcher):
+    job_id = two_stage_job(first=FLAKY)
+    flaky, sibling, _ = (s["id"] for s in steps(job_id))
+    assert run(sibling).state is StepState.succeeded
+    outcome = run(flaky)
+    assert outcome.state is StepState.waiting_retry and outcome.advance is False
+    step = steps(job_id)[0]
+    assert get_job(job_id)["state"] == "waiting_retry" and "storage is away" in step["error"]
+    assert reconcile() == {}, "the retry is not due yet"
+    with session_scope() as session:
+        row = session.get(JobStep, flaky)
+        row.next_attempt_at = clock.now() - timedelta(seconds=1)
+        session.add(row)
+    assert reconcile() == {"retry_due": 1}
+    assert len(dispatcher.sent[-1]) == 2 and dispatcher.sent[-1][0] == [flaky], \
+        "only the step still to do is sent, then the stages after it"
+    assert run(flaky).state is StepState.waiting_retry, "claimed again once due, and failing again"
+
+
+def test_a_non_recoverable_failure_fails_the_job_cancels_the_rest_and_runs_the_failure_hooks(dispatcher):
+    job_id = two_stage_job(first=BROKEN)
+    first, second, last = (s["id"] for s in steps(job_id))
+    assert run(first).state is StepState.failed
+    job = get_job(job_id)
+    assert job["state"] == "failed" and "the VM is gone" in job["error"]
+    assert [s["state"] for s in job["steps"]] == ["failed", "cancelled", "cancelled"]
+    assert run(second).state is StepState.cancelled, "a step of a failed job is never claimed"
+    assert dispatcher.hooks == [job_id]
+    run_job_hooks(job_id)
+    assert HOOK_CALLS == [(job_id, "failed")]
+
+
+def test_a_job_the_broker_refused_is_recorded_and_the_reconciler_launches_it_later(dispatcher, monkeypatch):
+    monkeypatch.setenv("ASR_STALE_AFTER_S", "0.2")
+    dispatcher.refuse = True
+    job_id = two_stage_job()
+    assert [s["state"] for s in steps(job_id)] == ["pending", "pending", "pending"]
+    dispatcher.refuse = False
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        job.created_at = clock.now() - timedelta(seconds=5)
+        session.add(job)
+    assert reconcile() == {"continuation_lost": 1}
+    assert [s["state"] for s in steps(job_id)] == ["queued", "queued", "pending"]
+
+
+def test_a_step_whose_worker_died_is_relaunched_then_fails_as_poison(dispatcher, monkeypatch):
+    monkeypatch.setenv("ASR_STALE_AFTER_S", "0.2")
+    monkeypatch.setenv("ASR_MAX_STEP_DEATHS", "2")
+    job_id = start_job(KIND.name, lock_key=None, stages=[[StepSpec("A", OK, "orchestration")]])
+    step_id = steps(job_id)[0]["id"]
+
+    def die_while_running() -> None:
+        with session_scope() as session:
+            row = session.get(JobStep, step_id)
+            row.state, row.heartbeat_at, row.lease = StepState.running, clock.now() - timedelta(seconds=5), "dead"
+            session.add(row)
+
+    die_while_running()
+    assert reconcile() == {"relaunched_stale": 1}
+    assert steps(job_id)[0]["deaths"] == 1
+    die_while_running()
+    assert reconcile() == {"poisoned": 1}
+    job = get_job(job_id)
+    assert job["state"] == "failed" and "worker died 2 times" in job["error"]
+    assert job["error_class"] == "workflows.engine.errors.PoisonStepError"
+
+
+# ---- the reconciler's pure decisions ------------------------------------------------------------------
+SETTINGS = EngineSettings(heartbeat_s=1, stale_after_s=3, max_step_deaths=3, queued_stall_s=60)
+
+
+def _step(stage: int, state: StepState, **fields) -> JobStep:
+    return JobStep(job_id="j", stage=stage, index=0, name="s", action=OK, queue="orchestration", state=state,
+                   **fields)
+
+
+@pytest.mark.parametrize(("rows", "expected"), [
+    ([_step(0, StepState.succeeded), _step(1, StepState.pending)], "continuation_lost"),
+    ([_step(0, StepState.succeeded, ended_at="recent"), _step(1, StepState.pending)], None),
+    ([_step(0, StepState.queued, queued_at="long ago")], "queued_stalled"),
+    ([_step(0, StepState.queued, queued_at="recent")], None),
+    ([_step(0, StepState.waiting_retry, next_attempt_at="long ago"), _step(1, StepState.pending)], "retry_due"),
+    ([_step(0, StepState.waiting_retry, next_attempt_at="later"), _step(1, StepState.pending)], None),
+    ([_step(0, StepState.waiting_action), _step(1, StepState.pending)], None),
+    ([_step(0, StepState.running), _step(1, StepState.pending)], None),
+])
+def test_relaunch_reason(rows, expected):
+    now = clock.now()
+    moments = {"recent": now - timedelta(seconds=1), "long ago": now - timedelta(seconds=600),
+               "later": now + timedelta(seconds=60)}
+    for row in rows:
+        for name in ("ended_at", "queued_at", "next_attempt_at"):
+            if isinstance(getattr(row, name), str):
+                setattr(row, name, moments[getattr(row, name)])
+        if row.state is StepState.succeeded and row.ended_at is None:
+            row.ended_at = moments["long ago"]
+    job = Job(kind=KIND.name, state=JobState.running, created_at=moments["long ago"])
+    assert relaunch_reason(job, rows, now, SETTINGS) == expected
+
+
+@pytest.mark.parametrize(("finished", "deaths", "expected"), [
+    (True, 1, "stopped"), (False, 1, "relaunched_stale"), (False, 2, "relaunched_stale"), (False, 3, "poisoned"),
+])
+def test_stale_step_outcome(finished, deaths, expected):
+    assert stale_step_outcome(finished, deaths, SETTINGS) == expected
