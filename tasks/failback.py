@@ -24,8 +24,8 @@ from datapath.failback import (
     prepare_staging,
     write_difference_log,
 )
-from datapath.manifest import Manifest, compute_manifest
 from datapath.logapply import apply_log
+from datapath.manifest import Manifest, compute_manifest
 from models.db import as_utc
 from models.fabric import Host, VirtualDisk, VirtualMachine, vm_adapters
 from models.failover import FailoverKind, FailoverRecord, FailoverStatus, latest_failover
