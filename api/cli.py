@@ -174,15 +174,21 @@ def disk_verify(a: Path, b: Path):
     sys.exit(1)
 
 
+# The modules of the operator's verbs (their shared plumbing is api/cli_service.py, cli_output.py,
+# cli_parsing.py and cli_progress.py) and of the process launchers.
+COMMAND_MODULES = ("api.cli_fabric", "api.cli_policies", "api.cli_protection", "api.cli_failover", "api.cli_plans",
+                   "api.cli_jobs", "api.cli_apikeys", "api.cli_processes")
+
+
 def _register_commands():
-    # The operator's verbs (api/cli_ops.py) and the process launchers (api/cli_processes.py) add their
-    # commands to `main` when imported; they import this module, hence here and not at the top.
+    # Each module of COMMAND_MODULES adds its commands to `main` when imported; they import this module,
+    # hence here and not at the top.
     import importlib
 
     from api.demo import demo
 
     main.add_command(demo)
-    for module in ("api.cli_ops", "api.cli_processes"):
+    for module in COMMAND_MODULES:
         importlib.import_module(module)
 
 

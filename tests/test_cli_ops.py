@@ -26,7 +26,8 @@ from recovery_site import RecoverySite
 from sqlmodel import select
 
 from api.cli import main
-from api.cli_ops import ProgressView, render_table
+from api.cli_output import render_table
+from api.cli_progress import ProgressView
 from models.db import session_scope
 from models.fabric import Host as HostRow
 from models.fabric import Site, verify_host_key
