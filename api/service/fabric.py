@@ -25,8 +25,8 @@ from models.fabric import (
 )
 from models.protection import ProtectedItem
 from sites.host import Host as HostDriver
-from workflows import failover as failover_workflows
-from workflows import protection as protection_workflows
+from workflows.items import item_status
+from workflows.reports import failover_report
 
 from .errors import Conflict, Invalid, _operation
 from .lookups import _cloud, _host, _name, _site, _vm
@@ -148,9 +148,9 @@ def show_vm(vm: str) -> dict:
     item_id = plain.pop("item_id", None)
     failover_id = plain.pop("failover_id", None)
     if item_id is not None:
-        plain["protection"] = protection_workflows.item_status(item_id)
+        plain["protection"] = item_status(item_id)
     if failover_id is not None:
-        plain["failover"] = failover_workflows.failover_report(failover_id)
+        plain["failover"] = failover_report(failover_id)
     return plain
 
 

@@ -8,14 +8,15 @@ from typing import Any
 
 from models.db import session_scope
 from models.protection import ProtectedItem, RecoveryPoint, ReplicationState
-from workflows import failover as failover_workflows
+from workflows import kinds
+from workflows.failover_request import FailbackMode, PointChoice
 
 from .errors import Conflict, Invalid, NotFound, _operation
 from .lookups import _check_host, _name, _optional_name, _protected
 from .presenters import _job_ref
 
-FAILBACK_MODES = failover_workflows.FailbackMode.ALL
-POINT_CHOICES = failover_workflows.PointChoice.NAMED
+FAILBACK_MODES = FailbackMode.ALL
+POINT_CHOICES = PointChoice.NAMED
 
 
 def _check_point(item_id: str, point: Any) -> str:
@@ -54,17 +55,17 @@ def test_failover(vm: str, *, point: str = "latest_processed", recovery_host: st
     point = _check_point(item_id, point)
     recovery_host = _check_host(recovery_host, "recovery host")
     _optional_name(test_network, "test network")
-    job_id = failover_workflows.start_test_failover(item_id, point=point, recovery_host=recovery_host,
+    job_id = kinds.test_failover.start(item_id, point=point, recovery_host=recovery_host,
                                                     test_network=test_network)
-    return _job_ref(job_id, failover_workflows.TEST_FAILOVER, name)
+    return _job_ref(job_id, kinds.test_failover.KIND.name, name)
 
 
 @_operation
 def test_failover_cleanup(vm: str) -> dict:
     """Delete the drill's test VM."""
     item_id, name = _protected(vm)
-    return _job_ref(failover_workflows.start_test_failover_cleanup(item_id),
-                    failover_workflows.TEST_FAILOVER_CLEANUP, name)
+    return _job_ref(kinds.test_failover_cleanup.start(item_id),
+                    kinds.test_failover_cleanup.KIND.name, name)
 
 
 @_operation
@@ -73,9 +74,9 @@ def planned_failover(vm: str, *, recovery_host: str | None = None,
     """Shut the VM down, ship its last changes, bring it up at the recovery site: nothing is lost."""
     item_id, name = _protected(vm)
     recovery_host = _check_host(recovery_host, "recovery host")
-    job_id = failover_workflows.start_planned_failover(item_id, recovery_host=recovery_host,
+    job_id = kinds.planned_failover.start(item_id, recovery_host=recovery_host,
                                                        public_ips=_check_public_ips(public_ips))
-    return _job_ref(job_id, failover_workflows.PLANNED_FAILOVER, name)
+    return _job_ref(job_id, kinds.planned_failover.KIND.name, name)
 
 
 @_operation
@@ -85,9 +86,9 @@ def unplanned_failover(vm: str, *, point: str = "latest_processed", recovery_hos
     item_id, name = _protected(vm)
     point = _check_point(item_id, point)
     recovery_host = _check_host(recovery_host, "recovery host")
-    job_id = failover_workflows.start_unplanned_failover(item_id, point=point, recovery_host=recovery_host,
+    job_id = kinds.unplanned_failover.start(item_id, point=point, recovery_host=recovery_host,
                                                          public_ips=_check_public_ips(public_ips))
-    return _job_ref(job_id, failover_workflows.UNPLANNED_FAILOVER, name)
+    return _job_ref(job_id, kinds.unplanned_failover.KIND.name, name)
 
 
 def _state_of(item_id: str) -> ReplicationState:
@@ -100,7 +101,7 @@ def complete_failover(vm: str) -> dict:
     """Complete a minimize-downtime failback waiting in failback_ready: the recovery VM shuts down, its last
     changes are copied, the primary's disks are swapped in and the VM starts there."""
     item_id, name = _protected(vm)
-    return _job_ref(failover_workflows.complete_failback(item_id), failover_workflows.FAILBACK_COMPLETION, name)
+    return _job_ref(kinds.failback_completion.start(item_id), kinds.failback_completion.KIND.name, name)
 
 
 @_operation
@@ -109,9 +110,9 @@ def commit_failover(vm: str) -> dict:
     item_id, name = _protected(vm)
     state = _state_of(item_id)
     if state is ReplicationState.FAILED_OVER:
-        return _job_ref(failover_workflows.commit_failover(item_id), failover_workflows.COMMIT_FAILOVER, name)
+        return _job_ref(kinds.commit_failover.start(item_id), kinds.commit_failover.KIND.name, name)
     if state is ReplicationState.FAILED_BACK:
-        return _job_ref(failover_workflows.commit_failback(item_id), failover_workflows.COMMIT_FAILBACK_JOB, name)
+        return _job_ref(kinds.commit_failback.start(item_id), kinds.commit_failback.KIND.name, name)
     raise Conflict(f"VM {name!r} is {state}: there is nothing to commit (a failover commits from failed_over, "
                    f"a failback from failed_back)")
 
@@ -123,9 +124,9 @@ def cancel_failover(vm: str) -> dict:
     item_id, name = _protected(vm)
     state = _state_of(item_id)
     if state is ReplicationState.FAILED_OVER:
-        return _job_ref(failover_workflows.cancel_failover(item_id), failover_workflows.CANCEL_FAILOVER, name)
+        return _job_ref(kinds.cancel_failover.start(item_id), kinds.cancel_failover.KIND.name, name)
     if state in (ReplicationState.FAILING_BACK, ReplicationState.FAILBACK_READY):
-        return _job_ref(failover_workflows.cancel_failback(item_id), failover_workflows.CANCEL_FAILBACK, name)
+        return _job_ref(kinds.cancel_failback.start(item_id), kinds.cancel_failback.KIND.name, name)
     raise Conflict(f"VM {name!r} is {state}: there is nothing to cancel (a failover cancels from failed_over, a "
                    f"failback from failing_back or failback_ready)")
 
@@ -146,8 +147,8 @@ def failback(vm: str, *, mode: str = "minimize_downtime", create_vm: bool = Fals
         raise Invalid(f"create_vm is true or false, got {create_vm!r}")
     item_id, name = _protected(vm)
     host = _check_host(host, "failback host")
-    job_id = failover_workflows.start_failback(item_id, mode=mode, create_vm=create_vm, host=host)
-    return _job_ref(job_id, failover_workflows.FAILBACK, name)
+    job_id = kinds.failback.start(item_id, mode=mode, create_vm=create_vm, host=host)
+    return _job_ref(job_id, kinds.failback.KIND.name, name)
 
 
 @_operation
@@ -155,5 +156,5 @@ def reverse_replication(vm: str) -> dict:
     """Protect the failed-back VM again: its disks are resynchronized against the replica, then delta
     replication resumes."""
     item_id, name = _protected(vm)
-    return _job_ref(failover_workflows.start_reverse_replication(item_id),
-                    failover_workflows.REVERSE_REPLICATION, name)
+    return _job_ref(kinds.reverse_replication.start(item_id),
+                    kinds.reverse_replication.KIND.name, name)

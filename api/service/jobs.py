@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import redis
@@ -11,19 +11,12 @@ import sqlalchemy as sa
 from sqlmodel import select
 
 from models.db import session_scope
-from models.fabric import Host
-from models.failover import FailoverRecord
 from models.jobs import ACTIVE_JOB_STATES, FINISHED_JOB_STATES, Job, JobState, JobStep, StepState
-from models.protection import ProtectedItem, ReplicationState
-from workflows import engine
-from workflows import failover as failover_workflows
-from workflows import plans as plan_workflows
-from workflows import protection as protection_workflows
+from workflows import engine, jobkind
 from workflows.progress import job_progress, percent_of
 
-from .errors import Conflict, Invalid, NotFound, _operation
+from .errors import Conflict, Invalid, _operation
 from .lookups import _int_option, _item_of, _vm
-from .plans import PLAN_OPTIONS
 from .presenters import _job_ref, _job_summary
 
 MAX_JOB_LIMIT = 1000
@@ -142,68 +135,6 @@ def resume_job(job_id: str, note: str = "") -> dict:
             "resumed_steps": list(resumed)}
 
 
-def _record_of(params: Mapping[str, Any]) -> FailoverRecord | None:
-    failover_id = params.get("failover_id")
-    if not failover_id:
-        return None
-    with session_scope() as session:
-        return session.get(FailoverRecord, failover_id)
-
-
-def _restart(kind: str, params: Mapping[str, Any]) -> str:
-    """Start job `kind` again with what its first run was asked (kept in its params and failover record)."""
-    fw, pw = failover_workflows, protection_workflows
-    item_id = params.get("item_id")
-    if kind.startswith("plan_"):
-        options = {key: params[key] for key in PLAN_OPTIONS if params.get(key) is not None}
-        return plan_workflows.start_plan(params["plan_id"], params["operation"], **options)
-    if item_id is None:
-        raise Invalid(f"jobs of kind {kind!r} cannot be restarted from here")
-    record = _record_of(params)
-    details = record.details if record is not None else {}
-    if kind == pw.ENABLE_PROTECTION:
-        with session_scope() as session:
-            item = session.get(ProtectedItem, item_id)
-            if item is None:
-                raise NotFound(f"the protected item {item_id} of this job is gone")
-            if item.replication_state not in (ReplicationState.ENABLING_PROTECTION, ReplicationState.DISABLED):
-                # Replication started before the job failed: a resync completes it, not a second enable.
-                raise Conflict(f"the VM of this job is {item.replication_state} already: resynchronize it instead")
-            host = session.get(Host, item.recovery_host_id) if item.recovery_host_id else None
-            request = (item.vm_id, item.policy_id, item.recovery_storage, dict(item.storage_options),
-                       host.name if host else None)
-        return pw.enable_protection(request[0], request[1], recovery_storage=request[2], storage_options=request[3],
-                                    recovery_host=request[4])
-    simple: dict[str, Callable[[str], str]] = {
-        pw.INITIAL_REPLICATION: pw.start_initial_replication, pw.DELTA_REPLICATION: pw.start_delta_replication,
-        pw.DISABLE_PROTECTION: pw.disable_protection, fw.TEST_FAILOVER_CLEANUP: fw.start_test_failover_cleanup,
-        fw.CANCEL_FAILOVER: fw.cancel_failover, fw.COMMIT_FAILOVER: fw.commit_failover,
-        fw.FAILBACK_COMPLETION: fw.complete_failback, fw.CANCEL_FAILBACK: fw.cancel_failback,
-        fw.COMMIT_FAILBACK_JOB: fw.commit_failback, fw.REVERSE_REPLICATION: fw.start_reverse_replication,
-    }
-    if kind in simple:
-        return simple[kind](item_id)
-    if kind == pw.RESYNCHRONIZE:
-        return pw.start_resync(item_id, manual=bool(params.get("manual", True)))
-    if kind == fw.TEST_FAILOVER:
-        network = (record.network or "").split(", ")[0] if record is not None else None
-        return fw.start_test_failover(item_id, point=params.get("point", fw.PointChoice.LATEST_PROCESSED),
-                                      recovery_host=params.get("recovery_host"), test_network=network or None)
-    if kind == fw.PLANNED_FAILOVER:
-        return fw.start_planned_failover(item_id, recovery_host=params.get("recovery_host"),
-                                         public_ips=details.get("public_ips") or None)
-    if kind == fw.UNPLANNED_FAILOVER:
-        return fw.start_unplanned_failover(item_id, point=params.get("point", fw.PointChoice.LATEST_PROCESSED),
-                                           recovery_host=params.get("recovery_host"),
-                                           public_ips=details.get("public_ips") or None)
-    if kind == fw.FAILBACK:
-        return fw.start_failback(item_id, mode=params.get("mode", fw.FailbackMode.MINIMIZE_DOWNTIME),
-                                 create_vm=bool(details.get("create_vm", False)), host=params.get("host"))
-    if kind == fw.VERIFY_RECOVERY_POINT:
-        return fw.start_verify(item_id, params.get("point_id"))
-    raise Invalid(f"jobs of kind {kind!r} cannot be restarted from here")
-
-
 @_operation
 def restart_job(job_id: str) -> dict:
     """Start the operation of a failed or cancelled job again, as a new job with the same request."""
@@ -212,7 +143,7 @@ def restart_job(job_id: str) -> dict:
         raise Conflict(f"job {job_id} ({job['kind']}) is {job['state']}: only a failed or cancelled job can be "
                        f"restarted" + (" (cancel it first)" if job["state"] in
                                        {state.value for state in ACTIVE_JOB_STATES} else ""))
-    new_id = _restart(job["kind"], job["params"])
+    new_id = jobkind.restart(job["kind"], job["params"])
     return _job_ref(new_id, job["kind"], job["params"].get("vm"), restarted_from=job_id,
                     plan=job["params"].get("plan"))
 

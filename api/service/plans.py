@@ -9,14 +9,12 @@ from models.db import session_scope
 from models.plans import PlanOperation, RecoveryPlan, get_plan
 from models.plans import create_plan as _create_plan
 from models.plans import list_plans as _list_plans
-from workflows import plans as plan_workflows
+from workflows.kinds.recovery_plan import PLAN_OPTIONS, start_plan
 
 from .errors import Conflict, Invalid, _operation
 from .failover import POINT_CHOICES, _failback_mode
 from .lookups import _check_host, _name
 from .presenters import _job_ref, _plan_dict
-
-PLAN_OPTIONS = ("point", "recovery_host", "test_network", "mode", "create_vm")
 
 
 @_operation
@@ -76,5 +74,5 @@ def run_plan(name: str, operation: str, **options: Any) -> dict:
         _name(options["test_network"], "test network")
     with session_scope() as session:
         plan_name = get_plan(session, _name(name, "recovery plan")).name
-    job_id = plan_workflows.start_plan(plan_name, op.value, **options)
+    job_id = start_plan(plan_name, op.value, **options)
     return _job_ref(job_id, f"plan_{op.value}", None, plan=plan_name)

@@ -12,8 +12,10 @@ from models.db import session_scope
 from models.fabric import Host, VirtualMachine
 from models.protection import ProtectedItem, ReplicationState
 from models.protection import recovery_points as _recovery_points
-from workflows import failover as failover_workflows
-from workflows import protection as protection_workflows
+from workflows.items import item_status
+from workflows.kinds import disable_protection as disable_kind
+from workflows.kinds import enable_protection as enable_kind
+from workflows.kinds import resynchronize, verify_recovery_point
 
 from .errors import Conflict, Invalid, _operation
 from .failover import _check_point
@@ -50,24 +52,24 @@ def protect(vm: str, *, policy: str, recovery_storage: str, storage_options: dic
                                                                ReplicationState.ENABLING_PROTECTION):
             raise Conflict(f"VM {row.name!r} is already protected (state {item.replication_state})")
         vm_id, vm_name, policy_id = row.id, row.name, policy_row.id
-    job_id = protection_workflows.enable_protection(
+    job_id = enable_kind.start(
         vm_id, policy_id, recovery_storage=recovery_storage, storage_options=dict(storage_options or {}),
         recovery_host=recovery_host)
-    return _job_ref(job_id, protection_workflows.ENABLE_PROTECTION, vm_name)
+    return _job_ref(job_id, enable_kind.KIND.name, vm_name)
 
 
 @_operation
 def disable_protection(vm: str) -> dict:
     """Stop protecting the VM: replicas, shipped logs and recovery points are deleted."""
     item_id, name = _protected(vm)
-    return _job_ref(protection_workflows.disable_protection(item_id), protection_workflows.DISABLE_PROTECTION, name)
+    return _job_ref(disable_kind.start(item_id), disable_kind.KIND.name, name)
 
 
 @_operation
 def resync(vm: str) -> dict:
     """Resynchronize the VM's replicas now, sending only the blocks that differ."""
     item_id, name = _protected(vm)
-    return _job_ref(protection_workflows.start_resync(item_id, manual=True), protection_workflows.RESYNCHRONIZE, name)
+    return _job_ref(resynchronize.start(item_id, manual=True), resynchronize.KIND.name, name)
 
 
 # ---- recovery points, verification, health -----------------------------------------------------------------
@@ -90,7 +92,7 @@ def verify(vm: str, *, point: str | None = None) -> dict:
     item_id, name = _protected(vm)
     if point is not None:
         point = _check_point(item_id, point)
-    return _job_ref(failover_workflows.start_verify(item_id, point), failover_workflows.VERIFY_RECOVERY_POINT, name)
+    return _job_ref(verify_recovery_point.start(item_id, point), verify_recovery_point.KIND.name, name)
 
 
 @_operation
@@ -104,7 +106,7 @@ def health() -> list[dict]:
                            .order_by(Host.name, VirtualMachine.name)).all()
     report = []
     for item_id in ids:
-        status = protection_workflows.item_status(item_id)
+        status = item_status(item_id)
         report.append({"vm": status["vm"], "host": status["host"], "item_id": item_id, "state": status["state"],
                        "health": status["health"], "errors": status["errors"], "rpo_s": status["rpo_s"],
                        "last_recovery_point_at": status["last_recovery_point_at"],
