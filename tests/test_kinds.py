@@ -73,7 +73,14 @@ def test_every_catalog_action_has_its_code_and_every_registered_action_is_in_the
 
 
 def test_every_product_kind_is_declared_with_the_engine_and_uses_only_catalog_actions():
-    assert len(KINDS) == 21
+    product = {name for name in KINDS if "." not in name}  # tests and extensions namespace theirs
+    assert product == {
+        "enable_protection", "initial_replication", "delta_replication", "resynchronize", "disable_protection",
+        "test_failover", "test_failover_cleanup", "planned_failover", "unplanned_failover", "cancel_failover",
+        "commit_failover", "failback", "failback_completion", "cancel_failback", "commit_failback",
+        "reverse_replication", "verify_recovery_point", "plan_test_failover", "plan_planned_failover",
+        "plan_unplanned_failover", "plan_failback",
+    }
     for name, kind in KINDS.items():
         assert declared_kinds[name] == kind.actions
         assert kind.actions <= A.CATALOG

@@ -7,7 +7,7 @@ that holds it.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,3 +176,16 @@ def active_jobs(item_ids: list[str]) -> list[Job]:
     """The jobs still active on any of the items."""
     with session_scope() as session:
         return list(session.exec(select(Job).where(Job.target.in_(item_ids), Job.state.in_(ACTIVE_JOB_STATES))))
+
+
+def start_on_item(kind: JobKind[Any], item_id: str, doing: str, **extra: Any) -> str:
+    """Start a job of `kind` whose request is the item itself (and `extra` params), once the item is in one
+    of the states the kind starts from (`doing` says what was refused)."""
+    view = view_of(item_id)
+    require_state(view, kind.starts_from, doing)
+    return start_for_item(kind, ItemRequest.of(view, **extra))
+
+
+def restart_on_item(start_job: Callable[[str], str]) -> Callable[[Mapping[str, Any]], str]:
+    """The restart of a kind started from its item alone: start it again on the same item."""
+    return lambda params: start_job(params["item_id"])

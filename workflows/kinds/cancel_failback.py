@@ -5,8 +5,6 @@ Discard staging disks (P) → Start recovery VM (D) → Finish cancelling failba
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
-from typing import Any
 
 from models.fabric import host_queue
 from models.failover import FailoverStatus
@@ -15,7 +13,7 @@ from workflows import actions as A
 from workflows import engine
 from workflows.engine import ORCHESTRATION_QUEUE, StepSpec
 from workflows.failover_request import RecordRequest, current_failback, load_record_operation, record_of
-from workflows.items import item_locks, item_target, lock_holder, start_for_item
+from workflows.items import item_locks, item_target, lock_holder, restart_on_item, start_for_item
 from workflows.jobkind import JobKind, declare
 from workflows.kinds.params import vm_job_params
 from workflows.outcomes import failover_ended
@@ -57,15 +55,11 @@ def start(item_id: str, *, wait_s: float = CANCEL_WAIT_S) -> str:
     return start_for_item(KIND, request)
 
 
-def restart(params: Mapping[str, Any]) -> str:
-    return start(params["item_id"])
-
-
 KIND: JobKind[RecordRequest] = declare(JobKind(
     name="cancel_failback",
     summary="Cancel a failback before its swap: the recovery VM stays the VM",
     actions=frozenset({A.DISCARD_STAGING, A.RESTART_RECOVERY_VM, A.FINISH_FAILBACK_CANCEL}),
-    build=build, locks=item_locks, target=item_target, params=vm_job_params, restart=restart,
+    build=build, locks=item_locks, target=item_target, params=vm_job_params, restart=restart_on_item(start),
     starts_from=(S.FAILING_BACK, S.FAILBACK_READY, S.FAILOVER_COMMITTED),
     moves_to=frozenset({S.FAILOVER_COMMITTED}),
     on_failed=(failover_ended,), on_cancelled=(failover_ended,),

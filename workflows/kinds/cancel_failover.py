@@ -4,16 +4,13 @@ Delete recovery VM (D) → [Start VM on the primary (P), after a planned failove
 failover (O: `protected`)."""
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from models.fabric import host_queue
 from models.failover import FailoverKind
 from models.protection import ReplicationState
 from workflows import actions as A
 from workflows.engine import ORCHESTRATION_QUEUE, StepSpec
 from workflows.failover_request import RecordRequest, current_failover, load_record_operation
-from workflows.items import item_locks, item_target, start_for_item
+from workflows.items import item_locks, item_target, restart_on_item, start_for_item
 from workflows.jobkind import JobKind, declare
 from workflows.kinds.params import vm_job_params
 from workflows.outcomes import failover_ended
@@ -36,15 +33,11 @@ def start(item_id: str) -> str:
                                                       current_failover))
 
 
-def restart(params: Mapping[str, Any]) -> str:
-    return start(params["item_id"])
-
-
 KIND: JobKind[RecordRequest] = declare(JobKind(
     name="cancel_failover",
     summary="Cancel an uncommitted failover: delete the recovery VM, the primary replicates again",
     actions=frozenset({A.DELETE_RECOVERY_VM, A.RESUME_PRIMARY, A.FINISH_CANCEL}),
-    build=build, locks=item_locks, target=item_target, params=vm_job_params, restart=restart,
+    build=build, locks=item_locks, target=item_target, params=vm_job_params, restart=restart_on_item(start),
     starts_from=(S.FAILED_OVER,), moves_to=frozenset({S.PROTECTED}),
     on_failed=(failover_ended,), on_cancelled=(failover_ended,),
 ))

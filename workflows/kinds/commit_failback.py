@@ -4,15 +4,12 @@ comes next.
 Delete recovery VM (D) → Commit failback (O: `failback_committed`)."""
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from models.fabric import host_queue
 from models.protection import ReplicationState
 from workflows import actions as A
 from workflows.engine import ORCHESTRATION_QUEUE, StepSpec
 from workflows.failover_request import RecordRequest, current_failback, load_record_operation
-from workflows.items import item_locks, item_target, start_for_item
+from workflows.items import item_locks, item_target, restart_on_item, start_for_item
 from workflows.jobkind import JobKind, declare
 from workflows.kinds.params import vm_job_params
 from workflows.outcomes import failover_ended
@@ -34,15 +31,11 @@ def start(item_id: str) -> str:
                                                       current_failback))
 
 
-def restart(params: Mapping[str, Any]) -> str:
-    return start(params["item_id"])
-
-
 KIND: JobKind[RecordRequest] = declare(JobKind(
     name="commit_failback",
     summary="Commit a failback: the recovery VM is deleted",
     actions=frozenset({A.DELETE_RECOVERY_VM, A.COMMIT_FAILBACK}),
-    build=build, locks=item_locks, target=item_target, params=vm_job_params, restart=restart,
+    build=build, locks=item_locks, target=item_target, params=vm_job_params, restart=restart_on_item(start),
     starts_from=(S.FAILED_BACK,), moves_to=frozenset({S.FAILBACK_COMMITTED}),
     on_failed=(failover_ended,), on_cancelled=(failover_ended,),
 ))

@@ -3,14 +3,11 @@
 Commit failover (O: `failover_committed`)."""
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from models.protection import ReplicationState
 from workflows import actions as A
 from workflows.engine import ORCHESTRATION_QUEUE, StepSpec
 from workflows.failover_request import RecordRequest, current_failover, load_record_operation
-from workflows.items import item_locks, item_target, start_for_item
+from workflows.items import item_locks, item_target, restart_on_item, start_for_item
 from workflows.jobkind import JobKind, declare
 from workflows.kinds.params import vm_job_params
 from workflows.outcomes import failover_ended
@@ -29,15 +26,11 @@ def start(item_id: str) -> str:
                                                       current_failover))
 
 
-def restart(params: Mapping[str, Any]) -> str:
-    return start(params["item_id"])
-
-
 KIND: JobKind[RecordRequest] = declare(JobKind(
     name="commit_failover",
     summary="Commit a failover: the recovery VM is the VM from now on",
     actions=frozenset({A.COMMIT}),
-    build=build, locks=item_locks, target=item_target, params=vm_job_params, restart=restart,
+    build=build, locks=item_locks, target=item_target, params=vm_job_params, restart=restart_on_item(start),
     starts_from=(S.FAILED_OVER,), moves_to=frozenset({S.FAILOVER_COMMITTED}),
     on_failed=(failover_ended,), on_cancelled=(failover_ended,),
 ))

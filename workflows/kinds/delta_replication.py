@@ -6,9 +6,6 @@ share, next delta due).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from models.protection import ReplicationState
 from workflows import actions as A
 from workflows.engine import ORCHESTRATION_QUEUE, StepSpec
@@ -17,9 +14,8 @@ from workflows.items import (
     item_job_params,
     item_locks,
     item_target,
-    require_state,
-    start_for_item,
-    view_of,
+    restart_on_item,
+    start_on_item,
 )
 from workflows.jobkind import JobKind, declare
 from workflows.outcomes import replication_failed
@@ -36,20 +32,14 @@ def build(request: ItemRequest) -> Stages:
 
 def start(item_id: str) -> str:
     """One delta replication cycle of a protected item. Returns the job id."""
-    view = view_of(item_id)
-    require_state(view, KIND.starts_from, "replicate the changes of")
-    return start_for_item(KIND, ItemRequest.of(view))
-
-
-def restart(params: Mapping[str, Any]) -> str:
-    return start(params["item_id"])
+    return start_on_item(KIND, item_id, "replicate the changes of")
 
 
 KIND = declare(JobKind(
     name="delta_replication",
     summary="One delta replication cycle: ship, apply and acknowledge the sealed logs, update health",
     actions=frozenset({A.SHIP_LOGS, A.APPLY_LOGS, A.ACKNOWLEDGE_LOGS, A.UPDATE_HEALTH}),
-    build=build, locks=item_locks, target=item_target, params=item_job_params, restart=restart,
+    build=build, locks=item_locks, target=item_target, params=item_job_params, restart=restart_on_item(start),
     starts_from=(S.PROTECTED,),
     moves_to=frozenset({S.RESYNC_REQUIRED}),
     on_failed=(replication_failed,),

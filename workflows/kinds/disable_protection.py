@@ -6,9 +6,6 @@ Remove replica disks (R) → Finalize disabling protection (O: `disabled`).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from models.protection import ALLOWED_TRANSITIONS, ReplicationState
 from workflows import actions as A
 from workflows.engine import ORCHESTRATION_QUEUE, RECOVERY_QUEUE, StepSpec
@@ -17,9 +14,8 @@ from workflows.items import (
     item_job_params,
     item_locks,
     item_target,
-    require_state,
-    start_for_item,
-    view_of,
+    restart_on_item,
+    start_on_item,
 )
 from workflows.jobkind import JobKind, declare
 from workflows.outcomes import replication_failed
@@ -40,20 +36,14 @@ def build(request: ItemRequest) -> Stages:
 
 def start(item_id: str) -> str:
     """Stop protecting the VM. Returns the job id."""
-    view = view_of(item_id)
-    require_state(view, KIND.starts_from, "disable protection of")
-    return start_for_item(KIND, ItemRequest.of(view))
-
-
-def restart(params: Mapping[str, Any]) -> str:
-    return start(params["item_id"])
+    return start_on_item(KIND, item_id, "disable protection of")
 
 
 KIND = declare(JobKind(
     name="disable_protection",
     summary="Stop protecting a VM and delete its replicas and recovery points",
     actions=frozenset({A.BEGIN_DISABLE, A.STOP_TRACKING, A.REMOVE_REPLICAS, A.FINISH_DISABLE}),
-    build=build, locks=item_locks, target=item_target, params=item_job_params, restart=restart,
+    build=build, locks=item_locks, target=item_target, params=item_job_params, restart=restart_on_item(start),
     # Any state that may move to disabling_protection, and that state itself (a rerun after a failure).
     starts_from=(*(state for state, targets in ALLOWED_TRANSITIONS.items() if S.DISABLING_PROTECTION in targets),
                  S.DISABLING_PROTECTION),

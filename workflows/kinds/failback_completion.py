@@ -5,15 +5,12 @@ the snapshot, the disk's final root) → Apply final changes ×disks (P: staging
 Swap in disks and start VM (P) → Finish failback (O: `failed_back`)."""
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from models.fabric import host_queue
 from models.protection import ReplicationState
 from workflows import actions as A
 from workflows.engine import ORCHESTRATION_QUEUE, StepSpec
 from workflows.failover_request import RecordRequest, current_failback, load_record_operation
-from workflows.items import item_locks, item_target, start_for_item
+from workflows.items import item_locks, item_target, restart_on_item, start_for_item
 from workflows.jobkind import JobKind, declare
 from workflows.kinds.params import vm_job_params
 from workflows.outcomes import failover_ended
@@ -34,16 +31,12 @@ def start(item_id: str) -> str:
                                                       current_failback))
 
 
-def restart(params: Mapping[str, Any]) -> str:
-    return start(params["item_id"])
-
-
 KIND: JobKind[RecordRequest] = declare(JobKind(
     name="failback_completion",
     summary="Complete a minimize-downtime failback: final changes, swap, start on the primary",
     actions=frozenset({A.BEGIN_FAILBACK, A.SHUT_DOWN_RECOVERY_VM, A.SEND_FINAL_CHANGES, A.APPLY_FINAL_CHANGES,
                        A.SWAP_DISKS, A.FINISH_FAILBACK}),
-    build=build, locks=item_locks, target=item_target, params=vm_job_params, restart=restart,
+    build=build, locks=item_locks, target=item_target, params=vm_job_params, restart=restart_on_item(start),
     starts_from=(S.FAILBACK_READY,), moves_to=frozenset({S.FAILING_BACK, S.FAILED_BACK, S.FAILBACK_READY}),
     on_failed=(failover_ended,), on_cancelled=(failover_ended,),
 ))

@@ -2,9 +2,6 @@
 item `initial_replication_pending`): Take VM snapshot … Finalize protection."""
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from models.protection import ReplicationState
 from workflows import actions as A
 from workflows.items import (
@@ -12,9 +9,8 @@ from workflows.items import (
     item_job_params,
     item_locks,
     item_target,
-    require_state,
-    start_for_item,
-    view_of,
+    restart_on_item,
+    start_on_item,
 )
 from workflows.jobkind import JobKind, declare
 from workflows.outcomes import replication_failed
@@ -29,13 +25,7 @@ def build(request: ItemRequest) -> Stages:
 
 def start(item_id: str) -> str:
     """Start a scheduled initial replication now. Returns the job id."""
-    view = view_of(item_id)
-    require_state(view, KIND.starts_from, "start the initial replication of")
-    return start_for_item(KIND, ItemRequest.of(view))
-
-
-def restart(params: Mapping[str, Any]) -> str:
-    return start(params["item_id"])
+    return start_on_item(KIND, item_id, "start the initial replication of")
 
 
 KIND = declare(JobKind(
@@ -43,7 +33,7 @@ KIND = declare(JobKind(
     summary="The scheduled initial replication of a protected VM",
     actions=frozenset({A.SNAPSHOT_VM, A.COPY_DISK, A.DELETE_SNAPSHOT, A.SHIP_LOGS, A.APPLY_LOGS,
                        A.ACKNOWLEDGE_LOGS, A.FINALIZE}),
-    build=build, locks=item_locks, target=item_target, params=item_job_params, restart=restart,
+    build=build, locks=item_locks, target=item_target, params=item_job_params, restart=restart_on_item(start),
     starts_from=(S.INITIAL_REPLICATION_PENDING,),
     moves_to=frozenset({S.INITIAL_REPLICATION, S.PROTECTED, S.RESYNC_REQUIRED}),
     on_failed=(replication_failed,),

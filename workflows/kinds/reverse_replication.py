@@ -4,9 +4,6 @@
 Begin reverse replication (O) → the resynchronization stages (`workflows.stages.resynchronization`)."""
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from models.protection import ReplicationState
 from workflows import actions as A
 from workflows.engine import ORCHESTRATION_QUEUE, StepSpec
@@ -15,9 +12,8 @@ from workflows.items import (
     item_job_params,
     item_locks,
     item_target,
-    require_state,
-    start_for_item,
-    view_of,
+    restart_on_item,
+    start_on_item,
 )
 from workflows.jobkind import JobKind, declare
 from workflows.kinds.resynchronize import KIND as RESYNCHRONIZE
@@ -34,20 +30,14 @@ def build(request: ItemRequest) -> Stages:
 
 def start(item_id: str) -> str:
     """Start reverse replication. Returns the job id."""
-    view = view_of(item_id)
-    require_state(view, KIND.starts_from, "reverse-replicate")
-    return start_for_item(KIND, ItemRequest.of(view))
-
-
-def restart(params: Mapping[str, Any]) -> str:
-    return start(params["item_id"])
+    return start_on_item(KIND, item_id, "reverse-replicate")
 
 
 KIND: JobKind[ItemRequest] = declare(JobKind(
     name="reverse_replication",
     summary="Protect a failed-back VM again, resynchronizing only what differs from its replica",
     actions=RESYNCHRONIZE.actions | {A.BEGIN_REVERSE},
-    build=build, locks=item_locks, target=item_target, params=item_job_params, restart=restart,
+    build=build, locks=item_locks, target=item_target, params=item_job_params, restart=restart_on_item(start),
     starts_from=(S.FAILBACK_COMMITTED,),
     moves_to=frozenset({S.RESYNCHRONIZING, S.PROTECTED, S.RESYNC_REQUIRED}),
     on_failed=(replication_failed,),

@@ -3,14 +3,11 @@
 Delete test VM (D) → Finish test failover cleanup (O)."""
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from models.fabric import host_queue
 from workflows import actions as A
 from workflows.engine import ORCHESTRATION_QUEUE, StepSpec
 from workflows.failover_request import RecordRequest, current_drill, load_record_operation
-from workflows.items import item_locks, item_target, start_for_item
+from workflows.items import item_locks, item_target, restart_on_item, start_for_item
 from workflows.jobkind import JobKind, declare
 from workflows.kinds.params import vm_job_params
 from workflows.outcomes import failover_ended
@@ -29,14 +26,10 @@ def start(item_id: str) -> str:
     return start_for_item(KIND, load_record_operation(item_id, (), "clean up the test failover of", current_drill))
 
 
-def restart(params: Mapping[str, Any]) -> str:
-    return start(params["item_id"])
-
-
 KIND: JobKind[RecordRequest] = declare(JobKind(
     name="test_failover_cleanup",
     summary="Delete a drill's test VM",
     actions=frozenset({A.DELETE_RECOVERY_VM, A.FINISH_CLEANUP}),
-    build=build, locks=item_locks, target=item_target, params=vm_job_params, restart=restart,
+    build=build, locks=item_locks, target=item_target, params=vm_job_params, restart=restart_on_item(start),
     on_failed=(failover_ended,), on_cancelled=(failover_ended,),
 ))
