@@ -292,13 +292,8 @@ def measure_workflows(workdir: Path, settings: dict[str, Any], progress: Callabl
     then a recovery plan's test and planned failover."""
     # Imported here: the workflow benchmarks bring Celery, the database and the tests' process helpers,
     # which a data-path run does not need.
-    from benchmarks.workflows import (
-        FleetSettings,
-        PlanSettings,
-        bench_enable_protection,
-        bench_recovery_plan,
-        bench_step_overhead,
-    )
+    from benchmarks.workflow_plan import PlanSettings, bench_recovery_plan
+    from benchmarks.workflows import FleetSettings, bench_enable_protection, bench_step_overhead
 
     fleet = FleetSettings(vms=settings["vms"], hosts=settings["fleet_hosts"], disk_size=settings["vm_disk_size"])
     plan = PlanSettings(vms=settings["plan_vms"], groups=settings["plan_groups"], hosts=settings["fleet_hosts"],
@@ -462,10 +457,11 @@ TABLE_HEADER = ["Benchmark", "Metric", "Ours", "Peer", "Ratio", "Goal", "Result"
 def text_table(lines: list[list[str]]) -> str:
     """The table for a terminal: a benchmark's name only on its first line."""
     rendered = [TABLE_HEADER] + [["" if previous[0] == line[0] else line[0]] + line[1:]
-                                 for previous, line in zip([[""]] + lines, lines)]
+                                 for previous, line in zip([[""]] + lines, lines, strict=False)]
     widths = [max(len(line[column]) for line in rendered) for column in range(len(TABLE_HEADER))]
     rule = "  ".join("-" * width for width in widths)
-    out = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in rendered]
+    out = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+           for line in rendered]
     return "\n".join([out[0], rule] + out[1:])
 
 
@@ -574,11 +570,13 @@ def plan_detail_line(benchmark: dict[str, Any]) -> str:
         f"{', '.join(f'{s:.2f}' for s in details['rto_s_median_by_group'])} s; RPO {details['rpo_s_median']:.1f} s "
         f"median, {details['rpo_s_max']:.1f} s max (the points are {point}). Median claim to success per step, "
         f"ms: {by_step}. Messages delivered (workers' logs): the plan job {details['deliveries']} for "
-        f"{details['steps']} steps ({details['deliveries_per_step']:.2f} per step; {details['steps_run_more_than_once']} "
+        f"{details['steps']} steps ({details['deliveries_per_step']:.2f} per step; "
+        f"{details['steps_run_more_than_once']} "
         f"step(s) claimed again while running, {details['step_deaths']} deaths, at most {details['max_attempts']} "
         f"attempts), the no-op engine job {details['engine_same_shape_deliveries']}, the bare canvas "
         f"{details['bare_same_shape_deliveries']}. Same shape without work: the bare canvas "
-        f"{details['bare_same_shape_seconds']:.2f} s, the no-op engine job {details['engine_same_shape_seconds']:.2f} s; "
+        f"{details['bare_same_shape_seconds']:.2f} s, the no-op engine job "
+        f"{details['engine_same_shape_seconds']:.2f} s; "
         f"read as shares of the RTO (meaningful only when every message arrives once): Celery's floor "
         f"{details['share_celery_floor']:.0%}, the engine's coordination {details['share_engine_coordination']:.0%}, "
         f"the steps' work {details['share_step_work']:.0%}. {details['records_verified']} of {details['vms']} "

@@ -1,4 +1,5 @@
-"""Local service processes the tests and the demo start and stop themselves.
+"""Local service processes the tests, the benchmarks and the demo start and stop themselves (a whole
+deployment of them: sites/deployment.py).
 
 Azurite, a private `redis-server`, `celery -A worker worker|beat|flower`: each a child process bound to
 127.0.0.1 on a free port (never the machine's shared Redis on 6379), in a session of its own so one
@@ -158,8 +159,8 @@ class AzuriteProcess:
     def start(self, timeout: float = 30.0) -> AzuriteProcess:
         if not os.access(self.executable, os.X_OK):
             raise ServiceStartError(
-                f"Azurite is not installed at {self.executable}: run `make install` or `make test` (they install Azurite "
-                f"into .tools with npm)"
+                f"Azurite is not installed at {self.executable}: run `make install` or `make test` (they install "
+                f"Azurite into .tools with npm)"
             )
         data_dir = self.workdir / "data"
         data_dir.mkdir(parents=True, exist_ok=True)

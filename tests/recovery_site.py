@@ -16,7 +16,6 @@ back; a test that wants it creates a policy of its own (`create_policy`).
 """
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -25,28 +24,26 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from services import AzuriteProcess
 from sqlmodel import select
-from workers import CeleryProcess, RedisServer, celery_env, point_app_at, start_beat, start_worker, stop_all, wait_until
 
 import tasks  # noqa: F401  (registers every action start_job validates)
 import tasks.replication as replication_actions
 from datapath.compare import first_difference
 from datapath.disk import open_disk
-from models.db import dispose_engines, init_db, session_scope
+from models.db import session_scope
 from models.fabric import Host as HostRow
 from models.fabric import VirtualMachine as VmRow
 from models.fabric import add_network_mapping, create_site, import_vm_manifest, register_host, vm_disks
 from models.jobs import Job
 from models.policy import create_policy
 from models.protection import ProtectedItem
+from sites.deployment import AZURE_CONNECTION_ENV, Deployment
 from sites.host import Host
+from sites.localservices import AzuriteProcess, CeleryProcess, RedisServer, wait_until
 from sites.storage.base import RecoveryStorage
 from workflows.engine import ItemBusyError, get_job
 from workflows.protection import enable_protection, item_status, load_item, start_delta_replication
 
-AZURE_CONNECTION_ENV = "ASR_AZURE_CONNECTION_STRING"
-"""The variable holding the Azurite connection string in every worker (and this process)."""
 DEFAULT_TIME_SCALE = 10
 ALL_DAY = (time_of_day(0, 0), time_of_day(23, 59, 59, 999999))
 EVERY_DAY = (0, 1, 2, 3, 4, 5, 6)
@@ -85,42 +82,41 @@ class RecoverySite:
         """Compute hosts of the recovery site (failovers create VMs there); the first is every item's
         default recovery host."""
         self.host_concurrency = host_concurrency
-        self.processes: list[CeleryProcess] = []
-        self.workers: dict[str, CeleryProcess] = {}
         self.vm_hosts: dict[str, str] = {}  # vm id -> host name
         self._hosts: dict[str, Host] = {}
-        self._saved_env: dict[str, str | None] = {}
         self._closed = False
 
-        self.redis = RedisServer(self.workdir / "redis", appendonly=appendonly).start()
+        settings = {
+            "ASR_HEARTBEAT_S": "1",
+            "ASR_STALE_AFTER_S": "3",
+            "ASR_RECONCILE_S": "1",
+            "ASR_TICK_S": "1",
+            "ASR_TIME_SCALE": str(time_scale),
+        }
+        if backend == "azure":
+            self.container = f"site-{uuid.uuid4().hex[:20]}"
+            self.recovery_storage = f"azure:{self.container}"
+            self.storage_options: dict[str, Any] = {"connection_string_env": AZURE_CONNECTION_ENV}
+        else:
+            self.recovery_dir = self.workdir / "recovery-site"
+            self.recovery_storage = f"file://{self.recovery_dir}"
+            self.storage_options = {}
+        settings.update(env or {})
+        # tasks/__init__ imports these already; named so that no other test actions are loaded into this
+        # deployment's workers (unless `env` names more). For the workers only.
+        action_modules = settings.pop("ASR_ACTION_MODULES", replication_actions.__name__)
+        workers = {"orchestration": (["orchestration", "recovery"], 2)}
+        workers |= {f"host-{name}": ([f"host.{name}"], host_concurrency)
+                    for name in (*self.host_names, *self.recovery_host_names)}
+        self.deployment = Deployment(
+            self.workdir, workers=workers, appendonly=appendonly, azurite=azurite if backend == "azure" else False,
+            settings=settings, worker_settings={"ASR_ACTION_MODULES": action_modules},
+        )
+        self.deployment.start(processes=False)
         try:
-            self.database_url = f"sqlite:///{self.workdir / 'asr.db'}"
-            settings = {
-                "ASR_HEARTBEAT_S": "1",
-                "ASR_STALE_AFTER_S": "3",
-                "ASR_RECONCILE_S": "1",
-                "ASR_TICK_S": "1",
-                "ASR_TIME_SCALE": str(time_scale),
-                # tasks/__init__ imports these already; named so the engine tests' actions (celery_env's
-                # default) are not loaded into this deployment.
-                "ASR_ACTION_MODULES": replication_actions.__name__,
-            }
-            if backend == "azure":
-                settings[AZURE_CONNECTION_ENV] = azurite.connection_string()
-                self.container = f"site-{uuid.uuid4().hex[:20]}"
-                self.recovery_storage = f"azure:{self.container}"
-                self.storage_options: dict[str, Any] = {"connection_string_env": AZURE_CONNECTION_ENV}
-            else:
-                self.recovery_dir = self.workdir / "recovery-site"
-                self.recovery_storage = f"file://{self.recovery_dir}"
-                self.storage_options = {}
-            settings.update(env or {})
-            self.env = celery_env(broker_url=self.redis.url, database_url=self.database_url, **settings)
-            self._point_this_process_here(settings)
-            init_db()
             self._register_fabric(policy_options or {})
             if start_workers:
-                self._start_default_processes()
+                self.deployment.start_processes()
         except BaseException:
             self.close()
             raise
@@ -144,70 +140,49 @@ class RecoverySite:
                     self.host(host_name).stop_workload(self.vm_name(vm_id), timeout=5)
                 except Exception:  # noqa: BLE001 - closing must go on to stop everything else
                     pass
-            stop_all(self.processes)
-            self.redis.stop()
         finally:
-            dispose_engines()
-            for key, value in self._saved_env.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-            point_app_at(self._previous_broker)
+            self.deployment.close()
 
-    def _point_this_process_here(self, settings: Mapping[str, str]) -> None:
-        from worker import app
+    @property
+    def redis(self) -> RedisServer:
+        return self.deployment.redis
 
-        self._previous_broker = app.conf.broker_url
-        for key, value in {**settings, "ASR_BROKER_URL": self.redis.url,
-                           "ASR_DATABASE_URL": self.database_url}.items():
-            if key == "ASR_ACTION_MODULES":
-                continue
-            self._saved_env.setdefault(key, os.environ.get(key))
-            os.environ[key] = value
-        dispose_engines()
-        point_app_at(self.redis.url)
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment of the workers and beat (and of any other process of this site)."""
+        return self.deployment.env
 
-    def _start_default_processes(self) -> None:
-        starting = [self.start_orchestration_worker(wait=False)]
-        starting += [self.start_host_worker(name, wait=False)
-                     for name in (*self.host_names, *self.recovery_host_names)]
-        starting.append(self.start_beat(wait=False))
-        for process in starting:
-            process.wait_ready()
+    @property
+    def database_url(self) -> str:
+        return self.deployment.database_url
+
+    @property
+    def workers(self) -> dict[str, CeleryProcess]:
+        """The running processes by name ("orchestration", "host-host1", "beat")."""
+        return self.deployment.workers
+
+    @property
+    def processes(self) -> list[CeleryProcess]:
+        return self.deployment.processes
 
     def start_orchestration_worker(self, *, name: str = "orchestration", concurrency: int = 2,
                                    wait: bool = True) -> CeleryProcess:
         """A worker on the orchestration and recovery queues."""
-        return self._track(name, start_worker(name, ["orchestration", "recovery"], self.env, self.workdir,
-                                              concurrency=concurrency, wait=wait))
+        return self.deployment.add_worker(name, ["orchestration", "recovery"], concurrency=concurrency, wait=wait)
 
     def start_host_worker(self, host_name: str, *, concurrency: int | None = None,
                           wait: bool = True) -> CeleryProcess:
         """The agent worker of a host: it serves the queue host.<name>."""
-        name = f"host-{host_name}"
-        return self._track(name, start_worker(name, [f"host.{host_name}"], self.env, self.workdir,
-                                              concurrency=concurrency or self.host_concurrency, wait=wait))
+        return self.deployment.add_worker(f"host-{host_name}", [f"host.{host_name}"],
+                                          concurrency=concurrency or self.host_concurrency, wait=wait)
 
     def start_beat(self, *, wait: bool = True) -> CeleryProcess:
         """Beat: the reconciler every ASR_RECONCILE_S and the replication scheduler every ASR_TICK_S."""
-        return self._track("beat", start_beat(self.env, self.workdir, wait=wait))
+        return self.deployment.start_beat(wait=wait)
 
     def stop_process(self, name: str, *, kill: bool = False) -> None:
         """Stop one of the processes by its name ("orchestration", "host-host1", "beat")."""
-        process = self.workers.pop(name)
-        self.processes.remove(process)
-        if kill:
-            process.kill()
-        else:
-            stop_all([process])
-
-    def _track(self, name: str, process: CeleryProcess) -> CeleryProcess:
-        if name in self.workers:
-            raise ValueError(f"a process named {name!r} is already running in this site")
-        self.workers[name] = process
-        self.processes.append(process)
-        return process
+        self.deployment.stop_process(name, kill=kill)
 
     # ---- fabric ---------------------------------------------------------------------------------
     def _register_fabric(self, policy_options: Mapping[str, Any]) -> None:
@@ -386,7 +361,4 @@ class RecoverySite:
         return "\n".join(lines)
 
     def log_tails(self) -> str:
-        parts = []
-        for name, process in self.workers.items():
-            parts.append(f"--- tail of {name} ({process.log_path}) ---\n{process.log()[-LOG_TAIL_CHARS:]}")
-        return "\n".join(parts)
+        return self.deployment.log_tails(LOG_TAIL_CHARS)

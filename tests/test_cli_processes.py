@@ -20,12 +20,11 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-from services import free_port
 from sqlmodel import select
-from workers import RedisServer, wait_until
 
 from models.db import dispose_engines, get_engine, init_db, session_scope
 from models.fabric import Host, create_site, register_host
+from sites.localservices import RedisServer, free_port, wait_until
 
 ASR = str(Path(sys.executable).with_name("asr"))
 PYTHON = sys.executable

@@ -9,7 +9,6 @@ replication.
 """
 from __future__ import annotations
 
-import hashlib
 import sys
 import time
 from datetime import timedelta
@@ -19,14 +18,14 @@ from typing import Any
 import pytest
 from recovery_site import RecoverySite
 from sqlmodel import select
-from workers import wait_until
 
-from datapath.disk import open_disk
+from datapath.digest import disk_digest
 from datapath.points import PointUnavailableError, open_point
 from models.db import session_scope
 from models.failover import FailoverKind, FailoverRecord, FailoverStatus
 from models.plans import create_plan
 from models.protection import ProtectedItem, RecoveryPoint, RecoveryPointKind, recovery_points
+from sites.localservices import wait_until
 from tasks.replication import open_recovery_storage, replica_of
 from workflows import failover as fo
 from workflows.engine import get_job
@@ -39,18 +38,6 @@ JOB_TIMEOUT = 90
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
-def disk_digest(path: Path) -> str:
-    """sha256 of the disk's guest-visible bytes (a VHD's footer excluded)."""
-    digest = hashlib.sha256()
-    with open_disk(path) as disk:
-        buffer = bytearray(4 * MIB)
-        for offset in range(0, disk.size, len(buffer)):
-            view = memoryview(buffer)[:min(len(buffer), disk.size - offset)]
-            disk.read_into(offset, view)
-            digest.update(view)
-    return digest.hexdigest()
-
-
 def vm_digests(site: RecoverySite, host: str, vm: str) -> dict[str, str]:
     return {disk.name: disk_digest(disk.path) for disk in site.host(host).get_vm(vm).disks}
 
@@ -364,10 +351,12 @@ def test_recovery_plan_of_three_groups_with_a_manual_action(tmp_path, request):
         vms = {name: protected_vm(site, name, seed=i + 1, disks=[("disk0", "8M", "vhd")])
                for i, name in enumerate(("db01", "app01", "web01"))}
         marker = tmp_path / "plan.log"
-        script = [sys.executable, "-c", f"import os; open({str(marker)!r}, 'a').write(os.environ['ASR_PLAN_ID'] + '\\n')"]
+        script = [sys.executable, "-c",
+                  f"import os; open({str(marker)!r}, 'a').write(os.environ['ASR_PLAN_ID'] + '\\n')"]
         with session_scope() as session:
             plan = create_plan(session, "shop", [
-                {"name": "data", "vms": [vms["db01"]], "after": [{"kind": "script", "name": "check-db", "command": script}]},
+                {"name": "data", "vms": [vms["db01"]],
+                 "after": [{"kind": "script", "name": "check-db", "command": script}]},
                 {"name": "apps", "vms": [vms["app01"]],
                  "before": [{"kind": "manual", "name": "dns", "instructions": "Point DNS at the recovery site"}]},
                 {"name": "web", "vms": [vms["web01"]]},

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from engine_harness import EventCapture
 from recovery_site import RecoverySite
-from services import AzuriteProcess
-from workers import EventCapture, wait_until
 
 import sites.localservices
 from datapath.replication import ReplicaDisk, ReplicaState
+from sites.localservices import AzuriteProcess, wait_until
 from workflows.engine import get_job
 from workflows.progress import job_progress
 
@@ -256,8 +256,10 @@ def test_storage_outage_mid_copy_waits_on_the_retry_schedule_then_the_job_succee
             assert sorted(waits) == list(range(1, retries_to_see + 1))
             assert {waiting["error_class"] for waiting in waits.values()} == {"datapath.errors.StorageUnavailableError"}
             # 1, 2, 4 and 8 minutes after the failed attempts, scaled by 600.
-            recorded = [round((at(waits[attempt]["next_attempt_at"]) - at(waits[attempt]["ended_at"])).total_seconds(), 3)
-                        for attempt in sorted(waits)]
+            recorded = [
+                round((at(waits[attempt]["next_attempt_at"]) - at(waits[attempt]["ended_at"])).total_seconds(), 3)
+                for attempt in sorted(waits)
+            ]
             assert recorded == [0.1, 0.2, 0.4, 0.8], recorded
             item = site.item(vm_id)
             assert (item["state"], item["health"]) == ("protected", "Healthy"), item
@@ -293,7 +295,7 @@ def test_copy_whose_worker_dies_every_time_fails_as_poison_and_marks_the_item_cr
                          what=f"run {run} of the copy to be copying")
             site.stop_process(HOST_WORKER, kill=True)
             if run < max_deaths:
-                wait_until(lambda: step_named(get_job(job_id), copy)["deaths"] == run, timeout=15,
+                wait_until(lambda run=run: step_named(get_job(job_id), copy)["deaths"] == run, timeout=15,
                            what=f"the reconciler to count death {run} of the copy's worker")
                 site.start_host_worker(HOST)
 

@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from recovery_site import RecoverySite
-from services import LOCALHOST, free_port, port_answers
-from workers import wait_until
 
+from sites.localservices import LOCALHOST, free_port, port_answers, wait_until
 from workflows.engine import step_task_name
 
 ASR = str(Path(sys.executable).with_name("asr"))
@@ -175,7 +174,8 @@ def test_flower_shows_the_jobs_tasks_and_workers_behind_basic_auth(tmp_path: Pat
             assert flower.get("/healthcheck", auth=None) == (200, "OK")
             status, metrics = flower.get("/metrics", auth=None)
             assert status == 200
-            progress_count = event_count(metrics, worker=host_node, type="task-progress", task=step_task_name(COPY_DISK))
+            progress_count = event_count(metrics, worker=host_node, type="task-progress",
+                                         task=step_task_name(COPY_DISK))
             assert progress_count >= 2, metrics[-3000:]
         finally:
             flower.stop()

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 from azure.storage.blob import BlobServiceClient
-from services import AZURITE_ACCOUNT_KEY, AzuriteProcess, ServiceStartError
 
 from datapath.endpoint import DiskEndpoint
 from datapath.errors import (
@@ -34,6 +33,7 @@ from datapath.errors import (
     StorageUnavailableError,
 )
 from datapath.vhd import DISK_TYPE_FIXED, FOOTER_SIZE, MIB, parse_footer
+from sites.localservices import AZURITE_ACCOUNT_KEY, AzuriteProcess, ServiceStartError
 from sites.storage import ObjectNotFoundError, open_storage
 from sites.storage.azure import MAX_PUT_PAGE, AzureBlobStorage, StorageRequestError
 from sites.storage.base import RecoveryStorage

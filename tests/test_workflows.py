@@ -16,14 +16,13 @@ from typing import Any
 
 import pytest
 from recovery_site import RecoverySite
-from services import AzuriteProcess
 from sqlmodel import select
-from workers import wait_until
 
 from datapath.replication import ReplicaDisk
 from models.db import session_scope
 from models.jobs import Job
 from models.protection import ProtectedItem, recovery_points, require_resync
+from sites.localservices import AzuriteProcess, wait_until
 from workflows.engine import ItemBusyError
 from workflows.protection import disable_protection, load_item, start_delta_replication, start_resync
 
