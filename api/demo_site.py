@@ -267,7 +267,7 @@ class DemoSite:
 
     def delta_cycles(self, vms: Iterable[str], stage: Stage) -> dict[str, dict[str, Any]]:
         """One delta cycle of each VM, side by side; {vm: finished job}."""
-        from workflows.protection import start_delta_replication
+        from workflows.kinds.delta_replication import start as start_delta_replication
 
         started = {self.request(lambda vm=vm: start_delta_replication(self.vms[vm].item_id), f"delta cycle {vm}",
                                 stage): vm for vm in vms}
@@ -284,7 +284,7 @@ class DemoSite:
 
     # ---- reading state ------------------------------------------------------------------------------------
     def state(self, vm: str) -> str:
-        from workflows.protection import item_status
+        from workflows.items import item_status
 
         return item_status(self.vms[vm].item_id)["state"]
 
@@ -320,7 +320,7 @@ class DemoSite:
         """{disk name: the replica's disk endpoint on the recovery storage}, open for the block."""
         from models.db import session_scope
         from tasks.replication import open_recovery_storage, replica_of
-        from workflows.protection import load_item
+        from workflows.items import load_item
 
         with session_scope() as session:
             view = load_item(session, self.vms[vm].item_id)

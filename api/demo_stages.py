@@ -34,7 +34,8 @@ class Interrupted(BaseException):
 def stage_protect(d: DemoSite, stage: Stage, checks: list[Check]) -> None:
     from models.protection import RecoveryPointKind
     from workflows.engine import get_job
-    from workflows.protection import enable_protection, item_status
+    from workflows.items import item_status
+    from workflows.kinds.enable_protection import start as enable_protection
 
     for vm in d.vms.values():
         # The writer writes only through the replication tracker (as a guest's writes pass Hyper-V
@@ -86,12 +87,13 @@ def stage_replicate(d: DemoSite, stage: Stage, checks: list[Check], *, corrupt: 
 
 def stage_drill(d: DemoSite, stage: Stage, checks: list[Check]) -> None:
     from models.failover import FailoverStatus
-    from workflows import failover as fo
+    from workflows import failover_request, kinds
 
     vm, item_id = FAILOVER_VM, d.vms[FAILOVER_VM].item_id
     d.stop_writer(vm)  # the latest point then holds exactly these disks
     copies = d.copy_disks(vm, "drill")
-    d.run(lambda: fo.start_test_failover(item_id, point=fo.PointChoice.LATEST), f"test failover of {vm}", stage)
+    d.run(lambda: kinds.test_failover.start(item_id, point=failover_request.PointChoice.LATEST),
+          f"test failover of {vm}", stage)
     d.start_writer(vm)
     drill = d.latest_record(vm, "test")
     test_vm = drill.target_vm
@@ -102,14 +104,14 @@ def stage_drill(d: DemoSite, stage: Stage, checks: list[Check]) -> None:
                         bool(drill.verified) and drill.produced_roots == drill.expected_roots,
                         f"verified={drill.verified}, RTO {drill.rto_s and round(drill.rto_s, 1)} s"))
     networks = {a.vm_network for a in d.hosts[RECOVERY_HOST].get_vm(test_vm).network_adapters}
-    checks.append(Check("the test VM is in the isolated test network", networks == {fo.DEFAULT_TEST_NETWORK},
-                        ", ".join(sorted(networks))))
+    checks.append(Check("the test VM is in the isolated test network",
+                        networks == {failover_request.DEFAULT_TEST_NETWORK}, ", ".join(sorted(networks))))
     count = len(d.points(vm))
     time.sleep(0.5)
     d.delta_cycles([vm], stage)
     checks.append(Check(f"{vm} keeps replicating while the test VM exists",
                         len(d.points(vm)) > count and d.state(vm) == "protected", d.state(vm)))
-    d.run(lambda: fo.start_test_failover_cleanup(item_id), f"test failover cleanup of {vm}", stage)
+    d.run(lambda: kinds.test_failover_cleanup.start(item_id), f"test failover cleanup of {vm}", stage)
     left = [v.name for v in d.hosts[RECOVERY_HOST].list_vms()]
     status = d.latest_record(vm, "test").status
     checks.append(Check("cleanup deleted the test VM", test_vm not in left
@@ -117,12 +119,12 @@ def stage_drill(d: DemoSite, stage: Stage, checks: list[Check]) -> None:
 
 
 def stage_failover(d: DemoSite, stage: Stage, checks: list[Check]) -> None:
-    from workflows import failover as fo
+    from workflows import failover_request, kinds
 
     vm, item_id = FAILOVER_VM, d.vms[FAILOVER_VM].item_id
     primary_host = d.vms[vm].host
     time.sleep(0.5)  # the writer runs: the shutdown stops it and the last writes are shipped
-    d.run(lambda: fo.start_planned_failover(item_id), f"planned failover of {vm}", stage)
+    d.run(lambda: kinds.planned_failover.start(item_id), f"planned failover of {vm}", stage)
     record = d.latest_record(vm, "planned")
     recovery_disks = {disk.name: disk.path for disk in d.disks(vm, RECOVERY_HOST)}
     for disk in d.disks(vm):
@@ -133,11 +135,11 @@ def stage_failover(d: DemoSite, stage: Stage, checks: list[Check]) -> None:
                         and d.state(vm) == "failed_over", f"verified={record.verified}, {d.state(vm)}"))
     primary_before = {disk.name: disk_digest(disk.path) for disk in d.disks(vm)}
 
-    d.run(lambda: fo.commit_failover(item_id), f"commit failover of {vm}", stage)
+    d.run(lambda: kinds.commit_failover.start(item_id), f"commit failover of {vm}", stage)
     d.start_writer(vm, RECOVERY_HOST, RECOVERY_WRITER_RATE_MB_S)
     d.console.say(f"  writer running on the recovery VM {vm} at {RECOVERY_HOST}")
     time.sleep(1.0)
-    job = d.run(lambda: fo.start_failback(item_id, mode=fo.FailbackMode.MINIMIZE_DOWNTIME),
+    job = d.run(lambda: kinds.failback.start(item_id, mode=failover_request.FailbackMode.MINIMIZE_DOWNTIME),
                 f"failback (minimize downtime) of {vm}", stage)
     sent = [s["result"] for s in job["steps"] if s["name"].startswith("Send differences")]
     chunks = f"{sum(r['chunks_sent'] for r in sent)} of {sum(r['chunks_compared'] for r in sent)} chunks sent"
@@ -146,7 +148,7 @@ def stage_failover(d: DemoSite, stage: Stage, checks: list[Check]) -> None:
                         d.state(vm) == "failback_ready" and untouched
                         and d.hosts[RECOVERY_HOST].workload_running(vm), f"{d.state(vm)}; {chunks}"))
     time.sleep(0.5)
-    d.run(lambda: fo.complete_failback(item_id), f"complete failback of {vm}", stage)
+    d.run(lambda: kinds.failback_completion.start(item_id), f"complete failback of {vm}", stage)
     final = {disk.name: disk.path for disk in d.disks(vm, RECOVERY_HOST)}
     for disk in d.disks(vm):
         ok, detail = compare_disks(final[disk.name], disk.path)
@@ -155,11 +157,11 @@ def stage_failover(d: DemoSite, stage: Stage, checks: list[Check]) -> None:
     checks.append(Check("the recovery VM's writes came back to the primary", came_back,
                         "primary changed" if came_back else "primary unchanged"))
 
-    d.run(lambda: fo.commit_failback(item_id), f"commit failback of {vm}", stage)
+    d.run(lambda: kinds.commit_failback.start(item_id), f"commit failback of {vm}", stage)
     gone = vm not in [v.name for v in d.hosts[RECOVERY_HOST].list_vms()]
     checks.append(Check("commit deleted the recovery VM", gone, "deleted" if gone else "still there"))
     d.start_writer(vm)
-    job = d.run(lambda: fo.start_reverse_replication(item_id), f"reverse replication of {vm}", stage)
+    job = d.run(lambda: kinds.reverse_replication.start(item_id), f"reverse replication of {vm}", stage)
     resynced = [s["result"] for s in job["steps"] if s["name"].startswith("Resynchronize disk")]
     size = sum(disk.size for disk in d.disks(vm))
     sent_bytes = sum(r["bytes_sent"] for r in resynced)
@@ -174,8 +176,8 @@ def stage_failover(d: DemoSite, stage: Stage, checks: list[Check]) -> None:
 def stage_plan(d: DemoSite, stage: Stage, checks: list[Check]) -> None:
     from models.db import session_scope
     from models.plans import create_plan
-    from workflows import failover as fo
-    from workflows.plans import start_plan
+    from workflows import kinds
+    from workflows.kinds.recovery_plan import start_plan
 
     members = [vm for _, names in PLAN_GROUPS for vm in names]
     d.quiet_cycles(members, stage)  # the latest points then hold exactly these disks
@@ -202,7 +204,7 @@ def stage_plan(d: DemoSite, stage: Stage, checks: list[Check]) -> None:
             ok, detail = compare_disks(copies[vm][disk.name], disk.path)
             checks.append(Check(f"test VM {drill.target_vm}/{disk.name} equals the source at the point", ok, detail))
         checks.append(Check(f"{vm}'s drill verified", bool(drill.verified), f"verified={drill.verified}"))
-    cleanups = {d.request(lambda vm=vm: fo.start_test_failover_cleanup(d.vms[vm].item_id),
+    cleanups = {d.request(lambda vm=vm: kinds.test_failover_cleanup.start(d.vms[vm].item_id),
                           f"test failover cleanup of {vm}", stage): f"cleanup {vm}" for vm in members}
     d.wait(cleanups)
     left = [v.name for v in d.hosts[RECOVERY_HOST].list_vms()]

@@ -100,7 +100,7 @@ def run_bare_canvas(shape: list[list[dict[str, str]]]) -> dict[str, Any]:
 
     from benchmarks.workflow_actions import NOOP_TASK
     from worker import app
-    from workflows.engine import forget_result_waiters
+    from workflows.canvas import forget_result_waiters
 
     def stage_signature(stage: list[dict[str, str]], last: bool):
         signatures = [app.signature(NOOP_TASK, immutable=True, queue=step["queue"], ignore_result=not last)
@@ -144,7 +144,7 @@ def bench_recovery_plan(workdir: Path, plan: PlanSettings, seed: int,
     from models.db import session_scope
     from models.plans import create_plan
     from workflows.engine import get_job, is_step_task
-    from workflows.plans import start_plan
+    from workflows.kinds.recovery_plan import start_plan
 
     host_names = tuple(f"host{number}" for number in range(1, plan.hosts + 1))
     measured: dict[str, dict[str, Any]] = {}
@@ -234,7 +234,7 @@ def _settled_deliveries(site: Any, task_name: str | Callable[[str], bool]) -> in
 def _wait_idle(site: Any, vm_ids: list[str]) -> None:
     """Until no job holds any of the VMs (a plan is refused while one does)."""
 
-    from workflows.failover import active_jobs
+    from workflows.items import active_jobs
 
     item_ids = [site.item_id(vm_id) for vm_id in vm_ids]
     wait_until(lambda: not active_jobs(item_ids), timeout=120, what="every VM of the plan to be free of jobs")

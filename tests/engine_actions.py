@@ -1,9 +1,10 @@
 """Actions and job hooks the engine tests run in real worker processes.
 
 Workers import this module through ASR_ACTION_MODULES=tests.engine_actions; the test process imports
-it too (as `engine_actions`), so `start_job` finds the action names registered. Each action leaves a
-trace in files named by its params, the only channel from a worker back to the test: one line per
-event, written with a single append so a killed process never leaves half a record behind.
+it too (as `engine_actions`), so the test job kinds it declares (all named `test.*`) can be started.
+Each action leaves a trace in files named by its params, the only channel from a worker back to the
+test: one line per event, written with a single append so a killed process never leaves half a record
+behind.
 """
 from __future__ import annotations
 
@@ -16,9 +17,15 @@ from typing import Any
 
 from datapath.errors import DiskFormatError, NonRecoverableError, StorageUnavailableError
 from models.jobs import Job
-from workflows.engine import AwaitingOperator, StepCancelled, StepContext, action, job_hook
+from workflows import actions
+from workflows.engine import AwaitingOperator, StepCancelled, StepContext, action
+from workflows.jobkind import JobKind, declare
 
 HOOKED_KIND = "test.hooked"
+TEST_ACTIONS = frozenset(actions.declare(name) for name in (
+    "test.record", "test.flaky", "test.broken_chain", "test.count", "test.kill_own_worker", "test.until_cancelled",
+    "test.manual", "test.only_in_this_process",
+))
 
 
 def append_line(path: str, record: dict[str, Any] | str) -> None:
@@ -129,5 +136,14 @@ def _log_outcome(job: Job, _session: Any) -> None:
     })
 
 
-for _outcome in ("succeeded", "failed", "cancelled"):
-    job_hook(HOOKED_KIND, _outcome)(_log_outcome)
+def _test_kind(name: str, hooks: tuple = ()) -> JobKind:
+    # The engine tests build their stages by hand and call start_job: the kind only declares the name, the
+    # actions and the hooks.
+    return declare(JobKind(name=name, summary="engine test jobs", actions=TEST_ACTIONS, build=lambda stages: stages,
+                           locks=lambda _: [], target=lambda _: None, params=lambda _: {},
+                           on_succeeded=hooks, on_failed=hooks, on_cancelled=hooks))
+
+
+_test_kind(HOOKED_KIND, (_log_outcome,))
+for _name in ("enable_protection", "delta_replication", "resynchronize", "failover", "recovery_plan_failover"):
+    _test_kind(f"test.{_name}")

@@ -42,7 +42,9 @@ from sites.host import Host
 from sites.localservices import AzuriteProcess, CeleryProcess, RedisServer, wait_until
 from sites.storage.base import RecoveryStorage
 from workflows.engine import ItemBusyError, get_job
-from workflows.protection import enable_protection, item_status, load_item, start_delta_replication
+from workflows.items import item_status, load_item
+from workflows.kinds.delta_replication import start as start_delta_replication
+from workflows.kinds.enable_protection import start as enable_protection
 
 DEFAULT_TIME_SCALE = 10
 ALL_DAY = (time_of_day(0, 0), time_of_day(23, 59, 59, 999999))

@@ -150,7 +150,7 @@ def test_three_stage_job_runs_stage_by_stage_with_a_parallel_stage_on_the_host_q
         lambda event: event.get("step_name") == "Finalize protection" and event["done"] < event["total"],
         timeout=60,
     )
-    job_id = start_job("enable_protection", lock_key=lock_key(), stages=stages, target="app01")
+    job_id = start_job("test.enable_protection", lock_key=lock_key(), stages=stages, target="app01")
 
     live = wait_until(
         lambda: [p for p in job_progress(job_id).values()
@@ -190,7 +190,7 @@ def test_three_stage_job_runs_stage_by_stage_with_a_parallel_stage_on_the_host_q
 def test_recoverable_failures_wait_on_the_long_schedule_then_succeed(cluster: Deployment, tmp_path: Path) -> None:
     log = tmp_path / "flaky.log"
     failing_attempts = 7
-    job_id = start_job("delta_replication", lock_key=lock_key(), stages=[[StepSpec(
+    job_id = start_job("test.delta_replication", lock_key=lock_key(), stages=[[StepSpec(
         "Ship replication log", "test.flaky", "orchestration", {"log": str(log), "failing_attempts": failing_attempts},
     )]])
     # Every wait lasts at least 0.1 s: polling every 20 ms sees each one.
@@ -230,7 +230,7 @@ def test_a_retried_step_of_a_parallel_stage_runs_alone_and_the_reconciler_carrie
     cluster: Deployment, tmp_path: Path
 ) -> None:
     log, flaky_log = tmp_path / "record.log", tmp_path / "flaky.log"
-    job_id = start_job("delta_replication", lock_key=lock_key(), stages=[
+    job_id = start_job("test.delta_replication", lock_key=lock_key(), stages=[
         [StepSpec("Ship log disk0", "test.flaky", "host.h1", {"log": str(flaky_log), "failing_attempts": 1}),
          StepSpec("Ship log disk1", "test.record", "host.h1", {"log": str(log), "label": "disk1", "seconds": 1.5})],
         [StepSpec("Apply logs", "test.record", "orchestration", {"log": str(log), "label": "apply"})],
@@ -286,7 +286,7 @@ def test_steps_run_as_tasks_named_after_their_action_and_an_action_a_worker_lack
         return None
 
     log = tmp_path / "named.log"
-    job_id = start_job("delta_replication", lock_key=lock_key(), stages=[
+    job_id = start_job("test.delta_replication", lock_key=lock_key(), stages=[
         [StepSpec("Record", "test.record", "orchestration", {"log": str(log), "label": "a"})],
         [StepSpec("Not on the worker", "test.only_in_this_process", "orchestration", {})],
     ])
@@ -304,15 +304,15 @@ def test_a_second_job_on_the_same_item_is_refused_and_creates_nothing(cluster: D
     key = lock_key()
     log = str(tmp_path / "busy.log")
     holding = [[StepSpec("Initial replication", "test.until_cancelled", "host.h1", {"log": log, "seconds": 20})]]
-    first = start_job("enable_protection", lock_key=key, target="app03", stages=holding)
+    first = start_job("test.enable_protection", lock_key=key, target="app03", stages=holding)
     wait_for_step(first, "Initial replication", {"running"}, timeout=20)
     before = table_counts()
-    with pytest.raises(ItemBusyError, match=rf"app03 is busy with job {first} \(enable_protection, running\)"):
-        start_job("resynchronize", lock_key=key, target="app03", stages=holding)
+    with pytest.raises(ItemBusyError, match=rf"app03 is busy with job {first} \(test.enable_protection, running\)"):
+        start_job("test.resynchronize", lock_key=key, target="app03", stages=holding)
     assert table_counts() == before
     cancel(first)
     wait_until(lambda: lock_holder(key) is None, timeout=15, what="the lock to be released")
-    second = start_job("resynchronize", lock_key=key, target="app03", stages=holding)
+    second = start_job("test.resynchronize", lock_key=key, target="app03", stages=holding)
     assert lock_holder(key) == second
     cancel(second)
     assert wait_for_job(second, timeout=15)["state"] == "cancelled"
@@ -329,7 +329,7 @@ def test_bad_job_definitions_are_refused_with_the_step_named(cluster: Deployment
     ]
     for stages, message in bad_definitions:
         with pytest.raises(ValueError, match=message):
-            start_job("enable_protection", lock_key=lock_key(), stages=stages)
+            start_job("test.enable_protection", lock_key=lock_key(), stages=stages)
     assert table_counts() == before
 
 
@@ -368,7 +368,7 @@ def test_retry_now_runs_a_waiting_step_at_once_and_cancel_ends_a_waiting_job(
     real_time = {**cluster.env, "ASR_TIME_SCALE": "1"}
     cluster.add_worker("host-realtime", ["host.realtime"], env=real_time)
     log, hook_log = tmp_path / "flaky.log", tmp_path / "hooks.log"
-    job_id = start_job("delta_replication", lock_key=lock_key(), stages=[[StepSpec(
+    job_id = start_job("test.delta_replication", lock_key=lock_key(), stages=[[StepSpec(
         "Ship replication log", "test.flaky", "host.realtime", {"log": str(log), "failing_attempts": 1})]])
     step = wait_for_step(job_id, "Ship replication log", {"waiting_retry"}, timeout=20)
     assert (at(step["next_attempt_at"]) - at(step["ended_at"])).total_seconds() == pytest.approx(60, abs=0.001)
@@ -436,7 +436,7 @@ def test_a_manual_action_pauses_the_job_holding_its_lock_until_an_operator_resum
     # The job still holds its item.
     assert lock_holder(key) == job_id
     with pytest.raises(ItemBusyError, match=rf"app05 is busy with job {job_id} \(test.hooked, waiting_action\)"):
-        start_job("delta_replication", lock_key=key, target="app05", stages=[[StepSpec(
+        start_job("test.delta_replication", lock_key=key, target="app05", stages=[[StepSpec(
             "Ship logs", "test.record", "host.h1", {"log": str(log), "label": "never"})]])
     assert not read_records(hook_log)
 
@@ -461,7 +461,7 @@ def test_a_manual_action_pauses_the_job_holding_its_lock_until_an_operator_resum
 
 def test_two_operators_resuming_at_once_resume_the_step_once(cluster: Deployment, tmp_path: Path) -> None:
     log, manual_log = tmp_path / "record.log", tmp_path / "manual.log"
-    job_id = start_job("failover", lock_key=lock_key(), stages=[
+    job_id = start_job("test.failover", lock_key=lock_key(), stages=[
         [manual_step("Confirm application shutdown", manual_log, "Stop the application tier, then resume")],
         [StepSpec("Fail over VM", "test.record", "recovery", {"log": str(log), "label": "failover"})],
     ])
@@ -522,7 +522,7 @@ def test_an_operator_wait_shows_before_a_retry_wait_and_resume_leaves_the_retry_
     # Real time for the flaky step (scale 1): its retry stays a minute away while the operator acts.
     cluster.add_worker("host-operator-rt", ["host.operatorrt"], env={**cluster.env, "ASR_TIME_SCALE": "1"})
     log, flaky_log, manual_log = tmp_path / "record.log", tmp_path / "flaky.log", tmp_path / "manual.log"
-    job_id = start_job("failover", lock_key=lock_key(), stages=[
+    job_id = start_job("test.failover", lock_key=lock_key(), stages=[
         [StepSpec("Ship log disk0", "test.flaky", "host.operatorrt", {"log": str(flaky_log), "failing_attempts": 1}),
          manual_step("Confirm application shutdown", manual_log)],
         [StepSpec("Fail over VM", "test.record", "recovery", {"log": str(log), "label": "failover"})],
@@ -536,7 +536,7 @@ def test_an_operator_wait_shows_before_a_retry_wait_and_resume_leaves_the_retry_
     assert job["state"] == "waiting_retry"
     assert [step["state"] for step in job["steps"]] == ["waiting_retry", "succeeded", "pending"]
     assert job["steps"][1]["result"]["note"] == ""
-    with pytest.raises(JobStateError, match=rf"job {job_id} \(failover\) has no step waiting for an operator"):
+    with pytest.raises(JobStateError, match=rf"job {job_id} \(test.failover\) has no step waiting for an operator"):
         resume(job_id)
 
     assert retry_now(job_id) == [ship["id"]]
@@ -553,7 +553,7 @@ def test_a_job_holding_several_locks_keeps_each_item_busy_and_frees_them_all_whe
 ) -> None:
     manual_log, never = tmp_path / "manual.log", tmp_path / "never.log"
     keys = [lock_key() for _ in range(3)]
-    plan = start_job("recovery_plan_failover", lock_key=keys, target="plan01", stages=[
+    plan = start_job("test.recovery_plan_failover", lock_key=keys, target="plan01", stages=[
         [manual_step("Confirm failover of plan01", manual_log, "Confirm the failover, then resume")],
     ])
     wait_for_job(plan, {"waiting_action"}, timeout=20)
@@ -565,20 +565,22 @@ def test_a_job_holding_several_locks_keeps_each_item_busy_and_frees_them_all_whe
     one_step = [[StepSpec("Ship logs", "test.record", "host.h1", {"log": str(never), "label": "never"})]]
     for number, key in enumerate(keys):
         with pytest.raises(ItemBusyError,
-                           match=rf"^app{number} is busy with job {plan} \(recovery_plan_failover, waiting_action\)$"):
-            start_job("delta_replication", lock_key=key, target=f"app{number}", stages=one_step)
+                           match=rf"^app{number} is busy with job {plan} "
+                                 rf"\(test.recovery_plan_failover, waiting_action\)$"):
+            start_job("test.delta_replication", lock_key=key, target=f"app{number}", stages=one_step)
     # Another plan sharing items with it is refused, naming the first of them it asked for, and takes
     # none of its keys, not even the free ones.
     free = [lock_key(), lock_key()]
-    with pytest.raises(ItemBusyError, match=rf"^plan02: {keys[2]} is busy with job {plan} \(recovery_plan_failover"):
-        start_job("recovery_plan_failover", lock_key=[free[0], keys[2], free[1], keys[0]], target="plan02",
+    with pytest.raises(ItemBusyError,
+                       match=rf"^plan02: {keys[2]} is busy with job {plan} \(test.recovery_plan_failover"):
+        start_job("test.recovery_plan_failover", lock_key=[free[0], keys[2], free[1], keys[0]], target="plan02",
                   stages=one_step)
     with pytest.raises(ItemBusyError, match=rf"^{keys[1]} is busy with job {plan} "):
-        start_job("recovery_plan_failover", lock_key=(free[1], keys[1]), stages=one_step)
+        start_job("test.recovery_plan_failover", lock_key=(free[1], keys[1]), stages=one_step)
     for bad, message in (([free[0], ""], "lock key must be a non-empty string"),
                          (7, "lock_key must be a string, a sequence of strings or None, not int")):
         with pytest.raises(ValueError, match=message):
-            start_job("recovery_plan_failover", lock_key=bad, stages=one_step)
+            start_job("test.recovery_plan_failover", lock_key=bad, stages=one_step)
     assert table_counts() == before
     assert lock_holder(free[0]) is None and lock_holder(free[1]) is None
 
@@ -586,8 +588,8 @@ def test_a_job_holding_several_locks_keeps_each_item_busy_and_frees_them_all_whe
     assert wait_for_job(plan, timeout=20)["state"] == "succeeded"
     assert [lock_holder(key) for key in keys] == [None] * 3
     # Each item is free for a job of its own again; a key given twice is taken once.
-    single = start_job("delta_replication", lock_key=keys[1], stages=[[manual_step("Wait", manual_log)]])
-    twice = start_job("recovery_plan_failover", lock_key=[keys[0], keys[2], keys[0]],
+    single = start_job("test.delta_replication", lock_key=keys[1], stages=[[manual_step("Wait", manual_log)]])
+    twice = start_job("test.recovery_plan_failover", lock_key=[keys[0], keys[2], keys[0]],
                       stages=[[manual_step("Wait", manual_log)]])
     assert (get_job(single)["lock_key"], get_job(single)["lock_keys"]) == (keys[1], [keys[1]])
     assert get_job(twice)["lock_keys"] == [keys[0], keys[2]]
@@ -609,7 +611,7 @@ def test_a_step_whose_worker_is_killed_resumes_on_another_worker_without_doing_a
     output, runs = tmp_path / "items.txt", tmp_path / "runs.log"
     total = 40
     victim = cluster.add_worker("victim", ["host.victim"])
-    job_id = start_job("enable_protection", lock_key=lock_key(), stages=[[StepSpec(
+    job_id = start_job("test.enable_protection", lock_key=lock_key(), stages=[[StepSpec(
         "Copy disk disk0", "test.count", "host.victim",
         {"output": str(output), "runs": str(runs), "total": total, "seconds_per_item": 0.1})]])
     wait_until(lambda: output.exists() and len(output.read_text().splitlines()) >= 8, timeout=20,
@@ -640,7 +642,7 @@ def test_a_poison_step_fails_after_max_deaths_instead_of_looping(cluster: Deploy
     assert job["state"] == "failed" and job["error"] == f"Apply replication log failed: {reason}"
     step = job["steps"][0]
     assert step["state"] == "failed" and step["error"] == reason and step["deaths"] == 3
-    assert step["error_class"] == "workflows.engine.PoisonStepError"
+    assert step["error_class"] == "workflows.engine.errors.PoisonStepError"
     assert len(read_records(log)) == 3
     hooks = wait_until(lambda: read_records(hook_log), timeout=10, what="the failure hook")
     assert [(hook["job"], hook["state"]) for hook in hooks] == [(job_id, "failed")]
@@ -655,13 +657,13 @@ def test_jobs_queued_running_and_started_while_redis_is_down_all_complete(tmp_pa
     total = 40
 
     def later_job(label: str) -> str:
-        return start_job("enable_protection", lock_key=lock_key(), stages=[[StepSpec(
+        return start_job("test.enable_protection", lock_key=lock_key(), stages=[[StepSpec(
             "Prerequisites check", "test.record", "host.later", {"log": str(tmp_path / "later.log"), "label": label},
         )]])
 
     with deployment(tmp_path / "deployment", {"restarted": (["orchestration", "host.busy"], 2)}) as private:
         queued_id = later_job("queued")
-        running_id = start_job("enable_protection", lock_key=lock_key(), stages=[[StepSpec(
+        running_id = start_job("test.enable_protection", lock_key=lock_key(), stages=[[StepSpec(
             "Copy disk disk0", "test.count", "host.busy",
             {"output": str(output), "runs": str(runs), "total": total, "seconds_per_item": 0.1})]])
         wait_until(lambda: output.exists() and len(output.read_text().splitlines()) >= 5, timeout=20,
@@ -697,7 +699,7 @@ def test_the_engine_runs_on_postgresql_too(postgres_admin: sa.Engine, tmp_path: 
         with deployment(tmp_path / "deployment", {"pg": (["orchestration", "host.pg"], 2)},
                         database_url=database_url.render_as_string(hide_password=False)):
             key, other = lock_key(), lock_key()
-            job_id = start_job("delta_replication", lock_key=[key, other], target="app04", stages=[
+            job_id = start_job("test.delta_replication", lock_key=[key, other], target="app04", stages=[
                 [StepSpec("Ship log disk0", "test.flaky", "host.pg", {"log": str(flaky_log), "failing_attempts": 2}),
                  StepSpec("Ship log disk1", "test.record", "host.pg", {"log": str(log), "label": "disk1"})],
                 [manual_step("Confirm", tmp_path / "manual.log")],
@@ -705,7 +707,7 @@ def test_the_engine_runs_on_postgresql_too(postgres_admin: sa.Engine, tmp_path: 
             ])
             before = table_counts()
             with pytest.raises(ItemBusyError, match=f"app05: {other} is busy with job {job_id}"):
-                start_job("resynchronize", lock_key=[lock_key(), other], target="app05", stages=[[StepSpec(
+                start_job("test.resynchronize", lock_key=[lock_key(), other], target="app05", stages=[[StepSpec(
                     "Resynchronize", "test.record", "host.pg", {"log": str(log), "label": "never"})]])
             assert table_counts() == before
             wait_for_job(job_id, {"waiting_action"}, timeout=40)

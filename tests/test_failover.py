@@ -27,10 +27,11 @@ from models.plans import create_plan
 from models.protection import ProtectedItem, RecoveryPoint, RecoveryPointKind, recovery_points
 from sites.localservices import wait_until
 from tasks.replication import open_recovery_storage, replica_of
-from workflows import failover as fo
+from workflows import failover_request, kinds, reports
 from workflows.engine import get_job
-from workflows.plans import resume_plan, start_plan
-from workflows.protection import load_item
+from workflows.engine import resume as resume_plan
+from workflows.items import load_item
+from workflows.kinds.recovery_plan import start_plan
 
 MIB = 1024 * 1024
 TWO_DISKS = [("disk0", "24M", "vhd"), ("disk1", "16M", "raw")]
@@ -108,7 +109,7 @@ def test_planned_failover_failback_and_reverse_replication(tmp_path, backend, re
         time.sleep(0.5)
 
         # Planned failover while the writer runs: the shutdown stops it, the last changes are shipped.
-        job = run(site, fo.start_planned_failover(item_id, public_ips={"nic0": "20.30.40.50"}))
+        job = run(site, kinds.planned_failover.start(item_id, public_ips={"nic0": "20.30.40.50"}))
         assert [s["name"] for s in job["steps"]][:2] == ["Begin failover", "Shut down VM"]
         primary = vm_digests(site, "host1", "app01")
         assert not site.host("host1").workload_running("app01")
@@ -122,13 +123,13 @@ def test_planned_failover_failback_and_reverse_replication(tmp_path, backend, re
             ("recovery-default", "10.10.0.0/24", "20.30.40.50")]
         assert state(site, vm_id) == "failed_over"
 
-        run(site, fo.commit_failover(item_id))
+        run(site, kinds.commit_failover.start(item_id))
         assert state(site, vm_id) == "failover_committed"
 
         # The recovery VM runs and writes; the primary diverges too (it would after an unplanned event).
         site.host("dr1").start_workload("app01", rate_mb_s=0.2, seed=9)  # a few writes: a few chunks differ
         time.sleep(1.0)
-        job = run(site, fo.start_failback(item_id))
+        job = run(site, kinds.failback.start(item_id))
         assert state(site, vm_id) == "failback_ready"
         assert site.host("dr1").workload_running("app01"), "minimize downtime keeps the recovery VM running"
         assert vm_digests(site, "host1", "app01") == primary, "nothing touches the primary before the swap"
@@ -136,7 +137,7 @@ def test_planned_failover_failback_and_reverse_replication(tmp_path, backend, re
         assert sum(r["chunks_sent"] for r in sent.values()) < sum(r["chunks_compared"] for r in sent.values()) / 2, sent
 
         time.sleep(0.5)
-        job = run(site, fo.complete_failback(item_id))
+        job = run(site, kinds.failback_completion.start(item_id))
         recovery_final = vm_digests(site, "dr1", "app01")
         assert not site.host("dr1").workload_running("app01")
         assert vm_digests(site, "host1", "app01") == recovery_final
@@ -146,10 +147,10 @@ def test_planned_failover_failback_and_reverse_replication(tmp_path, backend, re
         assert site.host("host1").get_vm("app01").state == "running"
         assert state(site, vm_id) == "failed_back"
 
-        run(site, fo.commit_failback(item_id))
+        run(site, kinds.commit_failback.start(item_id))
         assert "app01" not in [vm.name for vm in site.host("dr1").list_vms()]
         start_writer(site, vm_id, seed=21)
-        job = run(site, fo.start_reverse_replication(item_id))
+        job = run(site, kinds.reverse_replication.start(item_id))
         resynced = [s["result"] for s in job["steps"] if s["name"].startswith("Resynchronize disk")]
         assert all(r["bytes_sent"] < 16 * MIB for r in resynced), resynced
         assert state(site, vm_id) == "protected"
@@ -171,15 +172,15 @@ def test_drill_to_an_older_point_while_replication_continues(tmp_path, request):
             site.delta_cycle(vm_id)
         assert points(item_id)[-1].id != older.id
 
-        job = run(site, fo.start_test_failover(item_id, point=older.id))
+        job = run(site, kinds.test_failover.start(item_id, point=older.id))
         drill = latest_record(item_id, FailoverKind.TEST)
         assert drill.point_id == older.id and drill.verified
         assert drill.produced_roots == {name: root for name, root in drill.expected_roots.items()}
         assert vm_digests(site, "dr1", "app01-test") == older_digests
         assert drill.rto_s is not None and drill.rto_s > 0 and drill.rpo_s is not None and drill.rpo_s >= 0
         test_vm = site.host("dr1").get_vm("app01-test")
-        assert {a.vm_network for a in test_vm.network_adapters} == {fo.DEFAULT_TEST_NETWORK}
-        report = fo.failover_report(drill.id)
+        assert {a.vm_network for a in test_vm.network_adapters} == {failover_request.DEFAULT_TEST_NETWORK}
+        report = reports.failover_report(drill.id)
         assert report["point_id"] == older.id and report["verified"] is True
         assert state(site, vm_id) == "protected" and job["state"] == "succeeded"
 
@@ -188,9 +189,9 @@ def test_drill_to_an_older_point_while_replication_continues(tmp_path, request):
         site.delta_cycle(vm_id)
         assert len(points(item_id)) == before + 1 and state(site, vm_id) == "protected"
         with pytest.raises(Exception, match="clean it up first"):
-            fo.start_test_failover(item_id)
+            kinds.test_failover.start(item_id)
 
-        run(site, fo.start_test_failover_cleanup(item_id))
+        run(site, kinds.test_failover_cleanup.start(item_id))
         assert "app01-test" not in [vm.name for vm in site.host("dr1").list_vms()]
         assert latest_record(item_id, FailoverKind.TEST).status is FailoverStatus.CLEANED_UP
         site.final_cycle(vm_id)
@@ -198,10 +199,10 @@ def test_drill_to_an_older_point_while_replication_continues(tmp_path, request):
 
         # "Latest" processes the pending logs first: the drill then holds the disks as they are now.
         site.host("host1").stop_workload("app01")
-        job = run(site, fo.start_test_failover(item_id, point=fo.PointChoice.LATEST))
+        job = run(site, kinds.test_failover.start(item_id, point=failover_request.PointChoice.LATEST))
         assert [s["name"] for s in job["steps"]][1:4] == ["Ship logs", "Apply logs", "Acknowledge logs"]
         assert vm_digests(site, "dr1", "app01-test") == vm_digests(site, "host1", "app01")
-        run(site, fo.start_test_failover_cleanup(item_id))
+        run(site, kinds.test_failover_cleanup.start(item_id))
 
 
 def test_pruned_point_cannot_be_restored(tmp_path, request):
@@ -223,7 +224,7 @@ def test_pruned_point_cannot_be_restored(tmp_path, request):
         remaining = points(item_id)
         assert old.id not in [p.id for p in remaining] and len(remaining) == 1, "only the new point is kept"
         with pytest.raises(Exception, match="does not exist"):
-            fo.start_test_failover(item_id, point=old.id)
+            kinds.test_failover.start(item_id, point=old.id)
         assert latest_record(item_id, FailoverKind.TEST) is None
         with session_scope() as session:
             view = load_item(session, item_id)
@@ -255,7 +256,7 @@ def test_app_consistent_points_quiesce_the_vm(tmp_path, request):
         time.sleep(0.3)
         site.delta_cycle(vm_id)
         assert points(item_id)[-1].kind is RecoveryPointKind.CRASH_CONSISTENT, "the next is due in an hour"
-        run(site, fo.start_test_failover(item_id, point=fo.PointChoice.LATEST_APP_CONSISTENT))
+        run(site, kinds.test_failover.start(item_id, point=failover_request.PointChoice.LATEST_APP_CONSISTENT))
         drill = latest_record(item_id, FailoverKind.TEST)
         assert drill.point_id == points(item_id)[0].id and drill.verified
 
@@ -270,7 +271,7 @@ def test_unplanned_failover_with_the_primary_down_then_cancel(tmp_path, request)
         time.sleep(0.5)
         site.stop_process("host-host1", kill=True)  # the primary is unreachable
 
-        job = run(site, fo.start_unplanned_failover(item_id))
+        job = run(site, kinds.unplanned_failover.start(item_id))
         assert not any(s["queue"] == "host.host1" for s in job["steps"])
         assert vm_digests(site, "dr1", "app01") == at_point
         failover = latest_record(item_id, FailoverKind.UNPLANNED)
@@ -278,7 +279,7 @@ def test_unplanned_failover_with_the_primary_down_then_cancel(tmp_path, request)
 
         # Cancelled before commit: the recovery VM goes, the primary (back again) replicates as before.
         site.start_host_worker("host1")
-        run(site, fo.cancel_failover(item_id))
+        run(site, kinds.cancel_failover.start(item_id))
         assert "app01" not in [vm.name for vm in site.host("dr1").list_vms()]
         assert state(site, vm_id) == "protected"
         assert latest_record(item_id, FailoverKind.UNPLANNED).status is FailoverStatus.CANCELLED
@@ -289,8 +290,8 @@ def test_unplanned_failover_with_the_primary_down_then_cancel(tmp_path, request)
 # ---- failback options ------------------------------------------------------------------------------------
 def committed_failover(site: RecoverySite, vm_id: str) -> str:
     item_id = site.item_id(vm_id)
-    run(site, fo.start_planned_failover(item_id))
-    run(site, fo.commit_failover(item_id))
+    run(site, kinds.planned_failover.start(item_id))
+    run(site, kinds.commit_failover.start(item_id))
     return item_id
 
 
@@ -303,19 +304,19 @@ def test_cancelled_failback_leaves_the_primary_intact(tmp_path, request):
         time.sleep(0.5)
 
         # Cancelled in the middle of the job...
-        job_id = fo.start_failback(item_id)
+        job_id = kinds.failback.start(item_id)
         wait_until(lambda: any(s["state"] in ("running", "succeeded") and s["name"].startswith("Prepare staging")
                                for s in get_job(job_id)["steps"]), timeout=30, what="the staging to start")
-        run(site, fo.cancel_failback(item_id))
+        run(site, kinds.cancel_failback.start(item_id))
         assert get_job(job_id)["state"] == "cancelled"
         assert vm_digests(site, "host1", "app01") == primary
         assert state(site, vm_id) == "failover_committed"
         assert site.host("dr1").get_vm("app01").state == "running"
 
         # ... and when staged, waiting for completion.
-        run(site, fo.start_failback(item_id))
+        run(site, kinds.failback.start(item_id))
         assert state(site, vm_id) == "failback_ready"
-        run(site, fo.cancel_failback(item_id))
+        run(site, kinds.cancel_failback.start(item_id))
         assert vm_digests(site, "host1", "app01") == primary
         assert not any(p.name.endswith(".failback") for p in site.host("host1").get_vm("app01").path.iterdir())
         assert latest_record(item_id, FailoverKind.FAILBACK).status is FailoverStatus.CANCELLED
@@ -328,19 +329,19 @@ def test_full_download_failback_creates_the_vm_on_an_alternate_host(tmp_path, re
         site.host("dr1").start_workload("app01", rate_mb_s=3.0, seed=15)
         time.sleep(0.5)
         with pytest.raises(Exception, match="does not exist on host 'host2'"):
-            run(site, fo.start_failback(item_id, mode=fo.FailbackMode.FULL_DOWNLOAD, host="host2"))
+            run(site, kinds.failback.start(item_id, mode=failover_request.FailbackMode.FULL_DOWNLOAD, host="host2"))
         assert state(site, vm_id) == "failover_committed"
 
-        job = run(site, fo.start_failback(item_id, mode=fo.FailbackMode.FULL_DOWNLOAD, host="host2",
+        job = run(site, kinds.failback.start(item_id, mode=failover_request.FailbackMode.FULL_DOWNLOAD, host="host2",
                                           create_vm=True))
         assert "Failback ready to complete" not in [s["name"] for s in job["steps"]]
         assert vm_digests(site, "host2", "app01") == vm_digests(site, "dr1", "app01")
         assert state(site, vm_id) == "failed_back"
-        run(site, fo.commit_failback(item_id))
+        run(site, kinds.commit_failback.start(item_id))
         with session_scope() as session:
             assert load_item(session, item_id).host.name == "host2"
         site.vm_hosts[vm_id] = "host2"
-        run(site, fo.start_reverse_replication(item_id))
+        run(site, kinds.reverse_replication.start(item_id))
         site.final_cycle(vm_id)
         site.verify_replica(vm_id)
 
@@ -383,7 +384,7 @@ def test_recovery_plan_of_three_groups_with_a_manual_action(tmp_path, request):
             drill = latest_record(site.item_id(vms[name]), FailoverKind.TEST)
             assert drill.verified and drill.status is FailoverStatus.SUCCEEDED
         # A plan is validated first: an item in the wrong state refuses the whole plan.
-        run(site, fo.start_planned_failover(site.item_id(vms["web01"])))
+        run(site, kinds.planned_failover.start(site.item_id(vms["web01"])))
         with pytest.raises(Exception, match="web01"):
             start_plan("shop", "planned_failover")
         assert state(site, vms["db01"]) == "protected"
@@ -397,15 +398,15 @@ def test_verify_a_replica_against_its_points_and_catch_damage(tmp_path, request)
         item_id = site.item_id(vm_id)
         first = points(item_id)[0]
         site.final_cycle(vm_id)
-        job = run(site, fo.start_verify(item_id))
+        job = run(site, kinds.verify_recovery_point.start(item_id))
         assert {s["result"]["disk"] for s in job["steps"]} == {"disk0", "disk1"}
-        run(site, fo.start_verify(item_id, first.id))
+        run(site, kinds.verify_recovery_point.start(item_id, first.id))
 
         replica = site.recovery_dir / "host1" / "app01" / "disk1.vhd"
         with open(replica, "r+b") as f:
             f.seek(3 * MIB + 100)
             f.write(b"\xff" * 16)
-        job = site.wait_job(fo.start_verify(item_id), JOB_TIMEOUT, states=("failed",))
+        job = site.wait_job(kinds.verify_recovery_point.start(item_id), JOB_TIMEOUT, states=("failed",))
         assert "disk1" in job["error"] and "first differing chunk 3" in job["error"]
         assert site.item(vm_id)["health"] == "Warning"
 
@@ -432,11 +433,11 @@ def test_recovery_plan_planned_failover_then_failback(tmp_path, request):
         for name, vm_id in vms.items():
             assert vm_digests(site, "dr1", name) == vm_digests(site, "host1", name), name
             assert state(site, vm_id) == "failed_over"
-            run(site, fo.commit_failover(site.item_id(vm_id)))
+            run(site, kinds.commit_failover.start(site.item_id(vm_id)))
             site.host("dr1").start_workload(name, rate_mb_s=0.5, seed=31)
         time.sleep(0.5)
 
-        job = run(site, start_plan("dr", "failback", mode=fo.FailbackMode.MINIMIZE_DOWNTIME))
+        job = run(site, start_plan("dr", "failback", mode=failover_request.FailbackMode.MINIMIZE_DOWNTIME))
         for name, vm_id in vms.items():
             assert not site.host("dr1").workload_running(name)
             assert vm_digests(site, "host1", name) == vm_digests(site, "dr1", name), name

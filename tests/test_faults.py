@@ -302,7 +302,7 @@ def test_copy_whose_worker_dies_every_time_fails_as_poison_and_marks_the_item_cr
         job = site.wait_job(job_id, timeout=30, states=("failed",))
         reason = f"worker died {max_deaths} times while running this step (poison message?)"
         assert job["error"] == f"{copy} failed: {reason}", job["error"]
-        assert job["error_class"] == "workflows.engine.PoisonStepError"
+        assert job["error_class"] == "workflows.engine.errors.PoisonStepError"
         step = step_named(job, copy)
         assert (step["state"], step["attempts"], step["deaths"], step["error"]) == ("failed", max_deaths, max_deaths,
                                                                                   reason), step

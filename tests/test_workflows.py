@@ -24,7 +24,10 @@ from models.jobs import Job
 from models.protection import ProtectedItem, recovery_points, require_resync
 from sites.localservices import AzuriteProcess, wait_until
 from workflows.engine import ItemBusyError
-from workflows.protection import disable_protection, load_item, start_delta_replication, start_resync
+from workflows.items import load_item
+from workflows.kinds.delta_replication import start as start_delta_replication
+from workflows.kinds.disable_protection import start as disable_protection
+from workflows.kinds.resynchronize import start as start_resync
 
 MIB = 1024 * 1024
 ENABLE_STEPS = [
