@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make demo   - run the whole engine end to end on this machine (installs what it needs)"
-	@echo "make test   - run every test (installs what it needs, starts its own Azurite/Redis)"
+	@echo "make test   - lint (ruff) and run every test (installs what it needs, starts its own Azurite/Redis)"
 	@echo "make bench  - run the benchmarks and write docs/benchmarks.md (not part of make test)"
 
 $(VENV)/.installed: pyproject.toml
@@ -33,7 +33,9 @@ $(AZURITE):
 tools:
 	@bash scripts/ensure-tools.sh
 
+# Lint first (ruff, configured in pyproject.toml): a finding fails the run before the tests start.
 test: install tools
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # The demo starts its own redis-server on a free port (installed by scripts/ensure-tools.sh when missing
