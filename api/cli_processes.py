@@ -22,6 +22,7 @@ from pathlib import Path
 import click
 
 from api.cli import _fail, _Group, main
+from workflows import settings
 
 __all__ = [
     "HOST_KEY_ENV", "FLOWER_USER_ENV", "FLOWER_PASSWORD_ENV", "FLOWER_BASIC_AUTH_ENV", "Launch",
@@ -194,7 +195,7 @@ def worker_host(name: str, key: str | None, concurrency: int | None, loglevel: s
     from models.fabric import host_queue
 
     validate_name(name, "host")
-    key = key or os.environ.get(HOST_KEY_ENV)
+    key = key or settings.host_key()
     if not key:
         _fail(f"the registration key of host {name!r} is needed: set {HOST_KEY_ENV} (or pass --key); "
               f"`asr host add` printed it when the host was registered")
@@ -263,7 +264,7 @@ def beat(schedule: Path | None, loglevel: str, dry_run: bool):
     Run exactly one per deployment: two would only send every tick twice. Nothing is lost while it is
     down; the jobs' due times live in the database and the next tick picks them up."""
     if schedule is None:
-        schedule = Path(os.environ.get("ASR_HOME") or Path.home() / ".asr") / "beat-schedule"
+        schedule = settings.asr_home() / "beat-schedule"
     command = celery_command("beat", "-l", loglevel.upper(), "-s", str(schedule))
     if not dry_run:
         schedule.parent.mkdir(parents=True, exist_ok=True)
@@ -304,8 +305,7 @@ def flower(port: int, address: str, dry_run: bool):
     ASR_FLOWER_PASSWORD (it refuses to start without them). Flower's HTTP API (/api/workers, /api/tasks,
     ...) is behind the same credentials; it is never opened to unauthenticated clients. Flower 2.2.0
     itself leaves /healthcheck and /metrics (Prometheus counters) open: publish its port with care."""
-    user = os.environ.get(FLOWER_USER_ENV, "")
-    password = os.environ.get(FLOWER_PASSWORD_ENV, "")
+    user, password = settings.flower_credentials()
     if not user or not password:
         _fail(f"Flower runs with authentication on: set {FLOWER_USER_ENV} and {FLOWER_PASSWORD_ENV} "
               f"(HTTP basic auth for its pages and its API); not started")

@@ -30,17 +30,19 @@ def _service():
 
 def _connection_problem(exc: Exception) -> str | None:
     """A readable line when `exc` says the broker or the database cannot be reached."""
-    import os
-
     import kombu.exceptions
     import redis.exceptions
     import sqlalchemy.exc
 
     if isinstance(exc, (redis.exceptions.ConnectionError, kombu.exceptions.OperationalError)):
-        url = os.environ.get("ASR_BROKER_URL", "redis://127.0.0.1:6379/0 (the default; set ASR_BROKER_URL)")
+        from workflows import settings
+
+        url = settings.broker_url()
         return f"cannot reach the broker at {_redact(url)}: {exc}"
     if isinstance(exc, sqlalchemy.exc.OperationalError):
-        url = os.environ.get("ASR_DATABASE_URL", "the default database (set ASR_DATABASE_URL)")
+        from models.db import database_url
+
+        url = database_url()
         return f"cannot use the database {_redact(url)}: {exc.orig if exc.orig is not None else exc}"
     return None
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
 import secrets
 from datetime import datetime, timedelta
 from typing import Any
@@ -22,6 +21,7 @@ from sqlmodel import Field, Session, SQLModel, select
 from datapath.errors import NonRecoverableError
 from models.db import UtcDateTime, clock_now, new_id, validate_name
 from models.fabric import _hash_key  # the same salted scrypt the hosts' registration keys use
+from workflows import settings
 
 __all__ = [
     "ApiKey", "ApiKeyNotFoundError", "API_KEY_HASHES_ENV", "create_api_key", "verify_api_key", "revoke_api_key",
@@ -76,7 +76,7 @@ def key_matches(key: str, stored: str) -> bool:
 
 def env_key_matches(key: str, hashes: str | None = None) -> bool:
     """Whether `key` is one of the keys whose hashes `ASR_API_KEY_HASHES` lists (comma-separated)."""
-    listed = os.environ.get(API_KEY_HASHES_ENV, "") if hashes is None else hashes
+    listed = settings.api_key_hashes() if hashes is None else hashes
     return any(key_matches(key, stored) for stored in listed.split(",") if stored.strip())
 
 

@@ -79,6 +79,27 @@ def asr_home() -> Path:
     return Path(os.environ.get("ASR_HOME") or Path.home() / ".asr")
 
 
+# ---- the API, the host agents and Flower --------------------------------------------------------------
+def api_key_hashes() -> str:
+    """ASR_API_KEY_HASHES: hashes of API keys given by the environment (comma-separated), beside the database's."""
+    return os.environ.get("ASR_API_KEY_HASHES", "")
+
+
+def api_key_cache_s() -> float:
+    """ASR_API_KEY_CACHE_S: how long the API trusts a key it has checked (30 s; 0 checks every request)."""
+    return env_number("ASR_API_KEY_CACHE_S", 30.0, minimum=0.0)
+
+
+def host_key() -> str | None:
+    """ASR_HOST_KEY: the registration key a host agent presents when it starts."""
+    return os.environ.get("ASR_HOST_KEY") or None
+
+
+def flower_credentials() -> tuple[str, str]:
+    """ASR_FLOWER_USER and ASR_FLOWER_PASSWORD: Flower's basic-auth credentials."""
+    return os.environ.get("ASR_FLOWER_USER", ""), os.environ.get("ASR_FLOWER_PASSWORD", "")
+
+
 # ---- the database -------------------------------------------------------------------------------------
 def database_url_setting() -> str | None:
     """ASR_DATABASE_URL: the engine's database (unset: a SQLite file in ASR_HOME, see models.db)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 import time
 
@@ -14,13 +13,13 @@ from fastapi.security import APIKeyHeader, HTTPBearer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import service
-from models.apikeys import API_KEY_HASHES_ENV, env_key_matches, verify_api_key
+from models.apikeys import env_key_matches, verify_api_key
 from models.db import session_scope
+from workflows import settings
 
 logger = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
-KEY_CACHE_ENV = "ASR_API_KEY_CACHE_S"
 # A verified key is remembered this long (as a SHA-256 of it, in memory): each check is a deliberately slow
 # scrypt. A revoked key therefore stops working within this time.
 DEFAULT_KEY_CACHE_S = 30.0
@@ -34,7 +33,7 @@ class _KeyCache:
 
     def ttl(self) -> float:
         try:
-            return max(0.0, float(os.environ.get(KEY_CACHE_ENV, DEFAULT_KEY_CACHE_S)))
+            return settings.api_key_cache_s()
         except ValueError:
             return DEFAULT_KEY_CACHE_S
 
@@ -61,7 +60,7 @@ def _key_is_valid(key: str) -> bool:
     digest = hashlib.sha256(key.encode()).hexdigest()
     if _key_cache.fresh(digest):
         return True
-    valid = bool(os.environ.get(API_KEY_HASHES_ENV)) and env_key_matches(key)
+    valid = bool(settings.api_key_hashes()) and env_key_matches(key)
     if not valid:
         service._ensure_database()
         with session_scope() as session:
