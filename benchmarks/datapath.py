@@ -116,7 +116,7 @@ def scatter_extents(virtual_size: int, data_size: int, rng: random.Random) -> li
     cuts = sorted(rng.randrange(hole_units + 1) for _ in lengths)
     extents = []
     position = previous_cut = 0
-    for units, cut in zip(lengths, cuts):
+    for units, cut in zip(lengths, cuts, strict=True):
         position += (cut - previous_cut) * unit
         previous_cut = cut
         extents.append((position, units * unit))

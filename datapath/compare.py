@@ -51,7 +51,7 @@ def _first_mismatch(a: memoryview, b: memoryview) -> int:
                      if not same_bytes(a[pos:pos + piece_size], b[pos:pos + piece_size]))
         base += start
         a, b = a[start:start + piece_size], b[start:start + piece_size]
-    return base + next(i for i, (x, y) in enumerate(zip(a.tobytes(), b.tobytes())) if x != y)
+    return base + next(i for i, (x, y) in enumerate(zip(a.tobytes(), b.tobytes(), strict=True)) if x != y)
 
 
 def _merged(extents: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:

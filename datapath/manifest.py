@@ -475,7 +475,8 @@ class ReadAhead:
                 if slot is None or self._stopping.is_set():
                     return
                 views = tuple(base[:planned.length] for base in self._ring[slot])
-                read = sum(_read_window(source, planned, view) for source, view in zip(self._sources, views))
+                read = sum(_read_window(source, planned, view)
+                           for source, view in zip(self._sources, views, strict=True))
                 self._filled.put(Window(planned.offset, planned.length, views, slot, read))
             self._filled.put(_END_OF_READS)
         except BaseException as exc:  # handed to the consuming thread, which raises it

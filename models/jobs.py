@@ -21,7 +21,7 @@ __all__ = [
 ]
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     queued = "queued"
     running = "running"
     waiting_retry = "waiting_retry"
@@ -32,7 +32,7 @@ class JobState(str, enum.Enum):
     cancelled = "cancelled"
 
 
-class StepState(str, enum.Enum):
+class StepState(enum.StrEnum):
     pending = "pending"  # no message for it is on the broker yet (a later stage, or a launch not sent)
     queued = "queued"  # a message for it was sent at queued_at
     running = "running"

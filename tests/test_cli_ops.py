@@ -292,7 +292,7 @@ def test_bad_input_is_refused_and_changes_nothing(site: RecoverySite, fabric: di
         (("jobs", "show", "no-such-job"), "no-such-job"),
         (("jobs", "watch", "no-such-job"), "no-such-job"),
     ]
-    for proc, (_args, needle) in zip(asr_many(site, [args for args, _ in cases]), cases):
+    for proc, (_args, needle) in zip(asr_many(site, [args for args, _ in cases]), cases, strict=True):
         check_refused(proc, needle)
     assert counts() == before
 

@@ -21,7 +21,7 @@ def twins(tmp_path):
     writes = [(0, rng.randbytes(2 * MIB + 3)), (6 * MIB, bytes(3 * MIB)), (13 * MIB + 100, rng.randbytes(MIB)),
               (SIZE - 4096, rng.randbytes(4096))]
     paths = tmp_path / "a.raw", tmp_path / "b.vhd"
-    for path, fmt in zip(paths, ("raw", "vhd")):
+    for path, fmt in zip(paths, ("raw", "vhd"), strict=True):
         create_disk(path, SIZE, fmt)
         with open_disk(path, writable=True) as disk:
             for offset, data in writes:

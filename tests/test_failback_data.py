@@ -82,7 +82,7 @@ def failover(tmp_path: Path) -> Failover:
     primary_vm = primary.create_vm("app01", DISKS)
     for host, vm in ((recovery, recovery_vm), (primary, primary_vm)):
         host.write_initial_data(vm, seed=1, fraction=0.5)  # the same content on both sides at failover
-    for a, b in zip(recovery_vm.disks, primary_vm.disks):
+    for a, b in zip(recovery_vm.disks, primary_vm.disks, strict=True):
         assert virtual_bytes(a.path) == virtual_bytes(b.path)
 
     recovery.enable_tracking(recovery_vm)
@@ -93,7 +93,7 @@ def failover(tmp_path: Path) -> Failover:
 
     zeroed, primary_only = {}, {}
     rng = random.Random(5)
-    for recovered, disk in zip(recovery_vm.disks, primary_vm.disks):
+    for recovered, disk in zip(recovery_vm.disks, primary_vm.disks, strict=True):
         with recovery.tracker(recovery_vm, recovered) as tracker:
             zeroed[disk.name] = next(i for i in range(disk.size // MiB) if tracker.read(i * MiB, MiB) != bytes(MiB))
             tracker.write(zeroed[disk.name] * MiB, bytes(MiB))
@@ -121,9 +121,10 @@ def ship_and_apply(storage, name: str, log_path: Path, staging_path: Path, disk_
             return apply_difference_log(received, staging, disk_id=disk_id)
 
 
-def test_minimize_downtime_sends_only_differing_chunks_and_staging_equals_the_recovery_disk(storage, failover, tmp_path):
+def test_minimize_downtime_sends_only_differing_chunks_and_staging_equals_the_recovery_disk(
+        storage, failover, tmp_path):
     recovery_vm, primary, primary_vm = failover.recovery_vm, failover.primary, failover.primary_vm
-    for recovered, disk in zip(recovery_vm.disks, primary_vm.disks):
+    for recovered, disk in zip(recovery_vm.disks, primary_vm.disks, strict=True):
         primary_before = sha256_of(disk.path)
         staging_path = primary.staging_path(primary_vm, disk)
         progress: list[int] = []
@@ -168,7 +169,7 @@ def test_minimize_downtime_sends_only_differing_chunks_and_staging_equals_the_re
 
 def test_full_download_logs_every_data_chunk_and_staging_equals_the_recovery_disk(storage, failover, tmp_path):
     recovery_vm, primary, primary_vm = failover.recovery_vm, failover.primary, failover.primary_vm
-    for recovered, disk in zip(recovery_vm.disks, primary_vm.disks):
+    for recovered, disk in zip(recovery_vm.disks, primary_vm.disks, strict=True):
         staging_path = primary.staging_path(primary_vm, disk)
         staging_path.write_bytes(b"left over from a crashed attempt")
         staged = prepare_staging(staging_path, disk.size, disk.format, copy_from=None)

@@ -103,7 +103,8 @@ def test_create_get_list_delete_vm_with_raw_and_vhd_disks(host: Host):
     manifest = json.loads((vm.path / "vm.json").read_text())
     assert manifest["name"] == "app01" and manifest["id"] == vm.id and manifest["state"] == "off"
     assert [d["file"] for d in manifest["disks"]] == ["os.vhd", "data.raw"]
-    assert manifest["network_adapters"] == [{"name": "nic0", "vm_network": "corp"}, {"name": "nic1", "vm_network": "dmz"}]
+    assert manifest["network_adapters"] == [
+        {"name": "nic0", "vm_network": "corp"}, {"name": "nic1", "vm_network": "dmz"}]
 
     assert host.get_vm("app01") == vm
     assert Host(host.root, "hv01").get_vm("app01") == vm  # the manifest is the whole truth
@@ -206,7 +207,7 @@ def test_initial_data_fills_the_fraction_in_mib_extents_and_is_reproducible(host
     assert host.write_initial_data(vm, seed=5, fraction=0.25) == {"os": 8 * MiB, "data": 8 * MiB}
     host.write_initial_data(twin, seed=5, fraction=0.25)
 
-    for disk, twin_disk in zip(vm.disks, twin.disks):
+    for disk, twin_disk in zip(vm.disks, twin.disks, strict=True):
         with open_disk(disk.path) as image:
             extents = list(image.data_extents())
         assert sum(length for _, length in extents) == 8 * MiB
@@ -361,7 +362,8 @@ def test_adapter_subnet_and_public_ip_round_trip_through_the_manifest(host: Host
     assert (connected.name, connected.vm_network, connected.subnet, connected.public_ip) == (
         "nic0", "recovery-corp", "10.20.0.0/24", None)
     addressed = host.assign_public_ip("app01", "nic0", "20.50.1.2")
-    assert (addressed.vm_network, addressed.subnet, addressed.public_ip) == ("recovery-corp", "10.20.0.0/24", "20.50.1.2")
+    assert (addressed.vm_network, addressed.subnet, addressed.public_ip) == (
+        "recovery-corp", "10.20.0.0/24", "20.50.1.2")
     host.assign_public_ip(vm, "nic1", "2001:DB8:0:0::0001")  # stored canonical
 
     # Another agent reading the manifest sees the same adapters; an adapter without the new fields
@@ -387,11 +389,13 @@ def test_adapter_subnet_and_public_ip_round_trip_through_the_manifest(host: Host
 def test_invalid_public_ips_and_subnets_are_refused_and_change_nothing(host: Host, ip: str):
     vm = host.create_vm("app01", [("os", MiB, "raw")], networks=("corp",))
     before = (vm.path / "vm.json").read_bytes()
-    with pytest.raises(NetworkConfigError, match=f"VM 'app01' on host 'hv01', adapter 'nic0': {re.escape(repr(ip))}") as caught:
+    with pytest.raises(NetworkConfigError,
+                       match=f"VM 'app01' on host 'hv01', adapter 'nic0': {re.escape(repr(ip))}") as caught:
         host.assign_public_ip(vm, "nic0", ip)
     assert isinstance(caught.value, NonRecoverableError)
     for subnet in ("10.20.0.5/24", "10.20.0.0/33", "corp-subnet", "", "2001:db8::1/64"):
-        with pytest.raises(NetworkConfigError, match="adapter 'nic0' of VM 'app01': subnet .* is not a network in CIDR"):
+        with pytest.raises(NetworkConfigError,
+                           match="adapter 'nic0' of VM 'app01': subnet .* is not a network in CIDR"):
             host.connect_adapter(vm, "nic0", "corp", subnet)
     with pytest.raises(NetworkConfigError, match="VM 'app01' on host 'hv01' has no network adapter 'nic7' .*nic0"):
         host.assign_public_ip(vm, "nic7", "20.1.1.1")
@@ -433,7 +437,8 @@ def test_replace_disk_refuses_bad_staging_and_a_running_or_tracked_vm_changing_n
     host.write_initial_data(vm, seed=3, fraction=0.5)
     os_disk, data_disk = vm.disks
     staging = host.staging_path(vm, "os")
-    assert staging == vm.path / ".os.vhd.failback" and host.staging_path("app01", data_disk) == vm.path / ".data.raw.failback"
+    assert staging == vm.path / ".os.vhd.failback"
+    assert host.staging_path("app01", data_disk) == vm.path / ".data.raw.failback"
     with pytest.raises(DiskNotFoundError, match="no disk 'swap'"):
         host.staging_path(vm, "swap")
     disks_before = [sha256_of(d.path) for d in vm.disks]
@@ -449,7 +454,8 @@ def test_replace_disk_refuses_bad_staging_and_a_running_or_tracked_vm_changing_n
     refused(SizeMismatchError, "disk 'os' of VM 'app01' on host 'hv01': staging image .* is 8388608 bytes", staging)
     staging.unlink()
     create_disk(staging, 4 * MiB, "raw")
-    refused(DiskFormatError, "disk 'os' of VM 'app01' on host 'hv01': staging image .* is raw, the disk is vhd", staging)
+    refused(DiskFormatError, "disk 'os' of VM 'app01' on host 'hv01': staging image .* is raw, the disk is vhd",
+            staging)
     staging.unlink()
     create_disk(staging, 4 * MiB, "vhd")
     outside = tmp_path / ".elsewhere.failback"
@@ -458,7 +464,8 @@ def test_replace_disk_refuses_bad_staging_and_a_running_or_tracked_vm_changing_n
     for wrong in (outside, vm.path / ".link.failback"):
         refused(PathOutsideRootError, "outside host 'hv01' root", wrong)
     for wrong in (vm.path / "data.raw", vm.path / "vm.json", Path("data.raw"), vm.path / ".os.vhd.failback.tmp"):
-        refused(PathOutsideRootError, "disk 'os' of VM 'app01' on host 'hv01': staging image .* must be a staging file", wrong)
+        refused(PathOutsideRootError,
+                "disk 'os' of VM 'app01' on host 'hv01': staging image .* must be a staging file", wrong)
     host.start_vm(vm)
     refused(VmRunningError, "disk 'os' of VM 'app01' on host 'hv01': the VM is running", staging)
     host.shut_down(vm)
@@ -610,7 +617,8 @@ def test_quiesce_without_a_workload_runs_the_commands_only(host: Host, tmp_path:
     assert len(recorded(calls)) == 2
     before = (vm.path / "vm.json").read_bytes()
     for bad in ("sync", [], [""], ["sync", 3], ["sync", "a\x00b"]):
-        with pytest.raises(VmSpecError, match="VM 'app01' on host 'hv01': quiesce pre command must be a non-empty list"):
+        with pytest.raises(VmSpecError,
+                           match="VM 'app01' on host 'hv01': quiesce pre command must be a non-empty list"):
             host.set_quiesce_commands(vm, bad, None)
         with pytest.raises(VmSpecError, match="quiesce post command must be a non-empty list"):
             host.set_quiesce_commands(vm, ["sync"], bad)
@@ -643,7 +651,8 @@ def test_frozen_workload_stops_promptly_and_a_stuck_one_times_out(host: Host, tr
     os.kill(pid, signal.SIGSTOP)
     try:
         started = time.monotonic()
-        with pytest.raises(QuiesceError, match=f"VM 'app01' on host 'hv01': its workload \\(pid {pid}\\) did not acknowledge"):
+        with pytest.raises(QuiesceError,
+                           match=f"VM 'app01' on host 'hv01': its workload \\(pid {pid}\\) did not acknowledge"):
             with host.quiesce(vm, timeout=0.5):
                 pass
         assert time.monotonic() - started < 2

@@ -13,14 +13,13 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from datetime import time as clock_time
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from datapath.errors import NonRecoverableError
@@ -53,7 +52,6 @@ from models.protection import (
 from sites.host import Host as HostTree
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-POSTGRES_URL = os.environ.get("ASR_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MY_TABLES = (
     Site, VmmServer, VmmCloud, Host, VirtualMachine, VirtualDisk, VmNetworkAdapter, NetworkMapping,
     ReplicationPolicy, ProtectedItem, RecoveryPoint,
@@ -64,54 +62,6 @@ SUBPROCESS_TIMEOUT_S = 60
 
 
 # ---- databases ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def postgres_admin() -> Iterator[Engine]:
-    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
-    try:
-        with admin.connect():
-            pass
-    except sa.exc.OperationalError as error:
-        pytest.fail(
-            f"PostgreSQL at {POSTGRES_URL} is not reachable ({error.orig}): start it (Debian: "
-            f"pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start) or point "
-            f"ASR_TEST_POSTGRES_URL at one",
-            pytrace=False,
-        )
-    yield admin
-    admin.dispose()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """The URL of an empty database: a SQLite file, or a PostgreSQL schema of the test's own."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'asr.db'}"
-        dispose_engines()
-        return
-    admin: Engine = request.getfixturevalue("postgres_admin")
-    schema = f"asr_test_{uuid.uuid4().hex[:16]}"
-    with admin.connect() as connection:
-        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
-        dispose_engines()
-        with admin.connect() as connection:
-            connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-
-
-@pytest.fixture
-def engine(db_url: str) -> Engine:
-    return init_db(get_engine(db_url))
-
-
-@pytest.fixture
-def session(engine: Engine) -> Iterator[Session]:
-    with Session(engine, expire_on_commit=False) as session:
-        yield session
-
-
 def row_counts(engine: Engine) -> dict[str, int]:
     with Session(engine) as session:
         return {

@@ -10,7 +10,6 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
-from test_models import db_url, engine, postgres_admin  # noqa: F401  (the fixtures, reused)
 
 from datapath.errors import NonRecoverableError
 from models import fabric, plans, protection
@@ -210,7 +209,7 @@ def test_each_structural_rule_is_refused_with_a_clear_message_and_nothing_writte
     ids = build_fabric(engine)
     for groups, message in STRUCTURE_CASES:
         groups = groups(ids) if callable(groups) else groups
-        error = refused(engine, lambda session: plans.create_plan(session, "shop-dr", groups))
+        error = refused(engine, lambda session, groups=groups: plans.create_plan(session, "shop-dr", groups))
         assert len(error.problems) == 1 and error.problems[0].startswith(message), (groups, error.problems)
         assert str(error).startswith("recovery plan 'shop-dr' cannot be created: 1 problem: ")
     good = [{"name": "g", "vms": ["web01"]}]
@@ -218,7 +217,7 @@ def test_each_structural_rule_is_refused_with_a_clear_message_and_nothing_writte
         ("has space", "invalid recovery plan name 'has space'"), ("x" * 65, "invalid recovery plan name"),
         (None, "invalid recovery plan name None"),
     ]:
-        error = refused(engine, lambda session: plans.create_plan(session, bad_name, good))
+        error = refused(engine, lambda session, bad_name=bad_name: plans.create_plan(session, bad_name, good))
         assert len(error.problems) == 1 and error.problems[0].startswith(message)
     error = refused(engine, lambda session: plans.create_plan(session, "shop-dr", good, description="d" * 1025))
     assert error.problems == ["description must be text of at most 1024 characters"]

@@ -92,4 +92,6 @@ class RecoveryStorage(ABC):
         """Names of objects and disks starting with `prefix`, sorted."""
 
     def close(self) -> None:
-        pass
+        """Release what the backend holds open (clients, connections). Deliberately a no-op by default:
+        a backend that holds nothing open (the local directory) need not override it."""
+        return None

@@ -35,10 +35,11 @@ _NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _HIDDEN_PREFIX = "."  # validate_name refuses it, so temporary files can never collide with a name
 
 
-def _no_space(error: OSError, action: str) -> LowDiskSpaceError | None:
+def _raise_if_no_space(error: OSError, action: str) -> None:
+    """LowDiskSpaceError, caused by `error`, when `error` says the disk is full; nothing otherwise (the
+    caller re-raises `error` itself)."""
     if error.errno in _NO_SPACE_ERRNOS:
-        return LowDiskSpaceError(f"no space left {action}: {error.strerror}")
-    return None
+        raise LowDiskSpaceError(f"no space left {action}: {error.strerror}") from error
 
 
 class LocalDirectoryStorage(RecoveryStorage):
@@ -97,7 +98,8 @@ class LocalDirectoryStorage(RecoveryStorage):
                 self._check_existing_disk(path, name, size)
                 return
             except OSError as error:
-                raise _no_space(error, f"creating disk {path}") or error
+                _raise_if_no_space(error, f"creating disk {path}")
+                raise
             fsync_directory(path.parent)
         finally:
             staging.unlink(missing_ok=True)
@@ -155,7 +157,8 @@ class LocalDirectoryStorage(RecoveryStorage):
             os.replace(staging, path)
         except OSError as error:
             staging.unlink(missing_ok=True)
-            raise _no_space(error, f"storing object {name} in {self.root}") or error
+            _raise_if_no_space(error, f"storing object {name} in {self.root}")
+            raise
         except BaseException:
             staging.unlink(missing_ok=True)
             raise
@@ -234,5 +237,6 @@ class LocalDirectoryStorage(RecoveryStorage):
             try:
                 directory.mkdir(exist_ok=True)
             except OSError as error:
-                raise _no_space(error, f"creating directory {directory}") or error
+                _raise_if_no_space(error, f"creating directory {directory}")
+                raise
             fsync_directory(directory.parent)
