@@ -249,8 +249,8 @@ def test_app_consistent_points_quiesce_the_vm(tmp_path, request):
                                                 [sys.executable, "-c", script, "post"])
         run(site, site.protect(vm_id, policy_id=policy))
         item_id = site.item_id(vm_id)
-        kinds = [p.kind for p in points(item_id)]
-        assert kinds[0] is RecoveryPointKind.APP_CONSISTENT, kinds
+        point_kinds = [p.kind for p in points(item_id)]
+        assert point_kinds[0] is RecoveryPointKind.APP_CONSISTENT, point_kinds
         assert marker.read_text().split() == ["pre", "post"]
         start_writer(site, vm_id, seed=8)
         time.sleep(0.3)
