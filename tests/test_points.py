@@ -62,7 +62,7 @@ def endpoint_bytes(endpoint) -> bytes:
 def first_difference(a: bytes, b: bytes) -> int | None:
     if a == b:
         return None
-    return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    return next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
 
 
 @dataclass

@@ -54,7 +54,8 @@ def vm(tmp_path):
 
 
 def replicas_for(storage, machine):
-    return {d.name: ReplicaDisk(storage, ReplicaDisk.name_for(machine.host, machine.name, d.name)) for d in machine.disks}
+    return {d.name: ReplicaDisk(storage, ReplicaDisk.name_for(machine.host, machine.name, d.name))
+            for d in machine.disks}
 
 
 def test_protect_multi_disk_vm_while_workload_writes(storage, vm):
