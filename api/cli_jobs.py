@@ -112,7 +112,9 @@ def _job_action(name: str, service_name: str, done: str, doc: str) -> None:
         new_id = result.get("job_id") if isinstance(result, Mapping) else None
         if new_id and new_id != job_id:  # restart starts a new job: it is the one to follow
             return started(result, as_json=as_json, wait=wait or timeout is not None, timeout=timeout)
-        acted_on(job_id, result, done, as_json=as_json, wait=wait, timeout=timeout)
+        resumed = isinstance(result, Mapping) and result.get("recovery") == "resumed"
+        acted_on(job_id, result, "resumed from the step where it stopped" if resumed else done, as_json=as_json,
+                 wait=wait, timeout=timeout)
 
     command.__doc__ = doc  # before the decorators: click reads the help from it
     command.__name__ = f"jobs_{name}"
@@ -124,4 +126,6 @@ _job_action("cancel", "cancel_job", "cancelled",
 _job_action("retry", "retry_job", "retried: its steps waiting for a retry run now",
             "Run the job's steps that wait for a retry now instead of at their next attempt time.")
 _job_action("restart", "restart_job", "restarted",
-            "Start a failed or cancelled job's operation again, as a new job with the same parameters.")
+            "The way out of a failed or cancelled job, as its kind declares: resume the same job from the step "
+            "where it stopped (protection, resync, reverse replication, disable: a copy resumes from its "
+            "checkpoint), or start its operation again as a new job with the same parameters.")

@@ -228,9 +228,13 @@ def copy_disk(ctx: StepContext, *, item_id: str, disk_id: str) -> dict[str, Any]
     view = _load(ctx, item_id)
     disk = view.disk(disk_id)
     with _storage(view) as storage, _tracker(view, disk.name) as tracker:
-        state = initial_copy(tracker, replica_of(view, storage, disk.name), on_progress=ctx.progress)
+        replica = replica_of(view, storage, disk.name)
+        before = replica.load_state()
+        # Where this run started: the checkpoint an earlier run (crashed, poisoned, redelivered) left.
+        resumed_from = before.copy_checkpoint if before is not None and not before.initial_copy_done else 0
+        state = initial_copy(tracker, replica, on_progress=ctx.progress)
     ctx.progress(state.size, state.size)
-    return {"bytes": state.size, "applied_generation": state.applied_generation}
+    return {"bytes": state.size, "applied_generation": state.applied_generation, "resumed_from": resumed_from}
 
 
 @item_action(A.DELETE_SNAPSHOT)

@@ -22,8 +22,8 @@ logger = logging.getLogger(__name__)
 
 
 def _run_step(self: Task, step_id: str) -> dict[str, Any]:
-    """Run one job step. Returning lets the canvas go on; Ignore stops it here, because whoever owns the
-    step now (a retry, another worker, the reconciler) owns what follows."""
+    """Run one job step. The engine records the outcome and sends the next stage itself; Ignore marks a
+    message whose step another run owns (a retry, another worker, the reconciler), or that must wait."""
 
     def emit_progress_event(**fields: Any) -> None:
         # Flower shows custom events; no retries, so a broker hiccup costs one update, not a stall.
@@ -53,8 +53,7 @@ engine.on_action_registered(_register_step_task)
 
 @task_postrun.connect
 def _forget_result_waiters(sender: Task | None = None, **_: Any) -> None:
-    # Celery sends the rest of the canvas after a step returns, freezing the next parallel stage here;
-    # postrun comes after that.
+    # A step that completes its stage sends the next one, a group when it has several steps.
     if sender is not None and engine.is_step_task(sender.name):
         forget_result_waiters()
 
@@ -82,8 +81,3 @@ def reconcile() -> dict[str, int]:
 def run_job_hooks(job_id: str) -> bool:
     """Run the hooks of a job that has just settled."""
     return engine.run_job_hooks(job_id)
-
-
-@app.task(name=engine.STAGE_BARRIER_TASK)
-def stage_barrier() -> None:
-    """A link between two parallel stages of a job's chain (see workflows/canvas.py); does nothing."""

@@ -226,7 +226,7 @@ def test_recoverable_failures_wait_on_the_long_schedule_then_succeed(cluster: De
         assert schedule_s[attempt - 1] - 0.01 <= next_try - last_try <= schedule_s[attempt - 1] + 2.5
 
 
-def test_a_retried_step_of_a_parallel_stage_runs_alone_and_the_reconciler_carries_the_job_on(
+def test_a_retried_step_of_a_parallel_stage_runs_alone_and_its_finish_carries_the_job_on_at_once(
     cluster: Deployment, tmp_path: Path
 ) -> None:
     log, flaky_log = tmp_path / "record.log", tmp_path / "flaky.log"
@@ -240,12 +240,12 @@ def test_a_retried_step_of_a_parallel_stage_runs_alone_and_the_reconciler_carrie
     disk0, disk1, apply = job["steps"]
     assert (disk0["attempts"], disk1["attempts"], apply["attempts"]) == (2, 1, 1)
     assert [record["label"] for record in read_records(log)] == ["disk1", "apply"]
-    # disk0's retry succeeded while disk1 still ran, and the chord of the stage never fired (its
-    # disk0 member stopped for the retry): the reconciler saw the next stage pending after a complete
-    # one and launched it, once its grace (ASR_STALE_AFTER_S = 3 s) had passed.
+    # disk0's retry succeeded while disk1 still ran; disk1, finishing last, completed the stage and sent
+    # the next one itself. (With stages chained as a Celery chord, the chord never fired and the job waited
+    # for the reconciler's grace, ASR_STALE_AFTER_S = 3 s, or about 40 s with production settings.)
     assert at(disk0["ended_at"]) < at(disk1["ended_at"])
     waited = (at(apply["started_at"]) - at(disk1["ended_at"])).total_seconds()
-    assert 3.0 <= waited <= 3.0 + 2.0
+    assert waited < 1.0, f"the next stage started {waited:.2f} s after the stage completed"
 
 
 def test_non_recoverable_failure_fails_the_job_at_once_and_runs_its_failure_hook(

@@ -19,11 +19,14 @@ from models.jobs import Job, JobState, JobStep, StepState
 from workflows import actions, clock
 from workflows.engine import (
     DispatchError,
+    ItemBusyError,
+    JobStateError,
     StepSpec,
     action,
     execute_step,
     get_job,
     reconcile,
+    reopen,
     run_job_hooks,
     start_job,
     use_dispatcher,
@@ -66,14 +69,15 @@ KIND = declare(JobKind(
 
 @dataclass
 class RecordingDispatcher:
-    sent: list[list[list[str]]]
+    sent: list[list[str]]
+    """The step ids of each stage sent, in order."""
     hooks: list[str]
     refuse: bool = False
 
-    def send_stages(self, stages: Sequence[Sequence]) -> None:
+    def send_stage(self, steps: Sequence) -> None:
         if self.refuse:
             raise DispatchError("broker down")
-        self.sent.append([[step.id for step in stage] for stage in stages])
+        self.sent.append([step.id for step in steps])
 
     def dispatch_hooks(self, job_id: str) -> None:
         self.hooks.append(job_id)
@@ -109,11 +113,11 @@ def two_stage_job(first: str = OK, second: str = OK) -> str:
     ])
 
 
-def test_start_job_records_steps_and_locks_then_dispatches_every_stage(dispatcher):
+def test_start_job_records_steps_and_locks_then_dispatches_its_first_stage(dispatcher):
     job_id = two_stage_job()
     recorded = steps(job_id)
     assert [(s["name"], s["state"]) for s in recorded] == [("A", "queued"), ("B", "queued"), ("C", "pending")]
-    assert dispatcher.sent == [[[recorded[0]["id"], recorded[1]["id"]], [recorded[2]["id"]]]]
+    assert dispatcher.sent == [[recorded[0]["id"], recorded[1]["id"]]]
     with pytest.raises(Exception, match="busy"):
         two_stage_job()
 
@@ -136,8 +140,11 @@ def test_steps_succeed_stage_by_stage_and_the_last_one_settles_the_job_and_its_h
     first, second, last = (s["id"] for s in steps(job_id))
     assert run(last).advance is False, "a step whose earlier stage is not done is not claimed"
     assert run(first).advance is True
+    assert dispatcher.sent[1:] == [], "the stage is not complete yet"
     assert run(first).state is StepState.succeeded, "a redelivered message finds the step done and lets it go on"
     assert run(second).advance is True
+    assert dispatcher.sent[1:] == [[last]], "the step that completed the stage sent the next one, once"
+    assert run(second).state is StepState.succeeded and dispatcher.sent[1:] == [[last]]
     assert run(last).state is StepState.succeeded
     job = get_job(job_id)
     assert job["state"] == "succeeded" and job["hook_pending"] is True
@@ -160,8 +167,7 @@ def test_a_recoverable_failure_waits_for_the_schedule_and_the_reconciler_relaunc
         row.next_attempt_at = clock.now() - timedelta(seconds=1)
         session.add(row)
     assert reconcile() == {"retry_due": 1}
-    assert len(dispatcher.sent[-1]) == 2 and dispatcher.sent[-1][0] == [flaky], \
-        "only the step still to do is sent, then the stages after it"
+    assert dispatcher.sent[-1] == [flaky], "only the step still to do is sent"
     assert run(flaky).state is StepState.waiting_retry, "claimed again once due, and failing again"
 
 
@@ -212,6 +218,77 @@ def test_a_step_whose_worker_died_is_relaunched_then_fails_as_poison(dispatcher,
     job = get_job(job_id)
     assert job["state"] == "failed" and "worker died 2 times" in job["error"]
     assert job["error_class"] == "workflows.engine.errors.PoisonStepError"
+
+
+@pytest.mark.parametrize("order", ["first, then second", "second, then first"])
+def test_the_next_stage_starts_when_the_last_step_of_a_re_driven_stage_finishes_whatever_the_order(
+        dispatcher, monkeypatch, order):
+    """Both steps of a two-disk stage lost their worker and were re-driven (the chaos case): the next stage
+    is sent by whichever finishes last, at once, without waiting for the reconciler."""
+    monkeypatch.setenv("ASR_STALE_AFTER_S", "0.2")
+    job_id = two_stage_job()
+    first, second, last = (s["id"] for s in steps(job_id))
+    with session_scope() as session:
+        for step_id in (first, second):
+            row = session.get(JobStep, step_id)
+            row.state, row.heartbeat_at, row.lease = StepState.running, clock.now() - timedelta(seconds=5), "dead"
+            session.add(row)
+    assert reconcile() == {"relaunched_stale": 2}
+    runs = (first, second) if order == "first, then second" else (second, first)
+    assert run(runs[0]).state is StepState.succeeded and last not in sum(dispatcher.sent, [])
+    assert run(runs[1]).state is StepState.succeeded
+    assert dispatcher.sent[-1] == [last]
+    assert steps(job_id)[2]["state"] == "queued"
+    assert run(last).state is StepState.succeeded and get_job(job_id)["state"] == "succeeded"
+
+
+def test_a_next_stage_the_broker_refused_is_sent_by_the_reconciler_later(dispatcher, monkeypatch):
+    monkeypatch.setenv("ASR_STALE_AFTER_S", "0.2")
+    job_id = two_stage_job()
+    first, second, last = (s["id"] for s in steps(job_id))
+    run(first)
+    dispatcher.refuse = True
+    assert run(second).state is StepState.succeeded, "the step is recorded even though the next stage waits"
+    assert steps(job_id)[2]["state"] == "pending"
+    dispatcher.refuse = False
+    with session_scope() as session:
+        for step_id in (first, second):
+            row = session.get(JobStep, step_id)
+            row.ended_at = clock.now() - timedelta(seconds=5)
+            session.add(row)
+    assert reconcile() == {"continuation_lost": 1}
+    assert dispatcher.sent[-1] == [last]
+
+
+def test_a_poisoned_job_resumes_from_the_step_where_it_stopped_as_the_same_job(dispatcher, monkeypatch):
+    monkeypatch.setenv("ASR_STALE_AFTER_S", "0.2")
+    monkeypatch.setenv("ASR_MAX_STEP_DEATHS", "1")
+    job_id = two_stage_job()
+    first, second, last = (s["id"] for s in steps(job_id))
+    assert run(second).state is StepState.succeeded
+    with session_scope() as session:
+        row = session.get(JobStep, first)
+        row.state, row.heartbeat_at, row.lease = StepState.running, clock.now() - timedelta(seconds=5), "dead"
+        session.add(row)
+    assert reconcile() == {"poisoned": 1}
+    assert get_job(job_id)["state"] == "failed" and run_job_hooks(job_id)
+    with pytest.raises(JobStateError, match="only a failed or cancelled job"):
+        reopen(two_stage_job_on("item:other"))
+    blocker = start_job(KIND.name, lock_key="item:x", stages=[[StepSpec("Hold", OK, "orchestration")]])
+    with pytest.raises(ItemBusyError, match=f"held by job {blocker}"):
+        reopen(job_id)
+    assert get_job(job_id)["state"] == "failed", "a refused resume changes nothing"
+    run(steps(blocker)[0]["id"])
+    assert reopen(job_id) == [first], "only the step that stopped is sent; the one that succeeded is kept"
+    resumed = get_job(job_id)
+    assert resumed["state"] == "queued" and resumed["error"] is None
+    assert [(s["state"], s["deaths"]) for s in resumed["steps"]] == [("queued", 0), ("succeeded", 0), ("pending", 0)]
+    assert run(first).state is StepState.succeeded and dispatcher.sent[-1] == [last]
+    assert run(last).state is StepState.succeeded and get_job(job_id)["state"] == "succeeded"
+
+
+def two_stage_job_on(lock: str) -> str:
+    return start_job(KIND.name, lock_key=lock, stages=[[StepSpec("A", OK, "orchestration")]])
 
 
 # ---- the reconciler's pure decisions ------------------------------------------------------------------

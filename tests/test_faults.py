@@ -20,6 +20,7 @@ from engine_harness import EventCapture
 from recovery_site import RecoverySite
 
 import sites.localservices
+from api import service
 from datapath.replication import ReplicaDisk, ReplicaState
 from sites.localservices import AzuriteProcess, wait_until
 from workflows.engine import get_job
@@ -272,7 +273,7 @@ def test_storage_outage_mid_copy_waits_on_the_retry_schedule_then_the_job_succee
 
 # ---- a copy whose worker dies every time ------------------------------------------------------------------
 @pytest.mark.azure
-def test_copy_whose_worker_dies_every_time_fails_as_poison_and_marks_the_item_critical(
+def test_copy_whose_worker_dies_every_time_fails_as_poison_then_resumes_from_its_checkpoint(
     tmp_path: Path, azurite: AzuriteProcess
 ) -> None:
     copy = "Copy disk disk0"
@@ -315,3 +316,18 @@ def test_copy_whose_worker_dies_every_time_fails_as_poison_and_marks_the_item_cr
             ("enable_protection_failed", job["error"])], item["errors"]
         state = replica_state(site, "app01", "disk0")
         assert not state.initial_copy_done and state.copy_checkpoint < state.size, state
+
+        # The way out (issue 12: this was a dead end): `jobs restart` resumes the same job from the
+        # poisoned copy, which resumes from its checkpoint, and the VM ends protected and Healthy.
+        checkpoint = state.copy_checkpoint
+        assert checkpoint > 0, "the runs that died had copied something"
+        site.start_host_worker(HOST)
+        answer = service.restart_job(job_id)
+        assert (answer["job_id"], answer["recovery"]) == (job_id, "resumed"), answer
+        job = site.wait_job(job_id, timeout=120)
+        step = step_named(job, copy)
+        assert (step["state"], step["deaths"], step["attempts"]) == ("succeeded", 0, max_deaths + 1), step
+        assert step["result"]["resumed_from"] >= checkpoint, step["result"]
+        wait_until(lambda: site.item(vm_id)["health"] == "Healthy", timeout=15, what="the item to be Healthy")
+        assert site.item(vm_id)["state"] == "protected"
+        site.verify_replica(vm_id)

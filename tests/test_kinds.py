@@ -94,6 +94,15 @@ def test_a_kind_using_an_action_outside_the_catalog_or_an_unreachable_state_is_r
                 locks=lambda r: [], target=lambda r: None, params=lambda r: {})
 
 
+def test_every_product_kind_declares_a_way_out_of_its_failures():
+    product = {name: kind for name, kind in KINDS.items() if "." not in name}
+    assert all(kind.restart is not None for kind in product.values())
+    # The replication kinds leave the item where they stopped: the same job resumes (a copy from its
+    # checkpoint); the others roll the item back or are cheap to run again: a new job.
+    assert {name for name, kind in product.items() if kind.recovery == "resume"} == {
+        "enable_protection", "initial_replication", "resynchronize", "reverse_replication", "disable_protection"}
+
+
 def test_restart_of_an_unknown_kind_is_refused_naming_it():
     with pytest.raises(NotRestartableError, match="no job kind 'frobnicate'"):
         restart("frobnicate", {})

@@ -14,11 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Generic, TypeVar
 
+from sqlmodel import select
+
+from models.db import as_utc, session_scope
+from models.jobs import Job
 from models.protection import ALLOWED_TRANSITIONS, ReplicationState
 from workflows import actions
-from workflows.engine import StepSpec, job_hook, start_job
+from workflows.engine import StepSpec, job_hook, reopen, start_job
 from workflows.engine.registry import HookFn, declare_kind
 
 Request = TypeVar("Request")
@@ -47,6 +52,11 @@ class JobKind(Generic[Request]):
     """What the job record keeps of its request: enough for its hooks and its restart (ids, never data)."""
     restart: Callable[[Mapping[str, Any]], str] | None = None
     """Start the job again from a failed or cancelled job's params; None: it cannot be restarted."""
+    recovery: str = "restart"
+    """The way out of a failed or cancelled job of this kind (`recover`): "resume" the same job from the step
+    where it stopped (its steps resume from their checkpoints: the replication kinds, whose failures leave
+    the item where they stopped), or "restart" it as a new job with the same request (the kinds whose
+    failure rolls the item back, or that are cheap to run again)."""
     starts_from: tuple[ReplicationState, ...] = ()
     """The item states a job of this kind may start in (empty: it does not look at an item's state)."""
     moves_to: frozenset[ReplicationState] = frozenset()
@@ -56,6 +66,8 @@ class JobKind(Generic[Request]):
     on_succeeded: tuple[HookFn, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.recovery not in ("resume", "restart"):
+            raise ValueError(f"job kind {self.name!r}: recovery must be 'resume' or 'restart', not {self.recovery!r}")
         unknown = self.actions - actions.CATALOG
         if unknown:
             raise ValueError(f"job kind {self.name!r} uses actions not in the catalog: {', '.join(sorted(unknown))}")
@@ -103,6 +115,36 @@ def restart(name: str, params: Mapping[str, Any]) -> str:
     if kind.restart is None:
         raise NotRestartableError(f"jobs of kind {name!r} cannot be restarted from here")
     return kind.restart(params)
+
+
+@dataclass(frozen=True)
+class Recovery:
+    job_id: str
+    """The job that now carries the operation: the same job when resumed, a new one when restarted."""
+    how: str
+    """"resumed" or "restarted"."""
+
+
+def recover(job: Mapping[str, Any]) -> Recovery:
+    """The way out of a failed or cancelled job (a `get_job` dict), as its kind declares: resume it from the
+    step where it stopped while it is still the latest job on what it is about, else start it again as a
+    new job with the same request."""
+    kind = kind_named(job["kind"])
+    if kind.recovery == "resume" and _is_latest_on_target(job):
+        reopen(job["id"])
+        return Recovery(job["id"], "resumed")
+    return Recovery(restart(kind.name, job["params"]), "restarted")
+
+
+def _is_latest_on_target(job: Mapping[str, Any]) -> bool:
+    # A newer job on the same item (a disable, a resync) changed what the stopped job would resume into.
+    if job.get("target") is None:
+        return True
+    with session_scope() as session:
+        newer = session.exec(select(Job.id).where(Job.target == job["target"], Job.id != job["id"],
+                                                  Job.created_at > as_utc(datetime.fromisoformat(
+                                                      job["created_at"])))).first()
+    return newer is None
 
 
 def stage_actions(stages: Sequence[Sequence[StepSpec]]) -> set[str]:

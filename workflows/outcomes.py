@@ -11,7 +11,7 @@ from datapath.errors import LogCorruptError, LogOutOfSequenceError
 from models.failover import FailoverRecord, FailoverStatus
 from models.jobs import Job
 from models.policy import ReplicationPolicy
-from models.protection import ProtectedItem, ReplicationState, mark_critical, mark_warning, roll_back
+from models.protection import ProtectedItem, ReplicationState, mark_critical, mark_healthy, mark_warning, roll_back
 from workflows import clock
 
 # A job failing with one of these has already marked its item resync_required (Warning, with the reason):
@@ -40,14 +40,19 @@ def replication_failed(job: Job, session: Session) -> None:
     if job.error_class in RESYNC_ERROR_CLASSES and item.replication_state is ReplicationState.RESYNC_REQUIRED:
         session.flush()
         return
-    mark_critical(session, item, f"{job.kind}_failed", job.error or f"job {job.id} failed")
+    mark_critical(session, item, failure_code(job.kind), job.error or f"job {job.id} failed")
+
+
+def failure_code(kind: str) -> str:
+    """The health error a failed job of `kind` leaves on its item, until a job of that kind succeeds."""
+    return f"{kind}_failed"
 
 
 def revert_item(session: Session, item: ProtectedItem, record: FailoverRecord | None, outcome: str,
-                error: str | None) -> None:
+                error: str | None, code: str) -> None:
     """A failover or failback of the item ended without success (`outcome`: failed or cancelled): the item
     goes back to where it was (`models.protection.ROLLBACKS`), the record says how it ended, and a failure
-    marks the item Critical."""
+    marks the item Critical with `code`."""
     if record is not None and record.status is FailoverStatus.IN_PROGRESS:
         record.status = FailoverStatus.CANCELLED if outcome == "cancelled" else FailoverStatus.FAILED
         record.details = {**record.details, "error": error}
@@ -55,7 +60,7 @@ def revert_item(session: Session, item: ProtectedItem, record: FailoverRecord | 
     roll_back(item, record.details.get("previous_state") if record is not None else None, outcome)
     session.add(item)
     if outcome == "failed":
-        mark_critical(session, item, "failover_failed", error or "a failover job failed")
+        mark_critical(session, item, code, error or "a failover job failed")
     session.flush()
 
 
@@ -66,7 +71,15 @@ def failover_ended(job: Job, session: Session) -> None:
         return
     failover_id = job.params.get("failover_id")
     record = session.get(FailoverRecord, failover_id) if failover_id else None
-    revert_item(session, item, record, job.state.value, job.error)
+    revert_item(session, item, record, job.state.value, job.error, failure_code(job.kind))
+
+
+def operation_succeeded(job: Job, session: Session) -> None:
+    """A job of the item succeeded: the error an earlier failed job of the same kind left is cleared, since
+    what it failed to do is now done (the way out of a failure ends Healthy)."""
+    item = _item(session, job)
+    if item is not None:
+        mark_healthy(session, item, failure_code(job.kind))
 
 
 def verification_failed(job: Job, session: Session) -> None:

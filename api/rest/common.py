@@ -37,6 +37,8 @@ class JobRef(BaseModel):
     vm: str | None = None
     plan: str | None = None
     restarted_from: str | None = None
+    recovery: str | None = None
+    """For a restart: "resumed" (the same job, from the step where it stopped) or "restarted" (a new job)."""
 
 
 class ErrorBody(BaseModel):

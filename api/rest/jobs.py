@@ -86,7 +86,8 @@ def retry_job(job_id: str, response: Response) -> dict[str, Any]:
     return _started(response, service.retry_job(job_id))
 
 
-@router.post("/jobs/{job_id}/restart", tags=["jobs"], summary="Start a failed or cancelled job's operation again",
+@router.post("/jobs/{job_id}/restart", tags=["jobs"],
+             summary="The way out of a failed or cancelled job: resume it where it stopped, or start it again",
              **ACCEPTED)
 def restart_job(job_id: str, response: Response) -> dict[str, Any]:
     return _started(response, service.restart_job(job_id))

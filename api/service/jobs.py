@@ -137,15 +137,18 @@ def resume_job(job_id: str, note: str = "") -> dict:
 
 @_operation
 def restart_job(job_id: str) -> dict:
-    """Start the operation of a failed or cancelled job again, as a new job with the same request."""
+    """The way out of a failed or cancelled job, as its kind declares (`workflows.jobkind.recover`): resume
+    the same job from the step where it stopped (the replication kinds: a poisoned copy resumes from its
+    checkpoint), or start its operation again as a new job with the same request (failovers, plans,
+    cycles). The answer says which (`recovery`)."""
     job = engine.get_job(_check_job_id(job_id))
     if job["state"] not in (JobState.failed.value, JobState.cancelled.value):
         raise Conflict(f"job {job_id} ({job['kind']}) is {job['state']}: only a failed or cancelled job can be "
                        f"restarted" + (" (cancel it first)" if job["state"] in
                                        {state.value for state in ACTIVE_JOB_STATES} else ""))
-    new_id = jobkind.restart(job["kind"], job["params"])
-    return _job_ref(new_id, job["kind"], job["params"].get("vm"), restarted_from=job_id,
-                    plan=job["params"].get("plan"))
+    recovery = jobkind.recover(job)
+    return _job_ref(recovery.job_id, job["kind"], job["params"].get("vm"), restarted_from=job_id,
+                    plan=job["params"].get("plan"), recovery=recovery.how)
 
 
 def _snapshot(job: Mapping[str, Any]) -> dict[str, Any]:

@@ -6,18 +6,20 @@ are harmless: whoever wins the UPDATE owns the step, everyone else stands back. 
 Celery: `workflows/canvas.py` turns stages into Celery canvases, behind `engine.dispatch`.
 
 - `jobs.py`: `start_job` writes the job, its steps (the first stage's marked queued) and its locks in one
-  transaction, then dispatches its stages; `launch` dispatches the remaining stages from the first one not
-  complete; `cancel`, `resume`, `retry_now`; ending and settling jobs, running their hooks; `get_job`.
+  transaction, then dispatches its first stage; `advance` dispatches the next stage when the last step of
+  one succeeds; `launch` dispatches what may run of the first stage not complete; `cancel`, `resume`,
+  `retry_now`; ending and settling jobs, running their hooks; `get_job`.
 - `steps.py`: `execute_step` (behind every step task) claims a step, keeps a heartbeat while its action
   runs, and records the outcome.
-- `reconciler.py`: `reconcile` (run by beat) re-drives whatever a lost message, a dead worker or a broken
-  chord left behind.
+- `reconciler.py`: `reconcile` (run by beat) re-drives whatever a lost message or a dead worker left
+  behind.
 - `registry.py`: queue and task names, the registered action implementations and job hooks.
 - `statements.py`: the prebuilt conditional statements; `errors.py`; `dispatch.py`.
 
 A step is `queued` once a message for it was sent to the broker; steps of later stages stay `pending`
-until the chain reaches them, which is what lets the reconciler tell a lost continuation from a slow one.
-Steps already done are left out of a relaunched canvas: the canvas only ever holds work still to do.
+until the stage before them completes, which is what lets the reconciler tell a lost continuation (the
+engine died between a step's commit and sending the next stage) from a slow one. Only work still to do is
+ever sent.
 """
 from workflows.engine.dispatch import Dispatcher, DispatchError, use_dispatcher
 from workflows.engine.errors import (
@@ -33,6 +35,7 @@ from workflows.engine.jobs import (
     cancel,
     get_job,
     launch,
+    reopen,
     resume,
     retry_now,
     run_job_hooks,
@@ -47,7 +50,6 @@ from workflows.engine.registry import (
     RECOVERY_QUEUE,
     RUN_JOB_HOOKS_TASK,
     RUN_STEP_TASK,
-    STAGE_BARRIER_TASK,
     STEP_TASK_PREFIX,
     action,
     import_action_modules,
@@ -63,8 +65,8 @@ __all__ = [
     "StepSpec", "StepContext", "StepOutcome", "EngineSettings", "Dispatcher", "DispatchError", "use_dispatcher",
     "ItemBusyError", "JobNotFoundError", "JobStateError", "PoisonStepError", "StepCancelled", "AwaitingOperator",
     "action", "job_hook", "import_action_modules", "on_action_registered", "step_task_name", "is_step_task",
-    "start_job", "launch", "retry_now", "resume", "cancel", "reconcile", "get_job", "validate_queue",
+    "start_job", "launch", "retry_now", "resume", "reopen", "cancel", "reconcile", "get_job", "validate_queue",
     "execute_step", "run_job_hooks", "refuse_unknown_step_task",
     "ORCHESTRATION_QUEUE", "RECOVERY_QUEUE", "HOST_QUEUE_PREFIX", "RUN_STEP_TASK", "STEP_TASK_PREFIX",
-    "RECONCILE_TASK", "RUN_JOB_HOOKS_TASK", "STAGE_BARRIER_TASK",
+    "RECONCILE_TASK", "RUN_JOB_HOOKS_TASK",
 ]

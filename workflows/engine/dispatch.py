@@ -24,9 +24,9 @@ class StepMessage(Protocol):
 
 
 class Dispatcher(Protocol):
-    def send_stages(self, stages: Sequence[Sequence[StepMessage]]) -> None:
-        """Deliver the stages in order, the steps of one stage in parallel; each next stage once every step
-        of the one before has succeeded. DispatchError when the broker refuses."""
+    def send_stage(self, steps: Sequence[StepMessage]) -> None:
+        """Deliver the steps of one stage, to run in parallel (the engine sends the next stage itself once
+        this one is complete). DispatchError when the broker refuses."""
 
     def dispatch_hooks(self, job_id: str) -> None:
         """Have an orchestration worker run the settled job's hooks. DispatchError when the broker refuses."""

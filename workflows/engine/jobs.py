@@ -162,7 +162,7 @@ def start_job(
         what = target or ", ".join(keys)
         raise ItemBusyError(f"{what} is busy: its locks changed hands twice while starting {kind}")
     try:
-        _send_canvas(routes, stamp)
+        _send_stage(routes[0], stamp)
     except DispatchError as exc:
         # The job is recorded; the reconciler launches it once the broker is back.
         logger.warning("job %s (%s) created but not launched yet: %s", job_id, kind, exc)
@@ -243,9 +243,9 @@ def _launchable(step: JobStep, now: datetime) -> bool:
     return step.state in (StepState.pending, StepState.queued) or retry_due(step, now)
 
 def launch(job_id: str) -> list[str]:
-    """Send the job's remaining stages as one canvas. Returns the ids of the steps of its first stage
-    that were sent (empty when there is nothing to send: finished, running, waiting for a retry or for
-    an operator)."""
+    """Send the steps of the job's first stage not complete that may run now. Returns their ids (empty when
+    there is nothing to send: finished, running, waiting for a retry or for an operator). The stages
+    after it follow as each completes (`advance`)."""
     now = clock.now()
     with session_scope() as session:
         if existing_job(session, job_id).state not in ACTIVE_JOB_STATES:
@@ -271,18 +271,48 @@ def launch(job_id: str) -> list[str]:
         ).order_by(JobStep.index)).all())
     if not first:
         return []
-    _send_canvas([first, *stages[1:]], stamp)
+    _send_stage(first, stamp)
     return [step.id for step in first]
 
-def _send_canvas(stages: Sequence[Sequence[JobStep | StepRoute]], stamp: datetime) -> None:
-    """Send the stages (the first one's steps were marked queued at `stamp`)."""
+
+def advance(job_id: str, finished_stage: int) -> list[str]:
+    """Send the next stage once `finished_stage` of the job is complete, whatever order its steps finished in
+    and however often they were re-driven: called by every step that succeeds, after its commit. Of two
+    steps finishing together at least one sees the stage complete (each looks after its own commit), and
+    the conditional pending -> queued update lets only one of them send. Returns the ids of the steps sent."""
+    with session_scope() as session:
+        open_steps = session.exec(select(sa.func.count()).select_from(JobStep).where(
+            JobStep.job_id == job_id, JobStep.stage == finished_stage, JobStep.state.not_in(DONE_STEP_STATES),
+        )).one()
+        if open_steps:
+            return []
+        active = sa.exists().where(Job.id == job_id, Job.state.in_(ACTIVE_JOB_STATES))
+        stamp = clock.now()
+        # all(): SQLite applies an UPDATE … RETURNING row by row as its rows are read.
+        rows = session.connection().execute(sa.update(JobStep).where(
+            JobStep.job_id == job_id, JobStep.stage == finished_stage + 1, JobStep.state == StepState.pending, active,
+        ).values(state=StepState.queued, queued_at=stamp).returning(
+            JobStep.index, JobStep.id, JobStep.queue, JobStep.action,
+        )).all()
+    sent = [StepRoute(step_id, queue, action) for _, step_id, queue, action in sorted(rows)]
+    if sent:
+        try:
+            _send_stage(sent, stamp)
+        except DispatchError as exc:
+            # Recorded as pending again: the reconciler sends it once the broker is back.
+            logger.warning("next stage of job %s not sent yet: %s", job_id, exc)
+            return []
+    return [step.id for step in sent]
+
+def _send_stage(steps: Sequence[JobStep | StepRoute], stamp: datetime) -> None:
+    """Send one stage's steps, marked queued at `stamp`."""
     try:
-        dispatcher().send_stages(stages)
+        dispatcher().send_stage(steps)
     except BaseException:
         # Nothing was sent: pending again, which the reconciler relaunches as a lost continuation.
         with session_scope() as session:
             session.exec(update_rows(JobStep).where(
-                JobStep.id.in_([step.id for step in stages[0]]), JobStep.state == StepState.queued,
+                JobStep.id.in_([step.id for step in steps]), JobStep.state == StepState.queued,
                 JobStep.queued_at == stamp,
             ).values(state=StepState.pending))
         raise
@@ -301,6 +331,53 @@ def retry_now(job_id: str) -> list[str]:
         if not retried:
             raise JobStateError(f"job {job_id} ({job.kind}) has no step waiting for a retry")
     return launch(job_id)
+
+
+def reopen(job_id: str) -> list[str]:
+    """Resume a failed or cancelled job from the step where it stopped, as the same job: it takes its locks
+    again, the steps that failed or were cancelled become pending again (a poisoned step's deaths are
+    forgotten: an operator decided to try again), and its first stage not complete is sent. Steps that
+    succeeded are not run again, and a step resumes from its own checkpoints (a copy from the last chunk it
+    recorded). Returns the ids of the steps sent.
+
+    JobStateError unless the job failed or was cancelled and has settled (its hooks ran); ItemBusyError,
+    changing nothing, while another job holds one of its locks."""
+    now = clock.now()
+    with session_scope() as session:
+        job = existing_job(session, job_id)
+        if job.state not in (JobState.failed, JobState.cancelled):
+            raise JobStateError(f"job {job_id} ({job.kind}) is {job.state.value}: only a failed or cancelled job "
+                                f"can be resumed")
+        if job.settled_at is None or job.hook_pending:
+            raise JobStateError(f"job {job_id} ({job.kind}) is still settling (a step is stopping or its hooks "
+                                f"have not run): try again in a moment")
+        keys = list(job.lock_keys)
+        try:
+            with session.begin_nested():
+                if keys:
+                    session.connection().execute(sa.insert(JobLock.__table__), [
+                        {"lock_key": key, "job_id": job_id, "acquired_at": now} for key in keys])
+        except sa.exc.IntegrityError:
+            busy = _first_busy_lock(keys)
+            holder = f"job {busy[1].id} ({busy[1].kind})" if busy else "another job"
+            raise ItemBusyError(f"job {job_id} ({job.kind}) cannot resume: {busy[0] if busy else 'its lock'} "
+                                f"is held by {holder}") from None
+        reopened = session.exec(update_rows(Job).where(
+            Job.id == job_id, Job.state.in_((JobState.failed, JobState.cancelled)),
+        ).values(state=JobState.queued, ended_at=None, settled_at=None, error=None, error_class=None,
+                 hook_error=None)).rowcount
+        if not reopened:
+            raise JobStateError(f"job {job_id} ({job.kind}) changed while resuming it: look again")
+        session.exec(update_rows(JobStep).where(
+            JobStep.job_id == job_id, JobStep.state.in_((StepState.failed, StepState.cancelled)),
+        ).values(state=StepState.pending, deaths=0, lease=None, queued_at=None, next_attempt_at=None,
+                 ended_at=None, error=None, error_class=None))
+    logger.info("job %s (%s) resumed from where it stopped", job_id, job.kind)
+    try:
+        return launch(job_id)
+    except DispatchError as exc:
+        logger.warning("job %s resumed but not launched yet (the reconciler will): %s", job_id, exc)
+        return []
 
 
 def resume(job_id: str, *, note: str = "") -> list[str]:

@@ -1,4 +1,4 @@
-"""The reconciler (run by beat): re-drives what lost messages, dead workers and broken chords left behind.
+"""The reconciler (run by beat): re-drives what lost messages and dead workers left behind.
 
 Its decisions are pure functions of the rows it reads (`relaunch_reason`, `stale_step_outcome`), so they
 are unit-tested without workers; acting on them goes through the same conditional updates as everything
@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 
 def reconcile() -> dict[str, int]:
-    """Re-drive what lost messages, dead workers and broken chords left behind. Returns what it did."""
+    """Re-drive what lost messages and dead workers left behind. Returns what it did."""
     settings = EngineSettings.from_env()
     now = clock.now()
     stale_before = now - timedelta(seconds=settings.stale_after_s)
@@ -72,9 +72,9 @@ def relaunch_reason(job: Job, steps: list[JobStep], now: datetime, settings: Eng
         if any(step.state == StepState.queued and step.queued_at < stalled_before for step in stage):
             return "queued_stalled"
         if any(step.state == StepState.pending for step in stage):
-            # No message was ever sent for it: the chain that should have carried it was cut (a chord
-            # whose other member waited for a retry, a launch the broker refused). Give the chain a
-            # moment to deliver before concluding that.
+            # No message was ever sent for it: the step that completed the stage before it died before
+            # sending it, or the broker refused it. Give the engine a moment to send it before concluding
+            # that.
             ended = [step.ended_at for step in stages[stage_no - 1]] if stage_no else []
             since = max(ended) if ended else job.created_at
             if since < now - timedelta(seconds=settings.stale_after_s):

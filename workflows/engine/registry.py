@@ -24,7 +24,6 @@ RUN_JOB_HOOKS_TASK = "asr.engine.run_job_hooks"
 ORCHESTRATION_QUEUE = "orchestration"
 RECOVERY_QUEUE = "recovery"
 HOST_QUEUE_PREFIX = "host."
-STAGE_BARRIER_TASK = "asr.engine.stage_barrier"
 
 ActionFn = Callable[..., dict[str, Any] | None]
 HookFn = Callable[[Job, Session], None]

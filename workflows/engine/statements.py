@@ -87,7 +87,7 @@ def claim_statement() -> sa.Update:
         deaths=step.deaths + sa.case((step.state == StepState.running, 1), else_=0),
         started_at=now, heartbeat_at=now, ended_at=None, worker=_param("claim_worker", step.worker),
         celery_task_id=task_id,
-    ).returning(step.id, step.job_id, step.name, step.action, step.params, step.attempts, step.deaths)
+    ).returning(step.id, step.job_id, step.stage, step.name, step.action, step.params, step.attempts, step.deaths)
 
 
 @functools.cache

@@ -32,7 +32,14 @@ from workflows.engine.errors import (
     error_text,
     poison_reason,
 )
-from workflows.engine.jobs import dispatch_hooks, fail_job, finish_if_complete, require_json_object, settle
+from workflows.engine.jobs import (
+    advance,
+    dispatch_hooks,
+    fail_job,
+    finish_if_complete,
+    require_json_object,
+    settle,
+)
 from workflows.engine.registry import STEP_TASK_PREFIX, ActionFn, EventEmitter, registered_actions
 from workflows.engine.statements import (
     claim_statement,
@@ -227,6 +234,7 @@ class _ClaimedStep:
 
     id: str
     job_id: str
+    stage: int
     name: str
     action: str
     params: dict[str, Any]
@@ -326,8 +334,11 @@ def _unclaimed(step_id: str) -> StepOutcome:
     if step is None:
         logger.warning("run_step for unknown step %s ignored", step_id)
         return StepOutcome(advance=False, state=None)
-    # Done already (a redelivery after a crash just after the commit): the canvas must still go on.
-    return StepOutcome(advance=step.state in DONE_STEP_STATES, state=step.state)
+    done = step.state in DONE_STEP_STATES
+    if done:
+        # A redelivery after a crash just after the commit: the job must still go on.
+        _advance(step.job_id, step.stage)
+    return StepOutcome(advance=done, state=step.state)
 
 
 def _succeed_step(
@@ -344,7 +355,17 @@ def _succeed_step(
         return _stand_down(step)
     if settled:
         dispatch_hooks(step.job_id)
+    else:
+        _advance(step.job_id, step.stage)
     return StepOutcome(advance=True, state=StepState.succeeded)
+
+
+def _advance(job_id: str, stage: int) -> None:
+    # The step is recorded: a failure to send the next stage now is the reconciler's to make good.
+    try:
+        advance(job_id, stage)
+    except sa.exc.SQLAlchemyError as exc:
+        logger.warning("job %s not advanced past stage %d (the reconciler will): %s", job_id, stage, exc)
 
 
 def _wait_for_retry(step: _ClaimedStep, lease: str, exc: BaseException) -> StepOutcome:

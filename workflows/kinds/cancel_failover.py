@@ -13,7 +13,7 @@ from workflows.failover_request import RecordRequest, current_failover, load_rec
 from workflows.items import item_locks, item_target, restart_on_item, start_for_item
 from workflows.jobkind import JobKind, declare
 from workflows.kinds.params import vm_job_params
-from workflows.outcomes import failover_ended
+from workflows.outcomes import failover_ended, operation_succeeded
 from workflows.stages import Stages
 
 S = ReplicationState
@@ -39,5 +39,5 @@ KIND: JobKind[RecordRequest] = declare(JobKind(
     actions=frozenset({A.DELETE_RECOVERY_VM, A.RESUME_PRIMARY, A.FINISH_CANCEL}),
     build=build, locks=item_locks, target=item_target, params=vm_job_params, restart=restart_on_item(start),
     starts_from=(S.FAILED_OVER,), moves_to=frozenset({S.PROTECTED}),
-    on_failed=(failover_ended,), on_cancelled=(failover_ended,),
+    on_failed=(failover_ended,), on_succeeded=(operation_succeeded,), on_cancelled=(failover_ended,),
 ))

@@ -18,7 +18,7 @@ from workflows.items import (
     start_on_item,
 )
 from workflows.jobkind import JobKind, declare
-from workflows.outcomes import replication_failed
+from workflows.outcomes import operation_succeeded, replication_failed
 from workflows.stages import Stages, merge_logs
 
 S = ReplicationState
@@ -42,5 +42,5 @@ KIND = declare(JobKind(
     build=build, locks=item_locks, target=item_target, params=item_job_params, restart=restart_on_item(start),
     starts_from=(S.PROTECTED,),
     moves_to=frozenset({S.RESYNC_REQUIRED}),
-    on_failed=(replication_failed,),
+    on_failed=(replication_failed,), on_succeeded=(operation_succeeded,),
 ))

@@ -18,7 +18,7 @@ from workflows.items import (
     start_on_item,
 )
 from workflows.jobkind import JobKind, declare
-from workflows.outcomes import replication_failed
+from workflows.outcomes import operation_succeeded, replication_failed
 from workflows.stages import Stages
 
 S = ReplicationState
@@ -44,9 +44,10 @@ KIND = declare(JobKind(
     summary="Stop protecting a VM and delete its replicas and recovery points",
     actions=frozenset({A.BEGIN_DISABLE, A.STOP_TRACKING, A.REMOVE_REPLICAS, A.FINISH_DISABLE}),
     build=build, locks=item_locks, target=item_target, params=item_job_params, restart=restart_on_item(start),
+    recovery="resume",
     # Any state that may move to disabling_protection, and that state itself (a rerun after a failure).
     starts_from=(*(state for state, targets in ALLOWED_TRANSITIONS.items() if S.DISABLING_PROTECTION in targets),
                  S.DISABLING_PROTECTION),
     moves_to=frozenset({S.DISABLING_PROTECTION, S.DISABLED}),
-    on_failed=(replication_failed,),
+    on_failed=(replication_failed,), on_succeeded=(operation_succeeded,),
 ))

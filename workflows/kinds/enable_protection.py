@@ -32,7 +32,7 @@ from workflows.items import (
     view_of,
 )
 from workflows.jobkind import JobKind, declare
-from workflows.outcomes import replication_failed
+from workflows.outcomes import operation_succeeded, replication_failed
 from workflows.stages import Stages, initial_replication
 
 S = ReplicationState
@@ -144,7 +144,8 @@ KIND = declare(JobKind(
     actions=frozenset({A.PREREQUISITES, A.CREATE_RELATIONSHIP, A.START_REPLICATION, A.SNAPSHOT_VM, A.COPY_DISK,
                        A.DELETE_SNAPSHOT, A.SHIP_LOGS, A.APPLY_LOGS, A.ACKNOWLEDGE_LOGS, A.FINALIZE}),
     build=build, locks=item_locks, target=item_target, params=item_job_params, restart=restart,
+    recovery="resume",
     starts_from=(S.ENABLING_PROTECTION,),
     moves_to=frozenset({S.INITIAL_REPLICATION_PENDING, S.INITIAL_REPLICATION, S.PROTECTED, S.RESYNC_REQUIRED}),
-    on_failed=(replication_failed,),
+    on_failed=(replication_failed,), on_succeeded=(operation_succeeded,),
 ))

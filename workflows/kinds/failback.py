@@ -17,7 +17,7 @@ from workflows.failover_request import FailbackMode, FailbackRequest, load_failb
 from workflows.items import item_locks, item_target, start_for_item
 from workflows.jobkind import JobKind, declare
 from workflows.kinds.params import vm_job_params
-from workflows.outcomes import failover_ended
+from workflows.outcomes import failover_ended, operation_succeeded
 from workflows.stages import failback
 
 S = ReplicationState
@@ -48,5 +48,5 @@ KIND: JobKind[FailbackRequest] = declare(JobKind(
     build=failback, locks=item_locks, target=item_target, params=vm_job_params, restart=restart,
     starts_from=(S.FAILOVER_COMMITTED,),
     moves_to=frozenset({S.FAILING_BACK, S.FAILBACK_READY, S.FAILED_BACK, S.FAILOVER_COMMITTED}),
-    on_failed=(failover_ended,), on_cancelled=(failover_ended,),
+    on_failed=(failover_ended,), on_succeeded=(operation_succeeded,), on_cancelled=(failover_ended,),
 ))

@@ -13,7 +13,7 @@ from workflows.failover_request import RecordRequest, current_failback, load_rec
 from workflows.items import item_locks, item_target, restart_on_item, start_for_item
 from workflows.jobkind import JobKind, declare
 from workflows.kinds.params import vm_job_params
-from workflows.outcomes import failover_ended
+from workflows.outcomes import failover_ended, operation_succeeded
 from workflows.stages import Stages, failback_completion
 
 S = ReplicationState
@@ -38,5 +38,5 @@ KIND: JobKind[RecordRequest] = declare(JobKind(
                        A.SWAP_DISKS, A.FINISH_FAILBACK}),
     build=build, locks=item_locks, target=item_target, params=vm_job_params, restart=restart_on_item(start),
     starts_from=(S.FAILBACK_READY,), moves_to=frozenset({S.FAILING_BACK, S.FAILED_BACK, S.FAILBACK_READY}),
-    on_failed=(failover_ended,), on_cancelled=(failover_ended,),
+    on_failed=(failover_ended,), on_succeeded=(operation_succeeded,), on_cancelled=(failover_ended,),
 ))

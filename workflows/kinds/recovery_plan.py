@@ -28,7 +28,7 @@ from workflows.failover_request import FailbackMode, PointChoice, VmRequest, loa
 from workflows.jobkind import JobKind, declare, start
 from workflows.kinds.failback import FAILBACK_ACTIONS
 from workflows.kinds.planned_failover import KIND as PLANNED_FAILOVER
-from workflows.outcomes import revert_item
+from workflows.outcomes import failure_code, revert_item
 from workflows.stages import Stages, failback, failover, side_by_side
 
 PLAN_OPTIONS = ("point", "recovery_host", "test_network", "mode", "create_vm")
@@ -141,7 +141,7 @@ def _plan_ended(job: Job, session: Session) -> None:
         record_id = job.params.get("failover_ids", {}).get(item_id)
         record = session.get(FailoverRecord, record_id) if record_id else None
         revert_item(session, item, record, job.state.value,
-                    f"recovery plan {job.params.get('plan')}: {job.error or job.state.value}")
+                    f"recovery plan {job.params.get('plan')}: {job.error or job.state.value}", failure_code(job.kind))
 
 
 def _plan_kind(operation: PlanOperation, vm_actions: frozenset[str]) -> JobKind[PlanRequest]:

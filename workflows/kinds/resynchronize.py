@@ -22,7 +22,7 @@ from workflows.items import (
     view_of,
 )
 from workflows.jobkind import JobKind, declare
-from workflows.outcomes import replication_failed
+from workflows.outcomes import operation_succeeded, replication_failed
 from workflows.stages import Stages, resynchronization
 
 S = ReplicationState
@@ -53,7 +53,8 @@ KIND = declare(JobKind(
     summary="Resynchronize a VM's replica, sending only differing blocks, then resume replication",
     actions=frozenset({A.SNAPSHOT_VM, A.RESYNC_DISK, A.SHIP_LOGS, A.APPLY_LOGS, A.ACKNOWLEDGE_LOGS, A.FINALIZE}),
     build=build, locks=item_locks, target=item_target, params=item_job_params, restart=restart,
+    recovery="resume",
     starts_from=(S.RESYNC_REQUIRED, S.RESYNCHRONIZING, S.PROTECTED),
     moves_to=frozenset({S.RESYNC_REQUIRED, S.RESYNCHRONIZING, S.PROTECTED}),
-    on_failed=(replication_failed,),
+    on_failed=(replication_failed,), on_succeeded=(operation_succeeded,),
 ))

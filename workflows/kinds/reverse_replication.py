@@ -17,7 +17,7 @@ from workflows.items import (
 )
 from workflows.jobkind import JobKind, declare
 from workflows.kinds.resynchronize import KIND as RESYNCHRONIZE
-from workflows.outcomes import replication_failed
+from workflows.outcomes import operation_succeeded, replication_failed
 from workflows.stages import Stages, resynchronization
 
 S = ReplicationState
@@ -38,7 +38,8 @@ KIND: JobKind[ItemRequest] = declare(JobKind(
     summary="Protect a failed-back VM again, resynchronizing only what differs from its replica",
     actions=RESYNCHRONIZE.actions | {A.BEGIN_REVERSE},
     build=build, locks=item_locks, target=item_target, params=item_job_params, restart=restart_on_item(start),
+    recovery="resume",
     starts_from=(S.FAILBACK_COMMITTED,),
     moves_to=frozenset({S.RESYNCHRONIZING, S.PROTECTED, S.RESYNC_REQUIRED}),
-    on_failed=(replication_failed,),
+    on_failed=(replication_failed,), on_succeeded=(operation_succeeded,),
 ))

@@ -17,7 +17,7 @@ from workflows.failover_request import FAILOVER_STARTS_FROM, FailoverRequest, Po
 from workflows.items import item_locks, item_target, start_for_item
 from workflows.jobkind import JobKind, declare
 from workflows.kinds.params import vm_job_params
-from workflows.outcomes import failover_ended
+from workflows.outcomes import failover_ended, operation_succeeded
 from workflows.stages import failover
 
 FAILOVER_ACTIONS = frozenset({A.SHIP_LOGS, A.APPLY_LOGS, A.ACKNOWLEDGE_LOGS, A.BEGIN_FAILOVER, A.CHOOSE_POINT,
@@ -44,5 +44,5 @@ KIND: JobKind[FailoverRequest] = declare(JobKind(
     actions=FAILOVER_ACTIONS,
     build=failover, locks=item_locks, target=item_target, params=vm_job_params, restart=restart,
     starts_from=FAILOVER_STARTS_FROM[FailoverKind.TEST],
-    on_failed=(failover_ended,), on_cancelled=(failover_ended,),
+    on_failed=(failover_ended,), on_succeeded=(operation_succeeded,), on_cancelled=(failover_ended,),
 ))

@@ -10,7 +10,7 @@ from workflows.failover_request import RecordRequest, current_drill, load_record
 from workflows.items import item_locks, item_target, restart_on_item, start_for_item
 from workflows.jobkind import JobKind, declare
 from workflows.kinds.params import vm_job_params
-from workflows.outcomes import failover_ended
+from workflows.outcomes import failover_ended, operation_succeeded
 from workflows.stages import Stages
 
 
@@ -31,5 +31,5 @@ KIND: JobKind[RecordRequest] = declare(JobKind(
     summary="Delete a drill's test VM",
     actions=frozenset({A.DELETE_RECOVERY_VM, A.FINISH_CLEANUP}),
     build=build, locks=item_locks, target=item_target, params=vm_job_params, restart=restart_on_item(start),
-    on_failed=(failover_ended,), on_cancelled=(failover_ended,),
+    on_failed=(failover_ended,), on_succeeded=(operation_succeeded,), on_cancelled=(failover_ended,),
 ))

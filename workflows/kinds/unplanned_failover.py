@@ -12,7 +12,7 @@ from workflows.items import item_locks, item_target, start_for_item
 from workflows.jobkind import JobKind, declare
 from workflows.kinds.params import vm_job_params
 from workflows.kinds.test_failover import FAILOVER_ACTIONS
-from workflows.outcomes import failover_ended
+from workflows.outcomes import failover_ended, operation_succeeded
 from workflows.stages import failover
 
 S = ReplicationState
@@ -39,5 +39,5 @@ KIND: JobKind[FailoverRequest] = declare(JobKind(
     build=failover, locks=item_locks, target=item_target, params=vm_job_params, restart=restart,
     starts_from=FAILOVER_STARTS_FROM[FailoverKind.UNPLANNED],
     moves_to=frozenset({S.FAILING_OVER, S.FAILED_OVER, S.PROTECTED, S.RESYNC_REQUIRED}),
-    on_failed=(failover_ended,), on_cancelled=(failover_ended,),
+    on_failed=(failover_ended,), on_succeeded=(operation_succeeded,), on_cancelled=(failover_ended,),
 ))
