@@ -110,11 +110,9 @@ def _job_action(name: str, service_name: str, done: str, doc: str) -> None:
     def command(job_id: str, as_json: bool, wait: bool, timeout: float | None):
         result = getattr(_service(), service_name)(job_id)
         new_id = result.get("job_id") if isinstance(result, Mapping) else None
-        if new_id and new_id != job_id:  # restart starts a new job: it is the one to follow
+        if new_id and (new_id != job_id or result.get("recovery")):  # a restart: the job to follow
             return started(result, as_json=as_json, wait=wait or timeout is not None, timeout=timeout)
-        resumed = isinstance(result, Mapping) and result.get("recovery") == "resumed"
-        acted_on(job_id, result, "resumed from the step where it stopped" if resumed else done, as_json=as_json,
-                 wait=wait, timeout=timeout)
+        acted_on(job_id, result, done, as_json=as_json, wait=wait, timeout=timeout)
 
     command.__doc__ = doc  # before the decorators: click reads the help from it
     command.__name__ = f"jobs_{name}"

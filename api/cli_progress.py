@@ -246,7 +246,9 @@ def started(result: Mapping[str, Any], *, as_json: bool, wait: bool = False, tim
     if not as_json:
         what = result.get("kind") or "job"
         target = result.get("vm") or result.get("plan")
-        click.echo(f"job {job_id} started: {what}" + (f" of {target}" if target else ""))
+        # A restart may resume the very job it was asked about, from the step where it stopped.
+        how = "resumed from the step where it stopped" if result.get("recovery") == "resumed" else "started"
+        click.echo(f"job {job_id} {how}: {what}" + (f" of {target}" if target else ""))
     if not wait:
         if as_json:
             _emit_json(dict(result))

@@ -125,9 +125,10 @@ def counts() -> dict[str, int]:
 
 
 def job_id_of(output: str) -> str:
-    """The id in the `job ID started: ...` line every job-starting command prints first."""
+    """The id in the `job ID started: ...` line every job-starting command prints first (`job ID resumed
+    from the step where it stopped: ...` for a restart that resumed the job)."""
     first = output.splitlines()[0]
-    assert first.startswith("job ") and " started" in first, output
+    assert first.startswith("job ") and (" started" in first or " resumed" in first), output
     return first.split()[1]
 
 
@@ -392,10 +393,12 @@ def test_a_failed_job_exits_1(site: RecoverySite, fabric: dict[str, Any]):
     assert snapshots and snapshots[-1]["state"] == "failed"
     assert json.loads(asr(site, "jobs", "show", job_id, "--json").stdout)["error"]
 
-    # Restarting runs the same request as a new job, which fails the same way while the disk is gone.
+    # Restarting resumes the same job from the step where it stopped (the way out its kind declares),
+    # which fails the same way while the disk is gone.
     again = asr(site, "jobs", "restart", job_id, "--wait", check=False)
     assert again.returncode == 1, again.stdout + again.stderr
-    assert job_id_of(again.stdout) != job_id and "FAILED   Prerequisites check" in again.stdout
+    assert "resumed from the step where it stopped" in again.stdout, again.stdout
+    assert job_id_of(again.stdout) == job_id and "FAILED   Prerequisites check" in again.stdout
 
 
 def test_follow_times_out_then_cancel(site: RecoverySite, fabric: dict[str, Any]):

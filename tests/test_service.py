@@ -189,18 +189,18 @@ def test_registration_lookups_and_refusals(tmp_path: Path) -> None:
         assert watched and not watched[-1]["finished"] and watched[-1]["state"] == "queued"
         refused(service.Invalid, lambda: service.job_events(job_id, interval=0), "interval")
 
-        # Cancel it; its events end at once; restart runs the same request as a new job.
+        # Cancel it; its events end at once; restart resumes the same job where it stopped (its kind's way out).
         assert service.cancel_job(job_id)["state"] == "cancelled"
         events = list(service.job_events(job_id, timeout=5))
         assert len(events) == 1 and events[0]["finished"] and events[0]["state"] == "cancelled"
         assert service.cancel_job(job_id)["state"] == "cancelled"  # cancelling again changes nothing
         refused(service.Conflict, lambda: service.retry_job(job_id), "cancelled", "nothing to retry")
         again = service.restart_job(job_id)
-        assert again["kind"] == "enable_protection" and again["restarted_from"] == job_id and again["job_id"] != job_id
-        assert service.show_job(again["job_id"])["state"] == "queued"
-        assert [j["id"] for j in service.list_jobs(vm="host1/app01")] == [again["job_id"], job_id]
-        assert [j["id"] for j in service.list_jobs(vm="host1/app01", state="cancelled")] == [job_id]
-        service.cancel_job(again["job_id"])
+        assert (again["kind"], again["job_id"], again["recovery"]) == ("enable_protection", job_id, "resumed"), again
+        assert service.show_job(job_id)["state"] == "queued"
+        assert [j["id"] for j in service.list_jobs(vm="host1/app01")] == [job_id]
+        assert service.list_jobs(vm="host1/app01", state="cancelled") == []
+        service.cancel_job(job_id)
 
         # Recovery plans: every problem at once, nothing written; a plan of VMs not yet protected cannot run.
         message = refused(service.Invalid, lambda: service.create_plan("p1", [{"name": "g/1", "vms": ["ghost"]}]),

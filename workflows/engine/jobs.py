@@ -340,17 +340,19 @@ def reopen(job_id: str) -> list[str]:
     succeeded are not run again, and a step resumes from its own checkpoints (a copy from the last chunk it
     recorded). Returns the ids of the steps sent.
 
-    JobStateError unless the job failed or was cancelled and has settled (its hooks ran); ItemBusyError,
-    changing nothing, while another job holds one of its locks."""
+    JobStateError unless the job failed or was cancelled and has settled (no step of it runs any more);
+    ItemBusyError, changing nothing, while another job holds one of its locks. Hooks of its end not run yet
+    are dropped (the job goes on instead); hooks running meanwhile roll back (`run_job_hooks` commits only
+    while they are still due)."""
     now = clock.now()
     with session_scope() as session:
         job = existing_job(session, job_id)
         if job.state not in (JobState.failed, JobState.cancelled):
             raise JobStateError(f"job {job_id} ({job.kind}) is {job.state.value}: only a failed or cancelled job "
                                 f"can be resumed")
-        if job.settled_at is None or job.hook_pending:
-            raise JobStateError(f"job {job_id} ({job.kind}) is still settling (a step is stopping or its hooks "
-                                f"have not run): try again in a moment")
+        if job.settled_at is None:
+            raise JobStateError(f"job {job_id} ({job.kind}) is still settling (a step of it is stopping): try "
+                                f"again in a moment")
         keys = list(job.lock_keys)
         try:
             with session.begin_nested():
@@ -365,7 +367,7 @@ def reopen(job_id: str) -> list[str]:
         reopened = session.exec(update_rows(Job).where(
             Job.id == job_id, Job.state.in_((JobState.failed, JobState.cancelled)),
         ).values(state=JobState.queued, ended_at=None, settled_at=None, error=None, error_class=None,
-                 hook_error=None)).rowcount
+                 hook_pending=False, hook_error=None)).rowcount
         if not reopened:
             raise JobStateError(f"job {job_id} ({job.kind}) changed while resuming it: look again")
         session.exec(update_rows(JobStep).where(
