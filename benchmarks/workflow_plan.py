@@ -92,10 +92,10 @@ def run_engine_shape(shape: list[list[dict[str, str]]]) -> dict[str, Any]:
 
 
 def run_bare_canvas(shape: list[list[dict[str, str]]]) -> dict[str, Any]:
-    """`chain(stage, ...)` of the plain no-op task with the plan's shape, built as the engine builds its
-    canvas (a one-step stage one signature, a larger one a group, a no-op barrier between two groups; a
-    group followed by a task is a chord), each task on its step's queue; timed from apply_async to the last
-    stage's results. Only the last stage stores results, as only the engine's database records its steps."""
+    """`chain(stage, ...)` of the plain no-op task with the plan's shape, Celery's own way of carrying it (a
+    one-step stage one signature, a larger one a group, a no-op barrier between two groups; a group followed
+    by a task is a chord), each task on its step's queue; timed from apply_async to the last stage's
+    results. Only the last stage stores results, as only the engine's database records its steps."""
     from celery import group
 
     from benchmarks.workflow_actions import NOOP_TASK
@@ -110,8 +110,8 @@ def run_bare_canvas(shape: list[list[dict[str, str]]]) -> dict[str, Any]:
     links = []
     for number, stage in enumerate(shape):
         if number and len(stage) > 1 and len(shape[number - 1]) > 1:
-            # The engine's barrier between two parallel stages (without it Celery delivers the second
-            # group once per member of the first): the peer gets the same fix, so it is not slowed by it.
+            # A barrier between two parallel stages: without it Celery delivers the second group once per
+            # member of the first, which would slow the peer down.
             links.append(app.signature(NOOP_TASK, immutable=True, queue="orchestration", ignore_result=True))
         links.append(stage_signature(stage, number == len(shape) - 1))
     steps = sum(map(len, shape))

@@ -77,8 +77,8 @@ METHOD = [
     "Recovery plan peer: the plan does real work and the peer none, so their ratio is not a speed "
     "comparison: it is the share of the RTO that Celery itself needs to carry a canvas of that shape. "
     "The peer is the plan job's shape as it ran (its stages, and in each the queue of every step) sent "
-    "as a bare chain of plain no-op tasks built as the engine builds its canvas (a stage of several "
-    "steps a group, a no-op barrier task between two groups), on the same queues and workers; beside it "
+    "as a bare Celery chain of plain no-op tasks (a stage of several steps a group, a no-op barrier task "
+    "between two groups), on the same queues and workers; beside it "
     "runs an engine job of no-op steps of the "
     "same shape, so the RTO splits into Celery's floor, the engine's coordination (no-op job less the "
     "floor) and the steps' work (the plan less the no-op job). Each runs once, as the plan does, after "
@@ -87,10 +87,10 @@ METHOD = [
     "of the task (a step's task, or the no-op task) has arrived for 1 s, the workers' logs' \"Task "
     "...[id] received\" lines are counted; the difference over the steps is the deliveries per step "
     "(1.00 when every message arrives once). Celery delivers the members of a group that follows a "
-    "group in a chain once per member of the first (celery/celery#8180, #8662): the engine and the peer "
-    "put a no-op barrier task between two groups, and a copy that still finds its step running is "
-    "refused while the step's heartbeat is fresh. The figures are reported; the run stops only when a "
-    "job fails or a disk is wrong.",
+    "group in a chain once per member of the first (celery/celery#8180, #8662): the peer puts a no-op "
+    "barrier task between two groups; the engine sends each stage itself when the one before completes, "
+    "and a copy that still finds its step running is refused while the step's heartbeat is fresh. The "
+    "figures are reported; the run stops only when a job fails or a disk is wrong.",
 ]
 _SECONDS_PER_STEP_BOUND = 0.5
 """A bound on every wait: far above any step's cost here (a few ms), so only a hang reaches it."""
