@@ -320,7 +320,6 @@ def test_copy_whose_worker_dies_every_time_fails_as_poison_then_resumes_from_its
         # The way out (issue 12: this was a dead end): `jobs restart` resumes the same job from the
         # poisoned copy, which resumes from its checkpoint, and the VM ends protected and Healthy.
         checkpoint = state.copy_checkpoint
-        assert checkpoint > 0, "the runs that died had copied something"
         site.start_host_worker(HOST)
         answer = service.restart_job(job_id)
         assert (answer["job_id"], answer["recovery"]) == (job_id, "resumed"), answer
