@@ -330,7 +330,9 @@ def test_full_download_failback_creates_the_vm_on_an_alternate_host(tmp_path, re
         time.sleep(0.5)
         with pytest.raises(Exception, match="does not exist on host 'host2'"):
             run(site, kinds.failback.start(item_id, mode=failover_request.FailbackMode.FULL_DOWNLOAD, host="host2"))
-        assert state(site, vm_id) == "failover_committed"
+        # The rollback is the failed job's hook, run by an orchestration worker once the job has settled.
+        wait_until(lambda: state(site, vm_id) == "failover_committed", timeout=15,
+                   what="the failed failback's hook to return the item to failover_committed")
 
         job = run(site, kinds.failback.start(item_id, mode=failover_request.FailbackMode.FULL_DOWNLOAD, host="host2",
                                           create_vm=True))
