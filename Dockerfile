@@ -1,5 +1,5 @@
 # One image for every Site Recovery Engine process; compose.yaml picks the process by its command
-# (`asr api`, `asr beat`, `asr worker orchestration|recovery|host NAME`, `asr flower`).
+# (`asr db upgrade`, `asr api`, `asr beat`, `asr worker orchestration|recovery|host NAME`, `asr flower`).
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \
@@ -13,10 +13,12 @@ WORKDIR /opt/site-recovery-engine
 COPY pyproject.toml README.md worker.py ./
 COPY api ./api
 COPY datapath ./datapath
+COPY migrations ./migrations
 COPY models ./models
 COPY sites ./sites
 COPY tasks ./tasks
 COPY workflows ./workflows
+# Runtime dependencies only (no test extra): tests/test_install.py installs the same way and starts a worker.
 RUN pip install .
 
 # Not root. The mount points exist, owned by that user, so named volumes mounted there start out

@@ -107,14 +107,18 @@ def _redacted_database_url() -> str:
 
 
 def _prepare_database() -> None:
-    """Create the tables a process needs (idempotent, serialized between processes by models.db), so
-    processes may start in any order; an unreachable database is one clear line, not a traceback."""
+    """Create an empty database's schema or check that it is the one this release needs (models.schema:
+    serialized between processes, so they may start in any order); an old schema is refused with the
+    upgrade step to run; an unreachable database is one clear line, not a traceback."""
     import sqlalchemy.exc
 
     from models.db import dispose_engines, init_db
+    from models.schema import SchemaOutOfDateError
 
     try:
         init_db()
+    except SchemaOutOfDateError as exc:
+        _fail(str(exc))
     except sqlalchemy.exc.SQLAlchemyError as exc:
         _fail(f"cannot prepare the database {_redacted_database_url()}: {getattr(exc, 'orig', None) or exc}")
     finally:

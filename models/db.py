@@ -7,7 +7,6 @@ timeout (a writer waits for the lock instead of failing at once); PostgreSQL is 
 from __future__ import annotations
 
 import enum
-import fcntl
 import os
 import re
 import threading
@@ -19,16 +18,13 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, SQLModel
+from sqlmodel import Session
 
 from workflows import clock, settings
 
 # Names of sites, hosts, VMs, disks, networks and policies become path segments and object names (see
 # sites.host and sites.storage.base): the same rule everywhere, so whatever is registered can be protected.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-# Any fixed number, the same in every process: the PostgreSQL advisory lock held while creating tables.
-_SCHEMA_LOCK_KEY = 0x41535230_53434845
 
 _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
@@ -163,32 +159,13 @@ os.register_at_fork(after_in_child=_forget_inherited_connections)
 
 
 def init_db(engine: Engine | None = None) -> Engine:
-    """Create every table that does not exist yet (all modules of `models` register theirs)."""
-    import models  # noqa: F401  (registers every table on SQLModel.metadata)
+    """Make sure the database has the schema this release needs: an empty one is created at the newest
+    revision; an older one raises models.schema.SchemaOutOfDateError naming the upgrade step."""
+    from models import schema  # imports the migrations, which import every model
 
     engine = engine or get_engine()
-    with _schema_lock(engine) as bind:
-        SQLModel.metadata.create_all(bind)
+    schema.prepare(engine)
     return engine
-
-
-@contextmanager
-def _schema_lock(engine: Engine) -> Iterator[Engine | sa.Connection]:
-    """Serialize table creation between processes: it checks, then creates, so workers starting together
-    would both try to create the same table and one would fail."""
-    database = engine.url.database
-    if engine.dialect.name == "postgresql":
-        with engine.begin() as connection:  # DDL is transactional there: the tables appear at commit
-            connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
-            yield connection
-    elif engine.dialect.name == "sqlite" and database not in (None, "", ":memory:"):
-        # A lock file beside the database, not the database itself: opening and closing the database file
-        # would drop the POSIX locks SQLite holds on it in this process.
-        with open(f"{database}.schema-lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield engine
-    else:
-        yield engine
 
 
 @contextmanager

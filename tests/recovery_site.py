@@ -71,6 +71,7 @@ class RecoverySite:
         start_workers: bool = True,
         policy_options: Mapping[str, Any] | None = None,
         host_concurrency: int = 3,
+        database_url: str | None = None,
     ) -> None:
         if backend not in ("local", "azure"):
             raise ValueError(f"backend must be 'local' or 'azure', got {backend!r}")
@@ -112,6 +113,7 @@ class RecoverySite:
                     for name in (*self.host_names, *self.recovery_host_names)}
         self.deployment = Deployment(
             self.workdir, workers=workers, appendonly=appendonly, azurite=azurite if backend == "azure" else False,
+            database_url=database_url,
             settings=settings, worker_settings={"ASR_ACTION_MODULES": action_modules},
         )
         self.deployment.start(processes=False)

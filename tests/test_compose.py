@@ -20,7 +20,7 @@ COMPOSE = REPO / "compose.yaml"
 README = REPO / "README.md"
 README_SECTION = "## Running with compose"
 
-OUR_SERVICES = {"api", "beat", "orchestration", "recovery", "host1", "host2", "dr1", "flower"}
+OUR_SERVICES = {"migrate", "api", "beat", "orchestration", "recovery", "host1", "host2", "dr1", "flower"}
 EXPECTED_SERVICES = OUR_SERVICES | {"redis", "postgres", "azurite"}
 HOST_AGENTS = {"host1", "host2", "dr1"}
 # The compose specification's service keys this file may use (a typo in a key is silently ignored by
@@ -137,7 +137,7 @@ def test_our_processes_run_asr_verbs_that_exist(compose: dict[str, Any]) -> None
         "api": ["asr", "api"], "beat": ["asr", "beat"], "orchestration": ["asr", "worker", "orchestration"],
         "recovery": ["asr", "worker", "recovery"], "host1": ["asr", "worker", "host", "host1"],
         "host2": ["asr", "worker", "host", "host2"], "dr1": ["asr", "worker", "host", "dr1"],
-        "flower": ["asr", "flower"],
+        "flower": ["asr", "flower"], "migrate": ["asr", "db", "upgrade"],
     }
     for name, prefix in expected.items():
         assert services[name]["command"][: len(prefix)] == prefix, (name, services[name]["command"])
@@ -223,3 +223,11 @@ def test_operations_doc_proposes_a_readme_section_matching_the_file(compose: dic
     proposal = doc[start:]
     named = set(re.findall(r"^\|\s*`([a-z0-9][a-z0-9_-]*)`", proposal, re.MULTILINE))
     assert named == set(compose["services"]), sorted(named ^ set(compose["services"]))
+
+
+def test_every_process_waits_for_the_schema_upgrade(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert services["migrate"]["command"] == ["asr", "db", "upgrade"] and services["migrate"]["restart"] == "no"
+    assert "migrate" not in services["migrate"]["depends_on"]
+    for name in OUR_SERVICES - {"migrate"}:
+        assert services[name]["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}, name

@@ -16,6 +16,7 @@ from models.db import database_url, init_db
 from models.fabric import AmbiguousVmError, VmNotFoundError
 from models.plans import PlanError, PlanNotFoundError
 from models.protection import InvalidStateError
+from models.schema import SchemaOutOfDateError
 from sites.host import VmExistsError
 from workflows import engine
 
@@ -73,7 +74,8 @@ def _translate(exc: BaseException) -> ServiceError | None:
         # The rest of the domain's refusals say why a request cannot run now (no recovery point yet, no
         # network mapping, no recovery host): the request is well formed, the state of things is not.
         return Conflict(message)
-    if isinstance(exc, (RecoverableError, redis.RedisError)):
+    if isinstance(exc, (RecoverableError, redis.RedisError, SchemaOutOfDateError)):
+        # An old schema: nothing works until the operator upgrades it; the message names the step.
         return Unavailable(message)
     if isinstance(exc, ValueError):
         return Invalid(message)

@@ -1,0 +1,6 @@
+"""Schema migrations (Alembic): one revision per schema change in `versions/`, applied by `asr db upgrade`.
+
+`models/schema.py` runs them; `env.py` is Alembic's entry point. Revision 0001 is the schema as it stood
+when migrations were introduced; a database made by an earlier release (tables created by `create_all`,
+no `alembic_version`) is brought up to it by `adopt.py` before the later revisions run.
+"""
