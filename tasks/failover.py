@@ -187,13 +187,16 @@ def finish_failover(ctx: StepContext, *, item_id: str, failover_id: str) -> dict
             record.status = FailoverStatus.SUCCEEDED
             record.vm_up_at = now
             record.rto_s = max(0.0, (now - as_utc(record.started_at)).total_seconds())
+        replaced = record.details.get("replaces")
+        previous = session.get(FailoverRecord, replaced) if replaced else None
         if record.kind is not FailoverKind.TEST:
             transition(item, S.FAILED_OVER)
-            replaced = record.details.get("replaces")
-            previous = session.get(FailoverRecord, replaced) if replaced else None
             if previous is not None and previous.status is FailoverStatus.SUCCEEDED:
                 previous.status = FailoverStatus.CANCELLED
                 session.add(previous)
+        elif previous is not None and previous.status in (FailoverStatus.FAILED, FailoverStatus.CANCELLED):
+            previous.status = FailoverStatus.CLEANED_UP  # the failed drill's test VM was replaced by this one's
+            session.add(previous)
         session.add(record)
         session.add(item)
         return {"rto_s": record.rto_s, "rpo_s": record.rpo_s, "verified": record.verified,

@@ -90,7 +90,8 @@ class FailoverRequest(VmRequest):
     public_ips: tuple[tuple[str, str], ...] = ()
     requested_at: float = 0.0
     replaces: str | None = None
-    """The record of the failover whose recovery VM this one replaces (failing over again from failed_over)."""
+    """The record of the failover whose recovery VM this one replaces (failing over again from failed_over, or
+    a drill run again after it failed)."""
 
 
 @dataclass(frozen=True)
@@ -211,9 +212,13 @@ def load_failover(item_id: str, kind: str, *, point: str = PointChoice.LATEST_PR
     with session_scope() as session:
         if point != PointChoice.LATEST:
             resolve_point(session, session.get(ProtectedItem, item_id), point)
+        replaced_drill = None
         if kind == FailoverKind.TEST:
             drill = active_test_failover(session, item_id)
-            if drill is not None:
+            if drill is not None and drill.status in (FailoverStatus.FAILED, FailoverStatus.CANCELLED):
+                # The way out of a failed drill is running it again: the new one replaces its test VM.
+                replaced_drill = drill.id
+            elif drill is not None:
                 raise InvalidStateError(
                     f"VM {view.vm.name!r} has a test failover ({drill.id}, {drill.status}) whose test VM "
                     f"{drill.target_vm!r} still exists: clean it up first"
@@ -225,8 +230,11 @@ def load_failover(item_id: str, kind: str, *, point: str = PointChoice.LATEST_PR
     for adapter, address in (public_ips or {}).items():
         if adapter not in {entry["adapter"] for entry in placement}:
             raise ValueError(f"VM {view.vm.name!r} has no network adapter {adapter!r} to give address {address}")
-    replaces = previous.id if (previous is not None and view.item.replication_state is S.FAILED_OVER
-                               and kind != FailoverKind.TEST) else None
+    # A failover replaces the recovery VM of the one before it when that one is still failed over, or when it
+    # failed or was cancelled (running it again is the way out; a VM it left behind is its own to replace).
+    replaces = previous.id if (previous is not None and kind != FailoverKind.TEST and (
+        view.item.replication_state is S.FAILED_OVER
+        or previous.status in (FailoverStatus.FAILED, FailoverStatus.CANCELLED))) else replaced_drill
     base = VmRequest.of(view, str(uuid.uuid4()), label=view.vm.name if label_vm else None,
                         recovery_host=target.name, point=point)
     return FailoverRequest(

@@ -86,4 +86,5 @@ def verification_failed(job: Job, session: Session) -> None:
     """A replica that does not hold what its point recorded is not to be trusted for failover: Warning."""
     item = _item(session, job)
     if item is not None:
-        mark_warning(session, item, "recovery_point_verification_failed", job.error or "verification failed")
+        # The kind's own code, so that the verify's restart (same point) clears it when it succeeds.
+        mark_warning(session, item, failure_code(job.kind), job.error or "verification failed")

@@ -21,7 +21,7 @@ from models.db import session_scope
 from models.failover import FailoverKind, FailoverRecord
 from models.jobs import Job
 from models.plans import PlanOperation, get_plan, plan_items, validate_plan
-from models.protection import ProtectedItem, item_lock_key
+from models.protection import ProtectedItem, item_lock_key, mark_healthy
 from workflows import actions as A
 from workflows.engine import ORCHESTRATION_QUEUE, StepSpec
 from workflows.failover_request import FailbackMode, PointChoice, VmRequest, load_failback, load_failover
@@ -144,13 +144,22 @@ def _plan_ended(job: Job, session: Session) -> None:
                     f"recovery plan {job.params.get('plan')}: {job.error or job.state.value}", failure_code(job.kind))
 
 
+def _plan_succeeded(job: Job, session: Session) -> None:
+    """The plan ran to its end: the error an earlier failed run of it left on its VMs is cleared (running it
+    again is the way out of that failure)."""
+    for item_id in job.params.get("item_ids", []):
+        item = session.get(ProtectedItem, item_id)
+        if item is not None:
+            mark_healthy(session, item, failure_code(job.kind))
+
+
 def _plan_kind(operation: PlanOperation, vm_actions: frozenset[str]) -> JobKind[PlanRequest]:
     return declare(JobKind(
         name=f"plan_{operation}",
         summary=f"Run a recovery plan's {operation.replace('_', ' ')}, group by group",
         actions=vm_actions | {A.RUN_SCRIPT, A.MANUAL_ACTION},
         build=build, locks=_locks, target=lambda request: request.plan_id, params=_params, restart=restart,
-        on_failed=(_plan_ended,), on_cancelled=(_plan_ended,),
+        on_failed=(_plan_ended,), on_cancelled=(_plan_ended,), on_succeeded=(_plan_succeeded,),
     ))
 
 

@@ -17,7 +17,7 @@ from workflows.engine import RECOVERY_QUEUE, StepSpec
 from workflows.failover_request import PointChoice, resolve_point
 from workflows.items import ItemRequest, item_job_params, item_locks, item_target, start_for_item, view_of
 from workflows.jobkind import JobKind, declare
-from workflows.outcomes import verification_failed
+from workflows.outcomes import operation_succeeded, verification_failed
 from workflows.stages import Stages
 
 
@@ -49,5 +49,5 @@ KIND: JobKind[VerifyRequest] = declare(JobKind(
     summary="Verify a recovery point from the recovery storage alone, disk by disk",
     actions=frozenset({A.VERIFY_POINT}),
     build=build, locks=item_locks, target=item_target, params=item_job_params, restart=restart,
-    on_failed=(verification_failed,),
+    on_failed=(verification_failed,), on_succeeded=(operation_succeeded,),
 ))
