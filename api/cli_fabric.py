@@ -181,7 +181,8 @@ def _active_job(row: Mapping[str, Any]) -> Any:
 # What `vm show` prints of its protection and its latest failover.
 HEALTH_FIELDS: list[Column] = [
     ("state", "state"), ("health", "health"), ("errors", "errors"), ("RPO", lambda r: _seconds(r, "rpo_s")),
-    ("last point", "last_recovery_point_at"),
+    ("RPO warning", lambda r: _seconds(r, "rpo_warning_s")), ("RPO critical", lambda r: _seconds(r, "rpo_critical_s")),
+    ("last replicated", "last_replicated_at"), ("last point", "last_recovery_point_at"),
     ("recovery points", "recovery_points"), ("next delta", "next_delta_at"),
     ("resync reason", "resync_required_reason"), ("resync at", "resync_scheduled_for"),
     ("active job", _active_job),

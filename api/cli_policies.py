@@ -1,5 +1,6 @@
 """The replication policy verbs of `asr`: copy frequency, recovery point retention, app-consistent
-snapshots, when initial replication starts, and the office hours automatic resync keeps out of.
+snapshots, when initial replication starts, the office hours automatic resync keeps out of, and the RPO
+thresholds of health.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from api.cli_service import _command, _OpGroup, _service
 
 @main.group(cls=_OpGroup)
 def policy():
-    """Replication policies: copy frequency, recovery point retention, app-consistent snapshots, office hours."""
+    """Replication policies: copy frequency, retention, app-consistent snapshots, office hours, RPO thresholds."""
 
 
 def _office_hours(value: str | None) -> tuple[time_of_day, time_of_day] | None:
@@ -56,10 +57,15 @@ def _office_days(value: str | None) -> list[int | str] | None:
 @click.option("--office-days", default=None, metavar="DAYS",
               help="Weekdays with office hours: mon,tue,... or 0-6 numbers, 'none' for none (default mon-fri).")
 @click.option("--timezone", "office_timezone", default=None, help="IANA zone of the office hours (default UTC).")
+@click.option("--rpo-warning", type=click.IntRange(1), default=None, metavar="SECONDS",
+              help="RPO from which a protected VM is Warning (default 2x the copy frequency).")
+@click.option("--rpo-critical", type=click.IntRange(1), default=None, metavar="SECONDS",
+              help="RPO from which a protected VM is Critical (default 4x the copy frequency).")
 @json_option
 def policy_add(name: str, copy_frequency: str | None, retention_hours: int | None,
                app_consistent_hours: int | None, initial_replication_at: str | None, office_hours: str | None,
-               office_days: str | None, office_timezone: str | None, as_json: bool):
+               office_days: str | None, office_timezone: str | None, rpo_warning: int | None,
+               rpo_critical: int | None, as_json: bool):
     """Create replication policy NAME; options left out take their defaults."""
     options: dict[str, Any] = {
         "copy_frequency_s": int(copy_frequency) if copy_frequency else None,
@@ -69,6 +75,8 @@ def policy_add(name: str, copy_frequency: str | None, retention_hours: int | Non
         "office_hours": _office_hours(office_hours),
         "office_days": _office_days(office_days),
         "office_timezone": office_timezone,
+        "rpo_warning_s": rpo_warning,
+        "rpo_critical_s": rpo_critical,
     }
     result = _service().add_policy(name, **{k: v for k, v in options.items() if v is not None})
     if as_json:
@@ -96,7 +104,8 @@ POLICY_FIELDS: list[Column] = [
     ("name", "name"), ("id", "id"), ("copy frequency (s)", "copy_frequency_s"),
     ("retention (h)", "recovery_point_retention_h"), ("app-consistent (h)", "app_consistent_frequency_h"),
     ("initial replication", "initial_replication_at"), ("office hours", _hours), ("office days", _days),
-    ("timezone", "office_timezone"), ("protected VMs", "protected_vms"),
+    ("timezone", "office_timezone"), ("RPO warning (s)", "rpo_warning_s"), ("RPO critical (s)", "rpo_critical_s"),
+    ("protected VMs", "protected_vms"),
 ]
 POLICY_COLUMNS: list[Column] = [("name", "name"), ("copy s", "copy_frequency_s"),
                                 ("retention h", "recovery_point_retention_h"),

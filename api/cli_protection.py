@@ -3,10 +3,13 @@ its recovery points, verify a replica against a point, and the replication healt
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import click
 
 from api.cli import main
-from api.cli_output import _count, _emit_json, _seconds, json_option, print_table
+from api.cli_output import _count, _emit_json, _seconds, format_duration, json_option, print_table
 from api.cli_parsing import _key_values
 from api.cli_progress import _job_command
 from api.cli_service import _OpCommand, _service
@@ -64,14 +67,19 @@ def verify(vm_name: str, point: str | None):
     return _service().verify(vm_name, point=point)
 
 
+def _rpo_thresholds(row: Mapping[str, Any]) -> str:
+    return f"{format_duration(row.get('rpo_warning_s'))} / {format_duration(row.get('rpo_critical_s'))}"
+
+
 @main.command("health", cls=_OpCommand)
 @json_option
 def health(as_json: bool):
-    """Replication health of every protected VM: state, health and errors, RPO, last recovery point."""
+    """Replication health of every protected VM: state, health and errors, RPO (now minus the latest recovery
+    point's time) and the warning/critical thresholds it is held to, when replication last succeeded."""
     result = _service().health()
     if as_json:
         return _emit_json(result)
     print_table(result, [("vm", "vm"), ("host", "host"), ("state", "state"), ("health", "health"),
-                         ("rpo", lambda r: _seconds(r, "rpo_s")), ("last point", "last_recovery_point_at"),
-                         ("errors", "errors")],
+                         ("rpo", lambda r: _seconds(r, "rpo_s")), ("rpo warn/crit", _rpo_thresholds),
+                         ("last replicated", "last_replicated_at"), ("errors", "errors")],
                 empty="no protected VMs")

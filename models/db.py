@@ -51,6 +51,27 @@ def clock_now() -> datetime:
     return clock.now()
 
 
+def database_now(session: Session | sa.Connection) -> datetime:
+    """Now on the database's clock, an aware UTC datetime: the one clock RPO is measured by, so hosts and
+    orchestration processes whose clocks disagree still agree on a point's age.
+
+    PostgreSQL asks the server (`clock_timestamp()`: the moment of the query, not the transaction's start).
+    SQLite has no server: its 'now' is the calling process's clock, which every process sharing the file
+    shares with it (they are on one machine)."""
+    connection = session.connection() if isinstance(session, Session) else session
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        query = sa.text("SELECT clock_timestamp() AT TIME ZONE 'UTC'")
+    elif dialect == "sqlite":
+        query = sa.text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")
+    else:
+        query = sa.select(sa.func.current_timestamp())
+    value = connection.execute(query).scalar_one()
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return as_utc(value)
+
+
 def as_utc(when: datetime) -> datetime:
     """`when` as an aware UTC datetime; a naive datetime is taken to be UTC already (the convention of
     every timestamp in this project)."""

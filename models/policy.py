@@ -1,6 +1,7 @@
 """Replication policies: how often changes are copied, how long recovery points are kept, when initial
-replication starts, and when automatic resynchronization may run (outside office hours, as the
-reference does, so a resync's read load does not hit users)."""
+replication starts, when automatic resynchronization may run (outside office hours, as the
+reference does, so a resync's read load does not hit users), and the RPO that turns health Warning or
+Critical."""
 from collections.abc import Iterable
 from datetime import UTC, datetime, time, timedelta, tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -12,7 +13,8 @@ from models.db import UtcDateTime, as_utc, clock_now, new_id, validate_name
 
 __all__ = [
     "ReplicationPolicy", "create_policy", "COPY_FREQUENCIES_S", "MAX_RETENTION_H", "MAX_APP_CONSISTENT_H",
-    "MAX_INITIAL_REPLICATION_DELAY", "WEEKDAY_NAMES",
+    "MAX_INITIAL_REPLICATION_DELAY", "WEEKDAY_NAMES", "RPO_WARNING_FACTOR", "RPO_CRITICAL_FACTOR",
+    "MAX_RPO_THRESHOLD_S",
 ]
 
 COPY_FREQUENCIES_S = (30, 300, 900)
@@ -25,6 +27,11 @@ MAX_INITIAL_REPLICATION_DELAY = timedelta(hours=24)
 DEFAULT_OFFICE_HOURS = (time(8, 0), time(18, 0))
 WEEKDAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 DEFAULT_OFFICE_DAYS = (0, 1, 2, 3, 4)
+# A cycle's point ages by one copy frequency before the next cycle starts, plus the cycle itself: twice the
+# frequency means a cycle was missed or is slow, four times that replication has stopped.
+RPO_WARNING_FACTOR = 2
+RPO_CRITICAL_FACTOR = 4
+MAX_RPO_THRESHOLD_S = 7 * 24 * 3600
 
 
 class ReplicationPolicy(SQLModel, table=True):
@@ -44,7 +51,17 @@ class ReplicationPolicy(SQLModel, table=True):
     """Weekdays (0 = Monday) with office hours."""
     office_timezone: str = Field(default="UTC", max_length=64)
     """The IANA zone office hours are in: the protected site's local time."""
+    rpo_warning_s: int | None = Field(default=None)
+    """The RPO (seconds) from which a replicating item is Warning; None: RPO_WARNING_FACTOR × copy frequency."""
+    rpo_critical_s: int | None = Field(default=None)
+    """The RPO (seconds) from which it is Critical; None: RPO_CRITICAL_FACTOR × copy frequency."""
     created_at: datetime = Field(default_factory=clock_now, sa_type=UtcDateTime)
+
+    def rpo_thresholds_s(self) -> tuple[int, int]:
+        """(warning, critical): the RPO in seconds from which a replicating item is Warning, Critical."""
+        warning, critical = self.rpo_warning_s, self.rpo_critical_s
+        return (RPO_WARNING_FACTOR * self.copy_frequency_s if warning is None else warning,
+                RPO_CRITICAL_FACTOR * self.copy_frequency_s if critical is None else critical)
 
     def in_office_hours(self, when: datetime) -> bool:
         """Whether `when` (UTC if naive) falls in office hours, when automatic resync must not run."""
@@ -73,11 +90,15 @@ def create_policy(
     office_hours: tuple[time, time] = DEFAULT_OFFICE_HOURS,
     office_days: Iterable[int | str] = DEFAULT_OFFICE_DAYS,
     office_timezone: str = "UTC",
+    rpo_warning_s: int | None = None,
+    rpo_critical_s: int | None = None,
 ) -> ReplicationPolicy:
     """A new replication policy, validated (ValueError naming the policy and the setting; nothing written).
 
     `initial_replication_at`: None to start at once, or a moment at most 24 h ahead.
-    `office_days`: weekday numbers (0 = Monday) or names ("mon" or "monday" .. "sun" or "sunday")."""
+    `office_days`: weekday numbers (0 = Monday) or names ("mon" or "monday" .. "sun" or "sunday").
+    `rpo_warning_s`, `rpo_critical_s`: RPO thresholds in seconds, None for 2× and 4× the copy frequency;
+    the copy frequency < warning < critical."""
     validate_name(name, "replication policy")
     where = f"replication policy {name!r}"
     _check_choice(where, "copy frequency (seconds)", copy_frequency_s, COPY_FREQUENCIES_S)
@@ -94,12 +115,14 @@ def create_policy(
     start, end = _check_office_hours(where, office_hours)
     days = _check_office_days(where, office_days)
     _zone_or_error(where, office_timezone)
+    _check_rpo_thresholds(where, copy_frequency_s, rpo_warning_s, rpo_critical_s)
     if session.exec(select(ReplicationPolicy).where(ReplicationPolicy.name == name)).first() is not None:
         raise ValueError(f"{where} already exists")
     policy = ReplicationPolicy(
         name=name, copy_frequency_s=copy_frequency_s, recovery_point_retention_h=recovery_point_retention_h,
         app_consistent_frequency_h=app_consistent_frequency_h, initial_replication_at=start_at,
         office_hours_start=start, office_hours_end=end, office_days=days, office_timezone=office_timezone,
+        rpo_warning_s=rpo_warning_s, rpo_critical_s=rpo_critical_s,
     )
     session.add(policy)
     session.flush()
@@ -118,6 +141,22 @@ def _check_choice(where: str, setting: str, value: object, choices: tuple[int, .
 def _check_range(where: str, setting: str, value: object, low: int, high: int) -> None:
     if not _is_int(value) or not low <= value <= high:
         raise ValueError(f"{where}: {setting} must be a whole number from {low} to {high}, got {value!r}")
+
+
+def _check_rpo_thresholds(where: str, copy_frequency_s: int, warning_s: object, critical_s: object) -> None:
+    for setting, value in (("RPO warning threshold (seconds)", warning_s),
+                           ("RPO critical threshold (seconds)", critical_s)):
+        if value is not None:
+            _check_range(where, setting, value, 1, MAX_RPO_THRESHOLD_S)
+    # Compared as they will apply, defaults filled in: an RPO under one copy frequency is every cycle's.
+    warning = warning_s if warning_s is not None else RPO_WARNING_FACTOR * copy_frequency_s
+    critical = critical_s if critical_s is not None else RPO_CRITICAL_FACTOR * copy_frequency_s
+    if not copy_frequency_s < warning < critical:
+        raise ValueError(
+            f"{where}: RPO thresholds must satisfy copy frequency < warning < critical, got {copy_frequency_s} s < "
+            f"{warning} s < {critical} s (a threshold left out is {RPO_WARNING_FACTOR}x or {RPO_CRITICAL_FACTOR}x "
+            f"the copy frequency)"
+        )
 
 
 def _check_initial_replication(where: str, start_at: datetime | None) -> datetime | None:

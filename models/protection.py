@@ -140,8 +140,11 @@ class ProtectedItem(SQLModel, table=True):
     """[{"code", "message", "severity", "at" (ISO 8601 UTC)}], one per code."""
     resync_required_reason: str | None = Field(default=None, max_length=2048)
     resync_scheduled_for: datetime | None = Field(default=None, sa_type=UtcDateTime)
-    current_rpo_s: int | None = Field(default=None)
     last_recovery_point_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    """The latest recovery point's time (on the database's clock): the RPO is now minus this, computed
+    when read (workflows.rpo), never stored."""
+    last_replicated_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    """When replication last succeeded: the latest point was applied at the recovery site (database clock)."""
     unsent_ratio: float = Field(default=0.0)
     """The largest share, over the item's disks, of tracked changes not yet sent."""
     next_delta_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
@@ -169,7 +172,8 @@ class RecoveryPoint(SQLModel, table=True):
     generations: dict[str, int] = Field(sa_type=sa.JSON)
     """{disk_uuid: generation of the last replication log applied to that disk}."""
     created_at: datetime = Field(sa_type=UtcDateTime)
-    """On the recovery side's clock: when the point became available there."""
+    """On the database's clock, taken just before the host sealed the point's logs: the point holds every
+    write made before it (so an RPO measured from it is never under-stated)."""
     kind: RecoveryPointKind = Field(sa_type=string_enum(RecoveryPointKind))
     manifest_roots: dict[str, str] = Field(default_factory=dict, sa_type=sa.JSON)
     """{disk_uuid: checksum-manifest root of the replica at this point}."""
@@ -197,7 +201,7 @@ def protect_vm(
         transition(item, ReplicationState.ENABLING_PROTECTION)
         item.policy_id, item.recovery_storage, item.storage_options = policy.id, recovery_storage, options
         item.health, item.health_errors = Health.HEALTHY, []
-        item.current_rpo_s = item.last_recovery_point_at = item.next_delta_at = None
+        item.last_recovery_point_at = item.last_replicated_at = item.next_delta_at = None
         item.initial_replication_at = None
         item.resync_required_reason = item.resync_scheduled_for = None
         item.unsent_ratio = 0.0
@@ -348,7 +352,8 @@ def record_recovery_point(
     kind: RecoveryPointKind = RecoveryPointKind.CRASH_CONSISTENT, manifest_roots: Mapping[str, str] | None = None,
     versions: Mapping[str, int] | None = None,
 ) -> RecoveryPoint:
-    """A new recovery point of the item at `created_at` (recovery-side clock)."""
+    """A new recovery point of the item at `created_at`: when its content was sealed, on the database's clock
+    (the clock RPO is measured by), never a host's."""
     if not generations or not all(
         isinstance(disk, str) and isinstance(generation, int) and not isinstance(generation, bool) and generation >= 0
         for disk, generation in generations.items()

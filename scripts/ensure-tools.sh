@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Installs the outside tools a target needs when missing and the machine allows it (root with apt-get);
 # otherwise says exactly what to install and fails. Arguments: the commands needed (default: every one
-# the tests use: qemu-img, rsync, redis-server).
+# the tests use: qemu-img, rsync, redis-server, faketime (libfaketime: a host agent with a skewed clock)).
 set -euo pipefail
-declare -A package=([qemu-img]=qemu-utils [rsync]=rsync [redis-server]=redis-server)
+declare -A package=([qemu-img]=qemu-utils [rsync]=rsync [redis-server]=redis-server [faketime]=faketime)
 wanted=("$@")
-[ ${#wanted[@]} -eq 0 ] && wanted=(qemu-img rsync redis-server)
+[ ${#wanted[@]} -eq 0 ] && wanted=(qemu-img rsync redis-server faketime)
 missing=()
 for tool in "${wanted[@]}"; do
     command -v "$tool" >/dev/null || missing+=("${package[$tool]}")

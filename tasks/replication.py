@@ -10,11 +10,10 @@ Also the beat task `asr.replication.tick`, which runs the replication scheduler.
 from __future__ import annotations
 
 import functools
-import math
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlmodel import select
@@ -31,7 +30,7 @@ from datapath.replication import (
     ship_pending_logs,
 )
 from datapath.tracker import RESYNC_THRESHOLD, ReplicationTracker
-from models.db import session_scope
+from models.db import database_now, session_scope
 from models.jobs import JobStep
 from models.protection import (
     ProtectedItem,
@@ -51,7 +50,7 @@ from sites.storage import open_storage
 from sites.storage.base import RecoveryStorage
 from worker import app
 from workflows import actions as A
-from workflows import clock, scheduler
+from workflows import clock, rpo, scheduler
 from workflows.engine import StepContext, action
 from workflows.items import ItemView, load_item
 from workflows.retry import is_recoverable
@@ -267,10 +266,16 @@ def ship_logs(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     point), then upload every sealed log not yet shipped. All seals come before any upload, so the disks'
     logs end as close together in time as the trackers allow. When the policy's app-consistent frequency
     is due, the seals happen with the VM quiesced (its pre/post commands, its writes paused), so the
-    point is app-consistent; a quiesce that fails leaves a crash-consistent point and a warning."""
+    point is app-consistent; a quiesce that fails leaves a crash-consistent point and a warning.
+
+    The point's time is the database's clock just before the seals (`sealed_at`), never this host's: every
+    write made before it is in the point, so the RPO measured from it is never under-stated, and a host
+    clock that is off changes nothing."""
     view = _load(ctx, item_id)
     disks: dict[str, dict[str, Any]] = {}
-    app_consistent = _app_consistent_due(view)
+    with ctx.session() as session:
+        sealed_at = database_now(session)
+    app_consistent = _app_consistent_due(view, sealed_at)
     quiesce_error = None
     with ExitStack() as stack:
         trackers = {disk.name: stack.enter_context(_tracker(view, disk.name)) for disk in view.disks}
@@ -295,14 +300,15 @@ def ship_logs(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
         with ctx.session() as session:
             mark_warning(session, load_item(session, item_id).item, APP_CONSISTENCY_CODE,
                          f"app-consistent point not taken, crash-consistent instead: {quiesce_error}")
-    return {"disks": disks, "app_consistent": app_consistent, "quiesce_error": quiesce_error}
+    return {"disks": disks, "app_consistent": app_consistent, "quiesce_error": quiesce_error,
+            "sealed_at": sealed_at.isoformat()}
 
 
-def _app_consistent_due(view: ItemView) -> bool:
+def _app_consistent_due(view: ItemView, now: datetime) -> bool:
     if view.policy.app_consistent_frequency_h <= 0:
         return False
     due = view.item.next_app_consistent_at
-    return due is None or due <= clock.now()
+    return due is None or due <= now
 
 
 @item_action(A.APPLY_LOGS)
@@ -331,20 +337,25 @@ def apply_logs(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
             versions[disk.disk_uuid] = state.version
             roots[disk.disk_uuid] = state.manifest_root
             ctx.progress(done + 1, len(view.disks))
-        ship = _ship_step(ctx.job_id)
-        sealed_at = ship.started_at
-        app_consistent = bool((ship.result or {}).get("app_consistent"))
+        shipped = _ship_step(ctx.job_id).result or {}
+        app_consistent = bool(shipped.get("app_consistent"))
         kind = RecoveryPointKind.APP_CONSISTENT if app_consistent else RecoveryPointKind.CRASH_CONSISTENT
         with ctx.session() as session:
+            now = database_now(session)
+            # A Ship logs step of an engine before honest RPO has no sealed_at: now is later than its seal,
+            # so only that one point looks a cycle younger than it is.
+            sealed_at = datetime.fromisoformat(shipped["sealed_at"]) if shipped.get("sealed_at") else now
             item = session.get(ProtectedItem, item_id)
             known = session.exec(select(RecoveryPoint.versions).where(RecoveryPoint.item_id == item_id)).all()
             if versions not in known:  # a rerun after a crash records nothing twice
                 record_recovery_point(session, item, generations, sealed_at, kind=kind, manifest_roots=roots,
                                       versions=versions)
+                item.last_replicated_at = now
                 if app_consistent:
-                    item.next_app_consistent_at = clock.after(view.policy.app_consistent_frequency_h * 3600)
-                    session.add(item)
-            pruned = prune_recovery_points(session, item, clock.now())
+                    item.next_app_consistent_at = now + timedelta(
+                        seconds=clock.scaled(view.policy.app_consistent_frequency_h * 3600))
+                session.add(item)
+            pruned = prune_recovery_points(session, item, now)
             kept = session.exec(select(RecoveryPoint.versions).where(RecoveryPoint.item_id == item_id)).all()
         pruned_versions = {}
         for disk_uuid, replica in replicas.items():
@@ -390,8 +401,8 @@ def _unsent_by_disk(job_id: str) -> dict[str, float]:
 
 def _record_replication_health(ctx: StepContext, item_id: str, *, finishing: bool) -> dict[str, Any]:
     unsent = _unsent_by_disk(ctx.job_id)
-    now = clock.now()
     with ctx.session() as session:
+        now = database_now(session)
         view = load_item(session, item_id)
         item = view.item
         if finishing:
@@ -400,8 +411,6 @@ def _record_replication_health(ctx: StepContext, item_id: str, *, finishing: boo
             mark_healthy(session, item)
         mark_healthy(session, item, RETRYING_CODE)
         item.unsent_ratio = max(unsent.values(), default=0.0)
-        if item.last_recovery_point_at is not None:
-            item.current_rpo_s = math.ceil((now - item.last_recovery_point_at).total_seconds())
         item.next_delta_at = clock.after(view.policy.copy_frequency_s)
         over = {name: ratio for name, ratio in unsent.items() if ratio >= RESYNC_THRESHOLD}
         if over and item.replication_state is ReplicationState.PROTECTED:
@@ -411,14 +420,15 @@ def _record_replication_health(ctx: StepContext, item_id: str, *, finishing: boo
             )
             require_resync(session, item, reason, view.policy, now)
             mark_warning(session, item, RESYNC_REQUIRED_CODE, f"resynchronization required: {reason}")
+        rpo.apply_rpo_health(session, item, view.policy, now)
         session.add(item)
-        return {"state": str(item.replication_state), "health": str(item.health), "rpo_s": item.current_rpo_s,
-                "unsent_ratio": item.unsent_ratio}
+        return {"state": str(item.replication_state), "health": str(item.health),
+                "rpo_s": rpo.rpo_s(item.last_recovery_point_at, now), "unsent_ratio": item.unsent_ratio}
 
 
 @item_action(A.UPDATE_HEALTH)
 def update_health(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
-    """RPO from the recovery side's latest point; unsent logs at 50% of a disk require a resync."""
+    """RPO health from the latest point (workflows.rpo); unsent logs at 50% of a disk require a resync."""
     return _record_replication_health(ctx, item_id, finishing=False)
 
 
@@ -480,7 +490,7 @@ def finish_disable(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     with ctx.session() as session:
         item = session.get(ProtectedItem, item_id)
         transition(item, ReplicationState.DISABLED)
-        item.current_rpo_s = item.last_recovery_point_at = item.next_delta_at = None
+        item.last_recovery_point_at = item.last_replicated_at = item.next_delta_at = None
         item.unsent_ratio = 0.0
         mark_healthy(session, item)
         return {"state": str(item.replication_state)}
@@ -489,5 +499,6 @@ def finish_disable(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
 # ---- the scheduler's beat task -------------------------------------------------------------------------
 @app.task(name=scheduler.TICK_TASK)
 def tick() -> dict[str, int]:
-    """Start the delta cycles, scheduled initial replications and automatic resyncs that are due."""
-    return scheduler.run_scheduler()
+    """Start the delta cycles, scheduled initial replications and automatic resyncs that are due; turn
+    items whose RPO crossed a threshold Warning or Critical (and back), whether or not a cycle runs."""
+    return {**scheduler.run_scheduler(), **rpo.check_rpo()}

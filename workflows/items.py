@@ -15,13 +15,14 @@ import sqlalchemy as sa
 from sqlmodel import Session, select
 
 from datapath.errors import NonRecoverableError
-from models.db import session_scope
+from models.db import database_now, session_scope
 from models.fabric import Host, VirtualDisk, VirtualMachine, VmNotFoundError, host_queue, vm_disks
 from models.jobs import ACTIVE_JOB_STATES, Job, JobLock
 from models.policy import ReplicationPolicy
 from models.protection import InvalidStateError, ProtectedItem, RecoveryPoint, ReplicationState, item_lock_key
 from workflows.engine import ItemBusyError
 from workflows.jobkind import JobKind, start
+from workflows.rpo import rpo_status
 
 
 @dataclass(frozen=True)
@@ -144,13 +145,14 @@ def _iso(moment: Any) -> str | None:
 
 
 def item_status(item_id: str) -> dict[str, Any]:
-    """What the portal shows of a protected item: state, health and errors, RPO, unsent share, the
-    latest recovery point, the active job."""
+    """What the portal shows of a protected item: state, health and errors, RPO (computed now, with its
+    thresholds and when replication last succeeded), unsent share, the latest recovery point, the active job."""
     with session_scope() as session:
         view = load_item(session, item_id)
         item = view.item
         points = session.exec(select(sa.func.count()).select_from(RecoveryPoint).where(
             RecoveryPoint.item_id == item_id)).one()
+        rpo = rpo_status(item, view.policy, database_now(session))
     holder = lock_holder(item_id)
     return {
         "item_id": item.id,
@@ -162,7 +164,7 @@ def item_status(item_id: str) -> dict[str, Any]:
         "resync_required_reason": item.resync_required_reason,
         "resync_scheduled_for": _iso(item.resync_scheduled_for),
         "initial_replication_at": _iso(item.initial_replication_at),
-        "rpo_s": item.current_rpo_s,
+        **rpo,
         "unsent_ratio": item.unsent_ratio,
         "last_recovery_point_at": _iso(item.last_recovery_point_at),
         "recovery_points": points,

@@ -56,6 +56,10 @@ class PolicyIn(_Body):
     office_hours: list[str] | str | None = Field(None, description="'08:00-18:00' or ['08:00', '18:00']")
     office_days: list[int | str] | str | None = Field(None, description="Weekday names or numbers (0 = Monday)")
     office_timezone: str | None = Field(None, description="IANA zone, e.g. Europe/Berlin")
+    rpo_warning_s: int | None = Field(None, description="RPO (s) from which a VM is Warning; default 2x the copy "
+                                                        "frequency")
+    rpo_critical_s: int | None = Field(None, description="RPO (s) from which a VM is Critical; default 4x the copy "
+                                                         "frequency")
 
 
 # ---- routes ------------------------------------------------------------------------------------------------

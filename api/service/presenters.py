@@ -166,6 +166,9 @@ def _policy_dict(session: Session, policy: ReplicationPolicy, *, detail: bool = 
         "office_hours": [policy.office_hours_start.strftime("%H:%M"), policy.office_hours_end.strftime("%H:%M")],
         "office_days": [WEEKDAY_NAMES[day] for day in policy.office_days],
         "office_timezone": policy.office_timezone, "created_at": _iso(policy.created_at),
+        # As they apply (a threshold the policy leaves out is derived from the copy frequency), and as set.
+        "rpo_warning_s": policy.rpo_thresholds_s()[0], "rpo_critical_s": policy.rpo_thresholds_s()[1],
+        "rpo_thresholds_set": policy.rpo_warning_s is not None or policy.rpo_critical_s is not None,
     }
     if detail:
         rows = session.exec(select(VirtualMachine.name, Host.name)

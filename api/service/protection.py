@@ -97,8 +97,9 @@ def verify(vm: str, *, point: str | None = None) -> dict:
 
 @_operation
 def health() -> list[dict]:
-    """One entry per protected VM (protection not disabled): state, health and its errors, RPO, latest point,
-    the job running on it."""
+    """One entry per protected VM (protection not disabled): state, health and its errors, RPO (now minus the
+    latest point's time, on the database's clock) with the warning and critical thresholds it is held to,
+    when replication last succeeded, the latest point, the job running on it."""
     with session_scope() as session:
         ids = session.exec(select(ProtectedItem.id).join(VirtualMachine, VirtualMachine.id == ProtectedItem.vm_id)
                            .join(Host, Host.id == VirtualMachine.host_id)
@@ -109,6 +110,8 @@ def health() -> list[dict]:
         status = item_status(item_id)
         report.append({"vm": status["vm"], "host": status["host"], "item_id": item_id, "state": status["state"],
                        "health": status["health"], "errors": status["errors"], "rpo_s": status["rpo_s"],
+                       "rpo_warning_s": status["rpo_warning_s"], "rpo_critical_s": status["rpo_critical_s"],
+                       "last_replicated_at": status["last_replicated_at"],
                        "last_recovery_point_at": status["last_recovery_point_at"],
                        "recovery_points": status["recovery_points"], "unsent_ratio": status["unsent_ratio"],
                        "active_job": status["active_job"]})
