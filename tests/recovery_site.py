@@ -12,7 +12,8 @@ points its own database and Celery app at the same Redis and database, so it can
 
 Times are scaled (`ASR_TIME_SCALE`, default 10): a 30 s copy frequency is a 3 s cycle. The default
 policy has office hours all day, every day, so automatic resynchronization never starts behind a test's
-back; a test that wants it creates a policy of its own (`create_policy`).
+back, and RPO thresholds of a minute and two of real time, so a cycle slowed by a busy machine does not turn
+an item Warning either; a test that wants either creates a policy of its own (`create_policy`).
 """
 from __future__ import annotations
 
@@ -52,6 +53,8 @@ EVERY_DAY = (0, 1, 2, 3, 4, 5, 6)
 FINISHED_JOB_STATES = ("succeeded", "failed", "cancelled")
 RECOVERY_SUBNETS = {"default": "10.10.0.0/24", "backend": "10.20.0.0/24"}
 LOG_TAIL_CHARS = 3000
+QUIET_RPO_S = (60, 120)
+"""The default policies' RPO warning and critical thresholds, in real seconds (whatever the time scale)."""
 
 
 class RecoverySite:
@@ -85,6 +88,7 @@ class RecoverySite:
         """Compute hosts of the recovery site (failovers create VMs there); the first is every item's
         default recovery host."""
         self.host_concurrency = host_concurrency
+        self.time_scale = time_scale
         self.vm_hosts: dict[str, str] = {}  # vm id -> host name
         self._hosts: dict[str, Host] = {}
         self._closed = False
@@ -174,11 +178,12 @@ class RecoverySite:
         """A worker on the orchestration and recovery queues."""
         return self.deployment.add_worker(name, ["orchestration", "recovery"], concurrency=concurrency, wait=wait)
 
-    def start_host_worker(self, host_name: str, *, concurrency: int | None = None,
-                          wait: bool = True) -> CeleryProcess:
-        """The agent worker of a host: it serves the queue host.<name>."""
+    def start_host_worker(self, host_name: str, *, concurrency: int | None = None, wait: bool = True,
+                          env: Mapping[str, str] | None = None) -> CeleryProcess:
+        """The agent worker of a host: it serves the queue host.<name> (`env`: variables added to the site's)."""
         return self.deployment.add_worker(f"host-{host_name}", [f"host.{host_name}"],
-                                          concurrency=concurrency or self.host_concurrency, wait=wait)
+                                          concurrency=concurrency or self.host_concurrency, wait=wait,
+                                          env={**self.env, **(env or {})})
 
     def start_beat(self, *, wait: bool = True) -> CeleryProcess:
         """Beat: the reconciler every ASR_RECONCILE_S and the replication scheduler every ASR_TICK_S."""
@@ -209,9 +214,14 @@ class RecoverySite:
 
     def create_policy(self, name: str, **options: Any) -> str:
         """A replication policy; defaults: 30 s copy frequency, office hours all day every day (no
-        automatic resync). Returns its id."""
+        automatic resync), RPO thresholds of QUIET_RPO_S real seconds (at least 2x and 4x the copy frequency;
+        None for the policy's own defaults). Returns its id."""
         settings: dict[str, Any] = {"copy_frequency_s": 30, "office_hours": ALL_DAY, "office_days": EVERY_DAY}
         settings.update(options)
+        frequency = settings["copy_frequency_s"]
+        if isinstance(frequency, int):
+            settings.setdefault("rpo_warning_s", max(2 * frequency, round(QUIET_RPO_S[0] * self.time_scale)))
+            settings.setdefault("rpo_critical_s", max(4 * frequency, round(QUIET_RPO_S[1] * self.time_scale)))
         with session_scope() as session:
             return create_policy(session, name, **settings).id
 
