@@ -1,11 +1,13 @@
 """The engine's clock: every timestamp the engine stores and every delay it waits goes through here.
 
 Timestamps are aware UTC datetimes, what `models.db.UtcDateTime` columns store and give back on every
-database.
+database. RPO alone is measured by the database's clock (`models.db.database_now`), which no host's clock
+can shift.
 
-`ASR_TIME_SCALE` (default 1) divides every engine delay (the retry schedules), so a test can run the
-1-2-4-8-10-30 minute back-off in seconds. Thresholds configured directly in seconds (heartbeat, stale
-and stall limits) are not scaled: they are already whatever the operator or test chose.
+`ASR_TIME_SCALE` (default 1) divides every engine delay (the retry schedules, copy frequencies, and the
+RPO thresholds that follow them), so a test can run the 1-2-4-8-10-30 minute back-off in seconds.
+Thresholds configured directly in seconds (heartbeat, stale and stall limits) are not scaled: they are
+already whatever the operator or test chose.
 """
 from __future__ import annotations
 

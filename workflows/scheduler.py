@@ -3,7 +3,8 @@
 `run_scheduler` (the beat task `asr.replication.tick`, every ASR_TICK_S) starts delta cycles of protected
 items whose copy frequency has passed, scheduled initial replications that are due, and automatic
 resyncs whose slot has come, only outside the policy's office hours. Busy items are skipped: they are due
-again at the next tick.
+again at the next tick. The same tick then runs `workflows.rpo.check_rpo`, which turns items whose RPO
+passed a threshold Warning or Critical whether or not a cycle runs.
 """
 from __future__ import annotations
 

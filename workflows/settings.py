@@ -64,8 +64,8 @@ def tick_interval_s() -> float:
 
 
 def time_scale() -> float:
-    """ASR_TIME_SCALE: divides every engine delay (retry schedules, copy frequencies), so a test can run
-    a 1-2-4-8-10-30 minute back-off in seconds."""
+    """ASR_TIME_SCALE: divides every engine delay (retry schedules, copy frequencies, RPO thresholds), so a
+    test can run a 1-2-4-8-10-30 minute back-off in seconds."""
     return env_number("ASR_TIME_SCALE", 1.0)
 
 
