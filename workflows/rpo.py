@@ -141,10 +141,14 @@ def rpo_status(item: ProtectedItem, policy: ReplicationPolicy, now: datetime) ->
     limits = thresholds(policy)
     return {
         "rpo_s": rpo_s(item.last_recovery_point_at, now),
-        "rpo_warning_s": limits.warning_s,
-        "rpo_critical_s": limits.critical_s,
+        "rpo_warning_s": _whole(limits.warning_s),
+        "rpo_critical_s": _whole(limits.critical_s),
         "last_replicated_at": None if item.last_replicated_at is None else item.last_replicated_at.isoformat(),
     }
+
+
+def _whole(seconds: float) -> float | int:
+    return int(seconds) if float(seconds).is_integer() else seconds
 
 
 def duration(seconds: float) -> str:
