@@ -8,6 +8,11 @@ host agent's clock.
 from __future__ import annotations
 
 import glob
+import json
+import os
+import re
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,7 +35,7 @@ from models.protection import Health, ProtectedItem, RecoveryPoint, ReplicationS
 from sites.localservices import wait_until
 from workflows import rpo
 
-DISK = "3b8f1f59-0f6c-4c1e-9d39-6d4c8e3b8a01"
+ASR = str(Path(sys.executable).with_name("asr"))
 SKEW = timedelta(minutes=10)
 
 
@@ -156,6 +161,28 @@ def test_check_rpo_moves_every_item_and_leaves_other_errors(engine: Engine) -> N
     assert codes == [("app_consistency_failed", "Warning"), (rpo.RPO_CODE, "Warning")]
     assert (critical, health) == ({"rpo_critical": 1}, Health.CRITICAL)
     assert healed == {"rpo_healthy": 1} and left == ["app_consistency_failed"]
+
+
+def asr(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("ASR_")}
+    env["ASR_DATABASE_URL"] = f"sqlite:///{tmp_path / 'asr.db'}"
+    return subprocess.run([ASR, *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_the_cli_sets_and_shows_a_policys_rpo_thresholds(tmp_path: Path) -> None:
+    added = asr(tmp_path, "policy", "add", "gold", "--copy-frequency", "30", "--rpo-warning", "90",
+                "--rpo-critical", "300", "--json")
+    default = asr(tmp_path, "policy", "add", "silver", "--copy-frequency", "300")
+    refused = asr(tmp_path, "policy", "add", "bad", "--copy-frequency", "300", "--rpo-warning", "200")
+    shown = asr(tmp_path, "policy", "show", "silver")
+    listed = asr(tmp_path, "policy", "list", "--json")
+    assert added.returncode == 0, added.stderr
+    assert {key: json.loads(added.stdout)[key] for key in ("rpo_warning_s", "rpo_critical_s", "rpo_thresholds_set")} \
+        == {"rpo_warning_s": 90, "rpo_critical_s": 300, "rpo_thresholds_set": True}
+    assert default.returncode == 0 and re.search(r"^RPO warning \(s\) +600$", default.stdout, re.M), default.stdout
+    assert re.search(r"^RPO critical \(s\) +1200$", shown.stdout, re.M), shown.stdout
+    assert refused.returncode == 2 and "copy frequency < warning < critical, got 300 s < 200 s" in refused.stderr
+    assert sorted(policy["name"] for policy in json.loads(listed.stdout)) == ["gold", "silver"]
 
 
 # ---- a real deployment ----------------------------------------------------------------------------------
