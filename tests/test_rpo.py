@@ -147,6 +147,7 @@ def test_check_rpo_moves_every_item_and_leaves_other_errors(engine: Engine) -> N
         with session_scope() as session:
             item = session.get(ProtectedItem, item_id)
             codes = [(error["code"], error["severity"]) for error in item.health_errors]
+            message = item.health_errors[-1]["message"]
             item.last_recovery_point_at = now - timedelta(seconds=1000)
         critical = rpo.check_rpo()
         with session_scope() as session:
@@ -159,6 +160,8 @@ def test_check_rpo_moves_every_item_and_leaves_other_errors(engine: Engine) -> N
         dispose_engines()
     assert (first, again) == ({"rpo_warning": 1}, {})
     assert codes == [("app_consistency_failed", "Warning"), (rpo.RPO_CODE, "Warning")]
+    # Thresholds the policy set are not said to come from the copy frequency.
+    assert "warning threshold of 100 s: no recovery point since" in message, message
     assert (critical, health) == ({"rpo_critical": 1}, Health.CRITICAL)
     assert healed == {"rpo_healthy": 1} and left == ["app_consistency_failed"]
 

@@ -39,8 +39,9 @@ class RpoThresholds:
 
     warning_s: float
     critical_s: float
-    derived: bool
-    """Whether they are the defaults derived from the copy frequency (the policy sets neither)."""
+    warning_derived: bool
+    """Whether the warning threshold is the default derived from the copy frequency (the policy sets none)."""
+    critical_derived: bool
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,8 @@ class RpoHealth:
 
 def thresholds(policy: ReplicationPolicy) -> RpoThresholds:
     warning, critical = policy.rpo_thresholds_s()
-    return RpoThresholds(clock.scaled(warning), clock.scaled(critical),
-                         derived=policy.rpo_warning_s is None and policy.rpo_critical_s is None)
+    return RpoThresholds(clock.scaled(warning), clock.scaled(critical), warning_derived=policy.rpo_warning_s is None,
+                         critical_derived=policy.rpo_critical_s is None)
 
 
 def rpo_s(latest_point_at: datetime | None, now: datetime) -> float | None:
@@ -71,14 +72,15 @@ def assess(item: ProtectedItem, policy: ReplicationPolicy, now: datetime) -> Rpo
         return RpoHealth(Health.HEALTHY, None)
     limits = thresholds(policy)
     if rpo >= limits.critical_s:
-        severity, level, limit, factor = Health.CRITICAL, "critical", limits.critical_s, RPO_CRITICAL_FACTOR
+        severity, level, limit = Health.CRITICAL, "critical", limits.critical_s
+        origin = f" ({RPO_CRITICAL_FACTOR}x the copy frequency)" if limits.critical_derived else ""
     elif rpo >= limits.warning_s:
-        severity, level, limit, factor = Health.WARNING, "warning", limits.warning_s, RPO_WARNING_FACTOR
+        severity, level, limit = Health.WARNING, "warning", limits.warning_s
+        origin = f" ({RPO_WARNING_FACTOR}x the copy frequency)" if limits.warning_derived else ""
     else:
         return RpoHealth(Health.HEALTHY, None)
     # No live number in the message: it stays the same while the RPO grows, so the entry is written once per
     # crossing, not at every tick (the RPO itself is shown beside it).
-    origin = f" ({factor}x the copy frequency)" if limits.derived else ""
     replicated = item.last_replicated_at.isoformat() if item.last_replicated_at is not None else "never"
     return RpoHealth(severity, (
         f"RPO passed the {level} threshold of {duration(limit)}{origin}: no recovery point since "
