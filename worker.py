@@ -83,6 +83,11 @@ app.conf.update(
 )
 
 
+# Marks the steps a worker runs when its broker connection drops, so that a run the outage ends counts as an
+# interruption and not as a death of the step (tasks/broker.py). By name: tasks/ imports this module.
+app.steps["consumer"].add("tasks.broker:BrokerOutageMarks")
+
+
 @app.on_after_configure.connect
 def _add_beat_schedule(sender, **_):
     # `celery -A worker beat` sends the reconciler and the replication scheduler's tick. A pass that has
