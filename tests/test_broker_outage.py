@@ -149,7 +149,7 @@ def test_a_step_whose_worker_is_lost_during_each_of_three_outages_is_interrupted
     # poison message's three deaths.
     with deployment(tmp_path / "deployment", {"orchestration": (["orchestration"], 1)}) as site:
         site.add_worker("busy", ["host.busy"])
-        job_id = count_job(tmp_path, "host.busy", total=400, seconds_per_item=0.05)
+        job_id = count_job(tmp_path, "host.busy", total=200, seconds_per_item=0.05)
         for outage in range(1, 4):
             done_before = items_done(tmp_path)
             wait_until(lambda done_before=done_before: items_done(tmp_path) >= done_before + 3, timeout=30,
@@ -168,7 +168,7 @@ def test_a_step_whose_worker_is_lost_during_each_of_three_outages_is_interrupted
         step = job["steps"][0]
         assert (job["state"], step["attempts"], step["deaths"], step["interruptions"]) == ("succeeded", 4, 0, 3), job
         assert step["broker_lost_at"] is None, step
-        assert (tmp_path / "items.txt").read_text().splitlines() == [str(item) for item in range(400)]
+        assert (tmp_path / "items.txt").read_text().splitlines() == [str(item) for item in range(200)]
 
 
 # ---- live progress while Redis is away ------------------------------------------------------------------
