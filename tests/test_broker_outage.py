@@ -9,6 +9,7 @@ Every wait is bounded.
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from pathlib import Path
@@ -65,6 +66,17 @@ def wait_for_job(job_id: str, *, timeout: float, logs: Deployment) -> dict[str, 
         raise AssertionError(f"{timed_out}; the job is now {get_job(job_id)}\n{logs.log_tails(4000)}") from None
 
 
+def unacked_messages(server: RedisServer, queue: str) -> list[str]:
+    """The ids of the tasks of `queue` delivered and not acknowledged (kombu's hash `unacked`: delivery tag
+    -> [message, exchange, routing key])."""
+    client = server.client()
+    try:
+        entries = [json.loads(entry) for entry in client.hvals("unacked")]
+    finally:
+        client.close()
+    return [message["headers"]["id"] for message, _exchange, routing_key in entries if routing_key == queue]
+
+
 def restart(server: RedisServer, *, down_s: float) -> None:
     """Stop the deployment's redis-server, leave it down `down_s`, start it again on the same port."""
     server.stop()
@@ -97,6 +109,11 @@ def test_a_worker_whose_redis_restarts_keeps_running_its_task_and_serves_the_nex
         assert "Unrecoverable error" not in log, log
         # It came through the outage: a later death of this run would have been a death.
         assert (step["interruptions"], step["broker_lost_at"]) == (0, None), step
+        # Its message was acknowledged after the reconnect, on the channel the outage closed: nothing is
+        # left for Redis to hand out again when the visibility timeout runs out.
+        # (A task's message is acknowledged just after its step is recorded: waited for, bounded.)
+        wait_until(lambda: not unacked_messages(site.redis, "host.busy"), timeout=10,
+                   what="no message of the host's queue to be left unacknowledged")
 
 
 # ---- a long copy rides out three Redis restarts --------------------------------------------------------
