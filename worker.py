@@ -4,12 +4,55 @@ Configured for redelivery rather than loss: a task is acknowledged only after it
 dies puts its task back on the queue, and the Redis visibility timeout is longer than any task, so a
 long disk copy is not handed to a second worker while the first is still copying. Tasks are therefore
 written to be idempotent (see tasks/). Every setting comes from `workflows.settings` (ASR_*).
+
+Configured, too, to outlive the broker: a worker whose Redis goes away keeps running its tasks, reconnects
+for as long as it takes, and goes on serving (docs/operations.md, "Broker outages").
 """
 from __future__ import annotations
 
+from urllib.parse import urlparse
+
 from celery import Celery
+from kombu.transport import redis as kombu_redis
 
 from workflows import settings
+
+
+class _ClosedChannelSafeRedisChannel(kombu_redis.Channel):
+    """kombu's Redis channel, able to reach Redis again after the connection that opened it was torn down.
+
+    When the broker connection drops, Celery first `collect()`s the connection, which detaches its
+    transport (`transport.client = None`) even when closing the channel failed half-way, and then closes
+    it again. That second close hands the unacknowledged messages back (`restore_unacked`) through a new
+    connection pool whose parameters kombu reads from `transport.client`: AttributeError "'NoneType' object
+    has no attribute 'hostname'", which Celery does not expect, and the worker shuts down ("Unrecoverable
+    error"). The same happens when a task that ran through the outage acknowledges its message on the old
+    channel. Keeping the connection's parameters from when the channel was opened lets both reach Redis
+    (or fail with a Redis connection error, which kombu and Celery handle)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._opened_with = self.connection.client
+
+    def _connparams(self, asynchronous=False):
+        if self.connection.client is None:
+            self.connection.client = self._opened_with
+            try:
+                return super()._connparams(asynchronous=asynchronous)
+            finally:
+                self.connection.client = None
+        return super()._connparams(asynchronous=asynchronous)
+
+
+class ClosedChannelSafeRedisTransport(kombu_redis.Transport):
+    """kombu's Redis transport with `_ClosedChannelSafeRedisChannel`."""
+
+    Channel = _ClosedChannelSafeRedisChannel
+
+
+def _broker_transport(url: str) -> str | None:
+    # Only for Redis URLs (rediss:// too, same transport): another broker keeps kombu's own transport.
+    return f"{__name__}:ClosedChannelSafeRedisTransport" if urlparse(url).scheme in {"redis", "rediss"} else None
 
 app = Celery("site_recovery_engine", broker=settings.broker_url(), backend=settings.result_backend_url(),
              include=["tasks"])
@@ -25,11 +68,24 @@ app.conf.update(
     accept_content=["json"],
     task_send_sent_event=True,
     worker_send_task_events=True,
+    # A worker survives its broker: it keeps trying to (re)connect, at start and after a loss, forever
+    # (max_retries None; Celery's default gives up after 100 tries and the worker exits), since nothing
+    # but Redis coming back helps and an exited worker needs someone to start it again.
+    broker_connection_retry=True,
     broker_connection_retry_on_startup=True,
-    # When the broker connection drops, kombu may hand the in-flight message back to the queue while this
-    # worker still runs it; cancelling the task then keeps two runners from overlapping for a heartbeat.
-    worker_cancel_long_running_tasks_on_connection_loss=True,
+    broker_connection_max_retries=None,
+    broker_transport=_broker_transport(settings.broker_url()),
+    # Running tasks keep running when the broker connection drops: their state, claims and heartbeats are
+    # in the database, not on the broker, and a copy cancelled by every Redis restart would start over
+    # (and count as its worker's death). A message Redis hands out again meanwhile cannot start a second
+    # run: the claim takes a running step only once its heartbeat is stale.
+    worker_cancel_long_running_tasks_on_connection_loss=False,
 )
+
+
+# Marks the steps a worker runs when its broker connection drops, so that a run the outage ends counts as an
+# interruption and not as a death of the step (tasks/broker.py). By name: tasks/ imports this module.
+app.steps["consumer"].add("tasks.broker:BrokerOutageMarks")
 
 
 @app.on_after_configure.connect

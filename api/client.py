@@ -61,6 +61,9 @@ class JobStep(TypedDict, total=False):
     state: str
     queue: str
     attempts: int
+    deaths: int  # runs whose worker vanished (ASR_MAX_STEP_DEATHS of them fail the step as poison)
+    interruptions: int  # runs a broker outage ended: not counted as deaths
+    broker_lost_at: str | None  # its worker lost the broker at this time and has not reconnected
     started_at: str | None
     ended_at: str | None
     next_attempt_at: str | None

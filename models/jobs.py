@@ -88,7 +88,14 @@ class JobStep(SQLModel, table=True):
     params: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
     state: StepState = Field(default=StepState.pending, sa_type=string_enum(StepState), index=True)
     attempts: int = 0
+    # Runs whose worker vanished while running it: a step that keeps killing its worker is a poison message
+    # (ASR_MAX_STEP_DEATHS). Runs ended by a broker outage are not its fault and count as interruptions.
     deaths: int = 0
+    interruptions: int = 0
+    # Set by the worker running the step when its broker connection dropped; cleared when it reconnects,
+    # when the run ends by itself, and at the next claim. If the run vanishes meanwhile, the outage ended
+    # it, not the step.
+    broker_lost_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     started_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     ended_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     heartbeat_at: datetime | None = Field(default=None, sa_type=UtcDateTime)

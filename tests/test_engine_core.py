@@ -31,6 +31,7 @@ from workflows.engine import (
     start_job,
     use_dispatcher,
 )
+from workflows.engine.outages import record_broker_back, record_broker_lost
 from workflows.engine.reconciler import relaunch_reason, stale_step_outcome
 from workflows.jobkind import JobKind, declare
 from workflows.settings import EngineSettings
@@ -220,6 +221,50 @@ def test_a_step_whose_worker_died_is_relaunched_then_fails_as_poison(dispatcher,
     assert job["error_class"] == "workflows.engine.errors.PoisonStepError"
 
 
+def test_a_step_whose_worker_vanished_during_broker_outages_is_interrupted_never_poisoned(dispatcher, monkeypatch):
+    monkeypatch.setenv("ASR_STALE_AFTER_S", "0.2")
+    monkeypatch.setenv("ASR_MAX_STEP_DEATHS", "2")
+    job_id = start_job(KIND.name, lock_key=None, stages=[[StepSpec("A", OK, "orchestration")]])
+    step_id = steps(job_id)[0]["id"]
+
+    def vanish_while_running(*, broker_lost: bool, task_id: str = "lost-task") -> None:
+        with session_scope() as session:
+            row = session.get(JobStep, step_id)
+            row.state, row.heartbeat_at, row.lease = StepState.running, clock.now() - timedelta(seconds=5), "dead"
+            row.celery_task_id, row.broker_lost_at = task_id, None  # as its claim left it
+            session.add(row)
+        if broker_lost:
+            assert record_broker_lost([task_id, "a task of another step"]) == 1
+
+    for outage in range(1, 4):  # more outages than the deaths that poison
+        vanish_while_running(broker_lost=True)
+        assert reconcile() == {"relaunched_interrupted": 1}
+        assert (steps(job_id)[0]["deaths"], steps(job_id)[0]["interruptions"]) == (0, outage)
+    # A redelivered message claiming the vanished run's step counts it the same way.
+    vanish_while_running(broker_lost=True, task_id=f"task-{step_id}")
+    assert run(step_id).state is StepState.succeeded
+    step = steps(job_id)[0]
+    assert (step["deaths"], step["interruptions"], step["broker_lost_at"]) == (0, 4, None)
+
+
+def test_a_run_that_came_through_an_outage_dies_as_a_death(dispatcher, monkeypatch):
+    monkeypatch.setenv("ASR_STALE_AFTER_S", "0.2")
+    job_id = start_job(KIND.name, lock_key=None, stages=[[StepSpec("A", OK, "orchestration")]])
+    step_id = steps(job_id)[0]["id"]
+    with session_scope() as session:
+        row = session.get(JobStep, step_id)
+        row.state, row.heartbeat_at, row.lease, row.celery_task_id = StepState.running, clock.now(), "alive", "t1"
+        session.add(row)
+    assert record_broker_lost(["t1"]) == 1
+    assert record_broker_back(["t1"]) == 1  # its worker reconnected with the step still running
+    with session_scope() as session:
+        row = session.get(JobStep, step_id)
+        row.heartbeat_at = clock.now() - timedelta(seconds=5)
+        session.add(row)
+    assert reconcile() == {"relaunched_stale": 1}
+    assert (steps(job_id)[0]["deaths"], steps(job_id)[0]["interruptions"]) == (1, 0)
+
+
 @pytest.mark.parametrize("order", ["first, then second", "second, then first"])
 def test_the_next_stage_starts_when_the_last_step_of_a_re_driven_stage_finishes_whatever_the_order(
         dispatcher, monkeypatch, order):
@@ -324,8 +369,9 @@ def test_relaunch_reason(rows, expected):
     assert relaunch_reason(job, rows, now, SETTINGS) == expected
 
 
-@pytest.mark.parametrize(("finished", "deaths", "expected"), [
-    (True, 1, "stopped"), (False, 1, "relaunched_stale"), (False, 2, "relaunched_stale"), (False, 3, "poisoned"),
+@pytest.mark.parametrize(("finished", "deaths", "broker_lost", "expected"), [
+    (True, 1, False, "stopped"), (False, 1, False, "relaunched_stale"), (False, 2, False, "relaunched_stale"),
+    (False, 3, False, "poisoned"), (True, 3, True, "stopped"), (False, 3, True, "relaunched_interrupted"),
 ])
-def test_stale_step_outcome(finished, deaths, expected):
-    assert stale_step_outcome(finished, deaths, SETTINGS) == expected
+def test_stale_step_outcome(finished, deaths, broker_lost, expected):
+    assert stale_step_outcome(finished, deaths, SETTINGS, broker_lost=broker_lost) == expected

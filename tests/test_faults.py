@@ -195,8 +195,8 @@ def test_redis_killed_and_restarted_while_three_vms_are_being_protected(tmp_path
         site.redis.kill()
         time.sleep(2.0)  # workers and heartbeats carry on against a dead broker for a while
         site.redis.start()
-        # The workers ride it out: they reconnect by themselves (Celery terminates the task a worker ran
-        # when the connection broke, and the reconciler re-drives its step).
+        # The workers ride it out: they reconnect by themselves, and the task a worker ran when the
+        # connection broke runs on to its end (worker.py: nothing cancels it).
         exited = {name: process.process.returncode for name, process in site.workers.items()
                   if process.process.poll() is not None}
         assert not exited, f"processes exited when Redis restarted: {exited}\n{site.log_tails()}"

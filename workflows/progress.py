@@ -2,11 +2,15 @@
 
 One hash per job, `asr:job:<job_id>:progress`, with one field per step holding a small JSON record.
 Redis holds the live view only: the database keeps the last progress a step recorded with its heartbeat,
-so losing this hash loses nothing but a few seconds of detail.
+so losing this hash loses nothing but a few seconds of detail. While Redis is away, publishing backs off
+(`PublishBackoff`): a step reports progress many times a second, and each try at an unreachable Redis could
+cost it the connect timeout.
 """
 from __future__ import annotations
 
 import json
+import threading
+import time
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -16,6 +20,45 @@ import redis
 from workflows import settings
 
 PROGRESS_TTL_S = 24 * 3600
+
+
+class PublishBackoff:
+    """When to try a Redis that failed again: not before `first_s` after a failure, doubling with each
+    failure in a row up to `longest_s`; a success forgets the failures. Thread-safe (a step's progress
+    and the heartbeat thread may publish at once)."""
+
+    def __init__(self, first_s: float = 1.0, longest_s: float = 30.0) -> None:
+        self.first_s = first_s
+        self.longest_s = longest_s
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._next_try = float("-inf")
+
+    def ready(self) -> bool:
+        with self._lock:
+            return time.monotonic() >= self._next_try
+
+    def failed(self) -> float:
+        """Record a failure; returns how long nothing will be tried."""
+        with self._lock:
+            wait = min(self.first_s * 2 ** self._failures, self.longest_s)
+            self._failures += 1
+            self._next_try = time.monotonic() + wait
+            return wait
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self._failures = 0
+            self._next_try = float("-inf")
+
+
+_backoffs: dict[str, PublishBackoff] = {}
+_backoffs_lock = threading.Lock()
+
+
+def _backoff(url: str) -> PublishBackoff:
+    with _backoffs_lock:
+        return _backoffs.setdefault(url, PublishBackoff())
 
 
 def redis_url() -> str:
@@ -41,8 +84,10 @@ def percent_of(done: int, total: int) -> float:
 
 def publish_progress(
     job_id: str, step_id: str, *, name: str, done: int, total: int, updated: datetime
-) -> dict[str, Any]:
-    """Store one step's progress in its job's hash (which expires a day after its last update)."""
+) -> dict[str, Any] | None:
+    """Store one step's progress in its job's hash (which expires a day after its last update). None when
+    not even tried: Redis failed recently and is being given time (`PublishBackoff`); a failure now raises
+    the Redis error (and starts or lengthens that wait)."""
     record = {
         "step": step_id,
         "name": name,
@@ -51,11 +96,19 @@ def publish_progress(
         "percent": percent_of(done, total),
         "updated": updated.isoformat(),
     }
-    key = progress_key(job_id)
-    pipeline = _client(redis_url()).pipeline(transaction=True)
+    key, url = progress_key(job_id), redis_url()
+    backoff = _backoff(url)
+    if not backoff.ready():
+        return None
+    pipeline = _client(url).pipeline(transaction=True)
     pipeline.hset(key, step_id, json.dumps(record))
     pipeline.expire(key, PROGRESS_TTL_S)
-    pipeline.execute()
+    try:
+        pipeline.execute()
+    except redis.RedisError:
+        backoff.failed()
+        raise
+    backoff.succeeded()
     return record
 
 

@@ -83,11 +83,15 @@ def relaunch_reason(job: Job, steps: list[JobStep], now: datetime, settings: Eng
     return None
 
 
-def stale_step_outcome(job_finished: bool, deaths: int, settings: EngineSettings) -> str:
-    """What becomes of a running step whose worker vanished, counting this as its `deaths`-th death: it just
-    stops when its job is over, fails as a poison message after too many deaths, or runs again."""
+def stale_step_outcome(job_finished: bool, deaths: int, settings: EngineSettings, *, broker_lost: bool = False) -> str:
+    """What becomes of a running step whose worker vanished: it just stops when its job is over; it runs
+    again, counted as interrupted, when the worker had lost its broker connection (`broker_lost`: the
+    outage ended the run, not the step); otherwise, counting this as its `deaths`-th death, it fails as a
+    poison message after too many deaths, or runs again."""
     if job_finished:
         return "stopped"
+    if broker_lost:
+        return "relaunched_interrupted"
     if deaths >= settings.max_step_deaths:
         return "poisoned"
     return "relaunched_stale"
@@ -106,8 +110,9 @@ def _recover_stale_step(step_id: str, stale_before: datetime, settings: EngineSe
             JobStep.id == step_id, JobStep.state == StepState.running, JobStep.heartbeat_at < stale_before,
             JobStep.lease.is_(None) if step.lease is None else JobStep.lease == step.lease,
         )
-        deaths = step.deaths + 1
-        outcome = stale_step_outcome(job.state in FINISHED_JOB_STATES, deaths, settings)
+        broker_lost = step.broker_lost_at is not None
+        deaths = step.deaths + (0 if broker_lost else 1)
+        outcome = stale_step_outcome(job.state in FINISHED_JOB_STATES, deaths, settings, broker_lost=broker_lost)
         if outcome == "stopped":
             changed = session.exec(update_rows(JobStep).where(still_stale).values(
                 state=StepState.cancelled, ended_at=now, lease=None,
@@ -121,6 +126,12 @@ def _recover_stale_step(step_id: str, stale_before: datetime, settings: EngineSe
                 error_class=error_class,
             )).rowcount
             settled = bool(changed) and fail_job(session, job.id, f"{step.name} failed: {reason}", error_class)
+        elif outcome == "relaunched_interrupted":
+            # broker_lost_at stays: it says why the step runs again, until its next claim clears it.
+            changed = session.exec(update_rows(JobStep).where(still_stale).values(
+                state=StepState.queued, interruptions=JobStep.interruptions + 1, lease=None, queued_at=now,
+            )).rowcount
+            settled = False
         else:
             changed = session.exec(update_rows(JobStep).where(still_stale).values(
                 state=StepState.queued, deaths=deaths, lease=None, queued_at=now,
@@ -133,6 +144,10 @@ def _recover_stale_step(step_id: str, stale_before: datetime, settings: EngineSe
     if outcome == "relaunched_stale":
         logger.warning("step %s (%s) of job %s lost its worker (death %d); relaunching", step_id, step.name,
                        job.id, deaths)
+        launch(job.id)
+    elif outcome == "relaunched_interrupted":
+        logger.warning("step %s (%s) of job %s lost its worker during a broker outage (since %s, interruption "
+                       "%d); relaunching", step_id, step.name, job.id, step.broker_lost_at, step.interruptions + 1)
         launch(job.id)
     return outcome
 

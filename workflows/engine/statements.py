@@ -83,8 +83,13 @@ def claim_statement() -> sa.Update:
     )
     return sa.update(_STEP).where(step.id == _param("claim_step_id", step.id), claimable).values(
         state=StepState.running, lease=_param("claim_lease", step.lease), attempts=step.attempts + 1,
-        # SET sees the row as it was: a step still marked running died under its last runner.
-        deaths=step.deaths + sa.case((step.state == StepState.running, 1), else_=0),
+        # SET sees the row as it was: a step still marked running died under its last runner; a death
+        # while that runner's worker had lost its broker connection is an outage's doing, not the step's.
+        deaths=step.deaths + sa.case((sa.and_(step.state == StepState.running, step.broker_lost_at.is_(None)), 1),
+                                     else_=0),
+        interruptions=step.interruptions + sa.case(
+            (sa.and_(step.state == StepState.running, step.broker_lost_at.is_not(None)), 1), else_=0),
+        broker_lost_at=None,
         started_at=now, heartbeat_at=now, ended_at=None, worker=_param("claim_worker", step.worker),
         celery_task_id=task_id,
     ).returning(step.id, step.job_id, step.stage, step.name, step.action, step.params, step.attempts, step.deaths)
@@ -126,7 +131,7 @@ def step_succeeded_statement() -> sa.Update:
     step = _STEP.c
     return sa.update(_STEP).where(_owned_by_run()).values(
         state=StepState.succeeded, result=_param("succeeded_result", step.result),
-        ended_at=_param("succeeded_now", step.ended_at), lease=None, error=None, error_class=None,
+        ended_at=_param("succeeded_now", step.ended_at), lease=None, error=None, error_class=None, broker_lost_at=None,
         progress_done=_param("succeeded_done", step.progress_done),
         progress_total=_param("succeeded_total", step.progress_total),
     )

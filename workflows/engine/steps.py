@@ -49,7 +49,7 @@ from workflows.engine.statements import (
     step_succeeded_statement,
     update_rows,
 )
-from workflows.progress import percent_of, publish_progress
+from workflows.progress import PublishBackoff, percent_of, publish_progress
 from workflows.retry import in_call_retrying, is_recoverable, next_attempt_delay
 from workflows.settings import EngineSettings
 
@@ -109,18 +109,29 @@ class StepContext:
         self._revoked.set()
 
     def _publish(self, done: int, total: int) -> None:
-        # Live progress is a convenience: Redis being away must not fail the step it describes.
+        # Live progress is a convenience: Redis being away must not fail the step it describes, nor slow it
+        # down with a try (and a warning) at every report: both back off while it is away.
         try:
             publish_progress(self.job_id, self.step_id, name=self.step_name, done=done, total=total,
                              updated=clock.now())
         except redis.RedisError as exc:
             logger.warning("progress of step %s not published to Redis: %s", self.step_id, exc)
+        if not _event_backoff.ready():
+            return
         try:
             # Not "name": Flower takes an event's name field as the task's name.
             self._emit_event(job_id=self.job_id, step=self.step_id, step_name=self.step_name, done=done,
                              total=total, percent=percent_of(done, total))
         except Exception as exc:  # noqa: BLE001 - a lost progress event must never fail the step
-            logger.warning("task-progress event of step %s not sent: %s", self.step_id, exc)
+            wait = _event_backoff.failed()
+            logger.warning("task-progress event of step %s not sent (next try in %.0f s): %s", self.step_id,
+                           wait, exc)
+        else:
+            _event_backoff.succeeded()
+
+
+# Task events go through the broker: while it is away, a progress event is tried only now and then.
+_event_backoff = PublishBackoff()
 
 
 class _Heartbeats:
@@ -374,7 +385,7 @@ def _wait_for_retry(step: _ClaimedStep, lease: str, exc: BaseException) -> StepO
     with session_scope() as session:
         recorded = session.exec(update_rows(JobStep).where(_owned(step.id, lease)).values(
             state=StepState.waiting_retry, next_attempt_at=next_attempt_at, ended_at=now, lease=None,
-            error=error_text(exc), error_class=class_name(type(exc)),
+            broker_lost_at=None, error=error_text(exc), error_class=class_name(type(exc)),
         )).rowcount
         if recorded:
             session.exec(update_rows(Job).where(Job.id == step.job_id, Job.state.in_(ACTIVE_JOB_STATES)).values(
@@ -392,7 +403,7 @@ def _await_operator(step: _ClaimedStep, lease: str, instructions: str) -> StepOu
     now = clock.now()
     with session_scope() as session:
         recorded = session.exec(update_rows(JobStep).where(_owned(step.id, lease)).values(
-            state=StepState.waiting_action, instructions=instructions, ended_at=now, lease=None,
+            state=StepState.waiting_action, instructions=instructions, ended_at=now, lease=None, broker_lost_at=None,
             next_attempt_at=None, error=None, error_class=None,
         )).rowcount
         if recorded:
@@ -407,7 +418,7 @@ def _fail_step(step: _ClaimedStep, lease: str, error: str, error_class: str) -> 
     now = clock.now()
     with session_scope() as session:
         recorded = session.exec(update_rows(JobStep).where(_owned(step.id, lease)).values(
-            state=StepState.failed, ended_at=now, lease=None, error=error, error_class=error_class,
+            state=StepState.failed, ended_at=now, lease=None, error=error, error_class=error_class, broker_lost_at=None,
         )).rowcount
         settled = recorded and fail_job(session, step.job_id, f"{step.name} failed: {error}", error_class)
     if not recorded:
