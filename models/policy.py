@@ -1,6 +1,7 @@
 """Replication policies: how often changes are copied, how long recovery points are kept, when initial
-replication starts, and when automatic resynchronization may run (outside office hours, as the
-reference does, so a resync's read load does not hit users)."""
+replication starts, when automatic resynchronization may run (outside office hours, as the reference
+does, so a resync's read load does not hit users), and how often the end-to-end consistency check
+compares every replica with its source (outside office hours by default: it reads every disk whole)."""
 from collections.abc import Iterable
 from datetime import UTC, datetime, time, timedelta, tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -25,6 +26,8 @@ MAX_INITIAL_REPLICATION_DELAY = timedelta(hours=24)
 DEFAULT_OFFICE_HOURS = (time(8, 0), time(18, 0))
 WEEKDAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 DEFAULT_OFFICE_DAYS = (0, 1, 2, 3, 4)
+DEFAULT_CONSISTENCY_CHECK_H = 24
+MAX_CONSISTENCY_CHECK_H = 24 * 7
 
 
 class ReplicationPolicy(SQLModel, table=True):
@@ -44,6 +47,10 @@ class ReplicationPolicy(SQLModel, table=True):
     """Weekdays (0 = Monday) with office hours."""
     office_timezone: str = Field(default="UTC", max_length=64)
     """The IANA zone office hours are in: the protected site's local time."""
+    consistency_check_interval_h: int = Field(default=DEFAULT_CONSISTENCY_CHECK_H)
+    """Hours between end-to-end consistency checks of each protected VM; 0 turns them off."""
+    consistency_check_off_hours: bool = Field(default=True)
+    """Scheduled consistency checks wait for the end of office hours (they read every disk whole)."""
     created_at: datetime = Field(default_factory=clock_now, sa_type=UtcDateTime)
 
     def in_office_hours(self, when: datetime) -> bool:
@@ -73,11 +80,15 @@ def create_policy(
     office_hours: tuple[time, time] = DEFAULT_OFFICE_HOURS,
     office_days: Iterable[int | str] = DEFAULT_OFFICE_DAYS,
     office_timezone: str = "UTC",
+    consistency_check_interval_h: int = DEFAULT_CONSISTENCY_CHECK_H,
+    consistency_check_off_hours: bool = True,
 ) -> ReplicationPolicy:
     """A new replication policy, validated (ValueError naming the policy and the setting; nothing written).
 
     `initial_replication_at`: None to start at once, or a moment at most 24 h ahead.
-    `office_days`: weekday numbers (0 = Monday) or names ("mon" or "monday" .. "sun" or "sunday")."""
+    `office_days`: weekday numbers (0 = Monday) or names ("mon" or "monday" .. "sun" or "sunday").
+    `consistency_check_interval_h`: hours between scheduled consistency checks (0: none), run only outside
+    office hours unless `consistency_check_off_hours` is False."""
     validate_name(name, "replication policy")
     where = f"replication policy {name!r}"
     _check_choice(where, "copy frequency (seconds)", copy_frequency_s, COPY_FREQUENCIES_S)
@@ -94,12 +105,19 @@ def create_policy(
     start, end = _check_office_hours(where, office_hours)
     days = _check_office_days(where, office_days)
     _zone_or_error(where, office_timezone)
+    _check_range(where, "consistency check interval (hours)", consistency_check_interval_h, 0,
+                 MAX_CONSISTENCY_CHECK_H)
+    if not isinstance(consistency_check_off_hours, bool):
+        raise ValueError(f"{where}: consistency_check_off_hours must be true or false, got "
+                         f"{consistency_check_off_hours!r}")
     if session.exec(select(ReplicationPolicy).where(ReplicationPolicy.name == name)).first() is not None:
         raise ValueError(f"{where} already exists")
     policy = ReplicationPolicy(
         name=name, copy_frequency_s=copy_frequency_s, recovery_point_retention_h=recovery_point_retention_h,
         app_consistent_frequency_h=app_consistent_frequency_h, initial_replication_at=start_at,
         office_hours_start=start, office_hours_end=end, office_days=days, office_timezone=office_timezone,
+        consistency_check_interval_h=consistency_check_interval_h,
+        consistency_check_off_hours=consistency_check_off_hours,
     )
     session.add(policy)
     session.flush()

@@ -11,6 +11,7 @@ says it was applied.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Field, Session, SQLModel, select
@@ -42,6 +43,8 @@ class ReplicaRecord(SQLModel, table=True):
     """Why the disk needs resynchronization (its recovery-side state was refused); None when it does not."""
     last_checked_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     """When a consistency check last compared this replica with its source."""
+    last_check: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
+    """That check's report (datapath.consistency.ConsistencyReport.as_result): generation, drifted chunks."""
     updated_at: datetime = Field(default_factory=clock_now, sa_type=UtcDateTime)
 
 

@@ -7,6 +7,8 @@ disagrees is refused: the disk's record and the item say why, and the item needs
 """
 from __future__ import annotations
 
+from typing import Any
+
 from sqlmodel import Session, select
 
 from datapath.replication import ReplicaDisk, ReplicaState
@@ -104,7 +106,9 @@ def record_state(ctx: StepContext, item_id: str, disk: VirtualDisk, replica_name
 
 def record_values(ctx: StepContext, item_id: str, disk: VirtualDisk, replica_name: str, *,
                   applied_generation: int, version: int, manifest_root: str | None,
-                  initial_copy_done: bool = True, resynchronized: bool = False, checked: bool = False) -> None:
+                  initial_copy_done: bool = True, resynchronized: bool = False,
+                  checked: bool = False, last_check: dict[str, Any] | None = None) -> None:
+    """Record what the replica holds after a step changed it (or checked it: `checked`, with its report)."""
     with ctx.session() as session:
         record = replica_record(session, item_id, disk.disk_uuid, replica_name)
         record.replica_name = replica_name
@@ -117,6 +121,7 @@ def record_values(ctx: StepContext, item_id: str, disk: VirtualDisk, replica_nam
             record.resync_reason = None
         if checked:
             record.last_checked_at = clock.now()
+            record.last_check = last_check
         record.updated_at = clock.now()
         session.add(record)
 

@@ -278,15 +278,18 @@ def resync_disk(ctx: StepContext, *, item_id: str, disk_id: str) -> dict[str, An
 
 # ---- merging logs ------------------------------------------------------------------------------------
 @item_action(A.SHIP_LOGS)
-def ship_logs(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
+def ship_logs(ctx: StepContext, *, item_id: str, seal: bool = True) -> dict[str, Any]:
     """Seal every disk's log (also a disk without writes: all disks advance together into one recovery
     point), then upload every sealed log not yet shipped. All seals come before any upload, so the disks'
     logs end as close together in time as the trackers allow. When the policy's app-consistent frequency
     is due, the seals happen with the VM quiesced (its pre/post commands, its writes paused), so the
-    point is app-consistent; a quiesce that fails leaves a crash-consistent point and a warning."""
+    point is app-consistent; a quiesce that fails leaves a crash-consistent point and a warning.
+
+    `seal=False` ships only the logs sealed already: the consistency check brings the replica to the
+    generation its snapshot sealed, and no further."""
     view = _load(ctx, item_id)
     disks: dict[str, dict[str, Any]] = {}
-    app_consistent = _app_consistent_due(view)
+    app_consistent = seal and _app_consistent_due(view)
     quiesce_error = None
     with ExitStack() as stack:
         storage = stack.enter_context(_storage(view))
@@ -298,7 +301,9 @@ def ship_logs(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
         trackers = {disk.name: stack.enter_context(_tracker(view, disk.name)) for disk in view.disks}
         # Measured before sealing: what piled up since the last cycle.
         unsent = {name: tracker.unsent_ratio() for name, tracker in trackers.items()}
-        if app_consistent:
+        if not seal:
+            sealed = {name: None for name in trackers}
+        elif app_consistent:
             try:
                 with _driver(view).quiesce(view.vm.name):
                     sealed = {name: tracker.seal().generation for name, tracker in trackers.items()}
