@@ -1,5 +1,6 @@
 """The replication policy verbs of `asr`: copy frequency, recovery point retention, app-consistent
-snapshots, when initial replication starts, and the office hours automatic resync keeps out of.
+snapshots, when initial replication starts, the office hours automatic resync keeps out of, and how often
+consistency checks run.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from api.cli_service import _command, _OpGroup, _service
 
 @main.group(cls=_OpGroup)
 def policy():
-    """Replication policies: copy frequency, recovery point retention, app-consistent snapshots, office hours."""
+    """Replication policies: copy frequency, retention, app-consistent snapshots, office hours, consistency checks."""
 
 
 def _office_hours(value: str | None) -> tuple[time_of_day, time_of_day] | None:
@@ -56,10 +57,15 @@ def _office_days(value: str | None) -> list[int | str] | None:
 @click.option("--office-days", default=None, metavar="DAYS",
               help="Weekdays with office hours: mon,tue,... or 0-6 numbers, 'none' for none (default mon-fri).")
 @click.option("--timezone", "office_timezone", default=None, help="IANA zone of the office hours (default UTC).")
+@click.option("--consistency-check-hours", type=click.IntRange(0, 168), default=None,
+              help="Hours between consistency checks of each VM, 0 for none (default 24).")
+@click.option("--consistency-check-anytime", is_flag=True, default=False,
+              help="Run scheduled consistency checks in office hours too (default: only outside them).")
 @json_option
 def policy_add(name: str, copy_frequency: str | None, retention_hours: int | None,
                app_consistent_hours: int | None, initial_replication_at: str | None, office_hours: str | None,
-               office_days: str | None, office_timezone: str | None, as_json: bool):
+               office_days: str | None, office_timezone: str | None, consistency_check_hours: int | None,
+               consistency_check_anytime: bool, as_json: bool):
     """Create replication policy NAME; options left out take their defaults."""
     options: dict[str, Any] = {
         "copy_frequency_s": int(copy_frequency) if copy_frequency else None,
@@ -69,6 +75,8 @@ def policy_add(name: str, copy_frequency: str | None, retention_hours: int | Non
         "office_hours": _office_hours(office_hours),
         "office_days": _office_days(office_days),
         "office_timezone": office_timezone,
+        "consistency_check_interval_h": consistency_check_hours,
+        "consistency_check_off_hours": False if consistency_check_anytime else None,
     }
     result = _service().add_policy(name, **{k: v for k, v in options.items() if v is not None})
     if as_json:
@@ -96,7 +104,8 @@ POLICY_FIELDS: list[Column] = [
     ("name", "name"), ("id", "id"), ("copy frequency (s)", "copy_frequency_s"),
     ("retention (h)", "recovery_point_retention_h"), ("app-consistent (h)", "app_consistent_frequency_h"),
     ("initial replication", "initial_replication_at"), ("office hours", _hours), ("office days", _days),
-    ("timezone", "office_timezone"), ("protected VMs", "protected_vms"),
+    ("timezone", "office_timezone"), ("consistency check (h)", "consistency_check_interval_h"),
+    ("check off-hours only", "consistency_check_off_hours"), ("protected VMs", "protected_vms"),
 ]
 POLICY_COLUMNS: list[Column] = [("name", "name"), ("copy s", "copy_frequency_s"),
                                 ("retention h", "recovery_point_retention_h"),

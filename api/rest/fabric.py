@@ -56,6 +56,10 @@ class PolicyIn(_Body):
     office_hours: list[str] | str | None = Field(None, description="'08:00-18:00' or ['08:00', '18:00']")
     office_days: list[int | str] | str | None = Field(None, description="Weekday names or numbers (0 = Monday)")
     office_timezone: str | None = Field(None, description="IANA zone, e.g. Europe/Berlin")
+    consistency_check_interval_h: int | None = Field(
+        None, description="Hours between scheduled consistency checks, 0 (off) to 168; default 24")
+    consistency_check_off_hours: bool | None = Field(
+        None, description="Scheduled consistency checks wait for the end of office hours (default true)")
 
 
 # ---- routes ------------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from .lookups import _int_option, _name, _policy
 from .presenters import _policy_dict
 
 POLICY_OPTIONS = ("copy_frequency_s", "recovery_point_retention_h", "app_consistent_frequency_h",
-                  "initial_replication_at", "office_hours", "office_days", "office_timezone")
+                  "initial_replication_at", "office_hours", "office_days", "office_timezone",
+                  "consistency_check_interval_h", "consistency_check_off_hours")
 
 
 def _time_of_day(name: str, value: Any) -> time_of_day:
@@ -34,7 +35,8 @@ def _policy_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
         raise Invalid(f"replication policy {name!r}: unknown option(s) {', '.join(unknown)} "
                       f"(options: {', '.join(POLICY_OPTIONS)})")
     settings = {key: value for key, value in options.items() if value is not None}
-    for key in ("copy_frequency_s", "recovery_point_retention_h", "app_consistent_frequency_h"):
+    for key in ("copy_frequency_s", "recovery_point_retention_h", "app_consistent_frequency_h",
+                "consistency_check_interval_h"):
         if key in settings:
             settings[key] = _int_option(key, settings[key])
     start = settings.get("initial_replication_at")
@@ -64,7 +66,8 @@ def add_policy(name: str, **options: Any) -> dict:
     """Create a replication policy. Options: copy_frequency_s (30, 300 or 900), recovery_point_retention_h
     (0-24), app_consistent_frequency_h (0-12, at most the retention), initial_replication_at (ISO time, at most
     24 h ahead), office_hours ("08:00-18:00" or [start, end]), office_days (names or 0 = Monday, list or
-    "mon,tue"), office_timezone (IANA name)."""
+    "mon,tue"), office_timezone (IANA name), consistency_check_interval_h (0-168, 0 for none; default 24),
+    consistency_check_off_hours (scheduled checks wait for the end of office hours; default true)."""
     _name(name, "replication policy")
     settings = _policy_options(name, options)
     with session_scope() as session:

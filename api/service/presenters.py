@@ -165,7 +165,9 @@ def _policy_dict(session: Session, policy: ReplicationPolicy, *, detail: bool = 
         "initial_replication_at": _iso(policy.initial_replication_at),
         "office_hours": [policy.office_hours_start.strftime("%H:%M"), policy.office_hours_end.strftime("%H:%M")],
         "office_days": [WEEKDAY_NAMES[day] for day in policy.office_days],
-        "office_timezone": policy.office_timezone, "created_at": _iso(policy.created_at),
+        "office_timezone": policy.office_timezone,
+        "consistency_check_interval_h": policy.consistency_check_interval_h,
+        "consistency_check_off_hours": policy.consistency_check_off_hours, "created_at": _iso(policy.created_at),
     }
     if detail:
         rows = session.exec(select(VirtualMachine.name, Host.name)
