@@ -252,3 +252,46 @@ def test_consistency_check_finds_corruption_of_the_replica_storage(tmp_path: Pat
         assert result["drifted_chunks"] == [6] and 4096 <= repaired <= DEFAULT_CHUNK_SIZE, result
         assert result["damaged_chunks"] == [6], result  # the replica did not hold its own recorded content
         site.verify_replica(vm_id)
+
+
+def test_the_scheduler_runs_consistency_checks_on_the_policy_interval_outside_office_hours(tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from models.policy import ReplicationPolicy
+    from models.protection import ProtectedItem
+    from workflows import clock
+    from workflows.scheduler import run_scheduler
+
+    site, vm_id = _protected_site(tmp_path, disks=[("disk0", "8M", "raw")])
+    with site:
+        item_id = site.item_id(vm_id)
+        now = clock.now()
+        # The first tick that sees the item protected schedules its check one interval (24 h scaled by 10) on.
+        run_scheduler(now)
+        with session_scope() as session:
+            due = session.get(ProtectedItem, item_id).next_consistency_check_at
+        assert due is not None and abs((due - now) - timedelta(hours=2.4)) < timedelta(seconds=5), due
+        _bypassing_write(site, vm_id, "disk0", 2 * MIB, 4096, seed=5)
+
+        # Due, but the site's policy has office hours all day: a delta cycle runs instead of the check.
+        later = due + timedelta(minutes=1)
+        report = run_scheduler(later)
+        assert report.get("delta_started") == 1 and "consistency_check_started" not in report, report
+        site.wait_idle(vm_id, timeout=60)
+        assert not site.jobs(vm_id, "consistency_check")
+
+        # A policy that lets checks run in office hours: the next tick starts it.
+        with session_scope() as session:
+            policy = session.get(ReplicationPolicy, site.policy_id)
+            policy.consistency_check_off_hours = False
+            session.add(policy)
+        assert run_scheduler(later).get("consistency_check_started") == 1
+        [check] = site.jobs(vm_id, "consistency_check")
+        job = site.wait_job(check.id, timeout=90)
+        assert _check_results(job)["disk0"]["drifted_chunks"] == [2]
+        assert any(error["code"] == "consistency_drift" for error in site.item(vm_id)["errors"])
+        with session_scope() as session:
+            next_due = session.get(ProtectedItem, item_id).next_consistency_check_at
+        # The next one is an interval after this one ended.
+        assert abs(next_due - (clock.now() + timedelta(hours=2.4))) < timedelta(minutes=1), next_due
+        site.verify_replica(vm_id)
