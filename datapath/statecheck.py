@@ -112,17 +112,22 @@ def check_state(replica: ReplicaDisk, recorded: RecordedState) -> Agreement:
         return Agreement(state, adopted=False)
     if generations < 0 or versions < 0:
         raise ReplicaStateMismatchError(f"{where} {says}: behind the database, which records {recorded_text}; {resync}")
-    if versions > 0 and generations <= versions and _versions_stored(replica, state, recorded.version):
+    if generations <= versions and completed_ahead(replica, state, recorded):
         return Agreement(state, adopted=True)
     raise ReplicaStateMismatchError(
         f"{where} {says}: ahead of the database, which records {recorded_text}, and no step recorded the "
         f"difference; {resync}")
 
 
-def _versions_stored(replica: ReplicaDisk, state: ReplicaState, recorded_version: int) -> bool:
-    """Whether every version after the recorded one up to the state's has its manifest stored, the last
-    with the state's root: what a step leaves once its change is complete."""
-    for version in range(recorded_version + 1, state.version + 1):
+def completed_ahead(replica: ReplicaDisk, state: ReplicaState, recorded: RecordedState) -> bool:
+    """Whether `state` is ahead of `recorded` by whole completed versions: each version after the
+    recorded one up to the state's has its manifest stored, the last with the state's root (what a step
+    leaves once its change is complete), and the generation did not go back."""
+    if state.version <= recorded.version or state.applied_generation < recorded.applied_generation:
+        return False
+    if not state.initial_copy_done:
+        return False
+    for version in range(recorded.version + 1, state.version + 1):
         manifest = load_manifest(replica, version)
         if manifest is None:
             return False

@@ -12,7 +12,13 @@ from typing import Any
 from sqlmodel import Session, select
 
 from datapath.replication import ReplicaDisk, ReplicaState
-from datapath.statecheck import RecordedState, ReplicaStateMismatchError, check_state, read_state
+from datapath.statecheck import (
+    RecordedState,
+    ReplicaStateMismatchError,
+    check_state,
+    completed_ahead,
+    read_state,
+)
 from models.fabric import VirtualDisk
 from models.protection import InvalidStateError, mark_warning, require_resync
 from models.replicas import ReplicaRecord, replica_record
@@ -83,6 +89,12 @@ def restore_recorded_state(ctx: StepContext, item_id: str, disk: VirtualDisk, re
             return False
         recorded = RecordedState(True, record.applied_generation, record.version, record.manifest_root)
     try:
+        state = read_state(replica)
+        if state is not None and completed_ahead(replica, state, recorded):
+            # A resync that completed and crashed before recording (it jumps many generations in one
+            # version): this very step's work, recorded now rather than undone.
+            record_state(ctx, item_id, disk, replica.name, state)
+            return False
         agreement = check_state(replica, recorded)
     except ReplicaStateMismatchError:
         # copy_started_generation 0: no snapshot counts as copied, so the resync compares every chunk.

@@ -100,6 +100,55 @@ def _failed_step(job: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- the recovery side's state against the database ------------------------------------------------------
+def test_statecheck_adopts_the_trace_of_a_completed_step_and_refuses_any_other_difference(local_storage, tmp_path):
+    """Pure data path: the record as values, the state on a local recovery storage."""
+    from datapath.replication import apply_shipped_logs, initial_copy, ship_pending_logs
+    from datapath.statecheck import RecordedState, ReplicaStateMismatchError, check_state
+    from sites.host import Host
+
+    host = Host(tmp_path / "host1", "host1")
+    machine = host.create_vm("app01", [("disk0", 8 * MIB, "raw")])
+    host.write_initial_data(machine, seed=1, fraction=0.5)
+    host.enable_tracking(machine)
+    replica = ReplicaDisk(local_storage, ReplicaDisk.name_for("host1", "app01", "disk0"))
+    with host.tracker(machine, "disk0") as tracker:
+        state = initial_copy(tracker, replica)
+        recorded = RecordedState(True, state.applied_generation, state.version, state.manifest_root)
+        assert check_state(replica, recorded).adopted is False
+
+        # Apply completed two logs and the step crashed before recording them: the state is ahead by whole
+        # versions whose manifests are stored. That is adopted, not refused.
+        for seed in (2, 3):
+            tracker.write(seed * MIB, random.Random(seed).randbytes(8192))
+            tracker.seal()
+        ship_pending_logs(tracker, replica, applied_generation=recorded.applied_generation)
+        report = apply_shipped_logs(replica)
+        assert check_state(replica, recorded).adopted is True
+        recorded = RecordedState(True, report.applied_generation, report.version, report.manifest_root)
+
+    def refused(**changes: int) -> str:
+        good = local_storage.read_object(replica.state_name)
+        try:
+            tampered = json.loads(good)
+            for name, delta in changes.items():
+                tampered[name] += delta
+            local_storage.put_object(replica.state_name, json.dumps(tampered).encode())
+            with pytest.raises(ReplicaStateMismatchError) as error:
+                check_state(replica, recorded)
+            return str(error.value)
+        finally:
+            local_storage.put_object(replica.state_name, good)
+
+    assert "ahead" in refused(applied_generation=1)  # the measured failure: a generation without a version
+    assert "ahead" in refused(applied_generation=1, version=1)  # a version whose manifest was never stored
+    assert "behind" in refused(applied_generation=-1)
+    assert "behind" in refused(version=-1, applied_generation=-1)
+    message = refused(applied_generation=5)
+    assert f"generation {recorded.applied_generation + 5} applied" in message
+    assert f"which records generation {recorded.applied_generation} applied" in message
+    assert check_state(replica, recorded).adopted is False
+
+
 @pytest.mark.parametrize("delta,word", [(1, "ahead"), (-1, "behind")])
 def test_tampered_state_is_refused_with_the_reason_and_a_resync_makes_the_replica_identical(
     tmp_path: Path, delta: int, word: str,
