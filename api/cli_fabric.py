@@ -183,6 +183,7 @@ HEALTH_FIELDS: list[Column] = [
     ("state", "state"), ("health", "health"), ("errors", "errors"), ("RPO", lambda r: _seconds(r, "rpo_s")),
     ("last point", "last_recovery_point_at"),
     ("recovery points", "recovery_points"), ("next delta", "next_delta_at"),
+    ("next consistency check", "next_consistency_check_at"),
     ("resync reason", "resync_required_reason"), ("resync at", "resync_scheduled_for"),
     ("active job", _active_job),
 ]
