@@ -320,6 +320,7 @@ def test_the_scheduler_runs_consistency_checks_on_the_policy_interval_outside_of
         with session_scope() as session:
             due = session.get(ProtectedItem, item_id).next_consistency_check_at
         assert due is not None and abs((due - now) - timedelta(hours=2.4)) < timedelta(seconds=5), due
+        assert site.item(vm_id)["next_consistency_check_at"] == due.isoformat()
         _bypassing_write(site, vm_id, "disk0", 2 * MIB, 4096, seed=5)
 
         # Due, but the site's policy has office hours all day: a delta cycle runs instead of the check.
