@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from recovery_site import RecoverySite
 
 import tasks.replication as replication_actions
+from api import service
+from api.cli import main
 from datapath.manifest import DEFAULT_CHUNK_SIZE
 from datapath.replication import ReplicaDisk
 from models.db import session_scope
@@ -173,6 +176,10 @@ def test_tampered_state_is_refused_with_the_reason_and_a_resync_makes_the_replic
         assert (item["state"], item["health"]) == ("resync_required", "Warning"), item
         assert "disk disk0" in item["resync_required_reason"] and word in item["resync_required_reason"], item
         assert [error["code"] for error in item["errors"]] == ["resync_required"], item
+        # The disk itself is marked, with the same reason.
+        shown = {disk["name"]: disk["replica_record"] for disk in service.show_vm("host1/app01")["disks"]}
+        assert word in shown["disk0"]["resync_reason"] and shown["disk1"]["resync_reason"] is None, shown
+        assert shown["disk0"]["applied_generation"] == before["applied_generation"], shown
         # The host's log of the write is still there: nothing the database does not count as applied is gone.
         with site.host("host1").tracker("app01", "disk0") as tracker:
             assert tracker.pending_logs() or tracker.unsent_bytes() > 0
@@ -182,6 +189,9 @@ def test_tampered_state_is_refused_with_the_reason_and_a_resync_makes_the_replic
         site.verify_replica(vm_id)
         item = site.item(vm_id)
         assert (item["state"], item["health"]) == ("protected", "Healthy"), item
+        shown = {disk["name"]: disk["replica_record"] for disk in service.show_vm("host1/app01")["disks"]}
+        assert shown["disk0"]["resync_reason"] is None, shown
+        assert shown["disk0"]["applied_generation"] == _state(site, vm_id, "disk0")["applied_generation"]
 
 
 @pytest.mark.parametrize("damage", ["missing", "unreadable"])
@@ -268,9 +278,15 @@ def test_consistency_check_finds_a_write_that_bypassed_the_tracker_and_repairs_o
         [drift] = [error for error in item["errors"] if error["code"] == "consistency_drift"]
         assert "disk disk0" in drift["message"] and "chunks 3, 9" in drift["message"], drift
         site.verify_replica(vm_id)  # byte for byte, without another cycle
+        shown = {disk["name"]: disk["replica_record"] for disk in service.show_vm("host1/app01")["disks"]}
+        assert shown["disk0"]["last_check_drifted_chunks"] == [3, 9] and shown["disk0"]["last_checked_at"], shown
 
-        # A second check finds nothing, and clears the warning.
-        job = site.wait_job(start_check(item_id), timeout=90)
+        # A second check, from the command line this time, finds nothing and clears the warning.
+        cli = CliRunner().invoke(main, ["check", "host1/app01", "--json"])
+        assert cli.exit_code == 0, cli.output
+        started = json.loads(cli.output)
+        assert started["kind"] == "consistency_check", started
+        job = site.wait_job(started["job_id"], timeout=90)
         assert all(result["drifted_chunks"] == [] for result in _check_results(job).values())
         assert site.item(vm_id)["health"] == "Healthy"
         # Replication goes on from the repaired replica.
