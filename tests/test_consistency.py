@@ -81,10 +81,10 @@ def _bypassing_write(site: RecoverySite, vm_id: str, disk: str, offset: int, nby
         os.close(fd)
 
 
-def _protected_site(tmp_path: Path, disks=DISKS) -> tuple[RecoverySite, str]:
+def _protected_site(tmp_path: Path, disks=DISKS, **site_options: Any) -> tuple[RecoverySite, str]:
     """A site with one protected VM, one delta cycle done, and beat stopped, so that no cycle runs
     behind the test's back."""
-    site = RecoverySite(tmp_path)
+    site = RecoverySite(tmp_path, **site_options)
     try:
         vm_id = site.create_vm("host1", "app01", disks, fill=0.25, seed=3)
         site.wait_job(site.protect(vm_id), timeout=90)
@@ -248,12 +248,17 @@ def _check_results(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
             if step["name"].startswith("Check disk")}
 
 
+@pytest.mark.parametrize("backend", [
+    pytest.param("local", id="local"),
+    pytest.param("azure", id="azure", marks=pytest.mark.azure),
+])
 def test_consistency_check_finds_a_write_that_bypassed_the_tracker_and_repairs_only_its_chunks(
-    tmp_path: Path,
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest,
 ) -> None:
     from workflows.kinds.consistency_check import start as start_check
 
-    site, vm_id = _protected_site(tmp_path)
+    azurite = request.getfixturevalue("azurite") if backend == "azure" else None
+    site, vm_id = _protected_site(tmp_path, backend=backend, azurite=azurite)
     with site:
         item_id = site.item_id(vm_id)
         # Two writes the tracker never sees, in chunks 3 and 9 of disk0, and one it does (chunk 5).
