@@ -194,6 +194,33 @@ def test_tampered_state_is_refused_with_the_reason_and_a_resync_makes_the_replic
         assert shown["disk0"]["applied_generation"] == _state(site, vm_id, "disk0")["applied_generation"]
 
 
+def test_a_completed_apply_whose_step_died_before_recording_it_is_adopted_not_refused(tmp_path: Path) -> None:
+    from datapath.replication import apply_shipped_logs, ship_pending_logs
+
+    site, vm_id = _protected_site(tmp_path, disks=[("disk0", "8M", "raw")])
+    with site:
+        recorded = _state(site, vm_id, "disk0")
+        _guest_write(site, vm_id, "disk0", 3 * MIB, 64 * 1024, seed=8)
+        # What Ship and Apply do, without the database: as if the Apply step died right after its work.
+        storage, replica = _replica(site, vm_id, "disk0")
+        try:
+            with site.host("host1").tracker("app01", "disk0") as tracker:
+                tracker.seal()
+                ship_pending_logs(tracker, replica, applied_generation=recorded["applied_generation"])
+            report = apply_shipped_logs(replica)
+        finally:
+            storage.close()
+        assert report.version == recorded["version"] + 1
+
+        job = site.delta_cycle(vm_id)
+        assert job["state"] == "succeeded"
+        item = site.item(vm_id)
+        assert (item["state"], item["health"]) == ("protected", "Healthy"), item
+        shown = {disk["name"]: disk["replica_record"] for disk in service.show_vm("host1/app01")["disks"]}
+        assert shown["disk0"]["version"] == _state(site, vm_id, "disk0")["version"] > report.version, shown
+        site.verify_replica(vm_id)
+
+
 @pytest.mark.parametrize("damage", ["missing", "unreadable"])
 def test_a_missing_or_unreadable_state_is_refused(tmp_path: Path, damage: str) -> None:
     site, vm_id = _protected_site(tmp_path, disks=[("disk0", "8M", "raw")])
