@@ -184,6 +184,7 @@ HEALTH_FIELDS: list[Column] = [
     ("RPO warning", lambda r: _seconds(r, "rpo_warning_s")), ("RPO critical", lambda r: _seconds(r, "rpo_critical_s")),
     ("last replicated", "last_replicated_at"), ("last point", "last_recovery_point_at"),
     ("recovery points", "recovery_points"), ("next delta", "next_delta_at"),
+    ("next consistency check", "next_consistency_check_at"),
     ("resync reason", "resync_required_reason"), ("resync at", "resync_scheduled_for"),
     ("active job", _active_job),
 ]

@@ -1,6 +1,6 @@
 """The replication policy verbs of `asr`: copy frequency, recovery point retention, app-consistent
-snapshots, when initial replication starts, the office hours automatic resync keeps out of, and the RPO
-thresholds of health.
+snapshots, when initial replication starts, the office hours automatic resync keeps out of, the RPO
+thresholds of health, and how often consistency checks run.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from api.cli_service import _command, _OpGroup, _service
 
 @main.group(cls=_OpGroup)
 def policy():
-    """Replication policies: copy frequency, retention, app-consistent snapshots, office hours, RPO thresholds."""
+    """Replication policies: copy frequency, retention, app-consistent snapshots, office hours, RPO thresholds,
+    consistency checks."""
 
 
 def _office_hours(value: str | None) -> tuple[time_of_day, time_of_day] | None:
@@ -61,11 +62,16 @@ def _office_days(value: str | None) -> list[int | str] | None:
               help="RPO from which a protected VM is Warning (default 2x the copy frequency).")
 @click.option("--rpo-critical", type=click.IntRange(1), default=None, metavar="SECONDS",
               help="RPO from which a protected VM is Critical (default 4x the copy frequency).")
+@click.option("--consistency-check-hours", type=click.IntRange(0, 168), default=None,
+              help="Hours between consistency checks of each VM, 0 for none (default 24).")
+@click.option("--consistency-check-anytime", is_flag=True, default=False,
+              help="Run scheduled consistency checks in office hours too (default: only outside them).")
 @json_option
 def policy_add(name: str, copy_frequency: str | None, retention_hours: int | None,
                app_consistent_hours: int | None, initial_replication_at: str | None, office_hours: str | None,
                office_days: str | None, office_timezone: str | None, rpo_warning: int | None,
-               rpo_critical: int | None, as_json: bool):
+               rpo_critical: int | None, consistency_check_hours: int | None, consistency_check_anytime: bool,
+               as_json: bool):
     """Create replication policy NAME; options left out take their defaults."""
     options: dict[str, Any] = {
         "copy_frequency_s": int(copy_frequency) if copy_frequency else None,
@@ -77,6 +83,8 @@ def policy_add(name: str, copy_frequency: str | None, retention_hours: int | Non
         "office_timezone": office_timezone,
         "rpo_warning_s": rpo_warning,
         "rpo_critical_s": rpo_critical,
+        "consistency_check_interval_h": consistency_check_hours,
+        "consistency_check_off_hours": False if consistency_check_anytime else None,
     }
     result = _service().add_policy(name, **{k: v for k, v in options.items() if v is not None})
     if as_json:
@@ -105,7 +113,8 @@ POLICY_FIELDS: list[Column] = [
     ("retention (h)", "recovery_point_retention_h"), ("app-consistent (h)", "app_consistent_frequency_h"),
     ("initial replication", "initial_replication_at"), ("office hours", _hours), ("office days", _days),
     ("timezone", "office_timezone"), ("RPO warning (s)", "rpo_warning_s"), ("RPO critical (s)", "rpo_critical_s"),
-    ("protected VMs", "protected_vms"),
+    ("consistency check (h)", "consistency_check_interval_h"),
+    ("check off-hours only", "consistency_check_off_hours"), ("protected VMs", "protected_vms"),
 ]
 POLICY_COLUMNS: list[Column] = [("name", "name"), ("copy s", "copy_frequency_s"),
                                 ("retention h", "recovery_point_retention_h"),

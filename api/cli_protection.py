@@ -46,6 +46,14 @@ def resync(vm_name: str):
     return _service().resync(vm_name)
 
 
+@_job_command(main, "check")
+@click.argument("vm_name", metavar="VM")
+def check(vm_name: str):
+    """Check VM's replicas against its disks at the same generation, byte for byte through checksums;
+    report drifted chunks (VM turns Warning) and resynchronize only those (a job)."""
+    return _service().consistency_check(vm_name)
+
+
 @main.command("points", cls=_OpCommand)
 @click.argument("vm_name", metavar="VM")
 @json_option

@@ -235,6 +235,9 @@ class SiteRecoveryClient:
     def resync(self, vm: str) -> JobRef:
         return self._vm_action(vm, "resync")
 
+    def consistency_check(self, vm: str) -> JobRef:
+        return self._vm_action(vm, "consistency-check")
+
     def recovery_points(self, vm: str) -> list[dict[str, Any]]:
         segment, query = self._vm(vm)
         return self._get(f"/vms/{segment}/recovery-points", **query)

@@ -210,13 +210,20 @@ def initial_copy(
     return state
 
 
-def ship_pending_logs(tracker: ReplicationTracker, replica: ReplicaDisk) -> list[int]:
+def ship_pending_logs(
+    tracker: ReplicationTracker, replica: ReplicaDisk, *, applied_generation: int | None = None,
+) -> list[int]:
     """Upload the sealed logs not yet on the recovery side; return the generations uploaded.
 
-    A log that is already there is not uploaded again (a redelivered step costs nothing)."""
+    `applied_generation` is what the replica holds as the caller knows it (the workflows pass the
+    database's record, checked against the recovery side's state: datapath.statecheck); without it the
+    recovery side's state is taken at its word. A log that is already there is not uploaded again (a
+    redelivered step costs nothing)."""
     already = set(replica.shipped_generations())
-    state = replica.load_state()
-    applied = state.applied_generation if state else 0
+    if applied_generation is None:
+        state = replica.load_state()
+        applied_generation = state.applied_generation if state else 0
+    applied = applied_generation
     shipped = []
     for log in tracker.pending_logs():
         if log.generation <= applied or log.generation in already:
@@ -237,6 +244,8 @@ class ApplyReport:
     """The replica's version after the call (one more per log applied)."""
     manifest_root: str = ""
     """Root of that version's manifest."""
+    applied_generation: int = 0
+    """The replica's generation after the call."""
 
 
 def apply_shipped_logs(replica: ReplicaDisk, *, disk_name: str = "") -> ApplyReport:
@@ -298,6 +307,7 @@ def apply_shipped_logs(replica: ReplicaDisk, *, disk_name: str = "") -> ApplyRep
         report.data_bytes += applied.data_bytes
     report.version = state.version
     report.manifest_root = state.manifest_root or ""
+    report.applied_generation = state.applied_generation
     report.seconds = time.monotonic() - started
     return report
 
@@ -364,7 +374,8 @@ def _rehashed(replica: ReplicaDisk, previous: Manifest | None, ranges: list[Rang
 
 
 def acknowledge_applied(tracker: ReplicationTracker, replica: ReplicaDisk) -> int:
-    """Delete on the host the sealed logs the recovery side has applied; return that generation."""
+    """Delete on the host the sealed logs the recovery side's state says are applied; return that
+    generation. (The workflows acknowledge what the database records as applied instead.)"""
     state = replica.load_state()
     if state is None or not state.initial_copy_done:
         return 0
@@ -506,7 +517,7 @@ def resynchronize(
 
             record_undo(replica, state, version, recorder.ranges(), keep_chunk=keep_chunk,
                         chunk_size=result.target_manifest.chunk_size)
-        _copy_ranges(source, target, recorder)
+        copy_recorded(source, target, recorder)
     finally:
         source.close()
         target.close()
@@ -537,7 +548,7 @@ def resynchronize(
     )
 
 
-def _copy_ranges(source: DiskEndpoint, target: DiskEndpoint, recorded: RecordingTarget) -> None:
+def copy_recorded(source: DiskEndpoint, target: DiskEndpoint, recorded: RecordingTarget) -> None:
     """Carry out on `target` what the sync recorded: the data ranges copied from `source`, the zero
     ranges cleared."""
     data = [(start, end - start) for start, end in merge_ranges(

@@ -1,5 +1,5 @@
-"""sqlmodel tables: the durable state of sites, hosts, VMs, protected items, failovers, recovery plans, jobs and job
-steps.
+"""sqlmodel tables: the durable state of sites, hosts, VMs, protected items, what the recovery side
+holds of each disk, failovers, recovery plans, jobs and job steps.
 
 Importing this package registers every table on `SQLModel.metadata` (what `models.db.init_db` creates).
 """
@@ -29,6 +29,7 @@ from .protection import (
     RecoveryPointKind,
     ReplicationState,
 )
+from .replicas import ReplicaRecord
 
 __all__ = [
     "get_engine", "init_db", "session_scope", "dispose_engines",
@@ -39,4 +40,5 @@ __all__ = [
     "RecoveryPlan", "PlanError", "PlanNotFoundError", "PlanOperation",
     "ProtectedItem", "RecoveryPoint", "ReplicationState", "Health", "RecoveryPointKind", "InvalidStateError",
     "ApiKey", "ApiKeyNotFoundError",
+    "ReplicaRecord",
 ]

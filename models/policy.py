@@ -1,7 +1,8 @@
 """Replication policies: how often changes are copied, how long recovery points are kept, when initial
-replication starts, when automatic resynchronization may run (outside office hours, as the
-reference does, so a resync's read load does not hit users), and the RPO that turns health Warning or
-Critical."""
+replication starts, when automatic resynchronization may run (outside office hours, as the reference
+does, so a resync's read load does not hit users), the RPO that turns health Warning or Critical, and how
+often the end-to-end consistency check compares every replica with its source (outside office hours by
+default: it reads every disk whole)."""
 from collections.abc import Iterable
 from datetime import UTC, datetime, time, timedelta, tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -32,6 +33,8 @@ DEFAULT_OFFICE_DAYS = (0, 1, 2, 3, 4)
 RPO_WARNING_FACTOR = 2
 RPO_CRITICAL_FACTOR = 4
 MAX_RPO_THRESHOLD_S = 7 * 24 * 3600
+DEFAULT_CONSISTENCY_CHECK_H = 24
+MAX_CONSISTENCY_CHECK_H = 24 * 7
 
 
 class ReplicationPolicy(SQLModel, table=True):
@@ -55,6 +58,10 @@ class ReplicationPolicy(SQLModel, table=True):
     """The RPO (seconds) from which a replicating item is Warning; None: RPO_WARNING_FACTOR × copy frequency."""
     rpo_critical_s: int | None = Field(default=None)
     """The RPO (seconds) from which it is Critical; None: RPO_CRITICAL_FACTOR × copy frequency."""
+    consistency_check_interval_h: int = Field(default=DEFAULT_CONSISTENCY_CHECK_H)
+    """Hours between end-to-end consistency checks of each protected VM; 0 turns them off."""
+    consistency_check_off_hours: bool = Field(default=True)
+    """Scheduled consistency checks wait for the end of office hours (they read every disk whole)."""
     created_at: datetime = Field(default_factory=clock_now, sa_type=UtcDateTime)
 
     def rpo_thresholds_s(self) -> tuple[int, int]:
@@ -92,13 +99,17 @@ def create_policy(
     office_timezone: str = "UTC",
     rpo_warning_s: int | None = None,
     rpo_critical_s: int | None = None,
+    consistency_check_interval_h: int = DEFAULT_CONSISTENCY_CHECK_H,
+    consistency_check_off_hours: bool = True,
 ) -> ReplicationPolicy:
     """A new replication policy, validated (ValueError naming the policy and the setting; nothing written).
 
     `initial_replication_at`: None to start at once, or a moment at most 24 h ahead.
     `office_days`: weekday numbers (0 = Monday) or names ("mon" or "monday" .. "sun" or "sunday").
     `rpo_warning_s`, `rpo_critical_s`: RPO thresholds in seconds, None for 2× and 4× the copy frequency;
-    the copy frequency < warning < critical."""
+    the copy frequency < warning < critical.
+    `consistency_check_interval_h`: hours between scheduled consistency checks (0: none), run only outside
+    office hours unless `consistency_check_off_hours` is False."""
     validate_name(name, "replication policy")
     where = f"replication policy {name!r}"
     _check_choice(where, "copy frequency (seconds)", copy_frequency_s, COPY_FREQUENCIES_S)
@@ -116,6 +127,11 @@ def create_policy(
     days = _check_office_days(where, office_days)
     _zone_or_error(where, office_timezone)
     _check_rpo_thresholds(where, copy_frequency_s, rpo_warning_s, rpo_critical_s)
+    _check_range(where, "consistency check interval (hours)", consistency_check_interval_h, 0,
+                 MAX_CONSISTENCY_CHECK_H)
+    if not isinstance(consistency_check_off_hours, bool):
+        raise ValueError(f"{where}: consistency_check_off_hours must be true or false, got "
+                         f"{consistency_check_off_hours!r}")
     if session.exec(select(ReplicationPolicy).where(ReplicationPolicy.name == name)).first() is not None:
         raise ValueError(f"{where} already exists")
     policy = ReplicationPolicy(
@@ -123,6 +139,8 @@ def create_policy(
         app_consistent_frequency_h=app_consistent_frequency_h, initial_replication_at=start_at,
         office_hours_start=start, office_hours_end=end, office_days=days, office_timezone=office_timezone,
         rpo_warning_s=rpo_warning_s, rpo_critical_s=rpo_critical_s,
+        consistency_check_interval_h=consistency_check_interval_h,
+        consistency_check_off_hours=consistency_check_off_hours,
     )
     session.add(policy)
     session.flush()

@@ -157,6 +157,9 @@ class ProtectedItem(SQLModel, table=True):
     host keeps its replicas (reverse replication then sends only what differs)."""
     initial_replication_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     """When a scheduled initial replication starts (state initial_replication_pending); None otherwise."""
+    next_consistency_check_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    """When the scheduler starts the next consistency check (the policy's interval after the last one);
+    None until the scheduler first sees the item protected."""
     created_at: datetime = Field(default_factory=clock_now, sa_type=UtcDateTime)
     updated_at: datetime = Field(
         default_factory=clock_now, sa_type=UtcDateTime, sa_column_kwargs={"onupdate": clock_now}
@@ -202,7 +205,7 @@ def protect_vm(
         item.policy_id, item.recovery_storage, item.storage_options = policy.id, recovery_storage, options
         item.health, item.health_errors = Health.HEALTHY, []
         item.last_recovery_point_at = item.last_replicated_at = item.next_delta_at = None
-        item.initial_replication_at = None
+        item.initial_replication_at = item.next_consistency_check_at = None
         item.resync_required_reason = item.resync_scheduled_for = None
         item.unsent_ratio = 0.0
     else:

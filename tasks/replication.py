@@ -23,7 +23,6 @@ from datapath.errors import DiskNotFoundError, LogCorruptError, LogOutOfSequence
 from datapath.points import prune_versions
 from datapath.replication import (
     ReplicaDisk,
-    acknowledge_applied,
     apply_shipped_logs,
     initial_copy,
     resynchronize,
@@ -48,6 +47,17 @@ from sites.host import Host as HostDriver
 from sites.host import QuiesceError
 from sites.storage import open_storage
 from sites.storage.base import RecoveryStorage
+from tasks.replica_records import (
+    RESYNC_REQUIRED_CODE,
+    checked_state,
+    delete_records,
+    record_shipped,
+    record_state,
+    record_values,
+    recorded_applied_generation,
+    require_resync_of,
+    restore_recorded_state,
+)
 from worker import app
 from workflows import actions as A
 from workflows import clock, rpo, scheduler
@@ -58,7 +68,6 @@ from workflows.retry import is_recoverable
 MIB = 1024 * 1024
 MAX_OS_DISK_BYTES = 2 * 1024**4
 MAX_DATA_DISK_BYTES = 4 * 1024**4
-RESYNC_REQUIRED_CODE = "resync_required"
 APP_CONSISTENCY_CODE = "app_consistency_failed"
 
 
@@ -232,6 +241,7 @@ def copy_disk(ctx: StepContext, *, item_id: str, disk_id: str) -> dict[str, Any]
         # Where this run started: the checkpoint an earlier run (crashed, poisoned, redelivered) left.
         resumed_from = before.copy_checkpoint if before is not None and not before.initial_copy_done else 0
         state = initial_copy(tracker, replica, on_progress=ctx.progress)
+    record_state(ctx, item_id, disk, replica.name, state, resynchronized=True)
     ctx.progress(state.size, state.size)
     return {"bytes": state.size, "applied_generation": state.applied_generation, "resumed_from": resumed_from}
 
@@ -251,17 +261,23 @@ def resync_disk(ctx: StepContext, *, item_id: str, disk_id: str) -> dict[str, An
     view = _load(ctx, item_id)
     disk = view.disk(disk_id)
     with _storage(view) as storage, _tracker(view, disk.name) as tracker:
-        report = resynchronize(tracker, replica_of(view, storage, disk.name), on_progress=ctx.progress)
+        replica = replica_of(view, storage, disk.name)
+        restored = restore_recorded_state(ctx, item_id, disk, replica, disk_id=tracker.disk_id.hex(),
+                                          size=tracker.disk_size)
+        report = resynchronize(tracker, replica, on_progress=ctx.progress)
+    # From what the resync did, not from the recovery side's state: this is what makes them agree again.
+    record_values(ctx, item_id, disk, replica.name, applied_generation=report.first_generation - 1,
+                  version=report.version, manifest_root=report.manifest_root, resynchronized=True)
     return {
         "bytes_sent": report.bytes_sent, "bytes_zeroed": report.bytes_zeroed, "blocks_sent": report.blocks_sent,
         "chunks_compared": report.chunks_compared, "chunks_sent": report.chunks_sent,
-        "first_generation": report.first_generation,
+        "first_generation": report.first_generation, "state_restored_from_database": restored,
     }
 
 
 # ---- merging logs ------------------------------------------------------------------------------------
 @item_action(A.SHIP_LOGS)
-def ship_logs(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
+def ship_logs(ctx: StepContext, *, item_id: str, seal: bool = True) -> dict[str, Any]:
     """Seal every disk's log (also a disk without writes: all disks advance together into one recovery
     point), then upload every sealed log not yet shipped. All seals come before any upload, so the disks'
     logs end as close together in time as the trackers allow. When the policy's app-consistent frequency
@@ -270,18 +286,27 @@ def ship_logs(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
 
     The point's time is the database's clock just before the seals (`sealed_at`), never this host's: every
     write made before it is in the point, so the RPO measured from it is never under-stated, and a host
-    clock that is off changes nothing."""
+    clock that is off changes nothing. `seal=False` ships only the logs sealed already: the consistency
+    check brings the replica to the generation its snapshot sealed, and no further."""
     view = _load(ctx, item_id)
     disks: dict[str, dict[str, Any]] = {}
     with ctx.session() as session:
         sealed_at = database_now(session)
-    app_consistent = _app_consistent_due(view, sealed_at)
+    app_consistent = seal and _app_consistent_due(view, sealed_at)
     quiesce_error = None
     with ExitStack() as stack:
+        storage = stack.enter_context(_storage(view))
+        replicas = {disk.name: replica_of(view, storage, disk.name) for disk in view.disks}
+        # Before anything is sealed or sent: a recovery side whose state disagrees with the database would
+        # have logs skipped, or applied onto the wrong bytes.
+        applied = {disk.name: checked_state(ctx, item_id, disk, replicas[disk.name]).applied_generation
+                   for disk in view.disks}
         trackers = {disk.name: stack.enter_context(_tracker(view, disk.name)) for disk in view.disks}
         # Measured before sealing: what piled up since the last cycle.
         unsent = {name: tracker.unsent_ratio() for name, tracker in trackers.items()}
-        if app_consistent:
+        if not seal:
+            sealed = {name: None for name in trackers}
+        elif app_consistent:
             try:
                 with _driver(view).quiesce(view.vm.name):
                     sealed = {name: tracker.seal().generation for name, tracker in trackers.items()}
@@ -290,9 +315,10 @@ def ship_logs(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
                 sealed = {name: tracker.seal().generation for name, tracker in trackers.items()}
         else:
             sealed = {name: tracker.seal().generation for name, tracker in trackers.items()}
-        storage = stack.enter_context(_storage(view))
         for done, disk in enumerate(view.disks):
-            shipped = ship_pending_logs(trackers[disk.name], replica_of(view, storage, disk.name))
+            shipped = ship_pending_logs(trackers[disk.name], replicas[disk.name],
+                                        applied_generation=applied[disk.name])
+            record_shipped(ctx, item_id, disk, shipped)
             disks[disk.disk_uuid] = {"name": disk.name, "unsent_ratio": unsent[disk.name],
                                      "sealed": sealed[disk.name], "shipped": shipped}
             ctx.progress(done + 1, len(view.disks))
@@ -326,16 +352,18 @@ def apply_logs(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
         replicas = {disk.disk_uuid: replica_of(view, storage, disk.name) for disk in view.disks}
         for done, disk in enumerate(view.disks):
             replica = replicas[disk.disk_uuid]
+            checked_state(ctx, item_id, disk, replica)
             try:
                 report = apply_shipped_logs(replica, disk_name=f"{view.vm.name}/{disk.name}")
             except (LogCorruptError, LogOutOfSequenceError) as broken:
-                _require_resync(ctx, item_id, f"disk {disk.name}: {broken}")
+                require_resync_of(ctx, item_id, f"disk {disk.name}: {broken}")
                 raise
+            record_values(ctx, item_id, disk, replica.name, applied_generation=report.applied_generation,
+                          version=report.version, manifest_root=report.manifest_root)
             applied[disk.name] = report.applied
-            state = replica.load_state()
-            generations[disk.disk_uuid] = state.applied_generation
-            versions[disk.disk_uuid] = state.version
-            roots[disk.disk_uuid] = state.manifest_root
+            generations[disk.disk_uuid] = report.applied_generation
+            versions[disk.disk_uuid] = report.version
+            roots[disk.disk_uuid] = report.manifest_root
             ctx.progress(done + 1, len(view.disks))
         shipped = _ship_step(ctx.job_id).result or {}
         app_consistent = bool(shipped.get("app_consistent"))
@@ -365,13 +393,6 @@ def apply_logs(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
             "kind": str(kind), "pruned": len(pruned), "pruned_versions": pruned_versions}
 
 
-def _require_resync(ctx: StepContext, item_id: str, reason: str) -> None:
-    with ctx.session() as session:
-        view = load_item(session, item_id)
-        require_resync(session, view.item, reason, view.policy)
-        mark_warning(session, view.item, RESYNC_REQUIRED_CODE, f"resynchronization required: {reason}")
-
-
 def _ship_step(job_id: str) -> JobStep:
     with session_scope() as session:
         step = session.exec(select(JobStep).where(
@@ -383,13 +404,19 @@ def _ship_step(job_id: str) -> JobStep:
 
 @item_action(A.ACKNOWLEDGE_LOGS)
 def acknowledge_logs(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
-    """Delete on the host the logs the recovery side has applied (its own state says which)."""
+    """Delete on the host the logs the database records as applied to the replica, and only those: the
+    recovery side's own state is not trusted to say so (a wrong one would have the host delete writes
+    the replica never received)."""
     view = _load(ctx, item_id)
     acknowledged = {}
-    with _storage(view) as storage:
-        for disk in view.disks:
-            with _tracker(view, disk.name) as tracker:
-                acknowledged[disk.name] = acknowledge_applied(tracker, replica_of(view, storage, disk.name))
+    for disk in view.disks:
+        generation = recorded_applied_generation(ctx, item_id, disk)
+        if generation is None:
+            acknowledged[disk.name] = 0
+            continue
+        with _tracker(view, disk.name) as tracker:
+            tracker.acknowledge(generation)
+        acknowledged[disk.name] = generation
     return {"acknowledged": acknowledged}
 
 
@@ -482,6 +509,7 @@ def remove_replicas(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     with ctx.session() as session:
         for point in session.exec(select(RecoveryPoint).where(RecoveryPoint.item_id == item_id)).all():
             session.delete(point)
+        delete_records(session, item_id)
     return {"removed": removed}
 
 

@@ -243,6 +243,7 @@ def test_protect_and_drill_through_the_api(deployment: Deployment) -> None:
         policy = client.add_policy("quiet", copy_frequency_s=900, office_hours=["00:00", "23:59"],
                                    office_days=["mon", "tue", "wed", "thu", "fri", "sat", "sun"])
         assert policy["copy_frequency_s"] == 900
+        assert policy["consistency_check_interval_h"] == 24 and policy["consistency_check_off_hours"] is True
 
         # Submitting answers 202 at once, with the job id and where to follow it.
         response = httpx.post(f"{deployment.url}/api/v1/vms/web01/protect", headers={"X-API-Key": deployment.key},
@@ -268,6 +269,15 @@ def test_protect_and_drill_through_the_api(deployment: Deployment) -> None:
         assert shown["state"] == "protected"
         assert [d["replica"] for d in shown["disks"]] == ["host1/web01/disk0.vhd", "host1/web01/disk1.vhd"]
 
+        # The end-to-end consistency check: every chunk of both disks compared, none drifted, nothing sent.
+        check = client.consistency_check("web01")
+        assert check["kind"] == "consistency_check"
+        follow(client, check["job_id"])
+        checked = [step["result"] for step in client.show_job(check["job_id"])["steps"]
+                   if step["name"].startswith("Check disk")]
+        assert [(r["disk"], r["chunks_compared"], r["drifted_chunks"], r["bytes_sent"]) for r in checked] == [
+            ("disk0", 8, [], 0), ("disk1", 4, [], 0)]
+
         # A drill through the API, followed as events; the report says the disks were verified.
         drill = client.test_failover("web01")
         assert drill["kind"] == "test_failover"
@@ -281,7 +291,7 @@ def test_protect_and_drill_through_the_api(deployment: Deployment) -> None:
         assert all(d["test_path"] is None for d in client.show_vm("web01")["disks"])
 
         assert [j["kind"] for j in client.list_jobs(vm="web01")] == ["test_failover_cleanup", "test_failover",
-                                                                      "enable_protection"]
+                                                                      "consistency_check", "enable_protection"]
         api_error(lambda: client.cancel_job(drill["job_id"]), 409, "already ended")
         api_error(lambda: client.restart_job(drill["job_id"]), 409, "only a failed or cancelled job")
         api_error(lambda: client.commit_failover("web01"), 409, "nothing to commit")

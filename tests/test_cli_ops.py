@@ -188,7 +188,7 @@ def test_every_verb_has_help():
     walk(main, [])
     for verb in ("site add", "site list", "site show", "host add", "host list", "host show", "vm add", "vm list",
                  "vm show", "network add", "network list", "network show", "policy add", "policy list",
-                 "policy show", "protect", "unprotect", "resync", "failover test", "failover cleanup",
+                 "policy show", "protect", "unprotect", "resync", "check", "failover test", "failover cleanup",
                  "failover planned", "failover unplanned", "failover complete", "failover commit",
                  "failover cancel", "failback", "reverse", "plan create", "plan show", "plan list",
                  "plan failover", "plan resume", "points", "verify", "health", "jobs list", "jobs show",

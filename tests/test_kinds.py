@@ -21,6 +21,7 @@ from workflows.items import DiskRef, ItemRequest
 from workflows.jobkind import KINDS, JobKind, NotRestartableError, kind_named, restart, stage_actions
 from workflows.kinds import (
     cancel_failover,
+    consistency_check,
     delta_replication,
     disable_protection,
     enable_protection,
@@ -69,7 +70,7 @@ def failback_request(mode: str, complete: bool = False, disks=ONE_DISK, label=No
 # ---- the catalog ---------------------------------------------------------------------------------------
 def test_every_catalog_action_has_its_code_and_every_registered_action_is_in_the_catalog():
     product = {value for name, value in vars(A).items() if name.isupper() and isinstance(value, str)}
-    assert product <= A.CATALOG and len(product) == 47
+    assert product <= A.CATALOG and len(product) == 49
     assert product - set(registered_actions) == set(), "every product action has its code in tasks/"
     assert set(registered_actions) - A.CATALOG == set(), "no code runs under a name the catalog lacks"
 
@@ -81,7 +82,7 @@ def test_every_product_kind_is_declared_with_the_engine_and_uses_only_catalog_ac
         "test_failover", "test_failover_cleanup", "planned_failover", "unplanned_failover", "cancel_failover",
         "commit_failover", "failback", "failback_completion", "cancel_failback", "commit_failback",
         "reverse_replication", "verify_recovery_point", "plan_test_failover", "plan_planned_failover",
-        "plan_unplanned_failover", "plan_failback",
+        "plan_unplanned_failover", "plan_failback", "consistency_check",
     }
     for name, kind in KINDS.items():
         assert declared_kinds[name] == kind.actions
@@ -124,6 +125,7 @@ REPRESENTATIVE = [
     (failback.KIND, failback_request("full_download", disks=THREE_DISKS)),
     (verify_recovery_point.KIND, verify_recovery_point.VerifyRequest(*vars(item(THREE_DISKS)).values(),
                                                                       point_id="p-1")),
+    (consistency_check.KIND, item(THREE_DISKS)),
 ]
 
 
@@ -170,6 +172,21 @@ def test_delta_cycle_and_resync_shapes():
                                                  "Resynchronize disk disk2"]
     assert actions_of(reverse_replication.build(item()))[0] == [A.BEGIN_REVERSE]
     assert actions_of(reverse_replication.build(item()))[1:] == actions_of(resynchronize.build(item()))
+
+
+def test_consistency_check_brings_the_replica_to_the_snapshot_then_checks_every_disk_in_parallel():
+    stages = consistency_check.build(item(THREE_DISKS))
+    assert actions_of(stages) == [
+        [A.DELETE_SNAPSHOT], [A.SNAPSHOT_VM], [A.SHIP_LOGS], [A.APPLY_LOGS], [A.ACKNOWLEDGE_LOGS],
+        [A.CHECK_DISK] * 3, [A.DELETE_SNAPSHOT], [A.FINISH_CHECK],
+    ]
+    # No seal after the snapshot's: the replica stops at the generation the snapshot holds.
+    assert stages[2][0].params["seal"] is False and stages[1][0].params["enter_state"] is None
+    assert [(step.name, step.queue, step.params["disk_id"]) for step in stages[5]] == [
+        ("Check disk disk0", "host.hv1", "d0"), ("Check disk disk1", "host.hv1", "d1"),
+        ("Check disk disk2", "host.hv1", "d2")]
+    assert stages[-1][0].queue == ORCHESTRATION_QUEUE
+    assert consistency_check.KIND.starts_from == (S.PROTECTED,) and consistency_check.KIND.recovery == "restart"
 
 
 def test_failover_kinds_differ_only_where_the_primary_is_involved():

@@ -471,6 +471,10 @@ def test_policy_validation(engine: Engine) -> None:
         ({"office_days": [0, "monday"]}, "repeat a weekday"),
         ({"office_days": "mon-fri"}, "list of weekdays"),
         ({"office_timezone": "Mars/Olympus"}, "unknown office time zone 'Mars/Olympus'"),
+        ({"consistency_check_interval_h": 169}, "consistency check interval \\(hours\\) must be a whole number from 0 "
+                                                 "to 168, got 169"),
+        ({"consistency_check_interval_h": -1}, "consistency check interval"),
+        ({"consistency_check_off_hours": "yes"}, "consistency_check_off_hours must be true or false"),
     ]
     for settings, message in cases:
         with pytest.raises(ValueError, match=message) as raised:
@@ -483,11 +487,16 @@ def test_policy_validation(engine: Engine) -> None:
         policy = policies.create_policy(
             session, "gold", copy_frequency_s=30, recovery_point_retention_h=24, app_consistent_frequency_h=12,
             initial_replication_at=start_at, office_days=["Sat", "sunday", 2], office_timezone="Europe/Berlin",
+            consistency_check_interval_h=0,
         )
+        default = policies.create_policy(session, "silver")
     with session_scope(engine) as session:
         stored = session.get(ReplicationPolicy, policy.id)
         assert stored.initial_replication_at == start_at.replace(microsecond=start_at.microsecond)
         assert stored.office_days == [2, 5, 6]
+        assert (stored.consistency_check_interval_h, stored.consistency_check_off_hours) == (0, True)
+        stored = session.get(ReplicationPolicy, default.id)
+        assert (stored.consistency_check_interval_h, stored.consistency_check_off_hours) == (24, True)
 
 
 def test_office_hours_and_resync_slots_across_a_weekend(engine: Engine) -> None:
@@ -816,3 +825,24 @@ def test_item_lock_is_taken_by_exactly_one_of_several_processes(engine: Engine, 
     assert sorted(outcomes) == ["lost"] * 3 + ["won"]
     with session_scope(engine) as session:
         assert session.get(JobLock, key).job_id == job_ids[outcomes.index("won")]
+
+
+# ---- what the recovery side holds -----------------------------------------------------------------------
+def test_replica_records_one_per_disk_of_an_item(engine: Engine) -> None:
+    from models.replicas import ReplicaRecord, replica_record, replica_records
+
+    with session_scope(engine) as session:
+        item = make_item(session)
+        first = replica_record(session, item.id, "6c3a0d6e5d2b4f0e9a1b2c3d4e5f6a7b", "hv01/app01/disk0.vhd")
+        first.initial_copy_done, first.applied_generation, first.version = True, 7, 3
+        assert replica_record(session, item.id, "6c3a0d6e5d2b4f0e9a1b2c3d4e5f6a7b", "ignored") is first
+        replica_record(session, item.id, "00000000000000000000000000000001", "hv01/app01/disk1.vhd")
+    with session_scope(engine) as session:
+        records = replica_records(session, item.id)
+        assert [(r.replica_name, r.applied_generation, r.version, r.initial_copy_done) for r in records] == [
+            ("hv01/app01/disk0.vhd", 7, 3, True), ("hv01/app01/disk1.vhd", 0, 0, False)]
+    # One row per disk of an item, whatever the callers do.
+    with pytest.raises(sa.exc.IntegrityError):
+        with session_scope(engine) as session:
+            session.add(ReplicaRecord(item_id=item.id, disk_uuid="00000000000000000000000000000001",
+                                      replica_name="again"))

@@ -141,6 +141,13 @@ def test_replication_kinds_poisoned_and_recovered(tmp_path: Path) -> None:
         job = drill.poisoned("resynchronize", "replication.resync_disk", lambda: service.resync("app01")["job_id"])
         drill.recovered(job, "resumed")
         drill.healthy(vm_id, "protected")
+        # A consistency check poisoned while it compares a disk (its snapshot left behind): run again, it
+        # discards that snapshot first and ends Healthy.
+        job = drill.poisoned("consistency_check", "consistency.check_disk",
+                             lambda: service.consistency_check("app01")["job_id"])
+        assert site.item(vm_id)["health"] == "Critical"
+        drill.recovered(job, "restarted")
+        drill.healthy(vm_id, "protected")
         site.final_cycle(vm_id)
         site.verify_replica(vm_id)
 
@@ -308,7 +315,8 @@ def test_every_job_kind_has_a_poison_drill() -> None:
                "initial_replication", "disable_protection", "test_failover", "test_failover_cleanup",
                "planned_failover", "cancel_failover", "commit_failover", "failback", "cancel_failback",
                "failback_completion", "commit_failback", "reverse_replication", "unplanned_failover",
-               "plan_test_failover", "plan_planned_failover", "plan_failback", "plan_unplanned_failover"}
+               "plan_test_failover", "plan_planned_failover", "plan_failback", "plan_unplanned_failover",
+               "consistency_check"}
     source = Path(__file__).read_text()
     for kind in drilled:
         assert f'drill.poisoned("{kind}"' in source, kind

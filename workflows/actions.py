@@ -5,7 +5,8 @@ step names an action its kind did not declare. The code of each action is in `ta
 `@action(NAME)` under the same constant), and a unit test checks that every name here has its code and
 that every registered action is in the catalog. Each name's prefix says where its code lives:
 `replication.*` in tasks/replication.py, `failover.*` in tasks/failover.py, `failback.*` in
-tasks/failback.py, `points.*` in tasks/points.py, `plan.*` in tasks/plans.py.
+tasks/failback.py, `points.*` in tasks/points.py, `consistency.*` in tasks/consistency.py, `plan.*` in
+tasks/plans.py.
 """
 from __future__ import annotations
 
@@ -70,6 +71,10 @@ BEGIN_REVERSE = declare("failback.begin_reverse_replication")
 
 # ---- recovery points (tasks/points.py) ----------------------------------------------------------------
 VERIFY_POINT = declare("points.verify")
+
+# ---- consistency checks (tasks/consistency.py) -----------------------------------------------------------
+CHECK_DISK = declare("consistency.check_disk")
+FINISH_CHECK = declare("consistency.finish")
 
 # ---- recovery plans (tasks/plans.py) -------------------------------------------------------------------
 RUN_SCRIPT = declare("plan.script")

@@ -169,6 +169,7 @@ def item_status(item_id: str) -> dict[str, Any]:
         "last_recovery_point_at": _iso(item.last_recovery_point_at),
         "recovery_points": points,
         "next_delta_at": _iso(item.next_delta_at),
+        "next_consistency_check_at": _iso(item.next_consistency_check_at),
         "active_job": None if holder is None else {"id": holder.id, "kind": holder.kind,
                                                    "state": holder.state.value},
     }

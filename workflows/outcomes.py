@@ -8,6 +8,7 @@ from __future__ import annotations
 from sqlmodel import Session
 
 from datapath.errors import LogCorruptError, LogOutOfSequenceError
+from datapath.statecheck import ReplicaStateMismatchError
 from models.failover import FailoverRecord, FailoverStatus
 from models.jobs import Job
 from models.policy import ReplicationPolicy
@@ -15,9 +16,11 @@ from models.protection import ProtectedItem, ReplicationState, mark_critical, ma
 from workflows import clock
 
 # A job failing with one of these has already marked its item resync_required (Warning, with the reason):
-# the item is not Critical, a resync heals it.
+# the item is not Critical, a resync heals it. A broken log chain, or a recovery-side state the database's
+# record refutes (datapath.statecheck).
 RESYNC_ERROR_CLASSES = frozenset(
-    f"{cls.__module__}.{cls.__qualname__}" for cls in (LogCorruptError, LogOutOfSequenceError)
+    f"{cls.__module__}.{cls.__qualname__}"
+    for cls in (LogCorruptError, LogOutOfSequenceError, ReplicaStateMismatchError)
 )
 
 

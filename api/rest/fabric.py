@@ -60,6 +60,10 @@ class PolicyIn(_Body):
                                                         "frequency")
     rpo_critical_s: int | None = Field(None, description="RPO (s) from which a VM is Critical; default 4x the copy "
                                                          "frequency")
+    consistency_check_interval_h: int | None = Field(
+        None, description="Hours between scheduled consistency checks, 0 (off) to 168; default 24")
+    consistency_check_off_hours: bool | None = Field(
+        None, description="Scheduled consistency checks wait for the end of office hours (default true)")
 
 
 # ---- routes ------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Routes of protection and failover: enable, disable, resync, recovery points and verification of a VM; its
+"""Routes of protection and failover: enable, disable, resync, consistency check, recovery points and
+verification of a VM; its
 drills, failovers, commit and cancel, failback and reverse replication; the health of every protected VM.
 
 The VM itself (GET /vms/{vm}, a fabric route) is routed here, after the GET routes under it: its `{vm:path}`
@@ -69,6 +70,12 @@ def disable_protection(vm: str, response: Response, host: HostQuery = None) -> d
 @router.post("/vms/{vm:path}/resync", tags=["protection"], summary="Resynchronize now", **ACCEPTED)
 def resync(vm: str, response: Response, host: HostQuery = None) -> dict[str, Any]:
     return _started(response, service.resync(_vm_ref(vm, host)))
+
+
+@router.post("/vms/{vm:path}/consistency-check", tags=["protection"],
+             summary="Compare the disks with their replicas; resynchronize only drifted chunks", **ACCEPTED)
+def consistency_check(vm: str, response: Response, host: HostQuery = None) -> dict[str, Any]:
+    return _started(response, service.consistency_check(_vm_ref(vm, host)))
 
 
 @router.get("/vms/{vm:path}/recovery-points", tags=["protection"], summary="Recovery points, oldest first")

@@ -10,8 +10,8 @@ the workers and is followed with `show_job` or `job_events`.
 A `vm` argument is a VM's name (when only one host has a VM of that name), "host/name", or the VM's id.
 
 This package is the public face; the operations live by area: `fabric` (sites, VMM clouds, hosts, VMs, network
-mappings), `policies`, `protection` (protect, disable, resync, recovery points, verify, health), `failover`
-(failover, failback, reverse replication), `plans`, `jobs` and `apikeys`; beside them `errors` (the
+mappings), `policies`, `protection` (protect, disable, resync, consistency check, recovery points, verify,
+health), `failover` (failover, failback, reverse replication), `plans`, `jobs` and `apikeys`; beside them `errors` (the
 ServiceErrors, `_translate`, the `_operation` decorator), `lookups` (finding things by name or id, name checks)
 and `presenters` (rows as plain dicts).
 """
@@ -59,7 +59,7 @@ from .jobs import (
 from .jobs import check_watch as check_watch  # the REST API checks a watch's query before it streams
 from .plans import PLAN_OPTIONS, create_plan, list_plans, run_plan, show_plan
 from .policies import POLICY_OPTIONS, add_policy, list_policies, show_policy
-from .protection import disable_protection, health, protect, recovery_points, resync, verify
+from .protection import consistency_check, disable_protection, health, protect, recovery_points, resync, verify
 
 __all__ = [
     "ServiceError", "NotFound", "Conflict", "Invalid", "Unavailable",
@@ -68,7 +68,7 @@ __all__ = [
     "add_vm", "list_vms", "show_vm",
     "add_network_mapping", "list_network_mappings",
     "add_policy", "list_policies", "show_policy",
-    "protect", "disable_protection", "resync",
+    "protect", "disable_protection", "resync", "consistency_check",
     "test_failover", "test_failover_cleanup", "planned_failover", "unplanned_failover",
     "complete_failover", "commit_failover", "cancel_failover", "failback", "reverse_replication",
     "create_plan", "list_plans", "show_plan", "run_plan", "resume_job",

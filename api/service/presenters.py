@@ -17,6 +17,7 @@ from models.jobs import Job
 from models.plans import RecoveryPlan
 from models.policy import WEEKDAY_NAMES, ReplicationPolicy
 from models.protection import ProtectedItem, ReplicationState
+from models.replicas import replica_records
 from sites.host import DISK_SUFFIX
 from sites.host import Host as HostDriver
 
@@ -126,8 +127,11 @@ def _vm_dict(session: Session, vm: VirtualMachine, *, detail: bool = False) -> d
         local_root = Path(item.recovery_storage[len("file://"):])
     recovery_host, recovery_vm = _recovery_location(session, item)
     drill_host, drill_vm = _drill_location(session, item)
+    # What the database records the recovery side holds of each disk (models/replicas.py).
+    records = {record.disk_uuid: record for record in replica_records(session, item.id)} if item else {}
     disks = []
     for disk in vm_disks(session, vm):
+        record = records.get(disk.disk_uuid)
         replica = ReplicaDisk.name_for(replica_host, replica_vm, disk.name) if item is not None else None
         vhd = disk.name + DISK_SUFFIX["vhd"]  # a recovery VM's disks are fixed VHDs, as replicas are
         disks.append({
@@ -141,6 +145,11 @@ def _vm_dict(session: Session, vm: VirtualMachine, *, detail: bool = False) -> d
                               if recovery_host is not None else None),
             "test_path": (str(HostDriver(drill_host.root, drill_host.name).vms_dir / drill_vm / vhd)
                           if drill_host is not None else None),
+            "replica_record": None if record is None else {
+                "applied_generation": record.applied_generation, "shipped_generation": record.shipped_generation,
+                "version": record.version, "resync_reason": record.resync_reason,
+                "last_checked_at": _iso(record.last_checked_at),
+                "last_check_drifted_chunks": (record.last_check or {}).get("drifted_chunks")},
         })
     plain["disks"] = disks
     plain["adapters"] = [{"name": a.name, "vm_network": a.vm_network, "public_ip": a.public_ip}
@@ -169,6 +178,8 @@ def _policy_dict(session: Session, policy: ReplicationPolicy, *, detail: bool = 
         # As they apply (a threshold the policy leaves out is derived from the copy frequency), and as set.
         "rpo_warning_s": policy.rpo_thresholds_s()[0], "rpo_critical_s": policy.rpo_thresholds_s()[1],
         "rpo_thresholds_set": policy.rpo_warning_s is not None or policy.rpo_critical_s is not None,
+        "consistency_check_interval_h": policy.consistency_check_interval_h,
+        "consistency_check_off_hours": policy.consistency_check_off_hours,
     }
     if detail:
         rows = session.exec(select(VirtualMachine.name, Host.name)

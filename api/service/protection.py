@@ -1,5 +1,5 @@
-"""Protection of a VM: enable, disable, resynchronize; its recovery points, their verification, and the
-replication health of every protected VM."""
+"""Protection of a VM: enable, disable, resynchronize, check its replicas against its disks; its recovery
+points, their verification, and the replication health of every protected VM."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -13,6 +13,7 @@ from models.fabric import Host, VirtualMachine
 from models.protection import ProtectedItem, ReplicationState
 from models.protection import recovery_points as _recovery_points
 from workflows.items import item_status
+from workflows.kinds import consistency_check as check_kind
 from workflows.kinds import disable_protection as disable_kind
 from workflows.kinds import enable_protection as enable_kind
 from workflows.kinds import resynchronize, verify_recovery_point
@@ -70,6 +71,14 @@ def resync(vm: str) -> dict:
     """Resynchronize the VM's replicas now, sending only the blocks that differ."""
     item_id, name = _protected(vm)
     return _job_ref(resynchronize.start(item_id, manual=True), resynchronize.KIND.name, name)
+
+
+@_operation
+def consistency_check(vm: str) -> dict:
+    """Compare every disk of the VM with its replica at the same generation, checksummed from both sides'
+    bytes; drifted chunks are reported (the VM turns Warning with them) and only those are sent again."""
+    item_id, name = _protected(vm)
+    return _job_ref(check_kind.start(item_id), check_kind.KIND.name, name)
 
 
 # ---- recovery points, verification, health -----------------------------------------------------------------

@@ -7,6 +7,7 @@ from workflows.kinds import (  # noqa: F401  (each module declares its kind when
     cancel_failover,
     commit_failback,
     commit_failover,
+    consistency_check,
     delta_replication,
     disable_protection,
     enable_protection,
