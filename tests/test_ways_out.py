@@ -320,4 +320,6 @@ def test_every_job_kind_has_a_poison_drill() -> None:
     source = Path(__file__).read_text()
     for kind in drilled:
         assert f'drill.poisoned("{kind}"' in source, kind
-    assert set(KINDS) == drilled, set(KINDS) ^ drilled
+    # The product's kinds: other modules of the same run declare kinds of their own, all named test.* or bench.*.
+    product = {name for name in KINDS if not name.startswith(("test.", "bench."))}
+    assert product == drilled, product ^ drilled
