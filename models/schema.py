@@ -43,7 +43,8 @@ class Upgrade:
     """What adoption added to a pre-migration database before the revisions ran."""
 
 
-def _config(connection: sa.Connection | None = None) -> Config:
+def alembic_config(connection: sa.Connection | None = None) -> Config:
+    """Alembic's configuration for the revisions in `migrations/`, running on `connection` (env.py)."""
     config = Config()
     config.set_main_option("script_location", str(Path(migrations.__file__).parent))
     config.attributes["connection"] = connection
@@ -52,7 +53,7 @@ def _config(connection: sa.Connection | None = None) -> Config:
 
 def head_revision() -> str:
     """The newest revision: the schema this release's code needs."""
-    head = ScriptDirectory.from_config(_config()).get_current_head()
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None, "migrations/versions holds no revision"
     return head
 
@@ -78,8 +79,8 @@ def upgrade(engine: Engine, revision: str = "head") -> Upgrade:
         adopted: tuple[str, ...] = ()
         if before == PRE_MIGRATION:
             adopted = tuple(adopt.adopt(connection))
-            command.stamp(_config(connection), "0001")
-        command.upgrade(_config(connection), revision)
+            command.stamp(alembic_config(connection), "0001")
+        command.upgrade(alembic_config(connection), revision)
         after = MigrationContext.configure(connection).get_current_revision()
     assert after is not None
     return Upgrade(before, after, adopted)
@@ -96,12 +97,12 @@ def prepare(engine: Engine) -> None:
     if revision is None:
         with _schema_lock(engine) as connection:  # two processes starting together: one creates, one waits
             if revision_of(connection) is None:
-                command.upgrade(_config(connection), "head")
+                command.upgrade(alembic_config(connection), "head")
                 return
             revision = revision_of(connection)
         if revision == head:
             return
-    known = {script.revision for script in ScriptDirectory.from_config(_config()).walk_revisions()}
+    known = {script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
     if revision != PRE_MIGRATION and revision not in known:
         raise SchemaOutOfDateError(
             f"the database's schema is at revision {revision}, which this release does not know: it was "

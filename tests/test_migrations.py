@@ -14,14 +14,13 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
-from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from recovery_site import RecoverySite
 from sqlmodel import SQLModel
 
-import migrations
 import models
 from api import service
 from datapath.digest import disk_digest
@@ -108,14 +107,9 @@ def test_a_new_database_is_created_at_the_newest_revision_and_matches_the_models
 def test_every_revision_downgrades_and_upgrades_again(db_url: str) -> None:
     engine = get_engine(db_url)
     schema.upgrade(engine)
-    config = Config()
-    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
-    revisions = [script.revision for script in ScriptDirectory.from_config(config).walk_revisions()]
-    from alembic import command
-
+    revisions = [script.revision for script in ScriptDirectory.from_config(schema.alembic_config()).walk_revisions()]
     with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.downgrade(config, "base")
+        command.downgrade(schema.alembic_config(connection), "base")
     with engine.connect() as connection:
         assert set(sa.inspect(connection).get_table_names()) <= {"alembic_version"}
     for revision in reversed(revisions):  # oldest first, one at a time
