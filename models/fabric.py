@@ -9,6 +9,7 @@ raises a clear ValueError and writes nothing. They flush but never commit: the c
 `session_scope` does.
 """
 import base64
+import dataclasses
 import hashlib
 import hmac
 import ipaddress
@@ -25,7 +26,8 @@ from sqlmodel import Field, Session, SQLModel, select
 from datapath.disk import FORMATS
 from datapath.errors import NonRecoverableError
 from models.db import UtcDateTime, clock_now, new_id, validate_name
-from sites.host import STATE_OFF, VM_GENERATIONS, VmNotFoundError
+from sites.host import STATE_OFF, VM_GENERATIONS, VmNotFoundError, VmSpecError
+from sites.host.guestdef import GuestDefinition
 from sites.host import STATES as VM_POWER_STATES
 
 __all__ = [
@@ -115,6 +117,9 @@ class VirtualMachine(SQLModel, table=True):
     generation: int = Field(default=1)
     state: str = Field(default=STATE_OFF, max_length=16)
     created_at: datetime = Field(default_factory=clock_now, sa_type=UtcDateTime)
+    guest: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
+    """How the VM boots as a QEMU guest (sites/host/guestdef.py), with its boot files' SHA-256 as registered;
+    None for a synthetic VM. A recovery VM boots only files matching these hashes."""
 
 
 class VirtualDisk(SQLModel, table=True):
@@ -276,6 +281,7 @@ class _VmSpec:
     state: str
     disks: tuple[_DiskSpec, ...]
     adapters: tuple[_AdapterSpec, ...]
+    guest: dict[str, Any] | None = None
 
 
 def add_vm(
@@ -310,6 +316,12 @@ def import_vm_manifest(session: Session, host: Host, vm_json: dict) -> VirtualMa
         host, name, vm_json["id"], vm_json.get("generation", 1), vm_json.get("state", STATE_OFF),
         vm_json["disks"], vm_json[adapters_key] if adapters_key else [],
     )
+    if vm_json.get("guest") is not None:
+        try:
+            guest = GuestDefinition.from_manifest(vm_json["guest"], where)
+        except VmSpecError as exc:
+            raise ValueError(str(exc)) from None
+        spec = dataclasses.replace(spec, guest=guest.to_manifest())
     _require_persisted(host, "host")
     vm = _find_vm(session, host, spec.name)
     if vm is None:
@@ -415,6 +427,7 @@ def _canonical_uuid(where: str, field: str, value: Any) -> str:
 def _create_vm(session: Session, host: Host, spec: _VmSpec) -> VirtualMachine:
     vm = _added(session, VirtualMachine(
         host_id=host.id, name=spec.name, vm_uuid=spec.vm_uuid, generation=spec.generation, state=spec.state,
+        guest=spec.guest,
     ))
     for disk in spec.disks:
         session.add(_new_disk(vm, disk))
@@ -432,7 +445,7 @@ def _new_disk(vm: VirtualMachine, disk: _DiskSpec) -> VirtualDisk:
 
 
 def _sync_vm(session: Session, vm: VirtualMachine, spec: _VmSpec) -> None:
-    vm.generation, vm.state = spec.generation, spec.state
+    vm.generation, vm.state, vm.guest = spec.generation, spec.state, spec.guest
     session.add(vm)
     current_disks = {d.disk_uuid: d for d in vm_disks(session, vm)}
     wanted_disks = {d.disk_uuid: d for d in spec.disks}

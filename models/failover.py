@@ -67,7 +67,15 @@ class FailoverRecord(SQLModel, table=True):
     vm_up_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     ended_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     rto_s: float | None = Field(default=None)
-    """From the request to the VM running."""
+    """From the request to the VM running: for a QEMU guest, to its heartbeat on the console."""
+    booted: bool | None = Field(default=None)
+    """A QEMU guest: whether it reached its heartbeat; None for a synthetic VM (nothing boots)."""
+    heartbeat_s: float | None = Field(default=None)
+    """Seconds from the QEMU process's start to the guest's heartbeat."""
+    boot_check: str | None = Field(default=None, max_length=16)
+    """The guest's own application check: "passed", "failed", or "none" when its definition has none."""
+    boot_detail: str | None = Field(default=None, max_length=2048)
+    """The console line the check's verdict came from, or why the boot failed."""
     rpo_s: float | None = Field(default=None)
     """Data window lost: from the point's time to the moment the failover started."""
 

@@ -7,13 +7,14 @@ its folder.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from datapath.disk import FORMATS, create_disk, parse_size
@@ -21,6 +22,8 @@ from datapath.durable import fsync_directory, replace_file
 from datapath.errors import PathOutsideRootError
 
 from .errors import NetworkConfigError, VmExistsError, VmManifestError, VmNotFoundError, VmSpecError
+from .guestdef import BOOT_DIR, GuestDefinition
+from .images import checked_source, copy_boot_file, copy_image, image_format
 from .vm import (
     DISK_SUFFIX,
     NAME,
@@ -55,17 +58,37 @@ class VmStore:
     def create_vm(
         self,
         name: str,
-        disks: Sequence[tuple[str, int | str, str]],
+        disks: Sequence[tuple[str, int | str | None, str]],
         *,
         networks: Sequence[str] = ("default",),
         generation: int = 1,
+        guest: GuestDefinition | None = None,
+        boot_files: Mapping[str, str | os.PathLike[str]] | None = None,
+        images: Mapping[str, str | os.PathLike[str]] | None = None,
     ) -> VirtualMachine:
-        """Create a VM, off, with sparse all-zero disks of (name, size, format "raw"|"vhd").
+        """Create a VM, off, with disks of (name, size, format "raw"|"vhd"): sparse and all zero, or with the
+        content of the image `images` names for that disk (a raw or fixed-VHD file inside the host root; its
+        size is the image's when the spec gives None). A QEMU guest (`guest`) also gets its boot files,
+        `boot_files` mapping each file name of the definition to a file inside the host root; their SHA-256
+        must match the definition's `hashes` when it has them (a recovery VM's files, fetched from storage).
 
         Everything is checked before anything is written, and the VM folder appears whole or not at
         all (it is assembled in a hidden staging folder and renamed into place)."""
         folder = self._vm_dir(name)
-        disk_specs = self._check_disk_specs(name, disks)
+        sources = {disk: checked_source(self.root, path, f"image for disk {disk!r}")
+                   for disk, path in (images or {}).items()}
+        imported = {disk: image_format(path) for disk, path in sources.items()}
+        disk_specs = self._check_disk_specs(name, [
+            (disk, imported[disk][1] if size is None and disk in imported else size, fmt) for disk, size, fmt in disks
+        ])
+        unknown = set(sources) - {disk for disk, _, _ in disk_specs}
+        if unknown:
+            raise VmSpecError(f"VM {name!r}: images given for disks it does not have: {', '.join(sorted(unknown))}")
+        for disk, size, _ in disk_specs:
+            if disk in imported and imported[disk][1] != size:
+                raise VmSpecError(f"VM {name!r} disk {disk!r}: the image holds {imported[disk][1]} bytes, the "
+                                  f"disk is to be {size}")
+        boot_sources = self._check_boot_files(name, guest, boot_files)
         adapters = [
             NetworkAdapter(f"nic{i}", validate_segment(network, "network")) for i, network in enumerate(networks)
         ]
@@ -82,8 +105,19 @@ class VmStore:
             for disk_name, size, fmt in disk_specs:
                 file = disk_name + DISK_SUFFIX[fmt]
                 create_disk(staging / file, size, fmt)
+                if disk_name in sources:
+                    copy_image(sources[disk_name], staging / file)
                 vm_disks.append(VirtualDisk(str(uuid.uuid4()), disk_name, file, size, fmt, folder / file))
-            vm = VirtualMachine(name, str(uuid.uuid4()), generation, STATE_OFF, vm_disks, adapters, folder, self.name)
+            if guest is not None:
+                (staging / BOOT_DIR).mkdir()
+                hashes = {file: copy_boot_file(path, staging / BOOT_DIR / file) for file, path in boot_sources.items()}
+                wrong = [file for file, digest in hashes.items() if guest.hashes.get(file, digest) != digest]
+                if wrong:
+                    raise VmSpecError(f"VM {name!r}: boot file(s) {', '.join(wrong)} do not match the SHA-256 the "
+                                      f"VM's definition records: refusing to boot files that were changed")
+                guest = dataclasses.replace(guest, hashes=hashes)
+            vm = VirtualMachine(name, str(uuid.uuid4()), generation, STATE_OFF, vm_disks, adapters, folder, self.name,
+                                guest=guest)
             write_json_atomically(staging / MANIFEST, vm.to_manifest())
             try:
                 os.rename(staging, folder)
@@ -94,6 +128,18 @@ class VmStore:
             raise
         fsync_directory(self.vms_dir)
         return vm
+
+    def _check_boot_files(self, name: str, guest: GuestDefinition | None,
+                          boot_files: Mapping[str, str | os.PathLike[str]] | None) -> dict[str, Path]:
+        if guest is None:
+            if boot_files:
+                raise VmSpecError(f"VM {name!r}: boot files given for a VM without a guest definition")
+            return {}
+        given = dict(boot_files or {})
+        if set(given) != set(guest.boot_files):
+            raise VmSpecError(f"VM {name!r}: its guest definition boots {guest.boot_files}; give a file for each "
+                              f"(got {sorted(given)})")
+        return {file: checked_source(self.root, path, f"boot file {file!r}") for file, path in given.items()}
 
     def get_vm(self, name: str) -> VirtualMachine:
         """The VM as its manifest describes it; VmNotFoundError when there is no such VM."""
@@ -181,13 +227,17 @@ class VmStore:
                 for a in data["network_adapters"]
             ]
             quiesce = data.get("quiesce") or {}
+            guest = None if data.get("guest") is None else GuestDefinition.from_manifest(data["guest"], where)
             return VirtualMachine(
                 name, str(uuid.UUID(data["id"])), data["generation"], data["state"], disks, adapters, folder, self.name,
                 checked_command(quiesce.get("pre"), f"{where}: quiesce pre command", VmManifestError),
                 checked_command(quiesce.get("post"), f"{where}: quiesce post command", VmManifestError),
+                guest,
             )
         except VmManifestError:
             raise
+        except VmSpecError as exc:
+            raise VmManifestError(str(exc)) from None
         except (ValueError, KeyError, TypeError, AttributeError, PathOutsideRootError, NetworkConfigError) as exc:
             raise VmManifestError(f"{where} is invalid: {exc}") from exc
 

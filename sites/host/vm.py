@@ -10,10 +10,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from datapath.errors import DiskNotFoundError, NonRecoverableError
 
 from .errors import InvalidNameError, NetworkConfigError
+
+if TYPE_CHECKING:
+    from .guestdef import GuestDefinition
 
 DISK_SUFFIX = {"raw": ".raw", "vhd": ".vhd"}
 
@@ -85,6 +89,8 @@ class VirtualMachine:
     """Command (argv) run in the VM's folder once its writes are held, before a consistent point."""
     quiesce_post: tuple[str, ...] | None = None
     """Command run after the consistent point, before writes resume."""
+    guest: GuestDefinition | None = None
+    """How the VM boots as a QEMU guest (sites/host/guestdef.py); None for a synthetic VM."""
 
     def adapter(self, name: str) -> NetworkAdapter:
         for adapter in self.network_adapters:
@@ -116,6 +122,8 @@ class VirtualMachine:
             ],
             "network_adapters": [a.to_manifest() for a in self.network_adapters],
         }
+        if self.guest is not None:
+            manifest["guest"] = self.guest.to_manifest()
         if self.quiesce_pre is not None or self.quiesce_post is not None:
             manifest["quiesce"] = {
                 "pre": list(self.quiesce_pre) if self.quiesce_pre is not None else None,

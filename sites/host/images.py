@@ -1,0 +1,94 @@
+"""Files a VM is made from: disk images imported as its disks, and its boot files (kernel, initrd).
+
+Their paths come from API callers, so each must resolve inside the host's root (a caller cannot make the
+host read /etc/shadow as a "kernel"), be a regular file, and an image must be raw or a fixed VHD: QEMU's
+and other hypervisors' container formats are recognized by their signatures and refused with the command
+that converts them, since reading them as raw would replicate the container's metadata as disk data.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+from datapath.disk import detect_format, open_disk
+from datapath.errors import DiskFormatError
+
+from .errors import VmSpecError
+
+BOOT_FILE_MAX = 512 * 1024 * 1024
+_COPY_CHUNK = 4 * 1024 * 1024
+# Signatures at offset 0 of image formats that are not a raw disk; a fixed VHD has its footer at the end only.
+_CONTAINER_SIGNATURES = {
+    b"QFI\xfb": "qcow2", b"KDMV": "vmdk", b"vhdxfile": "vhdx", b"conectix": "dynamic or differencing VHD",
+    b"<<< Oracle VM VirtualBox Disk Image >>>": "vdi", b"QEVM": "qed",
+}
+
+
+def checked_source(root: Path, path: str | os.PathLike[str], what: str) -> Path:
+    """`path` resolved, if it is a regular file inside the host root; VmSpecError otherwise."""
+    resolved = Path(path).resolve()
+    if not resolved.is_relative_to(root):
+        raise VmSpecError(f"{what} {path} resolves to {resolved}, outside the host's root {root}: put it under "
+                          f"the root (for example {root / 'images'}) first")
+    try:
+        mode = os.stat(resolved).st_mode
+    except FileNotFoundError:
+        raise VmSpecError(f"{what} {path} does not exist") from None
+    if not stat.S_ISREG(mode):
+        raise VmSpecError(f"{what} {path} is not a regular file")
+    return resolved
+
+
+def image_format(path: Path) -> tuple[str, int]:
+    """The format ("raw" or "vhd") and virtual size of an image to import; VmSpecError for anything else."""
+    with open(path, "rb") as image:
+        head = image.read(64)
+    for signature, name in _CONTAINER_SIGNATURES.items():
+        if head.startswith(signature):
+            raise VmSpecError(f"image {path} is a {name} image, not a raw disk or a fixed VHD: convert it first "
+                              f"(qemu-img convert -O raw {path} DISK.raw)")
+    try:
+        fmt = detect_format(path)
+        with open_disk(path) as disk:
+            size = disk.size
+    except DiskFormatError as exc:
+        raise VmSpecError(f"image {path}: {exc}") from None
+    return fmt, size
+
+
+def copy_image(source: Path, target: Path) -> None:
+    """Copy the guest-visible content of `source` into the disk image `target` (same virtual size), leaving
+    all-zero stretches as holes."""
+    with open_disk(source) as src, open_disk(target, writable=True) as dst:
+        offset = 0
+        while offset < src.size:
+            data = src.read(offset, min(_COPY_CHUNK, src.size - offset))
+            if data.count(0) != len(data):
+                dst.write(offset, data)
+            offset += len(data)
+        dst.flush()
+
+
+def copy_boot_file(source: Path, target: Path) -> str:
+    """Copy one boot file, returning its SHA-256 (hex)."""
+    if os.stat(source).st_size > BOOT_FILE_MAX:
+        raise VmSpecError(f"boot file {source} is larger than {BOOT_FILE_MAX // (1024 * 1024)} MiB")
+    digest = hashlib.sha256()
+    with open(source, "rb") as src, open(target, "xb") as dst:
+        while chunk := src.read(_COPY_CHUNK):
+            digest.update(chunk)
+            dst.write(chunk)
+        dst.flush()
+        os.fsync(dst.fileno())
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(_COPY_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
