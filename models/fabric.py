@@ -27,8 +27,8 @@ from datapath.disk import FORMATS
 from datapath.errors import NonRecoverableError
 from models.db import UtcDateTime, clock_now, new_id, validate_name
 from sites.host import STATE_OFF, VM_GENERATIONS, VmNotFoundError, VmSpecError
-from sites.host.guestdef import GuestDefinition
 from sites.host import STATES as VM_POWER_STATES
+from sites.host.guestdef import GuestDefinition
 
 __all__ = [
     "Site", "VmmServer", "VmmCloud", "Host", "VirtualMachine", "VirtualDisk", "VmNetworkAdapter",

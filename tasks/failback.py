@@ -32,6 +32,7 @@ from models.failover import FailoverKind, FailoverRecord, FailoverStatus, latest
 from models.protection import ProtectedItem, ReplicationState, transition
 from sites.host import Host as HostDriver
 from tasks.failover_records import (
+    create_vm_like,
     driver_named,
     end_operation,
     failover_record,
@@ -105,8 +106,8 @@ def prepare_primary_vm(ctx: StepContext, *, item_id: str, failover_id: str) -> d
                 f"VM {view.vm.name!r} does not exist on host {driver.name!r}: fail back with create_vm (to create "
                 f"it there) or to another host"
             )
-        vm = driver.create_vm(view.vm.name, [(disk.name, disk.size, disk.format) for disk in view.disks],
-                              networks=adapters or ("default",), generation=view.vm.generation)
+        vm = create_vm_like(view, driver, view.vm.name, [(disk.name, disk.size, disk.format) for disk in view.disks],
+                            networks=adapters or ["default"])
         created = True
     on_host = {disk.name: disk for disk in vm.disks}
     for disk in view.disks:

@@ -18,12 +18,15 @@ from models.fabric import VirtualMachine, vm_disks
 from models.failover import FailoverKind, FailoverRecord, FailoverStatus
 from models.protection import ProtectedItem, ReplicationState, mark_healthy, transition
 from sites.host import Host as HostDriver
+from sites.host.errors import GuestBootError
 from tasks.failover_records import (
+    create_vm_like,
     driver_named,
     end_operation,
     failover_record,
     read_record,
     results_of,
+    update_boot_check,
     update_details,
     vm_or_none,
 )
@@ -115,8 +118,8 @@ def create_recovery_vm(ctx: StepContext, *, item_id: str, failover_id: str) -> d
             )
         _delete_vm(driver, existing.name)
     placement = record.details["placement"]
-    vm = driver.create_vm(record.target_vm, [(disk.name, disk.size, "vhd") for disk in view.disks],
-                          networks=[entry["network"] for entry in placement], generation=view.vm.generation)
+    vm = create_vm_like(view, driver, record.target_vm, [(disk.name, disk.size, "vhd") for disk in view.disks],
+                        networks=[entry["network"] for entry in placement])
     for adapter, entry in zip(vm.network_adapters, placement, strict=True):
         driver.connect_adapter(vm.name, adapter.name, entry["network"], subnet=entry.get("subnet"))
     update_details(ctx, failover_id, vm_id=vm.id, adapters={a.name: p["adapter"] for a, p in
@@ -172,8 +175,34 @@ def start_recovery_vm(ctx: StepContext, *, item_id: str, failover_id: str) -> di
         driver.assign_public_ip(record.target_vm, by_source.get(source_adapter, source_adapter), address)
     if record.kind is not FailoverKind.TEST:
         driver.enable_tracking(record.target_vm)
-    driver.start_vm(record.target_vm)
+    # A drill's guest gets a NIC with no route out (its test network is isolated); a failover's has none
+    # until recovery-site networking is real (docs/runtime.md).
+    driver.start_vm(record.target_vm, network="isolated" if record.kind is FailoverKind.TEST else "none")
     return {"vm": record.target_vm, "host": driver.name, "verified": True}
+
+
+@item_action(A.CHECK_RECOVERY_BOOT)
+def check_recovery_boot(ctx: StepContext, *, item_id: str, failover_id: str) -> dict[str, Any]:
+    """A QEMU guest must reach its heartbeat, then pass its own application check (the VM's definition names
+    both console lines). A guest that does not come up is powered off and the step fails recoverably: its
+    retry boots it again. A synthetic VM has nothing to boot."""
+    record = read_record(ctx, failover_id)
+    driver = driver_named(ctx, record.target_host)
+    vm = driver.get_vm(record.target_vm)
+    if vm.guest is None:
+        return {"booted": None}
+    driver.start_vm(vm.name, network="isolated" if record.kind is FailoverKind.TEST else "none")
+    report = driver.check_boot(vm)
+    update_boot_check(ctx, failover_id, report)
+    if not report.booted:
+        driver.shut_down(vm.name)
+        raise GuestBootError(f"recovery VM {vm.name!r} on host {driver.name!r} did not reach its heartbeat within "
+                             f"{vm.guest.boot_timeout_s:g} s: {report.detail}")
+    if report.check == "failed":
+        raise NonRecoverableError(f"recovery VM {vm.name!r} booted, but its application check failed: "
+                                  f"{report.detail}")
+    return {"booted": True, "heartbeat_s": round(report.heartbeat_s, 2), "check": report.check,
+            "detail": report.detail}
 
 
 @item_action(A.FINISH_FAILOVER)
@@ -185,8 +214,10 @@ def finish_failover(ctx: StepContext, *, item_id: str, failover_id: str) -> dict
         record.verified = all(record.produced_roots.get(name) == root for name, root in record.expected_roots.items())
         if record.status is FailoverStatus.IN_PROGRESS:
             record.status = FailoverStatus.SUCCEEDED
-            record.vm_up_at = now
-            record.rto_s = max(0.0, (now - as_utc(record.started_at)).total_seconds())
+            # A guest is up at its heartbeat; a synthetic VM when the engine says so.
+            heartbeat_at = record.details.get("heartbeat_at")
+            record.vm_up_at = datetime.fromtimestamp(heartbeat_at, UTC) if heartbeat_at else now
+            record.rto_s = max(0.0, (as_utc(record.vm_up_at) - as_utc(record.started_at)).total_seconds())
         replaced = record.details.get("replaces")
         previous = session.get(FailoverRecord, replaced) if replaced else None
         if record.kind is not FailoverKind.TEST:
@@ -199,7 +230,8 @@ def finish_failover(ctx: StepContext, *, item_id: str, failover_id: str) -> dict
             session.add(previous)
         session.add(record)
         session.add(item)
-        return {"rto_s": record.rto_s, "rpo_s": record.rpo_s, "verified": record.verified,
+        return {"rto_s": record.rto_s, "rpo_s": record.rpo_s, "verified": record.verified, "booted": record.booted,
+                "heartbeat_s": record.heartbeat_s, "boot_check": record.boot_check,
                 "point_id": record.point_id, "roots": record.produced_roots}
 
 

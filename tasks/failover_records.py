@@ -2,6 +2,7 @@
 of their parallel steps."""
 from __future__ import annotations
 
+import shutil
 from typing import Any
 
 from sqlmodel import Session, select
@@ -12,9 +13,14 @@ from models.failover import FailoverRecord, FailoverStatus
 from models.jobs import JobStep, StepState
 from models.protection import ProtectedItem, ReplicationState, transition
 from sites.host import Host as HostDriver
+from sites.host import VirtualMachine as HostVirtualMachine
 from sites.host import VmNotFoundError as HostVmNotFoundError
+from sites.host.guests import BootReport
+from tasks.boot_files import fetch_boot_files, guest_of
+from tasks.replication import open_recovery_storage
 from workflows import clock
 from workflows.engine import StepContext
+from workflows.items import ItemView
 
 
 def failover_record(session: Session, failover_id: str) -> FailoverRecord:
@@ -81,3 +87,31 @@ def end_operation(ctx: StepContext, item_id: str, failover_id: str, status: Fail
         session.add(record)
         session.add(item)
     return {"state": str(state), "failover": str(status)}
+
+
+def create_vm_like(view: ItemView, driver: HostDriver, name: str, disks: list[tuple[str, int, str]], *,
+                   networks: list[str]) -> HostVirtualMachine:
+    """Create, on `driver`'s host, a VM like the item's: same generation and, for a QEMU guest, its definition
+    and boot files, fetched from the recovery storage and checked against the hashes registered."""
+    guest = guest_of(view)
+    if guest is None:
+        return driver.create_vm(name, disks, networks=networks, generation=view.vm.generation)
+    storage = open_recovery_storage(view.item.recovery_storage, view.item.storage_options)
+    try:
+        folder, files = fetch_boot_files(view, storage, driver)
+    finally:
+        storage.close()
+    try:
+        return driver.create_vm(name, disks, networks=networks, generation=view.vm.generation, guest=guest,
+                                boot_files=files)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def update_boot_check(ctx: StepContext, failover_id: str, report: BootReport) -> None:
+    with ctx.session() as session:
+        record = failover_record(session, failover_id)
+        record.booted, record.boot_check, record.boot_detail = report.booted, report.check, report.detail[:2048]
+        record.heartbeat_s = report.heartbeat_s
+        record.details = {**record.details, "heartbeat_at": report.heartbeat_at}
+        session.add(record)

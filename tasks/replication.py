@@ -47,6 +47,7 @@ from sites.host import Host as HostDriver
 from sites.host import QuiesceError
 from sites.storage import open_storage
 from sites.storage.base import RecoveryStorage
+from tasks.boot_files import upload_boot_files
 from tasks.replica_records import (
     RESYNC_REQUIRED_CODE,
     checked_state,
@@ -185,11 +186,13 @@ def prerequisites(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
 def create_relationship(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     """Track every disk's writes from now on, and create its replica on the recovery storage."""
     view = _load(ctx, item_id)
-    newly_tracked = _driver(view).enable_tracking(view.vm.name)
+    driver = _driver(view)
+    newly_tracked = driver.enable_tracking(view.vm.name)
     with _storage(view) as storage:
         for disk in view.disks:
             storage.create_disk(replica_of(view, storage, disk.name).name, disk.size)
-    return {"newly_tracked": [disk.name for disk in newly_tracked]}
+        boot_files = upload_boot_files(view, driver, storage)
+    return {"newly_tracked": [disk.name for disk in newly_tracked], "boot_files": boot_files}
 
 
 @item_action(A.START_REPLICATION)

@@ -93,6 +93,7 @@ def failover(request: FailoverRequest) -> Stages:
         [StepSpec(labelled(f"Restore disk {disk.name}", label), A.RESTORE_DISK, recovery,
                   {**params, "disk_id": disk.id}) for disk in request.disks],
         [StepSpec(labelled("Start recovery VM", label), A.START_RECOVERY_VM, recovery, params)],
+        [StepSpec(labelled("Check recovery VM boot", label), A.CHECK_RECOVERY_BOOT, recovery, params)],
         [StepSpec(labelled("Finish test failover" if test else "Finish failover", label), A.FINISH_FAILOVER,
                   ORCHESTRATION_QUEUE, params)],
     ]

@@ -16,17 +16,18 @@ from datapath.disk import open_disk
 from datapath.durable import fsync_directory
 from datapath.tracker import NotTrackedError
 
-from .errors import DiskProtectedError, VmRunningError
+from .errors import DiskProtectedError, VmRunningError, VmSpecError
+from .guests import POWER_DOWN_TIMEOUT_S, Guests
 from .manifest import MIB
 from .networking import Networking
-from .quiesce import QUIESCE_LOCK, WORKLOAD_FREEZE, WORKLOAD_FROZEN, Quiesce
+from .quiesce import QUIESCE_LOCK, WORKLOAD_FREEZE, WORKLOAD_FROZEN
 from .staging import Staging
 from .supervisor import WORKLOAD_READY, WORKLOAD_STATS, WorkloadStop
 from .tracking import Tracking, disk_is_tracked
 from .vm import STATE_OFF, STATE_RUNNING, VirtualDisk, VirtualMachine, vm_name
 
 
-class Host(Tracking, Quiesce, Staging, Networking):
+class Host(Tracking, Guests, Staging, Networking):
     """A protected host rooted at `root`; `name` is its identity in messages and in the recovery site."""
 
     def __repr__(self) -> str:
@@ -36,7 +37,8 @@ class Host(Tracking, Quiesce, Staging, Networking):
     def delete_vm(self, name: str) -> None:
         """Delete a VM that is off, with its disks and replication logs."""
         with self._vm_lock(name) as vm:
-            if vm.state == STATE_RUNNING or self._running_workload(vm) is not None:
+            if vm.state == STATE_RUNNING or self._running_workload(vm) is not None \
+                    or (vm.guest is not None and self.guest_running(vm)):
                 raise VmRunningError(f"VM {name!r} on host {self.name!r} is running: shut it down before deleting it")
             # Renamed away first, so the VM vanishes at once even if removing its files is interrupted.
             trash = Path(tempfile.mkdtemp(prefix=f".deleting-{name}-", dir=self.vms_dir))
@@ -56,6 +58,7 @@ class Host(Tracking, Quiesce, Staging, Networking):
         with self._vm_lock(vm_name(vm)) as current:
             if self._running_workload(current) is not None:
                 raise VmRunningError(f"VM {current.name!r} on host {self.name!r} has a workload running")
+            self._require_guest_off(current, "writing initial data")
             tracked = [d.name for d in current.disks if disk_is_tracked(d.path)]
             if tracked:
                 raise DiskProtectedError(
@@ -85,6 +88,9 @@ class Host(Tracking, Quiesce, Staging, Networking):
                 f"with min <= max, got rate {rate_mb_s!r} and sizes {write_sizes!r}"
             )
         with self._vm_lock(vm_name(vm)) as current:
+            if current.guest is not None:
+                raise VmSpecError(f"VM {current.name!r} on host {self.name!r} is a QEMU guest: its own workload "
+                                  f"runs inside it (start the VM); the synthetic workload is for synthetic VMs")
             running = self._running_workload(current)
             if running is not None:
                 return running.pid
@@ -113,24 +119,48 @@ class Host(Tracking, Quiesce, Staging, Networking):
             self._write_manifest(current)
             return process.pid
 
+    def enable_tracking(self, vm: VirtualMachine | str) -> list[VirtualDisk]:
+        """Put every disk under the replication tracker (see Tracking). A running QEMU guest's disks are
+        served as they were when it started, so its writes would bypass a tracker enabled now: refused."""
+        current = self.get_vm(vm_name(vm))
+        if any(not disk_is_tracked(disk.path) for disk in current.disks):
+            self._require_guest_off(current, "enabling replication (its next start serves its disks through the "
+                                             "replication tracker)")
+        return super().enable_tracking(current)
+
     def shut_down(self, vm: VirtualMachine | str, timeout: float = 10.0) -> WorkloadStop:
-        """Stop the workload and mark the VM off, as a guest shutdown before a planned failover."""
+        """Stop the VM and mark it off, as a guest shutdown before a planned failover: a QEMU guest is powered
+        down through ACPI (QEMU quits after `timeout`, at least POWER_DOWN_TIMEOUT_S for a guest) and its
+        tracker service stopped; a synthetic VM's workload is stopped."""
         with self._vm_lock(vm_name(vm)) as current:
-            outcome = self._stop_workload(current, timeout)
+            if current.guest is not None:
+                ended = self._stop_guest(current, max(timeout, POWER_DOWN_TIMEOUT_S))
+                outcome = {"not-running": WorkloadStop.NOT_RUNNING, "acpi": WorkloadStop.STOPPED}.get(
+                    ended, WorkloadStop.KILLED)
+            else:
+                outcome = self._stop_workload(current, timeout)
             if current.state != STATE_OFF:
                 current.state = STATE_OFF
                 self._write_manifest(current)
             return outcome
 
-    def start_vm(self, vm: VirtualMachine | str) -> VirtualMachine:
-        """Mark the VM running, without a workload: a failed-over or failed-back VM powered on.
+    def start_vm(self, vm: VirtualMachine | str, *, network: str = "none") -> VirtualMachine:
+        """Power the VM on: a QEMU guest boots (its disks served by its tracker service; `network` "isolated"
+        for a drill); a synthetic VM is marked running, without a workload (a failed-over or failed-back VM).
         Idempotent."""
         with self._vm_lock(vm_name(vm)) as current:
+            if current.guest is not None:
+                self._start_guest(current, network=network)
             if current.state != STATE_RUNNING:
                 current.state = STATE_RUNNING
                 self._write_manifest(current)
             return current
 
+    def power_state(self, vm: VirtualMachine | str) -> str:
+        """The VM's real power state: QEMU's for a guest ("running", "paused", "shutdown", ... or "off"),
+        the manifest's for a synthetic VM."""
+        current = self.get_vm(vm_name(vm))
+        return self.guest_power_state(current) if current.guest is not None else current.state
 
 def _fill_disk(disk: VirtualDisk, seed: int, fraction: float) -> int:
     """Write random data over a random `fraction` of the disk's whole MiB, as runs of adjacent MiB."""

@@ -44,3 +44,7 @@ class NetworkConfigError(NonRecoverableError):
 class QuiesceError(RecoverableError):
     """The VM could not be brought to an application-consistent state: the workload did not hold its
     writes in time, or a pre/post quiesce command failed or timed out. Trying again may succeed."""
+
+
+class GuestBootError(RecoverableError):
+    """A QEMU guest did not start or did not reach its heartbeat in time; trying again may succeed."""

@@ -3,7 +3,9 @@ chosen point while the item keeps replicating.
 
 [Ship/Apply/Acknowledge logs when the point is `latest`] → Begin test failover (O: the record) → Choose
 recovery point (O) → Create recovery VM (D: `<vm>-test`, off, NICs in the test network) → Restore disk
-×disks (D) → Start recovery VM (D: roots checked against the point's) → Finish test failover (O: RTO).
+×disks (D) → Start recovery VM (D: roots checked against the point's; a QEMU guest boots in an isolated network) →
+Check recovery VM boot (D: heartbeat and application check on its console) → Finish test failover (O: RTO to
+the heartbeat).
 `test_failover_cleanup` deletes the test VM.
 """
 from __future__ import annotations
@@ -21,7 +23,8 @@ from workflows.outcomes import failover_ended, operation_succeeded
 from workflows.stages import failover
 
 FAILOVER_ACTIONS = frozenset({A.SHIP_LOGS, A.APPLY_LOGS, A.ACKNOWLEDGE_LOGS, A.BEGIN_FAILOVER, A.CHOOSE_POINT,
-                              A.CREATE_RECOVERY_VM, A.RESTORE_DISK, A.START_RECOVERY_VM, A.FINISH_FAILOVER})
+                              A.CREATE_RECOVERY_VM, A.RESTORE_DISK, A.START_RECOVERY_VM, A.CHECK_RECOVERY_BOOT,
+                              A.FINISH_FAILOVER})
 
 
 def start(item_id: str, *, point: str = PointChoice.LATEST_PROCESSED, recovery_host: str | None = None,
