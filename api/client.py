@@ -200,6 +200,25 @@ class SiteRecoveryClient:
     def add_vm(self, host: str, name: str) -> dict[str, Any]:
         return self._post("/vms", {"host": host, "name": name})
 
+    def create_vm(self, host: str, name: str, *, disks: list[dict[str, Any]], networks: list[str] | None = None,
+                  generation: int = 1, guest: dict[str, Any] | None = None,
+                  boot_files: dict[str, str] | None = None) -> dict[str, Any]:
+        return self._post(f"/hosts/{_segment(host)}/vms", _drop_none({
+            "name": name, "disks": disks, "networks": networks, "generation": generation, "guest": guest,
+            "boot_files": boot_files}))
+
+    def start_vm(self, vm: str) -> dict[str, Any]:
+        segment, query = self._vm(vm)
+        return self._post(f"/vms/{segment}/start", None, **query)
+
+    def stop_vm(self, vm: str, *, timeout: float = 30.0) -> dict[str, Any]:
+        segment, query = self._vm(vm)
+        return self._post(f"/vms/{segment}/stop", {"timeout_s": timeout}, **query)
+
+    def vm_console(self, vm: str, *, max_bytes: int = 16000) -> dict[str, Any]:
+        segment, query = self._vm(vm)
+        return self._get(f"/vms/{segment}/console", max_bytes=max_bytes, **query)
+
     def show_vm(self, vm: str) -> dict[str, Any]:
         segment, query = self._vm(vm)
         return self._get(f"/vms/{segment}", **query)

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from api import service
 
-from .common import Name, _Body
+from .common import HostQuery, Name, _Body, _vm_ref
 
 router = APIRouter()
 
@@ -37,6 +37,39 @@ class HostIn(_Body):
 class VmIn(_Body):
     host: Name
     name: Name
+
+
+class DiskIn(_Body):
+    name: Name
+    size: int | str | None = Field(None, description="Bytes or '64M'; omitted when an image gives the content")
+    format: str = Field("raw", description="raw or vhd")
+    image: str | None = Field(None, max_length=4096,
+                              description="A raw or fixed-VHD file inside the host's root to import")
+
+
+class GuestIn(_Body):
+    kernel: Name = Field(description="The kernel's file name (a key of boot_files)")
+    initrd: Name | None = None
+    cmdline: str = Field("", max_length=1024)
+    heartbeat: str = Field(max_length=200, description="Regex: the guest is up once a console line matches it")
+    check_pass: str | None = Field(None, max_length=200, description="Regex: the guest's own check passed")
+    check_fail: str | None = Field(None, max_length=200, description="Regex: the guest's own check failed")
+    memory_mb: int = Field(256, ge=64, le=16384)
+    guest_agent: bool = True
+    boot_timeout_s: float = Field(120.0, ge=5, le=3600)
+
+
+class VmCreateIn(_Body):
+    name: Name
+    disks: list[DiskIn] = Field(min_length=1, max_length=16)
+    networks: list[Name] | None = Field(None, max_length=8)
+    generation: int = Field(1, ge=1, le=2)
+    guest: GuestIn | None = Field(None, description="Makes the VM a QEMU guest (docs/runtime.md)")
+    boot_files: dict[str, str] | None = Field(None, description="Boot file name -> a file inside the host's root")
+
+
+class VmStopIn(_Body):
+    timeout_s: float = Field(30.0, ge=1, le=600)
 
 
 class NetworkMappingIn(_Body):
@@ -111,6 +144,29 @@ def list_vms() -> list[dict[str, Any]]:
 @router.post("/vms", tags=["fabric"], status_code=201, summary="Register a VM as its host describes it")
 def add_vm(body: VmIn) -> dict[str, Any]:
     return service.add_vm(body.host, body.name)
+
+
+@router.post("/hosts/{host}/vms", tags=["fabric"], status_code=201,
+             summary="Create a VM on a host (disks by size or imported, a QEMU guest's boot) and register it")
+def create_vm(host: str, body: VmCreateIn) -> dict[str, Any]:
+    return service.create_vm(host, body.name, disks=[disk.model_dump(exclude_none=True) for disk in body.disks],
+                             networks=body.networks, generation=body.generation,
+                             guest=body.guest.model_dump() if body.guest else None, boot_files=body.boot_files)
+
+
+@router.post("/vms/{vm:path}/start", tags=["fabric"], summary="Power a VM on (a QEMU guest boots)")
+def start_vm(vm: str, host: HostQuery = None) -> dict[str, Any]:
+    return service.start_vm(_vm_ref(vm, host))
+
+
+@router.post("/vms/{vm:path}/stop", tags=["fabric"], summary="Shut a VM down (a guest through ACPI)")
+def stop_vm(vm: str, body: VmStopIn | None = None, host: HostQuery = None) -> dict[str, Any]:
+    return service.stop_vm(_vm_ref(vm, host), timeout=(body or VmStopIn()).timeout_s)
+
+
+@router.get("/vms/{vm:path}/console", tags=["fabric"], summary="The end of a QEMU guest's serial console")
+def vm_console(vm: str, host: HostQuery = None, max_bytes: int = 16000) -> dict[str, Any]:
+    return service.vm_console(_vm_ref(vm, host), max_bytes=max_bytes)
 
 
 @router.get("/network-mappings", tags=["fabric"], summary="List network mappings")

@@ -9,11 +9,12 @@ the workers and is followed with `show_job` or `job_events`.
 
 A `vm` argument is a VM's name (when only one host has a VM of that name), "host/name", or the VM's id.
 
-This package is the public face; the operations live by area: `fabric` (sites, VMM clouds, hosts, VMs, network
-mappings), `policies`, `protection` (protect, disable, resync, consistency check, recovery points, verify,
-health), `failover` (failover, failback, reverse replication), `plans`, `jobs` and `apikeys`; beside them `errors` (the
-ServiceErrors, `_translate`, the `_operation` decorator), `lookups` (finding things by name or id, name checks)
-and `presenters` (rows as plain dicts).
+This package is the public face; the operations live by area: `fabric` (sites, VMM clouds, hosts, VMs,
+network mappings), `vms` (create, start, stop a VM, its console), `policies`, `protection` (protect, disable,
+resync, consistency check, recovery points, verify, health), `failover` (failover, failback, reverse
+replication), `plans`, `jobs` and `apikeys`; beside them `errors` (the ServiceErrors, `_translate`, the
+`_operation` decorator), `lookups` (finding things by name or id, name checks) and `presenters` (rows as plain
+dicts).
 """
 from .apikeys import create_api_key, hash_api_key, list_api_keys, revoke_api_key
 from .errors import Conflict, Invalid, NotFound, ServiceError, Unavailable
@@ -60,12 +61,13 @@ from .jobs import check_watch as check_watch  # the REST API checks a watch's qu
 from .plans import PLAN_OPTIONS, create_plan, list_plans, run_plan, show_plan
 from .policies import POLICY_OPTIONS, add_policy, list_policies, show_policy
 from .protection import consistency_check, disable_protection, health, protect, recovery_points, resync, verify
+from .vms import create_vm, start_vm, stop_vm, vm_console
 
 __all__ = [
     "ServiceError", "NotFound", "Conflict", "Invalid", "Unavailable",
     "add_site", "list_sites", "show_site", "add_vmm_cloud",
     "add_host", "list_hosts", "show_host",
-    "add_vm", "list_vms", "show_vm",
+    "add_vm", "list_vms", "show_vm", "create_vm", "start_vm", "stop_vm", "vm_console",
     "add_network_mapping", "list_network_mappings",
     "add_policy", "list_policies", "show_policy",
     "protect", "disable_protection", "resync", "consistency_check",

@@ -30,7 +30,7 @@ from workflows.reports import failover_report
 
 from .errors import Conflict, Invalid, _operation
 from .lookups import _cloud, _host, _name, _site, _vm
-from .presenters import _host_dict, _iso, _mapping_dict, _site_dict, _vm_dict
+from .presenters import _host_dict, _iso, _mapping_dict, _power_state, _site_dict, _vm_dict
 
 
 # ---- sites, clouds, hosts ----------------------------------------------------------------------------------
@@ -119,8 +119,8 @@ def add_vm(host: str, name: str) -> dict:
     return show_vm(vm_id)
 
 
-def _vm_rows(session: Session) -> list[tuple[VirtualMachine, str, ProtectedItem | None]]:
-    query = (select(VirtualMachine, Host.name, ProtectedItem)
+def _vm_rows(session: Session) -> list[tuple[VirtualMachine, Host, ProtectedItem | None]]:
+    query = (select(VirtualMachine, Host, ProtectedItem)
              .join(Host, Host.id == VirtualMachine.host_id)
              .join(ProtectedItem, ProtectedItem.vm_id == VirtualMachine.id, isouter=True)
              .order_by(Host.name, VirtualMachine.name))
@@ -131,11 +131,11 @@ def _vm_rows(session: Session) -> list[tuple[VirtualMachine, str, ProtectedItem 
 def list_vms() -> list[dict]:
     with session_scope() as session:
         return [{
-            "id": vm.id, "name": vm.name, "host": host_name, "power_state": vm.state,
+            "id": vm.id, "name": vm.name, "host": host_name, "power_state": _power_state(host, vm),
             "disks": len(vm_disks(session, vm)),
             "protection_state": str(item.replication_state) if item else None,
             "health": str(item.health) if item else None,
-        } for vm, host_name, item in _vm_rows(session)]
+        } for vm, host, item in _vm_rows(session) for host_name in [host.name]]
 
 
 @_operation

@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlmodel import Session, select
 
+from datapath.errors import NonRecoverableError
 from datapath.replication import ReplicaDisk
 from models.fabric import Host, NetworkMapping, Site, VirtualMachine, VmmCloud, VmmServer, vm_adapters, vm_disks
 from models.failover import FailoverKind, FailoverRecord, FailoverStatus, active_test_failover, latest_failover
@@ -110,12 +111,22 @@ def _drill_location(session: Session, item: ProtectedItem | None) -> tuple[Host 
     return session.exec(select(Host).where(Host.name == drill.target_host)).first(), drill.target_vm
 
 
+def _power_state(host: Host, vm: VirtualMachine) -> str:
+    """The host's word on the VM's power (QEMU's for a guest), or the registered state when the host cannot
+    say (the VM gone from it, its manifest unreadable)."""
+    try:
+        return HostDriver(host.root, host.name).power_state(vm.name)
+    except (NonRecoverableError, OSError):
+        return vm.state
+
+
 def _vm_dict(session: Session, vm: VirtualMachine, *, detail: bool = False) -> dict[str, Any]:
     host = session.get(Host, vm.host_id)
     item = _item_of(session, vm)
     plain: dict[str, Any] = {
         "id": vm.id, "name": vm.name, "host": host.name, "vm_uuid": vm.vm_uuid, "generation": vm.generation,
-        "power_state": vm.state, "created_at": _iso(vm.created_at),
+        "power_state": _power_state(host, vm), "runtime": "qemu" if vm.guest else "synthetic",
+        "created_at": _iso(vm.created_at),
         "state": str(item.replication_state) if item else None,
     }
     if not detail:
