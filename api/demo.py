@@ -89,6 +89,33 @@ def _prepare(workdir: Path) -> None:
     (workdir / MARKER).write_text("made by asr demo; emptied by the next run\n")
 
 
+def _kept_paths(report: Report) -> list[Path]:
+    """What a successful run keeps for inspection: the real guest's disks and the recovery storage folder."""
+    paths = report.paths
+    kept = [*paths.get("source_disks", []), *paths.get("recovery_disks", [])]
+    root = paths.get("storage_root")
+    if root and Path(root).is_absolute():
+        kept.append(root)
+    return [Path(p).resolve() for p in kept]
+
+
+def _remove_except(folder: Path, kept: list[Path]) -> None:
+    """Remove everything under `folder` but the `kept` paths (and the folders leading to them)."""
+    if not kept:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for entry in folder.iterdir():
+        path = entry.resolve()
+        if path in kept or any(path.is_relative_to(k) for k in kept) or path.name == MARKER:
+            continue
+        if entry.is_dir() and not entry.is_symlink() and any(k.is_relative_to(path) for k in kept):
+            _remove_except(entry, kept)
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 @click.command("demo")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-work"),
               show_default=True, help="Work folder: hosts, recovery site, database, logs (emptied first; "
@@ -100,7 +127,9 @@ def _prepare(workdir: Path) -> None:
 @click.option("--seed", default=7, show_default=True, help="Seed of the VMs' initial data and writers.")
 @click.option("--time-scale", default=10.0, show_default=True, type=click.FloatRange(min=1.0),
               help="Divides the engine's delays (a 30 s copy frequency becomes 3 s).")
-@click.option("--keep", is_flag=True, help="Keep the work folder after a successful run (a failed run keeps it).")
+@click.option("--keep", is_flag=True, help="Keep the whole work folder after a successful run (a failed run keeps "
+                                           "it; a successful one keeps the real guest's disks and the recovery "
+                                           "storage).")
 @click.option("--inject-failure", type=click.Choice(FAILURES), default=None,
               help="Break something on purpose to see a check fail: corrupt-replica overwrites 4 KiB of a "
                    "replica just before the replicas are verified.")
@@ -146,5 +175,5 @@ def demo(workdir: Path, backend: str, as_json: bool, seed: int, time_scale: floa
     console.say(f"demo finished in {time.monotonic() - started:.0f} s")
     print_report(report, console, as_json, workdir)
     if report.ok and not keep:
-        shutil.rmtree(workdir, ignore_errors=True)
+        _remove_except(workdir, _kept_paths(report))
     sys.exit(0 if report.ok else (130 if report.interrupted else 1))

@@ -44,6 +44,8 @@ class Report:
     """By backend: Flower's address and the tasks it saw."""
     cleanup: list[Check] = field(default_factory=list)
     interrupted: bool = False
+    paths: dict[str, Any] = field(default_factory=dict)
+    """Where the real-VM stage's files are kept: storage_root, source_disks, recovery_disks."""
 
     @property
     def failed_checks(self) -> list[str]:
@@ -59,7 +61,7 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         return {
             "ok": self.ok, "interrupted": self.interrupted, "failed_checks": self.failed_checks,
-            "flower": self.flower,
+            "flower": self.flower, "paths": self.paths,
             "stages": [{**asdict(s), "ok": s.ok} for s in self.stages],
             "cleanup": [asdict(c) for c in self.cleanup],
         }

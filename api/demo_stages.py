@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from api.demo_realvm import REAL_VM, stage_real_vm
 from api.demo_report import Check, Console, MiB, Report, Stage, compare_disks
 from api.demo_site import (
     FLOWER_USER,
@@ -221,6 +222,7 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("drill", f"Test failover of {FAILOVER_VM} to the latest point, cleanup"),
     ("failover", f"Planned failover, failback and reverse replication of {FAILOVER_VM}"),
     ("plan", "Recovery plan test failover of the other VMs, cleanup"),
+    ("real-vm", f"A real QEMU guest ({REAL_VM}): protect, planned failover, boot and its own data check"),
 )
 
 
@@ -240,6 +242,7 @@ def run_backend(backend: str, workdir: Path, console: Console, report: Report, *
         "drill": lambda stage, checks: stage_drill(deployment, stage, checks),
         "failover": lambda stage, checks: stage_failover(deployment, stage, checks),
         "plan": lambda stage, checks: stage_plan(deployment, stage, checks),
+        "real-vm": lambda stage, checks: stage_real_vm(deployment, stage, checks, report),
     }
     try:
         for number, stage in enumerate(stages, 1):

@@ -36,7 +36,7 @@ def guest_definition(image: Any, *, heartbeat: str | None = None, boot_timeout_s
                      workload_kib_s: int = 256, agent: bool = True) -> GuestDefinition:
     cmdline = f"{image.cmdline} asr.workload={workload_kib_s}" + ("" if agent else " asr.agent=0")
     return GuestDefinition(
-        kernel=image.kernel.name, initrd=image.initrd.name, cmdline=cmdline,
+        kernel=image.kernel, initrd=image.initrd, cmdline=cmdline,
         heartbeat=heartbeat or image.heartbeat, check_pass=image.check_pass, check_fail=image.check_fail,
         guest_agent=agent, boot_timeout_s=boot_timeout_s,
     )
@@ -47,7 +47,7 @@ def create_guest_vm(site: RecoverySite, image: Any, name: str = "web01", **optio
     driver = site.host("host1")
     images = driver.root / "images"
     images.mkdir(parents=True, exist_ok=True)
-    for source in (image.kernel, image.initrd):
+    for source in (image.kernel_path, image.initrd_path):
         if not (images / source.name).exists():
             shutil.copy(source, images / source.name)
     data = images / f"{name}-data.raw"
