@@ -8,11 +8,12 @@ AZURITE_VERSION := 3.37.0
 AZURITE := .tools/node_modules/.bin/azurite-blob
 PYTEST_ARGS ?=
 
-.PHONY: test demo bench install tools clean help
+.PHONY: test demo bench install tools guest clean help
 
 help:
 	@echo "make demo   - run the whole engine end to end on this machine (installs what it needs)"
 	@echo "make test   - lint (ruff) and run every test (installs what it needs, starts its own Azurite/Redis)"
+	@echo "make guest  - build the test guest (a real Linux VM for QEMU) into $(GUEST)"
 	@echo "make bench  - run the benchmarks and write docs/benchmarks.md (not part of make test)"
 
 $(VENV)/.installed: pyproject.toml
@@ -33,8 +34,15 @@ $(AZURITE):
 tools:
 	@bash scripts/ensure-tools.sh
 
+# The test guest, a real Linux VM QEMU boots as a protected VM, built from Debian packages (kernel via
+# apt-get download, busybox-static); see docs/runtime.md. Skipped quickly when up to date.
+GUEST := .tools/guest
+
+guest: $(VENV)/.installed tools
+	$(PY) -m sites.guest.build --out $(GUEST)
+
 # Lint first (ruff, configured in pyproject.toml): a finding fails the run before the tests start.
-test: install tools
+test: install tools guest
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
@@ -43,7 +51,7 @@ test: install tools
 # tests (qemu-img, rsync) are not needed.
 DEMO_AZURITE = $(if $(or $(findstring azure,$(DEMO_ARGS)),$(findstring both,$(DEMO_ARGS))),$(AZURITE))
 
-demo: $(VENV)/.installed $(DEMO_AZURITE)
+demo: $(VENV)/.installed $(DEMO_AZURITE) guest
 	@bash scripts/ensure-tools.sh redis-server
 	$(VENV)/bin/asr demo --workdir demo-work $(DEMO_ARGS)
 
