@@ -44,3 +44,16 @@ class NetworkConfigError(NonRecoverableError):
 class QuiesceError(RecoverableError):
     """The VM could not be brought to an application-consistent state: the workload did not hold its
     writes in time, or a pre/post quiesce command failed or timed out. Trying again may succeed."""
+
+
+class GuestError(NonRecoverableError):
+    """A QEMU guest could not be started, did not answer, or did not say what was expected on its console
+    in time: a bad kernel, initrd or drive, QEMU exiting, a guest that crashed or hangs."""
+
+
+class GuestTimeoutError(GuestError, TimeoutError):
+    """The guest did not print the expected console line, or its agent did not answer, in time."""
+
+
+class GuestAgentError(GuestError):
+    """The guest agent answered a command with an error."""
