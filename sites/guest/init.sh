@@ -59,20 +59,26 @@ clean_shutdown() {
 
 # The power button driver (button.ko) reports a press as a key event on the input device named
 # "Power Button"; reading one event from it blocks until the press. (This kernel has no /proc/acpi/event.)
+# A press while nobody has the device open is lost, so the device is opened before `button.ready` says
+# the watcher is listening, and boot waits for that before its heartbeat.
 watch_power_button() {
     for name in /sys/class/input/event*/device/name; do
         [ -e "$name" ] || continue
         if [ "$(cat "$name")" = "Power Button" ]; then
             event=${name%/device/name}
+            device=/dev/input/${event##*/}
+            exec 4< "$device" || { say "ASR-GUEST-ERROR cannot open the power button $device"; touch "$RUN/button.ready"; return; }
+            touch "$RUN/button.ready"
             # One input_event is 24 bytes on x86_64; a shorter read is refused.
-            if error=$(dd if=/dev/input/${event##*/} of=/dev/null bs=24 count=1 2>&1); then
+            if error=$(dd of=/dev/null bs=24 count=1 <&4 2>&1); then
                 clean_shutdown
             else
-                say "ASR-GUEST-ERROR cannot read the power button (/dev/input/${event##*/}): $error"
+                say "ASR-GUEST-ERROR cannot read the power button ($device): $error"
             fi
             return
         fi
     done
+    touch "$RUN/button.ready"
     say "ASR-GUEST-ERROR no ACPI power button input device: only a guest-shutdown powers this guest off cleanly"
 }
 
@@ -189,6 +195,8 @@ for module in $(cat /etc/asr-modules); do
     modprobe "$module" || say "ASR-GUEST-ERROR cannot load module $module"
 done
 
+watch_power_button &
+
 waited=0  # the disk appears once virtio_blk has probed it
 while [ ! -b /dev/vda ] && [ $waited -lt 50 ]; do usleep 100000; waited=$((waited + 1)); done
 [ -b /dev/vda ] || fatal "no data disk /dev/vda"
@@ -208,9 +216,10 @@ if [ -e $DATA/$MANIFEST ]; then
 else
     say "ASR-CHECK: PASS 0 files"
 fi
+waited=0
+while [ ! -e "$RUN/button.ready" ] && [ $waited -lt 50 ]; do usleep 100000; waited=$((waited + 1)); done
 say "ASR-GUEST-READY $(cat /proc/sys/kernel/random/boot_id)"
 
-watch_power_button &
 [ "$(cmdline_value asr.agent 1)" = 0 ] || guest_agent &
 
 rate=$(cmdline_value asr.workload 0)

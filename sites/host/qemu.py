@@ -270,11 +270,19 @@ class QemuRuntime:
 
     def _running(self, folder: Path) -> _QemuProcess | None:
         try:
-            record = json.loads((folder / QEMU_PID).read_text())
+            text = (folder / QEMU_PID).read_text()
+            record = json.loads(text)
         except (FileNotFoundError, ValueError):
             return None
         process = _QemuProcess(record["pid"], record["start_ticks"], Path(record["sockets"]))
-        return process if self._alive(process) else None
+        if self._alive(process):
+            return process
+        # The guest powered itself off (or crashed): tidy up what it left, unless a new start has
+        # replaced the pid file meanwhile.
+        with contextlib.suppress(FileNotFoundError):
+            if (folder / QEMU_PID).read_text() == text:
+                self._forget(folder, process)
+        return None
 
     def _alive(self, process: _QemuProcess) -> bool:
         child = self._children.get(process.pid)
