@@ -15,9 +15,10 @@ import pytest
 from sites.guest import DataDiskError, GuestImage, build_guest, make_data_disk
 from sites.guest.build import extract_vmlinux
 from sites.guest.errors import GuestBuildError
-from sites.host.errors import GuestError, GuestTimeoutError
+from sites.host.errors import GuestAgentError, GuestError, GuestTimeoutError
 from sites.host.guestagent import GuestAgent
-from sites.host.qemu import CONSOLE_LOG, QEMU_PID, GuestDrive, GuestSpec, QemuRuntime, socket_dir
+from sites.host.qemu import CONSOLE_LOG, QEMU_PID, QMP_SOCKET, GuestDrive, GuestSpec, QemuRuntime, socket_dir
+from sites.host.qmp import qmp_execute
 
 BOOT_TIMEOUT_S = 90.0  # ~4 s alone under TCG; several times that when other tests load the machine
 DISK_SIZE = 64 << 20
@@ -99,6 +100,9 @@ def test_guest_checks_writes_powers_off_and_rechecks(test_guest: GuestImage, run
     print(f"first boot: heartbeat after {time.monotonic() - started:.1f} s")
     runtime.wait_for_console(folder, r"ASR-WORKLOAD-DONE 5\b", BOOT_TIMEOUT_S, since=heartbeat.end())
     assert runtime.state(folder) == "running"
+    qmp_execute(socket_dir(folder) / QMP_SOCKET, "stop")
+    assert runtime.state(folder) == "paused"
+    qmp_execute(socket_dir(folder) / QMP_SOCKET, "cont")
 
     assert runtime.power_down(folder, timeout=60) == "acpi"
     assert "ASR-GUEST-POWEROFF" in runtime.console_tail(folder)
@@ -116,6 +120,72 @@ def test_guest_checks_writes_powers_off_and_rechecks(test_guest: GuestImage, run
     assert second.group(1) != heartbeat.group(1)  # a new boot, with a console log of its own
     assert (folder / "console.previous.log").read_text(errors="replace").count("ASR-WORKLOAD-DONE 5") == 1
     assert runtime.power_down(folder, timeout=60) == "acpi"
+
+
+def test_a_crash_mid_workload_leaves_a_disk_that_passes_the_check(test_guest: GuestImage, runtime: QemuRuntime,
+                                                                   tmp_path: Path) -> None:
+    """Every manifest line names a file made durable before the line was written: killing QEMU in the
+    middle of the workload (the disk as a crash left it) must not make the next boot's check fail."""
+    folder, disk = tmp_path / "vm", tmp_path / "data.raw"
+    make_data_disk(disk, DISK_SIZE)
+    runtime.start(_spec(test_guest, folder, disk, "asr.workload=100000"))
+    heartbeat = runtime.wait_for_console(folder, test_guest.heartbeat, BOOT_TIMEOUT_S)
+    runtime.wait_for_console(folder, r"ASR-WORKLOAD: 10 files", BOOT_TIMEOUT_S, since=heartbeat.end())
+    runtime.kill(folder)
+    assert runtime.state(folder) == "off"
+
+    runtime.start(_spec(test_guest, folder, disk))
+    checked = runtime.wait_for_console(folder, test_guest.check_pass, BOOT_TIMEOUT_S)
+    assert int(checked.group(1)) >= 10
+    assert runtime.power_down(folder, timeout=60) == "acpi"
+
+
+def test_guest_on_an_nbd_disk(test_guest: GuestImage, runtime: QemuRuntime, tmp_path: Path) -> None:
+    """A drive served over NBD (by qemu-nbd here, an independent server), its socket at a path too long
+    for a sockaddr_un: the runtime reaches it through a short symlink."""
+    disk = tmp_path / "data.raw"
+    make_data_disk(disk, DISK_SIZE)
+    served = tmp_path / ("a-long-folder-for-the-nbd-socket-" * 3)
+    served.mkdir()
+    server = subprocess.Popen(["qemu-nbd", f"--socket={tmp_path / 'nbd.sock'}", "--export-name=data",
+                               "--format=raw", "--persistent", "--discard=unmap", str(disk)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "nbd.sock").exists():
+            assert server.poll() is None and time.monotonic() < deadline, "qemu-nbd did not start"
+            time.sleep(0.05)
+        # A bound socket keeps working when renamed: this is the only way to have one at a long path.
+        (tmp_path / "nbd.sock").rename(served / "nbd.sock")
+        assert len(str(served / "nbd.sock")) > 107
+        folder = tmp_path / "vm"
+        drive = GuestDrive("data", nbd_socket=served / "nbd.sock")
+        spec = GuestSpec(folder, test_guest.kernel_path, test_guest.initrd_path,
+                         f"{test_guest.cmdline} asr.write_files=3", (drive,))
+        runtime.start(spec)
+        heartbeat = runtime.wait_for_console(folder, test_guest.heartbeat, BOOT_TIMEOUT_S)
+        runtime.wait_for_console(folder, r"ASR-WORKLOAD-DONE 3\b", BOOT_TIMEOUT_S, since=heartbeat.end())
+        assert runtime.power_down(folder, timeout=60) == "acpi"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    fsck = _e2fsck(disk)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+def test_a_disk_without_ext4_powers_the_guest_off(test_guest: GuestImage, runtime: QemuRuntime,
+                                                  tmp_path: Path) -> None:
+    disk = tmp_path / "blank.raw"
+    with open(disk, "wb") as blank:
+        blank.truncate(DISK_SIZE)
+    folder = tmp_path / "vm"
+    runtime.start(_spec(test_guest, folder, disk))
+    runtime.wait_for_console(folder, "ASR-GUEST-ERROR cannot mount /dev/vda as ext4", BOOT_TIMEOUT_S)
+    deadline = time.monotonic() + 30
+    while runtime.state(folder) != "off" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert runtime.state(folder) == "off"
+    assert "ASR-GUEST-READY" not in runtime.console_tail(folder)
 
 
 def test_corrupted_file_fails_the_check(test_guest: GuestImage, runtime: QemuRuntime, tmp_path: Path) -> None:
@@ -156,6 +226,8 @@ def test_guest_agent_freezes_and_thaws_and_shuts_down(test_guest: GuestImage, ru
     runtime.wait_for_console(folder, "^ASR-FREEZE", 10, since=heartbeat.end())
     assert agent.status() == "frozen"
     assert agent.freeze() == 1  # freezing a frozen guest is no error
+    with pytest.raises(GuestAgentError, match="CommandNotFound"):
+        agent.execute("guest-get-time")
     assert agent.thaw() == 1
     thawed = runtime.wait_for_console(folder, "^ASR-THAW", 10, since=heartbeat.end())
     assert agent.status() == "thawed"

@@ -28,25 +28,26 @@ class GuestAgent:
         self.timeout = timeout
 
     def ping(self) -> None:
-        self._execute("guest-ping")
+        self.execute("guest-ping")
 
     def freeze(self) -> int:
         """Freeze the guest's file systems (the guest pauses its writer first); how many were frozen."""
-        return int(self._execute("guest-fsfreeze-freeze", timeout=max(self.timeout, 40.0)))
+        return int(self.execute("guest-fsfreeze-freeze", timeout=max(self.timeout, 40.0)))
 
     def thaw(self) -> int:
-        return int(self._execute("guest-fsfreeze-thaw"))
+        return int(self.execute("guest-fsfreeze-thaw"))
 
     def status(self) -> str:
         """"frozen" or "thawed"."""
-        return str(self._execute("guest-fsfreeze-status"))
+        return str(self.execute("guest-fsfreeze-status"))
 
     def shutdown(self) -> None:
         """Ask for a clean power-off; the agent does not answer it (the guest goes away)."""
-        self._execute("guest-shutdown", {"mode": "powerdown"}, expect_reply=False)
+        self.execute("guest-shutdown", {"mode": "powerdown"}, expect_reply=False)
 
-    def _execute(self, command: str, arguments: dict | None = None, expect_reply: bool = True,
-                 timeout: float | None = None) -> Any:
+    def execute(self, command: str, arguments: dict | None = None, expect_reply: bool = True,
+                timeout: float | None = None) -> Any:
+        """Run one agent command and return its "return" value (GuestAgentError when the agent refuses it)."""
         path = socket_dir(self.folder) / AGENT_SOCKET
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
