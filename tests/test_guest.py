@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,6 +76,15 @@ def test_guest_build_is_cached(test_guest: GuestImage) -> None:
 def test_extract_vmlinux_refuses_a_file_without_kernel() -> None:
     with pytest.raises(GuestBuildError, match="no xz-compressed ELF kernel"):
         extract_vmlinux(b"MZ" + bytes(4096))
+
+
+def test_guest_build_without_apt_says_so(tmp_path: Path) -> None:
+    built = subprocess.run([sys.executable, "-m", "sites.guest.build", "--out", str(tmp_path / "guest")],
+                           capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PATH": str(tmp_path / "empty")})
+    assert built.returncode == 1
+    assert "cannot build the guest" in built.stderr and "apt-cache is not installed" in built.stderr
+    assert "Debian" in built.stderr
 
 
 def test_data_disk_bad_input(tmp_path: Path) -> None:

@@ -127,7 +127,9 @@ def _download(package: str, version: str, cache: Path) -> Path:
     wanted = [deb for deb in matches if deb.name.startswith(f"{package}_{version.replace(':', '%3a')}_")]
     if wanted:
         return wanted[0]
-    _run(["apt-get", "download", "-q", f"{package}={version}"], f"downloading {package} {version}", cwd=cache)
+    _run(["apt-get", "download", "-q", f"{package}={version}"],
+         f"downloading {package} {version} (needs the network and Debian's package lists: apt-get update)",
+         cwd=cache)
     for stale in matches:  # an older kernel package of an earlier build
         stale.unlink()
     downloaded = sorted(cache.glob(f"{package}_*.deb"))
