@@ -14,6 +14,7 @@ import json
 import lzma
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,7 @@ MODULES = ("virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_
 COMMAND_TIMEOUT_S = 600
 _XZ_MAGIC = b"\xfd7zXZ\x00"
 _ELF_MAGIC = b"\x7fELF"
+_PT_INTERP = 3
 
 
 def build_guest(out: Path, log=print) -> GuestImage:
@@ -118,6 +120,9 @@ def _kernel_package() -> tuple[str, str]:
 def _installed_version(package: str) -> str:
     if not BUSYBOX.exists():
         raise GuestBuildError(f"{BUSYBOX} is missing: install {BUSYBOX_PACKAGE} (scripts/ensure-tools.sh busybox)")
+    if _has_interpreter(BUSYBOX.read_bytes()):
+        raise GuestBuildError(f"{BUSYBOX} is dynamically linked (Debian's busybox package?): the guest has no C "
+                              f"library, install {BUSYBOX_PACKAGE}")
     return _run(["dpkg-query", "-W", "-f", "${Version}", package], f"looking up the installed {package}").strip()
 
 
@@ -136,6 +141,16 @@ def _download(package: str, version: str, cache: Path) -> Path:
     if not downloaded:
         raise GuestBuildError(f"apt-get download {package}={version} left no .deb in {cache}")
     return downloaded[0]
+
+
+def _has_interpreter(elf: bytes) -> bool:
+    """Whether a 64-bit little-endian ELF executable names a program interpreter (PT_INTERP): it is
+    dynamically linked."""
+    if elf[:4] != _ELF_MAGIC or elf[4] != 2:
+        raise GuestBuildError(f"{BUSYBOX} is not a 64-bit ELF executable")
+    phoff, = struct.unpack_from("<Q", elf, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    return any(struct.unpack_from("<I", elf, phoff + index * phentsize)[0] == _PT_INTERP for index in range(phnum))
 
 
 def _kernel_release(unpacked: Path, package: str) -> str:

@@ -117,7 +117,11 @@ class QemuRuntime:
         sockets.mkdir(mode=0o700, parents=True, exist_ok=True)
         for stale in (QMP_SOCKET, AGENT_SOCKET):
             (sockets / stale).unlink(missing_ok=True)
-        command = self._command(spec, folder, sockets)
+        try:
+            command = self._command(spec, folder, sockets)
+        except GuestError:
+            self._forget(folder, None)  # the short socket folder, an NBD symlink
+            raise
         with contextlib.suppress(FileNotFoundError):
             os.replace(folder / CONSOLE_LOG, folder / PREVIOUS_CONSOLE_LOG)
         (folder / CONSOLE_LOG).touch()
