@@ -38,7 +38,8 @@ tools:
 # apt-get download, busybox-static); see docs/runtime.md. Skipped quickly when up to date.
 GUEST := .tools/guest
 
-guest: $(VENV)/.installed tools
+guest: $(VENV)/.installed
+	@bash scripts/ensure-tools.sh busybox qemu-system-x86_64 mkfs.ext4 e2fsck
 	$(PY) -m sites.guest.build --out $(GUEST)
 
 # Lint first (ruff, configured in pyproject.toml): a finding fails the run before the tests start.
@@ -48,7 +49,7 @@ test: install tools guest
 
 # The demo starts its own redis-server on a free port (installed by scripts/ensure-tools.sh when missing
 # and the machine allows it); Azurite only for `DEMO_ARGS="--backend azure"` or `both`. The outside tools of the
-# tests (qemu-img, rsync) are not needed.
+# tests (qemu-img, rsync) are not needed; the real guest's are (the guest target installs them).
 DEMO_AZURITE = $(if $(or $(findstring azure,$(DEMO_ARGS)),$(findstring both,$(DEMO_ARGS))),$(AZURITE))
 
 demo: $(VENV)/.installed $(DEMO_AZURITE) guest

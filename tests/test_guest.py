@@ -213,7 +213,8 @@ def test_corrupted_file_fails_the_check(test_guest: GuestImage, runtime: QemuRun
     disk.write_bytes(image)
 
     folder = tmp_path / "vm"
-    runtime.start(_spec(test_guest, folder, disk, guest_agent=False))
+    runtime.start(_spec(test_guest, folder, disk, guest_agent=False, network="isolated"))
+    assert "user,id=net0,restrict=on" in (folder / QEMU_PID).read_text()
     failed = runtime.wait_for_console(folder, test_guest.check_fail, BOOT_TIMEOUT_S)
     assert "files/precious" in failed.group(1)
     assert "ASR-CHECK: PASS" not in runtime.console_tail(folder)
