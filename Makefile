@@ -8,11 +8,12 @@ AZURITE_VERSION := 3.37.0
 AZURITE := .tools/node_modules/.bin/azurite-blob
 PYTEST_ARGS ?=
 
-.PHONY: test demo bench install tools clean help
+.PHONY: test demo bench install tools guest clean help
 
 help:
 	@echo "make demo   - run the whole engine end to end on this machine (installs what it needs)"
 	@echo "make test   - lint (ruff) and run every test (installs what it needs, starts its own Azurite/Redis)"
+	@echo "make guest  - build the test guest (a real Linux VM for QEMU) into $(GUEST)"
 	@echo "make bench  - run the benchmarks and write docs/benchmarks.md (not part of make test)"
 
 $(VENV)/.installed: pyproject.toml
@@ -33,17 +34,25 @@ $(AZURITE):
 tools:
 	@bash scripts/ensure-tools.sh
 
+# The test guest, a real Linux VM QEMU boots as a protected VM, built from Debian packages (kernel via
+# apt-get download, busybox-static); see docs/runtime.md. Skipped quickly when up to date.
+GUEST := .tools/guest
+
+guest: $(VENV)/.installed
+	@bash scripts/ensure-tools.sh busybox qemu-system-x86_64 mkfs.ext4 e2fsck
+	$(PY) -m sites.guest.build --out $(GUEST)
+
 # Lint first (ruff, configured in pyproject.toml): a finding fails the run before the tests start.
-test: install tools
+test: install tools guest
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # The demo starts its own redis-server on a free port (installed by scripts/ensure-tools.sh when missing
 # and the machine allows it); Azurite only for `DEMO_ARGS="--backend azure"` or `both`. The outside tools of the
-# tests (qemu-img, rsync) are not needed.
+# tests (qemu-img, rsync) are not needed; the real guest's are (the guest target installs them).
 DEMO_AZURITE = $(if $(or $(findstring azure,$(DEMO_ARGS)),$(findstring both,$(DEMO_ARGS))),$(AZURITE))
 
-demo: $(VENV)/.installed $(DEMO_AZURITE)
+demo: $(VENV)/.installed $(DEMO_AZURITE) guest
 	@bash scripts/ensure-tools.sh redis-server
 	$(VENV)/bin/asr demo --workdir demo-work $(DEMO_ARGS)
 

@@ -1,21 +1,32 @@
 #!/usr/bin/env bash
 # Installs the outside tools a target needs when missing and the machine allows it (root with apt-get);
 # otherwise says exactly what to install and fails. Arguments: the commands needed (default: every one
-# the tests use: qemu-img, rsync, redis-server, faketime (libfaketime: a host agent with a skewed clock)).
+# the tests use: qemu-img, rsync, redis-server, faketime (libfaketime: a host agent with a skewed clock),
+# and for the real QEMU guests: qemu-system-x86_64, busybox (static: the guest's userland), mkfs.ext4 and
+# e2fsck (the guests' data disks), qemu-nbd and qemu-io (independent NBD peers)).
 set -euo pipefail
-declare -A package=([qemu-img]=qemu-utils [rsync]=rsync [redis-server]=redis-server [faketime]=faketime)
+declare -A package=([qemu-img]=qemu-utils [rsync]=rsync [redis-server]=redis-server [faketime]=faketime
+    [qemu-system-x86_64]=qemu-system-x86 [busybox]=busybox-static [mkfs.ext4]=e2fsprogs [e2fsck]=e2fsprogs
+    [qemu-nbd]=qemu-utils [qemu-io]=qemu-utils)
 wanted=("$@")
-[ ${#wanted[@]} -eq 0 ] && wanted=(qemu-img rsync redis-server faketime)
+[ ${#wanted[@]} -eq 0 ] && wanted=(qemu-img rsync redis-server faketime qemu-system-x86_64 busybox mkfs.ext4 e2fsck
+    qemu-nbd qemu-io)
 missing=()
 for tool in "${wanted[@]}"; do
-    command -v "$tool" >/dev/null || missing+=("${package[$tool]}")
+    [ -n "${package[$tool]:-}" ] || { echo "ensure-tools.sh: no package known for command '$tool'" >&2; exit 2; }
+    # mkfs.ext4 and e2fsck live in /sbin, which a non-root PATH may lack.
+    command -v "$tool" >/dev/null || [ -x "/sbin/$tool" ] || [ -x "/usr/sbin/$tool" ] || missing+=("${package[$tool]}")
 done
+# Two commands of one package are installed once.
+mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u | sed '/^$/d')
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing ${missing[*]} with apt-get"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq "${missing[@]}"; }
+    # --no-install-recommends: qemu-system-x86 would otherwise pull in a desktop's worth of packages.
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1 \
+        || { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"; }
     exit 0
 fi
-echo "missing outside tools: ${missing[*]}. Install them, e.g. 'sudo apt-get install ${missing[*]}'" >&2
+echo "missing outside tools: ${missing[*]}. Install them, e.g. 'sudo apt-get install --no-install-recommends ${missing[*]}'" >&2
 exit 1

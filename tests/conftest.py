@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlmodel import Session
 
 from models.db import dispose_engines, get_engine, init_db
+from sites.guest import GuestBuildError, GuestImage, build_guest
 from sites.localservices import AzuriteProcess, ServiceStartError
 from sites.storage.azure import AzureBlobStorage
 from sites.storage.base import RecoveryStorage
@@ -34,6 +35,20 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzuriteProcess
         pytest.fail(str(error), pytrace=False)
     yield process
     process.stop()
+
+
+# ---- the real test guest ------------------------------------------------------------------------
+GUEST_FOLDER = Path(__file__).resolve().parents[1] / ".tools" / "guest"
+"""Where `make guest` builds the test guest; a session builds it there too when it is missing."""
+
+
+@pytest.fixture(scope="session")
+def test_guest() -> GuestImage:
+    """The test guest (sites/guest), built from Debian packages on first use and cached in .tools/guest."""
+    try:
+        return build_guest(GUEST_FOLDER, log=lambda line: None)
+    except GuestBuildError as error:
+        pytest.fail(f"cannot build the test guest: {error}", pytrace=False)
 
 
 # ---- databases ------------------------------------------------------------------------------------

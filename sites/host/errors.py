@@ -48,3 +48,16 @@ class QuiesceError(RecoverableError):
 
 class GuestBootError(RecoverableError):
     """A QEMU guest did not start or did not reach its heartbeat in time; trying again may succeed."""
+
+
+class GuestError(NonRecoverableError):
+    """A QEMU guest could not be started, did not answer, or did not say what was expected on its console
+    in time: a bad kernel, initrd or drive, QEMU exiting, a guest that crashed or hangs."""
+
+
+class GuestTimeoutError(GuestError, TimeoutError):
+    """The guest did not print the expected console line, or its agent did not answer, in time."""
+
+
+class GuestAgentError(GuestError):
+    """The guest agent answered a command with an error."""
