@@ -27,6 +27,7 @@ from pathlib import Path
 
 from datapath.buffers import aligned_buffer
 from datapath.disk import LocalDisk, open_disk
+from datapath.durable import replace_file
 from datapath.endpoint import SECTOR
 from datapath.errors import AlignmentError
 from datapath.logformat import HEADER_SIZE, MAX_RECORD_DATA, RECORD_OVERHEAD, LogHeader, LogState, LogWriter
@@ -405,13 +406,7 @@ class ReplicationTracker:
             unlink_quietly(self._files.resync_reason)
 
     def _write_reason(self, reason: str) -> None:
-        staging = self._files.resync_reason.with_name(self._files.resync_reason.name + ".tmp")
-        with open(staging, "w") as f:
-            f.write(reason + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(staging, self._files.resync_reason)
-        self._files.sync_directory()
+        replace_file(self._files.resync_reason, (reason + "\n").encode())
 
     # ---- snapshot ------------------------------------------------------------------------------
     def create_snapshot(self, *, clears_resync: bool = False) -> int:
