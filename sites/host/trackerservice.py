@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -290,6 +291,8 @@ class TrackerService:
         else:
             raise TrackerServiceError(f"tracker service pid {record['pid']} survived SIGKILL (stuck in the kernel?)")
         (self.runtime_dir / PID_FILE).unlink(missing_ok=True)
+        if self.socket_dir != self.runtime_dir:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)  # ours alone: named after the runtime dir
         return outcome
 
     def _record(self) -> dict | None:
