@@ -13,6 +13,12 @@ updated to include it (the commit point), (3) the old contents preserved if a sn
 the disk unchanged and the record is overwritten by the next one; a crash after (2) is finished by
 the next process to take the lock, which replays the committed records the disk may lack. So the
 disk never holds a write its log lacks, and the log never holds one the disk will not get.
+
+Step (5) is not a control update of its own: it rides on the next one the same tracker object makes
+(the next write's commit, a seal, a flush), which halves the control updates of a stream of writes.
+Until then the control file says the last record may be missing from the disk, which is only ever
+true of that one record, so the replay above stays "the last committed record"; another process (or
+this one after a restart) replays it, rewriting bytes the disk already holds, which changes nothing.
 """
 from __future__ import annotations
 
@@ -93,6 +99,9 @@ class ReplicationTracker:
         self._log_fd = -1
         self._log_header: LogHeader | None = None
         self._copy_on_write = CopyOnWrite(self._files)
+        # (control counter, generation, log end) of the commit whose record this object wrote to the
+        # disk, not yet recorded as applied (step 5 of the module docstring).
+        self._applied_unrecorded: tuple[int, int, int] | None = None
         try:
             with self._locked() as control:
                 self.disk_id: bytes = control.disk_id
@@ -219,8 +228,8 @@ class ReplicationTracker:
         with self._locked() as control:
             self._active_writer(control)
             os.fdatasync(self._log_fd)
-            os.fsync(self._control_file.fd)
             self._writable_disk().flush()
+            self._control_file.write(control, fsync=True)  # also records the last write as applied
 
     def read(self, offset: int, length: int) -> bytes:
         """`length` bytes of the live disk at `offset`."""
@@ -255,10 +264,11 @@ class ReplicationTracker:
         seq = writer.append(offset, data) if data is not None else writer.append_zeros(offset, length)
         if durable:
             os.fdatasync(self._log_fd)
-        control = self._control_file.write(replace(control, log=writer.state), fsync=durable)
+        # `control` says the previous record is applied (see `_locked`): recorded with this commit.
+        control = self._control_file.write(control.evolve(log=writer.state), fsync=durable)
         self._write_disk(control, offset, data, length, durable)
-        control = self._control_file.write(replace(control, applied_end=control.log.end))
-        return control, seq
+        self._applied_unrecorded = (control.counter, control.generation, control.log.end)
+        return control.evolve(applied_end=control.log.end), seq
 
     def _write_disk(
         self, control: ControlState, offset: int, data: memoryview | None, length: int, durable: bool
@@ -462,6 +472,10 @@ class ReplicationTracker:
             fcntl.flock(self._control_file.fd, fcntl.LOCK_EX)
             try:
                 control = self._control_file.read()
+                if control.applied_end < control.log.end and self._applied_unrecorded == (
+                        control.counter, control.generation, control.log.end):
+                    # This object wrote that record to the disk itself; nobody wrote the control file since.
+                    control = control.evolve(applied_end=control.log.end)
                 if control.disabled:
                     raise NotTrackedError(f"disk {self.disk_path} is no longer enabled for replication tracking")
                 if control.sealing:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import re
 import struct
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import mmh3
@@ -36,6 +36,8 @@ _CONTROL_VERSION = 1
 # records, data bytes, digest, log end, applied end, snapshot generation, sealing generation
 _CONTROL_FIELDS = struct.Struct("<8sHHIQ16sQQQQQQ16sQQQQ")
 _CONTROL_SLOT = 256
+_COUNTER = struct.Struct("<Q")
+_COUNTER_OFFSET = 16
 _FLAG_DISABLED = 1
 # Added after version 1 files existed: they have the bit clear, which reads as "not required".
 _FLAG_RESYNC_REQUIRED = 2
@@ -71,6 +73,14 @@ class ControlState:
     """The logs may lack writes the disk has (the tracker service stopped uncleanly): shipping them
     cannot bring the replica in line; only a resync from a snapshot taken after this can. The reason
     is in the side file `TrackerFiles.resync_reason`."""
+
+    def evolve(self, **changes: object) -> ControlState:
+        """`dataclasses.replace`, without its per-field introspection: a write makes several of these,
+        and `replace` alone cost a tenth of a 64 KiB write's time."""
+        state = object.__new__(ControlState)
+        state.__dict__.update(self.__dict__)
+        state.__dict__.update(changes)
+        return state
 
     @property
     def flags(self) -> int:
@@ -120,15 +130,21 @@ class ControlFile:
 
     def read(self) -> ControlState:
         raw = os.pread(self.fd, 2 * _CONTROL_SLOT, 0)
-        slots = [ControlState.decode(raw[i * _CONTROL_SLOT : (i + 1) * _CONTROL_SLOT]) for i in (0, 1)]
-        valid = [slot for slot in slots if slot is not None]
-        if not valid:
-            raise TrackerStateError(f"tracker control file {self.path} is damaged: no valid state slot")
-        return max(valid, key=lambda control: control.counter)
+        slots = [raw[:_CONTROL_SLOT], raw[_CONTROL_SLOT : 2 * _CONTROL_SLOT]]
+        # The slot claiming the higher counter first: decoding (checksum included) is most of a read's
+        # cost, and the other slot is needed only when that one is torn.
+        # (The file ends after the second slot's used bytes: a slot may be shorter than _CONTROL_SLOT.)
+        slots.sort(key=lambda slot: _COUNTER.unpack_from(slot, _COUNTER_OFFSET)[0]
+                   if len(slot) >= _COUNTER_OFFSET + _COUNTER.size else -1, reverse=True)
+        for slot in slots:
+            control = ControlState.decode(slot)
+            if control is not None:
+                return control
+        raise TrackerStateError(f"tracker control file {self.path} is damaged: no valid state slot")
 
     def write(self, control: ControlState, *, fsync: bool = False) -> ControlState:
         """Store `control` in the slot not holding the current state; return it as stored."""
-        control = replace(control, counter=control.counter + 1)
+        control = control.evolve(counter=control.counter + 1)
         write_fully(self.fd, [control.encode()], (control.counter % 2) * _CONTROL_SLOT)
         if fsync:
             os.fsync(self.fd)

@@ -22,6 +22,7 @@ import pytest
 from datapath import nbd
 from datapath.tracker import ReplicationTracker
 from sites.host.trackerservice import TrackerService, TrackerServiceError, serving_marker
+from sites.localservices import wait_until
 from tests.test_nbd import Client
 from tests.test_tracker import copy_data, data_of, logged_writes, make_disk, replay_logs
 
@@ -136,6 +137,7 @@ def test_bad_requests_and_garbage_do_not_stop_the_service(disk, tmp_path, servic
 STARTER = r"""
 import sys
 from pathlib import Path
+from sites.localservices import wait_until
 from sites.host.trackerservice import TrackerService
 print(TrackerService(Path(sys.argv[1])).start({"disk0": Path(sys.argv[2])}), flush=True)
 """
@@ -176,10 +178,12 @@ def test_sigkill_while_writing_loses_no_acknowledged_write_and_requires_resync(d
     acknowledged = [int(offset) for offset in re.findall(r"wrote 4096/4096 bytes at offset (\d+)", out)]
     assert 0 < len(acknowledged) < slots, "the kill came after every write, or before any"
     assert serving_marker(disk).exists()  # left behind
+    wait_until(lambda: not service.running(), timeout=10, what="the killed service to be gone")
 
     service.start({"disk0": disk})
     with ReplicationTracker(disk) as tracker:
-        assert tracker.resync_required() == f"tracker service stopped uncleanly (pid {pid})"
+        assert tracker.resync_required() == f"tracker service stopped uncleanly (pid {pid})", \
+            service.log_path.read_text()
     assert f"stopped uncleanly (pid {pid})" in service.log_path.read_text()
     assert service.stop() == "stopped"
 
