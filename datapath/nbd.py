@@ -13,11 +13,12 @@ What is implemented, and why no more (QEMU 7.2 is the client that matters):
   request outside the export or not a whole number of sectors gets an error reply (EINVAL, or ENOSPC
   for writes past the end) and the connection goes on; an export error gets EIO (ENOSPC when the disk
   is full). Nothing a client sends kills the server.
-- A thread per connection, handling its requests one after another: replies of a connection are thus
-  serialized, and every reply is sent only after the export finished the request (a WRITE is
-  acknowledged once it is logged and written, a FUA one once it is durable).
+- A thread per connection receiving its requests, and one executing them in order and sending the
+  replies: replies of a connection are serialized, and every reply is sent only after the export
+  finished the request (a WRITE is acknowledged once it is logged and written, a FUA one once it is
+  durable).
 
-Payloads are received straight into a buffer allocated once per connection (`recv_into`) and handed
+Payloads are received straight into buffers allocated once per connection (`recv_into`) and handed
 to the export as a memoryview: the data of a write is not copied between the socket and the export.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import queue
 import socket
 import struct
 import threading
@@ -86,6 +88,8 @@ PREFERRED_BLOCK = 4096
 MAX_OPTION_DATA = 64 * 1024
 """Option payloads are an export name and a few info requests: a larger one is a broken client."""
 _DRAIN_CHUNK = 1024 * 1024
+PIPELINE = 4
+"""Write payloads a connection receives ahead of the one being executed."""
 
 _REQUEST = struct.Struct(">IHHQQI")  # magic, command flags, type, handle, offset, length
 _SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, handle
@@ -216,7 +220,6 @@ class _Connection:
         self.no_zeroes = False
         self._small = bytearray(_REQUEST.size)
         self._small_view = memoryview(self._small)
-        self._payload: memoryview | None = None
 
     def serve(self) -> None:
         try:
@@ -250,14 +253,9 @@ class _Connection:
         self._recv_exactly(memoryview(buffer))
         return bytes(buffer)
 
-    def _payload_view(self, length: int) -> memoryview:
-        if self._payload is None:
-            self._payload = memoryview(aligned_buffer(MAX_REQUEST))
-        return self._payload[:length]
-
     def _drain(self, length: int) -> None:
         """Read and drop `length` bytes: the payload of a write refused before reading it."""
-        view = self._payload_view(min(length, _DRAIN_CHUNK))
+        view = memoryview(bytearray(min(length, _DRAIN_CHUNK)))
         while length:
             step = min(length, view.nbytes)
             self._recv_exactly(view[:step])
@@ -336,44 +334,88 @@ class _Connection:
 
     # ---- transmission -------------------------------------------------------------------------------------
     def _transmission(self, export: BlockExport) -> None:
-        size = export.size
-        while True:
+        """This thread receives requests; one executor thread runs them in order and sends the replies.
+        So the next write's payload comes off the socket while the export handles the previous one
+        (both mostly outside the GIL), and replies stay in request order. At most PIPELINE payloads
+        are held; each buffer is allocated once (an mmap: pages are committed as they are touched)."""
+        free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
+        for _ in range(PIPELINE):
+            free.put(memoryview(aligned_buffer(MAX_REQUEST)))
+        work: queue.SimpleQueue[tuple[int, int, int, int, int, memoryview | None] | None] = queue.SimpleQueue()
+        executor = threading.Thread(target=self._execute, args=(export, work, free),
+                                    name=f"{threading.current_thread().name} executor", daemon=True)
+        executor.start()
+        try:
+            self._receive_requests(export.size, work, free)
+        finally:
+            work.put(None)  # after the requests received: each is run and answered first
+            executor.join()
+
+    def _receive_requests(self, size: int, work: queue.SimpleQueue, free: queue.SimpleQueue) -> None:
+        while not self.stopping.is_set():
             magic, flags, command, handle, offset, length = _REQUEST.unpack(self._recv_small(_REQUEST.size))
             if magic != REQUEST_MAGIC:
                 raise _ProtocolError(f"request magic {magic:#x}")
             if command == CMD_DISC:
                 return
-            fua = bool(flags & CMD_FLAG_FUA)
+            payload = None
             if command == CMD_WRITE:
                 if length > MAX_REQUEST:
                     self._drain(length)
-                    self._reply(handle, errno.EINVAL)
+                    work.put((CMD_WRITE, flags, handle, offset, -1, None))  # refused: EINVAL
                     continue
-                data = self._payload_view(length)
-                self._recv_exactly(data)
-                error = _check(offset, length, size, writing=True)
-                self._reply(handle, error or self._call(export.write, offset, data, fua))
-            elif command == CMD_READ:
-                error = errno.EINVAL if length > MAX_REQUEST else _check(offset, length, size, writing=False)
-                if error:
-                    self._reply(handle, error)
-                    continue
+                payload = free.get()
                 try:
-                    payload = export.read(offset, length)
-                except Exception as exc:
-                    self._reply(handle, _errno_of(exc, export, "read", offset, length))
-                    continue
-                self.conn.sendmsg([_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle), payload])
-            elif command == CMD_FLUSH:
-                self._reply(handle, self._call(export.flush))
-            elif command in (CMD_WRITE_ZEROES, CMD_TRIM):
-                method = export.write_zeroes if command == CMD_WRITE_ZEROES else export.trim
-                error = _check(offset, length, size, writing=True)
-                self._reply(handle, error or self._call(method, offset, length, fua))
-            else:
+                    self._recv_exactly(payload[:length])
+                except BaseException:
+                    free.put(payload)
+                    raise
+            work.put((command, flags, handle, offset, length, payload))
+
+    def _execute(self, export: BlockExport, work: queue.SimpleQueue, free: queue.SimpleQueue) -> None:
+        gone = False  # the client stopped reading: what is left is still taken off the queue
+        while (request := work.get()) is not None:
+            command, flags, handle, offset, length, payload = request
+            try:
+                if not gone:
+                    self._run(export, command, flags & CMD_FLAG_FUA != 0, handle, offset, length, payload)
+            except OSError:
+                gone = True
+            except Exception:
+                log.exception("nbd: request %d failed; no more requests of this connection are run", command)
+                gone = True
+            finally:
+                if payload is not None:
+                    free.put(payload)
+
+    def _run(self, export: BlockExport, command: int, fua: bool, handle: int, offset: int, length: int,
+             payload: memoryview | None) -> None:
+        size = export.size
+        if command == CMD_WRITE:
+            if payload is None:
                 self._reply(handle, errno.EINVAL)
-            if self.stopping.is_set():
-                return  # the reply is sent; a stopping server takes no further request
+                return
+            error = _check(offset, length, size, writing=True)
+            self._reply(handle, error or self._call(export.write, offset, payload[:length], fua))
+        elif command == CMD_READ:
+            error = errno.EINVAL if length > MAX_REQUEST else _check(offset, length, size, writing=False)
+            if error:
+                self._reply(handle, error)
+                return
+            try:
+                data = export.read(offset, length)
+            except Exception as exc:
+                self._reply(handle, _errno_of(exc, export, "read", offset, length))
+                return
+            self.conn.sendmsg([_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle), data])
+        elif command == CMD_FLUSH:
+            self._reply(handle, self._call(export.flush))
+        elif command in (CMD_WRITE_ZEROES, CMD_TRIM):
+            method = export.write_zeroes if command == CMD_WRITE_ZEROES else export.trim
+            error = _check(offset, length, size, writing=True)
+            self._reply(handle, error or self._call(method, offset, length, fua))
+        else:
+            self._reply(handle, errno.EINVAL)
 
     def _call(self, method, *args) -> int:
         try:
