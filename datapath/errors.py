@@ -46,6 +46,11 @@ class LogOutOfSequenceError(NonRecoverableError):
     """A replication log's generation does not follow the last one applied to the replica."""
 
 
+class ResyncRequiredError(NonRecoverableError):
+    """A tracker's logs may lack writes its disk has (datapath.tracker's `mark_resync_required`): shipping
+    cannot bring the replica in line, only a resync can."""
+
+
 class PathOutsideRootError(NonRecoverableError):
     """A path or object name coming from outside would escape its root or container."""
 

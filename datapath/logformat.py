@@ -181,6 +181,33 @@ class LogWriter:
         )
         return state.next_seq
 
+    def append_zeros(self, offset: int, length: int) -> int:
+        """Append one WRITE record of `length` zero bytes; return its sequence number. To every reader
+        it is a WRITE record like any other, so logapply and the log readers need nothing new; here its
+        data is left a hole in the log file (nothing is written there), so zeroing a large range costs
+        the host no log space."""
+        self._check_write(offset, length)
+        state = self.state
+        record_header = RECORD_HEADER.pack(WRITE, length, state.next_seq, offset)
+        hasher = mmh3.mmh3_x64_128(record_header)
+        hasher.update(_zeros(length))
+        checksum = hasher.digest()
+        data_start = state.end + RECORD_HEADER_SIZE
+        file_size = os.fstat(self._fd).st_size
+        if data_start < file_size:
+            # A torn record of a crashed writer may lie there: the hole must read as zeros.
+            write_fully(self._fd, [_zeros(min(length, file_size - data_start))], data_start)
+        write_fully(self._fd, [record_header], state.end)
+        write_fully(self._fd, [checksum], data_start + length)
+        self.state = LogState(
+            state.next_seq + 1,
+            state.records + 1,
+            state.data_bytes + length,
+            log_digest_step(state.digest, checksum),
+            state.end + RECORD_OVERHEAD + length,
+        )
+        return state.next_seq
+
     def seal(self, *, fsync: bool = True) -> LogSeal:
         """Append the SEAL record, drop anything after it (a torn record left by a crash) and fsync."""
         state = self.state
@@ -225,6 +252,17 @@ class LogWriter:
                 f"{self.name}: write of {length} bytes at offset {offset} is outside the disk "
                 f"[0, {self.header.disk_size})"
             )
+
+
+_zero_block: memoryview | None = None
+
+
+def _zeros(length: int) -> memoryview:
+    """`length` (at most MAX_RECORD_DATA) zero bytes, from one read-only block made on first use."""
+    global _zero_block
+    if _zero_block is None:
+        _zero_block = memoryview(bytes(MAX_RECORD_DATA))
+    return _zero_block[:length]
 
 
 def write_fully(fd: int, buffers: list[bytes | memoryview], position: int) -> None:

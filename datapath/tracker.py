@@ -13,6 +13,12 @@ updated to include it (the commit point), (3) the old contents preserved if a sn
 the disk unchanged and the record is overwritten by the next one; a crash after (2) is finished by
 the next process to take the lock, which replays the committed records the disk may lack. So the
 disk never holds a write its log lacks, and the log never holds one the disk will not get.
+
+Step (5) is not a control update of its own: it rides on the next one the same tracker object makes
+(the next write's commit, a seal, a flush), which halves the control updates of a stream of writes.
+Until then the control file says the last record may be missing from the disk, which is only ever
+true of that one record, so the replay above stays "the last committed record"; another process (or
+this one after a restart) replays it, rewriting bytes the disk already holds, which changes nothing.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from pathlib import Path
 
 from datapath.buffers import aligned_buffer
 from datapath.disk import LocalDisk, open_disk
+from datapath.durable import replace_file
 from datapath.endpoint import SECTOR
 from datapath.errors import AlignmentError
 from datapath.logformat import HEADER_SIZE, MAX_RECORD_DATA, RECORD_OVERHEAD, LogHeader, LogState, LogWriter
@@ -92,6 +99,9 @@ class ReplicationTracker:
         self._log_fd = -1
         self._log_header: LogHeader | None = None
         self._copy_on_write = CopyOnWrite(self._files)
+        # (control counter, generation, log end) of the commit whose record this object wrote to the
+        # disk, not yet recorded as applied (step 5 of the module docstring).
+        self._applied_unrecorded: tuple[int, int, int] | None = None
         try:
             with self._locked() as control:
                 self.disk_id: bytes = control.disk_id
@@ -181,15 +191,45 @@ class ReplicationTracker:
         self.close()
 
     # ---- the guest's side ----------------------------------------------------------------------
-    def write(self, offset: int, data: bytes | memoryview) -> int:
+    def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> int:
         """Log then write `data` at `offset`; return the record's sequence number (the last one when
-        a write over MAX_RECORD_DATA is logged as several records, all in the same log)."""
+        a write over MAX_RECORD_DATA is logged as several records, all in the same log). `fua`: durable
+        (log, control and disk fsynced) before it returns, as every write is with `sync=True`."""
         view = memoryview(data).cast("B")
         self._check_write(offset, view.nbytes)
+        durable = self.sync or fua
         with self._locked() as control:
             for start in range(0, view.nbytes, MAX_RECORD_DATA):
-                control, seq = self._write_locked(control, offset + start, view[start : start + MAX_RECORD_DATA])
+                chunk = view[start : start + MAX_RECORD_DATA]
+                control, seq = self._write_locked(control, offset + start, chunk, chunk.nbytes, durable)
         return seq
+
+    def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> int:
+        """Log then make [offset, offset+length) read as zeros (a hole where the filesystem can punch
+        one). Logged as WRITE records of zeros, split at MAX_RECORD_DATA: the log format has no other
+        record type, so logapply and every log reader replay them unchanged; their data is a hole in
+        the log file (LogWriter.append_zeros), but it counts in the unsent bytes, as it will be shipped."""
+        self._check_write(offset, length)
+        durable = self.sync or fua
+        with self._locked() as control:
+            for start in range(0, length, MAX_RECORD_DATA):
+                chunk = min(MAX_RECORD_DATA, length - start)
+                control, seq = self._write_locked(control, offset + start, None, chunk, durable)
+        return seq
+
+    def trim(self, offset: int, length: int, *, fua: bool = False) -> int:
+        """A discard: handled as `write_zeroes`. A discarded range could be left as it is, but the disk
+        frees the space only if the hole is punched, and the replica must then read the same zeros."""
+        return self.write_zeroes(offset, length, fua=fua)
+
+    def flush(self) -> None:
+        """Make every write made so far durable: the active log, the control file (its commit point)
+        and the disk, fsynced."""
+        with self._locked() as control:
+            self._active_writer(control)
+            os.fdatasync(self._log_fd)
+            self._writable_disk().flush()
+            self._control_file.write(control, fsync=True)  # also records the last write as applied
 
     def read(self, offset: int, length: int) -> bytes:
         """`length` bytes of the live disk at `offset`."""
@@ -216,22 +256,31 @@ class ReplicationTracker:
                 f"[0, {self.disk_size})"
             )
 
-    def _write_locked(self, control: ControlState, offset: int, data: memoryview) -> tuple[ControlState, int]:
+    def _write_locked(
+        self, control: ControlState, offset: int, data: memoryview | None, length: int, durable: bool
+    ) -> tuple[ControlState, int]:
+        """One record: `data`, or `length` zero bytes when it is None."""
         writer = self._active_writer(control)
-        seq = writer.append(offset, data)
-        if self.sync:
+        seq = writer.append(offset, data) if data is not None else writer.append_zeros(offset, length)
+        if durable:
             os.fdatasync(self._log_fd)
-        control = self._control_file.write(replace(control, log=writer.state), fsync=self.sync)
-        self._write_disk(control, offset, data)
-        control = self._control_file.write(replace(control, applied_end=control.log.end))
-        return control, seq
+        # `control` says the previous record is applied (see `_locked`): recorded with this commit.
+        control = self._control_file.write(control.evolve(log=writer.state), fsync=durable)
+        self._write_disk(control, offset, data, length, durable)
+        self._applied_unrecorded = (control.counter, control.generation, control.log.end)
+        return control.evolve(applied_end=control.log.end), seq
 
-    def _write_disk(self, control: ControlState, offset: int, data: memoryview) -> None:
+    def _write_disk(
+        self, control: ControlState, offset: int, data: memoryview | None, length: int, durable: bool
+    ) -> None:
         disk = self._writable_disk()
         if control.snapshot_generation:
-            self._copy_on_write.preserve(control, disk, offset, data.nbytes)
-        disk.write(offset, data)
-        if self.sync:
+            self._copy_on_write.preserve(control, disk, offset, length)
+        if data is None:
+            disk.write_zeros(offset, length)
+        else:
+            disk.write(offset, data)
+        if durable:
             disk.flush()
 
     # ---- the host agent's side -----------------------------------------------------------------
@@ -340,20 +389,58 @@ class ReplicationTracker:
             path, generation, header.first_seq, seal.last_seq, seal.records, seal.data_bytes, seal.size
         )
 
+    # ---- resync required -----------------------------------------------------------------------
+    def mark_resync_required(self, reason: str) -> None:
+        """The logs can no longer bring the replica in line (writes may have reached the disk without
+        them): the host agent must resync instead of shipping, until a snapshot that clears it."""
+        with self._locked() as control:
+            self._write_reason(reason)
+            self._control_file.write(replace(control, resync_required=True), fsync=True)
+
+    def resync_required(self) -> str | None:
+        """Why the disk needs a resync, or None when its logs are all it needs."""
+        with self._locked() as control:
+            if not control.resync_required:
+                return None
+            try:
+                return self._files.resync_reason.read_text().strip() or "reason not recorded"
+            except FileNotFoundError:
+                return "reason not recorded"
+
+    def clear_resync_required(self) -> None:
+        """Forget a resync requirement (a resync copies from a snapshot: `create_snapshot(clears_resync=True)`
+        clears it at the very moment the snapshot is taken, which is what resyncs use)."""
+        with self._locked() as control:
+            if control.resync_required:
+                self._control_file.write(replace(control, resync_required=False), fsync=True)
+            unlink_quietly(self._files.resync_reason)
+
+    def _write_reason(self, reason: str) -> None:
+        replace_file(self._files.resync_reason, (reason + "\n").encode())
+
     # ---- snapshot ------------------------------------------------------------------------------
-    def create_snapshot(self) -> int:
+    def create_snapshot(self, *, clears_resync: bool = False) -> int:
         """Take a copy-on-write snapshot; return the first generation whose logs hold exactly the
         writes made after it. The active log is sealed (it and earlier logs hold writes the snapshot
         already has; the caller acknowledges them once the snapshot is copied). If a snapshot
-        exists, its generation is returned and nothing changes."""
+        exists, its generation is returned and nothing changes.
+
+        `clears_resync`: the snapshot is the source of a full copy or resync, so a resync requirement
+        ends with it, in the same control update: writes made after it are logged and shipped as
+        usual. An existing snapshot clears nothing (the requirement may have come after it)."""
         with self._locked() as control:
             if control.snapshot_generation:
                 return control.snapshot_generation
             control, _ = self._seal_locked(control)
             create_snapshot_files(self._files, control.disk_size)
+            was_required = control.resync_required
             control = self._control_file.write(
-                replace(control, snapshot_generation=control.generation, snapshot_block=SNAPSHOT_BLOCK), fsync=True
+                replace(control, snapshot_generation=control.generation, snapshot_block=SNAPSHOT_BLOCK,
+                        resync_required=control.resync_required and not clears_resync),
+                fsync=True,
             )
+            if was_required and not control.resync_required:
+                unlink_quietly(self._files.resync_reason)
             return control.snapshot_generation
 
     def delete_snapshot(self) -> None:
@@ -385,6 +472,10 @@ class ReplicationTracker:
             fcntl.flock(self._control_file.fd, fcntl.LOCK_EX)
             try:
                 control = self._control_file.read()
+                if control.applied_end < control.log.end and self._applied_unrecorded == (
+                        control.counter, control.generation, control.log.end):
+                    # This object wrote that record to the disk itself; nobody wrote the control file since.
+                    control = control.evolve(applied_end=control.log.end)
                 if control.disabled:
                     raise NotTrackedError(f"disk {self.disk_path} is no longer enabled for replication tracking")
                 if control.sealing:
@@ -409,7 +500,7 @@ class ReplicationTracker:
                 f"active log {self._files.active}: more than one committed record (from byte "
                 f"{control.applied_end} to {control.log.end}) is missing from the disk"
             )
-        self._write_disk(control, record.offset, record.data)
+        self._write_disk(control, record.offset, record.data, record.length, self.sync)
         return self._control_file.write(replace(control, applied_end=control.log.end))
 
     def _active_writer(self, control: ControlState) -> LogWriter:

@@ -46,6 +46,19 @@ def require_resync_of(ctx: StepContext, item_id: str, reason: str) -> None:
         mark_warning(session, view.item, RESYNC_REQUIRED_CODE, f"resynchronization required: {reason}")
 
 
+def require_disk_resync(ctx: StepContext, item_id: str, disk: VirtualDisk, why: str) -> str:
+    """The disk needs a resync: its record says why, and the item is marked (`require_resync_of`).
+    Returns the reason as recorded."""
+    reason = f"disk {disk.name}: {why}"
+    with ctx.session() as session:
+        record = _find(session, item_id, disk.disk_uuid)
+        if record is not None:
+            record.resync_reason = reason[:2048]
+            session.add(record)
+    require_resync_of(ctx, item_id, reason)
+    return reason
+
+
 def checked_state(ctx: StepContext, item_id: str, disk: VirtualDisk, replica: ReplicaDisk) -> ReplicaState:
     """The replica's recovery-side state once it agrees with the database's record
     (datapath.statecheck). A state that disagrees is refused: ReplicaStateMismatchError, after the disk's
@@ -64,13 +77,7 @@ def checked_state(ctx: StepContext, item_id: str, disk: VirtualDisk, replica: Re
             return state
         agreement = check_state(replica, recorded)
     except ReplicaStateMismatchError as refused:
-        reason = f"disk {disk.name}: {refused}"
-        with ctx.session() as session:
-            record = _find(session, item_id, disk.disk_uuid)
-            if record is not None:
-                record.resync_reason = reason[:2048]
-                session.add(record)
-        require_resync_of(ctx, item_id, reason)
+        require_disk_resync(ctx, item_id, disk, str(refused))
         raise
     if agreement.adopted:  # a completed step crashed before recording: its change is recorded now
         record_state(ctx, item_id, disk, replica.name, agreement.state)

@@ -19,7 +19,13 @@ from typing import Any
 from sqlmodel import select
 
 from datapath.disk import FORMATS, open_disk
-from datapath.errors import DiskNotFoundError, LogCorruptError, LogOutOfSequenceError, NonRecoverableError
+from datapath.errors import (
+    DiskNotFoundError,
+    LogCorruptError,
+    LogOutOfSequenceError,
+    NonRecoverableError,
+    ResyncRequiredError,
+)
 from datapath.points import prune_versions
 from datapath.replication import (
     ReplicaDisk,
@@ -56,6 +62,7 @@ from tasks.replica_records import (
     record_state,
     record_values,
     recorded_applied_generation,
+    require_disk_resync,
     require_resync_of,
     restore_recorded_state,
 )
@@ -212,14 +219,20 @@ def start_replication(ctx: StepContext, *, item_id: str, scheduled_at: str | Non
 # ---- snapshot and copy ---------------------------------------------------------------------------------
 @item_action(A.SNAPSHOT_VM)
 def snapshot_vm(ctx: StepContext, *, item_id: str, enter_state: str | None) -> dict[str, Any]:
-    """Snapshot every disk of the VM together (each later copy or resync reads its disk's snapshot)."""
+    """Snapshot every disk of the VM together (each later copy or resync reads its disk's snapshot).
+
+    The snapshot of an initial replication or a resync is the source of a full copy: a tracker's
+    resync requirement ends with it, in the same update (writes after it are logged and shipped as
+    usual). A consistency check's snapshot is compared, not copied, and clears nothing."""
     if enter_state is not None:
         _enter_state(ctx, item_id, ReplicationState(enter_state))
     view = _load(ctx, item_id)
+    copy_source = view.item.replication_state in (ReplicationState.INITIAL_REPLICATION,
+                                                  ReplicationState.RESYNCHRONIZING)
     generations = {}
     for disk in view.disks:
         with _tracker(view, disk.name) as tracker:
-            generations[disk.name] = tracker.create_snapshot()
+            generations[disk.name] = tracker.create_snapshot(clears_resync=copy_source)
     return {"first_generations": generations}
 
 
@@ -305,6 +318,12 @@ def ship_logs(ctx: StepContext, *, item_id: str, seal: bool = True) -> dict[str,
         applied = {disk.name: checked_state(ctx, item_id, disk, replicas[disk.name]).applied_generation
                    for disk in view.disks}
         trackers = {disk.name: stack.enter_context(_tracker(view, disk.name)) for disk in view.disks}
+        # A tracker whose logs may lack writes its disk has (its service stopped uncleanly): shipping them
+        # would make a recovery point that is not the disk. Nothing is shipped; the item needs a resync.
+        for disk in view.disks:
+            why = trackers[disk.name].resync_required()
+            if why is not None:
+                raise ResyncRequiredError(require_disk_resync(ctx, item_id, disk, why))
         # Measured before sealing: what piled up since the last cycle.
         unsent = {name: tracker.unsent_ratio() for name, tracker in trackers.items()}
         if not seal:

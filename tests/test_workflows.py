@@ -246,6 +246,45 @@ def test_a_corrupt_shipped_log_requires_a_resync_which_heals_the_replica_and_kee
         assert point_ids(item_id)[:len(points_before)] == points_before
 
 
+def test_a_tracker_requiring_a_resync_ships_nothing_and_the_resync_clears_it(tmp_path: Path) -> None:
+    """A tracker marked resync-required (its NBD service stopped uncleanly) fails the Ship logs step before
+    anything is sealed or sent; the resync's snapshot clears the mark and logging goes on after it."""
+    with RecoverySite(tmp_path) as site:
+        vm_id = site.create_vm("host1", "app01", [("disk0", "16M", "raw")], fill=0.5, seed=17)
+        site.wait_job(site.protect(vm_id), timeout=60)
+        item_id = site.item_id(vm_id)
+        site.stop_process("beat")
+        site.wait_idle(vm_id, timeout=30)
+        points_before = point_ids(item_id)
+
+        tracked_burst(site, vm_id, "disk0", 256 * 1024, seed=3)
+        with site.host("host1").tracker("app01", "disk0") as tracker:
+            tracker.mark_resync_required("tracker service stopped uncleanly (pid 4242)")
+            generation = tracker.generation
+        job = site.wait_job(start_delta_replication(item_id), timeout=30, states=("failed",))
+        ship_step = job["steps"][0]
+        assert (ship_step["name"], ship_step["state"]) == ("Ship logs", "failed")
+        assert ship_step["error_class"].endswith("ResyncRequiredError")
+        item = wait_until(lambda: (status := site.item(vm_id))["active_job"] is None and status,
+                          timeout=15, what="the failed job to settle")
+        assert item["state"] == "resync_required" and item["health"] == "Warning", item
+        assert "disk disk0: tracker service stopped uncleanly (pid 4242)" in item["resync_required_reason"]
+        with site.host("host1").tracker("app01", "disk0") as tracker:
+            assert tracker.generation == generation  # nothing was sealed
+        assert point_ids(item_id) == points_before
+
+        resync = site.wait_job(start_resync(item_id), timeout=60)
+        assert step_names(resync) == RESYNC_STEPS
+        with site.host("host1").tracker("app01", "disk0") as tracker:
+            assert tracker.resync_required() is None
+        assert site.item(vm_id)["state"] == "protected"
+        assert_replica_at_last_point(site, vm_id)
+
+        tracked_burst(site, vm_id, "disk0", 128 * 1024, seed=4)  # after the resync: shipped as usual
+        site.delta_cycle(vm_id, timeout=30)
+        assert_replica_at_last_point(site, vm_id)
+
+
 def test_unsent_logs_reaching_half_a_disk_require_a_resync(tmp_path: Path) -> None:
     with RecoverySite(tmp_path) as site:
         vm_id = site.create_vm("host1", "tiny", [("disk0", "8M", "raw")], fill=0.25, seed=13)

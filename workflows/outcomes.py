@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from sqlmodel import Session
 
-from datapath.errors import LogCorruptError, LogOutOfSequenceError
+from datapath.errors import LogCorruptError, LogOutOfSequenceError, ResyncRequiredError
 from datapath.statecheck import ReplicaStateMismatchError
 from models.failover import FailoverRecord, FailoverStatus
 from models.jobs import Job
@@ -17,10 +17,10 @@ from workflows import clock
 
 # A job failing with one of these has already marked its item resync_required (Warning, with the reason):
 # the item is not Critical, a resync heals it. A broken log chain, or a recovery-side state the database's
-# record refutes (datapath.statecheck).
+# record refutes (datapath.statecheck), or a tracker whose logs may lack writes (its service stopped uncleanly).
 RESYNC_ERROR_CLASSES = frozenset(
     f"{cls.__module__}.{cls.__qualname__}"
-    for cls in (LogCorruptError, LogOutOfSequenceError, ReplicaStateMismatchError)
+    for cls in (LogCorruptError, LogOutOfSequenceError, ReplicaStateMismatchError, ResyncRequiredError)
 )
 
 

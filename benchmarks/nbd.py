@@ -1,0 +1,126 @@
+"""Write throughput of a disk served over NBD by our tracker service, against qemu-nbd and the bare file.
+
+    python -m benchmarks.nbd [--size-mib N] [--total-mib N] [--rounds N]
+
+`qemu-img bench -w` writes the same requests (16 in flight, 64 KiB then 1 MiB) to (a) the raw image
+directly, (b) a copy served by `qemu-nbd`, (c) a copy served by the tracker service (every write
+logged, then written). Everything sits on tmpfs (/dev/shm when it exists) with `-t writeback`, so the
+disks' speed is out of the picture and what is measured is the server's own cost per request. The
+sides alternate over the rounds and the best run of each is reported; the tracker's logs are sealed
+and acknowledged between runs, so they do not pile up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from datapath.tracker import ReplicationTracker
+from sites.host.trackerservice import TrackerService
+
+MIB = 1024 * 1024
+DEPTH = 16
+REQUEST_SIZES = (64 * 1024, MIB)
+_COMPLETED = re.compile(r"Run completed in ([0-9.]+) seconds")
+
+
+class BenchmarkError(Exception):
+    pass
+
+
+def _bench(target: str, size: int, count: int, image_opts: bool = False) -> float:
+    """MB/s of `count` writes of `size` bytes, DEPTH in flight."""
+    command = ["qemu-img", "bench", "-w", "-t", "writeback", "-d", str(DEPTH), "-s", str(size), "-c", str(count),
+               "-f", "raw", target]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    match = _COMPLETED.search(result.stdout)
+    if result.returncode != 0 or match is None:
+        raise BenchmarkError(f"{' '.join(command)} failed: {result.stdout}{result.stderr}")
+    return size * count / float(match.group(1)) / 1e6
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise BenchmarkError(f"{process.args} did not create {path}")
+        time.sleep(0.02)
+
+
+def benchmark_nbd(*, disk_mib: int = 256, total_mib: int = 1024, rounds: int = 3,
+                  directory: Path | None = None) -> dict[str, Any]:
+    """MB/s of the raw file, qemu-nbd and the tracker service for each request size, and the ratios
+    tracker/qemu-nbd."""
+    base = directory or (Path("/dev/shm") if Path("/dev/shm").is_dir() else None)
+    work = Path(tempfile.mkdtemp(prefix="asr-nbd-bench-", dir=base))
+    qemu_nbd: subprocess.Popen | None = None
+    service = TrackerService(work / "service")
+    try:
+        raw, served, tracked = work / "raw.img", work / "qemu-nbd.img", work / "tracked.img"
+        for image in (raw, served, tracked):
+            with open(image, "wb") as f:
+                f.truncate(disk_mib * MIB)
+            # Allocated once, so no side pays for tmpfs page allocation in its first run only.
+            subprocess.run(["qemu-img", "bench", "-w", "-q", "-t", "writeback", "-s", str(MIB), "-c",
+                            str(disk_mib), "-f", "raw", str(image)], check=True, timeout=600)
+        tracker = ReplicationTracker.enable(tracked)
+        qemu_socket = work / "qemu-nbd.sock"
+        qemu_nbd = subprocess.Popen(["qemu-nbd", "-f", "raw", "--cache=writeback", "--persistent", "-x", "disk0",
+                                     "-k", str(qemu_socket), str(served)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for(qemu_socket, qemu_nbd)
+        service.start({"disk0": tracked})
+        targets = {
+            "raw_file": str(raw),
+            "qemu_nbd": f"nbd+unix:///disk0?socket={qemu_socket}",
+            "tracker_service": f"nbd+unix:///disk0?socket={service.socket('disk0')}",
+        }
+        results: dict[str, Any] = {"disk_mib": disk_mib, "total_mib": total_mib, "depth": DEPTH, "rounds": rounds,
+                                   "directory": str(work.parent), "runs": {}}
+        for size in REQUEST_SIZES:
+            label = f"{size // 1024}k"
+            count = total_mib * MIB // size
+            runs: dict[str, list[float]] = {name: [] for name in targets}
+            for round_ in range(rounds):
+                order = list(targets) if round_ % 2 == 0 else list(reversed(targets))
+                for name in order:
+                    runs[name].append(round(_bench(targets[name], size, count), 1))
+                    if name == "tracker_service":
+                        tracker.acknowledge(tracker.seal().generation)
+            results["runs"][label] = runs
+            best = {name: max(values) for name, values in runs.items()}
+            results[label] = {**{f"{name}_mb_s": value for name, value in best.items()},
+                              "tracker_vs_qemu_nbd": round(best["tracker_service"] / best["qemu_nbd"], 3)}
+        tracker.close()
+        return results
+    finally:
+        service.stop()
+        if qemu_nbd is not None:
+            qemu_nbd.terminate()
+            try:
+                qemu_nbd.wait(10)
+            except subprocess.TimeoutExpired:
+                qemu_nbd.kill()
+                qemu_nbd.wait(10)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size-mib", type=int, default=256, help="size of each disk")
+    parser.add_argument("--total-mib", type=int, default=1024, help="bytes written per run")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    print(json.dumps(benchmark_nbd(disk_mib=args.size_mib, total_mib=args.total_mib, rounds=args.rounds), indent=2))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

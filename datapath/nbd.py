@@ -1,0 +1,450 @@
+"""An NBD server (the Network Block Device protocol, fixed newstyle) serving block exports over a unix socket.
+
+QEMU reaches a protected VM's disk through it, so every guest write passes through the export (the
+replication tracker, wired in sites/host/trackerservice.py) before it reaches the disk. This module
+knows only the protocol: the export is injected.
+
+What is implemented, and why no more (QEMU 7.2 is the client that matters):
+
+- Handshake: fixed newstyle. Options GO, INFO, EXPORT_NAME, LIST, ABORT. STRUCTURED_REPLY (and every
+  other option) is refused, so QEMU falls back to simple replies: one reply header, then the data of a
+  READ. A malformed handshake or an unknown export name closes that connection only.
+- Commands: READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, DISC, and the FUA flag on the writing ones. A
+  request outside the export or not a whole number of sectors gets an error reply (EINVAL, or ENOSPC
+  for writes past the end) and the connection goes on; an export error gets EIO (ENOSPC when the disk
+  is full). Nothing a client sends kills the server.
+- A thread per connection receiving its requests, and one executing them in order and sending the
+  replies: replies of a connection are serialized, and every reply is sent only after the export
+  finished the request (a WRITE is acknowledged once it is logged and written, a FUA one once it is
+  durable).
+
+Payloads are received straight into buffers allocated once per connection (`recv_into`) and handed
+to the export as a memoryview: the data of a write is not copied between the socket and the export.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import socket
+import struct
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+from datapath.buffers import aligned_buffer
+from datapath.errors import LowDiskSpaceError
+
+log = logging.getLogger(__name__)
+
+# ---- protocol constants (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md) -----------
+NBDMAGIC = 0x4E42444D41474943
+IHAVEOPT = 0x49484156454F5054
+OPTION_REPLY_MAGIC = 0x3E889045565A9
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+
+FLAG_FIXED_NEWSTYLE = 1 << 0
+FLAG_NO_ZEROES = 1 << 1
+
+OPT_EXPORT_NAME = 1
+OPT_ABORT = 2
+OPT_LIST = 3
+OPT_INFO = 6
+OPT_GO = 7
+OPT_STRUCTURED_REPLY = 8
+
+REP_ACK = 1
+REP_SERVER = 2
+REP_INFO = 3
+REP_ERR_UNSUP = (1 << 31) + 1
+REP_ERR_INVALID = (1 << 31) + 3
+REP_ERR_UNKNOWN = (1 << 31) + 6
+
+INFO_EXPORT = 0
+INFO_BLOCK_SIZE = 3
+
+TFLAG_HAS_FLAGS = 1 << 0
+TFLAG_SEND_FLUSH = 1 << 2
+TFLAG_SEND_FUA = 1 << 3
+TFLAG_SEND_TRIM = 1 << 5
+TFLAG_SEND_WRITE_ZEROES = 1 << 6
+TRANSMISSION_FLAGS = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES
+
+CMD_READ = 0
+CMD_WRITE = 1
+CMD_DISC = 2
+CMD_FLUSH = 3
+CMD_TRIM = 4
+CMD_WRITE_ZEROES = 6
+CMD_FLAG_FUA = 1 << 0
+
+SECTOR = 512
+MAX_REQUEST = 32 * 1024 * 1024
+"""Largest READ or WRITE payload; advertised as the maximum block size (QEMU splits larger requests)."""
+PREFERRED_BLOCK = 4096
+MAX_OPTION_DATA = 64 * 1024
+"""Option payloads are an export name and a few info requests: a larger one is a broken client."""
+_DRAIN_CHUNK = 1024 * 1024
+PIPELINE = 4
+"""Write payloads a connection receives ahead of the one being executed."""
+
+_REQUEST = struct.Struct(">IHHQQI")  # magic, command flags, type, handle, offset, length
+_SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, handle
+_OPTION = struct.Struct(">QII")  # IHAVEOPT, option, length
+_OPTION_REPLY = struct.Struct(">QIII")  # magic, option, reply type, length
+
+
+class BlockExport(Protocol):
+    """What the server serves: a disk of `size` bytes. Each method returns once the request is done;
+    `fua` asks for it to be durable first. Raise ValueError for a request the export refuses, OSError
+    (or LowDiskSpaceError) when the disk fails."""
+
+    name: str
+    size: int
+
+    def read(self, offset: int, length: int) -> bytes | memoryview: ...
+
+    def write(self, offset: int, data: memoryview, fua: bool) -> None: ...
+
+    def write_zeroes(self, offset: int, length: int, fua: bool) -> None: ...
+
+    def trim(self, offset: int, length: int, fua: bool) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+class _ProtocolError(Exception):
+    """The client broke the protocol: its connection is closed."""
+
+
+class _Disconnect(Exception):
+    """The client closed its side or asked to."""
+
+
+class NbdServer:
+    """Serves `exports` (by export name) on the unix socket `path`, a thread per connection."""
+
+    def __init__(self, path: str | os.PathLike[str], exports: Mapping[str, BlockExport]):
+        self.path = Path(path)
+        self.exports = dict(exports)
+        self._listener: socket.socket | None = None
+        self._accepting: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._connections: dict[threading.Thread, socket.socket] = {}
+
+    def start(self) -> None:
+        """Bind and listen (a stale socket file is replaced), then accept in a background thread."""
+        self.path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(self.path))
+            listener.listen(16)
+        except BaseException:
+            listener.close()
+            raise
+        self._listener = listener
+        self._accepting = threading.Thread(target=self._accept_loop, name=f"nbd-accept {self.path.name}",
+                                           daemon=True)
+        self._accepting.start()
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop accepting, let every connection finish the request it is handling (its reply is sent),
+        then close the connections. True when every connection thread ended within `timeout`."""
+        self._stopping.set()
+        if self._listener is not None:
+            # shutdown wakes the thread blocked in accept(); close alone would not.
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._listener.close()
+            self.path.unlink(missing_ok=True)
+        if self._accepting is not None:
+            self._accepting.join(timeout)
+        with self._lock:
+            connections = list(self._connections.items())
+        for _, conn in connections:
+            # Receiving ends (a thread waiting for its next request wakes with end of stream); sending
+            # goes on, so a request being handled still gets its reply.
+            try:
+                conn.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+        all_ended = True
+        for thread, _ in connections:
+            thread.join(timeout)
+            all_ended = all_ended and not thread.is_alive()
+        return all_ended
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                log.exception("nbd %s: accept failed", self.path)
+                continue
+            thread = threading.Thread(target=self._serve_connection, args=(conn,),
+                                      name=f"nbd-conn {self.path.name}", daemon=True)
+            with self._lock:
+                if self._stopping.is_set():
+                    conn.close()
+                    return
+                self._connections[thread] = conn
+            thread.start()
+
+    def _serve_connection(self, conn: socket.socket) -> None:
+        try:
+            _Connection(conn, self.exports, self._stopping).serve()
+        except Exception:
+            log.exception("nbd %s: connection failed", self.path)
+        finally:
+            conn.close()
+            with self._lock:
+                self._connections.pop(threading.current_thread(), None)
+
+
+class _Connection:
+    """One client: its handshake, then its requests in order."""
+
+    def __init__(self, conn: socket.socket, exports: Mapping[str, BlockExport], stopping: threading.Event):
+        self.conn = conn
+        self.exports = exports
+        self.stopping = stopping
+        self.no_zeroes = False
+        self._small = bytearray(_REQUEST.size)
+        self._small_view = memoryview(self._small)
+
+    def serve(self) -> None:
+        try:
+            export = self._handshake()
+            if export is not None:
+                log.info("nbd: client connected to export %r", export.name)
+                self._transmission(export)
+        except _Disconnect:
+            pass
+        except _ProtocolError as broken:
+            log.warning("nbd: closing a connection: %s", broken)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    # ---- receiving -------------------------------------------------------------------------------------
+    def _recv_exactly(self, view: memoryview) -> None:
+        done, total = 0, view.nbytes
+        while done < total:
+            n = self.conn.recv_into(view[done:], total - done)
+            if n == 0:
+                raise _Disconnect()
+            done += n
+
+    def _recv_small(self, size: int) -> memoryview:
+        view = self._small_view[:size]
+        self._recv_exactly(view)
+        return view
+
+    def _recv_bytes(self, size: int) -> bytes:
+        buffer = bytearray(size)
+        self._recv_exactly(memoryview(buffer))
+        return bytes(buffer)
+
+    def _drain(self, length: int) -> None:
+        """Read and drop `length` bytes: the payload of a write refused before reading it."""
+        view = memoryview(bytearray(min(length, _DRAIN_CHUNK)))
+        while length:
+            step = min(length, view.nbytes)
+            self._recv_exactly(view[:step])
+            length -= step
+
+    # ---- handshake ----------------------------------------------------------------------------------------
+    def _handshake(self) -> BlockExport | None:
+        """The export the client chose, or None when it aborted or only listed."""
+        self.conn.sendall(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+        (client_flags,) = struct.unpack(">I", self._recv_small(4))
+        if not client_flags & FLAG_FIXED_NEWSTYLE or client_flags & ~(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES):
+            raise _ProtocolError(f"client flags {client_flags:#x}: only fixed newstyle is served")
+        self.no_zeroes = bool(client_flags & FLAG_NO_ZEROES)
+        while True:
+            magic, option, length = _OPTION.unpack(self._recv_small(_OPTION.size))
+            if magic != IHAVEOPT:
+                raise _ProtocolError(f"option magic {magic:#x} is not IHAVEOPT")
+            if length > MAX_OPTION_DATA:
+                raise _ProtocolError(f"option {option} carries {length} bytes")
+            data = self._recv_bytes(length)
+            if option == OPT_EXPORT_NAME:
+                export = self.exports.get(data.decode(errors="replace"))
+                if export is None:
+                    # EXPORT_NAME has no error reply: closing is the only answer.
+                    raise _ProtocolError(f"unknown export {data!r}")
+                reply = struct.pack(">QH", export.size, TRANSMISSION_FLAGS)
+                self.conn.sendall(reply if self.no_zeroes else reply + bytes(124))
+                return export
+            if option == OPT_ABORT:
+                self._option_reply(option, REP_ACK)
+                return None
+            if option == OPT_LIST:
+                if length:
+                    self._option_reply(option, REP_ERR_INVALID, b"LIST takes no data")
+                    continue
+                for name in self.exports:
+                    encoded = name.encode()
+                    self._option_reply(option, REP_SERVER, struct.pack(">I", len(encoded)) + encoded)
+                self._option_reply(option, REP_ACK)
+            elif option in (OPT_INFO, OPT_GO):
+                export = self._info(option, data)
+                if export is not None and option == OPT_GO:
+                    return export
+            else:
+                # STRUCTURED_REPLY among them: refusing it keeps QEMU on simple replies.
+                self._option_reply(option, REP_ERR_UNSUP, b"option not supported")
+
+    def _info(self, option: int, data: bytes) -> BlockExport | None:
+        """Answer INFO or GO; the export when the client may use it."""
+        if len(data) < 6:
+            self._option_reply(option, REP_ERR_INVALID, b"truncated request")
+            return None
+        (name_length,) = struct.unpack_from(">I", data)
+        if len(data) < 4 + name_length + 2:
+            self._option_reply(option, REP_ERR_INVALID, b"truncated request")
+            return None
+        name = data[4 : 4 + name_length].decode(errors="replace")
+        (requests,) = struct.unpack_from(">H", data, 4 + name_length)
+        if len(data) != 4 + name_length + 2 + 2 * requests:
+            self._option_reply(option, REP_ERR_INVALID, b"malformed information requests")
+            return None
+        export = self.exports.get(name)
+        if export is None:
+            self._option_reply(option, REP_ERR_UNKNOWN, f"no export named {name!r}".encode())
+            return None
+        self._option_reply(option, REP_INFO, struct.pack(">HQH", INFO_EXPORT, export.size, TRANSMISSION_FLAGS))
+        # Always sent: the tracker takes whole sectors, and a client that knows it (QEMU does) aligns
+        # its requests, doing read-modify-write itself for smaller writes.
+        self._option_reply(option, REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, SECTOR, PREFERRED_BLOCK,
+                                                         MAX_REQUEST))
+        self._option_reply(option, REP_ACK)
+        return export
+
+    def _option_reply(self, option: int, reply: int, data: bytes = b"") -> None:
+        self.conn.sendall(_OPTION_REPLY.pack(OPTION_REPLY_MAGIC, option, reply, len(data)) + data)
+
+    # ---- transmission -------------------------------------------------------------------------------------
+    def _transmission(self, export: BlockExport) -> None:
+        """This thread receives requests; one executor thread runs them in order and sends the replies.
+        So the next write's payload comes off the socket while the export handles the previous one
+        (both mostly outside the GIL), and replies stay in request order. At most PIPELINE payloads
+        are held; each buffer is allocated once (an mmap: pages are committed as they are touched)."""
+        free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
+        for _ in range(PIPELINE):
+            free.put(memoryview(aligned_buffer(MAX_REQUEST)))
+        work: queue.SimpleQueue[tuple[int, int, int, int, int, memoryview | None] | None] = queue.SimpleQueue()
+        executor = threading.Thread(target=self._execute, args=(export, work, free),
+                                    name=f"{threading.current_thread().name} executor", daemon=True)
+        executor.start()
+        try:
+            self._receive_requests(export.size, work, free)
+        finally:
+            work.put(None)  # after the requests received: each is run and answered first
+            executor.join()
+
+    def _receive_requests(self, size: int, work: queue.SimpleQueue, free: queue.SimpleQueue) -> None:
+        while not self.stopping.is_set():
+            magic, flags, command, handle, offset, length = _REQUEST.unpack(self._recv_small(_REQUEST.size))
+            if magic != REQUEST_MAGIC:
+                raise _ProtocolError(f"request magic {magic:#x}")
+            if command == CMD_DISC:
+                return
+            payload = None
+            if command == CMD_WRITE:
+                if length > MAX_REQUEST:
+                    self._drain(length)
+                    work.put((CMD_WRITE, flags, handle, offset, -1, None))  # refused: EINVAL
+                    continue
+                payload = free.get()
+                try:
+                    self._recv_exactly(payload[:length])
+                except BaseException:
+                    free.put(payload)
+                    raise
+            work.put((command, flags, handle, offset, length, payload))
+
+    def _execute(self, export: BlockExport, work: queue.SimpleQueue, free: queue.SimpleQueue) -> None:
+        gone = False  # the client stopped reading: what is left is still taken off the queue
+        while (request := work.get()) is not None:
+            command, flags, handle, offset, length, payload = request
+            try:
+                if not gone:
+                    self._run(export, command, flags & CMD_FLAG_FUA != 0, handle, offset, length, payload)
+            except OSError:
+                gone = True
+            except Exception:
+                log.exception("nbd: request %d failed; no more requests of this connection are run", command)
+                gone = True
+            finally:
+                if payload is not None:
+                    free.put(payload)
+
+    def _run(self, export: BlockExport, command: int, fua: bool, handle: int, offset: int, length: int,
+             payload: memoryview | None) -> None:
+        size = export.size
+        if command == CMD_WRITE:
+            if payload is None:
+                self._reply(handle, errno.EINVAL)
+                return
+            error = _check(offset, length, size, writing=True)
+            self._reply(handle, error or self._call(export.write, offset, payload[:length], fua))
+        elif command == CMD_READ:
+            error = errno.EINVAL if length > MAX_REQUEST else _check(offset, length, size, writing=False)
+            if error:
+                self._reply(handle, error)
+                return
+            try:
+                data = export.read(offset, length)
+            except Exception as exc:
+                self._reply(handle, _errno_of(exc, export, "read", offset, length))
+                return
+            self.conn.sendmsg([_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle), data])
+        elif command == CMD_FLUSH:
+            self._reply(handle, self._call(export.flush))
+        elif command in (CMD_WRITE_ZEROES, CMD_TRIM):
+            method = export.write_zeroes if command == CMD_WRITE_ZEROES else export.trim
+            error = _check(offset, length, size, writing=True)
+            self._reply(handle, error or self._call(method, offset, length, fua))
+        else:
+            self._reply(handle, errno.EINVAL)
+
+    def _call(self, method, *args) -> int:
+        try:
+            method(*args)
+        except Exception as exc:
+            return _errno_of(exc, None, method.__name__, *args[:2])
+        return 0
+
+    def _reply(self, handle: int, error: int) -> None:
+        self.conn.sendall(_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle))
+
+
+def _check(offset: int, length: int, size: int, *, writing: bool) -> int:
+    """0, or the error a request outside the export or not made of whole sectors gets."""
+    if offset % SECTOR or length % SECTOR or length == 0:
+        return errno.EINVAL
+    if offset + length > size:
+        return errno.ENOSPC if writing else errno.EINVAL
+    return 0
+
+
+def _errno_of(exc: Exception, export: BlockExport | None, action: str, *where: object) -> int:
+    if isinstance(exc, LowDiskSpaceError) or (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC,
+                                                                                             errno.EDQUOT)):
+        code = errno.ENOSPC
+    elif isinstance(exc, ValueError):
+        code = errno.EINVAL
+    else:
+        code = errno.EIO
+    log.error("nbd: %s %s failed (%s): %s", action, where, errno.errorcode.get(code, code), exc,
+              exc_info=code == errno.EIO)
+    return code
