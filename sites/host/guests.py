@@ -19,9 +19,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import GuestBootError, QuiesceError, VmRunningError
+from .errors import GuestBootError, GuestError, QuiesceError, VmRunningError
+from .guestagent import GuestAgent
 from .guestdef import BOOT_DIR, GuestDefinition
-from .qemu import GuestAgent, GuestDrive, GuestSpec, QemuRuntime
+from .qemu import GuestDrive, GuestSpec, QemuRuntime
 from .quiesce import Quiesce
 from .trackerservice import TrackerService
 from .vm import STATE_OFF, STATE_RUNNING, VirtualMachine
@@ -70,8 +71,9 @@ class Guests(Quiesce):
             raise ValueError(f"guest network must be one of {NETWORKS}, got {network!r}")
         runtime = QemuRuntime()
         run = self.run_dir(vm)
-        if runtime.state(run) != STATE_OFF:
-            return runtime.pid(run)
+        running = runtime.pid(run)
+        if running is not None:
+            return running
         boot = vm.path / BOOT_DIR
         missing = [name for name in guest.boot_files if not (boot / name).is_file()]
         if missing:
@@ -112,8 +114,8 @@ class Guests(Quiesce):
             return BootReport(False, None, None, "none", f"VM {vm.name!r} is not running")
         deadline = time.monotonic() + wait
         try:
-            runtime.wait_for_console(run, guest.heartbeat, wait, since=runtime.console_start(run))
-        except GuestBootError as exc:
+            runtime.wait_for_console(run, guest.heartbeat, wait)
+        except GuestError as exc:
             return BootReport(False, None, None, "none", str(exc)[-2000:])
         heartbeat_at = time.time()
         report = BootReport(True, max(0.0, heartbeat_at - started_at), heartbeat_at, "none", "heartbeat seen")
@@ -121,9 +123,8 @@ class Guests(Quiesce):
             return report
         verdict = re.compile(f"(?P<passed>{guest.check_pass})|(?P<failed>{guest.check_fail})")
         try:
-            match = runtime.wait_for_console(run, verdict.pattern, max(1.0, deadline - time.monotonic()),
-                                             since=runtime.console_start(run))
-        except GuestBootError as exc:
+            match = runtime.wait_for_console(run, verdict.pattern, max(1.0, deadline - time.monotonic()))
+        except GuestError as exc:
             return BootReport(True, report.heartbeat_s, heartbeat_at, "failed",
                               f"no application check verdict: {str(exc)[-1900:]}")
         line = _line_of(match)
@@ -142,13 +143,21 @@ class Guests(Quiesce):
         if not vm.guest.guest_agent:
             raise QuiesceError(f"VM {vm.name!r} on host {self.name!r} has no guest agent (its definition says "
                                f"guest_agent false): its points are crash-consistent")
-        GuestAgent(self.run_dir(vm), timeout=timeout).freeze()
+        try:
+            GuestAgent(self.run_dir(vm), timeout=timeout).freeze()
+        except GuestError as exc:
+            raise QuiesceError(f"VM {vm.name!r} on host {self.name!r}: its guest agent did not freeze its file "
+                               f"systems: {exc}") from None
 
     def _thaw(self, vm: VirtualMachine) -> None:
         if vm.guest is None:
             return super()._thaw(vm)
         if vm.guest.guest_agent and self.guest_running(vm):
-            GuestAgent(self.run_dir(vm)).thaw()
+            try:
+                GuestAgent(self.run_dir(vm)).thaw()
+            except GuestError as exc:
+                raise QuiesceError(f"VM {vm.name!r} on host {self.name!r}: its guest agent did not thaw: {exc}") \
+                    from None
 
     def _require_guest_off(self, vm: VirtualMachine, doing: str) -> None:
         if vm.guest is not None and self.guest_running(vm):

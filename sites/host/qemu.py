@@ -148,6 +148,20 @@ class QemuRuntime:
                                  f"{_tail(folder / QEMU_LOG, 1500)}")
             time.sleep(POLL_S)
 
+    def pid(self, folder: Path) -> int | None:
+        """The pid of the QEMU running for `folder`, or None."""
+        process = self._running(Path(folder).resolve())
+        return None if process is None else process.pid
+
+    def started_at(self, folder: Path) -> float | None:
+        """When the QEMU running for `folder` was started (seconds since the epoch), or None."""
+        folder = Path(folder).resolve()
+        if self._running(folder) is None:
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            return (folder / QEMU_PID).stat().st_mtime  # written right after the process was created
+        return None
+
     def state(self, folder: Path) -> str:
         """QEMU's run state from QMP query-status ("running", "paused", "shutdown", ...), "off" when no
         QEMU runs for `folder`, "unresponsive" when it runs but QMP does not answer."""

@@ -1,4 +1,5 @@
-"""The tracker service: serves a VM's tracked disks to QEMU over NBD, each write logged before the disk has it.
+"""The tracker service: serves a VM's disks to QEMU over NBD, each write to a tracked disk logged before the disk
+has it (an untracked disk, such as a drill's test VM's, is served as it is).
 
     python -m sites.host.trackerservice --socket-dir DIR --disk NAME=PATH [--disk ...] [--sync]
 
@@ -37,10 +38,11 @@ import threading
 import time
 from pathlib import Path
 
+from datapath.disk import LocalDisk, open_disk
 from datapath.durable import fsync_directory, replace_file
 from datapath.errors import NonRecoverableError
 from datapath.nbd import NbdServer
-from datapath.tracker import ReplicationTracker
+from datapath.tracker import NotTrackedError, ReplicationTracker
 
 from .imagelock import ImageLock
 from .supervisor import _log_tail, _process_start_ticks
@@ -89,6 +91,37 @@ class TrackerExport:
         self.tracker.flush()
 
 
+class PlainExport:
+    """An untracked disk (a drill's test VM, a VM not protected) as a datapath.nbd BlockExport: served as it
+    is, so QEMU still never opens an image itself and every guest disk is held the same way."""
+
+    def __init__(self, name: str, disk: LocalDisk):
+        self.name = name
+        self.size = disk.size
+        self.disk = disk
+
+    def read(self, offset: int, length: int) -> bytes:
+        buffer = bytearray(length)
+        self.disk.read_into(offset, memoryview(buffer))
+        return bytes(buffer)
+
+    def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        self.disk.write(offset, data)
+        if fua:
+            self.disk.flush()
+
+    def write_zeroes(self, offset: int, length: int, fua: bool) -> None:
+        self.disk.write_zeros(offset, length)
+        if fua:
+            self.disk.flush()
+
+    def trim(self, offset: int, length: int, fua: bool) -> None:
+        self.write_zeroes(offset, length, fua)
+
+    def flush(self) -> None:
+        self.disk.flush()
+
+
 # ---- the process ---------------------------------------------------------------------------------------
 def serving_marker(disk: Path) -> Path:
     return disk.with_name(disk.name + SERVING_SUFFIX)
@@ -102,14 +135,20 @@ class _ServedDisk:
         self.marker = serving_marker(path)
         self.image_lock = ImageLock(path)
         self.tracker: ReplicationTracker | None = None
+        self.plain: LocalDisk | None = None
         self.server: NbdServer | None = None
         self.marker_written = False
         try:
-            self.tracker = ReplicationTracker(path, sync=sync)
-            self._check_previous_stop()
-            _write_marker(self.marker)
-            self.marker_written = True
-            self.server = NbdServer(socket_path, {name: TrackerExport(name, self.tracker)})
+            try:
+                self.tracker = ReplicationTracker(path, sync=sync)
+            except NotTrackedError:
+                self.plain = open_disk(path, writable=True)
+            if self.tracker is not None:
+                self._check_previous_stop()
+                _write_marker(self.marker)
+                self.marker_written = True
+            export = TrackerExport(name, self.tracker) if self.tracker is not None else PlainExport(name, self.plain)
+            self.server = NbdServer(socket_path, {name: export})
             self.server.start()
         except BaseException:
             self.close(clean=False)
@@ -136,6 +175,13 @@ class _ServedDisk:
 
     def close(self, *, clean: bool) -> None:
         """Release everything; with `clean`, after flushing, the marker goes (a clean stop)."""
+        if self.plain is not None:
+            try:
+                if clean:
+                    self.plain.flush()
+            finally:
+                self.plain.close()
+                self.plain = None
         if self.tracker is not None:
             try:
                 if clean:
