@@ -61,13 +61,16 @@ def image_format(path: Path) -> tuple[str, int]:
 def copy_image(source: Path, target: Path) -> None:
     """Copy the guest-visible content of `source` into the disk image `target` (same virtual size), leaving
     all-zero stretches as holes."""
+    buffer = memoryview(bytearray(_COPY_CHUNK))
     with open_disk(source) as src, open_disk(target, writable=True) as dst:
-        offset = 0
-        while offset < src.size:
-            data = src.read(offset, min(_COPY_CHUNK, src.size - offset))
-            if data.count(0) != len(data):
-                dst.write(offset, data)
-            offset += len(data)
+        for start, length in src.data_extents():
+            offset, end = start, start + length
+            while offset < end:
+                chunk = buffer[:min(_COPY_CHUNK, end - offset)]
+                src.read_into(offset, chunk)
+                if any(chunk):  # all-zero stretches stay holes
+                    dst.write(offset, chunk)
+                offset += len(chunk)
         dst.flush()
 
 
