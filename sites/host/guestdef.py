@@ -40,7 +40,7 @@ class GuestDefinition:
     heartbeat: str
     """A regular expression: the guest is up once a line of its serial console matches it."""
     check_pass: str | None = None
-    """A regular expression on the console after the heartbeat: the guest's own application check passed."""
+    """A regular expression on this boot's console (before or after the heartbeat): the guest's own check passed."""
     check_fail: str | None = None
     """A regular expression: the guest's application check failed (the line is kept as the reason)."""
     memory_mb: int = 256
