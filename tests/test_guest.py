@@ -144,10 +144,15 @@ def test_a_crash_mid_workload_leaves_a_disk_that_passes_the_check(test_guest: Gu
     runtime.kill(folder)
     assert runtime.state(folder) == "off"
 
-    runtime.start(_spec(test_guest, folder, disk))
+    # Again with the workload running: the power button stops it and unmounts /data cleanly.
+    runtime.start(_spec(test_guest, folder, disk, "asr.workload=100000"))
     checked = runtime.wait_for_console(folder, test_guest.check_pass, BOOT_TIMEOUT_S)
     assert int(checked.group(1)) >= 10
+    runtime.wait_for_console(folder, r"ASR-WORKLOAD: 10 files", BOOT_TIMEOUT_S, since=checked.end())
     assert runtime.power_down(folder, timeout=60) == "acpi"
+    assert "ASR-WORKLOAD-DONE" in runtime.console_tail(folder)
+    fsck = _e2fsck(disk)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
 
 
 def test_guest_on_an_nbd_disk(test_guest: GuestImage, runtime: QemuRuntime, tmp_path: Path) -> None:
