@@ -203,6 +203,23 @@ def test_a_disk_without_ext4_powers_the_guest_off(test_guest: GuestImage, runtim
     assert "ASR-GUEST-READY" not in runtime.console_tail(folder)
 
 
+def test_bad_workload_parameter_stops_the_guest_before_its_heartbeat(test_guest: GuestImage, runtime: QemuRuntime,
+                                                                     tmp_path: Path) -> None:
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    (seed / "MANIFEST.sha256").write_bytes(b"")  # empty: names nothing, passes
+    folder, disk = tmp_path / "vm", tmp_path / "data.raw"
+    make_data_disk(disk, DISK_SIZE, seed_dir=seed)
+    runtime.start(_spec(test_guest, folder, disk, "asr.workload=fast", guest_agent=False))
+    runtime.wait_for_console(folder, "ASR-GUEST-ERROR asr.workload=fast is not a whole number", BOOT_TIMEOUT_S)
+    with pytest.raises(GuestError, match="not running"):
+        runtime.wait_for_console(folder, test_guest.heartbeat, BOOT_TIMEOUT_S)
+
+    runtime.start(_spec(test_guest, folder, disk, guest_agent=False))
+    assert runtime.wait_for_console(folder, test_guest.check_pass, BOOT_TIMEOUT_S).group(1) == "0"
+    runtime.kill(folder)
+
+
 def test_corrupted_file_fails_the_check(test_guest: GuestImage, runtime: QemuRuntime, tmp_path: Path) -> None:
     seed = tmp_path / "seed"
     (seed / "files").mkdir(parents=True)
