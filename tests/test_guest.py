@@ -70,6 +70,7 @@ def test_guest_build_is_cached(test_guest: GuestImage) -> None:
     assert again == test_guest
     assert "up to date" in said[0]
     assert hashlib.sha256(test_guest.kernel_path.read_bytes()).hexdigest() == test_guest.kernel_sha256
+    assert test_guest.hashes[test_guest.initrd] == hashlib.sha256(test_guest.initrd_path.read_bytes()).hexdigest()
     assert test_guest.kernel_path.read_bytes()[:4] == b"\x7fELF"  # the uncompressed kernel, booted via PVH
 
 
