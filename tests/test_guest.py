@@ -70,6 +70,7 @@ def test_guest_build_is_cached(test_guest: GuestImage) -> None:
     assert again == test_guest
     assert "up to date" in said[0]
     assert hashlib.sha256(test_guest.kernel_path.read_bytes()).hexdigest() == test_guest.kernel_sha256
+    assert test_guest.hashes[test_guest.initrd] == hashlib.sha256(test_guest.initrd_path.read_bytes()).hexdigest()
     assert test_guest.kernel_path.read_bytes()[:4] == b"\x7fELF"  # the uncompressed kernel, booted via PVH
 
 
@@ -144,10 +145,15 @@ def test_a_crash_mid_workload_leaves_a_disk_that_passes_the_check(test_guest: Gu
     runtime.kill(folder)
     assert runtime.state(folder) == "off"
 
-    runtime.start(_spec(test_guest, folder, disk))
+    # Again with the workload running: the power button stops it and unmounts /data cleanly.
+    runtime.start(_spec(test_guest, folder, disk, "asr.workload=100000"))
     checked = runtime.wait_for_console(folder, test_guest.check_pass, BOOT_TIMEOUT_S)
     assert int(checked.group(1)) >= 10
+    runtime.wait_for_console(folder, r"ASR-WORKLOAD: 10 files", BOOT_TIMEOUT_S, since=checked.end())
     assert runtime.power_down(folder, timeout=60) == "acpi"
+    assert "ASR-WORKLOAD-DONE" in runtime.console_tail(folder)
+    fsck = _e2fsck(disk)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
 
 
 def test_guest_on_an_nbd_disk(test_guest: GuestImage, runtime: QemuRuntime, tmp_path: Path) -> None:
@@ -196,6 +202,23 @@ def test_a_disk_without_ext4_powers_the_guest_off(test_guest: GuestImage, runtim
         time.sleep(0.2)
     assert runtime.state(folder) == "off"
     assert "ASR-GUEST-READY" not in runtime.console_tail(folder)
+
+
+def test_bad_workload_parameter_stops_the_guest_before_its_heartbeat(test_guest: GuestImage, runtime: QemuRuntime,
+                                                                     tmp_path: Path) -> None:
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    (seed / "MANIFEST.sha256").write_bytes(b"")  # empty: names nothing, passes
+    folder, disk = tmp_path / "vm", tmp_path / "data.raw"
+    make_data_disk(disk, DISK_SIZE, seed_dir=seed)
+    runtime.start(_spec(test_guest, folder, disk, "asr.workload=fast", guest_agent=False))
+    runtime.wait_for_console(folder, "ASR-GUEST-ERROR asr.workload=fast is not a whole number", BOOT_TIMEOUT_S)
+    with pytest.raises(GuestError, match="not running"):
+        runtime.wait_for_console(folder, test_guest.heartbeat, BOOT_TIMEOUT_S)
+
+    runtime.start(_spec(test_guest, folder, disk, guest_agent=False))
+    assert runtime.wait_for_console(folder, test_guest.check_pass, BOOT_TIMEOUT_S).group(1) == "0"
+    runtime.kill(folder)
 
 
 def test_corrupted_file_fails_the_check(test_guest: GuestImage, runtime: QemuRuntime, tmp_path: Path) -> None:

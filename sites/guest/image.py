@@ -44,6 +44,11 @@ class GuestImage:
     def initrd_path(self) -> Path:
         return self.folder / self.initrd
 
+    @property
+    def hashes(self) -> dict[str, str]:
+        """SHA-256 of each boot file, by file name (the form a VM's guest definition records)."""
+        return {self.kernel: self.kernel_sha256, self.initrd: self.initrd_sha256}
+
     def to_json(self) -> dict:
         record = asdict(self)
         del record["folder"]
