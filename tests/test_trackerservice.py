@@ -209,3 +209,22 @@ def test_failing_to_start_says_why(tmp_path, services):
     assert not record.exists() or not json.loads(record.read_text())
     with pytest.raises(TrackerServiceError, match="disk name"):
         service.start({"../x": untracked})
+
+
+def test_many_writes_in_flight_are_all_logged_in_order(disk, tmp_path, services):
+    """qemu-img bench keeps 16 writes in flight: the service takes them in batches (write_many)."""
+    original = copy_data(disk, tmp_path / "original.raw")
+    service = TrackerService(tmp_path / "svc")
+    services.append(service)
+    service.start({"disk0": disk})
+    target = f"nbd+unix:///disk0?socket={service.socket('disk0')}"
+    for pattern, size, count in ((0x5A, "64k", 160), (0xA5, "1M", 150)):  # overlapping, within the disk
+        bench = subprocess.run(["qemu-img", "bench", "-w", "-t", "writeback", "-d", "16", "-c", str(count), "-s", size,
+                                "-S", "192k", f"--pattern={pattern}", "-f", "raw", target],
+                               capture_output=True, text=True, timeout=QEMU_TIMEOUT)
+        assert bench.returncode == 0, bench.stderr
+    assert service.stop() == "stopped"
+    logs = all_logs(disk)
+    assert sum(log.records for log in logs) == 310
+    replay_logs(original, logs, first_generation=1)
+    assert data_of(original) == data_of(disk)

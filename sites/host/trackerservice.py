@@ -79,6 +79,9 @@ class TrackerExport:
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
         self.tracker.write(offset, data, fua=fua)
 
+    def write_many(self, writes: list[tuple[int, memoryview, bool]]) -> None:
+        self.tracker.write_many(writes)
+
     def write_zeroes(self, offset: int, length: int, fua: bool) -> None:
         self.tracker.write_zeroes(offset, length, fua=fua)
 
