@@ -115,7 +115,7 @@ class _ServedDisk:
             self.server = NbdServer(socket_path, {name: TrackerExport(name, self.tracker)})
             self.server.start()
         except BaseException:
-            self.close(clean=False)
+            self.close(clean=True)  # nothing was served: a marker of ours goes
             raise
 
     def _check_previous_stop(self) -> None:
