@@ -69,7 +69,8 @@ def benchmark_nbd(*, disk_mib: int = 256, total_mib: int = 1024, rounds: int = 3
                 f.truncate(disk_mib * MIB)
             # Allocated once, so no side pays for tmpfs page allocation in its first run only.
             subprocess.run(["qemu-img", "bench", "-w", "-q", "-t", "writeback", "-s", str(MIB), "-c",
-                            str(disk_mib), "-f", "raw", str(image)], check=True, timeout=600)
+                            str(disk_mib), "-f", "raw", str(image)], check=True, timeout=600,
+                           stdout=subprocess.DEVNULL)
         tracker = ReplicationTracker.enable(tracked)
         qemu_socket = work / "qemu-nbd.sock"
         qemu_nbd = subprocess.Popen(["qemu-nbd", "-f", "raw", "--cache=writeback", "--persistent", "-x", "disk0",
