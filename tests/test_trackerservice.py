@@ -19,6 +19,7 @@ from pathlib import Path
 import mmh3
 import pytest
 
+from benchmarks.nbd import benchmark_nbd
 from datapath import nbd
 from datapath.tracker import ReplicationTracker
 from sites.host.trackerservice import TrackerService, TrackerServiceError, serving_marker
@@ -228,3 +229,12 @@ def test_many_writes_in_flight_are_all_logged_in_order(disk, tmp_path, services)
     assert sum(log.records for log in logs) == 310
     replay_logs(original, logs, first_generation=1)
     assert data_of(original) == data_of(disk)
+
+
+def test_the_nbd_benchmark_runs_small(tmp_path):
+    """Timings are never asserted: they depend on the machine."""
+    results = benchmark_nbd(disk_mib=16, total_mib=16, rounds=1, directory=tmp_path)
+    for size in ("64k", "1024k"):
+        assert set(results[size]) == {"raw_file_mb_s", "qemu_nbd_mb_s", "tracker_service_mb_s", "tracker_vs_qemu_nbd"}
+        assert all(value > 0 for value in results[size].values())
+    assert list(tmp_path.iterdir()) == []  # everything it made is gone
