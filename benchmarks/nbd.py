@@ -7,7 +7,7 @@ directly, (b) a copy served by `qemu-nbd`, (c) a copy served by the tracker serv
 logged, then written). Everything sits on tmpfs (/dev/shm when it exists) with `-t writeback`, so the
 disks' speed is out of the picture and what is measured is the server's own cost per request. The
 sides alternate over the rounds and the best run of each is reported; the tracker's logs are sealed
-and acknowledged between runs, so they do not pile up.
+and acknowledged between runs, so they do not pile up. At the end the three images must be identical.
 """
 from __future__ import annotations
 
@@ -69,7 +69,8 @@ def benchmark_nbd(*, disk_mib: int = 256, total_mib: int = 1024, rounds: int = 3
                 f.truncate(disk_mib * MIB)
             # Allocated once, so no side pays for tmpfs page allocation in its first run only.
             subprocess.run(["qemu-img", "bench", "-w", "-q", "-t", "writeback", "-s", str(MIB), "-c",
-                            str(disk_mib), "-f", "raw", str(image)], check=True, timeout=600)
+                            str(disk_mib), "-f", "raw", str(image)], check=True, timeout=600,
+                           stdout=subprocess.DEVNULL)
         tracker = ReplicationTracker.enable(tracked)
         qemu_socket = work / "qemu-nbd.sock"
         qemu_nbd = subprocess.Popen(["qemu-nbd", "-f", "raw", "--cache=writeback", "--persistent", "-x", "disk0",
@@ -99,6 +100,11 @@ def benchmark_nbd(*, disk_mib: int = 256, total_mib: int = 1024, rounds: int = 3
             results[label] = {**{f"{name}_mb_s": value for name, value in best.items()},
                               "tracker_vs_qemu_nbd": round(best["tracker_service"] / best["qemu_nbd"], 3)}
         tracker.close()
+        service.stop()
+        # The same writes went to all three: a server that dropped or misplaced one is not a result.
+        for image in (served, tracked):
+            if subprocess.run(["cmp", "-s", str(raw), str(image)], timeout=600).returncode != 0:
+                raise BenchmarkError(f"{image.name} differs from {raw.name} after the same writes")
         return results
     finally:
         service.stop()

@@ -88,8 +88,8 @@ PREFERRED_BLOCK = 4096
 MAX_OPTION_DATA = 64 * 1024
 """Option payloads are an export name and a few info requests: a larger one is a broken client."""
 _DRAIN_CHUNK = 1024 * 1024
-PIPELINE = 4
-"""Write payloads a connection receives ahead of the one being executed."""
+PIPELINE = 8
+"""Write payloads a connection holds: being executed, or received and queued behind."""
 
 _REQUEST = struct.Struct(">IHHQQI")  # magic, command flags, type, handle, offset, length
 _SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, handle
@@ -114,6 +114,9 @@ class BlockExport(Protocol):
     def trim(self, offset: int, length: int, fua: bool) -> None: ...
 
     def flush(self) -> None: ...
+
+    # Optional: `write` of each (offset, data, fua) in order, for the writes a connection has queued.
+    # def write_many(self, writes: list[tuple[int, memoryview, bool]]) -> None: ...
 
 
 class _ProtocolError(Exception):
@@ -374,19 +377,46 @@ class _Connection:
 
     def _execute(self, export: BlockExport, work: queue.SimpleQueue, free: queue.SimpleQueue) -> None:
         gone = False  # the client stopped reading: what is left is still taken off the queue
-        while (request := work.get()) is not None:
-            command, flags, handle, offset, length, payload = request
+        write_many = getattr(export, "write_many", None)
+        request = work.get()
+        while request is not None:
+            batch, after, taken_after = [request], None, False
+            if write_many is not None and _batchable(request, export.size):
+                # The writes queued behind it go to the export together (one lock, one control read).
+                while True:
+                    try:
+                        following = work.get_nowait()
+                    except queue.Empty:
+                        break
+                    if following is not None and _batchable(following, export.size):
+                        batch.append(following)
+                        continue
+                    after, taken_after = following, True
+                    break
             try:
                 if not gone:
-                    self._run(export, command, flags & CMD_FLAG_FUA != 0, handle, offset, length, payload)
+                    if len(batch) > 1:
+                        self._run_writes(write_many, batch)
+                    else:
+                        command, flags, handle, offset, length, payload = request
+                        self._run(export, command, flags & CMD_FLAG_FUA != 0, handle, offset, length, payload)
             except OSError:
                 gone = True
             except Exception:
-                log.exception("nbd: request %d failed; no more requests of this connection are run", command)
+                log.exception("nbd: request failed; no more requests of this connection are run")
                 gone = True
             finally:
-                if payload is not None:
-                    free.put(payload)
+                for *_, payload in batch:
+                    if payload is not None:
+                        free.put(payload)
+            request = after if taken_after else work.get()
+
+    def _run_writes(self, write_many, batch: list) -> None:
+        """Writes checked already; one error (the disk failing) answers them all."""
+        error = self._call(write_many, [(offset, payload[:length], flags & CMD_FLAG_FUA != 0)
+                                        for _, flags, _, offset, length, payload in batch])
+        self.conn.sendall(b"".join(_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle)
+                                   for _, _, handle, *_ in batch))
 
     def _run(self, export: BlockExport, command: int, fua: bool, handle: int, offset: int, length: int,
              payload: memoryview | None) -> None:
@@ -426,6 +456,11 @@ class _Connection:
 
     def _reply(self, handle: int, error: int) -> None:
         self.conn.sendall(_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle))
+
+
+def _batchable(request: tuple, size: int) -> bool:
+    command, _, _, offset, length, payload = request
+    return command == CMD_WRITE and payload is not None and _check(offset, length, size, writing=True) == 0
 
 
 def _check(offset: int, length: int, size: int, *, writing: bool) -> int:

@@ -26,7 +26,7 @@ import fcntl
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -195,13 +195,24 @@ class ReplicationTracker:
         """Log then write `data` at `offset`; return the record's sequence number (the last one when
         a write over MAX_RECORD_DATA is logged as several records, all in the same log). `fua`: durable
         (log, control and disk fsynced) before it returns, as every write is with `sync=True`."""
-        view = memoryview(data).cast("B")
-        self._check_write(offset, view.nbytes)
-        durable = self.sync or fua
+        return self.write_many([(offset, data, fua)])
+
+    def write_many(self, writes: Sequence[tuple[int, bytes | memoryview, bool]]) -> int:
+        """`write` of each (offset, data, fua) in order, under one taking of the lock: each is still
+        logged, committed and written to the disk before the next is logged. A block device front end
+        passes the writes it has queued, which saves the lock and the control file's read per write.
+        Returns the last sequence number."""
+        views = []
+        for offset, data, fua in writes:
+            view = memoryview(data).cast("B")
+            self._check_write(offset, view.nbytes)
+            views.append((offset, view, self.sync or fua))
+        seq = 0
         with self._locked() as control:
-            for start in range(0, view.nbytes, MAX_RECORD_DATA):
-                chunk = view[start : start + MAX_RECORD_DATA]
-                control, seq = self._write_locked(control, offset + start, chunk, chunk.nbytes, durable)
+            for offset, view, durable in views:
+                for start in range(0, view.nbytes, MAX_RECORD_DATA):
+                    chunk = view[start : start + MAX_RECORD_DATA]
+                    control, seq = self._write_locked(control, offset + start, chunk, chunk.nbytes, durable)
         return seq
 
     def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 import mmh3
 import pytest
 
+from benchmarks.nbd import benchmark_nbd
 from datapath import nbd
 from datapath.tracker import ReplicationTracker
 from sites.host.trackerservice import TrackerService, TrackerServiceError, serving_marker
@@ -209,3 +210,31 @@ def test_failing_to_start_says_why(tmp_path, services):
     assert not record.exists() or not json.loads(record.read_text())
     with pytest.raises(TrackerServiceError, match="disk name"):
         service.start({"../x": untracked})
+
+
+def test_many_writes_in_flight_are_all_logged_in_order(disk, tmp_path, services):
+    """qemu-img bench keeps 16 writes in flight: the service takes them in batches (write_many)."""
+    original = copy_data(disk, tmp_path / "original.raw")
+    service = TrackerService(tmp_path / "svc")
+    services.append(service)
+    service.start({"disk0": disk})
+    target = f"nbd+unix:///disk0?socket={service.socket('disk0')}"
+    for pattern, size, count in ((0x5A, "64k", 160), (0xA5, "1M", 150)):  # overlapping, within the disk
+        bench = subprocess.run(["qemu-img", "bench", "-w", "-t", "writeback", "-d", "16", "-c", str(count), "-s", size,
+                                "-S", "192k", f"--pattern={pattern}", "-f", "raw", target],
+                               capture_output=True, text=True, timeout=QEMU_TIMEOUT)
+        assert bench.returncode == 0, bench.stderr
+    assert service.stop() == "stopped"
+    logs = all_logs(disk)
+    assert sum(log.records for log in logs) == 310
+    replay_logs(original, logs, first_generation=1)
+    assert data_of(original) == data_of(disk)
+
+
+def test_the_nbd_benchmark_runs_small(tmp_path):
+    """Timings are never asserted: they depend on the machine."""
+    results = benchmark_nbd(disk_mib=16, total_mib=16, rounds=1, directory=tmp_path)
+    for size in ("64k", "1024k"):
+        assert set(results[size]) == {"raw_file_mb_s", "qemu_nbd_mb_s", "tracker_service_mb_s", "tracker_vs_qemu_nbd"}
+        assert all(value > 0 for value in results[size].values())
+    assert list(tmp_path.iterdir()) == []  # everything it made is gone

@@ -81,6 +81,9 @@ class TrackerExport:
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
         self.tracker.write(offset, data, fua=fua)
 
+    def write_many(self, writes: list[tuple[int, memoryview, bool]]) -> None:
+        self.tracker.write_many(writes)
+
     def write_zeroes(self, offset: int, length: int, fua: bool) -> None:
         self.tracker.write_zeroes(offset, length, fua=fua)
 
@@ -151,7 +154,7 @@ class _ServedDisk:
             self.server = NbdServer(socket_path, {name: export})
             self.server.start()
         except BaseException:
-            self.close(clean=False)
+            self.close(clean=True)  # nothing was served: a marker of ours goes
             raise
 
     def _check_previous_stop(self) -> None:
