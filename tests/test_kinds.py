@@ -193,12 +193,13 @@ def test_failover_kinds_differ_only_where_the_primary_is_involved():
     planned = actions_of(planned_failover.KIND.build(failover_request("planned", "latest")))
     unplanned = actions_of(unplanned_failover.KIND.build(failover_request("unplanned")))
     drill_latest = actions_of(test_failover.KIND.build(failover_request("test", "latest")))
-    tail = [[A.CHOOSE_POINT], [A.CREATE_RECOVERY_VM], [A.RESTORE_DISK], [A.START_RECOVERY_VM], [A.FINISH_FAILOVER]]
+    tail = [[A.CHOOSE_POINT], [A.CREATE_RECOVERY_VM], [A.RESTORE_DISK], [A.START_RECOVERY_VM], [A.CHECK_RECOVERY_BOOT],
+            [A.FINISH_FAILOVER]]
     merge = [[A.SHIP_LOGS], [A.APPLY_LOGS], [A.ACKNOWLEDGE_LOGS]]
     assert planned == [[A.BEGIN_FAILOVER], [A.SHUT_DOWN_PRIMARY], *merge, *tail]
     assert unplanned == [[A.BEGIN_FAILOVER], *tail]
     assert drill_latest == [[A.BEGIN_FAILOVER], *merge, *tail]
-    restore = planned_failover.KIND.build(failover_request("planned", "latest", THREE_DISKS))[-3]
+    restore = planned_failover.KIND.build(failover_request("planned", "latest", THREE_DISKS))[-4]
     assert [(step.queue, step.params["disk_id"]) for step in restore] == [("host.dr1", "d0"), ("host.dr1", "d1"),
                                                                           ("host.dr1", "d2")]
 
