@@ -7,8 +7,11 @@ check after the boot at the recovery site, `e2fsck -fn` of the recovery disk, an
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -21,10 +24,14 @@ from models.db import session_scope
 from models.fabric import Host as HostRow
 from models.fabric import import_vm_manifest
 from models.failover import FailoverKind, FailoverRecord, FailoverStatus
+from models.protection import InvalidStateError, ProtectedItem
 from sites.guest import make_data_disk
 from sites.host.guestdef import GuestDefinition
+from sites.host.trackerservice import PID_FILE
 from sites.localservices import wait_until
 from workflows import kinds
+from workflows.engine import ItemBusyError
+from workflows.kinds.delta_replication import start as start_delta_replication
 
 pytestmark = pytest.mark.slow
 JOB_TIMEOUT = 240
@@ -194,3 +201,77 @@ def test_a_guest_that_never_reaches_its_heartbeat_fails_the_drill_recoverably(gu
     cancel(job_id)
     site.wait_job(job_id, 60, states=("cancelled",))
     assert site.item(vm_id)["state"] == "protected"
+
+
+def due_app_consistent(site: RecoverySite, vm_id: str) -> None:
+    """Make the next Ship step take an application-consistent point."""
+    with session_scope() as session:
+        item = session.get(ProtectedItem, site.item_id(vm_id))
+        item.next_app_consistent_at = None
+        session.add(item)
+
+
+@pytest.mark.parametrize("agent", [True, False], ids=["agent", "no-agent"])
+def test_app_consistent_points_freeze_the_guest_through_its_agent(guest_site: RecoverySite, test_guest, agent):
+    """With its agent the guest's file systems are frozen while every disk is sealed (the guest says so on
+    its console) and the point is app-consistent; without, the point is crash-consistent with a Warning
+    naming why."""
+    site = guest_site
+    vm_id = create_guest_vm(site, test_guest, agent=agent)
+    site.wait_job(site.protect(vm_id, policy_id=site.create_policy("hourly-app", app_consistent_frequency_h=1)),
+                  JOB_TIMEOUT)
+    primary = site.host("host1")
+    primary.start_vm("web01")
+    assert primary.check_boot(primary.get_vm("web01")).booted
+    due_app_consistent(site, vm_id)
+    job = site.delta_cycle(vm_id, timeout=JOB_TIMEOUT)
+    shipped = next(step["result"] for step in job["steps"] if step["name"] == "Ship logs")
+    console = primary.console_log(primary.get_vm("web01"))
+    if agent:
+        assert shipped["app_consistent"] is True, shipped
+        assert "ASR-FREEZE" in console and "ASR-THAW" in console, console[-2000:]
+        assert console.index("ASR-FREEZE") < console.index("ASR-THAW")
+    else:
+        assert shipped["app_consistent"] is False and "no guest agent" in shipped["quiesce_error"], shipped
+        assert "ASR-FREEZE" not in console
+        item = site.item(vm_id)
+        assert item["health"] == "Warning" and any("no guest agent" in str(e) for e in item["errors"]), item
+
+
+def test_killed_tracker_service_marks_the_disk_for_resync_which_heals_it(guest_site: RecoverySite, test_guest):
+    """SIGKILL of the tracker service while the guest writes: the guest's I/O fails, no file it listed is lost
+    (its next boot's own check passes), the restarted service marks the disk resync-required, the next Ship
+    step refuses to ship, a resync heals the replica, and it equals the source byte for byte."""
+    site = guest_site
+    vm_id = create_guest_vm(site, test_guest, workload_kib_s=512)
+    site.wait_job(site.protect(vm_id), JOB_TIMEOUT)
+    item_id = site.item_id(vm_id)
+    primary = site.host("host1")
+    primary.start_vm("web01")
+    wait_until(lambda: files_written(site, "host1", "web01") >= 2, timeout=120, what="the guest to write files")
+    vm = primary.get_vm("web01")
+    service_pid = json.loads((primary.run_dir(vm) / PID_FILE).read_text())["pid"]
+    os.kill(service_pid, signal.SIGKILL)
+    wait_until(lambda: process_ended(service_pid), timeout=10, what="the tracker service to die")
+    primary.shut_down("web01")  # the guest lost its disks: ACPI may not be enough, QEMU is stopped anyway
+
+    primary.start_vm("web01")
+    boot = primary.check_boot(primary.get_vm("web01"))
+    assert boot.booted and boot.check == "passed", boot
+    with primary.tracker("web01", "data") as tracker:
+        assert "stopped uncleanly" in (tracker.resync_required() or "")
+    # The next delta cycle (the scheduler's or this one) refuses to ship and marks the item for resync.
+    def resync_required() -> bool:
+        with contextlib.suppress(ItemBusyError, InvalidStateError):
+            start_delta_replication(item_id)
+        return site.item(vm_id)["state"] == "resync_required"
+
+    wait_until(resync_required, timeout=JOB_TIMEOUT, interval=1, what="the item to need a resync")
+    assert "stopped uncleanly" in site.item(vm_id)["resync_required_reason"], site.item(vm_id)
+    site.wait_idle(vm_id, JOB_TIMEOUT)
+
+    site.wait_job(kinds.resynchronize.start(item_id), JOB_TIMEOUT)
+    assert site.item(vm_id)["state"] == "protected"
+    primary.shut_down("web01")
+    site.delta_cycle(vm_id, timeout=JOB_TIMEOUT)
+    site.verify_replica(vm_id)
