@@ -275,3 +275,46 @@ def test_killed_tracker_service_marks_the_disk_for_resync_which_heals_it(guest_s
     primary.shut_down("web01")
     site.delta_cycle(vm_id, timeout=JOB_TIMEOUT)
     site.verify_replica(vm_id)
+
+
+def passed_files(detail: str | None) -> int:
+    """The file count of an `ASR-CHECK: PASS <n> files` line."""
+    assert detail and "PASS" in detail, detail
+    return int(detail.split("PASS")[1].split()[0])
+
+
+def test_failback_brings_back_the_recovery_vms_files_and_reverse_replication_sends_differences(
+        guest_site: RecoverySite, test_guest):
+    """After a planned failover the recovery VM writes new files; failback (minimize downtime) boots the primary
+    with them (its own check counts them), and reverse replication sends only what differs."""
+    site = guest_site
+    vm_id = create_guest_vm(site, test_guest)
+    site.wait_job(site.protect(vm_id), JOB_TIMEOUT)
+    item_id = site.item_id(vm_id)
+    primary, recovery = site.host("host1"), site.host("dr1")
+    primary.start_vm("web01")
+    wait_until(lambda: files_written(site, "host1", "web01") >= 2, timeout=120, what="the guest to write files")
+    site.wait_job(kinds.planned_failover.start(item_id), JOB_TIMEOUT)
+    at_failover = passed_files(latest_record(item_id, FailoverKind.PLANNED).boot_detail)
+    site.wait_job(kinds.commit_failover.start(item_id), JOB_TIMEOUT)
+    wait_until(lambda: files_written(site, "dr1", "web01") >= 2, timeout=120,
+               what="the recovery VM to write new files")
+
+    site.wait_job(kinds.failback.start(item_id), JOB_TIMEOUT)
+    assert site.item(vm_id)["state"] == "failback_ready"
+    assert recovery.power_state("web01") == "running", "minimize downtime keeps the recovery VM running"
+    site.wait_job(kinds.failback_completion.start(item_id), JOB_TIMEOUT)
+    assert recovery.power_state("web01") == "off"
+    assert primary.power_state("web01") == "running"
+    boot = primary.check_boot(primary.get_vm("web01"))
+    assert boot.booted and boot.check == "passed", boot
+    assert passed_files(boot.detail) > at_failover, (boot.detail, at_failover)
+
+    site.wait_job(kinds.commit_failback.start(item_id), JOB_TIMEOUT)
+    job = site.wait_job(kinds.reverse_replication.start(item_id), JOB_TIMEOUT)
+    resynced = [s["result"] for s in job["steps"] if s["name"].startswith("Resynchronize disk")]
+    assert resynced and all(r["bytes_sent"] < DATA_DISK // 2 for r in resynced), resynced
+    assert site.item(vm_id)["state"] == "protected"
+    primary.shut_down("web01")
+    site.delta_cycle(vm_id, timeout=JOB_TIMEOUT)
+    site.verify_replica(vm_id)
