@@ -116,6 +116,10 @@ def print_report(report: Report, console: Console, as_json: bool, workdir: Path)
         say(f"{'':8} {'cleanup':10} {'passed' if c.ok else 'failed':7} {'':>7} {'':>8}  {c.check}: {c.detail}")
     for backend, flower in report.flower.items():
         say(f"[{backend}] Flower ({flower['url']}) saw {flower['tasks_seen']} tasks: {', '.join(flower['task_names'])}")
+    if report.paths:
+        say(f"kept for inspection: recovery storage {report.paths.get('storage_root')}; the real guest's disks "
+            f"{', '.join(report.paths.get('source_disks', []))} (primary) and "
+            f"{', '.join(report.paths.get('recovery_disks', []))} (recovery host)")
     for line in report.failed_checks:
         say(f"FAILED {line}")
     logs = ", ".join(dict.fromkeys(str(workdir / s.backend / "logs") for s in report.stages))

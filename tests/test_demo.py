@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 ASR = str(Path(sys.executable).with_name("asr"))
-STAGES = ["start", "register", "protect", "replicate", "drill", "failover", "plan"]
+STAGES = ["start", "register", "protect", "replicate", "drill", "failover", "plan", "real-vm"]
 DEMO_TIMEOUT_S = 300
 
 
@@ -78,6 +78,30 @@ def test_demo_runs_every_stage_and_stops_everything(tmp_path):
     assert report["cleanup"] == [{"check": "nothing the demo started is left running", "ok": True, "detail": "none"}]
     assert left_running(workdir) == []
     assert (workdir / "local" / "logs" / "worker-orchestration.log").exists()
+    # The real guest: booted at the recovery site with its own check passing; its files are kept.
+    assert {"guest01 booted at dr1 and its own check of its files passed",
+            "e2fsck -fn of the recovery disk passes after the guest's shutdown",
+            "replica of guest01/data equals its source"} <= checks
+    paths = report["paths"]
+    assert Path(paths["storage_root"]).is_dir()
+    assert paths["source_disks"] and all(Path(p).is_file() for p in paths["source_disks"] + paths["recovery_disks"])
+
+
+def test_a_successful_run_keeps_only_the_real_guests_files(tmp_path):
+    """Without --keep a successful run removes its work folder but for what the report's paths name."""
+    from api.demo import _remove_except
+
+    workdir = tmp_path / "work"
+    kept_disk = workdir / "local" / "hosts" / "host1" / "vms" / "guest01" / "data.raw"
+    storage = workdir / "local" / "recovery-site"
+    for path in (kept_disk, storage / "host1" / "guest01" / "data.vhd", workdir / "local" / "asr.db",
+                 workdir / "local" / "hosts" / "host1" / "vms" / "app01" / "disk0.vhd"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    _remove_except(workdir, [kept_disk, storage])
+    assert kept_disk.exists() and (storage / "host1" / "guest01" / "data.vhd").exists()
+    assert not (workdir / "local" / "asr.db").exists()
+    assert not (workdir / "local" / "hosts" / "host1" / "vms" / "app01").exists()
 
 
 def test_a_corrupted_replica_fails_the_demo_and_names_the_check(tmp_path):
@@ -91,7 +115,7 @@ def test_a_corrupted_replica_fails_the_demo_and_names_the_check(tmp_path):
     assert "replicate: replica of app02/disk1 equals its source: first difference at offset" in failed
     statuses = {s["stage"]: s["status"] for s in report["stages"]}
     assert statuses == {"start": "passed", "register": "passed", "protect": "passed", "replicate": "failed",
-                        "drill": "skipped", "failover": "skipped", "plan": "skipped"}
+                        "drill": "skipped", "failover": "skipped", "plan": "skipped", "real-vm": "skipped"}
     assert left_running(workdir) == []
     assert (workdir / "local" / "logs").is_dir(), "a failed run keeps its logs"
 
