@@ -1,4 +1,8 @@
-"""The protected (primary) host: its VMs, their disks, replication tracking and guest workloads.
+"""The protected (primary) host: its VMs, their disks, replication tracking, QEMU guests and synthetic workloads.
+
+A VM is either a QEMU guest (its manifest has a `guest` definition: `guests`, `qemu`, `trackerservice`;
+docs/runtime.md) or a synthetic VM whose writes come from the synthetic workload process
+(sites/workload.py), kept for scale tests and benchmarks.
 
 A host is a directory tree. Each VM lives in `<root>/vms/<vm>/`: its manifest `vm.json`, its disk
 images (`<disk>.raw` or `<disk>.vhd`), the trackers' replication logs beside them, and while its
@@ -10,9 +14,12 @@ Names of hosts, VMs, disks and networks come from outside (API calls, manifests)
 segments, so each is checked against one rule before anything is built from it, and every path is
 checked to resolve inside the root.
 
-One concept per module: `vm` (what a VM is, the name rule), `manifest` (the store of manifests and
-folders), `tracking`, `supervisor` (the workload processes), `quiesce`, `staging` (failback disks),
-`networking`, and `driver`, whose `Host` composes them.
+One concept per module: `vm` (what a VM is, the name rule), `guestdef` (a QEMU guest's definition),
+`images` (imported images and boot files), `manifest` (the store of manifests and folders), `tracking`,
+`supervisor` (the synthetic workload processes), `quiesce`, `guests` (QEMU guests: start, stop, boot check,
+freeze through the agent), `qemu`, `qmp`, `guestagent`, `trackerservice` and `imagelock` (the NBD tracker
+service and its hold on images), `staging` (failback disks), `networking`, and `driver`, whose `Host`
+composes them.
 """
 from .driver import Host
 from .errors import (

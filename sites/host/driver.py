@@ -76,8 +76,8 @@ class Host(Tracking, Guests, Staging, Networking):
         write_sizes: tuple[int, int] = (4096, 65536),
         seed: int | None = None,
     ) -> int:
-        """Start the VM's guest workload (writing through the trackers) and mark the VM running; return
-        its pid. When it already runs, its pid is returned and it is left as it is.
+        """Start a synthetic VM's synthetic workload (writing through the trackers) and mark the VM running;
+        return its pid. When it already runs, its pid is returned and it is left as it is.
 
         Returns once the workload has opened every disk; NotTrackedError when a disk is not
         tracked, WorkloadError when the process fails to start."""
