@@ -183,9 +183,9 @@ def test_tiny_workflow_run_reports_step_overhead_and_a_verified_fleet(tiny_workf
 
 
 # A VM's stages in a plan (workflows/failover.py): test failover Begin, Choose recovery point, Create
-# recovery VM, Restore disk (one disk), Start recovery VM, Finish; planned failover adds Shut down VM and
-# Ship, Apply, Acknowledge logs.
-PLAN_STAGES_PER_GROUP = {"test_failover": 6, "planned_failover": 10}
+# recovery VM, Restore disk (one disk), Start recovery VM, Check recovery VM boot, Finish; planned failover
+# adds Shut down VM and Ship, Apply, Acknowledge logs.
+PLAN_STAGES_PER_GROUP = {"test_failover": 7, "planned_failover": 11}
 
 
 def test_tiny_workflow_run_reports_a_recovery_plans_rto_with_every_recovery_disk_verified(tiny_workflow_run):
