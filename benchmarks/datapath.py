@@ -792,5 +792,32 @@ def _child_main(argv: list[str]) -> int:
     return 0
 
 
+def measure_datapath(workdir: Path, size: int, rounds: int, seed: int,
+                     progress: Callable[[str], None]) -> dict[str, Any]:
+    """Every benchmark on a disk of `size` with the peers, then ours alone on a quarter-size disk for
+    the memory comparison; the full-size disks are deleted before the quarter-size ones are made."""
+    log_volume = min(MAX_LOG_VOLUME, size // 4)
+    measured = {}
+    for label, disk_size, with_peers, run_rounds in (("full", size, True, rounds),
+                                                     ("quarter", size // 4, False, 1)):
+        directory = workdir / label
+        progress(f"generating a {format_size(disk_size)} disk and a sparse one in {directory}")
+        disks = generate_disks(directory, disk_size, seed)
+        bench = Bench(disks, directory, run_rounds, seed, log_volume, with_peers)
+        measured[label] = run_benchmarks(bench, progress)
+        shutil.rmtree(directory)
+    baseline = run_ours("idle", 0)["peak_rss_bytes"]
+    return {
+        "log_volume": log_volume,
+        "benchmarks": measured["full"],
+        "memory": {
+            "baseline_peak_rss_bytes": baseline,
+            "flat_slack_bytes": FLAT_MEMORY_SLACK,
+            "steps": memory_rows(measured["full"], measured["quarter"], size, size // 4, baseline),
+            "quarter_size_runs": measured["quarter"],
+        },
+    }
+
+
 if __name__ == "__main__":
     sys.exit(_child_main(sys.argv[1:]))

@@ -2,6 +2,9 @@
 
     python -m benchmarks.nbd [--size-mib N] [--total-mib N] [--rounds N]
 
+Also the `nbd` section of `python -m benchmarks.run` (`make bench`): `measure_section` gives its result
+rows, `METHOD` and `detail_lines` its text in docs/benchmarks.md.
+
 `qemu-img bench -w` writes the same requests (16 in flight, 64 KiB then 1 MiB) to (a) the raw image
 directly, (b) a copy served by `qemu-nbd`, (c) a copy served by the tracker service (every write
 logged, then written). Everything sits on tmpfs (/dev/shm when it exists) with `-t writeback`, so the
@@ -16,12 +19,15 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.datapath import BenchmarkError, row
 from datapath.tracker import ReplicationTracker
 from sites.host.trackerservice import TrackerService
 
@@ -29,10 +35,6 @@ MIB = 1024 * 1024
 DEPTH = 16
 REQUEST_SIZES = (64 * 1024, MIB)
 _COMPLETED = re.compile(r"Run completed in ([0-9.]+) seconds")
-
-
-class BenchmarkError(Exception):
-    pass
 
 
 def _bench(target: str, size: int, count: int, image_opts: bool = False) -> float:
@@ -116,6 +118,87 @@ def benchmark_nbd(*, disk_mib: int = 256, total_mib: int = 1024, rounds: int = 3
                 qemu_nbd.kill()
                 qemu_nbd.wait(10)
         shutil.rmtree(work, ignore_errors=True)
+
+
+# ---- the `nbd` section of benchmarks.run ----------------------------------------------------------------
+GOAL_RATIO = 0.9
+"""The tracker service's write throughput over NBD must be at least this share of qemu-nbd's."""
+DEFAULT_DISK_MIB, DEFAULT_TOTAL_MIB, QUICK_TOTAL_MIB = 256, 1024, 256
+TITLE = f"Writes over NBD (qemu-img bench -w, {DEPTH} in flight)"
+METHOD = [
+    f"NBD writes: `qemu-img bench -w -t writeback -d {DEPTH}` writes the same requests (64 KiB, then 1 MiB; "
+    "sequential offsets wrapping over the disk) to three raw images of the same size on tmpfs (/dev/shm): the "
+    "file itself (context: no server), a copy served by `qemu-nbd -f raw --cache=writeback`, and a copy served "
+    "by the tracker service over a Unix socket. The images are written in full once before timing. Throughput is "
+    "the bytes written over the run time qemu-img reports; the three sides alternate (reversed order in even "
+    "rounds) and the best run of each is judged, the median shown beside it.",
+    "NBD writes: the tracker writes each byte twice, once appended to the replication log and once to the "
+    "disk (qemu-nbd and the raw file once), so at equal server cost it moves twice the bytes; the tracker's "
+    "log is sealed and acknowledged after each of its runs (not timed), so logs do not pile up. After the "
+    "runs the three images must be identical (cmp); otherwise the run stops.",
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nbd-size", type=int, metavar="MIB",
+                        help=f"nbd: size of each served disk in MiB (default {DEFAULT_DISK_MIB})")
+    parser.add_argument("--nbd-total", type=int, metavar="MIB",
+                        help=f"nbd: MiB written per run and request size (default {DEFAULT_TOTAL_MIB}, "
+                             f"{QUICK_TOTAL_MIB} with --quick)")
+
+
+def checked_settings(args: argparse.Namespace) -> dict[str, int]:
+    """The section's settings; ValueError with a one-line message on a bad one."""
+    disk = args.nbd_size if args.nbd_size is not None else DEFAULT_DISK_MIB
+    total = args.nbd_total if args.nbd_total is not None else (QUICK_TOTAL_MIB if args.quick else DEFAULT_TOTAL_MIB)
+    if disk < 1 or total < 1:
+        raise ValueError(f"--nbd-size {disk}, --nbd-total {total}: both must be at least 1 MiB")
+    return {"nbd_disk_mib": disk, "nbd_total_mib": total}
+
+
+def measure_section(settings: dict[str, Any], progress: Callable[[str], None]) -> dict[str, Any]:
+    """The section's one benchmark: its rows are the tracker against qemu-nbd per request size (judged)
+    and against the raw file (reported)."""
+    progress(f"nbd: {settings['rounds']} round(s) of {settings['nbd_total_mib']} MiB written to the raw file, "
+             f"qemu-nbd and the tracker service, per request size")
+    results = benchmark_nbd(disk_mib=settings["nbd_disk_mib"], total_mib=settings["nbd_total_mib"],
+                            rounds=settings["rounds"])
+    rows = []
+    for size in REQUEST_SIZES:
+        label = f"{size // 1024}k"
+        runs = results["runs"][label]
+        best = {name: max(values) for name, values in runs.items()}
+        median = {name: statistics.median(values) for name, values in runs.items()}
+        results[label] |= {f"{name}_median_mb_s": value for name, value in median.items()}
+        for peer, goal in (("qemu_nbd", f"tracker ≥ {GOAL_RATIO:g}× qemu-nbd"), ("raw_file", None)):
+            ratio = best["tracker_service"] / best[peer]
+            rows.append(row(f"tracker over NBD vs {peer.replace('_', '-') if goal else 'the raw file'}, "
+                            f"{_size_text(size)} writes", best["tracker_service"], best[peer], "MB/s", ratio,
+                            goal or "none set (reported)", ratio >= GOAL_RATIO if goal else None)
+                        | {"ours_median": median["tracker_service"], "peer_median": median[peer],
+                           "median_ratio": median["tracker_service"] / median[peer]})
+    return {"write_throughput": {
+        "title": TITLE,
+        "ours_does": "the tracker service (sites/host/trackerservice.py, datapath/nbd.py) serving the image over a "
+                     "Unix socket: each write appended to the replication log, then written to the disk",
+        "peer_does": "qemu-nbd -f raw --cache=writeback serving a copy of the image; for context, qemu-img "
+                     "writing the raw file itself",
+        "rows": rows, "details": results,
+    }}
+
+
+def _size_text(size: int) -> str:
+    return f"{size // 1024} KiB" if size < MIB else f"{size // MIB} MiB"
+
+
+def detail_lines(section: dict[str, Any]) -> list[str]:
+    details = section["write_throughput"]["details"]
+    figures = "; ".join(
+        f"{_size_text(size)} writes: raw file {details[label]['raw_file_mb_s']:.0f}, qemu-nbd "
+        f"{details[label]['qemu_nbd_mb_s']:.0f}, tracker {details[label]['tracker_service_mb_s']:.0f} MB/s"
+        for size, label in ((size, f"{size // 1024}k") for size in REQUEST_SIZES))
+    return [f"- NBD writes: {details['disk_mib']} MiB disks in {details['directory']}, {details['total_mib']} MiB "
+            f"written per run, best of {details['rounds']}: {figures}. Every run's figures are in benchmarks.json."]
 
 
 def main() -> None:

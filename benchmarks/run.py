@@ -1,11 +1,12 @@
 """`python -m benchmarks.run`: measure the data path and the workflows against their peers and write
 the results.
 
-Two sections, both by default, one with `--only`: `datapath` (benchmarks/datapath.py: copy, sparse
-copy, resync, checksum scan, log apply, peak memory) and `workflows` (benchmarks/workflows.py: the job
+Three sections, all by default, one with `--only`: `datapath` (benchmarks/datapath.py: copy, sparse
+copy, resync, checksum scan, log apply, peak memory), `workflows` (benchmarks/workflows.py: the job
 engine's cost per step against a bare Celery chain, enabling protection of many VMs end to end, and the
 failover time (RTO) of a recovery plan of many VMs, test and planned, against the same canvas of no-op
-tasks).
+tasks) and `nbd` (benchmarks/nbd.py: write throughput of a disk served over NBD by the tracker service
+against qemu-nbd and the raw file).
 Writes `benchmarks.json` (every run's figures) and `benchmarks.md` (a table: ours, the peer, the
 ratio, the goal, pass or miss) into `--output` (docs/ by default), and prints the table. The report
 holds the sections this run measured, no others. Goals are judged only on what was measured in this
@@ -25,25 +26,16 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.datapath import (
-    CHUNK_SIZE,
-    FLAT_MEMORY_SLACK,
-    MAX_LOG_VOLUME,
-    Bench,
-    BenchmarkError,
-    generate_disks,
-    memory_rows,
-    run_benchmarks,
-    run_ours,
-)
+from benchmarks import nbd
+from benchmarks.datapath import CHUNK_SIZE, BenchmarkError, measure_datapath
+from benchmarks.workflow_report import measure_workflows, workflow_detail_lines
 from datapath.disk import format_size, parse_size
 
-SECTIONS = ("datapath", "workflows")
+SECTIONS = ("datapath", "workflows", "nbd")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SIZE = "1G"
@@ -59,7 +51,8 @@ SIZE_UNIT = 4 << 20
 SPACE_NEEDED_PER_DISK_SIZE = 5
 """The largest moment holds about 4.3 disk sizes in the workdir (source, sparse data, two targets)."""
 WORKDIR_MARKER = ".sre-bench-workdir"
-REQUIRED_TOOLS = {"datapath": ("cp", "sync", "rsync", "cmp", "qemu-img"), "workflows": ("redis-server",)}
+REQUIRED_TOOLS = {"datapath": ("cp", "sync", "rsync", "cmp", "qemu-img"), "workflows": ("redis-server",),
+                  "nbd": ("qemu-img", "qemu-nbd", "cmp")}
 DEFAULT_STEPS = 200
 QUICK_STEPS = 20
 DEFAULT_VMS = 100
@@ -89,10 +82,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "memory) against cp, cp --sparse=always, rsync and bare mmh3, in one run on the same "
                     "generated disks, and the workflows (the job engine's cost per step against a bare Celery "
                     "chain; enabling protection of many VMs end to end with real workers; the test and planned "
-                    "failover of a recovery plan of many VMs, its RTO); write benchmarks.md and benchmarks.json.",
+                    "failover of a recovery plan of many VMs, its RTO), and writes over NBD through the tracker "
+                    "service against qemu-nbd; write benchmarks.md and benchmarks.json.",
     )
     parser.add_argument("--only", choices=SECTIONS,
-                        help="run one section only (default: both); the report then holds that section alone")
+                        help="run one section only (default: all); the report then holds that section alone")
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / "bench-work",
                         help="scratch directory for the generated disks (default: bench-work/ in the repo); "
                              "it must be empty or a previous run's; deleted afterwards unless --keep")
@@ -117,6 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--plan-groups", type=int, default=DEFAULT_PLAN_GROUPS,
                         help=f"workflows: groups the plan's VMs are cut into, at most {MAX_PLAN_GROUPS} and at most "
                              f"the plan's VMs (default {DEFAULT_PLAN_GROUPS})")
+    nbd.add_arguments(parser)
     parser.add_argument("--seed", type=int, default=1, help="seed of the generated data and damage (default 1)")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "docs",
                         help="where benchmarks.md and benchmarks.json are written (default: docs/ in the repo)")
@@ -282,53 +277,11 @@ def measure(workdir: Path, sections: tuple[str, ...], settings: dict[str, Any]) 
         # must not be timed while that drains.
         os.sync()
         measured["workflows"] = measure_workflows(workdir / "workflows", settings, progress)
+    if "nbd" in sections:
+        measured["nbd"] = nbd.measure_section(settings, progress)
     progress("done")
     return {"seconds": time.monotonic() - started, "load_average_before": load_before,
             "load_average_after": os.getloadavg()} | measured
-
-
-def measure_workflows(workdir: Path, settings: dict[str, Any], progress: Callable[[str], None]) -> dict[str, Any]:
-    """The job engine's cost per step against a bare Celery chain, then enabling protection of the fleet,
-    then a recovery plan's test and planned failover."""
-    # Imported here: the workflow benchmarks bring Celery, the database and the tests' process helpers,
-    # which a data-path run does not need.
-    from benchmarks.workflow_plan import PlanSettings, bench_recovery_plan
-    from benchmarks.workflows import FleetSettings, bench_enable_protection, bench_step_overhead
-
-    fleet = FleetSettings(vms=settings["vms"], hosts=settings["fleet_hosts"], disk_size=settings["vm_disk_size"])
-    plan = PlanSettings(vms=settings["plan_vms"], groups=settings["plan_groups"], hosts=settings["fleet_hosts"],
-                        disk_size=settings["vm_disk_size"])
-    return {
-        "step_overhead": bench_step_overhead(workdir, settings["steps"], settings["rounds"], progress),
-        "enable_protection": bench_enable_protection(workdir, fleet, settings["seed"], progress),
-    } | bench_recovery_plan(workdir, plan, settings["seed"], progress)
-
-
-def measure_datapath(workdir: Path, size: int, rounds: int, seed: int,
-                     progress: Callable[[str], None]) -> dict[str, Any]:
-    """Every benchmark on a disk of `size` with the peers, then ours alone on a quarter-size disk for
-    the memory comparison; the full-size disks are deleted before the quarter-size ones are made."""
-    log_volume = min(MAX_LOG_VOLUME, size // 4)
-    measured = {}
-    for label, disk_size, with_peers, run_rounds in (("full", size, True, rounds),
-                                                     ("quarter", size // 4, False, 1)):
-        directory = workdir / label
-        progress(f"generating a {format_size(disk_size)} disk and a sparse one in {directory}")
-        disks = generate_disks(directory, disk_size, seed)
-        bench = Bench(disks, directory, run_rounds, seed, log_volume, with_peers)
-        measured[label] = run_benchmarks(bench, progress)
-        shutil.rmtree(directory)
-    baseline = run_ours("idle", 0)["peak_rss_bytes"]
-    return {
-        "log_volume": log_volume,
-        "benchmarks": measured["full"],
-        "memory": {
-            "baseline_peak_rss_bytes": baseline,
-            "flat_slack_bytes": FLAT_MEMORY_SLACK,
-            "steps": memory_rows(measured["full"], measured["quarter"], size, size // 4, baseline),
-            "quarter_size_runs": measured["quarter"],
-        },
-    }
 
 
 def checked_settings(args: argparse.Namespace, sections: tuple[str, ...]) -> dict[str, Any]:
@@ -341,6 +294,11 @@ def checked_settings(args: argparse.Namespace, sections: tuple[str, ...]) -> dic
         plan_vms, plan_groups = checked_plan(args)
         settings |= {"steps": checked_steps(args), "vms": checked_vms(args), "fleet_hosts": FLEET_HOSTS,
                      "vm_disk_size": VM_DISK_SIZE, "plan_vms": plan_vms, "plan_groups": plan_groups}
+    if "nbd" in sections:
+        try:
+            settings |= nbd.checked_settings(args)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     return settings
 
 
@@ -351,9 +309,12 @@ def space_needed(settings: dict[str, Any]) -> int:
 
 
 def all_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every benchmark's result rows: the data path's, then the workflows'."""
-    benchmarks = list(report.get("benchmarks", {}).values()) + list(report.get("workflows", {}).values())
-    return [row for benchmark in benchmarks for row in benchmark["rows"]]
+    """Every benchmark's result rows: the data path's, then the workflows', then NBD's."""
+    return [row for benchmark in benchmarks_of(report) for row in benchmark["rows"]]
+
+
+def benchmarks_of(report: dict[str, Any], keys: tuple[str, ...] = ("benchmarks", "workflows", "nbd")) -> list:
+    return [benchmark for key in keys for benchmark in report.get(key, {}).values()]
 
 
 def method_of(sections: tuple[str, ...]) -> list[str]:
@@ -362,7 +323,7 @@ def method_of(sections: tuple[str, ...]) -> list[str]:
         from benchmarks.workflows import METHOD as WORKFLOW_METHOD  # imported by the run already
 
         method += WORKFLOW_METHOD
-    return method
+    return method + (nbd.METHOD if "nbd" in sections else [])
 
 
 def build_report(argv: list[str], sections: tuple[str, ...], settings: dict[str, Any], machine: dict[str, Any],
@@ -420,11 +381,9 @@ def verdict(passed: bool | None) -> str:
 
 def results_table(report: dict[str, Any]) -> list[list[str]]:
     """Rows of [benchmark, metric, ours, peer, ratio, goal, result]: the data path's, its memory steps,
-    then the workflows'."""
-    lines = []
-    for benchmark in report.get("benchmarks", {}).values():
-        for row in benchmark["rows"]:
-            lines.append(_row_cells(benchmark["title"], row))
+    then the workflows' and NBD's."""
+    lines = [_row_cells(benchmark["title"], row) for benchmark in benchmarks_of(report, ("benchmarks",))
+             for row in benchmark["rows"]]
     memory = report.get("memory", {"steps": []})
     for step in memory["steps"]:
         lines.append([
@@ -435,10 +394,8 @@ def results_table(report: dict[str, Any]) -> list[list[str]]:
                  f"(grew {step['growth_bytes'] / (1 << 20):+.1f} MiB)",
             verdict(step["passed"]),
         ])
-    for benchmark in report.get("workflows", {}).values():
-        for row in benchmark["rows"]:
-            lines.append(_row_cells(benchmark["title"], row))
-    return lines
+    return lines + [_row_cells(benchmark["title"], row) for benchmark in benchmarks_of(report, ("workflows", "nbd"))
+                    for row in benchmark["rows"]]
 
 
 def _row_cells(title: str, row: dict[str, Any]) -> list[str]:
@@ -480,6 +437,8 @@ def markdown(report: dict[str, Any]) -> str:
     if "workflows" in report["sections"]:
         scope.append(f"{settings['steps']} workflow steps, {settings['vms']} VMs protected, a recovery plan of "
                      f"{settings['plan_vms']} VMs in {settings['plan_groups']} groups failed over")
+    if "nbd" in report["sections"]:
+        scope.append(f"{settings['nbd_total_mib']} MiB written over NBD per run")
     lines = [
         "# Benchmarks: " + " and ".join(SECTION_TITLES[section] for section in report["sections"]),
         "",
@@ -511,7 +470,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["| " + " | ".join(_md_cell(cell) if cell != "miss" else "**miss**" for cell in line) + " |"
               for line in results_table(report)]
     lines += ["", "## What each side runs", ""]
-    for benchmark in [*report.get("benchmarks", {}).values(), *report.get("workflows", {}).values()]:
+    for benchmark in benchmarks_of(report):
         lines.append(f"- **{benchmark['title']}**. Ours: {benchmark['ours_does']}. "
                      f"Peer: {benchmark['peer_does'] or 'none'}.")
     lines += ["", "## Method", ""] + [f"- {item}" for item in report["method"]]
@@ -520,70 +479,16 @@ def markdown(report: dict[str, Any]) -> str:
         lines += detail_lines(report)
     if "workflows" in report["sections"]:
         lines += workflow_detail_lines(report["workflows"])
+    if "nbd" in report["sections"]:
+        lines += nbd.detail_lines(report["nbd"])
     return "\n".join(lines) + "\n"
 
 
-SECTION_TITLES = {"datapath": "data path", "workflows": "workflows"}
+SECTION_TITLES = {"datapath": "data path", "workflows": "workflows", "nbd": "writes over NBD"}
 
 
 def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:]
-
-
-def workflow_detail_lines(workflows: dict[str, Any]) -> list[str]:
-    """Where an engine step's time goes, and what enabling protection of the fleet took per job."""
-    overhead, fleet = workflows["step_overhead"]["details"], workflows["enable_protection"]["details"]
-    best_engine = min(workflows["step_overhead"]["ours"]["runs"], key=lambda run: run["seconds"])
-    return [
-        f"- Step overhead: the engine takes {overhead['engine_ms_per_step']:.2f} ms per step, the bare chain "
-        f"{overhead['bare_ms_per_step']:.2f} ms per hop ({overhead['engine_over_bare']:.2f}×). In the engine's own "
-        f"timestamps (best run, medians): {best_engine['median_ms_claim_to_recorded']:.2f} ms from a step's "
-        f"claim to its success being stamped (the claim's transaction, the heartbeat thread, the action), "
-        f"{best_engine['median_ms_recorded_to_next_claim']:.2f} ms from there to the next step's claim (the success "
-        f"transaction, the rest of run_step, the broker hop, the next task's start); "
-        f"{best_engine['ms_submit_to_first_claim']:.1f} ms from creating the job to its first claim.",
-        f"- Enable protection: {fleet['vms']} VMs on {fleet['hosts']} hosts, one raw disk of "
-        f"{format_size(fleet['disk_size'])} each ({fleet['fill']:.0%} data), jobs of "
-        f"{', '.join(map(str, fleet['steps_per_job']))} steps; submitting took {fleet['submit_seconds']:.2f} s; "
-        f"a job took {fleet['job_seconds_median']:.1f} s (median) to {fleet['job_seconds_max']:.1f} s (max) "
-        f"from creation to success; {fleet['replicas_verified']} of {fleet['vms']} replicas equal their source "
-        f"byte for byte, every item protected and Healthy.",
-    ] + [plan_detail_line(workflows[key]) for key in workflows if key.startswith("plan_")]
-
-
-def plan_detail_line(benchmark: dict[str, Any]) -> str:
-    """What a recovery plan's failover took, where its time went, and what was verified."""
-    details = benchmark["details"]
-    label = details["operation"].replace("_", " ")
-    by_step = "; ".join(f"{kind} {ms:.0f}" for kind, ms in details["median_ms_claim_to_recorded_by_step"].items())
-    seconds = benchmark["ours"]["best_seconds"]
-    point = ("the plan's own, recorded after each VM's shutdown" if details["operation"] == "planned_failover"
-             else "those enabling protection recorded")
-    return (
-        f"- Recovery plan {label}: {details['vms']} VMs in {details['groups']} groups of "
-        f"{', '.join(map(str, details['group_sizes']))} ({details['stages']} stages, {details['steps']} steps); "
-        f"the plan's RTO {seconds:.2f} s, of which submitting (validating the plan and every VM's request, "
-        f"building the stages) {details['submit_seconds']:.2f} s; the job {details['job_seconds_in_database']:.2f} s "
-        f"in the database; each group {', '.join(f'{s:.2f}' for s in details['group_seconds'])} s (first claim to "
-        f"last success). Per-VM RTO (request to the VM running): {details['rto_s_min']:.2f} s min, "
-        f"{details['rto_s_median']:.2f} s median, {details['rto_s_max']:.2f} s max; median by group "
-        f"{', '.join(f'{s:.2f}' for s in details['rto_s_median_by_group'])} s; RPO {details['rpo_s_median']:.1f} s "
-        f"median, {details['rpo_s_max']:.1f} s max (the points are {point}). Median claim to success per step, "
-        f"ms: {by_step}. Messages delivered (workers' logs): the plan job {details['deliveries']} for "
-        f"{details['steps']} steps ({details['deliveries_per_step']:.2f} per step; "
-        f"{details['steps_run_more_than_once']} "
-        f"step(s) claimed again while running, {details['step_deaths']} deaths, at most {details['max_attempts']} "
-        f"attempts), the no-op engine job {details['engine_same_shape_deliveries']}, the bare canvas "
-        f"{details['bare_same_shape_deliveries']}. Same shape without work: the bare canvas "
-        f"{details['bare_same_shape_seconds']:.2f} s, the no-op engine job "
-        f"{details['engine_same_shape_seconds']:.2f} s; "
-        f"read as shares of the RTO (meaningful only when every message arrives once): Celery's floor "
-        f"{details['share_celery_floor']:.0%}, the engine's coordination {details['share_engine_coordination']:.0%}, "
-        f"the steps' work {details['share_step_work']:.0%}. {details['records_verified']} of {details['vms']} "
-        f"failover records succeeded and verified; {details['disks_compared']} recovery disks "
-        f"({format_size(details['bytes_compared'])}) have the point's manifest root and equal their source byte "
-        f"for byte."
-    )
 
 
 def detail_lines(report: dict[str, Any]) -> list[str]:

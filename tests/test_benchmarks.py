@@ -1,7 +1,8 @@
 """`make bench` end to end, small: the harness runs every benchmark against its peer, writes both
 reports, and its byte counts agree with each other and with the disks it generated; the workflow
 section, tiny, reports the step overhead, a verified fleet protection and a recovery plan's RTO with
-every recovery disk verified. Timings are never asserted: they depend on the machine."""
+every recovery disk verified; the NBD section, tiny, reports the tracker's write throughput against
+qemu-nbd and the raw file. Timings are never asserted: they depend on the machine."""
 from __future__ import annotations
 
 import json
@@ -182,9 +183,9 @@ def test_tiny_workflow_run_reports_step_overhead_and_a_verified_fleet(tiny_workf
 
 
 # A VM's stages in a plan (workflows/failover.py): test failover Begin, Choose recovery point, Create
-# recovery VM, Restore disk (one disk), Start recovery VM, Finish; planned failover adds Shut down VM and
-# Ship, Apply, Acknowledge logs.
-PLAN_STAGES_PER_GROUP = {"test_failover": 6, "planned_failover": 10}
+# recovery VM, Restore disk (one disk), Start recovery VM, Check recovery VM boot, Finish; planned failover
+# adds Shut down VM and Ship, Apply, Acknowledge logs.
+PLAN_STAGES_PER_GROUP = {"test_failover": 7, "planned_failover": 11}
 
 
 def test_tiny_workflow_run_reports_a_recovery_plans_rto_with_every_recovery_disk_verified(tiny_workflow_run):
@@ -239,3 +240,38 @@ def test_tiny_workflow_run_reports_a_recovery_plans_rto_with_every_recovery_disk
         assert rows["per-VM RTO (FailoverRecord.rto_s), max"]["ours"] == rto[-1]
         assert all(row["passed"] is None for row in plan["rows"]), "a plan's RTO has no goal, only figures"
         assert plan["title"] in markdown and f"- Recovery plan {operation.replace('_', ' ')}: " in markdown
+
+
+NBD_ROWS = {f"tracker over NBD vs {peer}, {size} writes" for peer in ("qemu-nbd", "the raw file")
+            for size in ("64 KiB", "1 MiB")}
+
+
+def test_tiny_nbd_run_reports_the_tracker_against_qemu_nbd_and_the_raw_file(tmp_path):
+    workdir, output = tmp_path / "work", tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--only", "nbd", "--nbd-size", "4", "--nbd-total", "4",
+         "--rounds", "2", "--workdir", str(workdir), "--output", str(output)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+    )
+    assert run.returncode == 0, run.stderr
+    report = json.loads((output / "benchmarks.json").read_text())
+    markdown = (output / "benchmarks.md").read_text()
+
+    assert report["sections"] == ["nbd"] and set(report) & {"benchmarks", "memory", "workflows"} == set()
+    assert (report["settings"]["nbd_disk_mib"], report["settings"]["nbd_total_mib"]) == (4, 4)
+    [benchmark] = report["nbd"].values()
+    rows = {row["metric"]: row for row in benchmark["rows"]}
+    assert set(rows) == NBD_ROWS
+    details = benchmark["details"]
+    for size, label in (("64 KiB", "64k"), ("1 MiB", "1024k")):
+        runs = details["runs"][label]
+        assert all(len(values) == 2 and min(values) > 0 for values in runs.values())
+        judged, context = rows[f"tracker over NBD vs qemu-nbd, {size} writes"], rows[
+            f"tracker over NBD vs the raw file, {size} writes"]
+        assert (judged["ours"], judged["peer"]) == (max(runs["tracker_service"]), max(runs["qemu_nbd"]))
+        assert judged["unit"] == "MB/s" and judged["passed"] == (judged["ratio"] >= 0.9)
+        assert context["peer"] == max(runs["raw_file"]) and context["passed"] is None
+    assert report["goals_judged"] == 2
+    assert report["goals_met"] == sum(row["passed"] for row in rows.values() if row["passed"] is not None)
+    assert benchmark["title"] in markdown and all(metric in markdown for metric in NBD_ROWS)
+    assert "writes each byte twice" in markdown and "- NBD writes: 4 MiB disks" in markdown
