@@ -203,13 +203,33 @@ def test_failing_to_start_says_why(tmp_path, services):
     service = TrackerService(tmp_path / "svc")
     services.append(service)
     untracked = make_disk(tmp_path / "plain.raw", "raw", MIB)
-    with pytest.raises(TrackerServiceError, match="not enabled for replication tracking"):
-        service.start({"disk0": untracked})
+    with pytest.raises(TrackerServiceError, match="No such file or directory"):
+        service.start({"disk0": tmp_path / "missing.raw"})
     assert not service.running()
     record = tmp_path / "svc" / "trackerservice.pid"
     assert not record.exists() or not json.loads(record.read_text())
     with pytest.raises(TrackerServiceError, match="disk name"):
         service.start({"../x": untracked})
+
+
+def test_an_untracked_disk_is_served_as_it_is_and_held_like_a_tracked_one(tmp_path, services):
+    """A drill's test VM has untracked disks: QEMU still reaches them only through the service, which writes
+    them directly (no log) and holds the image against direct opens."""
+    untracked = make_disk(tmp_path / "plain.raw", "raw", MIB)
+    service = TrackerService(tmp_path / "svc")
+    services.append(service)
+    service.start({"disk0": untracked})
+    target = f"nbd+unix:///disk0?socket={service.socket('disk0')}"
+    done = subprocess.run(["qemu-io", "-f", "raw", target, "-c", "write -P 0x5c 4096 64k", "-c", "flush"],
+                          capture_output=True, text=True, timeout=QEMU_TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    direct = subprocess.run(["qemu-io", "-f", "raw", str(untracked), "-c", "read 0 512"],
+                            capture_output=True, text=True, timeout=QEMU_TIMEOUT)
+    assert direct.returncode != 0 and "lock" in direct.stderr, direct.stderr
+    assert service.stop() == "stopped"
+    data = untracked.read_bytes()
+    assert data[4096:4096 + 65536] == b"\x5c" * 65536
+    assert not list(tmp_path.glob("plain.raw.*")), "an untracked disk gets no log, control file or marker"
 
 
 def test_many_writes_in_flight_are_all_logged_in_order(disk, tmp_path, services):

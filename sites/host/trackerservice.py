@@ -1,7 +1,7 @@
 """The tracker service: serves a VM's disks to QEMU over NBD, each write to a tracked disk logged before the disk
 has it (an untracked disk, such as a drill's test VM's, is served as it is).
 
-    python -m sites.host.trackerservice --socket-dir DIR --disk NAME=PATH [--disk ...] [--sync]
+    python -m sites.trackerd --socket-dir DIR --disk NAME=PATH [--disk ...] [--sync]
 
 Each disk is served at `DIR/NAME.sock` under export name NAME, through its replication tracker
 (datapath.tracker), opened once here. The tracker is thread-safe and coordinates with the host agent's
@@ -228,7 +228,7 @@ def serve(socket_dir: Path, disks: dict[str, Path], *, sync: bool, stop: threadi
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sites.host.trackerservice", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sites.trackerd", description=__doc__.split("\n")[0])
     parser.add_argument("--socket-dir", type=Path, required=True)
     parser.add_argument("--disk", action="append", required=True, metavar="NAME=PATH")
     parser.add_argument("--sync", action="store_true", help="every write durable before it is acknowledged")
@@ -297,7 +297,7 @@ class TrackerService:
         socket_dir = self.socket_dir
         socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         (socket_dir / READY).unlink(missing_ok=True)
-        command = [sys.executable, "-m", "sites.host.trackerservice", "--socket-dir", str(socket_dir)]
+        command = [sys.executable, "-m", "sites.trackerd", "--socket-dir", str(socket_dir)]
         for name, path in wanted.items():
             command += ["--disk", f"{name}={path}"]
         if sync:
@@ -374,6 +374,3 @@ class TrackerService:
 def _json(value: dict) -> bytes:
     return json.dumps(value).encode()
 
-
-if __name__ == "__main__":
-    sys.exit(main())
