@@ -139,16 +139,23 @@ class RecoverySite:
         self.close()
 
     def close(self) -> None:
-        """Stop workloads, workers, beat and Redis (each bounded); restore this process's settings."""
+        """Stop workloads, workers, beat and Redis (each bounded); restore this process's settings.
+        Every VM's workload on every host of the site: a test may start one on a recovery host's VM."""
         if self._closed:
             return
         self._closed = True
         try:
-            for vm_id, host_name in self.vm_hosts.items():
+            for host_name in (*self.host_names, *self.recovery_host_names):
+                host = self.host(host_name)
                 try:
-                    self.host(host_name).stop_workload(self.vm_name(vm_id), timeout=5)
+                    vms = host.list_vms()
                 except Exception:  # noqa: BLE001 - closing must go on to stop everything else
-                    pass
+                    continue
+                for vm in vms:
+                    try:
+                        host.stop_workload(vm, timeout=5)
+                    except Exception:  # noqa: BLE001
+                        pass
         finally:
             self.deployment.close()
 
