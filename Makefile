@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 AZURITE_VERSION := 3.37.0
 AZURITE := .tools/node_modules/.bin/azurite-blob
 PYTEST_ARGS ?=
+# pytest worker processes for `make test` (pytest-xdist): the tests mostly wait on the services and workers
+# they start, so more processes than cores pays. TEST_JOBS=0 runs in one process (serially).
+TEST_JOBS ?= $(shell echo $$(( $$(nproc 2>/dev/null || echo 1) + 1 )))
 
 .PHONY: test demo bench install tools guest clean help
 
@@ -45,7 +48,7 @@ guest: $(VENV)/.installed
 # Lint first (ruff, configured in pyproject.toml): a finding fails the run before the tests start.
 test: install tools guest
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(TEST_JOBS) $(PYTEST_ARGS)
 
 # The demo starts its own redis-server on a free port (installed by scripts/ensure-tools.sh when missing
 # and the machine allows it); Azurite only for `DEMO_ARGS="--backend azure"` or `both`. The outside tools of the

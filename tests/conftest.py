@@ -9,6 +9,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -22,6 +23,43 @@ from sites.localservices import AzuriteProcess, ServiceStartError
 from sites.storage.azure import AzureBlobStorage
 from sites.storage.base import RecoveryStorage
 from sites.storage.local import LocalDirectoryStorage
+
+
+# ---- parallel runs (pytest-xdist) ---------------------------------------------------------------------
+def _shares_module_fixtures(path: Path) -> bool:
+    return 'scope="module"' in path.read_text()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`make test` runs the tests in several worker processes (`-n`). Each test goes to whichever worker is
+    free, except that the tests of a module with a module-scoped fixture (one deployment, one installed venv,
+    one benchmark run) all go to one worker, in file order: the fixture is built once, as in a serial run,
+    and a test that reads what an earlier one left in it still finds it. Session fixtures (Azurite) are
+    per worker. (xdist's own `--dist loadgroup` marks cannot do this with pytest 9: their node ids stay
+    ungrouped.) Larger groups are handed out first."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    shared: dict[str, bool] = {}
+
+    class ModuleFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            if module not in shared:
+                path = config.rootpath / module
+                shared[module] = path.suffix == ".py" and path.is_file() and _shares_module_fixtures(path)
+            return module if shared[module] else nodeid
+
+    return ModuleFixtureScheduling(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In a worker of a parallel run, the modules with `slow` tests first (a stable sort, each module's tests
+    in their order): the longest tests start early instead of running last while the other workers idle."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        slow_modules = {item.nodeid.split("::", 1)[0] for item in items if item.get_closest_marker("slow")}
+        items.sort(key=lambda item: item.nodeid.split("::", 1)[0] not in slow_modules)
 
 
 # ---- services -----------------------------------------------------------------------------------

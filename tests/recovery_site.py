@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import time as time_of_day
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlmodel import select
 
@@ -47,6 +47,7 @@ from workflows.items import item_status, load_item
 from workflows.kinds.delta_replication import start as start_delta_replication
 from workflows.kinds.enable_protection import start as enable_protection
 
+T = TypeVar("T")
 DEFAULT_TIME_SCALE = 10
 ALL_DAY = (time_of_day(0, 0), time_of_day(23, 59, 59, 999999))
 EVERY_DAY = (0, 1, 2, 3, 4, 5, 6)
@@ -138,16 +139,23 @@ class RecoverySite:
         self.close()
 
     def close(self) -> None:
-        """Stop workloads, workers, beat and Redis (each bounded); restore this process's settings."""
+        """Stop workloads, workers, beat and Redis (each bounded); restore this process's settings.
+        Every VM's workload on every host of the site: a test may start one on a recovery host's VM."""
         if self._closed:
             return
         self._closed = True
         try:
-            for vm_id, host_name in self.vm_hosts.items():
+            for host_name in (*self.host_names, *self.recovery_host_names):
+                host = self.host(host_name)
                 try:
-                    self.host(host_name).stop_workload(self.vm_name(vm_id), timeout=5)
+                    vms = host.list_vms()
                 except Exception:  # noqa: BLE001 - closing must go on to stop everything else
-                    pass
+                    continue
+                for vm in vms:
+                    try:
+                        host.stop_workload(vm, timeout=5)
+                    except Exception:  # noqa: BLE001
+                        pass
         finally:
             self.deployment.close()
 
@@ -302,6 +310,19 @@ class RecoverySite:
         """Wait until no job holds the VM's protected item."""
         wait_until(lambda: self.item(vm_id)["active_job"] is None, timeout=timeout,
                    what=f"the protected item of VM {vm_id} to be free of jobs")
+
+    def when_free(self, start: Callable[..., T], *args: Any, timeout: float = 90, **kwargs: Any) -> T:
+        """`start(*args, **kwargs)`, again while it is refused because beat's delta cycle holds the item
+        (every 3 s at the default policy and time scale: a job started on a replicating item can meet
+        one, the more often the busier the machine); any other refusal is raised at once."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return start(*args, **kwargs)
+            except ItemBusyError as error:
+                if "(delta_replication, " not in str(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     def delta_cycle(self, vm_id: str, timeout: float = 60) -> dict[str, Any]:
         """Run one delta replication of the VM now (waiting for a job the scheduler started first);

@@ -109,7 +109,7 @@ def test_planned_failover_failback_and_reverse_replication(tmp_path, backend, re
         time.sleep(0.5)
 
         # Planned failover while the writer runs: the shutdown stops it, the last changes are shipped.
-        job = run(site, kinds.planned_failover.start(item_id, public_ips={"nic0": "20.30.40.50"}))
+        job = run(site, site.when_free(kinds.planned_failover.start, item_id, public_ips={"nic0": "20.30.40.50"}))
         assert [s["name"] for s in job["steps"]][:2] == ["Begin failover", "Shut down VM"]
         primary = vm_digests(site, "host1", "app01")
         assert not site.host("host1").workload_running("app01")
@@ -172,7 +172,7 @@ def test_drill_to_an_older_point_while_replication_continues(tmp_path, request):
             site.delta_cycle(vm_id)
         assert points(item_id)[-1].id != older.id
 
-        job = run(site, kinds.test_failover.start(item_id, point=older.id))
+        job = run(site, site.when_free(kinds.test_failover.start, item_id, point=older.id))
         drill = latest_record(item_id, FailoverKind.TEST)
         assert drill.point_id == older.id and drill.verified
         assert drill.produced_roots == {name: root for name, root in drill.expected_roots.items()}
@@ -189,7 +189,7 @@ def test_drill_to_an_older_point_while_replication_continues(tmp_path, request):
         site.delta_cycle(vm_id)
         assert len(points(item_id)) == before + 1 and state(site, vm_id) == "protected"
         with pytest.raises(Exception, match="clean it up first"):
-            kinds.test_failover.start(item_id)
+            site.when_free(kinds.test_failover.start, item_id)
 
         run(site, kinds.test_failover_cleanup.start(item_id))
         assert "app01-test" not in [vm.name for vm in site.host("dr1").list_vms()]
@@ -199,7 +199,7 @@ def test_drill_to_an_older_point_while_replication_continues(tmp_path, request):
 
         # "Latest" processes the pending logs first: the drill then holds the disks as they are now.
         site.host("host1").stop_workload("app01")
-        job = run(site, kinds.test_failover.start(item_id, point=failover_request.PointChoice.LATEST))
+        job = run(site, site.when_free(kinds.test_failover.start, item_id, point=failover_request.PointChoice.LATEST))
         assert [s["name"] for s in job["steps"]][1:4] == ["Ship logs", "Apply logs", "Acknowledge logs"]
         assert vm_digests(site, "dr1", "app01-test") == vm_digests(site, "host1", "app01")
         run(site, kinds.test_failover_cleanup.start(item_id))
@@ -224,7 +224,7 @@ def test_pruned_point_cannot_be_restored(tmp_path, request):
         remaining = points(item_id)
         assert old.id not in [p.id for p in remaining] and len(remaining) == 1, "only the new point is kept"
         with pytest.raises(Exception, match="does not exist"):
-            kinds.test_failover.start(item_id, point=old.id)
+            site.when_free(kinds.test_failover.start, item_id, point=old.id)
         assert latest_record(item_id, FailoverKind.TEST) is None
         with session_scope() as session:
             view = load_item(session, item_id)
@@ -256,7 +256,8 @@ def test_app_consistent_points_quiesce_the_vm(tmp_path, request):
         time.sleep(0.3)
         site.delta_cycle(vm_id)
         assert points(item_id)[-1].kind is RecoveryPointKind.CRASH_CONSISTENT, "the next is due in an hour"
-        run(site, kinds.test_failover.start(item_id, point=failover_request.PointChoice.LATEST_APP_CONSISTENT))
+        run(site, site.when_free(kinds.test_failover.start, item_id,
+                                 point=failover_request.PointChoice.LATEST_APP_CONSISTENT))
         drill = latest_record(item_id, FailoverKind.TEST)
         assert drill.point_id == points(item_id)[0].id and drill.verified
 
@@ -271,7 +272,7 @@ def test_unplanned_failover_with_the_primary_down_then_cancel(tmp_path, request)
         time.sleep(0.5)
         site.stop_process("host-host1", kill=True)  # the primary is unreachable
 
-        job = run(site, kinds.unplanned_failover.start(item_id))
+        job = run(site, site.when_free(kinds.unplanned_failover.start, item_id))
         assert not any(s["queue"] == "host.host1" for s in job["steps"])
         assert vm_digests(site, "dr1", "app01") == at_point
         failover = latest_record(item_id, FailoverKind.UNPLANNED)
@@ -290,7 +291,7 @@ def test_unplanned_failover_with_the_primary_down_then_cancel(tmp_path, request)
 # ---- failback options ------------------------------------------------------------------------------------
 def committed_failover(site: RecoverySite, vm_id: str) -> str:
     item_id = site.item_id(vm_id)
-    run(site, kinds.planned_failover.start(item_id))
+    run(site, site.when_free(kinds.planned_failover.start, item_id))
     run(site, kinds.commit_failover.start(item_id))
     return item_id
 
@@ -369,7 +370,7 @@ def test_recovery_plan_of_three_groups_with_a_manual_action(tmp_path, request):
         for name, vm_id in vms.items():
             _, digests[name] = quiet_point(site, vm_id)
 
-        job_id = start_plan("shop", "test_failover")
+        job_id = site.when_free(start_plan, "shop", "test_failover")
         job = site.wait_job(job_id, JOB_TIMEOUT, states=("waiting_action",))
         waiting = [s for s in job["steps"] if s["state"] == "waiting_action"]
         assert [s["name"] for s in waiting] == ["Group apps: before action dns"]
@@ -386,9 +387,9 @@ def test_recovery_plan_of_three_groups_with_a_manual_action(tmp_path, request):
             drill = latest_record(site.item_id(vms[name]), FailoverKind.TEST)
             assert drill.verified and drill.status is FailoverStatus.SUCCEEDED
         # A plan is validated first: an item in the wrong state refuses the whole plan.
-        run(site, kinds.planned_failover.start(site.item_id(vms["web01"])))
+        run(site, site.when_free(kinds.planned_failover.start, site.item_id(vms["web01"])))
         with pytest.raises(Exception, match="web01"):
-            start_plan("shop", "planned_failover")
+            site.when_free(start_plan, "shop", "planned_failover")
         assert state(site, vms["db01"]) == "protected"
 
 
@@ -400,15 +401,15 @@ def test_verify_a_replica_against_its_points_and_catch_damage(tmp_path, request)
         item_id = site.item_id(vm_id)
         first = points(item_id)[0]
         site.final_cycle(vm_id)
-        job = run(site, kinds.verify_recovery_point.start(item_id))
+        job = run(site, site.when_free(kinds.verify_recovery_point.start, item_id))
         assert {s["result"]["disk"] for s in job["steps"]} == {"disk0", "disk1"}
-        run(site, kinds.verify_recovery_point.start(item_id, first.id))
+        run(site, site.when_free(kinds.verify_recovery_point.start, item_id, first.id))
 
         replica = site.recovery_dir / "host1" / "app01" / "disk1.vhd"
         with open(replica, "r+b") as f:
             f.seek(3 * MIB + 100)
             f.write(b"\xff" * 16)
-        job = site.wait_job(kinds.verify_recovery_point.start(item_id), JOB_TIMEOUT, states=("failed",))
+        job = site.wait_job(site.when_free(kinds.verify_recovery_point.start, item_id), JOB_TIMEOUT, states=("failed",))
         assert "disk1" in job["error"] and "first differing chunk 3" in job["error"]
         assert site.item(vm_id)["health"] == "Warning"
 
@@ -424,7 +425,7 @@ def test_recovery_plan_planned_failover_then_failback(tmp_path, request):
         with session_scope() as session:
             create_plan(session, "dr", [{"name": "data", "vms": [vms["db02"]]},
                                         {"name": "web", "vms": [vms["web02"]]}])
-        job = run(site, start_plan("dr", "planned_failover"))
+        job = run(site, site.when_free(start_plan, "dr", "planned_failover"))
         stages = {}
         for step in job["steps"]:
             stages.setdefault(step["stage"], set()).add(step["name"].split(":")[0])
