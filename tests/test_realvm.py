@@ -30,7 +30,7 @@ from sites.host.guestdef import GuestDefinition
 from sites.host.trackerservice import PID_FILE
 from sites.localservices import wait_until
 from workflows import kinds
-from workflows.engine import ItemBusyError
+from workflows.engine import ItemBusyError, cancel
 from workflows.kinds.delta_replication import start as start_delta_replication
 
 pytestmark = pytest.mark.slow
@@ -100,74 +100,6 @@ def guest_site(tmp_path: Path):
                     driver.shut_down(vm.name, timeout=5)
 
 
-def test_planned_failover_boots_the_guest_with_every_file_it_wrote(guest_site: RecoverySite, test_guest):
-    """A guest writes files during initial replication and delta cycles; after a planned failover the recovery
-    VM boots, its own check passes, e2fsck passes, and its disk equals the primary's at shutdown."""
-    site = guest_site
-    vm_id = create_guest_vm(site, test_guest)
-    site.wait_job(site.protect(vm_id), JOB_TIMEOUT)
-    item_id = site.item_id(vm_id)
-    primary = site.host("host1")
-    primary.start_vm("web01")
-    primary.check_boot(primary.get_vm("web01"))
-    wait_until(lambda: files_written(site, "host1", "web01") >= 3, timeout=120, what="the guest to write files")
-    site.delta_cycle(vm_id, timeout=JOB_TIMEOUT)
-
-    job = site.wait_job(kinds.planned_failover.start(item_id), JOB_TIMEOUT)
-    steps = {step["name"]: step["result"] for step in job["steps"]}
-    assert steps["Check recovery VM boot"]["booted"] is True, steps["Check recovery VM boot"]
-    record = latest_record(item_id, FailoverKind.PLANNED)
-    assert record.status is FailoverStatus.SUCCEEDED and record.verified
-    assert record.booted is True and record.boot_check == "passed", record.boot_detail
-    written = int(record.boot_detail.split("PASS")[1].split()[0])
-    assert written >= 3, f"the recovery VM's check must cover the files the guest wrote: {record.boot_detail}"
-    assert 0 < record.heartbeat_s < record.rto_s, (record.heartbeat_s, record.rto_s)
-    assert primary.power_state("web01") == "off"
-    recovery = site.host("dr1")
-    assert recovery.power_state("web01") == "running"
-
-    # The replica holds the primary's disk at shutdown byte for byte; the recovery VM booted from exactly that
-    # content (its restored root is the point's), then mounted and wrote to it.
-    site.verify_replica(vm_id)
-    assert record.produced_roots == record.expected_roots and None not in record.expected_roots.values()
-    source = primary.get_vm("web01").disk("data").path
-    e2fsck(source)
-    recovery.shut_down("web01")
-    target = recovery.get_vm("web01").disk("data").path
-    raw = target.with_suffix(".check.raw")
-    with open(target, "rb") as vhd, open(raw, "wb") as out:
-        out.write(vhd.read(os.path.getsize(target) - 512))  # a fixed VHD is the raw disk plus a footer
-    e2fsck(raw)
-
-
-def test_drill_boots_a_mid_workload_point_isolated_and_cleanup_removes_it(guest_site: RecoverySite, test_guest):
-    """A drill from a point taken while the guest writes boots (crash-consistent: ext4 replays its journal)
-    and passes the guest's own check; cleanup stops its QEMU process and deletes it."""
-    site = guest_site
-    vm_id = create_guest_vm(site, test_guest, workload_kib_s=512)
-    site.wait_job(site.protect(vm_id), JOB_TIMEOUT)
-    item_id = site.item_id(vm_id)
-    primary = site.host("host1")
-    primary.start_vm("web01")
-    wait_until(lambda: files_written(site, "host1", "web01") >= 2, timeout=120, what="the guest to write files")
-    site.delta_cycle(vm_id, timeout=JOB_TIMEOUT)
-
-    site.wait_job(kinds.test_failover.start(item_id), JOB_TIMEOUT)
-    record = latest_record(item_id, FailoverKind.TEST)
-    assert record.booted is True and record.boot_check == "passed", record.boot_detail
-    recovery = site.host("dr1")
-    test_vm = recovery.get_vm(record.target_vm)
-    assert recovery.power_state(test_vm.name) == "running"
-    pid = recovery_pid(recovery, test_vm)
-    command = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
-    assert any("restrict=on" in arg for arg in command), f"a drill's guest has no route out: {command}"
-    assert primary.power_state("web01") == "running", "a drill leaves the primary running"
-
-    site.wait_job(kinds.test_failover_cleanup.start(item_id), JOB_TIMEOUT)
-    assert record.target_vm not in [vm.name for vm in recovery.list_vms()]
-    wait_until(lambda: process_ended(pid), timeout=10, what=f"the test VM's QEMU ({pid}) to end")
-
-
 def process_ended(pid: int) -> bool:
     """Gone, or a zombie (it exited; the worker process that started it reaps it later)."""
     try:
@@ -181,28 +113,6 @@ def recovery_pid(driver, vm) -> int:
     return QemuRuntime().pid(driver.run_dir(vm))
 
 
-def test_a_guest_that_never_reaches_its_heartbeat_fails_the_drill_recoverably(guest_site: RecoverySite,
-                                                                               test_guest):
-    """The boot check waits for the heartbeat the VM's definition names; a guest that never prints it is
-    powered off and the step waits to retry with that reason; cancelling leaves the item protected."""
-    site = guest_site
-    vm_id = create_guest_vm(site, test_guest, heartbeat="NEVER-PRINTED-LINE", boot_timeout_s=5)
-    site.wait_job(site.protect(vm_id), JOB_TIMEOUT)
-    item_id = site.item_id(vm_id)
-    job_id = kinds.test_failover.start(item_id)
-    job = site.wait_job(job_id, JOB_TIMEOUT, states=("waiting_retry",))
-    check = next(step for step in job["steps"] if step["name"] == "Check recovery VM boot")
-    assert "did not reach its heartbeat" in (check.get("error") or job.get("error") or ""), check
-    record = latest_record(item_id, FailoverKind.TEST)
-    assert record.booted is False
-    recovery = site.host("dr1")
-    assert recovery.power_state(record.target_vm) == "off", "a guest that did not boot is not left running"
-    from workflows.engine import cancel
-    cancel(job_id)
-    site.wait_job(job_id, 60, states=("cancelled",))
-    assert site.item(vm_id)["state"] == "protected"
-
-
 def due_app_consistent(site: RecoverySite, vm_id: str) -> None:
     """Make the next Ship step take an application-consistent point."""
     with session_scope() as session:
@@ -211,100 +121,91 @@ def due_app_consistent(site: RecoverySite, vm_id: str) -> None:
         session.add(item)
 
 
-@pytest.mark.parametrize("agent", [True, False], ids=["agent", "no-agent"])
-def test_app_consistent_points_freeze_the_guest_through_its_agent(guest_site: RecoverySite, test_guest, agent):
-    """With its agent the guest's file systems are frozen while every disk is sealed (the guest says so on
-    its console) and the point is app-consistent; without, the point is crash-consistent with a Warning
-    naming why."""
-    site = guest_site
-    vm_id = create_guest_vm(site, test_guest, agent=agent)
-    site.wait_job(site.protect(vm_id, policy_id=site.create_policy("hourly-app", app_consistent_frequency_h=1)),
-                  JOB_TIMEOUT)
-    primary = site.host("host1")
-    primary.start_vm("web01")
-    assert primary.check_boot(primary.get_vm("web01")).booted
-    due_app_consistent(site, vm_id)
-    job = site.delta_cycle(vm_id, timeout=JOB_TIMEOUT)
-    shipped = next(step["result"] for step in job["steps"] if step["name"] == "Ship logs")
-    console = primary.console_log(primary.get_vm("web01"))
-    if agent:
-        assert shipped["app_consistent"] is True, shipped
-        assert "ASR-FREEZE" in console and "ASR-THAW" in console, console[-2000:]
-        assert console.index("ASR-FREEZE") < console.index("ASR-THAW")
-    else:
-        assert shipped["app_consistent"] is False and "no guest agent" in shipped["quiesce_error"], shipped
-        assert "ASR-FREEZE" not in console
-        item = site.item(vm_id)
-        assert item["health"] == "Warning" and any("no guest agent" in str(e) for e in item["errors"]), item
-
-
-def test_killed_tracker_service_marks_the_disk_for_resync_which_heals_it(guest_site: RecoverySite, test_guest):
-    """SIGKILL of the tracker service while the guest writes: the guest's I/O fails, no file it listed is lost
-    (its next boot's own check passes), the restarted service marks the disk resync-required, the next Ship
-    step refuses to ship, a resync heals the replica, and it equals the source byte for byte."""
-    site = guest_site
-    vm_id = create_guest_vm(site, test_guest, workload_kib_s=512)
-    site.wait_job(site.protect(vm_id), JOB_TIMEOUT)
-    item_id = site.item_id(vm_id)
-    primary = site.host("host1")
-    primary.start_vm("web01")
-    wait_until(lambda: files_written(site, "host1", "web01") >= 2, timeout=120, what="the guest to write files")
-    vm = primary.get_vm("web01")
-    service_pid = json.loads((primary.run_dir(vm) / PID_FILE).read_text())["pid"]
-    os.kill(service_pid, signal.SIGKILL)
-    wait_until(lambda: process_ended(service_pid), timeout=10, what="the tracker service to die")
-    primary.shut_down("web01")  # the guest lost its disks: ACPI may not be enough, QEMU is stopped anyway
-
-    primary.start_vm("web01")
-    boot = primary.check_boot(primary.get_vm("web01"))
-    assert boot.booted and boot.check == "passed", boot
-    with primary.tracker("web01", "data") as tracker:
-        assert "stopped uncleanly" in (tracker.resync_required() or "")
-    # The next delta cycle (the scheduler's or this one) refuses to ship and marks the item for resync.
-    def resync_required() -> bool:
-        with contextlib.suppress(ItemBusyError, InvalidStateError):
-            start_delta_replication(item_id)
-        return site.item(vm_id)["state"] == "resync_required"
-
-    wait_until(resync_required, timeout=JOB_TIMEOUT, interval=1, what="the item to need a resync")
-    assert "stopped uncleanly" in site.item(vm_id)["resync_required_reason"], site.item(vm_id)
-    site.wait_idle(vm_id, JOB_TIMEOUT)
-
-    site.wait_job(kinds.resynchronize.start(item_id), JOB_TIMEOUT)
-    assert site.item(vm_id)["state"] == "protected"
-    primary.shut_down("web01")
-    site.delta_cycle(vm_id, timeout=JOB_TIMEOUT)
-    site.verify_replica(vm_id)
-
-
 def passed_files(detail: str | None) -> int:
     """The file count of an `ASR-CHECK: PASS <n> files` line."""
     assert detail and "PASS" in detail, detail
     return int(detail.split("PASS")[1].split()[0])
 
 
-def test_failback_brings_back_the_recovery_vms_files_and_reverse_replication_sends_differences(
-        guest_site: RecoverySite, test_guest):
-    """After a planned failover the recovery VM writes new files; failback (minimize downtime) boots the primary
-    with them (its own check counts them), and reverse replication sends only what differs."""
+def raw_copy(vhd: Path) -> Path:
+    """The raw content of a fixed VHD (its footer cut off), for e2fsck."""
+    raw = vhd.with_suffix(".check.raw")
+    with open(vhd, "rb") as source, open(raw, "wb") as out:
+        out.write(source.read(os.path.getsize(vhd) - 512))
+    return raw
+
+
+def test_a_guest_through_drill_planned_failover_failback_and_reverse_replication(guest_site: RecoverySite,
+                                                                                   test_guest):
+    """One guest through the whole cycle, its data checked by the guest itself at every boot:
+    - it writes files to ext4 during initial replication and delta cycles; an app-consistent point freezes it
+      through its agent (the guest says so on its console);
+    - a drill from a point taken while it writes boots isolated (crash-consistent: ext4 replays its journal)
+      and passes its own check; cleanup ends the test VM's QEMU;
+    - a planned failover boots the recovery VM, whose check covers every file, and the replica equals the
+      primary's disk at shutdown byte for byte; e2fsck passes on both;
+    - the recovery VM writes new files; failback (minimize downtime) boots the primary with them; reverse
+      replication sends only differences; the replica equals the primary again."""
     site = guest_site
-    vm_id = create_guest_vm(site, test_guest)
-    site.wait_job(site.protect(vm_id), JOB_TIMEOUT)
+    vm_id = create_guest_vm(site, test_guest, workload_kib_s=512)
+    site.wait_job(site.protect(vm_id, policy_id=site.create_policy("hourly-app", app_consistent_frequency_h=1)),
+                  JOB_TIMEOUT)
     item_id = site.item_id(vm_id)
     primary, recovery = site.host("host1"), site.host("dr1")
     primary.start_vm("web01")
+    assert primary.check_boot(primary.get_vm("web01")).booted
     wait_until(lambda: files_written(site, "host1", "web01") >= 2, timeout=120, what="the guest to write files")
-    site.wait_job(kinds.planned_failover.start(item_id), JOB_TIMEOUT)
-    at_failover = passed_files(latest_record(item_id, FailoverKind.PLANNED).boot_detail)
+
+    # An app-consistent point: the guest's file systems frozen through its agent while the disks are sealed.
+    due_app_consistent(site, vm_id)
+    job = site.delta_cycle(vm_id, timeout=JOB_TIMEOUT)
+    shipped = next(step["result"] for step in job["steps"] if step["name"] == "Ship logs")
+    console = primary.console_log(primary.get_vm("web01"))
+    assert shipped["app_consistent"] is True, shipped
+    assert "ASR-FREEZE" in console and "ASR-THAW" in console, console[-2000:]
+    assert console.index("ASR-FREEZE") < console.index("ASR-THAW")
+
+    # A drill from the latest point while the guest writes.
+    site.wait_job(site.when_free(lambda: kinds.test_failover.start(item_id)), JOB_TIMEOUT)
+    drill = latest_record(item_id, FailoverKind.TEST)
+    assert drill.booted is True and drill.boot_check == "passed", drill.boot_detail
+    assert 0 < drill.heartbeat_s < drill.rto_s, (drill.heartbeat_s, drill.rto_s)
+    test_vm = recovery.get_vm(drill.target_vm)
+    pid = recovery_pid(recovery, test_vm)
+    command = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+    assert any("restrict=on" in arg for arg in command), f"a drill's guest has no route out: {command}"
+    assert primary.power_state("web01") == "running", "a drill leaves the primary running"
+    site.wait_job(site.when_free(lambda: kinds.test_failover_cleanup.start(item_id)), JOB_TIMEOUT)
+    assert drill.target_vm not in [vm.name for vm in recovery.list_vms()]
+    wait_until(lambda: process_ended(pid), timeout=10, what=f"the test VM's QEMU ({pid}) to end")
+
+    # Planned failover: the guest is shut down, its last writes shipped, the recovery VM boots.
+    job = site.wait_job(site.when_free(lambda: kinds.planned_failover.start(item_id)), JOB_TIMEOUT)
+    steps = {step["name"]: step["result"] for step in job["steps"]}
+    assert steps["Check recovery VM boot"]["booted"] is True, steps["Check recovery VM boot"]
+    record = latest_record(item_id, FailoverKind.PLANNED)
+    assert record.status is FailoverStatus.SUCCEEDED and record.verified
+    assert record.booted is True and record.boot_check == "passed", record.boot_detail
+    at_failover = passed_files(record.boot_detail)
+    assert at_failover >= files_written(site, "host1", "web01") >= 2, record.boot_detail
+    assert primary.power_state("web01") == "off"
+    assert recovery.power_state("web01") == "running"
+    # The replica holds the primary's disk at shutdown byte for byte; the recovery VM booted from exactly that
+    # content (its restored root is the point's), then mounted and wrote to it.
+    site.verify_replica(vm_id)
+    assert record.produced_roots == record.expected_roots and None not in record.expected_roots.values()
+    e2fsck(primary.get_vm("web01").disk("data").path)
+
+    # The recovery VM writes new files; failback brings them to the primary.
     site.wait_job(kinds.commit_failover.start(item_id), JOB_TIMEOUT)
     wait_until(lambda: files_written(site, "dr1", "web01") >= 2, timeout=120,
                what="the recovery VM to write new files")
-
     site.wait_job(kinds.failback.start(item_id), JOB_TIMEOUT)
     assert site.item(vm_id)["state"] == "failback_ready"
     assert recovery.power_state("web01") == "running", "minimize downtime keeps the recovery VM running"
     site.wait_job(kinds.failback_completion.start(item_id), JOB_TIMEOUT)
     assert recovery.power_state("web01") == "off"
+    e2fsck(raw_copy(recovery.get_vm("web01").disk("data").path))
     assert primary.power_state("web01") == "running"
     boot = primary.check_boot(primary.get_vm("web01"))
     assert boot.booted and boot.check == "passed", boot
@@ -316,5 +217,75 @@ def test_failback_brings_back_the_recovery_vms_files_and_reverse_replication_sen
     assert resynced and all(r["bytes_sent"] < DATA_DISK // 2 for r in resynced), resynced
     assert site.item(vm_id)["state"] == "protected"
     primary.shut_down("web01")
-    site.delta_cycle(vm_id, timeout=JOB_TIMEOUT)
+    site.when_free(lambda: site.delta_cycle(vm_id, timeout=JOB_TIMEOUT))
     site.verify_replica(vm_id)
+
+
+def test_a_guest_without_agent_and_a_killed_tracker_service(guest_site: RecoverySite, test_guest):
+    """Without its agent the guest's points are crash-consistent, with a Warning naming why. Then SIGKILL of the
+    tracker service while the guest writes: the guest's I/O fails, no file it listed is lost (its next boot's own
+    check passes), the restarted service marks the disk resync-required, the next Ship step refuses to ship, a
+    resync heals the replica, and it equals the source byte for byte."""
+    site = guest_site
+    vm_id = create_guest_vm(site, test_guest, workload_kib_s=512, agent=False)
+    site.wait_job(site.protect(vm_id, policy_id=site.create_policy("hourly-app", app_consistent_frequency_h=1)),
+                  JOB_TIMEOUT)
+    item_id = site.item_id(vm_id)
+    primary = site.host("host1")
+    primary.start_vm("web01")
+    wait_until(lambda: files_written(site, "host1", "web01") >= 2, timeout=120, what="the guest to write files")
+    due_app_consistent(site, vm_id)
+    job = site.delta_cycle(vm_id, timeout=JOB_TIMEOUT)
+    shipped = next(step["result"] for step in job["steps"] if step["name"] == "Ship logs")
+    assert shipped["app_consistent"] is False and "no guest agent" in shipped["quiesce_error"], shipped
+    assert "ASR-FREEZE" not in primary.console_log(primary.get_vm("web01"))
+    item = site.item(vm_id)
+    assert item["health"] == "Warning" and any("no guest agent" in str(e) for e in item["errors"]), item
+
+    vm = primary.get_vm("web01")
+    service_pid = json.loads((primary.run_dir(vm) / PID_FILE).read_text())["pid"]
+    os.kill(service_pid, signal.SIGKILL)
+    wait_until(lambda: process_ended(service_pid), timeout=10, what="the tracker service to die")
+    primary.shut_down("web01")  # the guest lost its disks: ACPI may not be enough, QEMU is stopped anyway
+
+    primary.start_vm("web01")
+    boot = primary.check_boot(primary.get_vm("web01"))
+    assert boot.booted and boot.check == "passed", boot
+    with primary.tracker("web01", "data") as tracker:
+        assert "stopped uncleanly" in (tracker.resync_required() or "")
+
+    # The next delta cycle (the scheduler's or this one) refuses to ship and marks the item for resync.
+    def resync_required() -> bool:
+        with contextlib.suppress(ItemBusyError, InvalidStateError):
+            start_delta_replication(item_id)
+        return site.item(vm_id)["state"] == "resync_required"
+
+    wait_until(resync_required, timeout=JOB_TIMEOUT, interval=1, what="the item to need a resync")
+    assert "stopped uncleanly" in site.item(vm_id)["resync_required_reason"], site.item(vm_id)
+    site.wait_idle(vm_id, JOB_TIMEOUT)
+    site.wait_job(kinds.resynchronize.start(item_id), JOB_TIMEOUT)
+    assert site.item(vm_id)["state"] == "protected"
+    primary.shut_down("web01")
+    site.when_free(lambda: site.delta_cycle(vm_id, timeout=JOB_TIMEOUT))
+    site.verify_replica(vm_id)
+
+
+def test_a_guest_that_never_reaches_its_heartbeat_fails_the_drill_recoverably(guest_site: RecoverySite,
+                                                                               test_guest):
+    """The boot check waits for the heartbeat the VM's definition names; a guest that never prints it is
+    powered off and the step waits to retry with that reason; cancelling leaves the item protected."""
+    site = guest_site
+    vm_id = create_guest_vm(site, test_guest, heartbeat="NEVER-PRINTED-LINE", boot_timeout_s=5)
+    site.wait_job(site.protect(vm_id), JOB_TIMEOUT)
+    item_id = site.item_id(vm_id)
+    job_id = site.when_free(lambda: kinds.test_failover.start(item_id))
+    job = site.wait_job(job_id, JOB_TIMEOUT, states=("waiting_retry",))
+    check = next(step for step in job["steps"] if step["name"] == "Check recovery VM boot")
+    assert "did not reach its heartbeat" in (check.get("error") or job.get("error") or ""), check
+    record = latest_record(item_id, FailoverKind.TEST)
+    assert record.booted is False
+    recovery = site.host("dr1")
+    assert recovery.power_state(record.target_vm) == "off", "a guest that did not boot is not left running"
+    cancel(job_id)
+    site.wait_job(job_id, 60, states=("cancelled",))
+    assert site.item(vm_id)["state"] == "protected"
