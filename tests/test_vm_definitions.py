@@ -18,7 +18,7 @@ from sqlmodel import Session
 from datapath.digest import disk_digest
 from datapath.disk import create_disk, open_disk
 from models.db import get_engine, init_db
-from models.fabric import create_site, import_vm_manifest, register_host
+from models.fabric import create_site, import_vm_manifest, register_host, vm_disks
 from sites.guest import make_data_disk
 from sites.host import Host, VmManifestError, VmRunningError, VmSpecError
 from sites.host.guestdef import GuestDefinition
@@ -317,6 +317,23 @@ def test_import_vm_manifest_stores_the_guest_and_refuses_a_bad_one(host: Host, b
         with pytest.raises(ValueError, match="VM manifest 'other' from host 'host1'"):
             import_vm_manifest(db_session, row, {**bad, "guest": {**bad["guest"], **damage}})
     assert {v.name for v in [registered, synthetic]} == {"web01", "plain"}
+
+
+def test_the_database_keeps_the_disk_order_of_the_manifest(host: Host, db_session: Session) -> None:
+    """A guest's first drive is its /dev/vda: the registered disks (what a recovery VM is made from) keep
+    the manifest's order, not the order of their names."""
+    site = create_site(db_session, "primary")
+    row, _key = register_host(db_session, "host1", str(host.root), site=site)
+    manifest = host.create_vm("web01", [("os", "8M", "raw"), ("data", "4M", "raw"), ("bin", "4M", "vhd")]
+                              ).to_manifest()
+    vm = import_vm_manifest(db_session, row, manifest)
+    db_session.commit()
+    assert [d.name for d in vm_disks(db_session, vm)] == ["os", "data", "bin"]
+    # Registered again after the disks were reordered on the host: the new order.
+    manifest["disks"] = [manifest["disks"][2], manifest["disks"][0], manifest["disks"][1]]
+    import_vm_manifest(db_session, row, manifest)
+    db_session.commit()
+    assert [d.name for d in vm_disks(db_session, vm)] == ["bin", "os", "data"]
 
 
 # ---- what a running guest refuses (one short boot) --------------------------------------------------------
