@@ -188,6 +188,13 @@ def test_bad_vm_definitions_over_the_api_create_nothing(site: RecoverySite, api:
                 422, "format must be raw or vhd")
     api_refused(site, lambda: api.create_vm("nohost", "bad", disks=[{"name": "d", "size": "4M"}]), 404, "nohost")
 
+    # A VM still registered under that name whose folder went from the host: the database refuses the new one,
+    # and the VM made on the host for it goes again.
+    api.create_vm("host1", "stale", disks=[{"name": "d", "size": "4M"}])
+    shutil.rmtree(site.host("host1").vms_dir / "stale")
+    api_refused(site, lambda: api.create_vm("host1", "stale", disks=[{"name": "d", "size": "4M"}]), 422,
+                "VM 'stale'", "remove the old VM first")
+
 
 # ---- the CLI -------------------------------------------------------------------------------------------------
 def asr_many(site: RecoverySite, commands: list[tuple[str, ...]], cwd: Path | None = None
