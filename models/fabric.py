@@ -135,6 +135,9 @@ class VirtualDisk(SQLModel, table=True):
     format: str = Field(max_length=8)
     disk_uuid: str = Field(max_length=36)
     """The disk's identity for replication, whatever its name or file."""
+    position: int = Field(default=0)
+    """Its place among the VM's disks as the host's manifest lists them (0 first): a QEMU guest's first drive is
+    its /dev/vda, so a recovery VM gets its disks in this order. Rows older than revision 0006 hold 0 (name order)."""
 
 
 class VmNetworkAdapter(SQLModel, table=True):
@@ -354,7 +357,9 @@ def get_vm(session: Session, name: str, host: Host | str | None = None) -> Virtu
 
 
 def vm_disks(session: Session, vm: VirtualMachine) -> list[VirtualDisk]:
-    return list(session.exec(select(VirtualDisk).where(VirtualDisk.vm_id == vm.id).order_by(VirtualDisk.name)))
+    """The VM's disks in the order of its manifest (the first is the guest's first drive)."""
+    return list(session.exec(select(VirtualDisk).where(VirtualDisk.vm_id == vm.id)
+                             .order_by(VirtualDisk.position, VirtualDisk.name)))
 
 
 def vm_adapters(session: Session, vm: VirtualMachine) -> list[VmNetworkAdapter]:
@@ -429,18 +434,18 @@ def _create_vm(session: Session, host: Host, spec: _VmSpec) -> VirtualMachine:
         host_id=host.id, name=spec.name, vm_uuid=spec.vm_uuid, generation=spec.generation, state=spec.state,
         guest=spec.guest,
     ))
-    for disk in spec.disks:
-        session.add(_new_disk(vm, disk))
+    for position, disk in enumerate(spec.disks):
+        session.add(_new_disk(vm, disk, position))
     for adapter in spec.adapters:
         session.add(VmNetworkAdapter(vm_id=vm.id, name=adapter.name, vm_network=adapter.vm_network))
     session.flush()
     return vm
 
 
-def _new_disk(vm: VirtualMachine, disk: _DiskSpec) -> VirtualDisk:
+def _new_disk(vm: VirtualMachine, disk: _DiskSpec, position: int) -> VirtualDisk:
     return VirtualDisk(
         vm_id=vm.id, name=disk.name, file_name=disk.file_name, size=disk.size, format=disk.format,
-        disk_uuid=disk.disk_uuid,
+        disk_uuid=disk.disk_uuid, position=position,
     )
 
 
@@ -462,13 +467,13 @@ def _sync_vm(session: Session, vm: VirtualMachine, spec: _VmSpec) -> None:
             disk.name = f"{disk_uuid}.renaming"  # frees the old name before any disk takes it
             session.add(disk)
     session.flush()
-    for disk_uuid, wanted in wanted_disks.items():
+    for position, (disk_uuid, wanted) in enumerate(wanted_disks.items()):
         disk = current_disks.get(disk_uuid)
         if disk is None:
-            session.add(_new_disk(vm, wanted))
+            session.add(_new_disk(vm, wanted, position))
         else:
             disk.name, disk.file_name = wanted.name, wanted.file_name
-            disk.size, disk.format = wanted.size, wanted.format
+            disk.size, disk.format, disk.position = wanted.size, wanted.format, position
             session.add(disk)
     for adapter_name, wanted in wanted_adapters.items():
         adapter = current_adapters.get(adapter_name)

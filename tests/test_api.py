@@ -8,11 +8,6 @@ the OpenAPI document in docs/ matching the app.
 """
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from api_server import ApiServer
 from recovery_site import RecoverySite
 from sqlmodel import select
 
@@ -30,53 +26,11 @@ from models.db import session_scope
 from models.fabric import Site, VirtualMachine
 from models.jobs import Job
 from models.protection import ProtectedItem
-from sites.localservices import LOCALHOST, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OPENAPI_DOC = REPO_ROOT / "docs" / "openapi.json"
 DISKS = [("disk0", "8M", "vhd"), ("disk1", "4M", "raw")]
 JOB_TIMEOUT = 90
-START_TIMEOUT = 30
-
-
-class ApiServer:
-    """`python -m uvicorn api.rest:app` on 127.0.0.1 and a free port, in a session of its own."""
-
-    def __init__(self, env: dict[str, str], workdir: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://{LOCALHOST}:{self.port}"
-        self.log_path = workdir / "api.log"
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "api.rest:app", "--host", LOCALHOST, "--port", str(self.port)],
-                cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self.process.poll() is not None:
-                raise AssertionError(f"the API server exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"the API server did not answer within {START_TIMEOUT} s:\n{self.log()}")
-            time.sleep(0.1)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
 
 
 class Deployment:

@@ -169,10 +169,11 @@ def test_hyperv_site_shape(engine: Engine) -> None:
         assert (vm.generation, vm.state, vm.host_id) == (2, "running", host.id)
         uuid.UUID(vm.vm_uuid)
         disks = fabric.vm_disks(session, vm)
-        assert [(d.name, d.file_name, d.size, d.format) for d in disks] == [
-            ("data", "data.raw", 5 << 40, "raw"), ("disk0", "disk0.vhd", 40 << 30, "vhd"),
+        # In the order given (a guest's first drive is its first disk), not by name.
+        assert [(d.name, d.file_name, d.size, d.format, d.position) for d in disks] == [
+            ("disk0", "disk0.vhd", 40 << 30, "vhd", 0), ("data", "data.raw", 5 << 40, "raw", 1),
         ]
-        assert disks[0].disk_uuid == "6f1c0a8e-2f0b-4a57-9d55-2d8f4b0e3c11"
+        assert disks[1].disk_uuid == "6f1c0a8e-2f0b-4a57-9d55-2d8f4b0e3c11"
         assert [(a.name, a.vm_network, a.public_ip) for a in fabric.vm_adapters(session, vm)] == [
             ("nic0", "corp", None), ("nic1", "backup", None),
         ]

@@ -17,7 +17,7 @@ from models.fabric import AmbiguousVmError, VmNotFoundError
 from models.plans import PlanError, PlanNotFoundError
 from models.protection import InvalidStateError
 from models.schema import SchemaOutOfDateError
-from sites.host import VmExistsError
+from sites.host import VmExistsError, VmSpecError
 from workflows import engine
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -63,7 +63,9 @@ def _translate(exc: BaseException) -> ServiceError | None:
     if isinstance(exc, (VmNotFoundError, PlanNotFoundError, engine.JobNotFoundError, DiskNotFoundError,
                         apikeys.ApiKeyNotFoundError)):
         return NotFound(message)
-    if isinstance(exc, (AmbiguousVmError, PlanError, PathOutsideRootError)):
+    if isinstance(exc, (AmbiguousVmError, PlanError, PathOutsideRootError, VmSpecError)):
+        # VmSpecError: a VM definition that cannot be created (a file outside the host's root, an image
+        # of the wrong format or size, a missing kernel): bad input, whatever the state of things.
         return Invalid(message)
     if isinstance(exc, (engine.ItemBusyError, InvalidStateError, engine.JobStateError, VmExistsError)):
         return Conflict(message)

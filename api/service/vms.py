@@ -58,9 +58,16 @@ def create_vm(host: str, name: str, *, disks: list[dict[str, Any]], networks: li
     with session_scope() as session:
         row = _host(session, host)
         root, host_name = row.root, row.name
-    HostDriver(root, host_name).create_vm(name, specs, networks=networks or ["default"], generation=generation,
-                                          guest=definition, boot_files=boot_files, images=images)
-    return add_vm(host_name, name)
+    driver = HostDriver(root, host_name)
+    driver.create_vm(name, specs, networks=networks or ["default"], generation=generation, guest=definition,
+                     boot_files=boot_files, images=images)
+    try:
+        return add_vm(host_name, name)
+    except BaseException:
+        # Refused by the database (a stale registration of that name, say): a refused request leaves nothing,
+        # so the VM just made goes too; it is off and nobody else knows of it yet.
+        driver.delete_vm(name)
+        raise
 
 
 def _driver_and_name(vm: str) -> tuple[HostDriver, str]:

@@ -21,9 +21,12 @@ BOOT_FILE_MAX = 512 * 1024 * 1024
 _COPY_CHUNK = 4 * 1024 * 1024
 # Signatures at offset 0 of image formats that are not a raw disk; a fixed VHD has its footer at the end only.
 _CONTAINER_SIGNATURES = {
-    b"QFI\xfb": "qcow2", b"KDMV": "vmdk", b"vhdxfile": "vhdx", b"conectix": "dynamic or differencing VHD",
-    b"<<< Oracle VM VirtualBox Disk Image >>>": "vdi", b"QEVM": "qed",
+    b"QFI\xfb": "qcow2", b"KDMV": "vmdk", b"# Disk DescriptorFile": "vmdk descriptor", b"vhdxfile": "vhdx",
+    b"conectix": "dynamic or differencing VHD", b"QED\x00": "qed", b"WithoutFreeSpace": "parallels",
+    b"WithouFreSpacExt": "parallels", b"LUKS\xba\xbe": "luks",
 }
+# A VDI's text banner varies with its writer (VirtualBox, QEMU); its magic number at offset 64 does not.
+_VDI_MAGIC_OFFSET, _VDI_MAGIC = 64, b"\x7f\x10\xda\xbe"
 
 
 def checked_source(root: Path, path: str | os.PathLike[str], what: str) -> Path:
@@ -44,11 +47,13 @@ def checked_source(root: Path, path: str | os.PathLike[str], what: str) -> Path:
 def image_format(path: Path) -> tuple[str, int]:
     """The format ("raw" or "vhd") and virtual size of an image to import; VmSpecError for anything else."""
     with open(path, "rb") as image:
-        head = image.read(64)
-    for signature, name in _CONTAINER_SIGNATURES.items():
-        if head.startswith(signature):
-            raise VmSpecError(f"image {path} is a {name} image, not a raw disk or a fixed VHD: convert it first "
-                              f"(qemu-img convert -O raw {path} DISK.raw)")
+        head = image.read(512)
+    named = next((name for signature, name in _CONTAINER_SIGNATURES.items() if head.startswith(signature)), None)
+    if named is None and head[_VDI_MAGIC_OFFSET:_VDI_MAGIC_OFFSET + len(_VDI_MAGIC)] == _VDI_MAGIC:
+        named = "vdi"
+    if named is not None:
+        raise VmSpecError(f"image {path} is a {named} image, not a raw disk or a fixed VHD: convert it first "
+                          f"(qemu-img convert -O raw {path} DISK.raw)")
     try:
         fmt = detect_format(path)
         with open_disk(path) as disk:

@@ -78,6 +78,13 @@ class VmStore:
         sources = {disk: checked_source(self.root, path, f"image for disk {disk!r}")
                    for disk, path in (images or {}).items()}
         imported = {disk: image_format(path) for disk, path in sources.items()}
+        for disk, (_, image_size) in imported.items():
+            if image_size % MIB:  # say why and what to do, not just that the size is wrong
+                raise VmSpecError(
+                    f"VM {name!r} disk {disk!r}: image {sources[disk]} holds {image_size} bytes, not a whole "
+                    f"number of MiB (the replica is a fixed VHD, whose size must be whole MiB): grow a raw copy "
+                    f"(qemu-img resize -f raw DISK.raw SIZE), or make the fixed VHD with its exact size "
+                    f"(qemu-img convert -O vpc -o subformat=fixed,force_size=on ...)")
         disk_specs = self._check_disk_specs(name, [
             (disk, imported[disk][1] if size is None and disk in imported else size, fmt) for disk, size, fmt in disks
         ])
