@@ -36,7 +36,8 @@ def _disk_option(text: str) -> dict:
 @click.option("--kernel", type=click.Path(dir_okay=False), help="Makes the VM a QEMU guest booting this kernel "
               "(a file inside the host's root).")
 @click.option("--initrd", type=click.Path(dir_okay=False), help="Its initrd (inside the host's root).")
-@click.option("--cmdline", default="", help="The kernel command line.")
+@click.option("--cmdline", default="console=ttyS0", show_default=True,
+              help="The kernel command line (keep a serial console: the engine reads the heartbeat there).")
 @click.option("--heartbeat", help="Regex: the guest is up once a line of its serial console matches it.")
 @click.option("--check-pass", help="Regex on the console: the guest's own application check passed.")
 @click.option("--check-fail", help="Regex on the console: the guest's own application check failed.")

@@ -103,6 +103,8 @@ class GuestDefinition:
             check_fail=_pattern(data.get("check_fail"), "check_fail", where),
             memory_mb=memory, guest_agent=agent, boot_timeout_s=float(timeout), hashes=dict(hashes),
         )
+        if initrd is not None and initrd == kernel:
+            raise VmSpecError(f"{where}: the kernel and the initrd need different file names (both {kernel!r})")
         if (definition.check_pass is None) != (definition.check_fail is None):
             raise VmSpecError(f"{where}: give both check_pass and check_fail, or neither")
         if hashes and set(hashes) != set(definition.boot_files):
