@@ -171,10 +171,11 @@ def _definition(vm: VirtualMachine) -> GuestDefinition:
 
 
 def _line_of(match: re.Match) -> str:
+    """The console text the verdict matched (the rest of its line may hold firmware output)."""
     text = match.string
-    start = text.rfind("\n", 0, match.start()) + 1
     end = text.find("\n", match.end())
-    return text[start:end if end >= 0 else len(text)].strip()[:2000]
+    return text[match.start():end if end >= 0 else len(text)].strip()[:2000]
+
 
 
 __all__ = ["NETWORKS", "RUN_DIR", "STATE_RUNNING", "BootReport", "Guests"]
