@@ -8,8 +8,8 @@ What a key check may cost is bounded:
 - a key found valid is remembered (ASR_API_KEY_CACHE_S), one found invalid too (ASR_API_KEY_NEGATIVE_CACHE_S),
   both as SHA-256 digests, in memory;
 - a client (IP address) whose keys failed ASR_API_AUTH_FAILURES times within ASR_API_AUTH_WINDOW_S gets 429
-  without any check, except for keys already known valid; every failure is logged (client, key id, never
-  the key).
+  without any check, except for keys already known valid; checks under way count too, so a burst of bad keys
+  sent at once starts no more checks than that; every failure is logged (client, key id, never the key).
 Only HTTP and lifespan scopes pass; a websocket is closed (there are none), any other scope type refused.
 """
 from __future__ import annotations
@@ -89,10 +89,13 @@ _bad_keys = _KeyCache(lambda: _setting(settings.api_key_negative_cache_s, 5.0))
 
 
 class _FailureLimiter:
-    """Failed key checks per client within a sliding window."""
+    """Failed key checks per client within a sliding window, counting the checks under way too: a client may
+    have at most `limit` failures and checks under way together, so a burst of bad keys sent at once cannot
+    start more checks than the limit either."""
 
     def __init__(self) -> None:
         self._failures: dict[str, collections.deque[float]] = {}
+        self._checking: dict[str, int] = {}
         self._warned: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -100,28 +103,39 @@ class _FailureLimiter:
     def _limits() -> tuple[int, float]:
         return _setting(settings.api_auth_failures, 10), _setting(settings.api_auth_window_s, 60.0)
 
-    def retry_after(self, client: str) -> float:
-        """Seconds until `client` may be checked again; 0 when it may now."""
+    def _recent(self, client: str, now: float, window: float) -> collections.deque[float]:
+        if client not in self._failures and len(self._failures) >= _CLIENTS_MAX:
+            self._failures = {name: times for name, times in self._failures.items() if self._checking.get(name)}
+        times = self._failures.setdefault(client, collections.deque())
+        while times and times[0] <= now - window:
+            times.popleft()
+        return times
+
+    def begin(self, client: str) -> float:
+        """0 and a check of `client` may start (end it with `end`), or the seconds until one may."""
         limit, window = self._limits()
         now = time.monotonic()
         with self._lock:
-            times = self._failures.get(client)
-            if not times:
-                return 0.0
-            while times and times[0] <= now - window:
-                times.popleft()
-            return times[0] + window - now if len(times) >= limit else 0.0
+            times = self._recent(client, now, window)
+            checking = self._checking.get(client, 0)
+            if len(times) + checking >= limit:
+                return max(times[0] + window - now, 1.0) if times else 1.0
+            self._checking[client] = checking + 1
+            return 0.0
 
-    def fail(self, client: str) -> int:
+    def end(self, client: str, failed: bool) -> int:
+        """Ends a check; returns the client's failures in the window."""
         _limit, window = self._limits()
         now = time.monotonic()
         with self._lock:
-            if client not in self._failures and len(self._failures) >= _CLIENTS_MAX:
-                self._failures.clear()
-            times = self._failures.setdefault(client, collections.deque())
-            while times and times[0] <= now - window:
-                times.popleft()
-            times.append(now)
+            left = self._checking.get(client, 1) - 1
+            if left > 0:
+                self._checking[client] = left
+            else:
+                self._checking.pop(client, None)
+            times = self._recent(client, now, window)
+            if failed:
+                times.append(now)
             return len(times)
 
     def warn_once(self, client: str) -> bool:
@@ -139,6 +153,7 @@ class _FailureLimiter:
     def clear(self) -> None:
         with self._lock:
             self._failures.clear()
+            self._checking.clear()
             self._warned.clear()
 
 
@@ -226,24 +241,27 @@ class ApiKeyMiddleware:
         if role is not None:
             return role
         client = _client(scope)
-        wait = _limiter.retry_after(client)
+        wait = _limiter.begin(client)
         if wait > 0:
             if _limiter.warn_once(client):
                 logger.warning("too many failed API keys from %s: refusing its keys for %.0f s", client, wait)
             await _refuse(scope, receive, send, 429, f"too many failed API keys from {client}: retry in {wait:.0f} s",
                           {"Retry-After": str(math.ceil(wait))})
             return None
-        if not _bad_keys.fresh(digest):
-            try:
+        try:
+            if not _bad_keys.fresh(digest):
                 role = await anyio.to_thread.run_sync(_key_role, key)
-            except Exception:  # noqa: BLE001 - a database outage must not look like a bad key
-                logger.exception("could not check an API key")
-                await _refuse(scope, receive, send, 503,
-                              "the API key could not be checked (database unavailable); retry")
-                return None
+        except Exception:  # noqa: BLE001 - a database outage must not look like a bad key
+            _limiter.end(client, failed=False)
+            logger.exception("could not check an API key")
+            await _refuse(scope, receive, send, 503, "the API key could not be checked (database unavailable); retry")
+            return None
+        except BaseException:  # cancelled: the check did not end in a failure
+            _limiter.end(client, failed=False)
+            raise
+        failures = _limiter.end(client, failed=role is None)
         if role is None:
             _bad_keys.remember(digest)
-            failures = _limiter.fail(client)
             logger.warning("failed API key from %s (key id %s; %d failures in the window)", client,
                            key_id(key) or "none", failures)
             await _refuse(scope, receive, send, 401, "the API key is not valid (unknown or revoked)")
