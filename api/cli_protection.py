@@ -34,8 +34,13 @@ def protect(vm_name: str, policy_name: str, recovery_storage: str, storage_optio
 
 @_job_command(main, "unprotect")
 @click.argument("vm_name", metavar="VM")
-def unprotect(vm_name: str):
-    """Disable protection of VM: stop tracking, delete its replicas, logs and recovery points."""
+@click.option("--yes", is_flag=True, help="Do not ask: the replicas and recovery points are deleted.")
+def unprotect(vm_name: str, yes: bool):
+    """Disable protection of VM: stop tracking, delete its replicas, logs and recovery points (asks first,
+    unless --yes)."""
+    if not yes:
+        click.confirm(f"Disable protection of {vm_name}? Its replicas, shipped logs and recovery points are "
+                      f"deleted", abort=True)
     return _service().disable_protection(vm_name)
 
 

@@ -248,8 +248,9 @@ class SiteRecoveryClient:
             "policy": policy, "recovery_storage": recovery_storage, "storage_options": storage_options,
             "recovery_host": recovery_host}))
 
-    def disable_protection(self, vm: str) -> JobRef:
-        return self._vm_action(vm, "disable-protection")
+    def disable_protection(self, vm: str, *, confirm: str) -> JobRef:
+        """`confirm` must be the VM's name: its replicas and recovery points are deleted."""
+        return self._vm_action(vm, "disable-protection", {"confirm": confirm})
 
     def resync(self, vm: str) -> JobRef:
         return self._vm_action(vm, "resync")

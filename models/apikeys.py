@@ -1,9 +1,17 @@
-"""API keys of the REST API: who may call it. Only a salted scrypt hash of each key is kept.
+"""API keys of the REST API: who may call it, and with which role. Only a salted scrypt hash of each key is kept.
 
 A key reads `asr_<prefix>_<secret>`. The prefix is stored in clear and finds the key's row, so a request costs
 one scrypt check, not one per key; the whole key is what is hashed. Keys are shown once, when created.
-Deployments that cannot write to the database list hashes in `ASR_API_KEY_HASHES` instead (`hash_key` makes
-one); those keys may have any form.
+
+Each key has one role (`ROLES`): `reader` reads, `operator` also acts on protected VMs (replication, drills,
+failovers, plan runs, jobs), `admin` also changes the fabric, keys, policies and plan definitions, and
+disables protection. A higher role includes the lower ones.
+
+Deployments that cannot write to the database list keys in `ASR_API_KEY_HASHES` instead, comma-separated
+entries `[ROLE:][asr_<prefix>:]HASH` (`env_entry` makes one): ROLE is reader, operator or admin; the
+`asr_<prefix>` id lets a request find its entry without trying the others. A plain HASH (the format before
+roles) means admin, as such a key could do everything before; a key without an id may have any form, but every
+request whose key matches no id costs one scrypt per such entry, so give new keys an id.
 
 Functions flush but never commit: the caller's `session_scope` does.
 """
@@ -14,7 +22,7 @@ import hashlib
 import hmac
 import secrets
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlmodel import Field, Session, SQLModel, select
 
@@ -25,8 +33,23 @@ from workflows import settings
 
 __all__ = [
     "ApiKey", "ApiKeyNotFoundError", "API_KEY_HASHES_ENV", "create_api_key", "verify_api_key", "revoke_api_key",
-    "list_api_keys", "hash_key", "key_matches", "env_key_matches", "describe",
+    "list_api_keys", "hash_key", "key_matches", "env_key_matches", "describe", "ROLES", "role_allows",
+    "check_role", "EnvKey", "env_keys", "env_key_role", "env_entry", "key_id",
 ]
+
+ROLES = ("reader", "operator", "admin")
+"""From least to most: each role may do what the ones before it may."""
+
+
+def role_allows(role: str | None, needed: str) -> bool:
+    """Whether a key of `role` may call a route that needs `needed`."""
+    return role in ROLES and ROLES.index(role) >= ROLES.index(needed)
+
+
+def check_role(role: str) -> str:
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
+    return role
 
 API_KEY_HASHES_ENV = "ASR_API_KEY_HASHES"
 _PREFIX_CHARS = 10
@@ -46,6 +69,7 @@ class ApiKey(SQLModel, table=True):
     name: str = Field(unique=True, max_length=64)
     prefix: str = Field(unique=True, max_length=16)
     key_hash: str = Field(max_length=256)
+    role: str = Field(default="reader", max_length=16)
     created_at: datetime = Field(default_factory=clock_now, sa_type=UtcDateTime)
     last_used_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     revoked_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
@@ -74,20 +98,81 @@ def key_matches(key: str, stored: str) -> bool:
     return hmac.compare_digest(actual, expected_bytes)
 
 
-def env_key_matches(key: str, hashes: str | None = None) -> bool:
-    """Whether `key` is one of the keys whose hashes `ASR_API_KEY_HASHES` lists (comma-separated)."""
+class EnvKey(NamedTuple):
+    """An entry of ASR_API_KEY_HASHES: the key's role, its id prefix (None: a key of any form) and hash."""
+    role: str
+    prefix: str | None
+    key_hash: str
+
+
+def env_keys(hashes: str | None = None) -> list[EnvKey]:
+    """The well-formed entries of ASR_API_KEY_HASHES (`[ROLE:][asr_<prefix>:]HASH`, comma-separated); a
+    malformed one is left out (it could never match)."""
     listed = settings.api_key_hashes() if hashes is None else hashes
-    return any(key_matches(key, stored) for stored in listed.split(",") if stored.strip())
+    entries = []
+    for entry in listed.split(","):
+        *fields, key_hash = entry.strip().split(":")
+        role, prefix = "admin", None  # a plain hash: a key of before roles, which could do everything
+        ok = key_hash.startswith("scrypt$") and len(fields) <= 2
+        for field in fields:
+            if field in ROLES:
+                role = field
+            elif field.startswith(_KEY_START) and _prefix_of(field + "_x") is not None:
+                prefix = _prefix_of(field + "_x")
+            else:
+                ok = False
+        if ok:
+            entries.append(EnvKey(role, prefix, key_hash))
+    return entries
 
 
-def create_api_key(session: Session, name: str) -> tuple[ApiKey, str]:
-    """A new key named `name`; returns its row and the key itself, which is not kept anywhere."""
+def env_key_role(key: str, hashes: str | None = None) -> str | None:
+    """The role of `key` if ASR_API_KEY_HASHES lists it, else None. A key with an id is checked against the
+    entry of that id only (one scrypt), and against entries without id, never against other ids'."""
+    if not isinstance(key, str) or not key or len(key) > 512:
+        return None
+    prefix = _prefix_of(key)
+    for entry in env_keys(hashes):
+        if entry.prefix is not None and entry.prefix != prefix:
+            continue
+        if key_matches(key, entry.key_hash):
+            return entry.role
+    return None
+
+
+def env_key_matches(key: str, hashes: str | None = None) -> bool:
+    """Whether `key` is one of the keys ASR_API_KEY_HASHES lists."""
+    return env_key_role(key, hashes) is not None
+
+
+def key_id(key: str) -> str | None:
+    """`asr_<prefix>` of a key of that form: not secret, safe to log; None for other keys."""
+    prefix = _prefix_of(key) if isinstance(key, str) else None
+    return None if prefix is None else f"{_KEY_START}{prefix}"
+
+
+def env_entry(key: str, role: str) -> str:
+    """The ASR_API_KEY_HASHES entry of `key` with `role`: `ROLE:asr_<prefix>:HASH`, or `ROLE:HASH` for a key
+    without an id."""
+    check_role(role)
+    ident = key_id(key)
+    return ":".join(part for part in (role, ident, hash_key(key)) if part)
+
+
+def new_key() -> tuple[str, str]:
+    """A new key and its id prefix."""
+    prefix = secrets.token_hex(_PREFIX_CHARS // 2)
+    return f"{_KEY_START}{prefix}_{secrets.token_urlsafe(32)}", prefix
+
+
+def create_api_key(session: Session, name: str, role: str = "reader") -> tuple[ApiKey, str]:
+    """A new key named `name` with `role`; returns its row and the key itself, which is not kept anywhere."""
     validate_name(name, "API key")
+    check_role(role)
     if session.exec(select(ApiKey).where(ApiKey.name == name)).first() is not None:
         raise ValueError(f"an API key named {name!r} already exists")
-    prefix = secrets.token_hex(_PREFIX_CHARS // 2)
-    key = f"{_KEY_START}{prefix}_{secrets.token_urlsafe(32)}"
-    row = ApiKey(name=name, prefix=prefix, key_hash=hash_key(key))
+    key, prefix = new_key()
+    row = ApiKey(name=name, prefix=prefix, key_hash=hash_key(key), role=role)
     session.add(row)
     session.flush()
     return row, key
@@ -137,7 +222,7 @@ def list_api_keys(session: Session) -> list[ApiKey]:
 def describe(row: ApiKey) -> dict[str, Any]:
     """The key's record, without its hash."""
     return {
-        "id": row.id, "name": row.name, "prefix": row.prefix,
+        "id": row.id, "name": row.name, "prefix": row.prefix, "role": row.role,
         "created_at": row.created_at.isoformat(),
         "last_used_at": row.last_used_at.isoformat() if row.last_used_at else None,
         "revoked_at": row.revoked_at.isoformat() if row.revoked_at else None,

@@ -34,8 +34,10 @@ JOB_TIMEOUT = 90
 
 
 class Deployment:
-    def __init__(self, site: RecoverySite, server: ApiServer, key: str, env_key: str) -> None:
+    def __init__(self, site: RecoverySite, server: ApiServer, key: str, env_key: str,
+                 role_keys: dict[str, str]) -> None:
         self.site, self.server, self.key, self.env_key = site, server, key, env_key
+        self.role_keys = role_keys
         self.url = server.url
 
     def client(self, key: str | None = None) -> SiteRecoveryClient:
@@ -46,14 +48,15 @@ class Deployment:
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     workdir = tmp_path_factory.mktemp("api")
     with RecoverySite(workdir, recovery_host_names=("dr1",), time_scale=1) as site:
-        key = service.create_api_key("tests")["key"]
+        key = service.create_api_key("tests", "admin")["key"]
+        role_keys = {role: service.create_api_key(f"tests-{role}", role)["key"] for role in ("reader", "operator")}
         # A second key known only by its hash in the environment, as a deployment without DB writes has it.
         env_key = "env-only-key-0123456789"
         env = {**site.env, "ASR_API_KEY_HASHES": f"not-a-hash,{service.hash_api_key(env_key)}",
                "ASR_API_KEY_CACHE_S": "0"}  # every request checks its key: revocation takes effect at once
         server = ApiServer(env, workdir)
         try:
-            yield Deployment(site, server, key, env_key)
+            yield Deployment(site, server, key, env_key, role_keys)
         except BaseException:
             print(server.log())
             raise
@@ -270,3 +273,17 @@ def test_protect_and_drill_through_the_api(deployment: Deployment) -> None:
         follow(client, run["job_id"])
         assert client.show_vm("web01")["failover"]["kind"] == "test"
         assert client.wait_job(client.test_failover_cleanup("web01")["job_id"], JOB_TIMEOUT)["state"] == "succeeded"
+
+        # Disabling protection deletes every replica and point: admin only, and confirmed by the VM's name.
+        for role in ("reader", "operator"):
+            with deployment.client(deployment.role_keys[role]) as weaker:
+                api_error(lambda weaker=weaker: weaker.disable_protection("web01", confirm="web01"), 403,
+                          "the admin role", f"this key is {role}")
+        response = httpx.post(f"{deployment.url}/api/v1/vms/web01/disable-protection",
+                              headers={"X-API-Key": deployment.key})
+        assert response.status_code == 400 and '{"confirm": "web01"}' in response.json()["error"], response.text
+        api_error(lambda: client.disable_protection("web01", confirm="web02"), 400, "confirm", "'web02'")
+        assert client.show_vm("web01")["state"] == "protected"
+        disabled = client.disable_protection("web01", confirm="web01")
+        assert client.wait_job(disabled["job_id"], timeout=JOB_TIMEOUT)["state"] == "succeeded"
+        assert client.show_vm("web01")["state"] == "disabled"

@@ -476,3 +476,25 @@ def test_api_keys_are_created_shown_once_listed_without_the_key_and_revoked(tmp_
     run("revoke", "ops")
     with Session(engine) as session:
         assert verify_api_key(session, key) is None
+
+    # Roles: reader unless told; the role is listed; an unknown role is refused.
+    assert json.loads(run("create", "viewer", "--json").stdout)["role"] == "reader"
+    created = run("create", "boss", "--role", "admin").stdout
+    assert "API key boss (admin): asr_" in created
+    with Session(engine) as session:
+        assert verify_api_key(session, created.split(": ")[1].split()[0]).role == "admin"
+    assert "admin" in run("list").stdout
+    assert "root" in run("create", "x", "--role", "root", code=2).stderr
+    # A key for ASR_API_KEY_HASHES: its entry carries the role and the key's id; nothing is stored.
+    from models.apikeys import env_key_role, key_id
+
+    made = json.loads(run("create-env", "--role", "operator", "--json").stdout)
+    assert made["entry"].startswith(f"operator:{key_id(made['key'])}:scrypt$")
+    assert env_key_role(made["key"], made["entry"]) == "operator"
+
+    # Disabling protection asks first (no answer: nothing done), or takes --yes.
+    proc = subprocess.run([ASR, "unprotect", "ghost"], capture_output=True, text=True, timeout=60, env=env,
+                          input="")
+    assert proc.returncode == 1 and "Disable protection of ghost?" in proc.stdout + proc.stderr, proc
+    proc = subprocess.run([ASR, "unprotect", "ghost", "--yes"], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2 and "ghost" in proc.stderr and "not found" in proc.stderr, proc

@@ -117,6 +117,28 @@ def test_every_revision_downgrades_and_upgrades_again(db_url: str) -> None:
     assert schema_differences(engine) == []
 
 
+def test_api_keys_of_before_roles_become_admin(db_url: str) -> None:
+    """Revision 0007 gives every existing API key the admin role (they could do everything before), keeps them
+    working, and its downgrade takes the column away again."""
+    engine = get_engine(db_url)
+    assert schema.upgrade(engine, "0006").to_revision == "0006"
+    key = "asr_0123456789_an-old-key"
+    with engine.begin() as connection:
+        connection.execute(sa.text(
+            "INSERT INTO api_key (id, name, prefix, key_hash, created_at) VALUES ('k1', 'old', '0123456789', :hash, "
+            ":now)"), {"hash": models.apikeys.hash_key(key), "now": NOW})
+    schema.upgrade(engine)
+    assert schema_differences(engine) == []
+    with models.session_scope(engine) as session:
+        row = models.apikeys.verify_api_key(session, key)
+        assert row is not None and (row.name, row.role) == ("old", "admin")
+        assert models.apikeys.create_api_key(session, "new")[0].role == "reader"
+    with engine.begin() as connection:
+        command.downgrade(schema.alembic_config(connection), "0006")
+    with engine.connect() as connection:
+        assert "role" not in {column["name"] for column in sa.inspect(connection).get_columns("api_key")}
+
+
 # ---- the first release's database ------------------------------------------------------------------------------
 def test_processes_refuse_a_database_of_the_first_release_and_say_how_to_upgrade(db_url: str) -> None:
     engine = first_release_database(db_url)

@@ -90,6 +90,32 @@ def api_key_cache_s() -> float:
     return env_number("ASR_API_KEY_CACHE_S", 30.0, minimum=0.0)
 
 
+def api_key_negative_cache_s() -> float:
+    """ASR_API_KEY_NEGATIVE_CACHE_S: how long the API remembers a key it found invalid (5 s; 0: never)."""
+    return env_number("ASR_API_KEY_NEGATIVE_CACHE_S", 5.0, minimum=0.0)
+
+
+def api_auth_failures() -> int:
+    """ASR_API_AUTH_FAILURES: failed key checks a client (IP address) may make per window before it gets 429
+    (10); its keys are then not checked at all until the window has passed."""
+    return int(env_number("ASR_API_AUTH_FAILURES", 10.0, minimum=1.0))
+
+
+def api_auth_window_s() -> float:
+    """ASR_API_AUTH_WINDOW_S: the window of ASR_API_AUTH_FAILURES (60 s)."""
+    return env_number("ASR_API_AUTH_WINDOW_S", 60.0)
+
+
+def api_max_body_bytes() -> int:
+    """ASR_API_MAX_BODY_BYTES: the largest request body the API reads (1 MiB); a larger one gets 413 unread."""
+    return int(env_number("ASR_API_MAX_BODY_BYTES", float(1 << 20)))
+
+
+def api_docs() -> bool:
+    """ASR_API_DOCS: serve /docs (Swagger UI, from the installed swagger-ui-bundle, no CDN); "off" turns it off."""
+    return os.environ.get("ASR_API_DOCS", "on").strip().lower() not in ("off", "0", "false", "no")
+
+
 def host_key() -> str | None:
     """ASR_HOST_KEY: the registration key a host agent presents when it starts."""
     return os.environ.get("ASR_HOST_KEY") or None

@@ -1,5 +1,7 @@
-"""The application: the FastAPI app with its API-key middleware, its error answers ({"error": "<message>"}),
-liveness, and the routes of every area under /api/v1 in the order they are matched."""
+"""The application: the FastAPI app with its API-key and role middleware and its request-body limit, its error
+answers ({"error": "<message>"}), liveness, /docs (Swagger UI from the installed swagger-ui-bundle package: no
+CDN, it works on an offline recovery site; ASR_API_DOCS=off turns it off), and the routes of every area under
+/api/v1 in the order they are matched. It does not start when a route under /api/v1 declares no role."""
 from __future__ import annotations
 
 import json
@@ -8,14 +10,19 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import service
+from workflows import settings
 
 from . import fabric, jobs, plans, protection
 from .auth import ApiKeyMiddleware, _api_key_header, _bearer
 from .common import API_PREFIX, ErrorBody
+from .limits import BodyLimitMiddleware
+from .roles import add_roles_to_openapi, check_routes
 
 
 def _version() -> str:
@@ -36,13 +43,19 @@ app = FastAPI(
     ),
     # Operation ids are the function names (list_sites, protect, ...): what the typed client's methods are called.
     generate_unique_id_function=lambda route: route.name,
+    docs_url=None, redoc_url=None,  # FastAPI's own load their JavaScript from a CDN: /docs is served below
 )
+# Added last, runs first: the key and its role are checked before the body is read; then the body is bounded.
+app.add_middleware(BodyLimitMiddleware)
 app.add_middleware(ApiKeyMiddleware)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": description} for status, description in (
-        (401, "No API key, or not a valid one"), (404, "Unknown id or name"),
-        (409, "Busy, in the wrong state, or exists already"), (422, "Invalid input"),
+        (400, "Refused: e.g. disabling protection without its confirmation"),
+        (401, "No API key, or not a valid one"), (403, "The key's role is below the route's"),
+        (404, "Unknown id or name"), (409, "Busy, in the wrong state, or exists already"),
+        (413, "The request body is larger than ASR_API_MAX_BODY_BYTES"), (422, "Invalid input"),
+        (429, "Too many failed API keys from this client: retry after Retry-After seconds"),
     )
 }
 router = APIRouter(prefix=API_PREFIX, responses=_ERRORS,
@@ -95,6 +108,38 @@ def healthz() -> dict[str, str]:
 
 
 app.include_router(router)
+check_routes(app)  # every route under /api/v1 declares its role, or the app does not start
+_plain_openapi = app.openapi
+
+
+def _openapi_with_roles() -> dict[str, Any]:
+    if app.openapi_schema is None:
+        app.openapi_schema = add_roles_to_openapi(app, _plain_openapi())
+    return app.openapi_schema
+
+
+app.openapi = _openapi_with_roles  # type: ignore[method-assign]
+
+
+# ---- /docs, offline ----------------------------------------------------------------------------------------
+def _swagger_ui_dir() -> str | None:
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        return None
+    return str(swagger_ui_path)
+
+
+_DOCS_ASSETS = "/docs/assets"
+if settings.api_docs() and _swagger_ui_dir() is not None:
+    app.mount(_DOCS_ASSETS, StaticFiles(directory=_swagger_ui_dir()), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url, title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{_DOCS_ASSETS}/swagger-ui-bundle.js", swagger_css_url=f"{_DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{_DOCS_ASSETS}/favicon-32x32.png", oauth2_redirect_url=None)
 
 
 # ---- the OpenAPI document ----------------------------------------------------------------------------------

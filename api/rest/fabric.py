@@ -12,6 +12,7 @@ from pydantic import Field
 from api import service
 
 from .common import HostQuery, Name, _Body, _vm_ref
+from .roles import ADMIN, OPERATOR, READER
 
 router = APIRouter()
 
@@ -100,53 +101,56 @@ class PolicyIn(_Body):
 
 
 # ---- routes ------------------------------------------------------------------------------------------------
-@router.get("/sites", tags=["fabric"], summary="List sites")
+@router.get("/sites", dependencies=[READER], tags=["fabric"], summary="List sites")
 def list_sites() -> list[dict[str, Any]]:
     return service.list_sites()
 
 
-@router.post("/sites", tags=["fabric"], status_code=201, summary="Register a Hyper-V site")
+@router.post("/sites", dependencies=[ADMIN], tags=["fabric"], status_code=201, summary="Register a Hyper-V site")
 def add_site(body: SiteIn) -> dict[str, Any]:
     return service.add_site(body.name, body.description)
 
 
-@router.get("/sites/{name:path}", tags=["fabric"], summary="A site with its hosts and network mappings")
+@router.get("/sites/{name:path}", dependencies=[READER],
+            tags=["fabric"], summary="A site with its hosts and network mappings")
 def show_site(name: str) -> dict[str, Any]:
     return service.show_site(name)
 
 
-@router.post("/clouds", tags=["fabric"], status_code=201, summary="Register a VMM cloud (and its server)")
+@router.post("/clouds", dependencies=[ADMIN],
+             tags=["fabric"], status_code=201, summary="Register a VMM cloud (and its server)")
 def add_cloud(body: CloudIn) -> dict[str, Any]:
     return service.add_vmm_cloud(body.server, body.name)
 
 
-@router.get("/hosts", tags=["fabric"], summary="List hosts")
+@router.get("/hosts", dependencies=[READER], tags=["fabric"], summary="List hosts")
 def list_hosts() -> list[dict[str, Any]]:
     return service.list_hosts()
 
 
-@router.post("/hosts", tags=["fabric"], status_code=201,
+@router.post("/hosts", dependencies=[ADMIN], tags=["fabric"], status_code=201,
              summary="Register a host (the answer holds its agent's registration key, shown once)")
 def add_host(body: HostIn) -> dict[str, Any]:
     return service.add_host(body.name, body.root, site=body.site, cloud=body.cloud)
 
 
-@router.get("/hosts/{name:path}", tags=["fabric"], summary="A host with its VMs")
+@router.get("/hosts/{name:path}", dependencies=[READER], tags=["fabric"], summary="A host with its VMs")
 def show_host(name: str) -> dict[str, Any]:
     return service.show_host(name)
 
 
-@router.get("/vms", tags=["fabric"], summary="List VMs with their protection state")
+@router.get("/vms", dependencies=[READER], tags=["fabric"], summary="List VMs with their protection state")
 def list_vms() -> list[dict[str, Any]]:
     return service.list_vms()
 
 
-@router.post("/vms", tags=["fabric"], status_code=201, summary="Register a VM as its host describes it")
+@router.post("/vms", dependencies=[ADMIN],
+             tags=["fabric"], status_code=201, summary="Register a VM as its host describes it")
 def add_vm(body: VmIn) -> dict[str, Any]:
     return service.add_vm(body.host, body.name)
 
 
-@router.post("/hosts/{host}/vms", tags=["fabric"], status_code=201,
+@router.post("/hosts/{host}/vms", dependencies=[ADMIN], tags=["fabric"], status_code=201,
              summary="Create a VM on a host (disks by size or imported, a QEMU guest's boot) and register it")
 def create_vm(host: str, body: VmCreateIn) -> dict[str, Any]:
     return service.create_vm(host, body.name, disks=[disk.model_dump(exclude_none=True) for disk in body.disks],
@@ -154,44 +158,48 @@ def create_vm(host: str, body: VmCreateIn) -> dict[str, Any]:
                              guest=body.guest.model_dump() if body.guest else None, boot_files=body.boot_files)
 
 
-@router.post("/vms/{vm:path}/start", tags=["fabric"], summary="Power a VM on (a QEMU guest boots)")
+@router.post("/vms/{vm:path}/start", dependencies=[OPERATOR],
+             tags=["fabric"], summary="Power a VM on (a QEMU guest boots)")
 def start_vm(vm: str, host: HostQuery = None) -> dict[str, Any]:
     return service.start_vm(_vm_ref(vm, host))
 
 
-@router.post("/vms/{vm:path}/stop", tags=["fabric"], summary="Shut a VM down (a guest through ACPI)")
+@router.post("/vms/{vm:path}/stop", dependencies=[OPERATOR],
+             tags=["fabric"], summary="Shut a VM down (a guest through ACPI)")
 def stop_vm(vm: str, body: VmStopIn | None = None, host: HostQuery = None) -> dict[str, Any]:
     return service.stop_vm(_vm_ref(vm, host), timeout=(body or VmStopIn()).timeout_s)
 
 
-@router.get("/vms/{vm:path}/console", tags=["fabric"], summary="The end of a QEMU guest's serial console")
+@router.get("/vms/{vm:path}/console", dependencies=[OPERATOR],
+            tags=["fabric"], summary="The end of a QEMU guest's serial console")
 def vm_console(vm: str, host: HostQuery = None, max_bytes: int = 16000) -> dict[str, Any]:
     return service.vm_console(_vm_ref(vm, host), max_bytes=max_bytes)
 
 
-@router.get("/network-mappings", tags=["fabric"], summary="List network mappings")
+@router.get("/network-mappings", dependencies=[READER], tags=["fabric"], summary="List network mappings")
 def list_network_mappings() -> list[dict[str, Any]]:
     return service.list_network_mappings()
 
 
-@router.post("/network-mappings", tags=["fabric"], status_code=201,
+@router.post("/network-mappings", dependencies=[ADMIN], tags=["fabric"], status_code=201,
              summary="Map a VM network of a site or cloud to a recovery network")
 def add_network_mapping(body: NetworkMappingIn) -> dict[str, Any]:
     return service.add_network_mapping(body.source_network, body.recovery_network, body.recovery_subnet,
                                        site=body.site, cloud=body.cloud)
 
 
-@router.get("/policies", tags=["fabric"], summary="List replication policies")
+@router.get("/policies", dependencies=[READER], tags=["fabric"], summary="List replication policies")
 def list_policies() -> list[dict[str, Any]]:
     return service.list_policies()
 
 
-@router.post("/policies", tags=["fabric"], status_code=201, summary="Create a replication policy")
+@router.post("/policies", dependencies=[ADMIN], tags=["fabric"], status_code=201, summary="Create a replication policy")
 def add_policy(body: PolicyIn) -> dict[str, Any]:
     options = body.model_dump(exclude={"name"}, exclude_none=True)
     return service.add_policy(body.name, **options)
 
 
-@router.get("/policies/{name:path}", tags=["fabric"], summary="A replication policy and the VMs it protects")
+@router.get("/policies/{name:path}", dependencies=[READER],
+            tags=["fabric"], summary="A replication policy and the VMs it protects")
 def show_policy(name: str) -> dict[str, Any]:
     return service.show_policy(name)

@@ -13,6 +13,7 @@ from pydantic import Field
 from api import service
 
 from .common import ACCEPTED, _Body, _started
+from .roles import OPERATOR, READER
 
 router = APIRouter()
 
@@ -23,14 +24,14 @@ class ResumeIn(_Body):
 
 
 # ---- routes ------------------------------------------------------------------------------------------------
-@router.get("/jobs", tags=["jobs"], summary="List jobs, newest first")
+@router.get("/jobs", dependencies=[READER], tags=["jobs"], summary="List jobs, newest first")
 def list_jobs(state: str | None = None, kind: str | None = None,
               vm: Annotated[str | None, Query(description="VM name, 'host/name' or id")] = None,
               limit: Annotated[int, Query(ge=1, le=service.MAX_JOB_LIMIT)] = 50) -> list[dict[str, Any]]:
     return service.list_jobs(state=state, kind=kind, vm=vm, limit=limit)
 
 
-@router.get("/jobs/{job_id}", tags=["jobs"],
+@router.get("/jobs/{job_id}", dependencies=[READER], tags=["jobs"],
             summary="A job: steps, progress, errors, next attempt times, manual instructions")
 def show_job(job_id: str) -> dict[str, Any]:
     return service.show_job(job_id)
@@ -53,7 +54,7 @@ async def _watch(
     return _Watch(job_id, await anyio.to_thread.run_sync(service.job_snapshot, job_id), interval, timeout)
 
 
-@router.get("/jobs/{job_id}/events", tags=["jobs"], response_class=EventSourceResponse,
+@router.get("/jobs/{job_id}/events", dependencies=[READER], tags=["jobs"], response_class=EventSourceResponse,
             summary="Server-sent events of the job until it ends",
             description=("Each event's data is a snapshot of the job (state, percent, steps with progress), sent "
                          "when it changes. Event 'progress' while it runs, 'end' for the last snapshot once it has "
@@ -75,25 +76,25 @@ async def job_events(watch: Annotated[_Watch, Depends(_watch)]) -> AsyncIterator
             yield ServerSentEvent(data=current, id=str(number), event="end" if current["finished"] else "progress")
 
 
-@router.post("/jobs/{job_id}/cancel", tags=["jobs"], summary="Cancel a job")
+@router.post("/jobs/{job_id}/cancel", dependencies=[OPERATOR], tags=["jobs"], summary="Cancel a job")
 def cancel_job(job_id: str) -> dict[str, Any]:
     return service.cancel_job(job_id)
 
 
-@router.post("/jobs/{job_id}/retry", tags=["jobs"], status_code=202,
+@router.post("/jobs/{job_id}/retry", dependencies=[OPERATOR], tags=["jobs"], status_code=202,
              summary="Run the steps waiting for a retry now")
 def retry_job(job_id: str, response: Response) -> dict[str, Any]:
     return _started(response, service.retry_job(job_id))
 
 
-@router.post("/jobs/{job_id}/restart", tags=["jobs"],
+@router.post("/jobs/{job_id}/restart", dependencies=[OPERATOR], tags=["jobs"],
              summary="The way out of a failed or cancelled job: resume it where it stopped, or start it again",
              **ACCEPTED)
 def restart_job(job_id: str, response: Response) -> dict[str, Any]:
     return _started(response, service.restart_job(job_id))
 
 
-@router.post("/jobs/{job_id}/resume", tags=["jobs"], status_code=202,
+@router.post("/jobs/{job_id}/resume", dependencies=[OPERATOR], tags=["jobs"], status_code=202,
              summary="Resume a job waiting on a manual action")
 def resume_job(job_id: str, response: Response, body: ResumeIn | None = None) -> dict[str, Any]:
     return _started(response, service.resume_job(job_id, note=body.note if body else ""))

@@ -9,6 +9,7 @@ from pydantic import Field
 from api import service
 
 from .common import ACCEPTED, Name, _Body, _started
+from .roles import ADMIN, OPERATOR, READER
 
 router = APIRouter()
 
@@ -32,22 +33,23 @@ class PlanRunIn(_Body):
 
 
 # ---- routes ------------------------------------------------------------------------------------------------
-@router.get("/plans", tags=["plans"], summary="List recovery plans")
+@router.get("/plans", dependencies=[READER], tags=["plans"], summary="List recovery plans")
 def list_plans() -> list[dict[str, Any]]:
     return service.list_plans()
 
 
-@router.post("/plans", tags=["plans"], status_code=201, summary="Create a recovery plan")
+@router.post("/plans", dependencies=[ADMIN], tags=["plans"], status_code=201, summary="Create a recovery plan")
 def create_plan(body: PlanIn) -> dict[str, Any]:
     return service.create_plan(body.name, body.groups, body.description)
 
 
-@router.get("/plans/{name:path}", tags=["plans"], summary="A recovery plan")
+@router.get("/plans/{name:path}", dependencies=[READER], tags=["plans"], summary="A recovery plan")
 def show_plan(name: str) -> dict[str, Any]:
     return service.show_plan(name)
 
 
-@router.post("/plans/{name:path}/run", tags=["plans"], summary="Run a recovery plan", **ACCEPTED)
+@router.post("/plans/{name:path}/run", dependencies=[OPERATOR],
+             tags=["plans"], summary="Run a recovery plan", **ACCEPTED)
 def run_plan(name: str, body: PlanRunIn, response: Response) -> dict[str, Any]:
     options = body.model_dump(exclude={"operation"}, exclude_none=True)
     return _started(response, service.run_plan(name, body.operation, **options))

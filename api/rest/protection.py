@@ -14,6 +14,7 @@ from pydantic import Field
 from api import service
 
 from .common import ACCEPTED, HostQuery, Name, _Body, _started, _vm_ref
+from .roles import ADMIN, OPERATOR, READER
 
 router = APIRouter()
 
@@ -25,6 +26,11 @@ class ProtectIn(_Body):
     storage_options: dict[str, Any] | None = Field(
         None, description="e.g. {'connection_string_env': 'NAME'}: credentials only by reference")
     recovery_host: Name | None = None
+
+
+class DisableProtectionIn(_Body):
+    confirm: str | None = Field(None, max_length=64, description=(
+        "The VM's name, required: disabling protection deletes its replicas, shipped logs and recovery points"))
 
 
 class TestFailoverIn(_Body):
@@ -55,47 +61,54 @@ class VerifyIn(_Body):
 
 
 # ---- routes ------------------------------------------------------------------------------------------------
-@router.post("/vms/{vm:path}/protect", tags=["protection"], summary="Enable protection", **ACCEPTED)
+@router.post("/vms/{vm:path}/protect", dependencies=[OPERATOR],
+             tags=["protection"], summary="Enable protection", **ACCEPTED)
 def protect(vm: str, body: ProtectIn, response: Response, host: HostQuery = None) -> dict[str, Any]:
     return _started(response, service.protect(_vm_ref(vm, host), policy=body.policy,
                                               recovery_storage=body.recovery_storage,
                                               storage_options=body.storage_options, recovery_host=body.recovery_host))
 
 
-@router.post("/vms/{vm:path}/disable-protection", tags=["protection"], summary="Disable protection", **ACCEPTED)
-def disable_protection(vm: str, response: Response, host: HostQuery = None) -> dict[str, Any]:
-    return _started(response, service.disable_protection(_vm_ref(vm, host)))
+@router.post("/vms/{vm:path}/disable-protection", dependencies=[ADMIN],
+             tags=["protection"], summary="Disable protection (admin; body {\"confirm\": \"<vm name>\"})", **ACCEPTED)
+def disable_protection(vm: str, response: Response, body: DisableProtectionIn | None = None,
+                       host: HostQuery = None) -> dict[str, Any]:
+    confirm = (body.confirm if body else None) or ""  # missing: refused with 400, saying what to send
+    return _started(response, service.disable_protection(_vm_ref(vm, host), confirm=confirm))
 
 
-@router.post("/vms/{vm:path}/resync", tags=["protection"], summary="Resynchronize now", **ACCEPTED)
+@router.post("/vms/{vm:path}/resync", dependencies=[OPERATOR],
+             tags=["protection"], summary="Resynchronize now", **ACCEPTED)
 def resync(vm: str, response: Response, host: HostQuery = None) -> dict[str, Any]:
     return _started(response, service.resync(_vm_ref(vm, host)))
 
 
-@router.post("/vms/{vm:path}/consistency-check", tags=["protection"],
+@router.post("/vms/{vm:path}/consistency-check", dependencies=[OPERATOR], tags=["protection"],
              summary="Compare the disks with their replicas; resynchronize only drifted chunks", **ACCEPTED)
 def consistency_check(vm: str, response: Response, host: HostQuery = None) -> dict[str, Any]:
     return _started(response, service.consistency_check(_vm_ref(vm, host)))
 
 
-@router.get("/vms/{vm:path}/recovery-points", tags=["protection"], summary="Recovery points, oldest first")
+@router.get("/vms/{vm:path}/recovery-points", dependencies=[READER],
+            tags=["protection"], summary="Recovery points, oldest first")
 def recovery_points(vm: str, host: HostQuery = None) -> list[dict[str, Any]]:
     return service.recovery_points(_vm_ref(vm, host))
 
 
-@router.get("/vms/{vm:path}", tags=["fabric"],
+@router.get("/vms/{vm:path}", dependencies=[READER], tags=["fabric"],
             summary="A VM: disks (primary path, replica, recovery path), protection, latest failover")
 def show_vm(vm: str, host: HostQuery = None) -> dict[str, Any]:
     return service.show_vm(_vm_ref(vm, host))
 
 
-@router.post("/vms/{vm:path}/verify", tags=["protection"],
+@router.post("/vms/{vm:path}/verify", dependencies=[OPERATOR], tags=["protection"],
              summary="Verify the replica against a recovery point, from the recovery storage", **ACCEPTED)
 def verify(vm: str, response: Response, body: VerifyIn | None = None, host: HostQuery = None) -> dict[str, Any]:
     return _started(response, service.verify(_vm_ref(vm, host), point=body.point if body else None))
 
 
-@router.post("/vms/{vm:path}/failover/test", tags=["failover"], summary="Test failover (drill)", **ACCEPTED)
+@router.post("/vms/{vm:path}/failover/test", dependencies=[OPERATOR],
+             tags=["failover"], summary="Test failover (drill)", **ACCEPTED)
 def test_failover(vm: str, response: Response, body: TestFailoverIn | None = None,
                   host: HostQuery = None) -> dict[str, Any]:
     body = body or TestFailoverIn()
@@ -103,12 +116,14 @@ def test_failover(vm: str, response: Response, body: TestFailoverIn | None = Non
                                                     recovery_host=body.recovery_host, test_network=body.test_network))
 
 
-@router.post("/vms/{vm:path}/failover/cleanup", tags=["failover"], summary="Clean up the drill's test VM", **ACCEPTED)
+@router.post("/vms/{vm:path}/failover/cleanup", dependencies=[OPERATOR],
+             tags=["failover"], summary="Clean up the drill's test VM", **ACCEPTED)
 def test_failover_cleanup(vm: str, response: Response, host: HostQuery = None) -> dict[str, Any]:
     return _started(response, service.test_failover_cleanup(_vm_ref(vm, host)))
 
 
-@router.post("/vms/{vm:path}/failover/planned", tags=["failover"], summary="Planned failover (no data loss)",
+@router.post("/vms/{vm:path}/failover/planned", dependencies=[OPERATOR],
+             tags=["failover"], summary="Planned failover (no data loss)",
              **ACCEPTED)
 def planned_failover(vm: str, response: Response, body: PlannedFailoverIn | None = None,
                      host: HostQuery = None) -> dict[str, Any]:
@@ -117,7 +132,8 @@ def planned_failover(vm: str, response: Response, body: PlannedFailoverIn | None
                                                        public_ips=body.public_ips))
 
 
-@router.post("/vms/{vm:path}/failover/unplanned", tags=["failover"], summary="Unplanned failover", **ACCEPTED)
+@router.post("/vms/{vm:path}/failover/unplanned", dependencies=[OPERATOR],
+             tags=["failover"], summary="Unplanned failover", **ACCEPTED)
 def unplanned_failover(vm: str, response: Response, body: UnplannedFailoverIn | None = None,
                        host: HostQuery = None) -> dict[str, Any]:
     body = body or UnplannedFailoverIn()
@@ -125,37 +141,41 @@ def unplanned_failover(vm: str, response: Response, body: UnplannedFailoverIn | 
                                                          recovery_host=body.recovery_host, public_ips=body.public_ips))
 
 
-@router.post("/vms/{vm:path}/failover/complete", tags=["failover"],
+@router.post("/vms/{vm:path}/failover/complete", dependencies=[OPERATOR], tags=["failover"],
              summary="Complete a minimize-downtime failback", **ACCEPTED)
 def complete_failover(vm: str, response: Response, host: HostQuery = None) -> dict[str, Any]:
     return _started(response, service.complete_failover(_vm_ref(vm, host)))
 
 
-@router.post("/vms/{vm:path}/failover/commit", tags=["failover"], summary="Commit the pending failover or failback",
+@router.post("/vms/{vm:path}/failover/commit", dependencies=[OPERATOR],
+             tags=["failover"], summary="Commit the pending failover or failback",
              **ACCEPTED)
 def commit_failover(vm: str, response: Response, host: HostQuery = None) -> dict[str, Any]:
     return _started(response, service.commit_failover(_vm_ref(vm, host)))
 
 
-@router.post("/vms/{vm:path}/failover/cancel", tags=["failover"], summary="Cancel the pending failover or failback",
+@router.post("/vms/{vm:path}/failover/cancel", dependencies=[OPERATOR],
+             tags=["failover"], summary="Cancel the pending failover or failback",
              **ACCEPTED)
 def cancel_failover(vm: str, response: Response, host: HostQuery = None) -> dict[str, Any]:
     return _started(response, service.cancel_failover(_vm_ref(vm, host)))
 
 
-@router.post("/vms/{vm:path}/failback", tags=["failover"], summary="Fail back a committed failover", **ACCEPTED)
+@router.post("/vms/{vm:path}/failback", dependencies=[OPERATOR],
+             tags=["failover"], summary="Fail back a committed failover", **ACCEPTED)
 def failback(vm: str, response: Response, body: FailbackIn | None = None, host: HostQuery = None) -> dict[str, Any]:
     body = body or FailbackIn()
     return _started(response, service.failback(_vm_ref(vm, host), mode=body.mode, create_vm=body.create_vm,
                                                host=body.host))
 
 
-@router.post("/vms/{vm:path}/reverse-replication", tags=["failover"], summary="Reverse replication after failback",
+@router.post("/vms/{vm:path}/reverse-replication", dependencies=[OPERATOR],
+             tags=["failover"], summary="Reverse replication after failback",
              **ACCEPTED)
 def reverse_replication(vm: str, response: Response, host: HostQuery = None) -> dict[str, Any]:
     return _started(response, service.reverse_replication(_vm_ref(vm, host)))
 
 
-@router.get("/health", tags=["protection"], summary="Replication health of every protected VM")
+@router.get("/health", dependencies=[READER], tags=["protection"], summary="Replication health of every protected VM")
 def health() -> list[dict[str, Any]]:
     return service.health()

@@ -16,7 +16,7 @@ replication), `plans`, `jobs` and `apikeys`; beside them `errors` (the ServiceEr
 `_operation` decorator), `lookups` (finding things by name or id, name checks) and `presenters` (rows as plain
 dicts).
 """
-from .apikeys import create_api_key, hash_api_key, list_api_keys, revoke_api_key
+from .apikeys import create_api_key, create_env_api_key, hash_api_key, list_api_keys, revoke_api_key
 from .errors import Conflict, Invalid, NotFound, ServiceError, Unavailable
 from .errors import _ensure_database as _ensure_database  # the REST API's key check readies the tables too
 from .fabric import (
@@ -76,6 +76,6 @@ __all__ = [
     "create_plan", "list_plans", "show_plan", "run_plan", "resume_job",
     "recovery_points", "verify", "health",
     "list_jobs", "show_job", "cancel_job", "retry_job", "restart_job", "job_events", "job_snapshot",
-    "create_api_key", "list_api_keys", "revoke_api_key", "hash_api_key",
+    "create_api_key", "create_env_api_key", "list_api_keys", "revoke_api_key", "hash_api_key",
     "POLICY_OPTIONS", "PLAN_OPTIONS", "FAILBACK_MODES", "POINT_CHOICES", "MAX_JOB_LIMIT",
 ]

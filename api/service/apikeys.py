@@ -7,18 +7,27 @@ from sqlmodel import select
 from models import apikeys
 from models.db import session_scope
 
-from .errors import Conflict, _operation
+from .errors import Conflict, Invalid, _operation
 from .lookups import _name
 
 
+def _role(role: str) -> str:
+    try:
+        return apikeys.check_role(role)
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None
+
+
 @_operation
-def create_api_key(name: str) -> dict:
-    """A new API key for the REST API; the key is in the answer this once (only its hash is kept)."""
+def create_api_key(name: str, role: str = "reader") -> dict:
+    """A new API key for the REST API with `role` (reader, operator or admin); the key is in the answer this
+    once (only its hash is kept)."""
     _name(name, "API key")
+    _role(role)
     with session_scope() as session:
         if session.exec(select(apikeys.ApiKey).where(apikeys.ApiKey.name == name)).first() is not None:
             raise Conflict(f"an API key named {name!r} already exists")
-        row, key = apikeys.create_api_key(session, name)
+        row, key = apikeys.create_api_key(session, name, role)
         return {**apikeys.describe(row), "key": key}
 
 
@@ -35,7 +44,14 @@ def revoke_api_key(name: str) -> dict:
 
 
 @_operation
-def hash_api_key(key: str) -> str:
-    """The salted hash of `key`, for the ASR_API_KEY_HASHES setting of a deployment that keeps keys out of the
-    database."""
-    return apikeys.hash_key(key)
+def hash_api_key(key: str, role: str = "reader") -> str:
+    """The ASR_API_KEY_HASHES entry of `key` with `role` (`ROLE:asr_<prefix>:HASH`, or `ROLE:HASH` for a key
+    without an id), for a deployment that keeps keys out of the database."""
+    return apikeys.env_entry(key, _role(role))
+
+
+@_operation
+def create_env_api_key(role: str = "reader") -> dict:
+    """A new key with an id and its ASR_API_KEY_HASHES entry; nothing is stored."""
+    key, _prefix = apikeys.new_key()
+    return {"key": key, "role": _role(role), "entry": apikeys.env_entry(key, role)}

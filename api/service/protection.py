@@ -18,7 +18,7 @@ from workflows.kinds import disable_protection as disable_kind
 from workflows.kinds import enable_protection as enable_kind
 from workflows.kinds import resynchronize, verify_recovery_point
 
-from .errors import Conflict, Invalid, _operation
+from .errors import Conflict, Invalid, ServiceError, _operation
 from .failover import _check_point
 from .lookups import _host, _item_of, _policy, _protected, _vm
 from .presenters import _iso, _job_ref
@@ -60,9 +60,15 @@ def protect(vm: str, *, policy: str, recovery_storage: str, storage_options: dic
 
 
 @_operation
-def disable_protection(vm: str) -> dict:
-    """Stop protecting the VM: replicas, shipped logs and recovery points are deleted."""
+def disable_protection(vm: str, confirm: str | None = None) -> dict:
+    """Stop protecting the VM: replicas, shipped logs and recovery points are deleted.
+
+    `confirm`, when given (the REST API always gives it), must be the VM's name: a 400 otherwise."""
     item_id, name = _protected(vm)
+    if confirm is not None and confirm != name:
+        raise ServiceError(
+            f"disabling protection deletes every replica, shipped log and recovery point of VM {name!r}: confirm by "
+            f"sending {{\"confirm\": \"{name}\"}}" + (f" (got {confirm[:80]!r})" if confirm else ""))
     return _job_ref(disable_kind.start(item_id), disable_kind.KIND.name, name)
 
 
