@@ -9,11 +9,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from test_tracker import copy_data, data_of, logged_writes, make_disk, replay_logs
 
 from datapath.logformat import MAX_RECORD_DATA
 from datapath.tracker import ReplicationTracker
 from datapath.trackerstate import ControlFile, TrackerFiles
-from tests.test_tracker import copy_data, data_of, logged_writes, make_disk, replay_logs
 
 MIB = 1024 * 1024
 DISK_SIZE = 16 * MIB

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import mmh3
 import pytest
+from test_nbd import Client
+from test_tracker import copy_data, data_of, logged_writes, make_disk, replay_logs
 
 from benchmarks.nbd import benchmark_nbd
 from datapath import nbd
 from datapath.tracker import ReplicationTracker
 from sites.host.trackerservice import TrackerService, TrackerServiceError, serving_marker
 from sites.localservices import wait_until
-from tests.test_nbd import Client
-from tests.test_tracker import copy_data, data_of, logged_writes, make_disk, replay_logs
 
 MIB = 1024 * 1024
 DISK_SIZE = 32 * MIB

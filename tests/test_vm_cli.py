@@ -46,7 +46,7 @@ def site(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def api(site: RecoverySite):
-    key = service.create_api_key("vm-tests")["key"]
+    key = service.create_api_key("vm-tests", role="admin")["key"]
     server = ApiServer(site.env, site.workdir)
     try:
         with SiteRecoveryClient(server.url, key, timeout=90) as client:
