@@ -296,15 +296,22 @@ class RecoverySite:
         deadline = time.monotonic() + timeout
         while True:
             job = get_job(job_id)
-            if job["state"] in wanted:
+            # A settled job's hooks (item state and health) run just after it settles: wait for them too.
+            if job["state"] in wanted and (job["state"] not in FINISHED_JOB_STATES or self._hooks_ran(job_id)):
                 return job
-            if job["state"] in FINISHED_JOB_STATES or time.monotonic() > deadline:
-                what = "ended" if job["state"] in FINISHED_JOB_STATES else f"timed out after {timeout:g} s"
+            if (job["state"] in FINISHED_JOB_STATES and job["state"] not in wanted) or time.monotonic() > deadline:
+                what = "ended" if job["state"] in FINISHED_JOB_STATES and job["state"] not in wanted \
+                    else f"timed out after {timeout:g} s"
                 raise AssertionError(
                     f"job {job_id} ({job['kind']}) {what} in state {job['state']}, expected {wanted}; "
                     f"error: {job['error']}\n{self.describe_job(job)}\n{self.log_tails()}"
                 )
             time.sleep(0.1)
+
+    @staticmethod
+    def _hooks_ran(job_id: str) -> bool:
+        with session_scope() as session:
+            return not session.get(Job, job_id).hook_pending
 
     def wait_idle(self, vm_id: str, timeout: float) -> None:
         """Wait until no job holds the VM's protected item."""
