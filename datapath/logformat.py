@@ -167,19 +167,9 @@ class LogWriter:
         length = memoryview(data).nbytes
         self._check_write(offset, length)
         state = self.state
-        record_header = RECORD_HEADER.pack(WRITE, length, state.next_seq, offset)
-        hasher = mmh3.mmh3_x64_128(record_header)
-        hasher.update(data)
-        checksum = hasher.digest()
+        record_header, checksum = _write_record_parts(state, offset, length, data)
         write_fully(self._fd, [record_header, data, checksum], state.end)
-        self.state = LogState(
-            state.next_seq + 1,
-            state.records + 1,
-            state.data_bytes + length,
-            log_digest_step(state.digest, checksum),
-            state.end + RECORD_OVERHEAD + length,
-        )
-        return state.next_seq
+        return self._committed(length, checksum)
 
     def append_zeros(self, offset: int, length: int) -> int:
         """Append one WRITE record of `length` zero bytes; return its sequence number. To every reader
@@ -188,10 +178,7 @@ class LogWriter:
         the host no log space."""
         self._check_write(offset, length)
         state = self.state
-        record_header = RECORD_HEADER.pack(WRITE, length, state.next_seq, offset)
-        hasher = mmh3.mmh3_x64_128(record_header)
-        hasher.update(_zeros(length))
-        checksum = hasher.digest()
+        record_header, checksum = _write_record_parts(state, offset, length, _zeros(length))
         data_start = state.end + RECORD_HEADER_SIZE
         file_size = os.fstat(self._fd).st_size
         if data_start < file_size:
@@ -199,6 +186,11 @@ class LogWriter:
             write_fully(self._fd, [_zeros(min(length, file_size - data_start))], data_start)
         write_fully(self._fd, [record_header], state.end)
         write_fully(self._fd, [checksum], data_start + length)
+        return self._committed(length, checksum)
+
+    def _committed(self, length: int, checksum: bytes) -> int:
+        """Count the WRITE record of `length` data bytes just written after the log's end; its sequence number."""
+        state = self.state
         self.state = LogState(
             state.next_seq + 1,
             state.records + 1,
@@ -276,3 +268,11 @@ def write_fully(fd: int, buffers: list[bytes | memoryview], position: int) -> No
             views.pop(0)
         if views and written:
             views[0] = views[0][written:]
+
+
+def _write_record_parts(state: LogState, offset: int, length: int, data: bytes | memoryview) -> tuple[bytes, bytes]:
+    """The header and checksum of the WRITE record of `data` at `offset`, next in `state`."""
+    record_header = RECORD_HEADER.pack(WRITE, length, state.next_seq, offset)
+    hasher = mmh3.mmh3_x64_128(record_header)
+    hasher.update(data)
+    return record_header, hasher.digest()
