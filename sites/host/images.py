@@ -12,6 +12,7 @@ import os
 import stat
 from pathlib import Path
 
+from datapath.copy import copy_disk
 from datapath.disk import detect_format, open_disk
 from datapath.errors import DiskFormatError
 
@@ -64,19 +65,10 @@ def image_format(path: Path) -> tuple[str, int]:
 
 
 def copy_image(source: Path, target: Path) -> None:
-    """Copy the guest-visible content of `source` into the disk image `target` (same virtual size), leaving
-    all-zero stretches as holes."""
-    buffer = memoryview(bytearray(_COPY_CHUNK))
+    """Copy the guest-visible content of `source` into the new, all-zero disk image `target` (same virtual
+    size): the data path's disk copy, which leaves zero chunks as holes."""
     with open_disk(source) as src, open_disk(target, writable=True) as dst:
-        for start, length in src.data_extents():
-            offset, end = start, start + length
-            while offset < end:
-                chunk = buffer[:min(_COPY_CHUNK, end - offset)]
-                src.read_into(offset, chunk)
-                if any(chunk):  # all-zero stretches stay holes
-                    dst.write(offset, chunk)
-                offset += len(chunk)
-        dst.flush()
+        copy_disk(src, dst, target_is_zero=True)
 
 
 def copy_boot_file(source: Path, target: Path) -> str:
