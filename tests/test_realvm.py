@@ -27,6 +27,7 @@ from models.failover import FailoverKind, FailoverRecord, FailoverStatus
 from models.protection import InvalidStateError, ProtectedItem
 from sites.guest import make_data_disk
 from sites.host.guestdef import GuestDefinition
+from sites.host.processes import process_start_ticks
 from sites.host.trackerservice import PID_FILE
 from sites.localservices import wait_until
 from workflows import kinds
@@ -102,10 +103,7 @@ def guest_site(tmp_path: Path):
 
 def process_ended(pid: int) -> bool:
     """Gone, or a zombie (it exited; the worker process that started it reaps it later)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
+    return process_start_ticks(pid) is None
 
 
 def recovery_pid(driver, vm) -> int:

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from .errors import GuestError, GuestTimeoutError
 from .manifest import write_json_atomically
+from .processes import log_tail, process_start_ticks, wait_for_exit
 from .qmp import QmpError, qmp_execute
-from .supervisor import _process_start_ticks
 
 QEMU_PID = "qemu.pid"
 CONSOLE_LOG = "console.log"
@@ -129,7 +129,7 @@ class QemuRuntime:
             child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=folder,
                                      start_new_session=True)  # its own session: signals reach it and only it
         self._children[child.pid] = child
-        process = _QemuProcess(child.pid, _process_start_ticks(child.pid) or 0, sockets)
+        process = _QemuProcess(child.pid, process_start_ticks(child.pid) or 0, sockets)
         write_json_atomically(folder / QEMU_PID, {"pid": process.pid, "start_ticks": process.start_ticks,
                                                   "sockets": str(sockets), "command": command})
         deadline = time.monotonic() + QMP_START_TIMEOUT_S
@@ -137,7 +137,7 @@ class QemuRuntime:
             if not self._alive(process):
                 self._forget(folder, process)
                 raise GuestError(f"QEMU exited at once (code {child.poll()}) for guest {folder}: "
-                                 f"{_tail(folder / QEMU_LOG, 1500)}; console: {self.console_tail(folder, 1000)}")
+                                 f"{log_tail(folder / QEMU_LOG, 1500)}; console: {self.console_tail(folder, 1000)}")
             if (sockets / QMP_SOCKET).exists():
                 with contextlib.suppress(GuestError):
                     qmp_execute(sockets / QMP_SOCKET, "query-status", timeout=QMP_COMMAND_TIMEOUT_S)
@@ -145,7 +145,7 @@ class QemuRuntime:
             if time.monotonic() > deadline:
                 self._stop(folder, process)
                 raise GuestError(f"QEMU of guest {folder} did not answer QMP within {QMP_START_TIMEOUT_S:.0f} s: "
-                                 f"{_tail(folder / QEMU_LOG, 1500)}")
+                                 f"{log_tail(folder / QEMU_LOG, 1500)}")
             time.sleep(POLL_S)
 
     def pid(self, folder: Path) -> int | None:
@@ -227,7 +227,7 @@ class QemuRuntime:
             time.sleep(POLL_S * 2)
 
     def console_tail(self, folder: Path, max_bytes: int = 4000) -> str:
-        return _tail(Path(folder).resolve() / CONSOLE_LOG, max_bytes)
+        return log_tail(Path(folder).resolve() / CONSOLE_LOG, max_bytes)
 
     # ---- internals ----------------------------------------------------------------------------------
     def _command(self, spec: GuestSpec, folder: Path, sockets: Path) -> list[str]:
@@ -307,15 +307,10 @@ class QemuRuntime:
         if child is not None and child.poll() is not None:
             self._children.pop(process.pid, None)
             return False  # our own child, now reaped
-        return _process_start_ticks(process.pid) == process.start_ticks
+        return process_start_ticks(process.pid) == process.start_ticks
 
     def _wait_exit(self, process: _QemuProcess, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self._alive(process):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(POLL_S)
-        return True
+        return wait_for_exit(lambda: self._alive(process), timeout, POLL_S)
 
     def _stop(self, folder: Path, process: _QemuProcess) -> str:
         if self._alive(process):
@@ -350,15 +345,6 @@ def _read_console(path: Path) -> str:
         return path.read_bytes().decode("latin-1")
     except FileNotFoundError:
         return ""
-
-
-def _tail(path: Path, max_bytes: int) -> str:
-    try:
-        with open(path, "rb") as source:
-            source.seek(max(0, source.seek(0, os.SEEK_END) - max_bytes))
-            return source.read().decode(errors="replace").strip() or "(nothing)"
-    except FileNotFoundError:
-        return f"(no {path.name})"
 
 
 __all__ = ["GuestDrive", "GuestSpec", "QemuRuntime", "QmpError", "socket_dir"]

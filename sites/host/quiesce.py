@@ -18,7 +18,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .errors import QuiesceError, VmSpecError
-from .supervisor import LOG_TAIL_BYTES, POLL_S, WorkloadSupervisor
+from .processes import LOG_TAIL_BYTES
+from .supervisor import POLL_S, WorkloadSupervisor
 from .vm import VirtualMachine, checked_command, vm_name
 
 WORKLOAD_FREEZE = "workload.freeze"

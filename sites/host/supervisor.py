@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .errors import WorkloadError
 from .manifest import VmStore, write_json_atomically
+from .processes import log_tail, process_start_ticks, wait_for_exit
 from .vm import VirtualMachine, vm_name
 
 WORKLOAD_PID = "workload.pid"
@@ -30,7 +31,6 @@ WORKLOAD_START_TIMEOUT_S = 15.0
 # After SIGKILL the kernel reaps promptly unless the process is stuck in the kernel (D state).
 WORKLOAD_KILL_WAIT_S = 5.0
 POLL_S = 0.02
-LOG_TAIL_BYTES = 2000
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -86,7 +86,7 @@ class WorkloadSupervisor(VmStore):
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=vm.path,
                 start_new_session=True,  # its own process group: signals reach it and only it
             )
-        process = _WorkloadProcess(child.pid, _process_start_ticks(child.pid) or 0, child)
+        process = _WorkloadProcess(child.pid, process_start_ticks(child.pid) or 0, child)
         self._children[vm.path.name] = child
         write_json_atomically(vm.path / WORKLOAD_PID, {"pid": process.pid, "start_ticks": process.start_ticks})
         deadline = time.monotonic() + WORKLOAD_START_TIMEOUT_S
@@ -95,13 +95,13 @@ class WorkloadSupervisor(VmStore):
                 (vm.path / WORKLOAD_PID).unlink(missing_ok=True)
                 raise WorkloadError(
                     f"workload of VM {vm.name!r} on host {self.name!r} exited with code {child.returncode} "
-                    f"while starting: {_log_tail(vm.path / WORKLOAD_LOG)}"
+                    f"while starting: {log_tail(vm.path / WORKLOAD_LOG)}"
                 )
             if time.monotonic() > deadline:
                 self._stop_workload(vm, timeout=1.0)
                 raise WorkloadError(
                     f"workload of VM {vm.name!r} on host {self.name!r} did not open its disks within "
-                    f"{WORKLOAD_START_TIMEOUT_S:.0f} s: {_log_tail(vm.path / WORKLOAD_LOG)}"
+                    f"{WORKLOAD_START_TIMEOUT_S:.0f} s: {log_tail(vm.path / WORKLOAD_LOG)}"
                 )
             time.sleep(POLL_S)
         return process
@@ -117,7 +117,7 @@ class WorkloadSupervisor(VmStore):
     def _alive(self, process: _WorkloadProcess) -> bool:
         if process.child is not None and process.child.pid == process.pid and process.child.poll() is not None:
             return False  # our own child, now reaped
-        return _process_start_ticks(process.pid) == process.start_ticks
+        return process_start_ticks(process.pid) == process.start_ticks
 
     def _stop_workload(self, vm: VirtualMachine, timeout: float) -> WorkloadStop:
         process = self._running_workload(vm)
@@ -143,30 +143,4 @@ class WorkloadSupervisor(VmStore):
             return True
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signum)
-        deadline = time.monotonic() + timeout
-        while self._alive(process):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(POLL_S)
-        return True
-
-
-def _process_start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot, or None when no live process has `pid`
-    (zombies count as gone: they write nothing any more)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()  # the command name may contain spaces and ')'
-    state, start_ticks = fields[0], int(fields[19])
-    return None if state in ("Z", "X") else start_ticks
-
-
-def _log_tail(path: Path) -> str:
-    try:
-        with open(path, "rb") as log:
-            log.seek(max(0, log.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
-            return log.read().decode(errors="replace").strip() or "(no output)"
-    except FileNotFoundError:
-        return "(no log)"
+        return wait_for_exit(lambda: self._alive(process), timeout)

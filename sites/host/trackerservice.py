@@ -45,7 +45,7 @@ from datapath.nbd import NbdServer
 from datapath.tracker import NotTrackedError, ReplicationTracker
 
 from .imagelock import ImageLock
-from .supervisor import _log_tail, _process_start_ticks
+from .processes import log_tail, process_start_ticks, wait_for_exit
 
 log = logging.getLogger("trackerservice")
 
@@ -166,7 +166,7 @@ class _ServedDisk:
         except ValueError:
             previous = {"pid": "unknown", "start_ticks": None}
         pid = previous.get("pid")
-        if isinstance(pid, int) and _process_start_ticks(pid) == previous.get("start_ticks"):
+        if isinstance(pid, int) and process_start_ticks(pid) == previous.get("start_ticks"):
             raise TrackerServiceError(f"disk {self.path} is served by tracker service pid {pid}")
         reason = f"tracker service stopped uncleanly (pid {pid})"
         self.tracker.mark_resync_required(reason)
@@ -199,7 +199,7 @@ class _ServedDisk:
 
 
 def _write_marker(marker: Path) -> None:
-    replace_file(marker, json.dumps({"pid": os.getpid(), "start_ticks": _process_start_ticks(os.getpid())}).encode())
+    replace_file(marker, json.dumps({"pid": os.getpid(), "start_ticks": process_start_ticks(os.getpid())}).encode())
 
 
 def serve(socket_dir: Path, disks: dict[str, Path], *, sync: bool, stop: threading.Event) -> None:
@@ -312,19 +312,19 @@ class TrackerService:
             )
         self._child = child
         replace_file(self.runtime_dir / PID_FILE, _json({
-            "pid": child.pid, "start_ticks": _process_start_ticks(child.pid), "disks": wanted, "sync": sync}))
+            "pid": child.pid, "start_ticks": process_start_ticks(child.pid), "disks": wanted, "sync": sync}))
         deadline = time.monotonic() + START_TIMEOUT_S
         while not (socket_dir / READY).exists():
             if child.poll() is not None:
                 (self.runtime_dir / PID_FILE).unlink(missing_ok=True)
                 raise TrackerServiceError(
                     f"tracker service in {self.runtime_dir} exited with code {child.returncode} while starting: "
-                    f"{_log_tail(self.log_path)}")
+                    f"{log_tail(self.log_path)}")
             if time.monotonic() > deadline:
                 self.stop(timeout=1.0)
                 raise TrackerServiceError(
                     f"tracker service in {self.runtime_dir} did not listen within {START_TIMEOUT_S:.0f} s: "
-                    f"{_log_tail(self.log_path)}")
+                    f"{log_tail(self.log_path)}")
             time.sleep(POLL_S)
         return child.pid
 
@@ -356,19 +356,14 @@ class TrackerService:
         child = self._child
         if child is not None and child.pid == record["pid"] and child.poll() is not None:
             return False  # our own child, now reaped
-        return _process_start_ticks(record["pid"]) == record["start_ticks"]
+        return process_start_ticks(record["pid"]) == record["start_ticks"]
 
     def _signal_and_wait(self, record: dict, signum: signal.Signals, timeout: float) -> bool:
         if not self._alive(record):
             return True
         with contextlib.suppress(ProcessLookupError):
             os.killpg(record["pid"], signum)  # its own session and group: only it
-        deadline = time.monotonic() + timeout
-        while self._alive(record):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(POLL_S)
-        return True
+        return wait_for_exit(lambda: self._alive(record), timeout, POLL_S)
 
 
 def _json(value: dict) -> bytes:
