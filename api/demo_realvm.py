@@ -98,30 +98,13 @@ def stage_real_vm(d: DemoSite, stage: Stage, checks: list[Check], report: Report
 
 
 def _files_written(driver) -> int:
-    counts = [int(line.split()[1]) for line in driver.console_log(driver.get_vm(REAL_VM)).splitlines()
-              if line.startswith("ASR-WORKLOAD:") and line.split()[1].isdigit()]
-    return max(counts, default=0)
+    from sites.guest import files_written
+
+    return files_written(driver.console_log(driver.get_vm(REAL_VM)))
 
 
 def _e2fsck(disk: Path) -> tuple[bool, str]:
-    """e2fsck -fn on the disk's content (a fixed VHD is its raw content plus a 512-byte footer)."""
-    raw = disk.with_name(disk.name + ".fsck.raw")
-    try:
-        size = disk.stat().st_size - (512 if disk.suffix == ".vhd" else 0)
-        with open(disk, "rb") as src, open(raw, "wb") as dst:
-            shutil.copyfileobj(_Limited(src, size), dst)
-        result = subprocess.run(["e2fsck", "-fn", str(raw)], capture_output=True, text=True, timeout=120)
-        return result.returncode == 0, (result.stdout.strip().splitlines() or ["(no output)"])[-1]
-    finally:
-        raw.unlink(missing_ok=True)
-
-
-class _Limited:
-    def __init__(self, file, size: int) -> None:
-        self.file, self.left = file, size
-
-    def read(self, n: int = -1) -> bytes:
-        n = self.left if n < 0 else min(n, self.left)
-        data = self.file.read(n)
-        self.left -= len(data)
-        return data
+    """e2fsck -fn of the disk's file system. A fixed VHD is its raw content plus a 512-byte footer past the
+    file system's end, which e2fsck does not read, so it checks either format in place."""
+    result = subprocess.run(["e2fsck", "-fn", str(disk)], capture_output=True, text=True, timeout=120)
+    return result.returncode == 0, (result.stdout.strip().splitlines() or ["(no output)"])[-1]

@@ -25,6 +25,7 @@ from models.fabric import Host as HostRow
 from models.fabric import import_vm_manifest
 from models.failover import FailoverKind, FailoverRecord, FailoverStatus
 from models.protection import InvalidStateError, ProtectedItem
+from sites.guest import files_written as guest_files_written
 from sites.guest import make_data_disk
 from sites.host.guestdef import GuestDefinition
 from sites.host.processes import process_start_ticks
@@ -84,9 +85,7 @@ def e2fsck(path: Path) -> None:
 def files_written(site: RecoverySite, host: str, vm: str) -> int:
     """How many files the guest says it wrote (its workload's console lines)."""
     driver = site.host(host)
-    counts = [int(line.split()[1]) for line in driver.console_log(driver.get_vm(vm)).splitlines()
-              if line.startswith("ASR-WORKLOAD:")]
-    return max(counts, default=0)
+    return guest_files_written(driver.console_log(driver.get_vm(vm)))
 
 
 @pytest.fixture
@@ -123,14 +122,6 @@ def passed_files(detail: str | None) -> int:
     """The file count of an `ASR-CHECK: PASS <n> files` line."""
     assert detail and "PASS" in detail, detail
     return int(detail.split("PASS")[1].split()[0])
-
-
-def raw_copy(vhd: Path) -> Path:
-    """The raw content of a fixed VHD (its footer cut off), for e2fsck."""
-    raw = vhd.with_suffix(".check.raw")
-    with open(vhd, "rb") as source, open(raw, "wb") as out:
-        out.write(source.read(os.path.getsize(vhd) - 512))
-    return raw
 
 
 def test_a_guest_through_drill_planned_failover_failback_and_reverse_replication(guest_site: RecoverySite,
@@ -203,7 +194,7 @@ def test_a_guest_through_drill_planned_failover_failback_and_reverse_replication
     assert recovery.power_state("web01") == "running", "minimize downtime keeps the recovery VM running"
     site.wait_job(kinds.failback_completion.start(item_id), JOB_TIMEOUT)
     assert recovery.power_state("web01") == "off"
-    e2fsck(raw_copy(recovery.get_vm("web01").disk("data").path))
+    e2fsck(recovery.get_vm("web01").disk("data").path)  # a fixed VHD: its footer lies past the file system
     assert primary.power_state("web01") == "running"
     boot = primary.check_boot(primary.get_vm("web01"))
     assert boot.booted and boot.check == "passed", boot

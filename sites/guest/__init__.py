@@ -17,10 +17,10 @@ A VM's data disk is an ext4 image made on the host without mounting it: `make_da
 """
 from .disk import make_data_disk
 from .errors import DataDiskError, GuestBuildError
-from .image import GuestImage, load_guest
+from .image import GuestImage, files_written, load_guest
 
-__all__ = ["BUILDER_VERSION", "DataDiskError", "GuestBuildError", "GuestImage", "build_guest", "load_guest",
-           "make_data_disk"]
+__all__ = ["BUILDER_VERSION", "DataDiskError", "GuestBuildError", "GuestImage", "build_guest", "files_written",
+           "load_guest", "make_data_disk"]
 
 
 def __getattr__(name: str):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ DEFAULT_CMDLINE = "console=ttyS0 quiet loglevel=3 panic=-1"
 HEARTBEAT = r"ASR-GUEST-READY (\S+)"
 CHECK_PASS = r"ASR-CHECK: PASS (\d+) files"
 CHECK_FAIL = r"ASR-CHECK: FAIL (.*)"
+WORKLOAD_PROGRESS = re.compile(r"ASR-WORKLOAD: (\d+) files")
 
 
 @dataclass(frozen=True)
@@ -66,3 +68,8 @@ def load_guest(folder: Path) -> GuestImage:
                               f"`python -m sites.guest.build --out {folder}` or `make guest`") from None
     except (ValueError, TypeError) as error:
         raise GuestBuildError(f"{folder / GUEST_JSON} is not a guest description: {error}") from None
+
+
+def files_written(console: str) -> int:
+    """How many files the guest's workload says it wrote in this boot (its `ASR-WORKLOAD: n files` lines)."""
+    return max((int(count) for count in WORKLOAD_PROGRESS.findall(console)), default=0)
