@@ -22,13 +22,12 @@ from pathlib import Path
 from .errors import GuestBootError, GuestError, QuiesceError, VmRunningError
 from .guestagent import GuestAgent
 from .guestdef import BOOT_DIR, GuestDefinition
-from .qemu import GuestDrive, GuestSpec, QemuRuntime
+from .qemu import NETWORKS, GuestDrive, GuestSpec, QemuRuntime
 from .quiesce import Quiesce
 from .trackerservice import TrackerService
-from .vm import STATE_OFF, STATE_RUNNING, VirtualMachine
+from .vm import STATE_OFF, VirtualMachine
 
 RUN_DIR = "run"
-NETWORKS = ("none", "isolated", "user")
 # How long a guest may take to power off through ACPI before QEMU is told to quit.
 POWER_DOWN_TIMEOUT_S = 30.0
 _CHECK_POLL_S = 0.2
@@ -178,4 +177,4 @@ def _line_of(match: re.Match) -> str:
 
 
 
-__all__ = ["NETWORKS", "RUN_DIR", "STATE_RUNNING", "BootReport", "Guests"]
+__all__ = ["RUN_DIR", "BootReport", "Guests"]
