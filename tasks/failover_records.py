@@ -17,7 +17,7 @@ from sites.host import VirtualMachine as HostVirtualMachine
 from sites.host import VmNotFoundError as HostVmNotFoundError
 from sites.host.guests import BootReport
 from tasks.boot_files import fetch_boot_files, guest_of
-from tasks.replication import open_recovery_storage
+from tasks.replication import _storage
 from workflows import clock
 from workflows.engine import StepContext
 from workflows.items import ItemView
@@ -96,11 +96,8 @@ def create_vm_like(view: ItemView, driver: HostDriver, name: str, disks: list[tu
     guest = guest_of(view)
     if guest is None:
         return driver.create_vm(name, disks, networks=networks, generation=view.vm.generation)
-    storage = open_recovery_storage(view.item.recovery_storage, view.item.storage_options)
-    try:
+    with _storage(view) as storage:
         folder, files = fetch_boot_files(view, storage, driver)
-    finally:
-        storage.close()
     try:
         return driver.create_vm(name, disks, networks=networks, generation=view.vm.generation, guest=guest,
                                 boot_files=files)
