@@ -5,6 +5,9 @@ dies puts its task back on the queue, and the Redis visibility timeout is longer
 long disk copy is not handed to a second worker while the first is still copying. Tasks are therefore
 written to be idempotent (see tasks/). Every setting comes from `workflows.settings` (ASR_*).
 
+The broker and result backend are `rediss://` with the deployment's CA and client certificate
+(`tls_conf`, workflows/transport.py); a plain `redis://` URL is refused unless ASR_INSECURE_TRANSPORT=1.
+
 Configured, too, to outlive the broker: a worker whose Redis goes away keeps running its tasks, reconnects
 for as long as it takes, and goes on serving (docs/operations.md, "Broker outages").
 """
@@ -13,9 +16,10 @@ from __future__ import annotations
 from urllib.parse import urlparse
 
 from celery import Celery
+from celery.worker import control as worker_control
 from kombu.transport import redis as kombu_redis
 
-from workflows import settings
+from workflows import settings, transport
 
 
 class _ClosedChannelSafeRedisChannel(kombu_redis.Channel):
@@ -54,14 +58,65 @@ def _broker_transport(url: str) -> str | None:
     # Only for Redis URLs (rediss:// too, same transport): another broker keeps kombu's own transport.
     return f"{__name__}:ClosedChannelSafeRedisTransport" if urlparse(url).scheme in {"redis", "rediss"} else None
 
+def tls_conf(broker_url: str, backend_url: str) -> dict:
+    """Celery's TLS settings for these URLs (workflows/transport.py): the server verified against
+    ASR_TLS_CA_FILE, our client certificate presented; nothing for a plain URL (which the settings refuse
+    unless ASR_INSECURE_TRANSPORT allows it)."""
+    return {
+        "broker_use_ssl": transport.redis_ssl_options() if transport.is_tls_url(broker_url) else None,
+        "redis_backend_use_ssl": transport.redis_ssl_options() if transport.is_tls_url(backend_url) else None,
+    }
+
+
+# The questions a worker answers on the broadcast channel (ASR_WORKER_REMOTE_CONTROL=inspect): what Flower's
+# worker pages ask (flower.inspector), all read-only. Every command is gone: whoever reaches Redis could
+# otherwise make the orchestration worker consume a host's queue (add_consumer) and run its disk steps, or
+# stop any worker (shutdown), since Celery's remote control has no authentication. `conf` is left out too:
+# it answers with the worker's configuration.
+READ_ONLY_INSPECT = frozenset({
+    "ping", "stats", "active_queues", "registered", "dump_tasks", "scheduled", "dump_schedule", "active",
+    "dump_active", "reserved", "dump_reserved", "revoked", "dump_revoked", "query_task", "clock",
+})
+
+
+def _answer_only_read_only_inspect() -> None:
+    """Drop every remote control command but READ_ONLY_INSPECT from Celery's registry of them (the one the
+    worker's mailbox dispatches from): an unknown command is answered with an error and does nothing."""
+    for name in list(worker_control.Panel.data):
+        if name not in READ_ONLY_INSPECT:
+            del worker_control.Panel.data[name]
+            worker_control.Panel.meta.pop(name, None)
+
+
+_answer_only_read_only_inspect()
+
+
+def _broker_transport_options() -> dict:
+    """kombu's Redis options: the visibility timeout, and for a host's agent (ASR_HOST_NAME) its own keys of
+    unacknowledged messages, so that its broker user needs no access to other hosts' messages in flight
+    (sites/brokeracl.py). A host's messages are only ever consumed by its agent, so only it has any to
+    keep there and to hand back after a visibility timeout; the shared `unacked` hash keeps everyone else's."""
+    from sites.brokeracl import host_unacked_keys
+
+    options: dict = {"visibility_timeout": settings.visibility_timeout_s()}
+    host_name = settings.host_agent_name()
+    if host_name is not None:
+        try:
+            options.update(host_unacked_keys(host_name))
+        except ValueError:
+            pass  # not a host's name: the worker refuses every host step anyway (tasks/host_identity.py)
+    return options
+
+
 app = Celery("site_recovery_engine", broker=settings.broker_url(), backend=settings.result_backend_url(),
              include=["tasks"])
+app.conf.update(tls_conf(settings.broker_url(), settings.result_backend_url()))
 app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
     # Longer than the longest task: a redelivery while a copy is still running would copy twice.
-    broker_transport_options={"visibility_timeout": settings.visibility_timeout_s()},
+    broker_transport_options=_broker_transport_options(),
     result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s()},
     task_serializer="json",
     result_serializer="json",
@@ -80,6 +135,9 @@ app.conf.update(
     # (and count as its worker's death). A message Redis hands out again meanwhile cannot start a second
     # run: the claim takes a running step only once its heartbeat is stale.
     worker_cancel_long_running_tasks_on_connection_loss=False,
+    # Off entirely with ASR_WORKER_REMOTE_CONTROL=off; otherwise only READ_ONLY_INSPECT is answered. Events
+    # (task and worker heartbeats) are a separate channel and stay on: Flower's tasks, workers and metrics.
+    worker_enable_remote_control=settings.worker_remote_control() != "off",
 )
 
 

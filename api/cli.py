@@ -177,7 +177,9 @@ def disk_verify(a: Path, b: Path):
 # The modules of the operator's verbs (their shared plumbing is api/cli_service.py, cli_output.py,
 # cli_parsing.py and cli_progress.py) and of the process launchers.
 COMMAND_MODULES = ("api.cli_fabric", "api.cli_vms", "api.cli_policies", "api.cli_protection", "api.cli_failover",
-                   "api.cli_plans", "api.cli_jobs", "api.cli_apikeys", "api.cli_processes", "api.cli_db")
+                   "api.cli_plans", "api.cli_jobs", "api.cli_apikeys", "api.cli_processes", "api.cli_db",
+                   "api.cli_manage", "api.cli_certs", "api.cli_keys", "api.cli_alerts",
+                   "api.cli_broker")
 
 
 def _register_commands():

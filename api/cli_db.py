@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -73,3 +74,120 @@ def db_upgrade(revision: str):
     else:
         click.echo(f"database {_redacted_database_url()} upgraded from {done.from_revision or '(empty)'} "
                    f"to revision {done.to_revision}")
+
+
+_PASSWORD_FILE = click.option(
+    "--password-file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+    help="The role's password: read if the file exists, else a new one is written there (mode 0600).")
+_PREFIX = click.option("--prefix", default="asr", show_default=True,
+                       help="The roles' prefix: one per deployment sharing a PostgreSQL cluster.")
+
+
+@db.group("roles", cls=_Group)
+def db_roles():
+    """PostgreSQL roles of least privilege: each host's agent and the API connect as their own role, the
+    engine's processes as the schema's owner (docs/operations.md, "Least privilege on PostgreSQL").
+
+    Run as the owner (ASR_DATABASE_URL as for `asr db upgrade`) with the right to create roles. SQLite has
+    no roles: a SQLite database is one machine's development database."""
+
+
+def _names(prefix: str):
+    from models.dbroles import RoleNames
+
+    try:
+        return RoleNames(prefix=prefix)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+def _run_as_owner(what: str, change):
+    """`change(connection)` in one transaction on the owner's database; the failure in one line."""
+    import sqlalchemy.exc
+
+    from api.cli_processes import _redacted_database_url
+
+    try:
+        with _engine().begin() as connection:
+            return change(connection)
+    except ValueError as exc:
+        _fail(str(exc))
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        _fail(f"cannot {what} on {_redacted_database_url()}: {getattr(exc, 'orig', None) or exc}")
+
+
+@db_roles.command("apply")
+@_PREFIX
+def db_roles_apply(prefix: str):
+    """Create the group roles PREFIX_host and PREFIX_api if missing and (re)set their grants and the
+    row-level security of the schema. Run again after every `asr db upgrade` (a new table has no grant)."""
+    from models.dbroles import apply_roles
+
+    names = _names(prefix)
+    for line in _run_as_owner("apply the roles", lambda connection: apply_roles(connection, names)):
+        click.echo(line)
+
+
+@db_roles.command("host")
+@click.argument("name")
+@_PASSWORD_FILE
+@_PREFIX
+def db_roles_host(name: str, password_file: Path, prefix: str):
+    """The login role PREFIX_host_NAME of host NAME's agent (created, or given the password), a member of
+    PREFIX_host. Prints the database URL the agent uses, PASSWORD standing for the file's content. The
+    server is sent the password's SCRAM verifier, never the password."""
+    from api.cli_broker import _password
+    from models.dbroles import set_host_role
+
+    names = _names(prefix)
+    try:
+        names.host(name)
+    except ValueError as exc:
+        _fail(str(exc))
+    password = _password(password_file)
+    role = _run_as_owner(f"set the role of host {name}",
+                         lambda connection: set_host_role(connection, name, password, names))
+    click.echo(_url_as(role))
+    click.echo(f"{role}: host {name}'s agent connects with the URL above as ASR_DATABASE_URL, PASSWORD replaced by "
+               f"the password in {password_file}", err=True)
+
+
+@db_roles.command("api")
+@_PASSWORD_FILE
+@_PREFIX
+def db_roles_api(password_file: Path, prefix: str):
+    """The login role PREFIX_api_login of the API's processes (created, or given the password), a member of
+    PREFIX_api: every table's rows, no schema change. Prints the database URL `asr api` uses, PASSWORD
+    standing for the file's content. The server is sent the password's SCRAM verifier, never the password."""
+    from api.cli_broker import _password
+    from models.dbroles import set_api_role
+
+    names = _names(prefix)
+    password = _password(password_file)
+    role = _run_as_owner("set the API's role", lambda connection: set_api_role(connection, password, names))
+    click.echo(_url_as(role))
+    click.echo(f"{role}: the API (`asr api`) connects with the URL above as ASR_DATABASE_URL, PASSWORD replaced by "
+               f"the password in {password_file}", err=True)
+
+
+def _url_as(role: str) -> str:
+    """The owner's database URL (ASR_DATABASE_URL) with `role` and a placeholder for its password."""
+    from sqlalchemy.engine import make_url
+
+    from models.db import database_url
+
+    return make_url(database_url()).set(username=role, password="PASSWORD").render_as_string(hide_password=False)
+
+
+@db_roles.command("drop-host")
+@click.argument("name")
+@_PREFIX
+def db_roles_drop_host(name: str, prefix: str):
+    """Drop host NAME's login role (a host taken out of service, or whose password leaked). Sessions it has
+    open go on until they end: terminate them with pg_terminate_backend to cut it off at once."""
+    from models.dbroles import drop_host_role
+
+    names = _names(prefix)
+    dropped = _run_as_owner(f"drop the role of host {name}",
+                            lambda connection: drop_host_role(connection, name, names))
+    click.echo(f"{names.host(name)} dropped" if dropped else f"there is no role {names.host(name)}")

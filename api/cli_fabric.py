@@ -4,11 +4,12 @@ network a VM network lands in on failover).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import click
 
-from api.cli import main
+from api.cli import _fail, main
 from api.cli_output import (
     Column,
     _count,
@@ -22,6 +23,7 @@ from api.cli_output import (
     print_table,
 )
 from api.cli_service import _command, _OpGroup, _service
+from datapath.private import write_new_private_file
 
 
 @main.group(cls=_OpGroup)
@@ -76,23 +78,65 @@ def host():
     """Hosts: the Hyper-V hosts of a site (each served by its own agent worker, queue host.NAME)."""
 
 
+def key_file_option(command):
+    return click.option(
+        "--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+        help="Write the registration key to this new file (mode 0600) instead of printing it; start the agent "
+             "with `asr worker host NAME --key-file FILE`.")(command)
+
+
+def check_new_key_file(path: Path | None) -> None:
+    """Refuse a --key-file that exists or whose folder does not, before a key is issued (it is shown once)."""
+    if path is None:
+        return
+    if path.exists() or path.is_symlink():
+        _fail(f"{path} exists: a key file is never written over (choose a new file, or remove that one)")
+    if not path.parent.is_dir():
+        _fail(f"{path.parent} is not a folder: cannot write the key file {path}")
+
+
+def save_key(path: Path | None, key: str | None, host_name: str) -> bool:
+    """Write host `host_name`'s new key to `path`; True if written. If that fails the key is printed instead
+    (it cannot be shown again)."""
+    if path is None or key is None:
+        return False
+    try:
+        write_new_private_file(path, key + "\n")
+    except OSError as exc:
+        click.echo(f"asr: cannot write the key file {path}: {exc.strerror or exc}; the key is printed instead",
+                   err=True)
+        return False
+    click.echo(f"registration key of host {host_name} written to {path} (mode 0600); start its agent with "
+               f"`asr worker host {host_name} --key-file {path}`", err=True)
+    return True
+
+
 @_command(host, "add")
 @click.argument("name")
 @click.argument("root")
 @click.option("--site", "site_name", default=None, help="The site the host belongs to.")
 @click.option("--cloud", default=None, help="The VMM cloud the host belongs to (instead of --site).")
+@key_file_option
 @json_option
-def host_add(name: str, root: str, site_name: str | None, cloud: str | None, as_json: bool):
-    """Register host NAME whose VMs live under the directory ROOT; its registration key is printed once."""
+def host_add(name: str, root: str, site_name: str | None, cloud: str | None, key_file: Path | None, as_json: bool):
+    """Register host NAME whose VMs live under the directory ROOT; its registration key is printed once (or
+    written to --key-file)."""
     if (site_name is None) == (cloud is None):
         raise click.UsageError("give exactly one of --site and --cloud")
+    check_new_key_file(key_file)
     result = _service().add_host(name, root, site=site_name, cloud=cloud)
+    key = result.get("registration_key")
+    saved = save_key(key_file, key, result.get("name", name))
+    if saved:
+        result = {**result, "registration_key": None, "key_file": str(key_file)}
     if as_json:
         return _emit_json(result)
     click.echo(f"host {result.get('name', name)} registered in {site_name or cloud} "
                f"(queue {result.get('queue') or 'host.' + name}, id {result.get('id')})")
-    click.echo(f"registration key: {result.get('registration_key')}")
-    click.echo("(shown this once: only its hash is kept; the host's agent presents it)")
+    if not saved:
+        click.echo(f"registration key: {key}")
+        click.echo("(shown this once: only its hash is kept; the host's agent presents it)")
+
 
 
 HOST_COLUMNS: list[Column] = [("name", "name"), ("site", "site|cloud"), ("root", "root"),

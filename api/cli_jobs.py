@@ -47,11 +47,13 @@ JOB_COLUMNS: list[Column] = [("id", "id"), ("kind", "kind"), ("vm", "vm|plan|tar
                                             "waiting_action, succeeded, failed, cancelled).")
 @click.option("--kind", default=None, help="Only jobs of this kind (enable_protection, test_failover, ...).")
 @click.option("--vm", "vm_name", default=None, help="Only jobs of this VM.")
+@click.option("--plan", "plan_name", default=None, help="Only the runs of this recovery plan.")
 @click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True, help="At most this many.")
 @json_option
-def jobs_list(state: str | None, kind: str | None, vm_name: str | None, limit: int, as_json: bool):
+def jobs_list(state: str | None, kind: str | None, vm_name: str | None, plan_name: str | None, limit: int,
+              as_json: bool):
     """Jobs, newest first."""
-    result = _service().list_jobs(state=state, kind=kind, vm=vm_name, limit=limit)
+    result = _service().list_jobs(state=state, kind=kind, vm=vm_name, plan=plan_name, limit=limit)
     if as_json:
         return _emit_json(result)
     print_table(result, JOB_COLUMNS, empty="no jobs")

@@ -5,7 +5,7 @@ manual action is done.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +83,25 @@ def plan_list(as_json: bool):
 
 def _action_text(action: Mapping[str, Any]) -> str:
     if action.get("kind") == "script":
-        command = action.get("command") or []
-        return f"script {action.get('name')}: {' '.join(map(str, command))} (timeout {action.get('timeout_s')} s)"
+        if "command" in action:  # stored before scripts were registered: it will not run
+            return f"script {action.get('name')}: a command line, refused when run (create the plan again)"
+        args = " ".join(f"{key}={value}" for key, value in (action.get("args") or {}).items())
+        return (f"script {action.get('name')}: {action.get('script')} {args}".rstrip()
+                + f" (timeout {action.get('timeout_s')} s)")
     return f"manual {action.get('name')}: {action.get('instructions')}"
+
+
+@_command(plan, "scripts")
+@json_option
+def plan_scripts(as_json: bool):
+    """The scripts a plan's script action may name: registered by an administrator in ASR_PLAN_SCRIPTS_DIR."""
+    scripts = _service().plan_scripts()
+    if as_json:
+        return _emit_json(scripts)
+    print_table(scripts, [("name", "name"), ("timeout_s", "timeout_s"),
+                          ("args", lambda s: ", ".join(f"{k}={v}" for k, v in (s.get("args") or {}).items())),
+                          ("description", "description")],
+                empty="no plan scripts are registered (ASR_PLAN_SCRIPTS_DIR)")
 
 
 @_command(plan, "show")
@@ -113,22 +129,56 @@ PLAN_KINDS = {"test": "test_failover", "planned": "planned_failover", "unplanned
               "failback": "failback"}
 
 
+def _run_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options of a plan's run, shared by `plan failover` and its dry run `plan validate`."""
+    for option in reversed([
+        click.option("--point", default=None, help=POINT_HELP + " Default latest_processed (test, unplanned)."),
+        click.option("--recovery-host", default=None, help="The recovery-site host for every VM (failovers)."),
+        click.option("--test-network", default=None, help="The isolated network of a test failover."),
+        click.option("--mode", type=click.Choice(sorted(FAILBACK_MODES)), default=None,
+                     help="Failback mode (default minimize-downtime)."),
+        click.option("--create-vm", is_flag=True, help="Failback: create VMs gone from the primary."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _run_settings(point: str | None, recovery_host: str | None, test_network: str | None, mode: str | None,
+                  create_vm: bool) -> dict[str, Any]:
+    """The service's keyword arguments for the options given (those not given are left to its defaults)."""
+    settings = {"point": point, "recovery_host": recovery_host, "test_network": test_network,
+                "mode": FAILBACK_MODES[mode] if mode else None, "create_vm": create_vm or None}
+    return {key: value for key, value in settings.items() if value is not None}
+
+
 @_job_command(plan, "failover")
 @click.argument("name")
 @click.option("--kind", required=True, type=click.Choice(list(PLAN_KINDS)), help="Which operation to run.")
-@click.option("--point", default=None, help=POINT_HELP + " Default latest_processed (test, unplanned).")
-@click.option("--recovery-host", default=None, help="The recovery-site host for every VM (failovers).")
-@click.option("--test-network", default=None, help="The isolated network of a test failover.")
-@click.option("--mode", type=click.Choice(sorted(FAILBACK_MODES)), default=None,
-              help="Failback mode (default minimize-downtime).")
-@click.option("--create-vm", is_flag=True, help="Failback: create VMs gone from the primary.")
+@_run_options
 def plan_failover(name: str, kind: str, point: str | None, recovery_host: str | None, test_network: str | None,
                   mode: str | None, create_vm: bool):
     """Run recovery plan NAME: group after group, the VMs of a group in parallel, actions around them."""
-    options: dict[str, Any] = {"point": point, "recovery_host": recovery_host, "test_network": test_network,
-                               "mode": FAILBACK_MODES[mode] if mode else None, "create_vm": create_vm or None}
-    result = _service().run_plan(name, PLAN_KINDS[kind], **{k: v for k, v in options.items() if v is not None})
+    result = _service().run_plan(name, PLAN_KINDS[kind], **_run_settings(point, recovery_host, test_network, mode,
+                                                                         create_vm))
     return {"plan": name, **result}
+
+
+@_command(plan, "validate")
+@click.argument("name")
+@click.option("--kind", required=True, type=click.Choice(list(PLAN_KINDS)), help="Which operation to check.")
+@_run_options
+@json_option
+def plan_validate(name: str, kind: str, point: str | None, recovery_host: str | None, test_network: str | None,
+                  mode: str | None, create_vm: bool, as_json: bool):
+    """Dry run of `plan failover`: every check the run makes, nothing started. Exits 0 with the groups the
+    run would take when it could start now, otherwise with the run's refusal."""
+    result = _service().validate_plan(name, PLAN_KINDS[kind], **_run_settings(point, recovery_host, test_network,
+                                                                               mode, create_vm))
+    if as_json:
+        return _emit_json(result)
+    click.echo(f"plan {result['plan']} could run {result['operation']} now:")
+    for group in result["groups"]:
+        click.echo(f"  {group['name']}: {', '.join(group['vms'])}")
 
 
 @_command(plan, "resume")

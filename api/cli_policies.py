@@ -66,13 +66,32 @@ def _office_days(value: str | None) -> list[int | str] | None:
               help="Hours between consistency checks of each VM, 0 for none (default 24).")
 @click.option("--consistency-check-anytime", is_flag=True, default=False,
               help="Run scheduled consistency checks in office hours too (default: only outside them).")
+@click.option("--drill-reminder-days", type=click.IntRange(0, 3660), default=None, metavar="DAYS",
+              help="Days without a passed drill before an alert says one is overdue, 0 for never (default 180).")
 @json_option
 def policy_add(name: str, copy_frequency: str | None, retention_hours: int | None,
                app_consistent_hours: int | None, initial_replication_at: str | None, office_hours: str | None,
                office_days: str | None, office_timezone: str | None, rpo_warning: int | None,
                rpo_critical: int | None, consistency_check_hours: int | None, consistency_check_anytime: bool,
-               as_json: bool):
+               drill_reminder_days: int | None, as_json: bool):
     """Create replication policy NAME; options left out take their defaults."""
+    options = policy_settings(copy_frequency, retention_hours, app_consistent_hours, initial_replication_at,
+                              office_hours, office_days, office_timezone, rpo_warning, rpo_critical,
+                              consistency_check_hours, False if consistency_check_anytime else None,
+                              drill_reminder_days)
+    result = _service().add_policy(name, **options)
+    if as_json:
+        return _emit_json(result)
+    click.echo(f"policy {result.get('name', name)} created (id {result.get('id')})")
+    print_fields(result, POLICY_FIELDS[2:])
+
+
+def policy_settings(copy_frequency: str | None, retention_hours: int | None, app_consistent_hours: int | None,
+                    initial_replication_at: str | None, office_hours: str | None, office_days: str | None,
+                    office_timezone: str | None, rpo_warning: int | None, rpo_critical: int | None,
+                    consistency_check_hours: int | None, consistency_check_off_hours: bool | None,
+                    drill_reminder_days: int | None = None) -> dict[str, Any]:
+    """The service's policy settings from the options of `policy add` (and `policy set`): those given only."""
     options: dict[str, Any] = {
         "copy_frequency_s": int(copy_frequency) if copy_frequency else None,
         "recovery_point_retention_h": retention_hours,
@@ -84,13 +103,10 @@ def policy_add(name: str, copy_frequency: str | None, retention_hours: int | Non
         "rpo_warning_s": rpo_warning,
         "rpo_critical_s": rpo_critical,
         "consistency_check_interval_h": consistency_check_hours,
-        "consistency_check_off_hours": False if consistency_check_anytime else None,
+        "consistency_check_off_hours": consistency_check_off_hours,
+        "drill_reminder_days": drill_reminder_days,
     }
-    result = _service().add_policy(name, **{k: v for k, v in options.items() if v is not None})
-    if as_json:
-        return _emit_json(result)
-    click.echo(f"policy {result.get('name', name)} created (id {result.get('id')})")
-    print_fields(result, POLICY_FIELDS[2:])
+    return {key: value for key, value in options.items() if value is not None}
 
 
 def _hours(row: Mapping[str, Any]) -> Any:
@@ -114,7 +130,8 @@ POLICY_FIELDS: list[Column] = [
     ("initial replication", "initial_replication_at"), ("office hours", _hours), ("office days", _days),
     ("timezone", "office_timezone"), ("RPO warning (s)", "rpo_warning_s"), ("RPO critical (s)", "rpo_critical_s"),
     ("consistency check (h)", "consistency_check_interval_h"),
-    ("check off-hours only", "consistency_check_off_hours"), ("protected VMs", "protected_vms"),
+    ("check off-hours only", "consistency_check_off_hours"), ("drill reminder (days)", "drill_reminder_days"),
+    ("protected VMs", "protected_vms"),
 ]
 POLICY_COLUMNS: list[Column] = [("name", "name"), ("copy s", "copy_frequency_s"),
                                 ("retention h", "recovery_point_retention_h"),

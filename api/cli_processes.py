@@ -18,10 +18,12 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import click
 
 from api.cli import _fail, _Group, main
+from datapath.private import make_private_directories
 from workflows import settings
 
 __all__ = [
@@ -30,6 +32,9 @@ __all__ = [
 ]
 
 HOST_KEY_ENV = "ASR_HOST_KEY"
+HOST_KEY_FILE_ENV = "ASR_HOST_KEY_FILE"
+HOST_KEY_FD_ENV = "ASR_HOST_KEY_FD"
+HOST_NAME_ENV = "ASR_HOST_NAME"
 FLOWER_USER_ENV = "ASR_FLOWER_USER"
 FLOWER_PASSWORD_ENV = "ASR_FLOWER_PASSWORD"
 FLOWER_BASIC_AUTH_ENV = "FLOWER_BASIC_AUTH"
@@ -89,6 +94,13 @@ def _run(launch: Launch, dry_run: bool) -> None:
 
 
 def _settings_env(drop: Iterable[str] = ()) -> dict[str, str]:
+    # Refused here, as one line, rather than by the program in a traceback: plain-text Redis URLs
+    # without ASR_INSECURE_TRANSPORT (workflows/transport.py).
+    try:
+        for url in (settings.broker_url, settings.result_backend_url, settings.progress_redis_url):
+            url()
+    except ValueError as exc:
+        _fail(f"{exc}; not started")
     env = dict(os.environ)
     for name in drop:
         env.pop(name, None)
@@ -183,32 +195,64 @@ def worker_recovery(concurrency: int | None, loglevel: str, dry_run: bool):
 
 @worker.command("host")
 @click.argument("name")
-@click.option("--key", default=None, metavar="KEY",
-              help=f"The host's registration key (printed once by `asr host add`); default ${HOST_KEY_ENV}, "
-                   "which keeps it out of the process list.")
+@click.option("--key-file", "key_file", default=None, type=click.File("r"), metavar="FILE",
+              help=f"A file holding the host's registration key (printed once by `asr host add`), `-` for "
+                   f"standard input; default ${HOST_KEY_FILE_ENV}, else ${HOST_KEY_ENV}.")
+@click.option("--key", default=None, hidden=True, expose_value=True)
 @_concurrency_option
 @_loglevel_option
 @_dry_run_option
-def worker_host(name: str, key: str | None, concurrency: int | None, loglevel: str, dry_run: bool):
+def worker_host(name: str, key_file: Any, key: str | None, concurrency: int | None, loglevel: str, dry_run: bool):
     """The agent of host NAME: queue `host.NAME`.
 
     Runs everything that touches the host's VMs and disks (snapshots, copies, sealing and shipping logs,
     creating or starting VMs after a failover), on the machine that holds the host's VM tree. It starts
-    only for a registered host, with that host's registration key, and records when it was last seen."""
+    only for a registered host, with that host's registration key, and stamps when it was last seen (every
+    ASR_HOST_HEARTBEAT_S; a silent host raises an alert)."""
     from models.db import validate_name
     from models.fabric import host_queue
 
     validate_name(name, "host")
-    key = key or settings.host_key()
+    if key is not None:
+        _fail(f"--key would show the key in the process list: give it in a file (--key-file FILE, `-` for "
+              f"standard input, or {HOST_KEY_FILE_ENV}) or in {HOST_KEY_ENV}")
+    key = _host_key(key_file)
     if not key:
-        _fail(f"the registration key of host {name!r} is needed: set {HOST_KEY_ENV} (or pass --key); "
-              f"`asr host add` printed it when the host was registered")
+        _fail(f"the registration key of host {name!r} is needed: --key-file FILE (`-`: standard input), "
+              f"{HOST_KEY_FILE_ENV} or {HOST_KEY_ENV}; `asr host add` printed it when the host was registered")
     # Checked before anything is written: a wrong key or name leaves the database as it was (a
     # registered host implies the tables exist, so there is nothing to prepare first).
     _admit_host(name, key, record_seen=not dry_run)
     command = worker_command([host_queue(name)], f"host-{name}", concurrency=concurrency, loglevel=loglevel)
-    # The worker does not need the key once admitted: it is not handed on to it or to the VMs' processes.
-    _run(Launch(command, _settings_env(drop=[HOST_KEY_ENV])), dry_run)
+    # The worker proves it is this host at every host step (tasks/host_identity.py), so it gets the key:
+    # through a pipe, never the environment or the command line, which other processes can read.
+    env = _settings_env(drop=[HOST_KEY_ENV, HOST_KEY_FILE_ENV])
+    env[HOST_NAME_ENV] = name
+    if not dry_run:
+        env[HOST_KEY_FD_ENV] = str(_key_pipe(key))
+    _run(Launch(command, env, added=(HOST_NAME_ENV, HOST_KEY_FD_ENV)), dry_run)
+
+
+def _host_key(key_file: Any) -> str | None:
+    """The key from --key-file, else the file ASR_HOST_KEY_FILE names, else ASR_HOST_KEY."""
+    if key_file is not None:
+        return key_file.read().strip() or None
+    path = os.environ.get(HOST_KEY_FILE_ENV)
+    if path:
+        try:
+            return Path(path).read_text().strip() or None
+        except OSError as exc:
+            _fail(f"{HOST_KEY_FILE_ENV}={path}: {exc.strerror or exc}")
+    return settings.host_key()
+
+
+def _key_pipe(key: str) -> int:
+    """The read end of a pipe holding `key`, inherited by the program exec'd next (which reads and closes it)."""
+    read_end, write_end = os.pipe()
+    with os.fdopen(write_end, "w") as pipe:
+        pipe.write(key)
+    os.set_inheritable(read_end, True)
+    return read_end
 
 
 def _admit_host(name: str, key: str, *, record_seen: bool) -> None:
@@ -229,7 +273,7 @@ def _admit_host(name: str, key: str, *, record_seen: bool) -> None:
                       f"`asr host add {name} ROOT --site SITE` and start its agent with the key it prints")
             if not verify_host_key(host, key):
                 _fail(f"the key given for host {name!r} is not its registration key: the agent was not "
-                      f"started (re-register the host if the key is lost)")
+                      f"started (if the key is lost, `asr host rekey {name}` issues a new one)")
             if not Path(host.root).is_dir():
                 _fail(f"the VM tree of host {name!r} ({host.root}) is not a directory on this machine: "
                       f"start the agent where the host's root is mounted")
@@ -262,8 +306,8 @@ def _require_existing_sqlite_file(what: str) -> None:
 @_loglevel_option
 @_dry_run_option
 def beat(schedule: Path | None, loglevel: str, dry_run: bool):
-    """Celery beat: sends the reconciler (every ASR_RECONCILE_S) and the replication tick (every
-    ASR_TICK_S) to the orchestration queue.
+    """Celery beat: sends the reconciler (every ASR_RECONCILE_S), the replication tick and the delivery of
+    alerts to the webhook (every ASR_TICK_S) to the orchestration queue.
 
     Run exactly one per deployment: two would only send every tick twice. Nothing is lost while it is
     down; the jobs' due times live in the database and the next tick picks them up."""
@@ -271,7 +315,7 @@ def beat(schedule: Path | None, loglevel: str, dry_run: bool):
         schedule = settings.asr_home() / "beat-schedule"
     command = celery_command("beat", "-l", loglevel.upper(), "-s", str(schedule))
     if not dry_run:
-        schedule.parent.mkdir(parents=True, exist_ok=True)
+        make_private_directories(schedule.parent)  # 0700 when created here (ASR_HOME)
     _run(Launch(command, _settings_env()), dry_run)
 
 
@@ -282,12 +326,17 @@ def beat(schedule: Path | None, loglevel: str, dry_run: bool):
 @_loglevel_option
 @_dry_run_option
 def api(host: str, port: int, loglevel: str, dry_run: bool):
-    """The REST API (`uvicorn api.rest:app`): every operator operation over HTTP, with API keys.
+    """The REST API (`uvicorn api.rest:app`): every operator operation over HTTPS, with API keys.
+
+    HTTPS with ASR_TLS_CERT_FILE and ASR_TLS_KEY_FILE (`asr certs create`); plain HTTP only with
+    ASR_INSECURE_TRANSPORT=1.
 
     Submitting an operation returns its job id at once (202); the job runs on the workers, so the API can
-    be restarted or scaled without touching running jobs. Its OpenAPI document is in docs/openapi.json."""
+    be restarted or scaled without touching running jobs. Its OpenAPI document is in docs/openapi.json.
+    The operator's web console is at /console/ (log in with an API key; docs/console.md)."""
     command = [sys.executable, "-m", "uvicorn", "api.rest:app", "--host", host, "--port", str(port),
-               "--log-level", loglevel.lower()]
+               "--log-level", loglevel.lower(),
+               *_https_options("the REST API", "--ssl-certfile={}", "--ssl-keyfile={}")]
     if not dry_run:
         for module, why in (("uvicorn", "uvicorn is not installed: pip install the project (pip install -e .)"),
                             ("api.rest", "api/rest.py (the REST API) is missing from this installation")):
@@ -308,7 +357,8 @@ def flower(port: int, address: str, dry_run: bool):
     Authentication is always on: HTTP basic auth with the user and password from ASR_FLOWER_USER and
     ASR_FLOWER_PASSWORD (it refuses to start without them). Flower's HTTP API (/api/workers, /api/tasks,
     ...) is behind the same credentials; it is never opened to unauthenticated clients. Flower 2.2.0
-    itself leaves /healthcheck and /metrics (Prometheus counters) open: publish its port with care."""
+    itself leaves /healthcheck and /metrics (Prometheus counters) open: publish its port with care.
+    HTTPS with ASR_TLS_CERT_FILE and ASR_TLS_KEY_FILE; plain HTTP only with ASR_INSECURE_TRANSPORT=1."""
     user, password = settings.flower_credentials()
     if not user or not password:
         _fail(f"Flower runs with authentication on: set {FLOWER_USER_ENV} and {FLOWER_PASSWORD_ENV} "
@@ -321,6 +371,23 @@ def flower(port: int, address: str, dry_run: bool):
     # Through the environment, not --basic-auth: the command line is visible to every user of the machine.
     env = _settings_env(drop=[FLOWER_UNAUTHENTICATED_API_ENV, FLOWER_USER_ENV, FLOWER_PASSWORD_ENV])
     env[FLOWER_BASIC_AUTH_ENV] = f"{user}:{password}"
-    command = celery_command("flower", f"--port={port}", f"--address={address}")
+    command = celery_command("flower", f"--port={port}", f"--address={address}",
+                             *_https_options("Flower", "--certfile={}", "--keyfile={}"))
     _run(Launch(command, env, added=(FLOWER_BASIC_AUTH_ENV,)), dry_run)
+
+
+def _https_options(server: str, cert_option: str, key_option: str) -> list[str]:
+    """The options that make `server` serve HTTPS with ASR_TLS_CERT_FILE and ASR_TLS_KEY_FILE; without
+    them, plain HTTP only when ASR_INSECURE_TRANSPORT allows it (logged), else exit 2 with what to set."""
+    from workflows.transport import InsecureTransportError, check_server_transport
+
+    try:
+        certificate = settings.tls_server_certificate()
+        if certificate is None:
+            check_server_transport(server)
+            return []
+    except (InsecureTransportError, ValueError) as exc:
+        _fail(f"{exc}; not started")
+    cert, key = certificate
+    return [cert_option.format(cert), key_option.format(key)]
 

@@ -240,8 +240,10 @@ def _wait_for(job_id: str, *, as_json: bool, timeout: float | None, lines: bool 
         sys.exit(status)
 
 
-def started(result: Mapping[str, Any], *, as_json: bool, wait: bool = False, timeout: float | None = None) -> None:
-    """What every command that starts a job prints: its id (or the dict); with --wait, the job followed."""
+def started(result: Mapping[str, Any], *, as_json: bool, wait: bool = False, timeout: float | None = None,
+            summary: Callable[[str], None] | None = None) -> None:
+    """What every command that starts a job prints: its id (or the dict); with --wait, the job followed, and
+    then `summary(job_id)` if the command has one and the job succeeded."""
     job_id = str(result.get("job_id"))
     if not as_json:
         what = result.get("kind") or "job"
@@ -256,6 +258,8 @@ def started(result: Mapping[str, Any], *, as_json: bool, wait: bool = False, tim
             click.echo(f"follow it with: asr jobs watch {job_id}")
         return
     _wait_for(job_id, as_json=as_json, timeout=timeout)
+    if summary is not None and not as_json:
+        summary(job_id)
 
 
 def acted_on(job_id: str, result: Any, done: str, *, as_json: bool, wait: bool, timeout: float | None) -> None:
@@ -269,11 +273,14 @@ def acted_on(job_id: str, result: Any, done: str, *, as_json: bool, wait: bool, 
         click.echo(f"job {job_id} {done}")
 
 
-def _job_command(group: click.Group, name: str, **kwargs: Any) -> Callable[[Callable[..., Any]], click.Command]:
-    """A command that starts a job: --json, --wait and --timeout, and its result printed by `started`."""
+def _job_command(group: click.Group, name: str, *, summary: Callable[[str], None] | None = None,
+                 **kwargs: Any) -> Callable[[Callable[..., Any]], click.Command]:
+    """A command that starts a job: --json, --wait and --timeout, and its result printed by `started`
+    (`summary(job_id)` after a job waited for succeeded)."""
     def decorate(fn: Callable[..., Mapping[str, Any]]) -> click.Command:
         def run(as_json: bool, wait: bool, timeout: float | None, **params: Any) -> None:
-            started(fn(**params), as_json=as_json, wait=wait or timeout is not None, timeout=timeout)
+            started(fn(**params), as_json=as_json, wait=wait or timeout is not None, timeout=timeout,
+                    summary=summary)
 
         run.__name__ = fn.__name__
         run.__doc__ = fn.__doc__

@@ -44,11 +44,30 @@ def unprotect(vm_name: str, yes: bool):
     return _service().disable_protection(vm_name)
 
 
-@_job_command(main, "resync")
+def _previewed(job_id: str) -> None:
+    from datapath.disk import format_size
+
+    job = _service().show_job(job_id)
+    if job["kind"] != "resync_preview":
+        return
+    for step in job["steps"]:
+        result = step.get("result") or {}
+        if not result.get("available"):
+            click.echo(f"  {result.get('disk')}: no estimate: {result.get('reason')}")
+            continue
+        click.echo(f"  {result['disk']}: {result['chunks_differing']} of {result['chunks_compared']} chunks of "
+                   f"{format_size(result['chunk_size'])} differ from replica version {result['version']}: at most "
+                   f"{format_size(result['bytes_differing'])} to send")
+
+
+@_job_command(main, "resync", summary=_previewed)
 @click.argument("vm_name", metavar="VM")
-def resync(vm_name: str):
+@click.option("--preview", is_flag=True, help="Only say what would be sent (chunks and bytes per disk, compared "
+                                              "with the replica's last recorded version); send nothing. Use with "
+                                              "--wait to read the figures.")
+def resync(vm_name: str, preview: bool):
     """Resynchronize VM now: compare the disks with their replicas and send only what differs."""
-    return _service().resync(vm_name)
+    return _service().preview_resync(vm_name) if preview else _service().resync(vm_name)
 
 
 @_job_command(main, "check")
@@ -72,11 +91,24 @@ def points(vm_name: str, as_json: bool):
                 empty=f"VM {vm_name} has no recovery points yet")
 
 
-@_job_command(main, "verify")
+def _verified(job_id: str) -> None:
+    # What was checked, so that the operator can hold it against the point's record (`asr points VM`).
+    job = _service().show_job(job_id)
+    points = {step["params"].get("point_id") for step in job["steps"]}
+    click.echo(f"recovery point {', '.join(sorted(filter(None, points))) or '?'}: every disk matches the manifest "
+               f"root the point recorded")
+    for step in job["steps"]:
+        result = step.get("result") or {}
+        click.echo(f"  {result.get('disk')}: replica version {result.get('version')}, manifest root "
+                   f"{result.get('root')}")
+
+
+@_job_command(main, "verify", summary=_verified)
 @click.argument("vm_name", metavar="VM")
 @click.option("--point", default=None, help="A recovery point id (default: the latest).")
 def verify(vm_name: str, point: str | None):
-    """Check VM's replica at a recovery point against the checksums the point recorded (a job)."""
+    """Check VM's replica at a recovery point against the checksums the point recorded (a job); with --wait,
+    the point and each disk's version and manifest root it checked."""
     return _service().verify(vm_name, point=point)
 
 

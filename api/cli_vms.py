@@ -35,9 +35,12 @@ def _disk_option(text: str) -> dict:
 @click.option("--generation", type=click.IntRange(1, 2), default=1, show_default=True)
 @click.option("--kernel", type=click.Path(dir_okay=False), help="Makes the VM a QEMU guest booting this kernel "
               "(a file inside the host's root).")
+@click.option("--boot-disk", metavar="DISK", help="Makes the VM a QEMU guest booting from its disk DISK (one of "
+              "--disk's names, e.g. an imported bootable image: os=@images/os.raw --boot-disk os): the BIOS runs "
+              "the disk's boot loader, which loads the kernel and its command line. Instead of --kernel.")
 @click.option("--initrd", type=click.Path(dir_okay=False), help="Its initrd (inside the host's root).")
-@click.option("--cmdline", default="console=ttyS0", show_default=True,
-              help="The kernel command line (keep a serial console: the engine reads the heartbeat there).")
+@click.option("--cmdline", help="The kernel command line with --kernel (default: console=ttyS0; keep a serial "
+              "console: the engine reads the heartbeat there). A boot disk's is on the disk.")
 @click.option("--heartbeat", help="Regex: the guest is up once a line of its serial console matches it.")
 @click.option("--check-pass", help="Regex on the console: the guest's own application check passed.")
 @click.option("--check-fail", help="Regex on the console: the guest's own application check failed.")
@@ -48,21 +51,33 @@ def _disk_option(text: str) -> dict:
               help="Seconds a boot may take to reach the heartbeat.")
 @json_option
 def vm_create(host_name: str, name: str, disks: tuple[str, ...], networks: tuple[str, ...], generation: int,
-              kernel: str | None, initrd: str | None, cmdline: str, heartbeat: str | None, check_pass: str | None,
-              check_fail: str | None, memory_mb: int, guest_agent: bool, boot_timeout_s: float, as_json: bool):
-    """Create VM NAME on HOST, off, and register it. With --kernel it is a QEMU guest (docs/runtime.md)."""
+              kernel: str | None, boot_disk: str | None, initrd: str | None, cmdline: str | None,
+              heartbeat: str | None, check_pass: str | None, check_fail: str | None, memory_mb: int,
+              guest_agent: bool, boot_timeout_s: float, as_json: bool):
+    """Create VM NAME on HOST, off, and register it. With --kernel (direct-kernel boot) or --boot-disk (boots
+    from one of its disks) it is a QEMU guest (docs/runtime.md)."""
     guest = boot_files = None
-    if kernel:
+    if kernel and boot_disk:
+        raise click.UsageError("give --kernel (QEMU loads the kernel) or --boot-disk (the disk's boot loader "
+                               "does), not both")
+    if boot_disk and (initrd or cmdline is not None):
+        raise click.UsageError("--initrd and --cmdline go with --kernel: a boot disk's boot loader has its own")
+    if kernel or boot_disk:
         if not heartbeat:
             raise click.UsageError("a QEMU guest needs --heartbeat: how the engine knows it came up")
-        boot_files = {Path(kernel).name: str(Path(kernel).resolve())}
-        if initrd:
-            boot_files[Path(initrd).name] = str(Path(initrd).resolve())
-        guest = {"kernel": Path(kernel).name, "initrd": Path(initrd).name if initrd else None, "cmdline": cmdline,
-                 "heartbeat": heartbeat, "check_pass": check_pass, "check_fail": check_fail,
+        guest = {"heartbeat": heartbeat, "check_pass": check_pass, "check_fail": check_fail,
                  "memory_mb": memory_mb, "guest_agent": guest_agent, "boot_timeout_s": boot_timeout_s}
-    elif initrd or heartbeat or check_pass or check_fail:
-        raise click.UsageError("--initrd, --heartbeat and the checks describe a QEMU guest: give --kernel too")
+        if boot_disk:
+            guest["boot_disk"] = boot_disk
+        else:
+            boot_files = {Path(kernel).name: str(Path(kernel).resolve())}
+            if initrd:
+                boot_files[Path(initrd).name] = str(Path(initrd).resolve())
+            guest.update({"kernel": Path(kernel).name, "initrd": Path(initrd).name if initrd else None,
+                          "cmdline": "console=ttyS0" if cmdline is None else cmdline})
+    elif initrd or cmdline is not None or heartbeat or check_pass or check_fail:
+        raise click.UsageError("--initrd, --cmdline, --heartbeat and the checks describe a QEMU guest: give "
+                               "--kernel or --boot-disk too")
     result = _service().create_vm(host_name, name, disks=[_disk_option(d) for d in disks],
                                   networks=list(networks) or None, generation=generation, guest=guest,
                                   boot_files=boot_files)

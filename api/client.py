@@ -1,7 +1,7 @@
 """A small typed Python client of the REST API (api/rest.py; the document is docs/openapi.json), for other
 services and scripts.
 
-    with SiteRecoveryClient("http://127.0.0.1:8000", api_key) as asr:
+    with SiteRecoveryClient("https://127.0.0.1:8000", api_key) as asr:
         job = asr.protect("app01", policy="gold", recovery_storage="azure:replicas")
         final = asr.wait_job(job["job_id"], timeout=600)
         for snapshot in asr.events(job["job_id"]):     # or follow it as server-sent events
@@ -13,6 +13,7 @@ message)` with the server's message; a connection failure raises httpx's own err
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from collections.abc import Iterator
 from types import TracebackType
@@ -116,12 +117,17 @@ def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
 
 
 class SiteRecoveryClient:
-    """The REST API at `base_url` (e.g. "http://127.0.0.1:8000"), authenticated with `api_key`."""
+    """The REST API at `base_url` (e.g. "https://127.0.0.1:8000"), authenticated with `api_key`."""
 
     def __init__(self, base_url: str, api_key: str, timeout: float = 30, *,
-                 transport: httpx.BaseTransport | None = None) -> None:
-        self.base_url = base_url.rstrip("/")
+                 transport: httpx.BaseTransport | None = None, verify: ssl.SSLContext | None = None) -> None:
+        """An https `base_url` is verified with `verify`, by default ASR_TLS_CA_FILE (else the system's
+        CAs); an http one is refused unless ASR_INSECURE_TRANSPORT=1 (workflows/transport.py)."""
+        from workflows.transport import check_http_url, client_ssl_context
+
+        self.base_url = check_http_url("base_url", base_url.rstrip("/"))
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport,
+                                  verify=verify if verify is not None else client_ssl_context(),
                                   headers={"X-API-Key": api_key} if api_key else {})
 
     # ---- plumbing ------------------------------------------------------------------------------------------
@@ -150,6 +156,9 @@ class SiteRecoveryClient:
                                       params=_drop_none(params or {}) or None)
         self._raise_for(response)
         return response.json()
+
+    def _delete(self, path: str, **params: Any) -> Any:
+        return self._request("DELETE", path, params=params)
 
     def _get(self, path: str, **params: Any) -> Any:
         return self._request("GET", path, params=params)
@@ -241,6 +250,43 @@ class SiteRecoveryClient:
     def show_policy(self, name: str) -> dict[str, Any]:
         return self._get(f"/policies/{_segment(name)}")
 
+    # ---- changing and removing what was registered ----------------------------------------------------------
+    def rekey_host(self, name: str) -> dict[str, Any]:
+        """A new registration key for the host (`registration_key`, shown once); the old one stops working."""
+        return self._post(f"/hosts/{_segment(name)}/rekey")
+
+    def update_site(self, name: str, *, description: str) -> dict[str, Any]:
+        return self._request("PATCH", f"/sites/{_segment(name)}", json_body={"description": description})
+
+    def update_policy(self, name: str, **options: Any) -> dict[str, Any]:
+        """Change the given settings (those of add_policy); the others keep their values."""
+        return self._request("PATCH", f"/policies/{_segment(name)}", json_body=_drop_none(options))
+
+    def update_plan(self, name: str, groups: list[dict[str, Any]], description: str | None = None) -> dict[str, Any]:
+        return self._request("PUT", f"/plans/{_segment(name)}",
+                             json_body=_drop_none({"groups": groups, "description": description}))
+
+    def remove_vm(self, vm: str, *, confirm: str) -> dict[str, Any]:
+        """`confirm` must be the VM's name (each remove_* takes the name of what it removes)."""
+        segment, query = self._vm(vm)
+        return self._delete(f"/vms/{segment}", confirm=confirm, **query)
+
+    def remove_host(self, name: str, *, confirm: str) -> dict[str, Any]:
+        return self._delete(f"/hosts/{_segment(name)}", confirm=confirm)
+
+    def remove_site(self, name: str, *, confirm: str) -> dict[str, Any]:
+        return self._delete(f"/sites/{_segment(name)}", confirm=confirm)
+
+    def remove_network_mapping(self, source_network: str, *, site: str | None = None, cloud: str | None = None,
+                               confirm: str) -> dict[str, Any]:
+        return self._delete(f"/network-mappings/{_segment(source_network)}", site=site, cloud=cloud, confirm=confirm)
+
+    def remove_policy(self, name: str, *, confirm: str) -> dict[str, Any]:
+        return self._delete(f"/policies/{_segment(name)}", confirm=confirm)
+
+    def remove_plan(self, name: str, *, confirm: str) -> dict[str, Any]:
+        return self._delete(f"/plans/{_segment(name)}", confirm=confirm)
+
     # ---- protection and failover ---------------------------------------------------------------------------
     def protect(self, vm: str, *, policy: str, recovery_storage: str, storage_options: dict[str, Any] | None = None,
                 recovery_host: str | None = None) -> JobRef:
@@ -252,8 +298,16 @@ class SiteRecoveryClient:
         """`confirm` must be the VM's name: its replicas and recovery points are deleted."""
         return self._vm_action(vm, "disable-protection", {"confirm": confirm})
 
+    def replicate(self, vm: str) -> JobRef:
+        """A delta replication cycle now."""
+        return self._vm_action(vm, "replicate")
+
     def resync(self, vm: str) -> JobRef:
         return self._vm_action(vm, "resync")
+
+    def preview_resync(self, vm: str) -> JobRef:
+        """What a resync would send, without sending (a job; its steps' results count chunks and bytes)."""
+        return self._vm_action(vm, "resync-preview")
 
     def consistency_check(self, vm: str) -> JobRef:
         return self._vm_action(vm, "consistency-check")
@@ -299,12 +353,29 @@ class SiteRecoveryClient:
     def reverse_replication(self, vm: str) -> JobRef:
         return self._vm_action(vm, "reverse-replication")
 
+    def failover_history(self, vm: str, *, limit: int = 20) -> list[dict[str, Any]]:
+        segment, query = self._vm(vm)
+        return self._get(f"/vms/{segment}/failovers", limit=limit, **query)
+
     def health(self) -> list[dict[str, Any]]:
         return self._get("/health")
+
+    def metrics(self) -> str:
+        """The Prometheus metrics, as text (`prometheus_client.parser.text_string_to_metric_families` reads it)."""
+        response = self._http.get(f"{API_PREFIX}/metrics")
+        self._raise_for(response)
+        return response.text
+
+    def list_alerts(self, *, active: bool = False, limit: int = 100) -> list[dict[str, Any]]:
+        """Alerts raised and resolved, newest first, with their delivery to the webhook."""
+        return self._get("/alerts", active=str(active).lower(), limit=limit)
 
     # ---- recovery plans --------------------------------------------------------------------------------------
     def list_plans(self) -> list[dict[str, Any]]:
         return self._get("/plans")
+
+    def plan_scripts(self) -> list[dict[str, Any]]:
+        return self._get("/plan-scripts")
 
     def create_plan(self, name: str, groups: list[dict[str, Any]], description: str = "") -> dict[str, Any]:
         return self._post("/plans", {"name": name, "groups": groups, "description": description})
@@ -315,10 +386,14 @@ class SiteRecoveryClient:
     def run_plan(self, name: str, operation: str, **options: Any) -> JobRef:
         return self._post(f"/plans/{_segment(name)}/run", _drop_none({"operation": operation, **options}))
 
+    def validate_plan(self, name: str, operation: str, **options: Any) -> dict[str, Any]:
+        """A dry run of `run_plan`: the groups the run would take, or the ApiError it would give."""
+        return self._post(f"/plans/{_segment(name)}/validate", _drop_none({"operation": operation, **options}))
+
     # ---- jobs --------------------------------------------------------------------------------------------------
     def list_jobs(self, *, state: str | None = None, kind: str | None = None, vm: str | None = None,
-                  limit: int = 50) -> list[dict[str, Any]]:
-        return self._get("/jobs", state=state, kind=kind, vm=vm, limit=limit)
+                  plan: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        return self._get("/jobs", state=state, kind=kind, vm=vm, plan=plan, limit=limit)
 
     def show_job(self, job_id: str) -> Job:
         return self._get(f"/jobs/{_segment(job_id)}")

@@ -116,6 +116,35 @@ def _remove_except(folder: Path, kept: list[Path]) -> None:
             entry.unlink(missing_ok=True)
 
 
+def _stay_up(held, report: Report, console: Console, as_json: bool, workdir: Path, started: float) -> None:
+    """--stay: the report, then the deployment left running for a person to click through until Ctrl-C (or
+    SIGTERM); then it is stopped, and the report's cleanup check is made as without --stay."""
+    from api.demo_site import FLOWER_USER
+    from api.demo_stages import Interrupted
+
+    def interrupted(signum, _frame):
+        raise Interrupted(f"signal {signum}")
+
+    console.say(f"demo finished in {time.monotonic() - started:.0f} s")
+    print_report(report, console, as_json, workdir)
+    sys.stdout.flush()
+    flower = held.flower.url if held.flower is not None else None
+    console.say(f"--stay: the deployment keeps running. Web console: {held.console_url} (API key "
+                f"{held.console_key}); Flower: {flower} (user {FLOWER_USER}, password {held.flower_password}). "
+                f"Ctrl-C stops it.")
+    previous = signal.signal(signal.SIGTERM, interrupted)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        while True:
+            signal.pause()
+    except (KeyboardInterrupt, Interrupted):
+        console.say("stopping the deployment kept up by --stay")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
+        held.close()
+
+
 @click.command("demo")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-work"),
               show_default=True, help="Work folder: hosts, recovery site, database, logs (emptied first; "
@@ -133,8 +162,11 @@ def _remove_except(folder: Path, kept: list[Path]) -> None:
 @click.option("--inject-failure", type=click.Choice(FAILURES), default=None,
               help="Break something on purpose to see a check fail: corrupt-replica overwrites 4 KiB of a "
                    "replica just before the replicas are verified.")
+@click.option("--stay", is_flag=True, help="After a successful run and its report, keep the (last backend's) "
+                                           "deployment running, its web console and Flower open to click "
+                                           "through, until Ctrl-C.")
 def demo(workdir: Path, backend: str, as_json: bool, seed: int, time_scale: float, keep: bool,
-         inject_failure: str | None):
+         inject_failure: str | None, stay: bool):
     """Run Site Recovery Engine end to end on this machine and check every disk byte for byte.
 
     Protects four VMs on two hosts with their writers running, replicates, drills, fails over and back,
@@ -157,10 +189,11 @@ def demo(workdir: Path, backend: str, as_json: bool, seed: int, time_scale: floa
     # jobs: the demo must always be stoppable, and always stop what it started.
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
+    held = None
     try:
-        for name in backends:
-            run_backend(name, workdir / name, console, report, time_scale=time_scale, seed=seed,
-                        inject=inject_failure)
+        for number, name in enumerate(backends, 1):
+            held = run_backend(name, workdir / name, console, report, time_scale=time_scale, seed=seed,
+                               inject=inject_failure, keep_up=stay and number == len(backends))
             if not all(s.ok for s in report.stages):
                 break
     except (KeyboardInterrupt, Interrupted):
@@ -169,11 +202,17 @@ def demo(workdir: Path, backend: str, as_json: bool, seed: int, time_scale: floa
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
+    if held is not None:
+        _stay_up(held, report, console, as_json, workdir, started)
     left = processes_under(workdir)
     report.cleanup.append(Check("nothing the demo started is left running", not left,
                                 "none" if not left else "; ".join(f"pid {p}: {c[:120]}" for p, c in left)))
-    console.say(f"demo finished in {time.monotonic() - started:.0f} s")
-    print_report(report, console, as_json, workdir)
+    if held is None:
+        console.say(f"demo finished in {time.monotonic() - started:.0f} s")
+        print_report(report, console, as_json, workdir)
+    else:  # the report was printed before the deployment was kept up: only what stopping it found
+        cleanup = report.cleanup[-1]
+        console.say(f"cleanup {'passed' if cleanup.ok else 'FAILED'}: {cleanup.check}: {cleanup.detail}")
     if report.ok and not keep:
         _remove_except(workdir, _kept_paths(report))
     sys.exit(0 if report.ok else (130 if report.interrupted else 1))

@@ -9,6 +9,7 @@ import random
 import secrets
 import shutil
 import signal
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -19,9 +20,13 @@ from dataclasses import dataclass
 from datetime import time as time_of_day
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from api.demo_report import Check, Console, MiB, Stage, compare_disks
+from sites.brokeracl import host_user_name
 from sites.deployment import AZURE_CONNECTION_ENV, Deployment
+from sites.localservices import LOCALHOST
+from sites.planscripts import shared_folder, write_registry
 
 HOSTS = ("host1", "host2")
 RECOVERY_HOST = "dr1"
@@ -40,6 +45,9 @@ FLOWER_USER = "asr"
 FINISHED = ("succeeded", "failed", "cancelled")
 ALL_DAY = (time_of_day(0, 0), time_of_day(23, 59, 59, 999999))
 LOG_TAIL_CHARS = 1500
+PLAN_SCRIPT = "check-data"
+PLAN_SCRIPT_TEXT = '#!/bin/sh\necho "plan $ASR_PLAN_ID checked group $ASR_ARG_GROUP as $(id -un)"\n'
+"""The demo plan's script: what it prints (into the job record) shows it ran, with what, and as whom."""
 
 
 class DemoError(Exception):
@@ -66,18 +74,34 @@ class DemoSite:
         self.time_scale = time_scale
         self.seed = seed
         self.flower_password = secrets.token_urlsafe(12)
+        self.console_key: str | None = None
+        """An operator's API key for the web console, made once the deployment's database exists."""
         self.hosts: dict[str, Any] = {}
         self.vms: dict[str, DemoVm] = {}
         self._writer_starts = 0
         # The orchestration worker runs four at a time: the recovery-side steps of the four VMs (apply logs,
         # restore) side by side. Redis is append-only, as in production: the queue survives a restart.
+        # The hosts' agents start once their hosts are registered (`register`): each proves it is its host
+        # with the registration key, as `asr worker host` starts it.
         workers = {"orchestration": (["orchestration", "recovery"], 4)}
-        workers |= {f"host-{name}": ([f"host.{name}"], 3) for name in (*HOSTS, RECOVERY_HOST)}
+        # The recovery plan's script, registered as an administrator would (sites/planscripts.py); outside the
+        # work folder, which may be private, since the script runs as an unprivileged user.
+        self.plan_scripts = shared_folder("asr-demo-scripts-")
+        write_registry(self.plan_scripts, {PLAN_SCRIPT: (PLAN_SCRIPT_TEXT, {
+            "description": "Reports the plan and group it checked", "timeout_s": 30, "args": {"group": "[a-z0-9-]+"}})})
         self.services = Deployment(
             workdir, workers=workers, flower=(FLOWER_USER, self.flower_password), azurite=backend == "azure",
             settings={"ASR_HEARTBEAT_S": "1", "ASR_STALE_AFTER_S": "5", "ASR_RECONCILE_S": "1", "ASR_TICK_S": "1",
-                      "ASR_TIME_SCALE": f"{time_scale:g}"},
-            logs=workdir / "logs", ready_timeout=60, say=console.say,
+                      "ASR_TIME_SCALE": f"{time_scale:g}", "ASR_PLAN_SCRIPTS_DIR": str(self.plan_scripts),
+                      "ASR_STORAGE_ROOTS": str(workdir)},
+            logs=workdir / "logs", ready_timeout=60, say=console.say, api=True,
+            # TLS on every connection, as a deployment should run: the deployment's CA and certificates are
+            # made in workdir/tls (as `asr certs create` makes them), Redis speaks TLS only and wants client
+            # certificates, Flower (and Azurite for the Azure backend) serve HTTPS.
+            tls=True,
+            # Each host agent reaches Redis as its own ACL user, which may consume only its host's queue; the
+            # other processes as the engine's user; no administration command for either (sites/brokeracl.py).
+            broker_acl=True,
         )
         if backend == "azure":
             self.recovery_storage = f"azure:demo-{uuid.uuid4().hex[:16]}"
@@ -90,16 +114,83 @@ class DemoSite:
     def flower(self) -> Any:
         return self.services.flower
 
+    @property
+    def console_url(self) -> str:
+        return f"{self.services.api.url}/console/"
+
     # ---- processes --------------------------------------------------------------------------------------
     def start(self) -> list[Check]:
         services = self.services.start()
         return [
-            Check("redis-server answers", bool(services.redis.client().ping()), services.redis.url),
+            Check("redis-server answers over TLS with the deployment's client certificate",
+                  bool(services.redis.client().ping()), services.redis.url),
+            Check("redis-server refuses plain-text clients", self._plain_redis_refused(),
+                  f"redis://{LOCALHOST}:{services.redis.port}"),
             Check("workers, beat and Flower ready and running",
                   all(p.process.poll() is None for p in services.processes),
                   ", ".join(f"{p.name} (pid {p.process.pid})" for p in services.processes)),
             *self.flower_checks(),
+            *self.console_checks(),
         ]
+
+    def console_checks(self) -> list[Check]:
+        """An operator's key for the console (printed: the demo is this person's), and a real login with it."""
+        from api import service
+
+        self.console_key = service.create_api_key("demo-console", "operator")["key"]
+        self.console.say(f"  Console: {self.console_url}  (log in with API key {self.console_key})")
+        status, cookie = self._console_login(self.console_key)
+        refused, _ = self._console_login("asr_not-a-key")
+        return [Check("the web console serves HTTPS, verified with the deployment's CA, and the demo's key logs in",
+                      self.console_url.startswith("https://") and status == 303 and cookie, f"HTTP {status}"),
+                Check("the console refuses a wrong key", refused == 401, f"HTTP {refused}")]
+
+    def _console_login(self, key: str) -> tuple[int, bool]:
+        import httpx
+
+        from api.console.sessions import COOKIE
+
+        url = self.services.api.url
+        with httpx.Client(verify=self._tls_context() or True, timeout=10, follow_redirects=False) as client:
+            response = client.post(f"{url}/console/login", data={"api_key": key, "next": "/console/"},
+                                   headers={"Origin": url})
+        return response.status_code, f"{COOKIE}=" in response.headers.get("set-cookie", "")
+
+    def _plain_redis_refused(self) -> bool:
+        import redis
+
+        try:
+            redis.Redis(host=LOCALHOST, port=self.services.redis.port, socket_timeout=3,
+                        socket_connect_timeout=3).ping()
+        except redis.ConnectionError:
+            return True
+        return False
+
+    def _host_users_confined(self, host_names: list[str]) -> bool:
+        """Every host's broker user may not read another host's queue (the ACL refuses it), nor flush Redis."""
+        import redis
+
+        for name in host_names:
+            url = urlparse(self.services.host_broker_url(name))
+            client = self.services.redis.client(url.username, url.password)
+            for other in host_names:
+                if other == name:
+                    continue
+                try:
+                    client.lrange(f"host.{other}", 0, 0)
+                    return False
+                except redis.exceptions.NoPermissionError:
+                    pass
+            try:
+                client.flushall()
+                return False
+            except redis.exceptions.NoPermissionError:
+                pass
+        return True
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        certificates = self.services.certificates
+        return None if certificates is None else ssl.create_default_context(cafile=str(certificates.ca_file))
 
     def flower_get(self, path: str, *, auth: bool = True) -> tuple[int, Any]:
         request = urllib.request.Request(self.flower.url + path)
@@ -107,7 +198,8 @@ class DemoSite:
             token = base64.b64encode(f"{FLOWER_USER}:{self.flower_password}".encode()).decode()
             request.add_header("Authorization", f"Basic {token}")
         try:
-            with urllib.request.urlopen(request, timeout=10) as response:
+            # Flower serves HTTPS with the deployment's certificate: verified with its CA.
+            with urllib.request.urlopen(request, timeout=10, context=self._tls_context()) as response:
                 return response.status, json.loads(response.read() or b"null")
         except urllib.error.HTTPError as error:
             return error.code, None
@@ -115,7 +207,9 @@ class DemoSite:
     def flower_checks(self) -> list[Check]:
         anonymous, _ = self.flower_get("/api/workers", auth=False)
         signed_in, _ = self.flower_get("/api/tasks?limit=1")
-        return [Check("Flower refuses requests without credentials", anonymous == 401, f"HTTP {anonymous}"),
+        return [Check("Flower serves HTTPS, verified with the deployment's CA",
+                      self.flower.url.startswith("https://") and signed_in == 200, self.flower.url),
+                Check("Flower refuses requests without credentials", anonymous == 401, f"HTTP {anonymous}"),
                 Check("Flower's API answers with credentials", signed_in == 200, f"HTTP {signed_in}")]
 
     def close(self) -> None:
@@ -131,6 +225,7 @@ class DemoSite:
                         self.console.say(f"  could not stop the writer of {vm.name} on {host.name}: {error}")
             self.services.close()
         finally:
+            shutil.rmtree(self.plan_scripts, ignore_errors=True)
             signal.signal(signal.SIGINT, previous)
 
     def log_tails(self) -> str:
@@ -148,13 +243,14 @@ class DemoSite:
         from sites.host import Host
 
         say = self.console.say
+        keys: dict[str, str] = {}
         with session_scope() as session:
             primary = create_site(session, "primary", "the protected datacenter")
             recovery = create_site(session, "recovery", "the recovery datacenter")
             for name, site in [*((h, primary) for h in HOSTS), (RECOVERY_HOST, recovery)]:
                 root = self.workdir / "hosts" / name
                 root.mkdir(parents=True)
-                register_host(session, name, str(root), site=site)
+                keys[name] = register_host(session, name, str(root), site=site)[1]
                 self.hosts[name] = Host(root, name)
             for network, (target, subnet) in RECOVERY_NETWORKS.items():
                 add_network_mapping(session, network, target, subnet, site=primary)
@@ -165,6 +261,13 @@ class DemoSite:
         say(f"  sites primary ({', '.join(HOSTS)}) and recovery ({RECOVERY_HOST}); network default -> "
             f"{RECOVERY_NETWORKS['default'][0]} {RECOVERY_NETWORKS['default'][1]}; policy demo: copy every 30 s, "
             f"app-consistent every hour, time scaled by {self.time_scale:g}")
+        agents = [self.services.add_worker(f"host-{name}", [f"host.{name}"], concurrency=3, wait=False,
+                                           env={**self.services.env, "ASR_HOST_NAME": name, "ASR_HOST_KEY": key})
+                  for name, key in keys.items()]
+        for agent in agents:
+            agent.wait_ready(self.services.ready_timeout)
+        say("  host agents " + ", ".join(f"{agent.name} (pid {agent.process.pid})" for agent in agents)
+            + ", each started with its host's registration key")
         for number, (host_name, vm_name) in enumerate(VMS):
             driver = self.hosts[host_name]
             vm = driver.create_vm(vm_name, list(DISKS), networks=("default",))
@@ -179,7 +282,12 @@ class DemoSite:
 
             registered = {vm.name: len(vm_disks(session, session.get(VirtualMachine, vm.vm_id)))
                           for vm in self.vms.values()}
-        return [Check("VMs and disks registered", registered == {name: len(DISKS) for _, name in VMS},
+        return [Check("host agents ready, each started with its host's key", all(
+                          agent.process.poll() is None for agent in agents), ", ".join(a.name for a in agents)),
+                Check("each host agent's broker user is refused the other hosts' queues",
+                      self._host_users_confined(list(keys)), "Redis ACL users " + ", ".join(
+                          host_user_name(name) for name in keys)),
+                Check("VMs and disks registered", registered == {name: len(DISKS) for _, name in VMS},
                       f"{registered}")]
 
     # ---- writers -------------------------------------------------------------------------------------------

@@ -1,12 +1,14 @@
 """`python -m benchmarks.run`: measure the data path and the workflows against their peers and write
 the results.
 
-Three sections, all by default, one with `--only`: `datapath` (benchmarks/datapath.py: copy, sparse
-copy, resync, checksum scan, log apply, peak memory), `workflows` (benchmarks/workflows.py: the job
+Four sections, all by default, one with `--only`: `datapath` (benchmarks/datapath.py: copy, sparse
+copy, resync both ways read and the product's resync from the stored manifest, checksum scan, log apply,
+peak memory), `workflows` (benchmarks/workflows.py: the job
 engine's cost per step against a bare Celery chain, enabling protection of many VMs end to end, and the
 failover time (RTO) of a recovery plan of many VMs, test and planned, against the same canvas of no-op
-tasks) and `nbd` (benchmarks/nbd.py: write throughput of a disk served over NBD by the tracker service
-against qemu-nbd and the raw file).
+tasks), `nbd` (benchmarks/nbd.py: write throughput of a disk served over NBD by the tracker service
+against qemu-nbd and the raw file) and `churn` (benchmarks/churn.py: RPO and log backlog of synthetic VMs
+writing at 2, 5 and 20 MB/s with a 30 s copy frequency, for 10 minutes).
 Writes `benchmarks.json` (every run's figures) and `benchmarks.md` (a table: ours, the peer, the
 ratio, the goal, pass or miss) into `--output` (docs/ by default), and prints the table. The report
 holds the sections this run measured, no others. Goals are judged only on what was measured in this
@@ -30,12 +32,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import nbd
+from benchmarks import churn, nbd
 from benchmarks.datapath import CHUNK_SIZE, BenchmarkError, measure_datapath
 from benchmarks.workflow_report import measure_workflows, workflow_detail_lines
 from datapath.disk import format_size, parse_size
 
-SECTIONS = ("datapath", "workflows", "nbd")
+SECTIONS = ("datapath", "workflows", "nbd", "churn")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SIZE = "1G"
@@ -52,7 +54,7 @@ SPACE_NEEDED_PER_DISK_SIZE = 5
 """The largest moment holds about 4.3 disk sizes in the workdir (source, sparse data, two targets)."""
 WORKDIR_MARKER = ".sre-bench-workdir"
 REQUIRED_TOOLS = {"datapath": ("cp", "sync", "rsync", "cmp", "qemu-img"), "workflows": ("redis-server",),
-                  "nbd": ("qemu-img", "qemu-nbd", "cmp")}
+                  "nbd": ("qemu-img", "qemu-nbd", "cmp"), "churn": ("redis-server",)}
 DEFAULT_STEPS = 200
 QUICK_STEPS = 20
 DEFAULT_VMS = 100
@@ -78,12 +80,14 @@ class UsageError(ValueError):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.run",
-        description="Benchmark the data path (copy, sparse copy, resync, checksum scan, log apply, peak "
+        description="Benchmark the data path (copy, sparse copy, resync, product-path resync, checksum scan, "
+                    "log apply, peak "
                     "memory) against cp, cp --sparse=always, rsync and bare mmh3, in one run on the same "
                     "generated disks, and the workflows (the job engine's cost per step against a bare Celery "
                     "chain; enabling protection of many VMs end to end with real workers; the test and planned "
                     "failover of a recovery plan of many VMs, its RTO), and writes over NBD through the tracker "
-                    "service against qemu-nbd; write benchmarks.md and benchmarks.json.",
+                    "service against qemu-nbd, and RPO under churn (synthetic VMs writing at 2, 5 and 20 MB/s, "
+                    "30 s copy frequency); write benchmarks.md and benchmarks.json.",
     )
     parser.add_argument("--only", choices=SECTIONS,
                         help="run one section only (default: all); the report then holds that section alone")
@@ -112,6 +116,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"workflows: groups the plan's VMs are cut into, at most {MAX_PLAN_GROUPS} and at most "
                              f"the plan's VMs (default {DEFAULT_PLAN_GROUPS})")
     nbd.add_arguments(parser)
+    churn.add_arguments(parser)
     parser.add_argument("--seed", type=int, default=1, help="seed of the generated data and damage (default 1)")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "docs",
                         help="where benchmarks.md and benchmarks.json are written (default: docs/ in the repo)")
@@ -279,6 +284,9 @@ def measure(workdir: Path, sections: tuple[str, ...], settings: dict[str, Any]) 
         measured["workflows"] = measure_workflows(workdir / "workflows", settings, progress)
     if "nbd" in sections:
         measured["nbd"] = nbd.measure_section(settings, progress)
+    if "churn" in sections:
+        os.sync()
+        measured["churn"] = churn.measure_section(workdir / "churn", settings, progress)
     progress("done")
     return {"seconds": time.monotonic() - started, "load_average_before": load_before,
             "load_average_after": os.getloadavg()} | measured
@@ -294,26 +302,30 @@ def checked_settings(args: argparse.Namespace, sections: tuple[str, ...]) -> dic
         plan_vms, plan_groups = checked_plan(args)
         settings |= {"steps": checked_steps(args), "vms": checked_vms(args), "fleet_hosts": FLEET_HOSTS,
                      "vm_disk_size": VM_DISK_SIZE, "plan_vms": plan_vms, "plan_groups": plan_groups}
-    if "nbd" in sections:
-        try:
+    try:
+        if "nbd" in sections:
             settings |= nbd.checked_settings(args)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
+        if "churn" in sections:
+            settings |= churn.checked_settings(args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     return settings
 
 
 def space_needed(settings: dict[str, Any]) -> int:
     datapath = SPACE_NEEDED_PER_DISK_SIZE * settings.get("size", 0)
     workflows = WORKFLOW_SPACE_PER_VM * (settings.get("vms", 0) + settings.get("plan_vms", 0))
-    return datapath + workflows + PLAN_SPACE_PER_VM * settings.get("plan_vms", 0)
+    return (datapath + workflows + PLAN_SPACE_PER_VM * settings.get("plan_vms", 0)
+            + churn.space_needed(settings))
 
 
 def all_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every benchmark's result rows: the data path's, then the workflows', then NBD's."""
+    """Every benchmark's result rows: the data path's, then the workflows', NBD's and churn's."""
     return [row for benchmark in benchmarks_of(report) for row in benchmark["rows"]]
 
 
-def benchmarks_of(report: dict[str, Any], keys: tuple[str, ...] = ("benchmarks", "workflows", "nbd")) -> list:
+def benchmarks_of(report: dict[str, Any],
+                  keys: tuple[str, ...] = ("benchmarks", "workflows", "nbd", "churn")) -> list:
     return [benchmark for key in keys for benchmark in report.get(key, {}).values()]
 
 
@@ -323,7 +335,7 @@ def method_of(sections: tuple[str, ...]) -> list[str]:
         from benchmarks.workflows import METHOD as WORKFLOW_METHOD  # imported by the run already
 
         method += WORKFLOW_METHOD
-    return method + (nbd.METHOD if "nbd" in sections else [])
+    return method + (nbd.METHOD if "nbd" in sections else []) + (churn.METHOD if "churn" in sections else [])
 
 
 def build_report(argv: list[str], sections: tuple[str, ...], settings: dict[str, Any], machine: dict[str, Any],
@@ -394,7 +406,8 @@ def results_table(report: dict[str, Any]) -> list[list[str]]:
                  f"(grew {step['growth_bytes'] / (1 << 20):+.1f} MiB)",
             verdict(step["passed"]),
         ])
-    return lines + [_row_cells(benchmark["title"], row) for benchmark in benchmarks_of(report, ("workflows", "nbd"))
+    return lines + [_row_cells(benchmark["title"], row)
+                    for benchmark in benchmarks_of(report, ("workflows", "nbd", "churn"))
                     for row in benchmark["rows"]]
 
 
@@ -439,6 +452,9 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{settings['plan_vms']} VMs in {settings['plan_groups']} groups failed over")
     if "nbd" in report["sections"]:
         scope.append(f"{settings['nbd_total_mib']} MiB written over NBD per run")
+    if "churn" in report["sections"]:
+        scope.append(f"RPO sampled for {settings['churn_duration_s']:g} s under churn of "
+                     f"{', '.join(f'{rate:g}' for rate in settings['churn_rates_mb_s'])} MB/s")
     lines = [
         "# Benchmarks: " + " and ".join(SECTION_TITLES[section] for section in report["sections"]),
         "",
@@ -481,10 +497,13 @@ def markdown(report: dict[str, Any]) -> str:
         lines += workflow_detail_lines(report["workflows"])
     if "nbd" in report["sections"]:
         lines += nbd.detail_lines(report["nbd"])
+    if "churn" in report["sections"]:
+        lines += churn.detail_lines(report["churn"])
     return "\n".join(lines) + "\n"
 
 
-SECTION_TITLES = {"datapath": "data path", "workflows": "workflows", "nbd": "writes over NBD"}
+SECTION_TITLES = {"datapath": "data path", "workflows": "workflows", "nbd": "writes over NBD",
+                  "churn": "RPO under churn"}
 
 
 def _sentence(text: str) -> str:
@@ -495,6 +514,8 @@ def detail_lines(report: dict[str, Any]) -> list[str]:
     """The figures beside the headline ones: what was moved, what crossed, what was allocated."""
     benchmarks = report["benchmarks"]
     copy, sparse, resync = benchmarks["initial_copy"], benchmarks["sparse_copy"], benchmarks["resync"]
+    product = benchmarks["resync_product"]
+    ours_product = min(product["ours"]["runs"], key=lambda run: run["seconds"])
     scan, log = benchmarks["checksum_scan"], benchmarks["log_apply"]
     best_copy = min(copy["ours"]["runs"], key=lambda run: run["seconds"])
     best_sparse = min(sparse["ours"]["runs"], key=lambda run: run["seconds"])
@@ -520,6 +541,13 @@ def detail_lines(report: dict[str, Any]) -> list[str]:
         f"{ours_sync['blocks_sent']} blocks sent). rsync: literal data {peer_sync['literal_data']:,} B, matched "
         f"{peer_sync['matched_data']:,} B, total bytes sent {peer_sync['total_bytes_sent']:,} B, received "
         f"{peer_sync['total_bytes_received']:,} B.",
+        f"- Product-path resync: the tracked source changed in {product['details']['changed_chunks']} chunks "
+        f"({product['details']['changed_blocks']} blocks) after an initial copy of "
+        f"{product['details']['initial_copy_seconds']:.1f} s; ours read {ours_product['replica_bytes_read']:,} B of "
+        f"the replica (the differing chunks, compared then kept in the undo log), sent "
+        f"{ours_product['bytes_sent']:,} B, hash_bytes {ours_product['hash_bytes']:,} B; best "
+        f"{product['ours']['best_seconds']:.3f} s against rsync's {product['peer']['best_seconds']:.3f} s and "
+        f"sync_disks' (both sides read, `asr disk sync`) {resync['ours']['best_seconds']:.3f} s.",
         f"- Checksum scan: cold best {scan['ours']['best_seconds']:.3f} s, warm best "
         f"{scan['ours_warm']['best_seconds']:.3f} s, in-memory ceiling {scan['peer']['best_seconds']:.3f} s; "
         f"every run gave root {scan['details']['root']}.",
@@ -530,6 +558,22 @@ def detail_lines(report: dict[str, Any]) -> list[str]:
         f"{log['ours']['best_seconds']:.3f} s, median {log['ours']['median_seconds']:.3f} s.",
         f"- Peak memory baseline (an idle child with the data-path modules imported): "
         f"{format_size(report['memory']['baseline_peak_rss_bytes'])}.",
+    ] + encryption_detail_lines(benchmarks.get("encryption_cost"))
+
+
+def encryption_detail_lines(encryption: dict[str, Any] | None) -> list[str]:
+    if not encryption or not encryption["details"]:
+        return []
+    details = encryption["details"]
+    copy, restore, xts = details["copy_gb_per_s"], details["restore_gb_per_s"], details["xts_in_memory"]
+    return [
+        f"- Encryption: the initial copy takes {details['copy_cost']:.2f}× the time in clear "
+        f"({copy['encrypted']:.2f} GB/s encrypted, {copy['clear']:.2f} GB/s clear), the restore "
+        f"{details['restore_cost']:.2f}× ({restore['encrypted']:.2f} and {restore['clear']:.2f} GB/s); peak memory "
+        f"of the encrypted copy {format_size(encryption['ours']['peak_rss_bytes'])}, in clear "
+        f"{format_size(encryption['peer']['peak_rss_bytes'])}. AES-XTS in memory, one thread: batched "
+        f"{xts['batched_mb_per_s']:.0f} MB/s encrypting, {xts['batched_decrypt_mb_per_s']:.0f} MB/s decrypting; a "
+        f"cipher per sector {xts['per_sector_mb_per_s']:.0f} MB/s.",
     ]
 
 

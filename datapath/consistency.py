@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datapath.endpoint import DiskEndpoint
 from datapath.errors import NonRecoverableError, SizeMismatchError
 from datapath.manifest import DEFAULT_CHUNK_SIZE, compute_manifest, diff_manifests
-from datapath.points import load_manifest, store_manifest
+from datapath.points import manifest_if_root, store_manifest
 from datapath.replication import RecordingTarget, ReplicaDisk, ReplicaState, copy_recorded
 from datapath.resync import sync_disks
 from datapath.undolog import merge_ranges, record_undo
@@ -112,7 +112,7 @@ def _repair(source, target, replica: ReplicaDisk, state: ReplicaState, source_ma
             report: ConsistencyReport) -> None:
     """Send the differing blocks of the drifted chunks as a new version of the replica."""
     version = state.version + 1
-    recorded = load_manifest(replica, state.version)
+    recorded = manifest_if_root(replica, state.version, state.manifest_root)  # a changed one is not relied on
     if recorded is not None and recorded.chunk_size != source_manifest.chunk_size:
         recorded = None
     damaged = [] if recorded is None else [

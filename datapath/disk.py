@@ -20,6 +20,7 @@ from types import TracebackType
 from datapath.buffers import aligned_buffer
 from datapath.durable import fsync_directory
 from datapath.errors import DiskFormatError, DiskNotFoundError, LowDiskSpaceError
+from datapath.private import FILE_MODE
 from datapath.vhd import COOKIE, FOOTER_SIZE, build_footer, parse_footer
 
 FORMATS = ("raw", "vhd")
@@ -102,9 +103,11 @@ def create_disk(path: str | os.PathLike[str], size: int, fmt: str = "raw") -> No
                 f"got {size!r}"
             )
         footer = b""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    # A guest's data: its owner's only (0600 whatever the umask).
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
         try:
+            os.fchmod(fd, FILE_MODE)
             os.ftruncate(fd, size + len(footer))
             if footer:
                 _pwrite_all(fd, memoryview(footer), size, str(path))

@@ -65,3 +65,17 @@ class StorageAuthError(NonRecoverableError):
 
 class LowDiskSpaceError(RecoverableError):
     """The target ran out of space."""
+
+
+class StorageKeyError(NonRecoverableError):
+    """The key-encryption key is missing, malformed or not the one that wrapped the recovery storage's data
+    keys: nothing encrypted can be read or written until the setting names the right key."""
+
+
+class ObjectAuthenticationError(NonRecoverableError):
+    """An encrypted object or data key of the recovery storage failed authentication: it was altered,
+    truncated, swapped for another or renamed. Nothing of it has been used."""
+
+    def __init__(self, message: str, *, object_name: str | None = None):
+        super().__init__(message)
+        self.object_name = object_name

@@ -22,6 +22,7 @@ import mmh3
 
 from datapath.endpoint import SECTOR
 from datapath.errors import AlignmentError
+from datapath.private import FILE_MODE
 
 MAGIC = b"ASRHRL1\0"
 FORMAT_VERSION = 1
@@ -154,7 +155,7 @@ class LogWriter:
         """Create (or replace) the log file at `path` with a fresh header."""
         header = LogHeader(disk_id, generation, first_seq, disk_size, block_size, time.time_ns())
         header.check_valid()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, FILE_MODE)  # the guest's writes: private
         try:
             write_fully(fd, [header.encode()], 0)
         except BaseException:

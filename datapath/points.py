@@ -78,6 +78,45 @@ def load_manifest(replica: ReplicaDisk, version: int) -> Manifest | None:
     return Manifest.from_bytes(raw, name=name)
 
 
+def manifest_if_root(replica: ReplicaDisk, version: int, root: str | None) -> Manifest | None:
+    """The stored manifest of `version` only when its root is `root` (the root the database recorded for
+    that version, or a state checked against it); None when none is stored or it says otherwise, so a
+    manifest changed on the storage is not relied upon."""
+    manifest = load_manifest(replica, version)
+    if manifest is None or root is None or manifest.root_hex != root:
+        return None
+    return manifest
+
+
+def settled_manifest(replica: ReplicaDisk, state: ReplicaState, chunk_size: int) -> tuple[Manifest | None, str]:
+    """The stored manifest of the replica's current version when it describes the replica's bytes, with
+    "" as the reason; otherwise None and why not.
+
+    Every change of the replica (initial copy, log apply, resync, consistency repair) stores the undo log
+    of the version it makes before it writes the first byte, and that version's manifest and then the
+    state only after its last byte is written and flushed. So the replica's bytes are those of the
+    state's version's manifest exactly when the state says a completed copy (not a copy or resync in
+    progress) and no undo log or manifest of a later version is stored (an apply, resync or repair that
+    stopped half-way, or versions the state was put back behind). The state's root must be the one the
+    database recorded (the caller checks it: datapath.statecheck), and the stored manifest must have it.
+    Damage to the replica's bytes (storage corruption, writes from outside) is not seen here: only by
+    reading them (`check_replica`)."""
+    if not state.initial_copy_done or state.version < 1:
+        return None, "no completed version: a copy or resync was in progress"
+    stored = stored_versions(replica)
+    later = sorted(version for version in stored.undo | stored.manifests if version > state.version)
+    if later:
+        return None, (f"version {later[0]} is stored beyond the state's version {state.version}: a change "
+                      f"was interrupted, the replica may hold part of it")
+    manifest = manifest_if_root(replica, state.version, state.manifest_root)
+    if manifest is None:
+        return None, f"no stored manifest of version {state.version} with the recorded root {state.manifest_root}"
+    if manifest.chunk_size != chunk_size or manifest.size != state.size:
+        return None, (f"the manifest of version {state.version} has {manifest.chunk_size}-byte chunks of a "
+                      f"{manifest.size}-byte disk, not {chunk_size}-byte chunks of {state.size} bytes")
+    return manifest, ""
+
+
 def store_manifest(replica: ReplicaDisk, version: int, manifest: Manifest) -> None:
     replica.storage.put_object(replica.manifest_name(version), manifest.to_bytes())
 

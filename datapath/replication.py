@@ -29,9 +29,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import BinaryIO
 
-from datapath.copy import DEFAULT_FLUSH_INTERVAL, copy_disk
+from datapath.copy import DEFAULT_FLUSH_INTERVAL, CopyResult, copy_disk
 from datapath.endpoint import DiskEndpoint
-from datapath.errors import LogOutOfSequenceError, NonRecoverableError, SizeMismatchError
+from datapath.errors import (
+    LogCorruptError,
+    LogOutOfSequenceError,
+    NonRecoverableError,
+    ObjectAuthenticationError,
+    SizeMismatchError,
+)
 from datapath.logapply import MAX_TARGET_WRITE, apply_log
 from datapath.logreader import LogDiskMismatchError, LogReader
 from datapath.manifest import (
@@ -42,7 +48,15 @@ from datapath.manifest import (
     compute_manifest,
     split_ranges,
 )
-from datapath.points import delete_all_versions, load_manifest, reads_as_zeros, store_manifest
+from datapath.points import (
+    PointMismatchError,
+    delete_all_versions,
+    load_manifest,
+    manifest_if_root,
+    reads_as_zeros,
+    settled_manifest,
+    store_manifest,
+)
 from datapath.resync import sync_disks
 from datapath.tracker import ReplicationTracker
 from datapath.undolog import Range, merge_ranges, record_undo
@@ -125,7 +139,12 @@ class ReplicaDisk:
         return sorted(generations)
 
 
-def _checkpointer(replica: ReplicaDisk, state: ReplicaState, on_progress: Progress | None):
+Checkpointed = Callable[[int, int], None]
+"""on_checkpoint(copy_started_generation, copy_checkpoint): a copy's checkpoint was saved."""
+
+
+def _checkpointer(replica: ReplicaDisk, state: ReplicaState, on_progress: Progress | None,
+                  on_checkpoint: Checkpointed | None = None):
     last_saved = [time.monotonic()]
 
     def checkpoint(offset: int) -> None:
@@ -133,6 +152,8 @@ def _checkpointer(replica: ReplicaDisk, state: ReplicaState, on_progress: Progre
         now = time.monotonic()
         if now - last_saved[0] >= CHECKPOINT_INTERVAL_S:
             replica.save_state(state)
+            if on_checkpoint is not None:
+                on_checkpoint(state.copy_started_generation, offset)
             last_saved[0] = now
         if on_progress:
             on_progress(offset, state.size)
@@ -147,18 +168,36 @@ def initial_copy(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     flush_interval: int = DEFAULT_FLUSH_INTERVAL,
     on_progress: Progress | None = None,
+    recorded: tuple[int, int] | None = None,
+    on_checkpoint: Checkpointed | None = None,
+    on_copied: Callable[[CopyResult], None] | None = None,
 ) -> ReplicaState:
     """Copy a point-in-time view of the disk to the replica; resumes from the last checkpoint. The
-    completed copy is version 1 of the replica, its manifest stored with it.
+    completed copy is version 1 of the replica, its manifest stored with it. `on_copied` hears what this
+    call copied (bytes read, written, zero bytes skipped), when it copied.
 
     `flush_interval` is how much is copied between checkpoints a redelivered copy can resume from.
-    Idempotent: when the state says the copy is done, it only makes sure the snapshot is gone."""
+    Idempotent: when the state says the copy is done, it only makes sure the snapshot is gone.
+
+    `recorded` is (copy_started_generation, copy_checkpoint) as the caller recorded them through
+    `on_checkpoint` (the workflows: in the database), which is called with each checkpoint saved and with
+    the replica's size just before the state says the copy is done. The state's checkpoint is then trusted
+    only up to the recorded one of the same snapshot (0 for another), and a state saying the copy is done
+    only when the recorded checkpoint says so too: a state edited on the storage cannot have part of the
+    disk left uncopied."""
     disk_id = tracker.disk_id.hex()
     state = replica.load_state()
     if state is not None and state.disk_id != disk_id:
         raise NonRecoverableError(
             f"replica {replica.name} belongs to disk {state.disk_id}, not {disk_id}: refusing to overwrite it"
         )
+    if state is not None and recorded is not None and not (state.version > 0 and not state.initial_copy_done):
+        generation, checkpoint = recorded
+        trusted = checkpoint if generation == state.copy_started_generation else 0
+        if state.initial_copy_done and trusted < state.size:
+            # Done by the state's word only: copied again, from where the caller's record says it got.
+            state.initial_copy_done, state.version, state.manifest_root = False, 0, None
+        state.copy_checkpoint = min(state.copy_checkpoint, trusted)
     if state is not None and state.initial_copy_done:
         tracker.delete_snapshot()
         return state
@@ -189,8 +228,10 @@ def initial_copy(
             # Zero chunks are skipped only on a replica that reads as zeros past the checkpoint: a
             # fresh one. A resumed copy, or one started over, may find stale bytes there.
             target_is_zero=state.copy_checkpoint == 0 and reads_as_zeros(target),
-            on_progress=_checkpointer(replica, state, on_progress),
+            on_progress=_checkpointer(replica, state, on_progress, on_checkpoint),
         )
+        if on_copied is not None:
+            on_copied(result)
         # A resumed copy did not see every chunk: the replica, now complete, is checksummed instead.
         manifest = result.manifest if result.manifest is not None else compute_manifest(target, chunk_size)
     finally:
@@ -198,6 +239,8 @@ def initial_copy(
         target.close()
 
     store_manifest(replica, 1, manifest)
+    if on_checkpoint is not None:
+        on_checkpoint(state.copy_started_generation, state.size)
     state.copy_checkpoint = state.size
     state.initial_copy_done = True
     state.applied_generation = first_generation - 1
@@ -212,14 +255,19 @@ def initial_copy(
 
 def ship_pending_logs(
     tracker: ReplicationTracker, replica: ReplicaDisk, *, applied_generation: int | None = None,
+    shipped_generation: int | None = None,
 ) -> list[int]:
     """Upload the sealed logs not yet on the recovery side; return the generations uploaded.
 
     `applied_generation` is what the replica holds as the caller knows it (the workflows pass the
     database's record, checked against the recovery side's state: datapath.statecheck); without it the
     recovery side's state is taken at its word. A log that is already there is not uploaded again (a
-    redelivered step costs nothing)."""
+    redelivered step costs nothing), when it is one this engine shipped: up to `shipped_generation` (the
+    database's record) when given. A log object above it was not put there by a Ship step that completed,
+    and is replaced by the tracker's."""
     already = set(replica.shipped_generations())
+    if shipped_generation is not None:
+        already = {generation for generation in already if generation <= shipped_generation}
     if applied_generation is None:
         state = replica.load_state()
         applied_generation = state.applied_generation if state else 0
@@ -248,8 +296,10 @@ class ApplyReport:
     """The replica's generation after the call."""
 
 
-def apply_shipped_logs(replica: ReplicaDisk, *, disk_name: str = "") -> ApplyReport:
+def apply_shipped_logs(replica: ReplicaDisk, *, disk_name: str = "", up_to: int | None = None) -> ApplyReport:
     """Apply every shipped log after the replica's generation, in order, recording each in the state.
+    With `up_to` (the generation the database records as shipped), a log object of a later generation is
+    not applied: no Ship step that completed put it there.
 
     Each log makes a new version: it is verified whole first (a corrupt log changes nothing, not even
     the undo logs), then the bytes it will overwrite are stored as the version's undo log, then it is
@@ -269,14 +319,21 @@ def apply_shipped_logs(replica: ReplicaDisk, *, disk_name: str = "") -> ApplyRep
         if generation <= state.applied_generation:
             replica.storage.delete_object(replica.log_name(generation))  # applied before a crash
             continue
+        if up_to is not None and generation > up_to:
+            break
         if generation != state.applied_generation + 1:
             raise LogOutOfSequenceError(
                 f"replica {replica.name}: next log to apply is generation {state.applied_generation + 1}, "
                 f"but the recovery site has generation {generation}; the disk needs resynchronization"
             )
         version = state.version + 1
+        if manifest is None:
+            manifest = _base_manifest(replica, state)
         with tempfile.TemporaryFile() as spool:
-            replica.storage.get_object(replica.log_name(generation), spool)
+            try:
+                replica.storage.get_object(replica.log_name(generation), spool)
+            except ObjectAuthenticationError as forged:  # as a corrupt log: the disk is resynchronized
+                raise LogCorruptError(str(forged), disk=disk_name or replica.name) from forged
             spool.seek(0)
             ranges = _verified_log_ranges(spool, replica, state, generation, disk_name or replica.name)
             if state.version >= 1:  # a replica from before versions has no version to go back to
@@ -293,8 +350,6 @@ def apply_shipped_logs(replica: ReplicaDisk, *, disk_name: str = "") -> ApplyRep
                 )
             finally:
                 target.close()
-        if manifest is None:
-            manifest = load_manifest(replica, state.version)
         manifest = _rehashed(replica, manifest, ranges)
         store_manifest(replica, version, manifest)
         state.applied_generation = generation
@@ -310,6 +365,21 @@ def apply_shipped_logs(replica: ReplicaDisk, *, disk_name: str = "") -> ApplyRep
     report.applied_generation = state.applied_generation
     report.seconds = time.monotonic() - started
     return report
+
+
+def _base_manifest(replica: ReplicaDisk, state: ReplicaState) -> Manifest | None:
+    """The stored manifest of the replica's current version, which the next version's is made from
+    (None when none is stored: the next one is then checksummed whole). Its root must be the state's (which
+    the workflows check against the database first): a manifest changed on the storage would otherwise
+    carry its chunk hashes into every later version, and is refused before anything is written."""
+    manifest = load_manifest(replica, state.version)
+    if manifest is not None and manifest.root_hex != state.manifest_root:
+        raise PointMismatchError(
+            f"replica {replica.name}: the stored manifest of version {state.version} has root "
+            f"{manifest.root_hex}, but the replica's state records {state.manifest_root}; the manifest was "
+            f"changed on the recovery storage, nothing was applied, the disk needs resynchronization"
+        )
+    return manifest
 
 
 # Record ranges are merged this often while a log is read, so memory follows the disk area a log
@@ -407,6 +477,11 @@ class ResyncReport:
     since): the earlier versions that read them fail `verify_point` and `restore_point`. In the other
     damaged chunks the snapshot holds exactly the previous version's content, so earlier versions
     stay right."""
+    replica_read_whole: bool = True
+    """The replica was checksummed from its bytes, all of it; False when its side came from the stored
+    manifest of its current version and only the differing chunks were read."""
+    why_read_whole: str = ""
+    """Why the stored manifest could not stand for the replica, when it was read whole."""
 
 
 class RecordingTarget:
@@ -451,8 +526,15 @@ def resynchronize(
     replica: ReplicaDisk,
     *,
     on_progress: Progress | None = None,
+    recorded_generation: int | None = None,
+    read_replica: bool = False,
 ) -> ResyncReport:
     """Bring a replica whose log chain broke back in line, sending only the blocks that differ.
+
+    A rerun whose snapshot the state says was already copied does nothing; with `recorded_generation`
+    (the generation the database records as applied) only when the database says so too (the resync
+    recorded its snapshot's generation before it, `first_generation - 1`): a state edited to name the
+    snapshot does not skip the resync.
 
     Like the initial copy it works on a snapshot, so the guest keeps writing; logs from the snapshot's
     generation on are then applied as usual. Logs already shipped for the broken chain are dropped.
@@ -461,7 +543,20 @@ def resynchronize(
     first without writing (a sync into a RecordingTarget), then the replica's bytes there are stored
     as the version's undo log, then those blocks are copied from the snapshot (read a second time:
     only the differing blocks, from a view that does not change). A rerun after a crash finds fewer
-    blocks differing and keeps the undo log it already stored."""
+    blocks differing and keeps the undo log it already stored.
+
+    The replica's side of the comparison is the stored manifest of its current version when that
+    describes its bytes (`settled_manifest`: a completed version whose root the state, checked against
+    the database, records, and no change after it has begun): the source snapshot is read whole, the
+    replica (decrypted, possibly over the network) only in the chunks whose checksums differ. Otherwise
+    (a first version, a manifest missing or not the recorded one, a change or resync interrupted half
+    way) the replica is read whole, as both sides were before. In the chunks that are read, a replica
+    whose bytes do not hash to the manifest's value is damage, recorded in `damaged_chunks` as before.
+    The trade-off: damage in a chunk the source did not change since the replica's version (bit rot,
+    a write from outside) is not seen by a resync that trusts the manifest, and stays; the consistency
+    check (datapath/consistency.py, `asr check`) reads both sides whole and repairs it. `read_replica`
+    reads the replica whole anyway (the workflow does when the recovery side's state disagreed with the
+    database: something there was not as recorded)."""
     disk_id = tracker.disk_id.hex()
     if not replica.storage.disk_exists(replica.name):
         raise NonRecoverableError(f"replica {replica.name} does not exist: enable protection again")
@@ -476,7 +571,8 @@ def resynchronize(
         )
     started = time.monotonic()
     first_generation = tracker.create_snapshot()
-    if state.initial_copy_done and state.copy_started_generation == first_generation:
+    if (state.initial_copy_done and state.copy_started_generation == first_generation
+            and recorded_generation in (None, first_generation - 1)):
         # This snapshot was already copied (a rerun after the state was saved): nothing differs.
         tracker.delete_snapshot()
         tracker.acknowledge(first_generation - 1)
@@ -485,6 +581,9 @@ def resynchronize(
             seconds=time.monotonic() - started, first_generation=first_generation, version=state.version,
             manifest_root=state.manifest_root or "",
         )
+    # Decided on the state as found: a resync interrupted earlier left it saying no completed copy.
+    settled, why_read_whole = (None, "asked to read the replica whole") if read_replica else \
+        settled_manifest(replica, state, DEFAULT_CHUNK_SIZE)
     state.initial_copy_done = False
     state.copy_started_generation = first_generation
     replica.save_state(state)
@@ -499,9 +598,12 @@ def resynchronize(
     try:
         recorder = RecordingTarget(target)
         progress = _HeldBack(on_progress)
-        result = sync_disks(source, recorder, on_progress=progress)
+        result = sync_disks(source, recorder, chunk_size=DEFAULT_CHUNK_SIZE, target_manifest=settled,
+                            on_progress=progress)
         if state.version >= 1:  # no undo for the first version: there is nothing before it
-            previous = load_manifest(replica, state.version)
+            # Only a stored manifest with the state's root (checked against the database) says what the
+            # replica held; without one every changed block goes into the undo log.
+            previous = settled or manifest_if_root(replica, state.version, state.manifest_root)
             if previous is not None and previous.chunk_size != result.target_manifest.chunk_size:
                 previous = None
 
@@ -545,6 +647,8 @@ def resynchronize(
         manifest_root=manifest.root_hex,
         damaged_chunks=sorted(set(damaged)),
         lost_chunks=sorted(set(lost)),
+        replica_read_whole=settled is None,
+        why_read_whole=why_read_whole,
     )
 
 
@@ -560,6 +664,8 @@ def copy_recorded(source: DiskEndpoint, target: DiskEndpoint, recorded: Recordin
     for start, end in merge_ranges(((offset, offset + length) for offset, length in recorded.zeros),
                                    align=1, size=target.size):
         target.write_zeros(start, end - start)
+    # Durable before the caller stores the version's manifest: a later resync trusts that manifest to
+    # describe the replica's bytes without reading them.
     target.flush()
 
 

@@ -18,6 +18,7 @@ from datapath.buffers import aligned_buffer
 from datapath.disk import LocalDisk, open_disk
 from datapath.errors import NonRecoverableError
 from datapath.logformat import write_fully
+from datapath.private import FILE_MODE
 from datapath.trackerstate import ControlFile, ControlState, TrackerFiles, TrackerStateError, unlink_quietly
 
 SNAPSHOT_BLOCK = 64 * 1024
@@ -36,7 +37,7 @@ def create_snapshot_files(files: TrackerFiles, disk_size: int) -> None:
     block_count = -(-disk_size // SNAPSHOT_BLOCK)
     for path, size in ((files.snapshot_data, disk_size), (files.snapshot_map, block_count)):
         unlink_quietly(path)  # a previous create that crashed before committing
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)  # the disk's old bytes: private
         try:
             os.ftruncate(fd, size)
             os.fsync(fd)

@@ -43,6 +43,8 @@ class RecordedState:
     applied_generation: int
     version: int
     manifest_root: str | None
+    shipped_generation: int | None = None
+    """The highest generation recorded as shipped, when known: no apply can have gone past it."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,12 @@ def check_state(replica: ReplicaDisk, recorded: RecordedState) -> Agreement:
         return Agreement(state, adopted=False)
     if generations < 0 or versions < 0:
         raise ReplicaStateMismatchError(f"{where} {says}: behind the database, which records {recorded_text}; {resync}")
+    shipped = recorded.shipped_generation
+    if shipped is not None and state.applied_generation > max(shipped, recorded.applied_generation):
+        raise ReplicaStateMismatchError(
+            f"{where} {says}: ahead of the database, which records {recorded_text} and generation "
+            f"{max(shipped, recorded.applied_generation)} as the last one shipped: no apply can have reached "
+            f"generation {state.applied_generation}; {resync}")
     if generations <= versions and completed_ahead(replica, state, recorded):
         return Agreement(state, adopted=True)
     raise ReplicaStateMismatchError(

@@ -38,6 +38,7 @@ from datapath.endpoint import SECTOR
 from datapath.errors import AlignmentError
 from datapath.logformat import HEADER_SIZE, MAX_RECORD_DATA, RECORD_OVERHEAD, LogHeader, LogState, LogWriter
 from datapath.logreader import read_log_header, read_record, read_seal
+from datapath.private import FILE_MODE
 from datapath.snapshot import (
     SNAPSHOT_BLOCK,
     CopyOnWrite,
@@ -151,7 +152,7 @@ class ReplicationTracker:
             header = log.header
         control = ControlState(disk_id, disk_size, 1, 1, LogState.empty(header), HEADER_SIZE)
         staging = disk_path.with_name(f"{disk_path.name}.ctl.tmp")
-        fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_TRUNC, FILE_MODE)  # beside the disk: as private
         try:
             ControlFile(staging, fd).write(control, fsync=True)
         finally:

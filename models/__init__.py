@@ -4,6 +4,7 @@ holds of each disk, failovers, recovery plans, jobs and job steps.
 Importing this package registers every table on `SQLModel.metadata` (what `models.db.init_db` creates).
 """
 from . import jobs  # noqa: F401  (the job engine's tables; its names are imported from models.jobs)
+from .alerts import Alert, AlertEvent, AlertKind
 from .apikeys import ApiKey, ApiKeyNotFoundError
 from .db import dispose_engines, get_engine, init_db, session_scope
 from .fabric import (
@@ -41,4 +42,5 @@ __all__ = [
     "ProtectedItem", "RecoveryPoint", "ReplicationState", "Health", "RecoveryPointKind", "InvalidStateError",
     "ApiKey", "ApiKeyNotFoundError",
     "ReplicaRecord",
+    "Alert", "AlertEvent", "AlertKind",
 ]

@@ -34,7 +34,7 @@ from workflows import settings
 __all__ = [
     "ApiKey", "ApiKeyNotFoundError", "API_KEY_HASHES_ENV", "create_api_key", "verify_api_key", "revoke_api_key",
     "list_api_keys", "hash_key", "key_matches", "env_key_matches", "describe", "ROLES", "role_allows",
-    "check_role", "EnvKey", "env_keys", "env_key_role", "env_entry", "key_id",
+    "check_role", "EnvKey", "env_keys", "env_key_entry", "env_key_role", "env_entry", "key_id", "live_key_role",
 ]
 
 ROLES = ("reader", "operator", "admin")
@@ -126,8 +126,8 @@ def env_keys(hashes: str | None = None) -> list[EnvKey]:
     return entries
 
 
-def env_key_role(key: str, hashes: str | None = None) -> str | None:
-    """The role of `key` if ASR_API_KEY_HASHES lists it, else None. A key with an id is checked against the
+def env_key_entry(key: str, hashes: str | None = None) -> EnvKey | None:
+    """The entry of ASR_API_KEY_HASHES that lists `key`, else None. A key with an id is checked against the
     entry of that id only (one scrypt), and against entries without id, never against other ids'."""
     if not isinstance(key, str) or not key or len(key) > 512:
         return None
@@ -136,8 +136,28 @@ def env_key_role(key: str, hashes: str | None = None) -> str | None:
         if entry.prefix is not None and entry.prefix != prefix:
             continue
         if key_matches(key, entry.key_hash):
-            return entry.role
+            return entry
     return None
+
+
+def env_key_role(key: str, hashes: str | None = None) -> str | None:
+    """The role of `key` if ASR_API_KEY_HASHES lists it, else None (`env_key_entry`)."""
+    entry = env_key_entry(key, hashes)
+    return None if entry is None else entry.role
+
+
+def live_key_role(session: Session, key_hash: str) -> str | None:
+    """The role of the key whose stored hash is `key_hash` while it is live (listed in ASR_API_KEY_HASHES, or a
+    database key not revoked), else None: what a session opened with a key (the web console's) is checked
+    against on each request, so revoking the key or changing its role acts on the session too, without the
+    session keeping the key itself."""
+    if not isinstance(key_hash, str) or not key_hash.startswith("scrypt$"):
+        return None
+    for entry in env_keys():
+        if hmac.compare_digest(entry.key_hash, key_hash):
+            return entry.role
+    row = session.exec(select(ApiKey).where(ApiKey.key_hash == key_hash)).first()
+    return row.role if row is not None and row.revoked_at is None else None
 
 
 def env_key_matches(key: str, hashes: str | None = None) -> bool:

@@ -20,7 +20,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from workflows import clock, settings
+from datapath.private import create_private_file, make_private_directories
+from workflows import clock, settings, transport
 
 # Names of sites, hosts, VMs, disks, networks and policies become path segments and object names (see
 # sites.host and sites.storage.base): the same rule everywhere, so whatever is registered can be protected.
@@ -117,7 +118,7 @@ def database_url() -> str:
     if url:
         return url
     home = settings.asr_home()
-    home.mkdir(parents=True, exist_ok=True)
+    make_private_directories(home)  # 0700 when created here: the database, beat's schedule
     return f"sqlite:///{home / 'asr.db'}"
 
 
@@ -131,10 +132,20 @@ def _with_driver(url: str) -> str:
 
 def _create_engine(url: str) -> Engine:
     if not url.startswith("sqlite"):
+        # Over a network only with TLS (sslmode=verify-full), unless ASR_INSECURE_TRANSPORT allows plain text.
+        transport.check_database_url("ASR_DATABASE_URL", url)
         # pre_ping: a pooled connection the server closed (restart, idle timeout) is replaced, not used.
-        return sa.create_engine(url, pool_pre_ping=True)
+        return sa.create_engine(url, pool_pre_ping=True, connect_args=transport.database_connect_args(url))
     busy_timeout_s = settings.sqlite_busy_timeout_s()
     engine = sa.create_engine(url, connect_args={"timeout": busy_timeout_s})
+    database = sa.engine.make_url(url).database
+
+    @sa.event.listens_for(engine, "do_connect")
+    def _private_file(*_args: Any) -> None:
+        # Created 0600 just before SQLite opens it (its -wal and -shm files take the database file's mode):
+        # the database holds API key hashes and what every replica holds. SQLite then opens it as usual.
+        if database and database != ":memory:" and not database.startswith("file:"):
+            create_private_file(database)
 
     @sa.event.listens_for(engine, "connect")
     def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:

@@ -33,7 +33,8 @@ from sites.host.guestdef import GuestDefinition
 __all__ = [
     "Site", "VmmServer", "VmmCloud", "Host", "VirtualMachine", "VirtualDisk", "VmNetworkAdapter",
     "NetworkMapping", "VmNotFoundError", "AmbiguousVmError",
-    "create_site", "create_vmm_server", "create_cloud", "register_host", "verify_host_key", "host_queue",
+    "create_site", "create_vmm_server", "create_cloud", "register_host", "rekey_host", "verify_host_key",
+    "host_queue",
     "add_vm", "import_vm_manifest", "get_vm", "vm_disks", "vm_adapters", "add_network_mapping",
 ]
 
@@ -221,12 +222,27 @@ def register_host(
     existing = session.exec(select(Host).where(Host.name == name)).first()
     if existing is not None:
         raise ValueError(f"host {name!r} is already registered (id {existing.id})")
-    key = secrets.token_urlsafe(_KEY_BYTES)
+    key = _new_key()
     host = Host(
         name=name, root=root, queue=host_queue(name), key_hash=_hash_key(key),
         site_id=site.id if site is not None else None, cloud_id=cloud.id if cloud is not None else None,
     )
     return _added(session, host), key
+
+
+def rekey_host(session: Session, host: Host) -> str:
+    """Give the host a new registration key and return it (shown this once: only its hash is stored). The old
+    key no longer admits an agent; an agent already running goes on until it is restarted."""
+    _require_persisted(host, "host")
+    key = _new_key()
+    host.key_hash = _hash_key(key)
+    session.add(host)
+    session.flush()
+    return key
+
+
+def _new_key() -> str:
+    return secrets.token_urlsafe(_KEY_BYTES)
 
 
 def verify_host_key(host: Host, key: str) -> bool:
@@ -243,7 +259,8 @@ def verify_host_key(host: Host, key: str) -> bool:
             dklen=len(expected_bytes),
         )
     except ValueError:
-        raise ValueError(f"stored key hash of host {host.name!r} is malformed: re-register the host") from None
+        raise ValueError(f"stored key hash of host {host.name!r} is malformed: issue a new key with "
+                         f"`asr host rekey {host.name}`") from None
     return hmac.compare_digest(actual, expected_bytes)
 
 
@@ -322,6 +339,7 @@ def import_vm_manifest(session: Session, host: Host, vm_json: dict) -> VirtualMa
     if vm_json.get("guest") is not None:
         try:
             guest = GuestDefinition.from_manifest(vm_json["guest"], where)
+            guest.check_boot_disk([disk.name for disk in spec.disks], where)
         except VmSpecError as exc:
             raise ValueError(str(exc)) from None
         spec = dataclasses.replace(spec, guest=guest.to_manifest())

@@ -14,7 +14,8 @@ from sqlmodel import Field, Session, SQLModel, select
 
 from models.db import UtcDateTime, clock_now, new_id, string_enum
 
-__all__ = ["FailoverKind", "FailoverStatus", "FailoverRecord", "active_test_failover", "latest_failover"]
+__all__ = ["FailoverKind", "FailoverStatus", "FailoverRecord", "active_test_failover", "latest_failover",
+           "failover_records", "last_successful_drill"]
 
 
 class FailoverKind(enum.StrEnum):
@@ -92,3 +93,19 @@ def latest_failover(session: Session, item_id: str, kinds: tuple[FailoverKind, .
     return session.exec(select(FailoverRecord).where(
         FailoverRecord.item_id == item_id, FailoverRecord.kind.in_(kinds),
     ).order_by(FailoverRecord.started_at.desc(), FailoverRecord.id)).first()
+
+
+def failover_records(session: Session, item_id: str, limit: int = 50) -> list[FailoverRecord]:
+    """The item's drills, failovers and failbacks, newest first (at most `limit`)."""
+    return list(session.exec(select(FailoverRecord).where(FailoverRecord.item_id == item_id)
+                             .order_by(FailoverRecord.started_at.desc(), FailoverRecord.id).limit(limit)).all())
+
+
+def last_successful_drill(session: Session, item_id: str) -> FailoverRecord | None:
+    """The item's latest drill that passed, as the metrics count them (workflows.metrics.drill_passed): ended,
+    its test VM up (vm_up_at, kept through cleanup) from disks matching the point's manifest roots."""
+    return session.exec(select(FailoverRecord).where(
+        FailoverRecord.item_id == item_id, FailoverRecord.kind == FailoverKind.TEST,
+        FailoverRecord.status != FailoverStatus.IN_PROGRESS, FailoverRecord.verified.is_(True),
+        FailoverRecord.vm_up_at.is_not(None),
+    ).order_by(FailoverRecord.vm_up_at.desc(), FailoverRecord.id)).first()

@@ -1,8 +1,9 @@
 """Recovery plans: which VMs fail over together, in which order, and what runs around each group.
 
 A plan lists up to 100 VMs in up to 20 ordered groups. Groups fail over one after another, the VMs of a
-group in parallel. Each group may have actions before and after it: a script (an argv run with a
-timeout) or a manual action that pauses the job until an operator resumes it. The same plan serves test,
+group in parallel. Each group may have actions before and after it: a script registered on the
+orchestration workers, by name with values for its declared arguments (sites/planscripts.py; a plan never
+carries a command line), or a manual action that pauses the job until an operator resumes it. The same plan serves test,
 planned and unplanned failover and failback; `validate_plan` checks, just before a run, that the fabric
 allows that operation for every VM of the plan.
 
@@ -34,23 +35,24 @@ from models.fabric import (
     get_vm,
 )
 from models.protection import ProtectedItem
+from sites.planscripts import RegisteredScript, ScriptRegistryError, check_arguments, load_registry
+from workflows import settings
 
 __all__ = [
     "RecoveryPlan", "PlanError", "PlanNotFoundError", "PlanOperation", "ACTION_KINDS", "ALLOWED_STATES",
-    "MAX_PLAN_VMS", "MAX_PLAN_GROUPS", "DEFAULT_SCRIPT_TIMEOUT_S", "MAX_SCRIPT_TIMEOUT_S",
-    "create_plan", "get_plan", "list_plans", "delete_plan", "validate_plan", "plan_items",
+    "MAX_PLAN_VMS", "MAX_PLAN_GROUPS", "LEGACY_COMMAND",
+    "create_plan", "check_stored_scripts", "get_plan", "list_plans", "update_plan", "delete_plan", "validate_plan",
+    "plan_items",
 ]
 
 MAX_PLAN_VMS = 100
 MAX_PLAN_GROUPS = 20
-DEFAULT_SCRIPT_TIMEOUT_S = 300
-MAX_SCRIPT_TIMEOUT_S = 86400
 MAX_DESCRIPTION_CHARS = 1024
 MAX_INSTRUCTIONS_CHARS = 4096
 ACTION_KINDS = ("script", "manual")
 
 _GROUP_KEYS = frozenset({"name", "vms", "before", "after"})
-_ACTION_KEYS = {"script": frozenset({"kind", "name", "command", "timeout_s"}),
+_ACTION_KEYS = {"script": frozenset({"kind", "name", "script", "args", "timeout_s"}),
                 "manual": frozenset({"kind", "name", "instructions"})}
 
 
@@ -103,8 +105,9 @@ class RecoveryPlan(SQLModel, table=True):
     description: str = Field(default="", max_length=MAX_DESCRIPTION_CHARS)
     groups: list[dict[str, Any]] = Field(default_factory=list, sa_type=sa.JSON)
     """[{"name", "vms": [VM id, ...], "before": [action, ...], "after": [action, ...]}], in failover
-    order. An action is {"kind": "script", "name", "command": [argv...], "timeout_s"} or
-    {"kind": "manual", "name", "instructions"}."""
+    order. An action is {"kind": "script", "name", "script": registered name, "args": {name: value},
+    "timeout_s"} or {"kind": "manual", "name", "instructions"}. Plans stored before scripts were registered
+    may hold {"kind": "script", "command": [argv]}: such a plan is refused when it is run."""
     created_at: datetime = Field(default_factory=clock_now, sa_type=UtcDateTime)
     updated_at: datetime = Field(
         default_factory=clock_now, sa_type=UtcDateTime, sa_column_kwargs={"onupdate": clock_now}
@@ -126,7 +129,8 @@ def create_plan(session: Session, name: str, groups: list[dict], description: st
             problems.append(f"a recovery plan named {name!r} already exists (id {existing.id})")
     if not isinstance(description, str) or len(description) > MAX_DESCRIPTION_CHARS:
         problems.append(f"description must be text of at most {MAX_DESCRIPTION_CHARS} characters")
-    normalized = _check_groups(session, groups, problems)
+    scripts = _registry(problems) if _has_scripts(groups) else {}
+    normalized = _check_groups(session, groups, problems, scripts)
     if problems:
         raise PlanError(f"recovery plan {name!r} cannot be created", problems)
     plan = RecoveryPlan(name=name, description=description, groups=normalized)
@@ -150,6 +154,27 @@ def list_plans(session: Session) -> list[RecoveryPlan]:
     return list(session.exec(select(RecoveryPlan).order_by(RecoveryPlan.name)))
 
 
+def update_plan(session: Session, id_or_name: str, groups: list[dict],
+                description: str | None = None) -> RecoveryPlan:
+    """Replace the plan's groups (and its description, unless None), checked exactly as `create_plan` checks a
+    new plan's: PlanError listing every problem, nothing changed. Whether a run of the plan is going on is the
+    caller's to check (the job engine's lock)."""
+    plan = get_plan(session, id_or_name)
+    problems: list[str] = []
+    if description is not None and (not isinstance(description, str) or len(description) > MAX_DESCRIPTION_CHARS):
+        problems.append(f"description must be text of at most {MAX_DESCRIPTION_CHARS} characters")
+    scripts = _registry(problems) if _has_scripts(groups) else {}
+    normalized = _check_groups(session, groups, problems, scripts)
+    if problems:
+        raise PlanError(f"recovery plan {plan.name!r} cannot be updated", problems)
+    plan.groups = normalized
+    if description is not None:
+        plan.description = description
+    session.add(plan)
+    session.flush()
+    return plan
+
+
 def delete_plan(session: Session, id_or_name: str) -> RecoveryPlan:
     """Delete the plan and return it; PlanNotFoundError when there is none. The VMs and their
     protection are untouched."""
@@ -160,7 +185,31 @@ def delete_plan(session: Session, id_or_name: str) -> RecoveryPlan:
 
 
 # ---- structure -------------------------------------------------------------------------------------
-def _check_groups(session: Session, groups: Any, problems: list[str]) -> list[dict[str, Any]]:
+def _has_scripts(groups: Any) -> bool:
+    return isinstance(groups, list) and any(
+        isinstance(action, dict) and action.get("kind") == "script"
+        for group in groups if isinstance(group, dict)
+        for side in ("before", "after") if isinstance(group.get(side), list) for action in group[side]
+    )
+
+
+def _registry(problems: list[str]) -> dict[str, RegisteredScript]:
+    """The scripts registered here (ASR_PLAN_SCRIPTS_DIR); a problem when there are none or they cannot be
+    read."""
+    folder = settings.plan_scripts_dir()
+    if folder is None:
+        problems.append("no plan scripts are registered here (ASR_PLAN_SCRIPTS_DIR is not set): a plan's script "
+                        "action names a script an administrator registered on the orchestration workers")
+        return {}
+    try:
+        return load_registry(folder)
+    except ScriptRegistryError as exc:
+        problems.append(f"the registered plan scripts cannot be read: {exc}")
+        return {}
+
+
+def _check_groups(session: Session, groups: Any, problems: list[str],
+                  scripts: dict[str, RegisteredScript]) -> list[dict[str, Any]]:
     """The groups as stored (VM ids, defaults filled in); appends what is wrong to `problems`."""
     if not isinstance(groups, list):
         problems.append(f"groups must be a list of groups, got {type(groups).__name__}")
@@ -200,7 +249,8 @@ def _check_groups(session: Session, groups: Any, problems: list[str]) -> list[di
             else:
                 problems.append(f"{where}: a VM is given by its id or name, got {ref!r}")
         actions = {
-            side: _check_actions(f"{where}, {side}", group.get(side, []), problems) for side in ("before", "after")
+            side: _check_actions(f"{where}, {side}", group.get(side, []), problems, scripts)
+            for side in ("before", "after")
         }
         action_names = [a["name"] for side in ("before", "after") for a in actions[side]]
         for duplicate in _duplicates(action_names):
@@ -221,7 +271,8 @@ def _check_groups(session: Session, groups: Any, problems: list[str]) -> list[di
     return normalized
 
 
-def _check_actions(where: str, actions: Any, problems: list[str]) -> list[dict[str, Any]]:
+def _check_actions(where: str, actions: Any, problems: list[str],
+                   scripts: dict[str, RegisteredScript]) -> list[dict[str, Any]]:
     if not isinstance(actions, list):
         problems.append(f"{where}: actions must be a list, got {actions!r}")
         return []
@@ -242,13 +293,16 @@ def _check_actions(where: str, actions: Any, problems: list[str]) -> list[dict[s
             problems.append(f"{label}: kind must be one of {', '.join(ACTION_KINDS)}, got {kind!r}")
             continue
         unknown = sorted(map(str, action.keys() - _ACTION_KEYS[kind]))
+        if kind == "script" and "command" in action:
+            problems.append(f"{label}: {LEGACY_COMMAND}")
+            unknown.remove("command")
         if unknown:
             problems.append(
                 f"{label}: unknown keys {', '.join(unknown)} (a {kind} action has "
                 f"{', '.join(sorted(_ACTION_KEYS[kind]))})"
             )
         if kind == "script":
-            entry = _check_script(label, action, problems)
+            entry = _check_script(label, action, problems, scripts)
         else:
             entry = _check_manual(label, action, problems)
         if name is not None:
@@ -256,23 +310,67 @@ def _check_actions(where: str, actions: Any, problems: list[str]) -> list[dict[s
     return checked
 
 
-def _check_script(label: str, action: dict, problems: list[str]) -> dict[str, Any]:
-    command = action.get("command")
-    if (
-        not isinstance(command, list) or not command or not all(isinstance(arg, str) for arg in command)
-        or not command[0] or any("\x00" in arg for arg in command)
-    ):
-        problems.append(
-            f"{label}: command must be a non-empty list of strings (program first, no NUL characters), "
-            f"got {command!r}"
-        )
-    timeout_s = action.get("timeout_s", DEFAULT_SCRIPT_TIMEOUT_S)
+LEGACY_COMMAND = (
+    "a command line (command) is not accepted: a script action names a script an administrator registered on "
+    "the orchestration workers, {\"script\": NAME, \"args\": {ARGUMENT: VALUE}} (`asr plan scripts` lists them)"
+)
+
+
+def _check_script(label: str, action: dict, problems: list[str],
+                  scripts: dict[str, RegisteredScript]) -> dict[str, Any]:
+    name = action.get("script")
+    script = scripts.get(name) if isinstance(name, str) else None
+    if script is None:
+        if "command" in action:
+            pass  # said already (LEGACY_COMMAND)
+        elif name is None:
+            problems.append(f"{label}: a script action needs \"script\": the name of a registered script")
+        elif scripts:
+            problems.append(f"{label}: script {name!r} is not registered (registered: {', '.join(sorted(scripts))})")
+        else:
+            problems.append(f"{label}: script {name!r} is not registered")
+        return {"script": name, "args": action.get("args"), "timeout_s": action.get("timeout_s")}
+    args = action.get("args")
+    problems.extend(check_arguments(script, args, label))
+    timeout_s = action.get("timeout_s", script.timeout_s)
     if (
         not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or not math.isfinite(timeout_s)
-        or not 1 <= timeout_s <= MAX_SCRIPT_TIMEOUT_S
+        or not 1 <= timeout_s <= script.timeout_s
     ):
-        problems.append(f"{label}: timeout_s must be 1 to {MAX_SCRIPT_TIMEOUT_S} seconds, got {timeout_s!r}")
-    return {"command": command, "timeout_s": timeout_s}
+        problems.append(f"{label}: timeout_s must be 1 to {script.timeout_s:g} seconds (script {name!r}'s "
+                        f"limit), got {timeout_s!r}")
+    return {"script": name, "args": dict(args) if isinstance(args, dict) else {}, "timeout_s": timeout_s}
+
+
+def check_stored_scripts(plan: RecoveryPlan) -> list[str]:
+    """What keeps the script actions of a stored plan from running now: an action stored as a command line
+    (before scripts were registered), a script no longer registered, arguments it no longer accepts."""
+    actions = [(group["name"], side, action) for group in plan.groups for side in ("before", "after")
+               for action in group.get(side, []) if action.get("kind") == "script"]
+    if not actions:
+        return []
+    problems: list[str] = []
+    if any("command" in action for _, _, action in actions):
+        for group, side, action in actions:
+            if "command" in action:
+                problems.append(f"group {group!r}, {side} action {action.get('name')!r} was stored as a command "
+                                f"line and will not run: {LEGACY_COMMAND}; create the plan again")
+    scripts = _registry(problems)
+    if not scripts:
+        return problems
+    for group, side, action in actions:
+        if "command" in action:
+            continue
+        label = f"group {group!r}, {side} action {action.get('name')!r}"
+        script = scripts.get(action.get("script"))
+        if script is None:
+            problems.append(f"{label}: script {action.get('script')!r} is no longer registered")
+            continue
+        problems.extend(check_arguments(script, action.get("args"), label))
+        if not action.get("timeout_s", 0) <= script.timeout_s:
+            problems.append(f"{label}: timeout_s {action.get('timeout_s')!r} is above script "
+                            f"{script.name!r}'s limit of {script.timeout_s:g} s")
+    return problems
 
 
 def _check_manual(label: str, action: dict, problems: list[str]) -> dict[str, Any]:
@@ -332,7 +430,7 @@ def validate_plan(session: Session, plan: RecoveryPlan, operation: PlanOperation
             f"recovery plan {plan.name!r} cannot run {operation!r}",
             [f"unknown operation {operation!r}: one of {', '.join(PlanOperation)}"],
         ) from None
-    problems: list[str] = []
+    problems: list[str] = check_stored_scripts(plan)
     vm_ids = [vm_id for group in plan.groups for vm_id in group["vms"]]
     rows = session.exec(
         select(VirtualMachine, Host).join(Host, Host.id == VirtualMachine.host_id)

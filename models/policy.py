@@ -13,7 +13,8 @@ from sqlmodel import Field, Session, SQLModel, select
 from models.db import UtcDateTime, as_utc, clock_now, new_id, validate_name
 
 __all__ = [
-    "ReplicationPolicy", "create_policy", "COPY_FREQUENCIES_S", "MAX_RETENTION_H", "MAX_APP_CONSISTENT_H",
+    "ReplicationPolicy", "create_policy", "update_policy", "POLICY_SETTINGS",
+    "COPY_FREQUENCIES_S", "MAX_RETENTION_H", "MAX_APP_CONSISTENT_H",
     "MAX_INITIAL_REPLICATION_DELAY", "WEEKDAY_NAMES", "RPO_WARNING_FACTOR", "RPO_CRITICAL_FACTOR",
     "MAX_RPO_THRESHOLD_S",
 ]
@@ -34,6 +35,9 @@ RPO_WARNING_FACTOR = 2
 RPO_CRITICAL_FACTOR = 4
 MAX_RPO_THRESHOLD_S = 7 * 24 * 3600
 DEFAULT_CONSISTENCY_CHECK_H = 24
+# The reference product recommends a test failover every six months: an alert says when one is overdue.
+DEFAULT_DRILL_REMINDER_DAYS = 180
+MAX_DRILL_REMINDER_DAYS = 3660
 MAX_CONSISTENCY_CHECK_H = 24 * 7
 
 
@@ -62,6 +66,8 @@ class ReplicationPolicy(SQLModel, table=True):
     """Hours between end-to-end consistency checks of each protected VM; 0 turns them off."""
     consistency_check_off_hours: bool = Field(default=True)
     """Scheduled consistency checks wait for the end of office hours (they read every disk whole)."""
+    drill_reminder_days: int = Field(default=DEFAULT_DRILL_REMINDER_DAYS)
+    """Days without a passed drill after which a protected VM's drill is overdue (an alert); 0 turns it off."""
     created_at: datetime = Field(default_factory=clock_now, sa_type=UtcDateTime)
 
     def rpo_thresholds_s(self) -> tuple[int, int]:
@@ -101,6 +107,7 @@ def create_policy(
     rpo_critical_s: int | None = None,
     consistency_check_interval_h: int = DEFAULT_CONSISTENCY_CHECK_H,
     consistency_check_off_hours: bool = True,
+    drill_reminder_days: int = DEFAULT_DRILL_REMINDER_DAYS,
 ) -> ReplicationPolicy:
     """A new replication policy, validated (ValueError naming the policy and the setting; nothing written).
 
@@ -109,9 +116,77 @@ def create_policy(
     `rpo_warning_s`, `rpo_critical_s`: RPO thresholds in seconds, None for 2× and 4× the copy frequency;
     the copy frequency < warning < critical.
     `consistency_check_interval_h`: hours between scheduled consistency checks (0: none), run only outside
-    office hours unless `consistency_check_off_hours` is False."""
+    office hours unless `consistency_check_off_hours` is False.
+    `drill_reminder_days`: days without a passed drill after which an alert says one is overdue (0: never)."""
     validate_name(name, "replication policy")
     where = f"replication policy {name!r}"
+    columns = _checked_columns(
+        where, copy_frequency_s=copy_frequency_s, recovery_point_retention_h=recovery_point_retention_h,
+        app_consistent_frequency_h=app_consistent_frequency_h, office_hours=office_hours, office_days=office_days,
+        office_timezone=office_timezone, rpo_warning_s=rpo_warning_s, rpo_critical_s=rpo_critical_s,
+        consistency_check_interval_h=consistency_check_interval_h,
+        consistency_check_off_hours=consistency_check_off_hours, drill_reminder_days=drill_reminder_days)
+    start_at = _check_initial_replication(where, initial_replication_at)
+    if session.exec(select(ReplicationPolicy).where(ReplicationPolicy.name == name)).first() is not None:
+        raise ValueError(f"{where} already exists")
+    policy = ReplicationPolicy(name=name, initial_replication_at=start_at, **columns)
+    session.add(policy)
+    session.flush()
+    return policy
+
+
+POLICY_SETTINGS = ("copy_frequency_s", "recovery_point_retention_h", "app_consistent_frequency_h",
+                   "initial_replication_at", "office_hours", "office_days", "office_timezone", "rpo_warning_s",
+                   "rpo_critical_s", "consistency_check_interval_h", "consistency_check_off_hours",
+                   "drill_reminder_days")
+"""The settings `create_policy` takes and `update_policy` changes."""
+
+
+def update_policy(session: Session, policy: ReplicationPolicy, **changes: object) -> ReplicationPolicy:
+    """Change some settings of a policy (the names of `create_policy`'s arguments). The policy as it would be
+    is validated exactly as `create_policy` validates a new one (ValueError, nothing changed): the settings
+    left out keep their values, RPO thresholds never set keep following the copy frequency, and an initial
+    replication time is checked only when it is changed (a time set earlier may have passed). Protected VMs
+    read their policy at each step: the new values apply from their next cycle."""
+    _require_saved(policy)
+    unknown = sorted(set(changes) - set(POLICY_SETTINGS))
+    if unknown:
+        raise ValueError(f"replication policy {policy.name!r}: unknown setting(s) {', '.join(unknown)} "
+                         f"(settings: {', '.join(POLICY_SETTINGS)})")
+    where = f"replication policy {policy.name!r}"
+    current: dict[str, object] = {
+        "copy_frequency_s": policy.copy_frequency_s, "recovery_point_retention_h": policy.recovery_point_retention_h,
+        "app_consistent_frequency_h": policy.app_consistent_frequency_h,
+        "office_hours": (policy.office_hours_start, policy.office_hours_end), "office_days": policy.office_days,
+        "office_timezone": policy.office_timezone, "rpo_warning_s": policy.rpo_warning_s,
+        "rpo_critical_s": policy.rpo_critical_s, "consistency_check_interval_h": policy.consistency_check_interval_h,
+        "consistency_check_off_hours": policy.consistency_check_off_hours,
+        "drill_reminder_days": policy.drill_reminder_days,
+    }
+    start_changed = "initial_replication_at" in changes
+    start_at = changes.pop("initial_replication_at", None)
+    columns = _checked_columns(where, **{**current, **changes})
+    if start_changed:
+        columns["initial_replication_at"] = _check_initial_replication(where, start_at)
+    for column, value in columns.items():
+        setattr(policy, column, value)
+    session.add(policy)
+    session.flush()
+    return policy
+
+
+def _require_saved(policy: ReplicationPolicy) -> None:
+    if not sa.inspect(policy).has_identity:
+        raise ValueError(f"replication policy {policy.name!r} is not saved in the database")
+
+
+def _checked_columns(where: str, *, copy_frequency_s: object, recovery_point_retention_h: object,
+                     app_consistent_frequency_h: object, office_hours: object, office_days: object,
+                     office_timezone: object, rpo_warning_s: object, rpo_critical_s: object,
+                     consistency_check_interval_h: object, consistency_check_off_hours: object,
+                     drill_reminder_days: object) -> dict[str, object]:
+    """The policy's columns (all but its name and initial replication time) from its settings, each checked:
+    ValueError naming the policy (`where`) and the setting."""
     _check_choice(where, "copy frequency (seconds)", copy_frequency_s, COPY_FREQUENCIES_S)
     _check_range(where, "recovery point retention (hours)", recovery_point_retention_h, 0, MAX_RETENTION_H)
     _check_range(
@@ -122,7 +197,6 @@ def create_policy(
             f"{where}: app-consistent snapshots every {app_consistent_frequency_h} h would not survive a "
             f"{recovery_point_retention_h} h retention window: choose at most the retention, or 0 (off)"
         )
-    start_at = _check_initial_replication(where, initial_replication_at)
     start, end = _check_office_hours(where, office_hours)
     days = _check_office_days(where, office_days)
     _zone_or_error(where, office_timezone)
@@ -132,19 +206,13 @@ def create_policy(
     if not isinstance(consistency_check_off_hours, bool):
         raise ValueError(f"{where}: consistency_check_off_hours must be true or false, got "
                          f"{consistency_check_off_hours!r}")
-    if session.exec(select(ReplicationPolicy).where(ReplicationPolicy.name == name)).first() is not None:
-        raise ValueError(f"{where} already exists")
-    policy = ReplicationPolicy(
-        name=name, copy_frequency_s=copy_frequency_s, recovery_point_retention_h=recovery_point_retention_h,
-        app_consistent_frequency_h=app_consistent_frequency_h, initial_replication_at=start_at,
-        office_hours_start=start, office_hours_end=end, office_days=days, office_timezone=office_timezone,
-        rpo_warning_s=rpo_warning_s, rpo_critical_s=rpo_critical_s,
-        consistency_check_interval_h=consistency_check_interval_h,
-        consistency_check_off_hours=consistency_check_off_hours,
-    )
-    session.add(policy)
-    session.flush()
-    return policy
+    _check_range(where, "drill reminder (days)", drill_reminder_days, 0, MAX_DRILL_REMINDER_DAYS)
+    return {"copy_frequency_s": copy_frequency_s, "recovery_point_retention_h": recovery_point_retention_h,
+            "app_consistent_frequency_h": app_consistent_frequency_h, "office_hours_start": start,
+            "office_hours_end": end, "office_days": days, "office_timezone": office_timezone,
+            "rpo_warning_s": rpo_warning_s, "rpo_critical_s": rpo_critical_s,
+            "consistency_check_interval_h": consistency_check_interval_h,
+            "consistency_check_off_hours": consistency_check_off_hours, "drill_reminder_days": drill_reminder_days}
 
 
 def _is_int(value: object) -> bool:

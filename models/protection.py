@@ -19,6 +19,8 @@ from datapath.errors import NonRecoverableError
 from models.db import UtcDateTime, as_utc, clock_now, new_id, string_enum
 from models.fabric import Host, VirtualMachine
 from models.policy import ReplicationPolicy
+from sites.storage.policy import StoragePolicyError, check_storage
+from workflows import settings
 
 __all__ = [
     "ReplicationState", "Health", "RecoveryPointKind", "ProtectedItem", "RecoveryPoint", "InvalidStateError",
@@ -195,6 +197,11 @@ def protect_vm(
     where = f"protection of VM {vm.name!r}"
     _check_recovery_storage(where, recovery_storage)
     options = _check_storage_options(where, storage_options or {})
+    try:
+        check_storage(recovery_storage, options, roots=settings.storage_roots(),
+                      account_urls=settings.storage_account_urls())
+    except StoragePolicyError as exc:
+        raise ValueError(f"{where}: {exc}") from None
     item = session.exec(select(ProtectedItem).where(ProtectedItem.vm_id == vm.id)).first()
     if item is None:
         item = ProtectedItem(

@@ -39,6 +39,11 @@ class ReplicaRecord(SQLModel, table=True):
     version: int = Field(default=0)
     """The replica's content version (datapath.points): one per applied log, resync or repair."""
     manifest_root: str | None = Field(default=None, max_length=64)
+    copy_started_generation: int = Field(default=0, sa_column_kwargs={"server_default": sa.text("0")})
+    """The snapshot the initial copy in progress copies (its first generation after the snapshot)."""
+    copy_checkpoint: int = Field(default=0, sa_type=sa.BigInteger, sa_column_kwargs={"server_default": sa.text("0")})
+    """The offset below which that copy is durable, as the Copy disk step recorded it: a resumed copy trusts
+    the recovery side's checkpoint only up to this one."""
     resync_reason: str | None = Field(default=None, max_length=2048)
     """Why the disk needs resynchronization (its recovery-side state was refused); None when it does not."""
     last_checked_at: datetime | None = Field(default=None, sa_type=UtcDateTime)

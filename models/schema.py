@@ -22,6 +22,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
 import migrations
+from datapath.private import create_private_file
 from migrations import adopt
 
 # Any fixed number, the same in every process: the PostgreSQL advisory lock held while changing the schema.
@@ -124,6 +125,7 @@ def _schema_lock(engine: Engine) -> Iterator[sa.Connection]:
     elif engine.dialect.name == "sqlite" and database not in (None, "", ":memory:"):
         # A lock file beside the database, not the database itself: opening and closing the database file
         # would drop the POSIX locks SQLite holds on it in this process.
+        create_private_file(f"{database}.schema-lock")  # 0600 like the database beside it
         with open(f"{database}.schema-lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             with engine.connect() as connection:

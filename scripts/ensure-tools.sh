@@ -3,14 +3,18 @@
 # otherwise says exactly what to install and fails. Arguments: the commands needed (default: every one
 # the tests use: qemu-img, rsync, redis-server, faketime (libfaketime: a host agent with a skewed clock),
 # and for the real QEMU guests: qemu-system-x86_64, busybox (static: the guest's userland), mkfs.ext4 and
-# e2fsck (the guests' data disks), qemu-nbd and qemu-io (independent NBD peers)).
+# e2fsck (the guests' data disks), mkfs.fat, mcopy and syslinux (the guest's bootable disk), qemu-nbd and
+# qemu-io (independent NBD peers), tcpdump (captures on the links between network namespaces:
+# tests/test_tls_netns.py), chromium and chromedriver (the browser the console's tests drive with Selenium:
+# tests/test_console_browser.py)).
 set -euo pipefail
 declare -A package=([qemu-img]=qemu-utils [rsync]=rsync [redis-server]=redis-server [faketime]=faketime
     [qemu-system-x86_64]=qemu-system-x86 [busybox]=busybox-static [mkfs.ext4]=e2fsprogs [e2fsck]=e2fsprogs
-    [qemu-nbd]=qemu-utils [qemu-io]=qemu-utils)
+    [qemu-nbd]=qemu-utils [qemu-io]=qemu-utils [tcpdump]=tcpdump [mkfs.fat]=dosfstools [mcopy]=mtools
+    [syslinux]=syslinux [chromium]=chromium [chromedriver]=chromium-driver)
 wanted=("$@")
 [ ${#wanted[@]} -eq 0 ] && wanted=(qemu-img rsync redis-server faketime qemu-system-x86_64 busybox mkfs.ext4 e2fsck
-    qemu-nbd qemu-io)
+    mkfs.fat mcopy syslinux qemu-nbd qemu-io tcpdump chromium chromedriver)
 missing=()
 for tool in "${wanted[@]}"; do
     [ -n "${package[$tool]:-}" ] || { echo "ensure-tools.sh: no package known for command '$tool'" >&2; exit 2; }

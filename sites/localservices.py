@@ -5,7 +5,9 @@ Azurite, a private `redis-server`, `celery -A worker worker|beat|flower`: each a
 127.0.0.1 on a free port (never the machine's shared Redis on 6379), in a session of its own so one
 signal reaches it and everything it spawned, logging to a file in its work directory. Every start waits
 (bounded) until the service answers; every stop ends with SIGKILL to the process group when the polite
-signal was not enough in time, then reaps it.
+signal was not enough in time, then reaps it. Given a deployment's certificates (sites/pki.py), Redis
+speaks TLS only with client certificates, Azurite serves HTTPS, and so does Flower when its environment
+names a server certificate.
 """
 from __future__ import annotations
 
@@ -22,8 +24,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
+from urllib.parse import quote
 
 import redis
+
+from datapath.private import write_new_private_file
+from sites.brokeracl import BrokerUser, new_password, password_hash
+from sites.pki import DeploymentCertificates
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 AZURITE_BLOB = REPO_ROOT / ".tools" / "node_modules" / ".bin" / "azurite-blob"
@@ -134,12 +141,18 @@ def _ask_to_stop(process: subprocess.Popen[bytes]) -> None:
 class AzuriteProcess:
     """Azurite's blob service from the project-local install, on 127.0.0.1 and a free port."""
 
-    def __init__(self, workdir: Path, *, executable: Path = AZURITE_BLOB, debug_log: Path | None = None):
+    def __init__(self, workdir: Path, *, executable: Path = AZURITE_BLOB, debug_log: Path | None = None,
+                 tls: DeploymentCertificates | None = None, host: str = LOCALHOST, netns: str | None = None):
         """`debug_log`: where Azurite writes its debug log, which records every request's headers (slow;
-        for tests that check what went over the wire)."""
+        for tests that check what went over the wire). `tls`: serve HTTPS with that deployment's server
+        certificate (clients verify it with its CA). `host` and `netns`: listen on that address inside that
+        network namespace (`ip netns exec`), as a storage account on another machine would."""
+        self.host = host
+        self.netns = netns
         self.workdir = Path(workdir)
         self.executable = Path(executable)
         self.debug_log = debug_log
+        self.tls = tls
         self.port: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._log_path = self.workdir / "azurite.log"
@@ -148,11 +161,15 @@ class AzuriteProcess:
     def blob_endpoint(self) -> str:
         if self.port is None:
             raise RuntimeError("Azurite is not started")
-        return f"http://{LOCALHOST}:{self.port}/{AZURITE_ACCOUNT}"
+        return f"{self.scheme}://{self.host}:{self.port}/{AZURITE_ACCOUNT}"
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
 
     def connection_string(self, account_key: str = AZURITE_ACCOUNT_KEY) -> str:
         return (
-            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={account_key};"
+            f"DefaultEndpointsProtocol={self.scheme};AccountName={AZURITE_ACCOUNT};AccountKey={account_key};"
             f"BlobEndpoint={self.blob_endpoint};"
         )
 
@@ -166,15 +183,18 @@ class AzuriteProcess:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         command = [
-            str(self.executable), "--blobHost", LOCALHOST, "--blobPort", str(self.port),
+            *(["ip", "netns", "exec", self.netns] if self.netns else []),
+            str(self.executable), "--blobHost", self.host, "--blobPort", str(self.port),
             "--location", str(data_dir), "--silent", "--disableTelemetry", "--skipApiVersionCheck",
             "--loose",
         ]
         if self.debug_log is not None:
             command += ["--debug", str(self.debug_log)]
+        if self.tls is not None:
+            command += ["--cert", str(self.tls.server_cert_file), "--key", str(self.tls.server_key_file)]
         self._process = _spawn(command, self._log_path)
-        port = self.port
-        _wait_started(self._process, lambda: port_answers(port), what=f"Azurite (port {port})", timeout=timeout,
+        port, host = self.port, self.host
+        _wait_started(self._process, lambda: port_answers(port, host), what=f"Azurite (port {port})", timeout=timeout,
                       log_path=self._log_path, give_up=self.stop, interval=0.1)
         return self
 
@@ -201,25 +221,66 @@ class AzuriteProcess:
 # ---- Redis --------------------------------------------------------------------------------------------
 class RedisServer:
     """redis-server on 127.0.0.1 and a free port; `start()` again after `stop()` or `kill()` keeps the port
-    and the data directory."""
+    and the data directory. With `tls` (a deployment's certificates) it speaks TLS only (no plain port)
+    and admits only clients presenting a certificate of the deployment's CA (mutual TLS)."""
 
-    def __init__(self, workdir: Path, *, appendonly: bool = False) -> None:
+    def __init__(self, workdir: Path, *, appendonly: bool = False, tls: DeploymentCertificates | None = None,
+                 acl: bool = False) -> None:
+        """`acl`: Redis 7 ACL users only (`add_user`), kept in the ACL file `users.acl` (0600) in `workdir`;
+        the `default` user then needs a password, `admin_password` (which `client()` uses): it is the
+        operator's, no process of the deployment's connects as it."""
         self.workdir = Path(workdir)
         self.appendonly = appendonly
+        self.tls = tls
         self.port = free_port()
         self._process: subprocess.Popen[bytes] | None = None
         self._log_path = self.workdir / "redis.log"
+        self.acl = acl
+        self.admin_password: str | None = new_password() if acl else None
+        self._users: dict[str, str] = {}  # user name -> its ACL file line
+
+    @property
+    def acl_file(self) -> Path:
+        return self.workdir / "users.acl"
+
+    def add_user(self, user: BrokerUser, password: str) -> str:
+        """Create or redefine the ACL user `user` with `password` (now, when running; kept in the ACL file
+        for every later start); returns the URL that connects as it."""
+        if not self.acl:
+            raise RuntimeError("this redis-server has no ACL users (RedisServer(acl=True))")
+        self._users[user.name] = user.acl_file_line(password)
+        if self._process is not None:
+            self._write_acl_file()
+            self.client().execute_command("ACL", "LOAD")
+        return self.user_url(user.name, password)
+
+    def user_url(self, user: str, password: str) -> str:
+        scheme = "rediss" if self.tls is not None else "redis"
+        return f"{scheme}://{quote(user, safe='')}:{quote(password, safe='')}@{LOCALHOST}:{self.port}/0"
+
+    def _write_acl_file(self) -> None:
+        default = f"user default on #{password_hash(self.admin_password or '')} ~* &* +@all"
+        write_new_private_file(self.acl_file, "\n".join([default, *self._users.values()]) + "\n", overwrite=True)
 
     @property
     def url(self) -> str:
-        return f"redis://{LOCALHOST}:{self.port}/0"
+        return f"{'rediss' if self.tls is not None else 'redis'}://{LOCALHOST}:{self.port}/0"
 
     @property
     def pid(self) -> int | None:
         return None if self._process is None else self._process.pid
 
-    def client(self) -> redis.Redis:
-        return redis.Redis(host=LOCALHOST, port=self.port, socket_timeout=5, socket_connect_timeout=5)
+    def client(self, username: str | None = None, password: str | None = None) -> redis.Redis:
+        """A client of this server: as `username` with `password`, or as the operator (with ACL users, the
+        `default` user and `admin_password`)."""
+        if username is None and self.acl:
+            username, password = "default", self.admin_password
+        tls = {} if self.tls is None else {
+            "ssl": True, "ssl_ca_certs": str(self.tls.ca_file), "ssl_certfile": str(self.tls.client_cert_file),
+            "ssl_keyfile": str(self.tls.client_key_file),
+        }
+        return redis.Redis(host=LOCALHOST, port=self.port, socket_timeout=5, socket_connect_timeout=5,
+                           username=username, password=password, **tls)
 
     def _answers(self) -> bool:
         if not port_answers(self.port):
@@ -235,9 +296,18 @@ class RedisServer:
             raise ServiceStartError("redis-server is not installed (Debian: apt-get install redis-server)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         command = [
-            executable, "--bind", LOCALHOST, "--port", str(self.port), "--dir", str(self.workdir),
+            executable, "--bind", LOCALHOST, "--dir", str(self.workdir),
             "--save", "", "--daemonize", "no", "--protected-mode", "yes",
         ]
+        if self.tls is None:
+            command += ["--port", str(self.port)]
+        else:
+            command += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls.server_cert_file),
+                        "--tls-key-file", str(self.tls.server_key_file), "--tls-ca-cert-file", str(self.tls.ca_file),
+                        "--tls-auth-clients", "yes"]
+        if self.acl:
+            self._write_acl_file()
+            command += ["--aclfile", str(self.acl_file)]
         if self.appendonly:
             # fsync on every write: a test that kills Redis must find every acknowledged message again.
             command += ["--appendonly", "yes", "--appendfsync", "always"]
@@ -293,28 +363,56 @@ class CeleryProcess:
         _reap(self.process, 0)
 
 
-class FlowerProcess(CeleryProcess):
-    """Flower on 127.0.0.1:`port`, started by the project's launcher `asr flower`: basic authentication
-    always on (its HTTP API is open only then), task events from every worker."""
+class ServerProcess(CeleryProcess):
+    """A server of the project's on 127.0.0.1:`port`, started by its `asr` launcher (through this interpreter:
+    the same installation as the caller); HTTPS when its environment names a server certificate."""
 
-    def __init__(self, env: Mapping[str, str], workdir: Path, *, port: int, user: str, password: str) -> None:
+    def __init__(self, name: str, launcher_args: list[str], env: Mapping[str, str], workdir: Path, *, port: int,
+                 ready_pattern: str) -> None:
         self.port = port
-        self.user = user
-        self.password = password
-        # The credentials go through the environment, not the command line, which every local user can
-        # read in the process list. `asr` through this interpreter: the same installation as the caller.
-        env = {**env, "ASR_FLOWER_USER": user, "ASR_FLOWER_PASSWORD": password}
-        launcher = [sys.executable, "-c", "import sys; from api.cli import main; sys.exit(main())",
-                    "flower", f"--address={LOCALHOST}", f"--port={port}"]
-        super().__init__("flower", [], env, workdir, ready_pattern=r"Visit me at ", command=launcher)
+        self.env = dict(env)
+        launcher = [sys.executable, "-c", "import sys; from api.cli import main; sys.exit(main())", *launcher_args]
+        super().__init__(name, [], env, workdir, ready_pattern=ready_pattern, command=launcher)
 
     @property
     def url(self) -> str:
-        return f"http://{LOCALHOST}:{self.port}"
+        scheme = "https" if self.env.get("ASR_TLS_CERT_FILE") else "http"
+        return f"{scheme}://{LOCALHOST}:{self.port}"
 
     def is_ready(self) -> bool:
-        # Flower logs its banner just before it binds; ready is when the port answers.
+        # A server logs its banner just before it binds; ready is when the port answers.
         return super().is_ready() and port_answers(self.port)
+
+
+class FlowerProcess(ServerProcess):
+    """Flower, started by `asr flower`: basic authentication always on (its HTTP API is open only then), task
+    events from every worker."""
+
+    def __init__(self, env: Mapping[str, str], workdir: Path, *, port: int, user: str, password: str) -> None:
+        self.user = user
+        self.password = password
+        # The credentials go through the environment, not the command line, which every local user can
+        # read in the process list.
+        super().__init__("flower", ["flower", f"--address={LOCALHOST}", f"--port={port}"],
+                         {**env, "ASR_FLOWER_USER": user, "ASR_FLOWER_PASSWORD": password}, workdir, port=port,
+                         ready_pattern=r"Visit me at ")
+
+
+class ApiProcess(ServerProcess):
+    """The REST API and the web console, started by `asr api`."""
+
+    def __init__(self, env: Mapping[str, str], workdir: Path, *, port: int) -> None:
+        super().__init__("api", ["api", f"--host={LOCALHOST}", f"--port={port}"], env, workdir, port=port,
+                         ready_pattern=r"Application startup complete")
+
+
+def start_api(env: Mapping[str, str], workdir: Path, *, port: int | None = None, wait: bool = True,
+              timeout: float = 30.0) -> ApiProcess:
+    """`asr api` (the REST API and the console) on a free port (or `port`)."""
+    process = ApiProcess(env, workdir, port=port or free_port())
+    if wait:
+        process.wait_ready(timeout)
+    return process
 
 
 def stop_all(processes: list[CeleryProcess], timeout: float = 10.0) -> None:
@@ -385,9 +483,9 @@ def point_app_at(broker_url: str) -> None:
 
     worker.py reads ASR_BROKER_URL when first imported, possibly earlier in this process; the app's
     connection pools and result backend are cached, so they are dropped to take the new URL."""
-    from worker import app
+    from worker import app, tls_conf
 
-    app.conf.update(broker_url=broker_url, result_backend=broker_url)
+    app.conf.update(broker_url=broker_url, result_backend=broker_url, **tls_conf(broker_url, broker_url))
     if app._pool is not None:
         app._pool.force_close_all()
     app._pool = None

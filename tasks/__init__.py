@@ -4,4 +4,4 @@ The worker imports this package at start (`include=["tasks"]` in worker.py); eve
 imported here so its actions are registered, one module per family of the action catalog
 (workflows/actions.py).
 """
-from tasks import consistency, failback, failover, plans, points, replication, steps  # noqa: F401
+from tasks import alerts, consistency, failback, failover, plans, points, preview, replication, steps  # noqa: F401

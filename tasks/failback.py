@@ -4,6 +4,13 @@ Failback goes through the recovery storage as logs of the differing chunks (data
 staging copy beside the primary disk, checked against the recovery VM's final manifest root, then swapped
 in by rename. Every action can run again after a crash: staged changes are applied again (applying a log
 twice gives the same disk), swaps are checked by manifest root.
+
+What the two sides tell each other about a disk (the staging copy's root, the difference log's disk id and
+snapshot generation, the final logs' generations and the recovery disk's final root) is taken from the
+database, as the step that computed it recorded it (its step result, or the failback record's details),
+never from the recovery storage: whoever can write there must not be able to choose what is written onto
+the primary disk. The copies the storage also holds (`sync.json`, `final.json`, `staging.manifest`) are
+checked against the database and refused when they disagree.
 """
 from __future__ import annotations
 
@@ -26,11 +33,13 @@ from datapath.failback import (
 )
 from datapath.logapply import apply_log
 from datapath.manifest import Manifest, compute_manifest
+from datapath.replication import ReplicaState
 from models.db import as_utc
 from models.fabric import Host, VirtualDisk, VirtualMachine, vm_adapters
 from models.failover import FailoverKind, FailoverRecord, FailoverStatus, latest_failover
 from models.protection import ProtectedItem, ReplicationState, transition
 from sites.host import Host as HostDriver
+from sites.storage.base import ObjectNotFoundError
 from tasks.failover_records import (
     create_vm_like,
     driver_named,
@@ -42,6 +51,7 @@ from tasks.failover_records import (
     update_details,
     vm_or_none,
 )
+from tasks.replica_records import record_generations_restarted, recorded_replica, rekey_records
 from tasks.replication import _load, _storage, item_action, move_item, replica_of
 from workflows import actions as A
 from workflows import clock
@@ -153,7 +163,12 @@ def send_differences(ctx: StepContext, *, item_id: str, failover_id: str, disk_i
     with _storage(view) as storage, tempfile.TemporaryDirectory() as scratch:
         against = None
         if minimize:
-            against = Manifest.from_bytes(storage.read_object(_objects(record, view, disk.name, "staging.manifest")))
+            name = _objects(record, view, disk.name, "staging.manifest")
+            against = Manifest.from_bytes(storage.read_object(name), name=name)
+            staged = _recorded_by_disk(ctx, A.PREPARE_STAGING, failover_id, disk.name)
+            if against.root_hex != staged["root"]:
+                raise _storage_disagrees(view, disk.name, name, f"manifest root {against.root_hex}",
+                                         f"the staging copy's root {staged['root']}")
         tracker = driver.tracker(recovery_vm, disk.name)
         try:
             generation = tracker.create_snapshot()
@@ -173,7 +188,8 @@ def send_differences(ctx: StepContext, *, item_id: str, failover_id: str, disk_i
         finally:
             tracker.close()
     return {"disk": disk.name, "chunks_compared": stats.chunks_compared, "chunks_sent": stats.chunks_sent,
-            "bytes": stats.bytes_in_log, "snapshot_generation": generation}
+            "bytes": stats.bytes_in_log, "snapshot_generation": generation, "disk_id": tracker.disk_id.hex(),
+            "root": stats.source_root}
 
 
 @item_action(A.DOWNLOAD_DIFFERENCES)
@@ -182,12 +198,14 @@ def download_differences(ctx: StepContext, *, item_id: str, failover_id: str, di
     disk = view.disk(disk_id)
     driver = driver_named(ctx, record.target_host)
     staging = driver.staging_path(view.vm.name, disk.name)
+    sent = _recorded_by_disk(ctx, A.SEND_DIFFERENCES, failover_id, disk.name)
     with _storage(view) as storage, tempfile.TemporaryFile() as spool:
-        sync = json.loads(storage.read_object(_objects(record, view, disk.name, "sync.json")))
+        name = _objects(record, view, disk.name, "sync.json")
+        _check_stored_copy(storage, view, disk.name, name, {key: sent.get(key) for key in SYNC_FIELDS})
         storage.get_object(_objects(record, view, disk.name, "sync.hrl"), spool)
         spool.seek(0)
         with open_disk(staging, writable=True) as target:
-            applied = apply_difference_log(spool, target, disk_id=bytes.fromhex(sync["disk_id"]))
+            applied = apply_difference_log(spool, target, disk_id=bytes.fromhex(sent["disk_id"]))
     ctx.progress(1, 1)
     return {"disk": disk.name, "bytes": applied.data_bytes, "records": applied.records}
 
@@ -210,41 +228,55 @@ def shut_down_recovery_vm(ctx: StepContext, *, item_id: str, failover_id: str) -
 @item_action(A.SEND_FINAL_CHANGES)
 def send_final_changes(ctx: StepContext, *, item_id: str, failover_id: str) -> dict[str, Any]:
     """With the recovery VM off: seal each disk's log and upload the logs written since the snapshot the
-    differences were taken at, with the disk's final manifest root for the primary to check against."""
+    differences were taken at. What the primary checks against (the generations, the tracker's disk id, the
+    disk's final manifest root) is recorded in the failback record (`details["final"]`); `final.json` in
+    the storage is a copy the primary refuses when it disagrees."""
     view, record = _failback_context(ctx, item_id, failover_id)
     driver = driver_named(ctx, record.details["recovery_host"])
     recovery_vm = record.details["recovery_vm"]
     sent: dict[str, list[int]] = {}
+    final: dict[str, dict[str, Any]] = {}
     with _storage(view) as storage:
         for done, disk in enumerate(view.disks):
-            sync = json.loads(storage.read_object(_objects(record, view, disk.name, "sync.json")))
+            snapshot_generation = _recorded_by_disk(ctx, A.SEND_DIFFERENCES, failover_id,
+                                                    disk.name)["snapshot_generation"]
             tracker = driver.tracker(recovery_vm, disk.name)
             try:
                 tracker.seal()
-                logs = [log for log in tracker.pending_logs() if log.generation >= sync["snapshot_generation"]]
+                logs = [log for log in tracker.pending_logs() if log.generation >= snapshot_generation]
                 for log in logs:
                     with open(log.path, "rb") as data:
                         storage.put_object(_objects(record, view, disk.name, f"{log.generation:08d}.hrl"), data)
+                disk_id = tracker.disk_id.hex()
             finally:
                 tracker.close()
             with open_disk(driver.get_vm(recovery_vm).disk(disk.name).path) as image:
                 root = compute_manifest(image).root_hex
             sent[disk.name] = [log.generation for log in logs]
-            storage.put_object(_objects(record, view, disk.name, "final.json"), json.dumps(
-                {"generations": sent[disk.name], "root": root, "disk_id": sync["disk_id"]}).encode())
+            final[disk.name] = {"generations": sent[disk.name], "root": root, "disk_id": disk_id}
+            storage.put_object(_objects(record, view, disk.name, "final.json"), json.dumps(final[disk.name]).encode())
             ctx.progress(done + 1, len(view.disks))
+    update_details(ctx, failover_id, final=final)
     return {"logs": sent}
 
 
 @item_action(A.APPLY_FINAL_CHANGES)
 def apply_final_changes(ctx: StepContext, *, item_id: str, failover_id: str, disk_id: str) -> dict[str, Any]:
-    """Apply the final logs to the staging disk, in order, and check it now equals the recovery VM's disk."""
+    """Apply the final logs to the staging disk, in order, and check it now equals the recovery VM's disk:
+    the generations, disk id and root are the database's (recorded by Send final changes); a `final.json`
+    in the storage that says otherwise fails the step before anything is applied."""
     view, record = _failback_context(ctx, item_id, failover_id)
     disk = view.disk(disk_id)
+    final = record.details.get("final", {}).get(disk.name)
+    if final is None:
+        raise NonRecoverableError(
+            f"failback of VM {view.vm.name!r}, disk {disk.name}: the database has no final changes recorded for "
+            f"it (Send final changes did not complete); the primary disk was not touched"
+        )
     driver = driver_named(ctx, record.target_host)
     staging = driver.staging_path(view.vm.name, disk.name)
     with _storage(view) as storage:
-        final = json.loads(storage.read_object(_objects(record, view, disk.name, "final.json")))
+        _check_stored_copy(storage, view, disk.name, _objects(record, view, disk.name, "final.json"), final)
         with open_disk(staging, writable=True) as target:
             for generation in final["generations"]:
                 with tempfile.TemporaryFile() as spool:
@@ -257,9 +289,47 @@ def apply_final_changes(ctx: StepContext, *, item_id: str, failover_id: str, dis
     if root != final["root"]:
         raise NonRecoverableError(
             f"failback of VM {view.vm.name!r}, disk {disk.name}: the staged disk's manifest root {root} is not the "
-            f"recovery VM's {final['root']}; the primary disk was not touched"
+            f"recovery VM's {final['root']} (as the database recorded it); the primary disk was not touched"
         )
     return {"disk": disk.name, "logs": final["generations"], "root": root}
+
+
+SYNC_FIELDS = ("snapshot_generation", "disk_id", "root")
+"""What `sync.json` holds: the Send differences step's result for the disk has the same values."""
+
+
+def _recorded_by_disk(ctx: StepContext, action: str, failover_id: str, disk_name: str) -> dict[str, Any]:
+    """The result the step of `action` for this disk recorded in the database (the latest, if it ran more
+    than once); NonRecoverableError when it has none."""
+    results = {result["disk"]: result for result in results_of(ctx, action, failover_id) if "disk" in result}
+    if disk_name not in results:
+        raise NonRecoverableError(
+            f"failback {failover_id}, disk {disk_name}: the database has no result of step {action!r} for it; "
+            f"run the failback again"
+        )
+    return results[disk_name]
+
+
+def _storage_disagrees(view, disk_name: str, name: str, stored: str, recorded: str) -> NonRecoverableError:
+    return NonRecoverableError(
+        f"failback of VM {view.vm.name!r}, disk {disk_name}: {name} in the recovery storage says {stored}, but "
+        f"the database records {recorded}; the storage was changed, nothing of it is used and the primary "
+        f"disk was not touched"
+    )
+
+
+def _check_stored_copy(storage, view, disk_name: str, name: str, recorded: dict[str, Any]) -> None:
+    """The JSON object `name` in the storage must hold exactly `recorded` (the database's values)."""
+    try:
+        stored = json.loads(storage.read_object(name))
+    except ObjectNotFoundError:
+        raise _storage_disagrees(view, disk_name, name, "nothing (it is missing)", json.dumps(recorded)) from None
+    except ValueError as exc:
+        raise _storage_disagrees(view, disk_name, name, f"something unreadable ({exc})",
+                                 json.dumps(recorded)) from None
+    if stored != recorded:
+        raise _storage_disagrees(view, disk_name, name, json.dumps(stored, sort_keys=True),
+                                 json.dumps(recorded, sort_keys=True))
 
 
 @item_action(A.SWAP_DISKS)
@@ -267,8 +337,8 @@ def swap_disks(ctx: StepContext, *, item_id: str, failover_id: str) -> dict[str,
     """Swap every staged disk in (a rename each), track the disks afresh, start the VM. A rerun finds the
     disks already swapped by their manifest root."""
     view, record = _failback_context(ctx, item_id, failover_id)
-    expected = {result["disk"]: result["root"]
-                for result in results_of(ctx, A.APPLY_FINAL_CHANGES, failover_id)}
+    # The roots Send final changes recorded: what every staged disk was checked against.
+    expected = {name: final["root"] for name, final in record.details.get("final", {}).items()}
     downloaded = {result["disk"]: result["bytes"]
                   for result in results_of(ctx, A.DOWNLOAD_DIFFERENCES, failover_id)}
     with ctx.session() as session:
@@ -296,7 +366,7 @@ def swap_disks(ctx: StepContext, *, item_id: str, failover_id: str) -> dict[str,
             f"recovery VM's content and no staged copy is left; run the failback again"
         )
     driver.enable_tracking(vm.name)
-    adopted = _adopt_replicas(view, vm)
+    adopted = _adopt_replicas(ctx, item_id, view, vm)
     driver.start_vm(vm.name)
     with ctx.session() as session:
         record = failover_record(session, failover_id)
@@ -308,24 +378,37 @@ def swap_disks(ctx: StepContext, *, item_id: str, failover_id: str) -> dict[str,
     return {"vm": vm.name, "host": driver.name, "roots": produced}
 
 
-def _adopt_replicas(view, vm) -> list[str]:
+def _adopt_replicas(ctx: StepContext, item_id: str, view, vm) -> list[str]:
     """The swapped-in disks are tracked afresh (their generations restart at 1), and a VM created anew on
     its host (failback with create_vm) has new disk ids. The replicas are still this item's (their folder is
     pinned to it): they follow the disks, marked as starting a new generation sequence, so reverse
-    replication resynchronizes them (only what differs) instead of copying everything again."""
+    replication resynchronizes them (only what differs) instead of copying everything again.
+
+    The state written comes from the database's record of the replica (its version and root), not from the
+    state the storage holds, and the record says the generations restarted (`record_generations_restarted`):
+    the two agree afterwards. A replica without a record (protected before records existed) keeps its
+    stored version and root; one without any state is left alone."""
     adopted = []
     with _storage(view) as storage:
-        for disk in vm.disks:
+        for registered in view.disks:
+            disk = vm.disk(registered.name)
             replica = replica_of(view, storage, disk.name)
-            state = replica.load_state()
-            if state is None:
-                continue
             disk_id = uuid.UUID(disk.id).hex
-            if state.disk_id != disk_id:
+            recorded = recorded_replica(ctx, item_id, registered)
+            if recorded is not None:
+                state = ReplicaState(disk_id=disk_id, size=registered.size, initial_copy_done=True,
+                                     copy_checkpoint=registered.size, version=recorded.version,
+                                     manifest_root=recorded.manifest_root)
+            else:
+                state = replica.load_state()
+                if state is None:
+                    continue
+            if uuid.UUID(registered.disk_uuid).hex != disk_id:
                 adopted.append(disk.name)
             state.disk_id = disk_id
             state.applied_generation = state.copy_started_generation = 0
             replica.save_state(state)
+            record_generations_restarted(ctx, item_id, registered)
     return adopted
 
 
@@ -342,9 +425,13 @@ def finish_failback(ctx: StepContext, *, item_id: str, failover_id: str) -> dict
         if vm.host_id != target.id or vm.vm_uuid != on_host.id:
             vm.host_id, vm.vm_uuid = target.id, on_host.id
             ids = {disk.name: disk.id for disk in on_host.disks}
+            renamed = {}
             for disk in session.exec(select(VirtualDisk).where(VirtualDisk.vm_id == vm.id)).all():
+                renamed[disk.disk_uuid] = ids[disk.name]
                 disk.disk_uuid = ids[disk.name]
                 session.add(disk)
+            # The replicas' records follow their disks, in the same transaction.
+            rekey_records(session, item_id, renamed)
             session.add(vm)
         vm.state = "running"
         record.status = FailoverStatus.SUCCEEDED

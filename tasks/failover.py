@@ -30,6 +30,7 @@ from tasks.failover_records import (
     update_details,
     vm_or_none,
 )
+from tasks.replica_records import checked_state
 from tasks.replication import _load, _storage, item_action, replica_of
 from workflows import actions as A
 from workflows import clock
@@ -147,8 +148,14 @@ def restore_disk(ctx: StepContext, *, item_id: str, failover_id: str, disk_id: s
     driver = driver_named(ctx, record.target_host)
     target_disk = driver.get_vm(record.target_vm).disk(disk.name)
     version = record.versions[disk.disk_uuid]
-    with _storage(view) as storage, open_disk(target_disk.path, writable=True) as target:
-        result = restore_point(replica_of(view, storage, disk.name), version, target, on_progress=ctx.progress)
+    with _storage(view) as storage:
+        replica = replica_of(view, storage, disk.name)
+        # The versions and undo logs read below are the recovery side's: a replica put back to an older copy
+        # of itself (state, manifests and all) is refused here, against the database, before anything is
+        # written (and the item needs a resync).
+        checked_state(ctx, item_id, disk, replica)
+        with open_disk(target_disk.path, writable=True) as target:
+            result = restore_point(replica, version, target, on_progress=ctx.progress)
     return {"disk": disk.name, "version": version, "bytes": result.bytes_copied, "root": result.manifest_root}
 
 

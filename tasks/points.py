@@ -6,6 +6,7 @@ from typing import Any
 from datapath.errors import NonRecoverableError
 from datapath.points import verify_point
 from models.protection import RecoveryPoint
+from tasks.replica_records import checked_state
 from tasks.replication import _load, _storage, item_action, replica_of
 from workflows import actions as A
 from workflows.engine import StepContext
@@ -26,7 +27,9 @@ def verify_point_of_disk(ctx: StepContext, *, item_id: str, point_id: str, disk_
     if version is None:
         raise NonRecoverableError(f"recovery point {point_id} has no version of disk {disk.name}")
     with _storage(view) as storage:
-        check = verify_point(replica_of(view, storage, disk.name), version, expected, on_progress=ctx.progress)
+        replica = replica_of(view, storage, disk.name)
+        checked_state(ctx, item_id, disk, replica)  # a replica rolled back behind the database is refused
+        check = verify_point(replica, version, expected, on_progress=ctx.progress)
     if not check.ok:
         raise NonRecoverableError(
             f"VM {view.vm.name!r}, disk {disk.name}: the replica at recovery point {point_id} (version {version}) "

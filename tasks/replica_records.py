@@ -66,7 +66,8 @@ def checked_state(ctx: StepContext, item_id: str, disk: VirtualDisk, replica: Re
     with ctx.session() as session:
         record = _find(session, item_id, disk.disk_uuid)
         recorded = None if record is None else RecordedState(
-            record.initial_copy_done, record.applied_generation, record.version, record.manifest_root)
+            record.initial_copy_done, record.applied_generation, record.version, record.manifest_root,
+            shipped_generation=record.shipped_generation)
     try:
         if recorded is None:
             # An item protected before the database recorded its replicas: its state is adopted, once.
@@ -156,11 +157,69 @@ def record_shipped(ctx: StepContext, item_id: str, disk: VirtualDisk, generation
             session.add(record)
 
 
+def recorded_copy(ctx: StepContext, item_id: str, disk: VirtualDisk, replica_name: str) -> tuple[int, int] | None:
+    """(copy_started_generation, copy_checkpoint) of the initial copy in progress as the database recorded
+    them; None when the database records the copy as done (the state is then checked against the record by
+    the steps after it)."""
+    with ctx.session() as session:
+        record = replica_record(session, item_id, disk.disk_uuid, replica_name)
+        if record.initial_copy_done:
+            return None
+        return record.copy_started_generation, record.copy_checkpoint
+
+
+def record_copy_checkpoint(ctx: StepContext, item_id: str, disk: VirtualDisk, replica_name: str, generation: int,
+                           offset: int) -> None:
+    """The initial copy of `generation`'s snapshot is durable below `offset` (initial_copy's on_checkpoint)."""
+    with ctx.session() as session:
+        record = replica_record(session, item_id, disk.disk_uuid, replica_name)
+        record.copy_started_generation, record.copy_checkpoint = generation, offset
+        record.updated_at = clock.now()
+        session.add(record)
+
+
+def recorded_shipped_generation(ctx: StepContext, item_id: str, disk: VirtualDisk) -> int | None:
+    """The highest generation the database records as shipped for the disk (never below the applied one);
+    None when it has no record (an item protected before records existed)."""
+    with ctx.session() as session:
+        record = _find(session, item_id, disk.disk_uuid)
+        return None if record is None else max(record.shipped_generation, record.applied_generation)
+
+
 def recorded_applied_generation(ctx: StepContext, item_id: str, disk: VirtualDisk) -> int | None:
     """The generation the database records as applied to the disk's replica; None before its initial copy."""
     with ctx.session() as session:
         record = _find(session, item_id, disk.disk_uuid)
         return record.applied_generation if record is not None and record.initial_copy_done else None
+
+
+def recorded_replica(ctx: StepContext, item_id: str, disk: VirtualDisk) -> RecordedState | None:
+    """What the database records of the disk's replica once its initial copy is done; None otherwise."""
+    with ctx.session() as session:
+        record = _find(session, item_id, disk.disk_uuid)
+        if record is None or not record.initial_copy_done:
+            return None
+        return RecordedState(True, record.applied_generation, record.version, record.manifest_root)
+
+
+def record_generations_restarted(ctx: StepContext, item_id: str, disk: VirtualDisk) -> None:
+    """The disk was swapped in by a failback and is tracked afresh: its log generations restart at 1, so the
+    replica counts none applied or shipped (its content, version and root are unchanged)."""
+    with ctx.session() as session:
+        record = _find(session, item_id, disk.disk_uuid)
+        if record is not None:
+            record.applied_generation = record.shipped_generation = 0
+            record.updated_at = clock.now()
+            session.add(record)
+
+
+def rekey_records(session: Session, item_id: str, renamed: dict[str, str]) -> None:
+    """The item's disks got new ids ({old uuid: new uuid}, a failback that created the VM anew): their
+    replicas' records follow them."""
+    for record in session.exec(select(ReplicaRecord).where(ReplicaRecord.item_id == item_id)).all():
+        if record.disk_uuid in renamed and renamed[record.disk_uuid] != record.disk_uuid:
+            record.disk_uuid = renamed[record.disk_uuid]
+            session.add(record)
 
 
 def delete_records(session: Session, item_id: str) -> None:

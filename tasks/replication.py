@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlmodel import select
 
+from datapath.copy import CopyResult
 from datapath.disk import FORMATS, open_disk
 from datapath.errors import (
     DiskNotFoundError,
@@ -26,7 +27,7 @@ from datapath.errors import (
     NonRecoverableError,
     ResyncRequiredError,
 )
-from datapath.points import prune_versions
+from datapath.points import PointMismatchError, prune_versions
 from datapath.replication import (
     ReplicaDisk,
     apply_shipped_logs,
@@ -53,22 +54,27 @@ from sites.host import Host as HostDriver
 from sites.host import QuiesceError
 from sites.storage import open_storage
 from sites.storage.base import RecoveryStorage
+from sites.storage.encrypted import open_encrypted
+from sites.storage.policy import StoragePolicyError, check_storage
 from tasks.boot_files import upload_boot_files
 from tasks.replica_records import (
     RESYNC_REQUIRED_CODE,
     checked_state,
     delete_records,
+    record_copy_checkpoint,
     record_shipped,
     record_state,
     record_values,
     recorded_applied_generation,
+    recorded_copy,
+    recorded_shipped_generation,
     require_disk_resync,
     require_resync_of,
     restore_recorded_state,
 )
 from worker import app
 from workflows import actions as A
-from workflows import clock, rpo, scheduler
+from workflows import alerts, clock, rpo, scheduler, settings, transport
 from workflows.engine import StepContext, action
 from workflows.items import ItemView, load_item
 from workflows.retry import is_recoverable
@@ -81,8 +87,21 @@ APP_CONSISTENCY_CODE = "app_consistency_failed"
 
 # ---- opening things ------------------------------------------------------------------------------
 def open_recovery_storage(url: str, options: Mapping[str, Any]) -> RecoveryStorage:
-    """Open an item's recovery storage. Credentials never sit in the database: the option
+    """Open an item's recovery storage, encrypted under this worker's key-encryption key
+    (sites/storage/encrypted.py; ASR_STORAGE_KEK_FILE). Credentials never sit in the database: the option
     `connection_string_env` names the environment variable of this worker that holds them."""
+    return open_encrypted(open_backend(url, options))
+
+
+def open_backend(url: str, options: Mapping[str, Any]) -> RecoveryStorage:
+    """The recovery storage's backend itself, unencrypted (`asr keys rotate` re-wraps its data keys). The
+    storage is checked against this worker's allow-list first (sites/storage/policy.py), whatever the
+    database says."""
+    try:
+        check_storage(url, options, roots=settings.storage_roots(), account_urls=settings.storage_account_urls(),
+                      resolve=True)
+    except StoragePolicyError as exc:
+        raise NonRecoverableError(f"recovery storage {url}: {exc}") from None
     resolved = dict(options)
     variable = resolved.pop("connection_string_env", None)
     if variable is not None:
@@ -93,6 +112,18 @@ def open_recovery_storage(url: str, options: Mapping[str, Any]) -> RecoveryStora
                 f"set on this worker ({os.uname().nodename}, pid {os.getpid()})"
             )
         resolved["connection_string"] = value
+    if url.startswith("azure:"):
+        # https only (unless ASR_INSECURE_TRANSPORT allows http), verified with the deployment's CA.
+        endpoints = ([resolved["account_url"]] if resolved.get("account_url")
+                     else transport.azure_connection_string_endpoints(resolved.get("connection_string") or ""))
+        try:
+            for endpoint in endpoints:
+                transport.check_storage_endpoint(f"recovery storage {url}", endpoint)
+            ca_file = settings.tls_ca_file()
+        except ValueError as exc:
+            raise NonRecoverableError(str(exc)) from None
+        if ca_file is not None:
+            resolved.setdefault("ca_file", str(ca_file))
     return open_storage(url, **resolved)
 
 
@@ -254,12 +285,23 @@ def copy_disk(ctx: StepContext, *, item_id: str, disk_id: str) -> dict[str, Any]
     with _storage(view) as storage, _tracker(view, disk.name) as tracker:
         replica = replica_of(view, storage, disk.name)
         before = replica.load_state()
-        # Where this run started: the checkpoint an earlier run (crashed, poisoned, redelivered) left.
-        resumed_from = before.copy_checkpoint if before is not None and not before.initial_copy_done else 0
-        state = initial_copy(tracker, replica, on_progress=ctx.progress)
+        recorded = recorded_copy(ctx, item_id, disk, replica.name)
+        # Where this run started: the checkpoint an earlier run (crashed, poisoned, redelivered) left, as far
+        # as the database recorded it too (initial_copy trusts the state's no further).
+        resumed_from = 0
+        if before is not None and not before.initial_copy_done:
+            resumed_from = before.copy_checkpoint if recorded is None else min(
+                before.copy_checkpoint, recorded[1] if recorded[0] == before.copy_started_generation else 0)
+        copied: list[CopyResult] = []
+        state = initial_copy(
+            tracker, replica, on_progress=ctx.progress, recorded=recorded, on_copied=copied.append,
+            on_checkpoint=lambda generation, offset: record_copy_checkpoint(ctx, item_id, disk, replica.name,
+                                                                            generation, offset))
     record_state(ctx, item_id, disk, replica.name, state, resynchronized=True)
     ctx.progress(state.size, state.size)
-    return {"bytes": state.size, "applied_generation": state.applied_generation, "resumed_from": resumed_from}
+    # bytes_written: what this run sent (zero chunks are not; a resumed run sends only the rest).
+    return {"bytes": state.size, "applied_generation": state.applied_generation, "resumed_from": resumed_from,
+            "bytes_written": sum(result.bytes_written for result in copied)}
 
 
 @item_action(A.DELETE_SNAPSHOT)
@@ -280,7 +322,10 @@ def resync_disk(ctx: StepContext, *, item_id: str, disk_id: str) -> dict[str, An
         replica = replica_of(view, storage, disk.name)
         restored = restore_recorded_state(ctx, item_id, disk, replica, disk_id=tracker.disk_id.hex(),
                                           size=tracker.disk_size)
-        report = resynchronize(tracker, replica, on_progress=ctx.progress)
+        recorded = recorded_applied_generation(ctx, item_id, disk)
+        # A recovery side found not as recorded is not trusted for its manifests either: read it whole.
+        report = resynchronize(tracker, replica, on_progress=ctx.progress,
+                               recorded_generation=-1 if recorded is None else recorded, read_replica=restored)
     # From what the resync did, not from the recovery side's state: this is what makes them agree again.
     record_values(ctx, item_id, disk, replica.name, applied_generation=report.first_generation - 1,
                   version=report.version, manifest_root=report.manifest_root, resynchronized=True)
@@ -288,6 +333,8 @@ def resync_disk(ctx: StepContext, *, item_id: str, disk_id: str) -> dict[str, An
         "bytes_sent": report.bytes_sent, "bytes_zeroed": report.bytes_zeroed, "blocks_sent": report.blocks_sent,
         "chunks_compared": report.chunks_compared, "chunks_sent": report.chunks_sent,
         "first_generation": report.first_generation, "state_restored_from_database": restored,
+        # The replica's side from its stored manifest (only differing chunks read), or read whole and why.
+        "replica_read_whole": report.replica_read_whole, "why_read_whole": report.why_read_whole,
     }
 
 
@@ -317,6 +364,7 @@ def ship_logs(ctx: StepContext, *, item_id: str, seal: bool = True) -> dict[str,
         # have logs skipped, or applied onto the wrong bytes.
         applied = {disk.name: checked_state(ctx, item_id, disk, replicas[disk.name]).applied_generation
                    for disk in view.disks}
+        shipped_before = {disk.name: recorded_shipped_generation(ctx, item_id, disk) for disk in view.disks}
         trackers = {disk.name: stack.enter_context(_tracker(view, disk.name)) for disk in view.disks}
         # A tracker whose logs may lack writes its disk has (its service stopped uncleanly): shipping them
         # would make a recovery point that is not the disk. Nothing is shipped; the item needs a resync.
@@ -325,7 +373,7 @@ def ship_logs(ctx: StepContext, *, item_id: str, seal: bool = True) -> dict[str,
             if why is not None:
                 raise ResyncRequiredError(require_disk_resync(ctx, item_id, disk, why))
         # Measured before sealing: what piled up since the last cycle.
-        unsent = {name: tracker.unsent_ratio() for name, tracker in trackers.items()}
+        unsent = {name: tracker.unsent_bytes() for name, tracker in trackers.items()}
         if not seal:
             sealed = {name: None for name in trackers}
         elif app_consistent:
@@ -339,10 +387,15 @@ def ship_logs(ctx: StepContext, *, item_id: str, seal: bool = True) -> dict[str,
             sealed = {name: tracker.seal().generation for name, tracker in trackers.items()}
         for done, disk in enumerate(view.disks):
             shipped = ship_pending_logs(trackers[disk.name], replicas[disk.name],
-                                        applied_generation=applied[disk.name])
+                                        applied_generation=applied[disk.name],
+                                        shipped_generation=shipped_before[disk.name])
             record_shipped(ctx, item_id, disk, shipped)
-            disks[disk.disk_uuid] = {"name": disk.name, "unsent_ratio": unsent[disk.name],
-                                     "sealed": sealed[disk.name], "shipped": shipped}
+            tracker = trackers[disk.name]
+            # Bytes sent to the recovery storage (the metrics' bytes replicated): the logs uploaded now.
+            shipped_bytes = sum(log.size for log in tracker.pending_logs() if log.generation in shipped)
+            disks[disk.disk_uuid] = {"name": disk.name, "unsent_ratio": unsent[disk.name] / tracker.disk_size,
+                                     "unsent_bytes": unsent[disk.name], "sealed": sealed[disk.name],
+                                     "shipped": shipped, "shipped_bytes": shipped_bytes}
             ctx.progress(done + 1, len(view.disks))
     if quiesce_error is not None:
         with ctx.session() as session:
@@ -376,8 +429,9 @@ def apply_logs(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
             replica = replicas[disk.disk_uuid]
             checked_state(ctx, item_id, disk, replica)
             try:
-                report = apply_shipped_logs(replica, disk_name=f"{view.vm.name}/{disk.name}")
-            except (LogCorruptError, LogOutOfSequenceError) as broken:
+                report = apply_shipped_logs(replica, disk_name=f"{view.vm.name}/{disk.name}",
+                                            up_to=recorded_shipped_generation(ctx, item_id, disk))
+            except (LogCorruptError, LogOutOfSequenceError, PointMismatchError) as broken:
                 require_resync_of(ctx, item_id, f"disk {disk.name}: {broken}")
                 raise
             record_values(ctx, item_id, disk, replica.name, applied_generation=report.applied_generation,
@@ -550,5 +604,6 @@ def finish_disable(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
 @app.task(name=scheduler.TICK_TASK)
 def tick() -> dict[str, int]:
     """Start the delta cycles, scheduled initial replications and automatic resyncs that are due; turn
-    items whose RPO crossed a threshold Warning or Critical (and back), whether or not a cycle runs."""
-    return {**scheduler.run_scheduler(), **rpo.check_rpo()}
+    items whose RPO crossed a threshold Warning or Critical (and back), whether or not a cycle runs; raise
+    and resolve alerts by what holds then."""
+    return {**scheduler.run_scheduler(), **rpo.check_rpo(), **alerts.raise_and_resolve_alerts()}

@@ -7,37 +7,75 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from typing import Any
 
 from celery import Task
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Reject, Retry
 from celery.signals import task_postrun, task_unknown
 
+from models.jobs import StepState
+from tasks.host_identity import unproven_host_step
 from worker import app
 from workflows import engine
 from workflows.canvas import forget_result_waiters
 
 engine.import_action_modules()
 logger = logging.getLogger(__name__)
+# How long a worker that may not run a host's step waits before handing its message back to the queue: the
+# host's own agent takes it meanwhile, and a lone impostor does not spin on it.
+UNPROVEN_PAUSE_S = 2.0
+
+
+class StepFailed(Exception):
+    """The step failed for good (non-recoverably, as a poison message, or with no code for its action):
+    the engine has recorded it and failed the job. Raised only so that the Celery task ends FAILURE."""
+
+
+class StepRetryScheduled(Exception):
+    """The step failed recoverably: the engine has recorded it and runs it again at its next attempt, as a
+    new message. Carried by the Retry that ends the Celery task RETRY (no message is sent by Celery)."""
 
 
 def _run_step(self: Task, step_id: str) -> dict[str, Any]:
-    """Run one job step. The engine records the outcome and sends the next stage itself; Ignore marks a
-    message whose step another run owns (a retry, another worker, the reconciler), or that must wait."""
+    """Run one job step. The engine records the outcome and sends the next stage (or schedules the retry)
+    itself; the task's own end state only reports that outcome to Flower and the worker logs: SUCCESS
+    (the step succeeded, or waits for an operator), RETRY (it waits for the engine's retry), FAILURE (it
+    failed, the job with it). Ignore marks a message that did not run its step (a duplicate, one whose step
+    another run owns, or whose job is over): it has no outcome of its own."""
 
     def emit_progress_event(**fields: Any) -> None:
         # Flower shows custom events; no retries, so a broker hiccup costs one update, not a stall.
         self.send_event("task-progress", retry=False, **fields)
 
+    refusal = unproven_host_step(step_id)
+    if refusal is not None:
+        # Not claimed, not failed: the step stays queued for its host's agent (an impostor must not be able
+        # to fail a host's steps either).
+        logger.error("step %s refused on %s: %s", step_id, self.request.hostname, refusal)
+        time.sleep(UNPROVEN_PAUSE_S)
+        raise Reject(refusal, requeue=True)
     outcome = engine.execute_step(
         step_id, task_id=self.request.id, worker=self.request.hostname, emit_event=emit_progress_event,
     )
-    if not outcome.advance:
+    if outcome.own and outcome.state is StepState.failed:
+        raise StepFailed(f"{outcome.step_name} failed: {outcome.error}")
+    if outcome.own and outcome.state is StepState.waiting_retry:
+        reason = StepRetryScheduled(f"{outcome.step_name}: {outcome.error}")
+        # Raised, not self.retry(): the engine sends the next attempt, Celery must send none.
+        when = outcome.next_attempt_at.isoformat(timespec="seconds") if outcome.next_attempt_at else "its next attempt"
+        raise Retry(f"the engine runs it again at {when}", reason)
+    if not (outcome.advance or (outcome.own and outcome.state is StepState.waiting_action)):
         raise Ignore()
     return {"step_id": step_id, "state": outcome.state.value}
 
 
-run_step = app.task(bind=True, name=engine.RUN_STEP_TASK)(_run_step)
+def _step_task(name: str) -> Task:
+    # StepFailed is expected: the engine has logged the failure, the worker logs the task's end in one line.
+    return app.task(bind=True, name=name, throws=(StepFailed,))(_run_step)
+
+
+run_step = _step_task(engine.RUN_STEP_TASK)
 
 
 def _register_step_task(action_name: str) -> None:
@@ -45,7 +83,7 @@ def _register_step_task(action_name: str) -> None:
     # what a step does (asr.replication.copy_disk), not just that it is a step.
     name = engine.step_task_name(action_name)
     if name not in app.tasks:
-        app.task(bind=True, name=name)(_run_step)
+        _step_task(name)
 
 
 engine.on_action_registered(_register_step_task)

@@ -6,6 +6,7 @@ Services are session-scoped and started on first use, so a run that needs none o
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,13 @@ from sites.localservices import AzuriteProcess, ServiceStartError
 from sites.storage.azure import AzureBlobStorage
 from sites.storage.base import RecoveryStorage
 from sites.storage.local import LocalDirectoryStorage
+
+# The suite's services are plain text (the machine's Redis and PostgreSQL, Azurite over http): allowed in
+# this process and every subprocess inheriting its environment, as an operator would allow it, explicitly.
+# Deployments of the tests pass it to their workers themselves (sites/deployment.py); tests/test_tls.py
+# runs a TLS deployment and checks that plain text is refused without it.
+os.environ["ASR_INSECURE_TRANSPORT"] = "1"
+# (Read at call time, like every setting: before any test module imports worker.py.)
 
 
 # ---- parallel runs (pytest-xdist) ---------------------------------------------------------------------
@@ -62,6 +70,41 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items.sort(key=lambda item: item.nodeid.split("::", 1)[0] not in slow_modules)
 
 
+# ---- where the suite's CPU goes ------------------------------------------------------------------
+CPU_REPORT_ENV = "ASR_TEST_CPU_REPORT"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[object]:
+    """With ASR_TEST_CPU_REPORT=FILE, a line per test appended to FILE: the CPU seconds of this process and of
+    the processes it started and reaped (workers, beat, Redis, QEMU, the asr CLI), and the wall seconds. The
+    suite is CPU-bound on two cores, so this, not --durations, says which tests cost the run its time."""
+    report = os.environ.get(CPU_REPORT_ENV)
+    if not report:
+        return (yield)
+    before, started = os.times(), time.monotonic()
+    try:
+        return (yield)
+    finally:
+        after = os.times()
+        own = after.user + after.system - before.user - before.system
+        children = (after.children_user + after.children_system - before.children_user - before.children_system)
+        with open(report, "a") as out:
+            out.write(f"{own + children:.2f}\t{own:.2f}\t{children:.2f}\t{time.monotonic() - started:.2f}\t"
+                      f"{item.nodeid}\n")
+
+
+# ---- test outcomes, for fixtures -----------------------------------------------------------------
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    """Each phase's report as `item.rep_setup`, `item.rep_call`, `item.rep_teardown` (pytest's documented recipe),
+    which a fixture's teardown reads: the browser keeps a screenshot of a failed test's page
+    (tests/test_console_browser.py)."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
 # ---- services -----------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzuriteProcess]:
@@ -76,8 +119,10 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzuriteProcess
 
 
 # ---- the real test guest ------------------------------------------------------------------------
-GUEST_FOLDER = Path(__file__).resolve().parents[1] / ".tools" / "guest"
-"""Where `make guest` builds the test guest; a session builds it there too when it is missing."""
+GUEST_FOLDER = Path(os.environ.get("ASR_TEST_GUEST_DIR") or Path(__file__).resolve().parents[1] / ".tools" / "guest")
+"""Where `make guest` builds the test guest; a session builds it there too when it is missing or out of date.
+ASR_TEST_GUEST_DIR points the tests at another folder (a clone whose guest differs from the one in a shared
+.tools, say)."""
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """Test-only parts of the engine tests' deployments: the engine tests' action module (their workers'
-ASR_ACTION_MODULES) and `EventCapture`, Celery events received in this process.
+ASR_ACTION_MODULES), `register_hosts` and `EventCapture`, Celery events received in this process.
 
 The deployment itself is the product's (sites/deployment.py: the demo starts the same processes).
 """
@@ -7,10 +7,25 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 ACTION_MODULES = "tests.engine_actions"
 """What the engine tests' workers import for their actions (`tests/engine_actions.py`)."""
+
+
+def register_hosts(roots: Path, names: Iterable[str]) -> dict[str, str]:
+    """Hosts `names` of a site "primary", each with a root folder under `roots`: {name: registration key}."""
+    from models.db import session_scope
+    from models.fabric import create_site, register_host
+
+    keys = {}
+    with session_scope() as session:
+        primary = create_site(session, "primary")
+        for name in names:
+            (roots / name).mkdir()
+            keys[name] = register_host(session, name, str(roots / name), site=primary)[1]
+    return keys
 
 
 class EventCapture:

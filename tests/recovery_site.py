@@ -17,6 +17,7 @@ an item Warning either; a test that wants either creates a policy of its own (`c
 """
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -41,6 +42,7 @@ from models.protection import ProtectedItem
 from sites.deployment import AZURE_CONNECTION_ENV, Deployment
 from sites.host import Host
 from sites.localservices import AzuriteProcess, CeleryProcess, RedisServer, wait_until
+from sites.pki import DeploymentCertificates
 from sites.storage.base import RecoveryStorage
 from workflows.engine import ItemBusyError, get_job
 from workflows.items import item_status, load_item
@@ -54,6 +56,10 @@ EVERY_DAY = (0, 1, 2, 3, 4, 5, 6)
 FINISHED_JOB_STATES = ("succeeded", "failed", "cancelled")
 RECOVERY_SUBNETS = {"default": "10.10.0.0/24", "backend": "10.20.0.0/24"}
 LOG_TAIL_CHARS = 3000
+# Beat's per-second tasks, received and succeeded, in a worker's log.
+ROUTINE_LOG_LINE = re.compile(
+    r"Task asr\.(replication\.tick|engine\.reconcile)\[[0-9a-f-]+\] (received|succeeded)"
+)
 QUIET_RPO_S = (60, 120)
 """The default policies' RPO warning and critical thresholds, in real seconds (whatever the time scale)."""
 
@@ -76,7 +82,12 @@ class RecoverySite:
         policy_options: Mapping[str, Any] | None = None,
         host_concurrency: int = 3,
         database_url: str | None = None,
+        tls: bool | DeploymentCertificates = False,
+        broker_acl: bool = False,
     ) -> None:
+        """`tls`: a deployment with TLS on every connection (sites/deployment.py); without it, plain text,
+        allowed explicitly (ASR_INSECURE_TRANSPORT=1 in the site's processes). `broker_acl`: every host's agent
+        reaches Redis as its own ACL user (sites/brokeracl.py), the other processes as the engine's."""
         if backend not in ("local", "azure"):
             raise ValueError(f"backend must be 'local' or 'azure', got {backend!r}")
         if backend == "azure" and azurite is None:
@@ -100,6 +111,8 @@ class RecoverySite:
             "ASR_RECONCILE_S": "1",
             "ASR_TICK_S": "1",
             "ASR_TIME_SCALE": str(time_scale),
+            # The administrator's allow-list of local recovery storage (sites/storage/policy.py): this site's.
+            "ASR_STORAGE_ROOTS": str(self.workdir),
         }
         if backend == "azure":
             self.container = f"site-{uuid.uuid4().hex[:20]}"
@@ -118,7 +131,7 @@ class RecoverySite:
                     for name in (*self.host_names, *self.recovery_host_names)}
         self.deployment = Deployment(
             self.workdir, workers=workers, appendonly=appendonly, azurite=azurite if backend == "azure" else False,
-            database_url=database_url,
+            database_url=database_url, tls=tls, broker_acl=broker_acl,
             settings=settings, worker_settings={"ASR_ACTION_MODULES": action_modules},
         )
         self.deployment.start(processes=False)
@@ -191,7 +204,8 @@ class RecoverySite:
         """The agent worker of a host: it serves the queue host.<name> (`env`: variables added to the site's)."""
         return self.deployment.add_worker(f"host-{host_name}", [f"host.{host_name}"],
                                           concurrency=concurrency or self.host_concurrency, wait=wait,
-                                          env={**self.env, **(env or {})})
+                                          env={**self.env, **self.deployment.worker_env.get(f"host-{host_name}", {}),
+                                               **(env or {})})
 
     def start_beat(self, *, wait: bool = True) -> CeleryProcess:
         """Beat: the reconciler every ASR_RECONCILE_S and the replication scheduler every ASR_TICK_S."""
@@ -208,7 +222,7 @@ class RecoverySite:
             for name in self.host_names:
                 root = self.workdir / "hosts" / name
                 root.mkdir(parents=True)
-                register_host(session, name, str(root), site=site)
+                self._host_agent(name, register_host(session, name, str(root), site=site)[1])
             # Every VM network a test uses lands in one recovery network.
             for network in ("default", "backend"):
                 add_network_mapping(session, network, f"recovery-{network}", RECOVERY_SUBNETS[network], site=site)
@@ -217,8 +231,13 @@ class RecoverySite:
                 for name in self.recovery_host_names:
                     root = self.workdir / "hosts" / name
                     root.mkdir(parents=True)
-                    register_host(session, name, str(root), site=recovery)
+                    self._host_agent(name, register_host(session, name, str(root), site=recovery)[1])
         self.policy_id = self.create_policy("default", **policy_options)
+
+    def _host_agent(self, name: str, key: str) -> None:
+        # The agent proves it is this host at every host step (tasks/host_identity.py), as `asr worker host`
+        # starts it: with the host's name and registration key.
+        self.deployment.worker_env[f"host-{name}"] = {"ASR_HOST_NAME": name, "ASR_HOST_KEY": key}
 
     def create_policy(self, name: str, **options: Any) -> str:
         """A replication policy; defaults: 30 s copy frequency, office hours all day every day (no
@@ -296,7 +315,8 @@ class RecoverySite:
         deadline = time.monotonic() + timeout
         while True:
             job = get_job(job_id)
-            # A settled job's hooks (item state and health) run just after it settles: wait for them too.
+            # A finished job settles once none of its steps runs any more, and its hooks (item state and health)
+            # run just after that: wait for both (a failed job may still have a parallel step running).
             if job["state"] in wanted and (job["state"] not in FINISHED_JOB_STATES or self._hooks_ran(job_id)):
                 return job
             if (job["state"] in FINISHED_JOB_STATES and job["state"] not in wanted) or time.monotonic() > deadline:
@@ -311,7 +331,8 @@ class RecoverySite:
     @staticmethod
     def _hooks_ran(job_id: str) -> bool:
         with session_scope() as session:
-            return not session.get(Job, job_id).hook_pending
+            job = session.get(Job, job_id)
+            return job.settled_at is not None and not job.hook_pending
 
     def wait_idle(self, vm_id: str, timeout: float) -> None:
         """Wait until no job holds the VM's protected item."""
@@ -403,4 +424,21 @@ class RecoverySite:
         return "\n".join(lines)
 
     def log_tails(self) -> str:
-        return self.deployment.log_tails(LOG_TAIL_CHARS)
+        """What the broker holds for each worker, then the tail of each worker's log without the lines beat's
+        routine tasks write every second (they would fill the tail and hide what matters)."""
+        lines = [self.broker_queues()]
+        for name, process in self.deployment.workers.items():
+            log = [line for line in process.log().splitlines() if not ROUTINE_LOG_LINE.search(line)]
+            lines.append(f"--- tail of {name} ({process.log_path}) ---\n" + "\n".join(log)[-LOG_TAIL_CHARS:])
+        return "\n".join(lines)
+
+    def broker_queues(self) -> str:
+        """Messages waiting in each queue of the broker, and those delivered but not acknowledged yet."""
+        try:
+            client = self.redis.client()
+            waiting = {key.decode(): client.llen(key) for key in client.scan_iter(_type="list")
+                       if not key.startswith(b"_kombu")}
+            unacked = client.hlen("unacked")
+        except Exception as error:  # noqa: BLE001 - a report on a failure must not fail in turn
+            return f"--- broker: unreadable ({error}) ---"
+        return f"--- broker: waiting {waiting or 'nothing'}, delivered and unacknowledged {unacked} ---"

@@ -15,7 +15,8 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-from api_server import ApiServer
+from api_server import ApiDeployment as Deployment
+from api_server import api_deployment
 from recovery_site import RecoverySite
 from sqlmodel import select
 
@@ -33,35 +34,10 @@ DISKS = [("disk0", "8M", "vhd"), ("disk1", "4M", "raw")]
 JOB_TIMEOUT = 90
 
 
-class Deployment:
-    def __init__(self, site: RecoverySite, server: ApiServer, key: str, env_key: str,
-                 role_keys: dict[str, str]) -> None:
-        self.site, self.server, self.key, self.env_key = site, server, key, env_key
-        self.role_keys = role_keys
-        self.url = server.url
-
-    def client(self, key: str | None = None) -> SiteRecoveryClient:
-        return SiteRecoveryClient(self.url, self.key if key is None else key, timeout=30)
-
-
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    workdir = tmp_path_factory.mktemp("api")
-    with RecoverySite(workdir, recovery_host_names=("dr1",), time_scale=1) as site:
-        key = service.create_api_key("tests", "admin")["key"]
-        role_keys = {role: service.create_api_key(f"tests-{role}", role)["key"] for role in ("reader", "operator")}
-        # A second key known only by its hash in the environment, as a deployment without DB writes has it.
-        env_key = "env-only-key-0123456789"
-        env = {**site.env, "ASR_API_KEY_HASHES": f"not-a-hash,{service.hash_api_key(env_key)}",
-               "ASR_API_KEY_CACHE_S": "0"}  # every request checks its key: revocation takes effect at once
-        server = ApiServer(env, workdir)
-        try:
-            yield Deployment(site, server, key, env_key, role_keys)
-        except BaseException:
-            print(server.log())
-            raise
-        finally:
-            server.stop()
+    with api_deployment(tmp_path_factory.mktemp("api")) as deployment:
+        yield deployment
 
 
 def rows() -> dict[str, int]:
@@ -151,6 +127,14 @@ def test_errors_are_clear_and_change_nothing(deployment: Deployment) -> None:
         api_error(lambda: client.list_jobs(limit=0), 422, "limit")
         api_error(lambda: client.protect("ghost", policy="default", recovery_storage="file:///x"), 404, "ghost")
         api_error(lambda: client.run_plan("nope", "test_failover"), 404, "recovery plan 'nope' not found")
+        # A plan runs only scripts registered on the workers, never a command line it carries.
+        leak = [{"name": "g", "vms": ["host1/ghost"],
+                 "after": [{"kind": "script", "name": "s", "command": ["sh", "-c", "id; env"]}]}]
+        api_error(lambda: client.create_plan("leak", leak), 422, "a command line (command) is not accepted",
+                  "registered")
+        leak[0]["after"] = [{"kind": "script", "name": "s", "script": "sh"}]
+        api_error(lambda: client.create_plan("leak", leak), 422, "no plan scripts are registered here")
+        assert client.plan_scripts() == []
 
     # What the typed client cannot send: names with separators in the path, unknown fields, wrong types,
     # malformed JSON. Each a 422 naming the problem.
@@ -255,6 +239,12 @@ def test_protect_and_drill_through_the_api(deployment: Deployment) -> None:
         api_error(lambda: client.failback("web01", mode="sideways"), 422, "failback mode")
         health = {entry["vm"]: entry for entry in client.health()}
         assert health["web01"]["state"] == "protected" and health["web01"]["health"] == "Healthy"
+        # The drill's record, newest first; it passed (cleaning it up does not undo that).
+        history = client.failover_history("web01")
+        assert [(r["kind"], r["status"], r["verified"], r["job_id"]) for r in history] == [
+            ("test", "cleaned_up", True, drill["job_id"])]
+        assert history[0]["rto_s"] is not None and history[0]["vm_up_at"] is not None
+        assert health["web01"]["last_passed_drill"]["id"] == history[0]["id"]
 
         # A recovery plan whose manual action pauses the job: the stream ends at its timeout showing what the
         # operator is asked to do; resuming lets the drill run to its end.
@@ -263,6 +253,15 @@ def test_protect_and_drill_through_the_api(deployment: Deployment) -> None:
             "before": [{"kind": "manual", "name": "dns", "instructions": "Point www at the test network"}],
         }])
         assert plan["groups"][0]["vms"][0]["name"] == "web01"
+        # Its dry run: every check of a run, nothing started; a reader may ask.
+        dry = client.validate_plan("web-drill", "test_failover")
+        assert dry == {"plan": "web-drill", "operation": "test_failover",
+                       "groups": [{"name": "web", "vms": ["web01"], "before": ["dns"], "after": []}]}
+        with deployment.client(deployment.role_keys["reader"]) as reader:
+            assert reader.validate_plan("web-drill", "test_failover") == dry
+        api_error(lambda: client.validate_plan("web-drill", "failback"), 422, "VM 'web01'",
+                  "failback needs failover_committed")
+        api_error(lambda: client.validate_plan("no-such-plan", "test_failover"), 404, "no-such-plan")
         run = client.run_plan("web-drill", "test_failover")
         assert run["kind"] == "plan_test_failover" and run["plan"] == "web-drill"
         paused = list(client.events(run["job_id"], interval=0.2, timeout=3))
@@ -271,6 +270,8 @@ def test_protect_and_drill_through_the_api(deployment: Deployment) -> None:
                                               "instructions": "Point www at the test network"}]
         assert client.resume_job(run["job_id"], note="done")["resumed_steps"]
         follow(client, run["job_id"])
+        assert [job["id"] for job in client.list_jobs(plan="web-drill")] == [run["job_id"]]
+        api_error(lambda: client.list_jobs(plan="no-such-plan"), 404, "no-such-plan")
         assert client.show_vm("web01")["failover"]["kind"] == "test"
         assert client.wait_job(client.test_failover_cleanup("web01")["job_id"], JOB_TIMEOUT)["state"] == "succeeded"
 
@@ -287,3 +288,65 @@ def test_protect_and_drill_through_the_api(deployment: Deployment) -> None:
         disabled = client.disable_protection("web01", confirm="web01")
         assert client.wait_job(disabled["job_id"], timeout=JOB_TIMEOUT)["state"] == "succeeded"
         assert client.show_vm("web01")["state"] == "disabled"
+
+
+def test_changes_and_removals_through_the_api(deployment: Deployment) -> None:
+    """After the drill test: web01's protection is disabled, policy `quiet` and plan `web-drill` name it."""
+    site = deployment.site
+    url = f"{deployment.url}/api/v1"
+    headers = {"X-API-Key": deployment.key}
+    root = site.workdir / "hosts" / "annex1"
+    root.mkdir(parents=True)
+    with deployment.client() as client:
+        client.add_site("annex")
+        first_key = client.add_host("annex1", str(root), site="annex")["registration_key"]
+        # A new key: shown once, the old one no longer the host's.
+        rekeyed = client.rekey_host("annex1")
+        assert rekeyed["name"] == "annex1" and rekeyed["registration_key"] != first_key
+        assert "registration_key" not in client.show_host("annex1")
+        api_error(lambda: client.rekey_host("ghost"), 404, "host 'ghost' not found")
+        assert client.update_site("annex", description="the annex")["description"] == "the annex"
+
+        # A policy change is checked as a new policy is; 422 changes nothing.
+        api_error(lambda: client.update_policy("quiet", copy_frequency_s=17), 422, "copy frequency", "30, 300, 900")
+        api_error(lambda: client.update_policy("quiet", app_consistent_frequency_h=5), 422, "would not survive")
+        changed = client.update_policy("quiet", recovery_point_retention_h=6, app_consistent_frequency_h=4)
+        assert (changed["recovery_point_retention_h"], changed["app_consistent_frequency_h"]) == (6, 4)
+        assert "next cycle" in changed["applies_from"]
+        assert client.show_policy("quiet")["recovery_point_retention_h"] == 6
+
+        # Removals take the thing's name as confirmation (400 without it or with another), and are refused with
+        # 409 while something depends on it; nothing changes then.
+        for path in ("/vms/web01", "/sites/annex", "/hosts/annex1", "/policies/quiet", "/plans/web-drill"):
+            response = httpx.delete(url + path, headers=headers)
+            assert response.status_code == 400 and "confirm" in response.json()["error"], (path, response.text)
+        api_error(lambda: client.remove_site("annex", confirm="elsewhere"), 400, "confirm=annex", "'elsewhere'")
+        api_error(lambda: client.remove_site("annex", confirm="annex"), 409, "host(s): annex1")
+        api_error(lambda: client.remove_vm("web01", confirm="web01"), 409, "recovery plan(s) web-drill")
+        api_error(lambda: client.remove_policy("quiet", confirm="quiet"), 409, "disabled protection", "host1/web01")
+        api_error(lambda: client.remove_network_mapping("default", site="primary", confirm="nope"), 400, "confirm")
+        api_error(lambda: client.replicate("web01"), 409, "disabled")
+        api_error(lambda: client.replicate("ghost"), 404, "ghost")
+        for role in ("reader", "operator"):
+            with deployment.client(deployment.role_keys[role]) as weaker:
+                api_error(lambda weaker=weaker: weaker.remove_plan("web-drill", confirm="web-drill"), 403,
+                          "the admin role")
+
+        make_vm(site, "web02")
+        client.add_vm("host1", "web02")
+        updated = client.update_plan("web-drill", [{"name": "web", "vms": ["web02"]}])
+        assert [vm["name"] for vm in updated["groups"][0]["vms"]] == ["web02"]
+        api_error(lambda: client.update_plan("web-drill", [{"name": "web", "vms": ["ghost"]}]), 422, "ghost")
+        removed = client.remove_vm("host1/web01", confirm="web01")
+        assert removed["disks_kept"] and all(Path(path).is_file() for path in removed["disks_kept"])
+        api_error(lambda: client.show_vm("web01"), 404, "web01")
+        assert client.remove_policy("quiet", confirm="quiet")["removed"] is True
+        assert client.remove_plan("web-drill", confirm="web-drill")["removed"] is True
+        assert client.remove_vm("web02", confirm="web02")["removed"] is True
+        assert client.remove_host("annex1", confirm="annex1")["removed"] is True
+        assert client.remove_site("annex", confirm="annex")["network_mappings_removed"] == []
+        assert "annex" not in {s["name"] for s in client.list_sites()}
+        assert client.remove_network_mapping("backend", site="primary", confirm="backend")["recovery_network"] == (
+            "recovery-backend")
+        api_error(lambda: client.remove_network_mapping("backend", site="primary", confirm="backend"), 404,
+                  "not mapped")

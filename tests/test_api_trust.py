@@ -68,9 +68,9 @@ class _Stub:
 
 @pytest.fixture
 def client(monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
-    from api.rest import fabric, jobs, plans, protection
+    from api.rest import fabric, jobs, manage, metrics, plans, protection
 
-    for module in (fabric, jobs, plans, protection):
+    for module in (fabric, jobs, manage, metrics, plans, protection):
         monkeypatch.setattr(module, "service", _Stub())
     monkeypatch.setenv("ASR_API_KEY_HASHES", HASHES)
     monkeypatch.setenv("ASR_API_AUTH_FAILURES", "1000")
@@ -141,6 +141,14 @@ def test_each_role_gets_403_exactly_where_the_route_needs_more(client: TestClien
     assert f"POST {API_PREFIX}/vms/x1/protect" in refusals["reader"]
     assert f"POST {API_PREFIX}/vms/x1/protect" not in refusals["operator"]
     assert f"GET {API_PREFIX}/vms/x1/console" in refusals["reader"]
+    # Changes and removals of the fabric, policies and plans are an admin's; a delta cycle now an operator's.
+    for route in ("DELETE /vms/x1", "DELETE /hosts/x1", "DELETE /sites/x1", "DELETE /network-mappings/x1",
+                  "DELETE /policies/x1", "DELETE /plans/x1", "POST /hosts/x1/rekey", "PATCH /sites/x1",
+                  "PATCH /policies/x1", "PUT /plans/x1"):
+        method, path = route.split()
+        assert f"{method} {API_PREFIX}{path}" in refusals["operator"], route
+    assert f"POST {API_PREFIX}/vms/x1/replicate" in refusals["reader"]
+    assert f"POST {API_PREFIX}/vms/x1/replicate" not in refusals["operator"]
     assert len(refusals["reader"]) > len(refusals["operator"]) > 0
 
     # The key of before roles, listed as a plain hash, is an admin.
@@ -406,8 +414,11 @@ def test_a_flood_of_bad_keys_is_throttled_and_does_not_slow_a_valid_request(serv
     assert statuses.get(429, 0) > statuses.get(401, 0), statuses
     # At most ASR_API_AUTH_FAILURES (10) checks: those under way count towards the limit.
     assert statuses.get(401, 0) <= 10, f"too many keys were checked: {statuses}"
-    assert flooded <= 10 * plain, (f"a valid request took {flooded:.3f} s under the flood of bad keys, {plain:.3f} s "
-                                  f"under the same flood without keys")
+    # Before the fix a flood took a valid request from 31 ms to 2.1 s (one scrypt per listed hash per bad key);
+    # 0.5 s tolerates a loaded test machine's scheduling without letting that back in.
+    assert flooded <= max(10 * plain, 0.5), (
+        f"a valid request took {flooded:.3f} s under the flood of bad keys, {plain:.3f} s under the same flood "
+        f"without keys")
     log = server.log.read_text()
     assert "failed API key from 127.0.0.2" in log and "too many failed API keys from 127.0.0.2" in log
     assert valid not in log

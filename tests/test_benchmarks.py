@@ -12,9 +12,13 @@ from pathlib import Path
 
 import pytest
 
+# Whole deployments (workers, beat, Redis) or real guests per test: out of the quick loop (-m "not slow").
+pytestmark = pytest.mark.slow
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT_S = 300
-BENCHMARKS = {"initial_copy", "sparse_copy", "resync", "checksum_scan", "log_apply"}
+BENCHMARKS = {"initial_copy", "sparse_copy", "resync", "resync_product", "checksum_scan", "log_apply",
+              "encryption_cost"}
 MEMORY_STEPS = {
     "copy_disk (full disk)", "copy_disk (sparse disk)", "sync_disks", "compute_manifest (cold)",
     "compute_manifest (warm)", "ReplicationTracker writes + seal", "apply_log",
@@ -92,6 +96,24 @@ def test_quick_run_writes_both_reports_with_consistent_byte_counts(tmp_path):
         assert run_figures["literal_data"] >= details["damage_bytes"]
         assert run_figures["total_bytes_sent"] >= run_figures["literal_data"]
 
+    product = report["benchmarks"]["resync_product"]
+    changed = product["details"]
+    assert len(product["peer"]["runs"]) == rounds
+    assert changed["changed_chunks"] == changed["change_writes"] == details["damaged_chunks"]
+    for run_figures in product["ours"]["runs"]:
+        # The replica is read only in the changed chunks (compared, then kept in the undo log), not whole.
+        assert not run_figures["replica_read_whole"]
+        assert run_figures["replica_bytes_read"] == 2 * changed["changed_chunks"] * chunk_size
+        assert run_figures["chunks_compared"] == size // chunk_size
+        assert run_figures["chunks_sent"] == changed["changed_chunks"]
+        assert run_figures["blocks_sent"] == changed["changed_blocks"]
+        assert run_figures["bytes_sent"] == changed["changed_blocks"] * changed["block_size"]
+        assert run_figures["hash_bytes"] == HASH_SIZE * (
+            run_figures["chunks_compared"] + run_figures["chunks_sent"] * blocks_per_chunk)
+    assert [run["version"] for run in product["ours"]["runs"]] == list(range(2, rounds + 2))
+    for run_figures in product["peer"]["runs"]:
+        assert run_figures["literal_data"] + run_figures["matched_data"] == size
+
     scan = report["benchmarks"]["checksum_scan"]
     scans = scan["ours"]["runs"] + scan["ours_warm"]["runs"] + scan["peer"]["runs"]
     assert len(scans) == 3 * rounds
@@ -106,6 +128,16 @@ def test_quick_run_writes_both_reports_with_consistent_byte_counts(tmp_path):
         assert run_figures["data_bytes"] == log_details["data_bytes"]
         assert run_figures["records"] == log_details["records"]
         assert 0 < run_figures["bytes_written"] <= run_figures["data_bytes"]
+
+    encryption = report["benchmarks"]["encryption_cost"]
+    assert len(encryption["peer"]["runs"]) == len(encryption["ours_restore"]["runs"]) == rounds
+    # Encrypted and in clear, every copy wrote the whole disk and its restore gave the source's manifest back.
+    for side in encryption["runs"] + encryption.get("peer_runs", []):
+        assert side["copy"]["bytes_written"] == side["restore"]["bytes_written"] == size
+        assert side["copy"]["root"] == side["restore"]["root"]
+    assert [row["metric"].split(",")[0] for row in encryption["rows"]] == [
+        "initial copy", "restore", "AES-XTS in memory"]
+    assert encryption["details"]["xts_in_memory"]["per_sector_mb_per_s"] > 0
 
     memory = report["memory"]
     assert {step["step"] for step in memory["steps"]} == MEMORY_STEPS
@@ -275,3 +307,51 @@ def test_tiny_nbd_run_reports_the_tracker_against_qemu_nbd_and_the_raw_file(tmp_
     assert report["goals_met"] == sum(row["passed"] for row in rows.values() if row["passed"] is not None)
     assert benchmark["title"] in markdown and all(metric in markdown for metric in NBD_ROWS)
     assert "writes each byte twice" in markdown and "- NBD writes: 4 MiB disks" in markdown
+
+
+CHURN_RATES = (1.0, 2.0)
+
+
+def test_tiny_churn_run_reports_rpo_and_backlog_per_rate_with_every_replica_verified(tmp_path):
+    """Two VMs at 1 and 2 MB/s, the copy frequency scaled to 3 s, sampled for 20 s: every VM's RPO
+    percentiles and log backlog are in the report, no resync was needed, every replica verified."""
+    workdir, output = tmp_path / "work", tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--only", "churn", "--churn-duration", "20",
+         "--churn-rates", ",".join(f"{rate:g}" for rate in CHURN_RATES), "--churn-time-scale", "10",
+         "--workdir", str(workdir), "--output", str(output)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=WORKFLOW_RUN_TIMEOUT_S,
+    )
+    assert run.returncode == 0, run.stderr
+    assert not workdir.exists(), "the workdir is deleted after a run without --keep"
+    report = json.loads((output / "benchmarks.json").read_text())
+    markdown = (output / "benchmarks.md").read_text()
+
+    assert report["sections"] == ["churn"] and set(report) & {"benchmarks", "memory", "workflows", "nbd"} == set()
+    settings = report["settings"]
+    assert settings["churn_rates_mb_s"] == list(CHURN_RATES) and settings["churn_duration_s"] == 20
+    [benchmark] = report["churn"].values()
+    details = benchmark["details"]
+    assert details["cycle_s"] == 3 and details["goal_s"] == 4.5
+    assert details["replicas_verified"] == len(CHURN_RATES)
+    for vm, rate in zip(details["vms"], CHURN_RATES, strict=True):
+        assert vm["rate_mb_s"] == rate and vm["samples"] >= 15
+        assert 0 <= vm["rpo_s_p50"] <= vm["rpo_s_p99"] <= vm["rpo_s_max"]
+        # Cycles ran every 3 s or so: the RPO never grew past a few cycles.
+        assert vm["rpo_s_max"] < 30 and vm["cycles_succeeded"] >= 2 and vm["cycles_failed"] == 0
+        assert not vm["resync_needed"] and vm["states_seen"] == ["protected"]
+        assert vm["sustained"] and vm["workload_mb_s"] >= 0.95 * rate
+        # A cycle's worth of churn (and more) was on the host at some point, far from the resync threshold.
+        assert 0.5 * rate * 1e6 * details["cycle_s"] < vm["backlog_bytes_max"] < 0.5 * vm["disk_size"]
+        assert len(details["samples"][vm["vm"]]) == vm["samples"]
+        # What a cycle sealed was unsent when the resync check looked: under its threshold.
+        assert 0 < vm["shipped_bytes_max"] < 0.5 * vm["disk_size"]
+    assert details["cpu_seconds"]["orchestration"] > 0 and 0 < details["cpu_share_of_machine"] <= 1
+    rows = benchmark["rows"]
+    assert [row["metric"].split(",")[0] for row in rows] == [
+        "RPO at 1 MB/s", "log backlog at 1 MB/s", "RPO at 2 MB/s", "log backlog at 2 MB/s"]
+    assert [row["ours"] for row in rows[::2]] == [vm["rpo_s_p99"] for vm in details["vms"]]
+    # Below 20 MB/s the bound is information, not a goal.
+    assert all(row["passed"] is None for row in rows) and report["goals_judged"] == 0
+    assert benchmark["title"] in markdown and "- RPO under churn, 2 MB/s" in markdown
+    assert "2 of 2 replicas equal their source byte for byte" in markdown

@@ -34,9 +34,14 @@ WORKER_FLAGS = ["-E", "-l", "INFO", "--without-gossip", "--without-mingle"]
 DEAD_BROKER = "redis://127.0.0.1:9/0"
 
 
+INSECURE_TRANSPORT = "ASR_INSECURE_TRANSPORT"
+
+
 def clean_env(**settings: str) -> dict[str, str]:
-    """This process's environment without any ASR_* or FLOWER_* variable, plus `settings`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ASR_", "FLOWER_"))}
+    """This process's environment without any ASR_* or FLOWER_* variable, plus `settings`; but for
+    ASR_INSECURE_TRANSPORT (conftest.py): these tests run on plain Redis and HTTP (tests/test_tls.py: TLS)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ASR_", "FLOWER_")) or k == INSECURE_TRANSPORT}
     env.update(settings)
     return env
 
@@ -53,6 +58,7 @@ def dry_run(*args: str, env: dict[str, str]) -> tuple[list[str], list[str]]:
     lines = dict(line.split(": ", 1) for line in proc.stdout.strip().splitlines())
     assert set(lines) == {"command", "environment"}, proc.stdout
     names = [] if lines["environment"].startswith("(") else lines["environment"].split()
+    names = [name for name in names if name != INSECURE_TRANSPORT]  # every test's, not what it checks
     return shlex.split(lines["command"]), names
 
 
@@ -157,17 +163,26 @@ def test_host_agent_dry_run_admits_the_registered_host_with_its_key(fabric: dict
     env = clean_env(ASR_DATABASE_URL=fabric["url"], ASR_BROKER_URL=DEAD_BROKER, ASR_HOST_KEY=fabric["host1"])
     argv, names = dry_run("worker", "host", "host1", env=env)
     assert argv == [*CELERY, "worker", "-Q", "host.host1", "-n", "host-host1@%h", *WORKER_FLAGS]
-    assert names == ["ASR_BROKER_URL", "ASR_DATABASE_URL"]  # the key is not handed on to the worker
+    # The key is not in the worker's environment: a started worker gets it through a pipe (ASR_HOST_KEY_FD).
+    assert names == ["ASR_BROKER_URL", "ASR_DATABASE_URL", "ASR_HOST_NAME"]
     env.pop("ASR_HOST_KEY")
-    argv, _ = dry_run("worker", "host", "host1", "--key", fabric["host1"], "-c", "4", env=env)
+    key_file = Path(fabric["url"].removeprefix("sqlite:///")).with_name("host1.key")
+    key_file.write_text(fabric["host1"] + "\n")
+    argv, _ = dry_run("worker", "host", "host1", "--key-file", str(key_file), "-c", "4", env=env)
     assert argv[-2:] == ["-c", "4"]
+    argv, _ = dry_run("worker", "host", "host1", env={**env, "ASR_HOST_KEY_FILE": str(key_file)})
+    proc = subprocess.run([ASR, "worker", "host", "host1", "--key-file", "-", "--dry-run"], env=env,
+                          input=fabric["host1"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and fabric["host1"] not in proc.stdout + proc.stderr, proc.stderr
+    # --key would put the key in the process list: refused, naming the ways that do not.
     proc = asr("worker", "host", "host1", "--key", fabric["host1"], "--dry-run", env=env)
+    assert proc.returncode == 2 and "--key would show the key in the process list" in proc.stderr, proc.stderr
     assert fabric["host1"] not in proc.stdout + proc.stderr
     assert last_seen(fabric["url"], "host1") is None  # a dry run records nothing
 
 
 @pytest.mark.parametrize("args, key_of, message", [
-    (["host1", "--key", "not-the-key"], None, "is not its registration key"),
+    (["host1"], "not-the-key", "is not its registration key"),
     (["host1"], "host2", "is not its registration key"),  # another host's key
     (["nosuch"], "host1", "host 'nosuch' is not registered"),
     (["host1"], "", "the registration key of host 'host1' is needed"),
@@ -178,7 +193,7 @@ def test_host_agent_refuses_and_starts_nothing(fabric: dict[str, str], args: lis
                                                message: str) -> None:
     env = clean_env(ASR_DATABASE_URL=fabric["url"], ASR_BROKER_URL=DEAD_BROKER)
     if key_of is not None:
-        env["ASR_HOST_KEY"] = fabric[key_of] if key_of else ""
+        env["ASR_HOST_KEY"] = fabric.get(key_of, key_of)
     before = dump(fabric["url"])
     started = time.monotonic()
     # A worker that started would hang on the dead broker; the refusal is immediate (timeout: bounded).
@@ -236,6 +251,8 @@ def test_workers_start_answer_over_the_broker_and_stop_on_sigterm(tmp_path: Path
             assert cmdline[1:4] == [b"-m", b"celery", b"-A"], (name, cmdline)
         environ = Path(f"/proc/{processes['host1'].pid}/environ").read_bytes().split(b"\0")
         assert not any(item.startswith(b"ASR_HOST_KEY=") for item in environ)
+        assert fabric["host1"].encode() not in b"\0".join(environ) + b"\0".join(cmdline)
+        assert b"ASR_HOST_NAME=host1" in environ
         assert last_seen(fabric["url"], "host1") is not None
 
         with session_scope(get_engine(fresh_db)) as session:  # the tables exist now

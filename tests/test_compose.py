@@ -21,7 +21,7 @@ README = REPO / "README.md"
 README_SECTION = "## Running with compose"
 
 OUR_SERVICES = {"migrate", "api", "beat", "orchestration", "recovery", "host1", "host2", "dr1", "flower"}
-EXPECTED_SERVICES = OUR_SERVICES | {"redis", "postgres", "azurite"}
+EXPECTED_SERVICES = OUR_SERVICES | {"certs", "redis", "postgres", "azurite"}
 HOST_AGENTS = {"host1", "host2", "dr1"}
 # The compose specification's service keys this file may use (a typo in a key is silently ignored by
 # nothing: Docker rejects the file, so we reject it here).
@@ -175,9 +175,10 @@ def test_every_process_shares_the_deployment_settings(compose: dict[str, Any]) -
     services = compose["services"]
     for name in OUR_SERVICES:
         environment = services[name]["environment"]
-        assert environment["ASR_BROKER_URL"] == "redis://redis:6379/0", name
+        assert environment["ASR_BROKER_URL"] == "rediss://redis:6379/0", name
         database_url = environment["ASR_DATABASE_URL"]
         assert database_url.startswith("postgresql://") and "@postgres:5432/" in database_url, name
+        assert "sslmode=verify-full" in database_url, name
         assert {"redis", "postgres"} <= set(services[name]["depends_on"]), name
 
 
@@ -231,3 +232,42 @@ def test_every_process_waits_for_the_schema_upgrade(compose: dict[str, Any]) -> 
     assert "migrate" not in services["migrate"]["depends_on"]
     for name in OUR_SERVICES - {"migrate"}:
         assert services[name]["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}, name
+
+
+def test_tls_is_on_for_every_connection(compose: dict[str, Any]) -> None:
+    """The certs service makes the CA and certificates once (`asr certs create`, kept); every server serves
+    TLS with them, every client of ours verifies with the CA, and nothing allows plain text."""
+    services = compose["services"]
+    certs = services["certs"]
+    command = certs["command"]
+    assert command[:3] == ["asr", "certs", "create"] and "--keep-existing" in command, command
+    from api.cli import main
+
+    main.commands["certs"].commands["create"].make_context("create", command[3:], resilient_parsing=False)
+    hosts = {command[i + 1] for i, arg in enumerate(command) if arg == "--host"}
+    assert {"redis", "postgres", "azurite", "api", "flower"} <= hosts, hosts
+    assert certs["volumes"] == ["certs:/certs"] and certs["restart"] == "no"
+
+    redis = services["redis"]["command"]
+    assert redis[redis.index("--port") + 1] == "0", "no plain-text port"
+    assert redis[redis.index("--tls-port") + 1] == "6379"
+    assert redis[redis.index("--tls-auth-clients") + 1] == "yes"
+    assert "--tls" in services["redis"]["healthcheck"]["test"]
+    assert "ssl=on" in services["postgres"]["command"]
+    azurite = services["azurite"]["command"]
+    assert azurite[azurite.index("--cert") + 1] == "/certs/server.pem"
+    for name in ("redis", "postgres", "azurite"):
+        assert services[name]["depends_on"]["certs"] == {"condition": "service_completed_successfully"}, name
+        assert "certs:/certs:ro" in services[name]["volumes"], name
+    for name in OUR_SERVICES:
+        service = services[name]
+        environment = service["environment"]
+        assert "ASR_INSECURE_TRANSPORT" not in environment, name
+        assert environment["ASR_TLS_CA_FILE"] == "/certs/ca.pem", name
+        for setting in ("ASR_TLS_CERT_FILE", "ASR_TLS_KEY_FILE", "ASR_TLS_CLIENT_CERT_FILE", "ASR_TLS_CLIENT_KEY_FILE"):
+            assert environment[setting].startswith("/certs/"), (name, setting)
+        assert "BlobEndpoint=https://" in environment["ASR_AZURE_CONNECTION_STRING"], name
+        assert "certs:/certs:ro" in service["volumes"], name
+    for name in ("api", "flower"):
+        check = " ".join(services[name]["healthcheck"]["test"])
+        assert "https://127.0.0.1" in check and "cafile='/certs/ca.pem'" in check, name

@@ -11,23 +11,30 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 from recovery_site import RecoverySite
+from sqlmodel import select
 
 import tasks.replication as replication_actions
 from api import service
 from api.cli import main
 from datapath.manifest import DEFAULT_CHUNK_SIZE
 from datapath.replication import ReplicaDisk
+from datapath.snapshot import SnapshotError
 from models.db import session_scope
+from models.replicas import ReplicaRecord
 from workflows.engine import StepContext
 from workflows.items import load_item
 from workflows.kinds.delta_replication import start as start_delta_replication
 from workflows.kinds.resynchronize import start as start_resync
+
+# Whole deployments (workers, beat, Redis) or real guests per test: out of the quick loop (-m "not slow").
+pytestmark = pytest.mark.slow
 
 MIB = 1024 * 1024
 DISKS = [("disk0", "16M", "vhd"), ("disk1", "8M", "raw")]
@@ -201,12 +208,17 @@ def test_a_completed_apply_whose_step_died_before_recording_it_is_adopted_not_re
     with site:
         recorded = _state(site, vm_id, "disk0")
         _guest_write(site, vm_id, "disk0", 3 * MIB, 64 * 1024, seed=8)
-        # What Ship and Apply do, without the database: as if the Apply step died right after its work.
+        # What Ship (recording what it shipped, as the step does) and Apply do: as if the Apply step died right
+        # after its work, before recording it.
         storage, replica = _replica(site, vm_id, "disk0")
         try:
             with site.host("host1").tracker("app01", "disk0") as tracker:
                 tracker.seal()
-                ship_pending_logs(tracker, replica, applied_generation=recorded["applied_generation"])
+                shipped = ship_pending_logs(tracker, replica, applied_generation=recorded["applied_generation"])
+            with session_scope() as session:
+                record = session.exec(select(ReplicaRecord).where(ReplicaRecord.replica_name == replica.name)).one()
+                record.shipped_generation = max(shipped)
+                session.add(record)
             report = apply_shipped_logs(replica)
         finally:
             storage.close()
@@ -393,3 +405,44 @@ def test_the_scheduler_runs_consistency_checks_on_the_policy_interval_outside_of
         # The next one is an interval after this one ended.
         assert abs(next_due - (clock.now() + timedelta(hours=2.4))) < timedelta(minutes=1), next_due
         site.verify_replica(vm_id)
+
+
+def test_a_resync_preview_counts_what_the_resync_then_sends_and_sends_nothing(tmp_path: Path) -> None:
+    """The preview reads the disks only (live, through their trackers), comparing them with the manifests of the
+    replicas' last recorded versions: it counts the chunks the guest wrote since the last cycle, changes no
+    record, state or replica and leaves no snapshot; the resync run next sends exactly those chunks. Through
+    the CLI, which prints the figures."""
+    site, vm_id = _protected_site(tmp_path)
+    with site:
+        # Writes since the last cycle: chunks 2 and 7 of disk0 (one write spans two chunks: 7 and 8).
+        _guest_write(site, vm_id, "disk0", 2 * MIB + 4096, 8192, seed=11)
+        _guest_write(site, vm_id, "disk0", 8 * MIB - 4096, 8192, seed=12)
+        records = {disk["name"]: disk["replica_record"] for disk in service.show_vm("host1/app01")["disks"]}
+        states_before = {disk: _state(site, vm_id, disk) for disk in ("disk0", "disk1")}
+
+        cli = CliRunner().invoke(main, ["resync", "host1/app01", "--preview", "--wait"])
+        assert cli.exit_code == 0, cli.output
+        job_id = re.search(r"job (\S+) started: resync_preview", cli.output).group(1)
+        previews = {step["result"]["disk"]: step["result"] for step in site.wait_job(job_id, timeout=90)["steps"]}
+        after = {disk["name"]: disk["replica_record"] for disk in service.show_vm("host1/app01")["disks"]}
+        item = site.item(vm_id)
+        states_after = {disk: _state(site, vm_id, disk) for disk in ("disk0", "disk1")}
+        host = site.host("host1")
+        for disk in ("disk0", "disk1"):
+            with host.tracker("app01", disk) as tracker, pytest.raises(SnapshotError):
+                tracker.snapshot_view()  # no snapshot was taken or left behind
+
+        resync = site.wait_job(start_resync(site.item_id(vm_id)), timeout=90)
+        sent = {step["name"].split()[-1]: step["result"] for step in resync["steps"]
+                if step["name"].startswith("Resynchronize disk")}
+        site.verify_replica(vm_id)
+
+    assert previews["disk0"] == {**previews["disk0"], "available": True, "chunks_compared": 16,
+                                 "chunks_differing": 3, "bytes_differing": 3 * DEFAULT_CHUNK_SIZE}
+    assert previews["disk1"]["chunks_differing"] == 0 and previews["disk1"]["bytes_differing"] == 0
+    assert "disk0: 3 of 16 chunks of 1.0 MiB differ from replica version" in cli.output, cli.output
+    assert "disk1: 0 of 8 chunks" in cli.output
+    assert after == records and item["state"] == "protected", (after, records, item)  # nothing recorded or moved
+    assert states_after == states_before  # the replicas' states on the recovery storage: untouched
+    assert sent["disk0"]["chunks_sent"] == previews["disk0"]["chunks_differing"], sent
+    assert sent["disk1"]["chunks_sent"] == 0, sent

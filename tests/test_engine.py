@@ -193,7 +193,9 @@ def test_recoverable_failures_wait_on_the_long_schedule_then_succeed(cluster: De
     job_id = start_job("test.delta_replication", lock_key=lock_key(), stages=[[StepSpec(
         "Ship replication log", "test.flaky", "orchestration", {"log": str(log), "failing_attempts": failing_attempts},
     )]])
-    # Every wait lasts at least 0.1 s: polling every 20 ms sees each one.
+    # Polling every 20 ms sees every wait on a quiet machine; under a loaded test run one poll can take
+    # longer than the 0.1-0.4 s waits, so only the waits of 0.8 s and more must be seen. The call log
+    # below proves the spacing of every attempt whether or not its wait was seen.
     waits: dict[int, tuple[datetime, datetime]] = {}
 
     def finished_while_recording_waits() -> dict[str, Any] | None:
@@ -211,7 +213,8 @@ def test_recoverable_failures_wait_on_the_long_schedule_then_succeed(cluster: De
 
     schedule_s = [next_attempt_delay(attempt) / TIME_SCALE for attempt in range(1, failing_attempts + 1)]
     assert schedule_s == [0.1, 0.2, 0.4, 0.8, 1.0, 3.0, 3.0]
-    assert sorted(waits) == list(range(1, failing_attempts + 1))
+    assert set(waits) <= set(range(1, failing_attempts + 1))
+    assert {attempt for attempt in range(1, failing_attempts + 1) if schedule_s[attempt - 1] >= 0.8} <= set(waits)
     for attempt, (failed_at, due_at) in waits.items():
         assert (due_at - failed_at).total_seconds() == pytest.approx(schedule_s[attempt - 1], abs=0.001)
 

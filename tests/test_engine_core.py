@@ -5,8 +5,10 @@ test_engine.py); the engine core is driven by calling what a worker would call (
 what the reconciler decides is checked against the rows."""
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from workflows.engine import (
     start_job,
     use_dispatcher,
 )
+from workflows.engine import steps as engine_steps
 from workflows.engine.outages import record_broker_back, record_broker_lost
 from workflows.engine.reconciler import relaunch_reason, stale_step_outcome
 from workflows.jobkind import JobKind, declare
@@ -74,22 +77,32 @@ class RecordingDispatcher:
     """The step ids of each stage sent, in order."""
     hooks: list[str]
     refuse: bool = False
+    messages: list = field(default_factory=list)
+    """Every step message sent, as the dispatcher got it."""
+    lost_runs: list = field(default_factory=list)
+    """(task id, failed, reason) of every dead run the reconciler reported."""
 
     def send_stage(self, steps: Sequence) -> None:
         if self.refuse:
             raise DispatchError("broker down")
         self.sent.append([step.id for step in steps])
+        self.messages.extend(steps)
 
     def dispatch_hooks(self, job_id: str) -> None:
         self.hooks.append(job_id)
 
+    def report_lost_run(self, task_id: str, *, failed: bool, reason: str) -> None:
+        self.lost_runs.append((task_id, failed, reason))
 
-@pytest.fixture
-def dispatcher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RecordingDispatcher]:
-    monkeypatch.setenv("ASR_DATABASE_URL", f"sqlite:///{tmp_path / 'asr.db'}")
+
+def recording_engine(database_url: str, monkeypatch: pytest.MonkeyPatch,
+                     **settings: str) -> Iterator[RecordingDispatcher]:
+    """The engine on `database_url` (its schema made), with `settings` (ASR_*), sending through a
+    RecordingDispatcher; put back as it was after the test."""
+    monkeypatch.setenv("ASR_DATABASE_URL", database_url)
     monkeypatch.setenv("ASR_REDIS_URL", "redis://127.0.0.1:1/0")  # live progress is not part of these tests
-    monkeypatch.setenv("ASR_HEARTBEAT_S", "0.2")
-    monkeypatch.setenv("ASR_TIME_SCALE", "600")
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
     init_db()
     HOOK_CALLS.clear()
     recording = RecordingDispatcher([], [])
@@ -97,6 +110,12 @@ def dispatcher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Reco
     yield recording
     use_dispatcher(previous)
     dispose_engines()
+
+
+@pytest.fixture
+def dispatcher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RecordingDispatcher]:
+    yield from recording_engine(f"sqlite:///{tmp_path / 'asr.db'}", monkeypatch, ASR_HEARTBEAT_S="0.2",
+                                ASR_TIME_SCALE="600")
 
 
 def run(step_id: str):
@@ -189,6 +208,45 @@ def test_a_non_recoverable_failure_fails_the_job_cancels_the_rest_and_runs_the_f
     assert HOOK_CALLS == [(job_id, "failed")]
 
 
+def test_every_step_message_says_what_it_is_and_every_outcome_whose_it_is(dispatcher, monkeypatch):
+    """What the worker turns into Flower's kwargs and the task's end state (tasks/steps.py): the job's kind,
+    VM, step name and attempt on each message; a failure or a retry as the outcome of the message that ran
+    it (and of that very message redelivered), not of a duplicate that found it so."""
+    monkeypatch.setenv("ASR_TIME_SCALE", "6")  # the first retry 10 s away: not due during the test
+    job_id = start_job(KIND.name, lock_key="item:m", params={"vm": "web01"}, stages=[
+        [StepSpec("Ship logs", FLAKY, "host.h1"), StepSpec("Copy disk disk0", BROKEN, "host.h1")],
+    ])
+    flaky, broken = (s["id"] for s in steps(job_id))
+    assert [m.describe() for m in dispatcher.messages] == [
+        {"job": KIND.name, "vm": "web01", "step": "Ship logs", "attempt": 1, "job_id": job_id},
+        {"job": KIND.name, "vm": "web01", "step": "Copy disk disk0", "attempt": 1, "job_id": job_id},
+    ]
+    assert [(m.id, m.queue, m.action) for m in dispatcher.messages] == [(flaky, "host.h1", FLAKY),
+                                                                        (broken, "host.h1", BROKEN)]
+    waiting = run(flaky)
+    assert (waiting.state, waiting.own, waiting.step_name) == (StepState.waiting_retry, True, "Ship logs")
+    assert "storage is away" in waiting.error and waiting.next_attempt_at > clock.now()
+    duplicate = execute_step(flaky, task_id="another-message", worker="w", emit_event=lambda **_: None)
+    assert (duplicate.state, duplicate.own) == (StepState.waiting_retry, False)
+    failed = run(broken)
+    assert (failed.state, failed.own, failed.error) == (StepState.failed, True, "the VM is gone")
+    assert run(broken).own is True, "the same message redelivered: the failure is still its own"
+    assert execute_step(broken, task_id="another-message", worker="w", emit_event=lambda **_: None).own is False
+    # A retry the reconciler sends is the step's next attempt; a job without a VM names none.
+    dispatcher.messages.clear()
+    retried_job = start_job(KIND.name, lock_key="item:n", stages=[[StepSpec("Flaky", FLAKY, "orchestration")]])
+    (retried,) = (s["id"] for s in steps(retried_job))
+    assert run(retried).state is StepState.waiting_retry
+    with session_scope() as session:
+        row = session.get(JobStep, retried)
+        row.next_attempt_at = clock.now() - timedelta(seconds=1)
+        session.add(row)
+    assert reconcile() == {"retry_due": 1}
+    assert [m.describe() for m in dispatcher.messages] == [
+        {"job": KIND.name, "step": "Flaky", "attempt": attempt, "job_id": retried_job} for attempt in (1, 2)
+    ]
+
+
 def test_a_job_the_broker_refused_is_recorded_and_the_reconciler_launches_it_later(dispatcher, monkeypatch):
     monkeypatch.setenv("ASR_STALE_AFTER_S", "0.2")
     dispatcher.refuse = True
@@ -209,20 +267,24 @@ def test_a_step_whose_worker_died_is_relaunched_then_fails_as_poison(dispatcher,
     job_id = start_job(KIND.name, lock_key=None, stages=[[StepSpec("A", OK, "orchestration")]])
     step_id = steps(job_id)[0]["id"]
 
-    def die_while_running() -> None:
+    def die_while_running(task_id: str) -> None:
         with session_scope() as session:
             row = session.get(JobStep, step_id)
             row.state, row.heartbeat_at, row.lease = StepState.running, clock.now() - timedelta(seconds=5), "dead"
+            row.celery_task_id = task_id
             session.add(row)
 
-    die_while_running()
+    die_while_running("first-run")
     assert reconcile() == {"relaunched_stale": 1}
     assert steps(job_id)[0]["deaths"] == 1
-    die_while_running()
+    die_while_running("second-run")
     assert reconcile() == {"poisoned": 1}
     job = get_job(job_id)
     assert job["state"] == "failed" and "worker died 2 times" in job["error"]
     assert job["error_class"] == "workflows.engine.errors.PoisonStepError"
+    # Each dead run's task is reported as ended: retried while the step runs again, then failed.
+    assert [(task, failed) for task, failed, _ in dispatcher.lost_runs] == [("first-run", False), ("second-run", True)]
+    assert "worker died 2 times" in dispatcher.lost_runs[1][2]
 
 
 def test_a_step_whose_worker_vanished_during_broker_outages_is_interrupted_never_poisoned(dispatcher, monkeypatch):
@@ -379,3 +441,53 @@ def test_relaunch_reason(rows, expected):
 ])
 def test_stale_step_outcome(finished, deaths, broker_lost, expected):
     assert stale_step_outcome(finished, deaths, SETTINGS, broker_lost=broker_lost) == expected
+
+
+@pytest.fixture
+def dispatcher_on_postgresql(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[RecordingDispatcher]:
+    """`dispatcher`, on a PostgreSQL schema of the test's own: two transactions there run side by side, each
+    reading what was committed when its statement started (SQLite runs one writer at a time)."""
+    yield from recording_engine(db_url, monkeypatch)
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_the_last_two_steps_finishing_at_once_still_finish_the_job(dispatcher_on_postgresql, monkeypatch):
+    """Two parallel steps of the last stage succeed at the same moment on PostgreSQL: each transaction's check
+    for the job's end sees the other step still running, so neither ends the job in its transaction. The one
+    that looks after both committed must end it (a job otherwise stays running for ever, every step done)."""
+    job_id = start_job(KIND.name, lock_key="item:z", stages=[
+        [StepSpec("A", OK, "orchestration"), StepSpec("B", OK, "host.h1")],
+    ])
+    first, second = (s["id"] for s in steps(job_id))
+    both_checked = threading.Barrier(2, timeout=20)
+    checked_in_transaction = engine_steps.finish_if_complete
+
+    def side_by_side(connection, job, now):
+        settled = checked_in_transaction(connection, job, now)
+        both_checked.wait()  # neither commits before the other has made its check
+        return settled
+
+    monkeypatch.setattr(engine_steps, "finish_if_complete", side_by_side)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        outcomes = list(pool.map(run, (first, second)))
+    assert [outcome.state for outcome in outcomes] == [StepState.succeeded, StepState.succeeded]
+    job = get_job(job_id)
+    assert (job["state"], job["hook_pending"]) == ("succeeded", True), job
+    assert dispatcher_on_postgresql.hooks == [job_id]
+
+
+def test_the_reconciler_ends_an_active_job_whose_every_step_is_done(dispatcher):
+    """What the steps' own ends would miss (their worker gone between the step's commit and the look at the
+    job), the reconciler makes good: the job ends succeeded and its hooks become due, once."""
+    job_id = start_job(KIND.name, lock_key="item:w", stages=[[StepSpec("A", OK, "orchestration")]])
+    (step_id,) = (s["id"] for s in steps(job_id))
+    with session_scope() as session:
+        row = session.get(JobStep, step_id)
+        row.state, row.ended_at = StepState.succeeded, clock.now()
+        session.add(row)
+    assert get_job(job_id)["state"] == "queued"
+    assert reconcile() == {"finished": 1}
+    job = get_job(job_id)
+    assert (job["state"], job["hook_pending"]) == ("succeeded", True)
+    assert dispatcher.hooks == [job_id]
+    assert reconcile() == {}, "ended once"

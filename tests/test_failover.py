@@ -9,6 +9,7 @@ replication.
 """
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from datetime import timedelta
@@ -26,12 +27,16 @@ from models.failover import FailoverKind, FailoverRecord, FailoverStatus
 from models.plans import create_plan
 from models.protection import ProtectedItem, RecoveryPoint, RecoveryPointKind, recovery_points
 from sites.localservices import wait_until
+from sites.planscripts import shared_folder, write_registry
 from tasks.replication import open_recovery_storage, replica_of
 from workflows import failover_request, kinds, reports
 from workflows.engine import get_job
 from workflows.engine import resume as resume_plan
 from workflows.items import load_item
 from workflows.kinds.recovery_plan import start_plan
+
+# Whole deployments (workers, beat, Redis) or real guests per test: out of the quick loop (-m "not slow").
+pytestmark = pytest.mark.slow
 
 MIB = 1024 * 1024
 TWO_DISKS = [("disk0", "24M", "vhd"), ("disk1", "16M", "raw")]
@@ -353,16 +358,17 @@ def test_full_download_failback_creates_the_vm_on_an_alternate_host(tmp_path, re
 
 # ---- recovery plans -----------------------------------------------------------------------------------------
 def test_recovery_plan_of_three_groups_with_a_manual_action(tmp_path, request):
-    with make_site(tmp_path, "local", request) as site:
+    scripts = shared_folder("asr-test-scripts-")
+    request.addfinalizer(lambda: shutil.rmtree(scripts, ignore_errors=True))
+    write_registry(scripts, {"report-plan": ('#!/bin/sh\necho "$ASR_PLAN_ID $ASR_ARG_TIER"\n',
+                                             {"args": {"tier": "[a-z]+"}})})
+    with make_site(tmp_path, "local", request, env={"ASR_PLAN_SCRIPTS_DIR": str(scripts)}) as site:
         vms = {name: protected_vm(site, name, seed=i + 1, disks=[("disk0", "8M", "vhd")])
                for i, name in enumerate(("db01", "app01", "web01"))}
-        marker = tmp_path / "plan.log"
-        script = [sys.executable, "-c",
-                  f"import os; open({str(marker)!r}, 'a').write(os.environ['ASR_PLAN_ID'] + '\\n')"]
         with session_scope() as session:
             plan = create_plan(session, "shop", [
                 {"name": "data", "vms": [vms["db01"]],
-                 "after": [{"kind": "script", "name": "check-db", "command": script}]},
+                 "after": [{"kind": "script", "name": "check-db", "script": "report-plan", "args": {"tier": "data"}}]},
                 {"name": "apps", "vms": [vms["app01"]],
                  "before": [{"kind": "manual", "name": "dns", "instructions": "Point DNS at the recovery site"}]},
                 {"name": "web", "vms": [vms["web01"]]},
@@ -378,7 +384,8 @@ def test_recovery_plan_of_three_groups_with_a_manual_action(tmp_path, request):
         assert [s["name"] for s in waiting] == ["Group apps: before action dns"]
         assert "db01-test" in [vm.name for vm in site.host("dr1").list_vms()]
         assert "app01-test" not in [vm.name for vm in site.host("dr1").list_vms()]
-        assert marker.read_text().split() == [plan_id]
+        script = [s for s in job["steps"] if s["name"] == "Group data: after action check-db"]
+        assert script[0]["state"] == "succeeded" and script[0]["result"]["output"] == f"{plan_id} data\n"
         time.sleep(2.5)  # reconcile rounds pass; the job must stay paused
         assert get_job(job_id)["state"] == "waiting_action"
 

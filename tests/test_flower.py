@@ -4,6 +4,7 @@ HTTP API, which refuses requests without the credentials. Every wait is bounded.
 """
 from __future__ import annotations
 
+import ast
 import base64
 import json
 import os
@@ -15,14 +16,18 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import engine_actions  # noqa: F401  (declares the test job kinds start_job checks)
+from engine_harness import ACTION_MODULES
 from recovery_site import RecoverySite
 
-from sites.localservices import LOCALHOST, free_port, port_answers, wait_until
-from workflows.engine import step_task_name
+from sites.deployment import Deployment
+from sites.localservices import LOCALHOST, WaitTimeout, free_port, port_answers, wait_until
+from workflows.engine import StepSpec, get_job, start_job, step_task_name
 
 ASR = str(Path(sys.executable).with_name("asr"))
 COPY_DISK = "replication.copy_disk"
@@ -145,12 +150,20 @@ def test_flower_shows_the_jobs_tasks_and_workers_behind_basic_auth(tmp_path: Pat
                 assert task["worker"].split("@")[0] == expected_node, (step["name"], step["queue"], task)
                 # The readable task name, its action's, for every step: also those that reported progress.
                 assert task["name"] == step_task_name(step["action"]), (step["name"], task["name"])
+                # What the step is about, as the task's kwargs: the job, its VM, the step and its attempt.
+                assert ast.literal_eval(task["kwargs"]) == {
+                    "job": "enable_protection", "vm": "app01", "step": step["name"], "attempt": 1, "job_id": job["id"],
+                }, task["kwargs"]
             assert {s["queue"] for s in steps.values()} == {"host.host1", "orchestration", "recovery"}
 
             # Filtering by the readable name finds them too (what an operator types in Flower).
             copies = {task["uuid"] for step_id, task in tasks.items() if steps[step_id]["action"] == COPY_DISK}
             status, named = flower.get(f"/api/tasks?taskname={step_task_name(COPY_DISK)}&limit=1000")
             assert status == 200 and copies and copies == set(named), (status, copies, sorted(named))
+            # and so does searching for the VM, as an operator would in Flower's search box.
+            status, found = flower.get("/api/tasks?search=kwargs:vm=app01&limit=1000")
+            assert status == 200 and {task["uuid"] for task in tasks.values()} <= set(found), (status, sorted(found))
+            assert all(set(UUID.findall(str(task["args"]))) & set(steps) for task in found.values()), found
             status, types = flower.get("/api/task/types")
             assert status == 200 and step_task_name(COPY_DISK) in types["task-types"], types
 
@@ -180,3 +193,121 @@ def test_flower_shows_the_jobs_tasks_and_workers_behind_basic_auth(tmp_path: Pat
         finally:
             flower.stop()
         assert flower.process.returncode is not None
+
+
+# The engine tests' scaled clock (tests/test_engine.py): the first retry 0.1 s after a recoverable failure, a
+# dead run found after 3 s, a step poisoned at its third death.
+ENGINE_SETTINGS = {"ASR_TIME_SCALE": "600", "ASR_HEARTBEAT_S": "1", "ASR_STALE_AFTER_S": "3",
+                   "ASR_RECONCILE_S": "0.25", "ASR_MAX_STEP_DEATHS": "3", "ASR_QUEUED_STALL_S": "600"}
+
+
+def test_flower_names_each_steps_vm_and_attempt_and_counts_retried_failed_and_poisoned_steps(tmp_path: Path) -> None:
+    """A step that fails recoverably ends its task RETRY (and its next attempt, a new task, SUCCESS); one
+    that fails for good ends FAILURE; a poison step's dead runs end RETRY and the last FAILURE: Flower's
+    task list, search and counters show what the job records say, each task naming its VM, step and attempt."""
+    password = secrets.token_urlsafe(16)
+    workers = {"orchestration": (["orchestration", "recovery"], 2), "host-h1": (["host.h1"], 2),
+               "host-poisoned": (["host.poisoned"], 1)}
+    with Deployment(tmp_path, workers=workers, settings=ENGINE_SETTINGS,
+                    worker_settings={"ASR_ACTION_MODULES": ACTION_MODULES}) as cluster:
+        flower = AsrFlower(cluster.env, tmp_path, "operator", password)
+        try:
+            flower.wait_listening(timeout=30)
+
+            def workers_alive() -> bool:
+                status, alive = flower.get("/api/workers?status=1")
+                return status == 200 and all(node_of(name, alive) for name in workers) and all(alive.values())
+
+            wait_until(workers_alive, timeout=30, interval=0.25, what="Flower to see every worker alive")
+
+            delta = start_job("test.delta_replication", lock_key=f"item:{uuid.uuid4()}", params={"vm": "web01"},
+                              stages=[[StepSpec("Ship logs", "test.flaky", "host.h1",
+                                                {"log": str(tmp_path / "flaky.log"), "failing_attempts": 1})],
+                                      [StepSpec("Apply logs", "test.broken_chain", "orchestration",
+                                                {"log": str(tmp_path / "broken.log"), "disk": "disk0"})]])
+            poisoned = start_job("test.enable_protection", lock_key=f"item:{uuid.uuid4()}", params={"vm": "db01"},
+                                 stages=[[StepSpec("Copy disk disk0", "test.kill_own_worker", "host.poisoned",
+                                                   {"log": str(tmp_path / "poison.log")})]])
+            finished = ("succeeded", "failed", "cancelled")
+            delta_job = wait_until(lambda: (job := get_job(delta))["state"] in finished and job, timeout=30,
+                                   what="the delta job to end")
+            poison_job = wait_until(lambda: (job := get_job(poisoned))["state"] in finished and job, timeout=60,
+                                    what="the poisoned job to end")
+            ship, apply = delta_job["steps"]
+            assert (delta_job["state"], ship["state"], ship["attempts"], apply["state"]) == (
+                "failed", "succeeded", 2, "failed"), delta_job
+            (copy,) = poison_job["steps"]
+            assert (poison_job["state"], copy["deaths"]) == ("failed", 3), poison_job
+            assert "poison message" in copy["error"]
+
+            def tasks_of(vm: str, expected: int) -> dict[str, dict[str, Any]] | None:
+                status, found = flower.get(f"/api/tasks?search=kwargs:vm={vm}&limit=1000")
+                assert status == 200, (status, found)
+                settled = {uuid_: task for uuid_, task in found.items()
+                           if task["state"] in ("SUCCESS", "FAILURE", "RETRY")}
+                return settled if len(settled) >= expected else None
+
+            # The delta job: Ship logs failed once (RETRY) then succeeded as a new task; Apply logs failed.
+            delta_tasks = wait_until(lambda: tasks_of("web01", 3), timeout=20, interval=0.25,
+                                     what="Flower to list the delta job's three ended tasks")
+            described = {uuid_: ast.literal_eval(task["kwargs"]) for uuid_, task in delta_tasks.items()}
+            by_state = sorted((task["state"], described[uuid_]["step"], described[uuid_]["attempt"])
+                              for uuid_, task in delta_tasks.items())
+            assert by_state == [("FAILURE", "Apply logs", 1), ("RETRY", "Ship logs", 1), ("SUCCESS", "Ship logs", 2)]
+            assert all(kwargs["job"] == "test.delta_replication" and kwargs["job_id"] == delta
+                       for kwargs in described.values()), described
+            assert delta_tasks[apply["celery_task_id"]]["state"] == "FAILURE"
+            assert "broken VHD chain" in delta_tasks[apply["celery_task_id"]]["exception"]
+            assert delta_tasks[ship["celery_task_id"]]["state"] == "SUCCESS"
+            retried = next(task for task in delta_tasks.values() if task["state"] == "RETRY")
+            assert "recovery storage unreachable (attempt 1)" in retried["exception"], retried
+
+            # The poison step: each dead run's task is ended by the reconciler, RETRY until the last, FAILURE.
+            # (A killed run's message is also redelivered at once and ignored, its step still running: should
+            # that come after the reconciler's report, Flower shows the task STARTED again. The events count.)
+            listed: dict[str, dict[str, Any]] = {}
+
+            def poison_tasks() -> dict[str, dict[str, Any]] | None:
+                status, found = flower.get("/api/tasks?search=kwargs:vm=db01&limit=1000")
+                assert status == 200, (status, found)
+                listed.clear()
+                listed.update(found)
+                last = found.get(copy["celery_task_id"], {})
+                return found if len(found) == 3 and last.get("state") == "FAILURE" else None
+
+            try:
+                poisoned_tasks = wait_until(poison_tasks, timeout=20, interval=0.25,
+                                            what="Flower to list the poisoned step's three tasks, the last FAILURE")
+            except WaitTimeout as timeout:
+                states = {uuid_: task.get("state") for uuid_, task in listed.items()}
+                raise AssertionError(f"{timeout}: Flower listed {states}; the last run is {copy['celery_task_id']}; "
+                                     f"the job's steps: {poison_job['steps']}") from None
+            assert "poison message" in poisoned_tasks[copy["celery_task_id"]]["exception"]
+            # (PENDING too: Celery's event state lets any event that comes after a RETRY replace it, and the
+            # sent event of a run, published by another process, can reach Flower after the reconciler's report.
+            # The counters below count the events themselves.)
+            assert {task["state"] for uuid_, task in poisoned_tasks.items() if uuid_ != copy["celery_task_id"]} <= {
+                "RETRY", "STARTED", "PENDING"}, poisoned_tasks
+            assert {ast.literal_eval(task["kwargs"])["step"] for task in poisoned_tasks.values()} == {"Copy disk disk0"}
+
+            # Flower's counters agree: failures and retries are counted as such, per worker and task name.
+            status, failed = flower.get("/api/tasks?state=FAILURE&limit=1000")
+            assert status == 200 and {apply["celery_task_id"], copy["celery_task_id"]} <= set(failed)
+            status, metrics = flower.get("/metrics", auth=None)
+            status, alive = flower.get("/api/workers?status=1")
+            orchestration, host = node_of("orchestration", alive), node_of("host-h1", alive)
+            assert event_count(metrics, worker=orchestration, type="task-failed",
+                               task=step_task_name("test.broken_chain")) == 1, metrics[-3000:]
+            assert event_count(metrics, worker=host, type="task-retried",
+                               task=step_task_name("test.flaky")) == 1, metrics[-3000:]
+            assert event_count(metrics, worker=orchestration, type="task-failed",
+                               task=step_task_name("test.kill_own_worker")) == 1, metrics[-3000:]
+            assert event_count(metrics, worker=orchestration, type="task-retried",
+                               task=step_task_name("test.kill_own_worker")) == 2, metrics[-3000:]
+            status, page = flower.get("/workers?json=1")
+            counters = {worker["hostname"]: worker for worker in page["data"]}
+            assert counters[orchestration].get("task-failed", 0) == 2, counters[orchestration]
+            assert counters[orchestration].get("task-retried", 0) == 2, counters[orchestration]
+            assert counters[host].get("task-retried", 0) == 1 and counters[host].get("task-failed", 0) == 0
+        finally:
+            flower.stop()

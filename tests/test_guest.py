@@ -4,6 +4,7 @@ teardown checks that none is left."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -13,13 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from sites.guest import DataDiskError, GuestImage, build_guest, make_data_disk
+from sites.guest import DataDiskError, GuestImage, build_guest, make_boot_disk, make_data_disk
 from sites.guest.build import extract_vmlinux
 from sites.guest.errors import GuestBuildError
 from sites.host.errors import GuestAgentError, GuestError, GuestTimeoutError
 from sites.host.guestagent import GuestAgent
 from sites.host.qemu import CONSOLE_LOG, QEMU_PID, QMP_SOCKET, GuestDrive, GuestSpec, QemuRuntime, socket_dir
 from sites.host.qmp import qmp_execute
+
+# Whole deployments (workers, beat, Redis) or real guests per test: out of the quick loop (-m "not slow").
+pytestmark = pytest.mark.slow
 
 BOOT_TIMEOUT_S = 90.0  # ~4 s alone under TCG; several times that when other tests load the machine
 DISK_SIZE = 64 << 20
@@ -72,6 +76,9 @@ def test_guest_build_is_cached(test_guest: GuestImage) -> None:
     assert hashlib.sha256(test_guest.kernel_path.read_bytes()).hexdigest() == test_guest.kernel_sha256
     assert test_guest.hashes[test_guest.initrd] == hashlib.sha256(test_guest.initrd_path.read_bytes()).hexdigest()
     assert test_guest.kernel_path.read_bytes()[:4] == b"\x7fELF"  # the uncompressed kernel, booted via PVH
+    boot_disk = test_guest.boot_disk_path.read_bytes()
+    assert hashlib.sha256(boot_disk).hexdigest() == test_guest.boot_disk_sha256
+    assert boot_disk[510:512] == b"\x55\xaa" and boot_disk[54:59] == b"FAT16"  # syslinux's boot sector, a FAT
 
 
 def test_extract_vmlinux_refuses_a_file_without_kernel() -> None:
@@ -304,6 +311,38 @@ def test_guest_without_agent_channel(test_guest: GuestImage, runtime: QemuRuntim
     runtime.kill(folder)
 
 
+def test_guest_boots_from_its_boot_disk(test_guest: GuestImage, runtime: QemuRuntime, tmp_path: Path) -> None:
+    """No kernel file: SeaBIOS boots the boot disk (bootindex), syslinux loads the kernel with the command line
+    on that disk (here with asr.write_files=2); the guest finds its data disk after the FAT boot disk."""
+    folder, boot, disk = tmp_path / "vm", tmp_path / "os.raw", tmp_path / "data.raw"
+    make_boot_disk(boot, test_guest, "asr.write_files=2")
+    make_data_disk(disk, DISK_SIZE)
+    spec = GuestSpec(folder, kernel=None, initrd=None, cmdline="", boot_drive="os",
+                     drives=(GuestDrive("os", file=boot), GuestDrive("data", file=disk)))
+    started = time.monotonic()
+    runtime.start(spec)
+    command = json.loads((folder / QEMU_PID).read_text())["command"]
+    assert "-kernel" not in command and "-append" not in command
+    assert [arg for arg in command if "bootindex" in arg] == ["virtio-blk-pci,drive=disk0,serial=os,bootindex=0"]
+    assert runtime.wait_for_console(folder, test_guest.check_pass, BOOT_TIMEOUT_S).group(1) == "0"
+    heartbeat = runtime.wait_for_console(folder, test_guest.heartbeat, BOOT_TIMEOUT_S)
+    print(f"boot from disk: heartbeat after {time.monotonic() - started:.1f} s")
+    assert "SYSLINUX" in runtime.console_tail(folder)
+    runtime.wait_for_console(folder, r"ASR-WORKLOAD-DONE 2\b", BOOT_TIMEOUT_S, since=heartbeat.end())
+    assert runtime.power_down(folder, timeout=60) == "acpi"
+    fsck = _e2fsck(disk)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    fat = subprocess.run(["fsck.fat", "-n", str(boot)], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PATH": os.environ.get("PATH", "") + ":/usr/sbin:/sbin"})
+    assert fat.returncode == 0, fat.stdout + fat.stderr  # the guest never wrote to its boot disk's FAT
+
+    with pytest.raises(DataDiskError, match="exists already"):
+        make_boot_disk(boot, test_guest)
+    with pytest.raises(DataDiskError, match="one printable line"):
+        make_boot_disk(tmp_path / "other.raw", test_guest, "asr.write_files=1\nDEFAULT evil")
+    assert not (tmp_path / "other.raw").exists()
+
+
 # ---- bad input ----------------------------------------------------------------------------------------
 def test_missing_kernel_is_a_clear_error(test_guest: GuestImage, runtime: QemuRuntime, tmp_path: Path) -> None:
     disk = tmp_path / "data.raw"
@@ -316,6 +355,13 @@ def test_missing_kernel_is_a_clear_error(test_guest: GuestImage, runtime: QemuRu
         runtime.start(GuestSpec(tmp_path / "vm", test_guest.kernel_path, None, "", (GuestDrive("data"),)))
     with pytest.raises(GuestError, match="network 'bridged'"):
         runtime.start(_spec(test_guest, tmp_path / "vm", disk, network="bridged"))
+    with pytest.raises(GuestError, match="boots from drive 'os', which it does not have \\(its drives: data\\)"):
+        runtime.start(GuestSpec(tmp_path / "vm", None, None, "", (GuestDrive("data", file=disk),), boot_drive="os"))
+    with pytest.raises(GuestError, match="boots from drive 'data': .*give no kernel"):
+        runtime.start(GuestSpec(tmp_path / "vm", test_guest.kernel_path, None, "", (GuestDrive("data", file=disk),),
+                                boot_drive="data"))
+    with pytest.raises(GuestError, match="needs a kernel or a boot drive"):
+        runtime.start(GuestSpec(tmp_path / "vm", None, None, "", (GuestDrive("data", file=disk),)))
     assert runtime.state(tmp_path / "vm") == "off"
 
 

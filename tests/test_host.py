@@ -177,6 +177,9 @@ def test_paths_escaping_the_root_are_refused(host: Host, tmp_path: Path):
     ([("os", MiB, "vhdx")], {}, "format must be raw or vhd"),
     ([("os", MiB + 512, "raw")], {}, "whole number of MiB"),
     ([("os", 0, "raw")], {}, "whole number of MiB"),
+    ([("os", 1 << 50, "raw")], {}, "at most 8388607 MiB"),  # past the replica's VHD (and ext4's largest file)
+    ([("os", "99999999999999T", "raw")], {}, "at most 8388607 MiB"),  # past what ftruncate takes
+    ([("d" * 61, MiB, "raw")], {}, "at most 60 characters"),  # its file "ddd...d.raw" would not read back
     ([("os", "lots", "raw")], {}, "invalid size"),
     ([("os", MiB, "raw")], {"generation": 3}, "generation must be 1 or 2"),
 ])
@@ -623,6 +626,25 @@ def test_quiesce_without_a_workload_runs_the_commands_only(host: Host, tmp_path:
         with pytest.raises(VmSpecError, match="quiesce post command must be a non-empty list"):
             host.set_quiesce_commands(vm, ["sync"], bad)
     assert (vm.path / "vm.json").read_bytes() == before
+
+
+def test_quiesce_commands_get_no_credentials_of_the_agent(host: Host, tmp_path: Path, monkeypatch):
+    """The agent's environment holds the database and broker URLs, storage credentials and its host key: a
+    quiesce command sees none of it, only PATH, LANG and the VM's variables."""
+    secrets = {"ASR_DATABASE_URL": "postgresql://asr:db-password-123@db/asr", "ASR_HOST_KEY": "host-key-456789",
+               "ASR_AZURE_CONNECTION_STRING": "AccountName=a;AccountKey=c2VjcmV0LWtleQ==;"}
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    vm = host.create_vm("app01", [("os", MiB, "raw")])
+    seen = tmp_path / "env.json"
+    dump = [sys.executable, "-c", f"import json, os; open({str(seen)!r}, 'w').write(json.dumps(dict(os.environ)))"]
+    host.set_quiesce_commands(vm, dump, None)
+    with host.quiesce("app01"):
+        pass
+    env = json.loads(seen.read_text())
+    assert set(env) <= {"PATH", "LANG", "ASR_VM", "ASR_HOST", "ASR_VM_DIR", "LC_CTYPE"}, sorted(env)
+    assert (env["ASR_VM"], env["ASR_HOST"], env["ASR_VM_DIR"]) == ("app01", "hv01", str(vm.path))
+    assert not any(value in seen.read_text() for value in secrets.values())
 
 
 def test_a_workload_started_during_a_quiesce_starts_frozen(host: Host, tracked_vm):

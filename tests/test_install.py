@@ -1,6 +1,7 @@
 """The package as a user installs it: `pip install .` into a new virtual environment, with the runtime
 dependencies only (no test extra), from exactly the files the Dockerfile copies; then a worker started from
-that environment connects to its broker and is ready, and `asr db upgrade` creates the schema.
+that environment connects to its broker and is ready, and `asr db upgrade` creates the schema; the installed
+API serves the web console with its templates and assets (package data).
 
 It failed before the Redis extras of celery and kombu were declared: kombu's Redis transport imports
 `packaging`, which only the test extra happened to bring, and every process crashed at start.
@@ -17,6 +18,10 @@ from pathlib import Path
 import pytest
 
 from sites.localservices import RedisServer, wait_until
+from sites.pki import create_deployment_certificates
+
+# Whole deployments (workers, beat, Redis) or real guests per test: out of the quick loop (-m "not slow").
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,9 +62,12 @@ def clean_env(**settings: str) -> dict[str, str]:
 
 def test_a_plain_install_runs_the_schema_upgrade_and_a_worker(installed: Path, tmp_path: Path) -> None:
     database = f"sqlite:///{tmp_path / 'asr.db'}"
-    redis = RedisServer(tmp_path / "redis").start()
+    # Over TLS, as a deployment runs: the installed package has everything TLS needs (sites/pki.py).
+    certificates = create_deployment_certificates(tmp_path / "tls")
+    redis = RedisServer(tmp_path / "redis", tls=certificates).start()
     try:
-        env = clean_env(ASR_DATABASE_URL=database, ASR_BROKER_URL=redis.url, ASR_HOME=str(tmp_path / "home"))
+        env = clean_env(ASR_DATABASE_URL=database, ASR_BROKER_URL=redis.url, ASR_HOME=str(tmp_path / "home"),
+                        **certificates.settings())
         upgrade = subprocess.run([str(installed / "asr"), "db", "upgrade"], env=env, cwd=tmp_path,
                                  capture_output=True, text=True, timeout=120)
         assert upgrade.returncode == 0 and "upgraded from (empty) to revision" in upgrade.stdout, \
@@ -86,3 +94,22 @@ def test_a_plain_install_runs_the_schema_upgrade_and_a_worker(installed: Path, t
         assert "Traceback" not in text and "ModuleNotFoundError" not in text, text[-4000:]
     finally:
         redis.stop()
+
+
+def test_the_installed_api_serves_the_web_console_and_its_assets(installed: Path, tmp_path: Path) -> None:
+    """The console's templates and assets are package data: the installed app renders its login page and serves
+    its stylesheet and script (from the package, no CDN)."""
+    script = "\n".join((
+        "from starlette.testclient import TestClient",
+        "from api.rest import app",
+        "client = TestClient(app)",
+        "for path in ('/console/login', '/console/static/console.css', '/console/static/console.js'):",
+        "    answer = client.get(path)",
+        "    assert answer.status_code == 200, (path, answer.status_code, answer.text[:500])",
+        "assert 'name=\"api_key\"' in client.get('/console/login').text",
+        "print('console served')",
+    ))
+    env = clean_env(ASR_DATABASE_URL=f"sqlite:///{tmp_path / 'asr.db'}", ASR_HOME=str(tmp_path / "home"))
+    answer = subprocess.run([str(installed / "python"), "-c", script], env=env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert answer.returncode == 0 and "console served" in answer.stdout, answer.stdout + answer.stderr[-4000:]

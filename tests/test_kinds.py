@@ -29,6 +29,7 @@ from workflows.kinds import (
     failback_completion,
     planned_failover,
     recovery_plan,
+    resync_preview,
     resynchronize,
     reverse_replication,
     test_failover,
@@ -70,7 +71,7 @@ def failback_request(mode: str, complete: bool = False, disks=ONE_DISK, label=No
 # ---- the catalog ---------------------------------------------------------------------------------------
 def test_every_catalog_action_has_its_code_and_every_registered_action_is_in_the_catalog():
     product = {value for name, value in vars(A).items() if name.isupper() and isinstance(value, str)}
-    assert product <= A.CATALOG and len(product) == 50
+    assert product <= A.CATALOG and len(product) == 51
     assert product - set(registered_actions) == set(), "every product action has its code in tasks/"
     assert set(registered_actions) - A.CATALOG == set(), "no code runs under a name the catalog lacks"
 
@@ -82,7 +83,7 @@ def test_every_product_kind_is_declared_with_the_engine_and_uses_only_catalog_ac
         "test_failover", "test_failover_cleanup", "planned_failover", "unplanned_failover", "cancel_failover",
         "commit_failover", "failback", "failback_completion", "cancel_failback", "commit_failback",
         "reverse_replication", "verify_recovery_point", "plan_test_failover", "plan_planned_failover",
-        "plan_unplanned_failover", "plan_failback", "consistency_check",
+        "plan_unplanned_failover", "plan_failback", "consistency_check", "resync_preview",
     }
     for name, kind in KINDS.items():
         assert declared_kinds[name] == kind.actions
@@ -126,6 +127,7 @@ REPRESENTATIVE = [
     (verify_recovery_point.KIND, verify_recovery_point.VerifyRequest(*vars(item(THREE_DISKS)).values(),
                                                                       point_id="p-1")),
     (consistency_check.KIND, item(THREE_DISKS)),
+    (resync_preview.KIND, item(THREE_DISKS)),
 ]
 
 
@@ -231,7 +233,8 @@ def test_a_plan_runs_its_groups_in_order_with_the_vms_of_a_group_side_by_side():
            for n in range(2)]
     db = replace(failover_request("planned", "latest", THREE_DISKS), item_id="db", vm="db", label="db")
     request = recovery_plan.PlanRequest("plan-1", "tiers", "planned_failover", (
-        recovery_plan.PlanGroup("db", (), (db,), ({"kind": "script", "name": "check", "command": ["true"]},)),
+        recovery_plan.PlanGroup("db", (), (db,), ({"kind": "script", "name": "check", "script": "check-db",
+                                                        "args": {"mode": "quick"}, "timeout_s": 60},)),
         recovery_plan.PlanGroup("web", ({"kind": "manual", "name": "dns", "instructions": "switch DNS"},),
                                 tuple(web), ()),
     ))
@@ -241,6 +244,8 @@ def test_a_plan_runs_its_groups_in_order_with_the_vms_of_a_group_side_by_side():
     vm_stages = len(planned_failover.KIND.build(db))
     assert len(stages) == vm_stages + 1 + 1 + vm_stages, "db's stages, its after script, web's manual, web's"
     assert [step.action for step in stages[vm_stages]] == [A.RUN_SCRIPT]
+    assert stages[vm_stages][0].params == {"plan_id": "plan-1", "script": "check-db", "args": {"mode": "quick"},
+                                           "timeout_s": 60.0}
     assert [step.action for step in stages[vm_stages + 1]] == [A.MANUAL_ACTION]
     web_begin = stages[vm_stages + 2]
     assert [step.name for step in web_begin] == ["web0: Begin failover", "web1: Begin failover"]

@@ -451,10 +451,9 @@ def test_policy_defaults_follow_the_reference(engine: Engine) -> None:
         assert policy.office_days == [0, 1, 2, 3, 4] and policy.office_timezone == "UTC"
 
 
-def test_policy_validation(engine: Engine) -> None:
-    now = datetime.now(UTC)
-    before = row_counts(engine)
-    cases = [
+def policy_refusals(now: datetime) -> list[tuple[dict, str]]:
+    """Settings a policy refuses, with the message (a regex) it refuses them with: when created or changed."""
+    return [
         ({"copy_frequency_s": 60}, "copy frequency \\(seconds\\) must be one of 30, 300, 900, got 60"),
         ({"copy_frequency_s": True}, "copy frequency"),
         ({"recovery_point_retention_h": 25}, "retention \\(hours\\) must be a whole number from 0 to 24, got 25"),
@@ -477,6 +476,12 @@ def test_policy_validation(engine: Engine) -> None:
         ({"consistency_check_interval_h": -1}, "consistency check interval"),
         ({"consistency_check_off_hours": "yes"}, "consistency_check_off_hours must be true or false"),
     ]
+
+
+def test_policy_validation(engine: Engine) -> None:
+    now = datetime.now(UTC)
+    before = row_counts(engine)
+    cases = policy_refusals(now)
     for settings, message in cases:
         with pytest.raises(ValueError, match=message) as raised:
             with session_scope(engine) as session:
@@ -498,6 +503,40 @@ def test_policy_validation(engine: Engine) -> None:
         assert (stored.consistency_check_interval_h, stored.consistency_check_off_hours) == (0, True)
         stored = session.get(ReplicationPolicy, default.id)
         assert (stored.consistency_check_interval_h, stored.consistency_check_off_hours) == (24, True)
+
+
+def test_policy_update_is_validated_as_creation_and_keeps_what_it_is_not_given(engine: Engine) -> None:
+    with session_scope(engine) as session:
+        created = policies.create_policy(session, "bronze", rpo_critical_s=2000)
+    def snapshot() -> dict:
+        """The policy's row as stored: what a refused change must leave as it was."""
+        with Session(engine) as session:
+            return session.get(ReplicationPolicy, created.id).model_dump()
+
+    before = snapshot()
+    for settings, message in policy_refusals(datetime.now(UTC)):
+        with pytest.raises(ValueError, match=message) as raised:
+            with session_scope(engine) as session:
+                policies.update_policy(session, session.get(ReplicationPolicy, created.id), **settings)
+        assert "replication policy 'bronze'" in str(raised.value)
+    with pytest.raises(ValueError, match="unknown setting.*colour"):
+        with session_scope(engine) as session:
+            policies.update_policy(session, session.get(ReplicationPolicy, created.id), colour="blue")
+    # The policy as it would be is checked whole: a critical threshold set before bounds the new warning.
+    with pytest.raises(ValueError, match="copy frequency < warning < critical, got 300 s < 2500 s < 2000 s"):
+        with session_scope(engine) as session:
+            policies.update_policy(session, session.get(ReplicationPolicy, created.id), rpo_warning_s=2500)
+    assert snapshot() == before
+
+    with session_scope(engine) as session:
+        policies.update_policy(session, session.get(ReplicationPolicy, created.id), copy_frequency_s=30,
+                               office_days=["sat"], recovery_point_retention_h=5)
+    after = snapshot()
+    changed = {key for key in before if before[key] != after[key]}
+    assert changed == {"copy_frequency_s", "office_days", "recovery_point_retention_h"}
+    assert (after["copy_frequency_s"], after["office_days"], after["rpo_warning_s"]) == (30, [5], None)
+    with Session(engine) as session:  # a warning never set follows the copy frequency
+        assert session.get(ReplicationPolicy, created.id).rpo_thresholds_s() == (60, 2000)
 
 
 def test_office_hours_and_resync_slots_across_a_weekend(engine: Engine) -> None:
@@ -647,6 +686,13 @@ def test_health_records_errors_and_takes_the_worst(engine: Engine) -> None:
             protection.mark_critical(session, item, "", "no code")
 
 
+@pytest.fixture(autouse=True)
+def storage_allow_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the administrator allows as recovery storage (sites/storage/policy.py)."""
+    monkeypatch.setenv("ASR_STORAGE_ROOTS", "/srv/recovery:/srv/other")
+    monkeypatch.setenv("ASR_STORAGE_ACCOUNT_URLS", "https://drsite.blob.core.windows.net")
+
+
 def test_protecting_a_vm(engine: Engine) -> None:
     with session_scope(engine) as session:
         _site, host = make_site_host(session)
@@ -662,6 +708,26 @@ def test_protecting_a_vm(engine: Engine) -> None:
             "connection_string": "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=c2VjcmV0;"}},
          "contain a credential"),
         ({"recovery_storage": "azure:replicas", "storage_options": {"when": datetime.now()}}, "must be JSON values"),
+        # The allow-list (sites/storage/policy.py): no SSRF, no other secret of the workers, no folder anywhere.
+        ({"recovery_storage": "azure:replicas", "storage_options": {"account_url": "https://evil.example.net"}},
+         "account_url https://evil.example.net is not a storage account allowed here"),
+        ({"recovery_storage": "azure:replicas", "storage_options": {"account_url": "http://drsite.blob.core.windows.net"}},
+         "account_url must be an https:// address"),
+        ({"recovery_storage": "azure:replicas", "storage_options": {"connection_string_env": "ASR_DATABASE_URL"}},
+         "connection_string_env must name a storage variable of the workers"),
+        ({"recovery_storage": "azure:replicas", "storage_options": {"connection_string_env": "HOME"}},
+         "connection_string_env must name a storage variable"),
+        ({"recovery_storage": "azure:replicas", "storage_options": {"credential": "x", "account_url":
+                                                                     "https://drsite.blob.core.windows.net"}},
+         "unknown storage option.s. credential for azure: storage"),
+        ({"recovery_storage": "azure:replicas", "storage_options": {"connection_string_env": "ASR_STORAGE_X",
+                                                                     "parallelism": 99}}, "parallelism must be"),
+        ({"recovery_storage": "azure:replicas", "storage_options": {}}, "needs exactly one of connection_string_env"),
+        ({"recovery_storage": "file:///etc"}, "/etc is not inside a recovery storage root allowed here"),
+        ({"recovery_storage": "file:///srv/recovery/../../etc"}, "without '..'"),
+        ({"recovery_storage": "file:///srv/recovery-evil"}, "is not inside a recovery storage root"),
+        ({"recovery_storage": "file:///srv/recovery", "storage_options": {"container": "x"}},
+         "unknown storage option.s. container for file:// storage"),
     ]
     for arguments, message in bad:
         with pytest.raises(ValueError, match=message):

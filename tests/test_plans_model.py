@@ -18,6 +18,7 @@ from models.db import session_scope
 from models.fabric import Host, NetworkMapping, VirtualMachine, VmNetworkAdapter
 from models.plans import PlanError, PlanNotFoundError, PlanOperation, RecoveryPlan
 from models.protection import ProtectedItem, ReplicationState
+from sites.planscripts import write_registry
 
 DISK = {"name": "disk0", "file": "disk0.raw", "size": 1 << 20, "format": "raw"}
 S = ReplicationState
@@ -32,6 +33,19 @@ PATHS = {
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def registered_scripts(tmp_path, monkeypatch) -> None:
+    """The scripts an administrator registered (ASR_PLAN_SCRIPTS_DIR): plans may name only these."""
+    folder = tmp_path / "plan-scripts"
+    folder.mkdir()
+    write_registry(folder, {
+        "check-db": ("#!/bin/sh\nexit 0\n", {"timeout_s": 120, "args": {"mode": "quick|full"}}),
+        "switch-dns": ("#!/bin/sh\nexit 0\n", {}),
+    })
+    monkeypatch.setenv("ASR_PLAN_SCRIPTS_DIR", str(folder))
+    monkeypatch.setenv("ASR_STORAGE_ROOTS", "/srv/recovery")  # the local recovery storage these tests name
+
+
 def counts(engine: Engine) -> dict[str, int]:
     with Session(engine) as session:
         return {
@@ -79,11 +93,11 @@ def three_groups(ids: dict[str, str]) -> list[dict]:
     return [
         {"name": "databases", "vms": [ids["db01"]],
          "before": [{"kind": "manual", "name": "stop-batch", "instructions": "Stop the nightly batch jobs."}],
-         "after": [{"kind": "script", "name": "check-db", "command": ["/opt/dr/check-db", "--quick"],
-                    "timeout_s": 120}]},
+         "after": [{"kind": "script", "name": "check-db", "script": "check-db", "args": {"mode": "quick"},
+                    "timeout_s": 60}]},
         {"name": "applications", "vms": ["app01"]},  # by name: stored as its id
         {"name": "web", "vms": ["hv01/web01", ids["web02"]], "before": [],
-         "after": [{"kind": "script", "name": "dns", "command": ["/opt/dr/switch-dns"]},
+         "after": [{"kind": "script", "name": "dns", "script": "switch-dns"},
                    {"kind": "manual", "name": "smoke-test", "instructions": "Open the shop and buy something."}]},
     ]
 
@@ -123,11 +137,11 @@ def test_a_three_group_plan_with_actions_round_trips(engine: Engine) -> None:
         assert plan.groups == [
             {"name": "databases", "vms": [ids["db01"]],
              "before": [{"kind": "manual", "name": "stop-batch", "instructions": "Stop the nightly batch jobs."}],
-             "after": [{"kind": "script", "name": "check-db", "command": ["/opt/dr/check-db", "--quick"],
-                        "timeout_s": 120}]},
+             "after": [{"kind": "script", "name": "check-db", "script": "check-db", "args": {"mode": "quick"},
+                        "timeout_s": 60}]},
             {"name": "applications", "vms": [ids["app01"]], "before": [], "after": []},
             {"name": "web", "vms": [ids["web01"], ids["web02"]], "before": [],
-             "after": [{"kind": "script", "name": "dns", "command": ["/opt/dr/switch-dns"], "timeout_s": 300},
+             "after": [{"kind": "script", "name": "dns", "script": "switch-dns", "args": {}, "timeout_s": 300.0},
                        {"kind": "manual", "name": "smoke-test", "instructions": "Open the shop and buy something."}]},
         ]
         items = {item.vm_id: item.id for item in session.exec(select(ProtectedItem))}
@@ -181,26 +195,43 @@ STRUCTURE_CASES: list[tuple[object, str]] = [
        "before": [{"kind": "manual", "name": "m", "instructions": "x", "command": ["x"]}]}],
      "group 'g', before action 'm': unknown keys command"),
     ([{"name": "g", "vms": ["web01"], "before": [{"kind": "script", "name": "s"}]}],
-     "group 'g', before action 's': command must be a non-empty list of strings"),
-    ([{"name": "g", "vms": ["web01"], "before": [{"kind": "script", "name": "s", "command": []}]}],
-     "group 'g', before action 's': command must be a non-empty list of strings"),
-    ([{"name": "g", "vms": ["web01"], "before": [{"kind": "script", "name": "s", "command": "/bin/true"}]}],
-     "group 'g', before action 's': command must be a non-empty list of strings"),
-    ([{"name": "g", "vms": ["web01"], "before": [{"kind": "script", "name": "s", "command": ["/bin/echo", 3]}]}],
-     "group 'g', before action 's': command must be a non-empty list of strings"),
-    ([{"name": "g", "vms": ["web01"], "before": [{"kind": "script", "name": "s", "command": [""]}]}],
-     "group 'g', before action 's': command must be a non-empty list of strings"),
+     "group 'g', before action 's': a script action needs \"script\": the name of a registered script"),
+    *[
+        ([{"name": "g", "vms": ["web01"], "before": [{"kind": "script", "name": "s", "command": command}]}],
+         "group 'g', before action 's': a command line (command) is not accepted: a script action names a script "
+         "an administrator registered")
+        for command in (["/bin/sh", "-c", "id; env"], ["check-db"], [], "/bin/true")
+    ],
+    ([{"name": "g", "vms": ["web01"], "before": [{"kind": "script", "name": "s", "script": "check-db",
+                                                   "args": {"mode": "quick"}, "command": ["check-db"]}]}],
+     "group 'g', before action 's': a command line (command) is not accepted"),
+    ([{"name": "g", "vms": ["web01"], "before": [{"kind": "script", "name": "s", "script": "rm-rf"}]}],
+     "group 'g', before action 's': script 'rm-rf' is not registered (registered: check-db, switch-dns)"),
+    ([{"name": "g", "vms": ["web01"], "before": [{"kind": "script", "name": "s", "script": "../bin/sh"}]}],
+     "group 'g', before action 's': script '../bin/sh' is not registered"),
+    ([{"name": "g", "vms": ["web01"], "before": [{"kind": "script", "name": "s", "script": "check-db"}]}],
+     "group 'g', before action 's': script 'check-db' needs argument 'mode'"),
     ([{"name": "g", "vms": ["web01"],
-       "before": [{"kind": "script", "name": "s", "command": ["/bin/echo", "a\x00b"]}]}],
-     "group 'g', before action 's': command must be a non-empty list of strings"),
+       "before": [{"kind": "script", "name": "s", "script": "check-db", "args": {"mode": "quick; id"}}]}],
+     "group 'g', before action 's': argument 'mode' must match 'quick|full', got 'quick; id'"),
+    ([{"name": "g", "vms": ["web01"],
+       "before": [{"kind": "script", "name": "s", "script": "check-db", "args": {"mode": 1}}]}],
+     "group 'g', before action 's': argument 'mode' must be text of at most 1024 characters"),
+    ([{"name": "g", "vms": ["web01"],
+       "before": [{"kind": "script", "name": "s", "script": "switch-dns", "args": {"zone": "x"}}]}],
+     "group 'g', before action 's': script 'switch-dns' has no argument zone (it declares none)"),
+    ([{"name": "g", "vms": ["web01"],
+       "before": [{"kind": "script", "name": "s", "script": "switch-dns", "args": ["x"]}]}],
+     "group 'g', before action 's': args must be an object of argument values"),
     *[
         ([{"name": "g", "vms": ["web01"],
-           "after": [{"kind": "script", "name": "s", "command": ["x"], "timeout_s": bad}]}],
-         f"group 'g', after action 's': timeout_s must be 1 to 86400 seconds, got {bad!r}")
-        for bad in (0, 0.5, 86401, -1, "60", True, None, float("nan"), float("inf"))
+           "after": [{"kind": "script", "name": "s", "script": "check-db", "args": {"mode": "full"},
+                      "timeout_s": bad}]}],
+         f"group 'g', after action 's': timeout_s must be 1 to 120 seconds (script 'check-db''s limit), got {bad!r}")
+        for bad in (0, 0.5, 121, 86401, -1, "60", True, None, float("nan"), float("inf"))
     ],
     ([{"name": "g", "vms": ["web01"], "before": [{"kind": "manual", "name": "m", "instructions": "x"}],
-       "after": [{"kind": "script", "name": "m", "command": ["x"]}]}],
+       "after": [{"kind": "script", "name": "m", "script": "switch-dns"}]}],
      "group 'g': action name 'm' is used twice"),
 ]
 
@@ -231,7 +262,7 @@ def test_every_structural_problem_is_reported_at_once(engine: Engine) -> None:
     build_fabric(engine)
     groups = [
         {"name": "g1", "vms": ["web01", "ghost"],
-         "before": [{"kind": "script", "name": "s", "command": [], "timeout_s": 0}]},
+         "before": [{"kind": "script", "name": "s", "script": "check-db", "args": {"mode": "x"}, "timeout_s": 0}]},
         {"name": "g2", "vms": []},
         {"name": "g3", "vms": ["hv01/web01"], "after": [{"kind": "manual", "name": "m"}]},
     ]
@@ -239,9 +270,8 @@ def test_every_structural_problem_is_reported_at_once(engine: Engine) -> None:
     assert error.problems == [
         "invalid recovery plan name 'bad plan': use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter "
         "or digit",
-        "group 'g1', before action 's': command must be a non-empty list of strings (program first, no NUL "
-        "characters), got []",
-        "group 'g1', before action 's': timeout_s must be 1 to 86400 seconds, got 0",
+        "group 'g1', before action 's': argument 'mode' must match 'quick|full', got 'x'",
+        "group 'g1', before action 's': timeout_s must be 1 to 120 seconds (script 'check-db''s limit), got 0",
         "group 'g2' needs a non-empty list of VMs, got []",
         "group 'g3', after action 'm': instructions must be non-empty text of at most 4096 characters, got None",
         "group 'g1': VM 'ghost' not found",
@@ -407,4 +437,72 @@ def test_failback_starts_from_a_committed_failover(engine: Engine) -> None:
     assert error.problems == [
         f"VM {name!r} on host {host!r} is failover_committed; test failover needs protected"
         for name, host in (("db01", "hv02"), ("app01", "hv01"), ("web01", "hv01"), ("web02", "hv01"))
+    ]
+
+
+# ---- registered scripts ------------------------------------------------------------------------------
+def test_script_actions_are_refused_where_no_scripts_are_registered(engine: Engine, monkeypatch) -> None:
+    build_fabric(engine)
+    monkeypatch.delenv("ASR_PLAN_SCRIPTS_DIR")
+    groups = [{"name": "g", "vms": ["web01"], "after": [{"kind": "script", "name": "s", "script": "check-db",
+                                                         "args": {"mode": "quick"}}]}]
+    error = refused(engine, lambda session: plans.create_plan(session, "p", groups))
+    assert error.problems[0].startswith("no plan scripts are registered here (ASR_PLAN_SCRIPTS_DIR is not set)")
+    with session_scope(engine) as session:  # a plan without scripts needs no registry
+        plans.create_plan(session, "p", [{"name": "g", "vms": ["web01"]}])
+
+
+def test_a_broken_registry_refuses_plans_with_scripts_and_says_why(engine: Engine, tmp_path, monkeypatch) -> None:
+    build_fabric(engine)
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    write_registry(folder, {"ok": ("#!/bin/sh\n", {}), "open": ("#!/bin/sh\n", {"args": {"x": "("}})})
+    (folder / "ok").chmod(0o777)  # anyone may change it: not a script an administrator vouches for
+    (folder / "stray").write_text("#!/bin/sh\n")
+    with open(folder / "scripts.toml", "a") as manifest:
+        manifest.write('["missing"]\n["link"]\n')
+    (folder / "link").symlink_to("/bin/sh")
+    monkeypatch.setenv("ASR_PLAN_SCRIPTS_DIR", str(folder))
+    groups = [{"name": "g", "vms": ["web01"], "after": [{"kind": "script", "name": "s", "script": "ok"}]}]
+    error = refused(engine, lambda session: plans.create_plan(session, "p", groups))
+    message = error.problems[0]
+    assert message.startswith("the registered plan scripts cannot be read: ")
+    for expected in ("script 'ok': ", "may be changed by users other than its owner", "script 'open': argument 'x': "
+                     "bad pattern", "script 'missing': ", "does not exist", "script 'link': ", "is not a regular file"):
+        assert expected in message, (expected, message)
+
+
+def test_a_plan_stored_with_a_command_line_is_refused_when_it_runs(engine: Engine) -> None:
+    """Plans stored before scripts were registered held an argv: such a plan never runs (validate_plan, which
+    every run goes through, says why), whatever the fabric."""
+    ids = build_fabric(engine)
+    with session_scope(engine) as session:
+        session.add(RecoveryPlan(name="old", groups=[
+            {"name": "g", "vms": [ids["web01"]], "before": [],
+             "after": [{"kind": "script", "name": "leak", "command": ["sh", "-c", "id; env"], "timeout_s": 300}]}]))
+    with session_scope(engine) as session:
+        plan = plans.get_plan(session, "old")
+        with pytest.raises(PlanError) as raised:
+            plans.validate_plan(session, plan, PlanOperation.TEST_FAILOVER)
+    assert raised.value.problems == [
+        f"group 'g', after action 'leak' was stored as a command line and will not run: {plans.LEGACY_COMMAND}; "
+        f"create the plan again"]
+
+
+def test_a_stored_plan_whose_script_is_no_longer_registered_is_refused_when_it_runs(engine: Engine, tmp_path,
+                                                                                    monkeypatch) -> None:
+    ids = build_fabric(engine)
+    with session_scope(engine) as session:
+        plans.create_plan(session, "shop-dr", three_groups(ids))
+    folder = tmp_path / "fewer"
+    folder.mkdir()
+    write_registry(folder, {"check-db": ("#!/bin/sh\n", {"timeout_s": 30, "args": {"mode": "full"}})})
+    monkeypatch.setenv("ASR_PLAN_SCRIPTS_DIR", str(folder))
+    with session_scope(engine) as session:
+        with pytest.raises(PlanError) as raised:
+            plans.validate_plan(session, plans.get_plan(session, "shop-dr"), PlanOperation.TEST_FAILOVER)
+    assert raised.value.problems == [
+        "group 'databases', after action 'check-db': argument 'mode' must match 'full', got 'quick'",
+        "group 'databases', after action 'check-db': timeout_s 60 is above script 'check-db''s limit of 30 s",
+        "group 'web', after action 'dns': script 'switch-dns' is no longer registered",
     ]

@@ -2,7 +2,8 @@
 protected, replicated while the guest writes files to ext4, failed over and booted at the recovery site.
 
 The guest is the project's test guest (sites/guest): its init checks its own SHA-256 manifest of the files
-it wrote and prints the verdict before its heartbeat. Each test checks data three ways: the guest's own
+it wrote and prints the verdict before its heartbeat. It boots from its kernel file, or (the OS-disk case)
+from a bootable disk of its own that is replicated like its data disk. Each test checks data three ways: the guest's own
 check after the boot at the recovery site, `e2fsck -fn` of the recovery disk, and the disks byte for byte.
 """
 from __future__ import annotations
@@ -20,13 +21,15 @@ import pytest
 from recovery_site import RecoverySite
 from sqlmodel import select
 
+from api import service
 from models.db import session_scope
 from models.fabric import Host as HostRow
+from models.fabric import VirtualMachine as VmRow
 from models.fabric import import_vm_manifest
 from models.failover import FailoverKind, FailoverRecord, FailoverStatus
 from models.protection import InvalidStateError, ProtectedItem
 from sites.guest import files_written as guest_files_written
-from sites.guest import make_data_disk
+from sites.guest import make_boot_disk, make_data_disk
 from sites.host.guestdef import GuestDefinition
 from sites.host.processes import process_start_ticks
 from sites.host.trackerservice import PID_FILE
@@ -38,6 +41,7 @@ from workflows.kinds.delta_replication import start as start_delta_replication
 pytestmark = pytest.mark.slow
 JOB_TIMEOUT = 240
 DATA_DISK = 64 * 1024 * 1024
+BOOT_DISK_VM_DATA = 16 * 1024 * 1024
 
 
 def guest_definition(image: Any, *, heartbeat: str | None = None, boot_timeout_s: float = 120.0,
@@ -68,6 +72,39 @@ def create_guest_vm(site: RecoverySite, image: Any, name: str = "web01", **optio
         vm_id = import_vm_manifest(session, host_row, vm.to_manifest()).id
     site.vm_hosts[vm_id] = "host1"
     return vm_id
+
+
+def create_boot_disk_vm(site: RecoverySite, image: Any, name: str, *, write_files: int) -> str:
+    """A QEMU guest VM on host1 booting from its disk `os` (a copy of the guest's boot disk whose command line
+    has it write `write_files` files), with an ext4 data disk, created and registered as an operator does
+    (`asr vm create ... --disk os=@... --boot-disk os`); returns its id."""
+    images = site.host("host1").root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    make_boot_disk(images / f"{name}-os.raw", image, f"asr.write_files={write_files}")
+    make_data_disk(images / f"{name}-data.raw", BOOT_DISK_VM_DATA)
+    created = service.create_vm(
+        "host1", name, disks=[{"name": "os", "image": str(images / f"{name}-os.raw")},
+                              {"name": "data", "image": str(images / f"{name}-data.raw")}],
+        guest={"boot_disk": "os", "heartbeat": image.heartbeat, "check_pass": image.check_pass,
+               "check_fail": image.check_fail})
+    site.vm_hosts[created["id"]] = "host1"
+    return created["id"]
+
+
+def qemu_command(driver, vm_name: str) -> list[str]:
+    """The command line of the QEMU running the VM, as the kernel reports it."""
+    pid = recovery_pid(driver, driver.get_vm(vm_name))
+    return Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+
+
+def boots_from_disk(command: list[str], disk: str) -> bool:
+    """QEMU was started without a kernel file and its BIOS boots the drive serving `disk` over NBD."""
+    boot_devices = [arg for arg in command if arg.startswith("virtio-blk-pci,") and "bootindex=0" in arg]
+    assert len(boot_devices) == 1, command
+    node = boot_devices[0].split("drive=")[1].split(",")[0]
+    served = [json.loads(arg) for arg in command if arg.startswith("{") and f'"node-name": "{node}"' in arg]
+    return ("-kernel" not in command and "-append" not in command and f"serial={disk}" in boot_devices[0]
+            and len(served) == 1 and served[0]["file"]["driver"] == "nbd" and served[0]["file"]["export"] == disk)
 
 
 def latest_record(item_id: str, kind: FailoverKind) -> FailoverRecord:
@@ -278,3 +315,60 @@ def test_a_guest_that_never_reaches_its_heartbeat_fails_the_drill_recoverably(gu
     cancel(job_id)
     site.wait_job(job_id, 60, states=("cancelled",))
     assert site.item(vm_id)["state"] == "protected"
+
+
+def test_a_guest_booting_from_its_disk_fails_over_to_the_replica_of_that_disk(guest_site: RecoverySite,
+                                                                              test_guest):
+    """The OS-disk case: the guest boots from its own FAT boot disk (SeaBIOS, syslinux, no kernel file), both
+    its disks protected. It writes files at the primary; a planned failover boots the recovery VM from the
+    replica of its boot disk (QEMU started without -kernel, the BIOS booting the NBD-served replica), and the
+    guest's own check passes over every file. A boot disk the VM does not have is refused, creating nothing."""
+    site = guest_site
+    images = site.host("host1").root / "images"
+    images.mkdir(parents=True)
+    make_data_disk(images / "data.raw", BOOT_DISK_VM_DATA)
+    with session_scope() as session:
+        registered = len(session.exec(select(VmRow)).all())
+    with pytest.raises(service.ServiceError, match="boots from disk 'system', which the VM does not have "
+                                                  r"\(its disks: data\)"):
+        service.create_vm("host1", "bad01", disks=[{"name": "data", "image": str(images / "data.raw")}],
+                          guest={"boot_disk": "system", "heartbeat": test_guest.heartbeat})
+    with pytest.raises(service.ServiceError, match="takes no kernel: .*give a kernel or a boot disk, not both"):
+        service.create_vm("host1", "bad02", disks=[{"name": "data", "image": str(images / "data.raw")}],
+                          guest={"boot_disk": "data", "kernel": test_guest.kernel, "heartbeat": test_guest.heartbeat})
+    with session_scope() as session:
+        assert len(session.exec(select(VmRow)).all()) == registered, "a refused VM was registered"
+    assert list(site.host("host1").vms_dir.glob("*")) == [], "a refused VM left a folder (or a staging one)"
+
+    vm_id = create_boot_disk_vm(site, test_guest, "os01", write_files=3)
+    site.wait_job(site.protect(vm_id), JOB_TIMEOUT)
+    item_id = site.item_id(vm_id)
+    primary, recovery = site.host("host1"), site.host("dr1")
+    assert not (primary.get_vm("os01").path / "boot").exists(), "a guest booting from its disk has no boot files"
+    primary.start_vm("os01")
+    assert boots_from_disk(qemu_command(primary, "os01"), "os")
+    boot = primary.check_boot(primary.get_vm("os01"))
+    assert boot.booted and boot.check == "passed" and passed_files(boot.detail) == 0, boot
+    console = primary.console_log(primary.get_vm("os01"))
+    assert "SYSLINUX" in console, console[-2000:]  # the disk's boot loader started the kernel
+    wait_until(lambda: "ASR-WORKLOAD-DONE 3" in primary.console_log(primary.get_vm("os01")), timeout=120,
+               what="the guest to write its files")
+
+    job = site.wait_job(site.when_free(lambda: kinds.planned_failover.start(item_id)), JOB_TIMEOUT)
+    steps = {step["name"]: step["result"] for step in job["steps"]}
+    assert steps["Check recovery VM boot"]["booted"] is True, steps["Check recovery VM boot"]
+    record = latest_record(item_id, FailoverKind.PLANNED)
+    assert record.status is FailoverStatus.SUCCEEDED and record.verified
+    assert record.booted is True and record.boot_check == "passed", record.boot_detail
+    assert passed_files(record.boot_detail) == 3, record.boot_detail  # every file the primary wrote
+    print(f"recovery VM booted from its disk: heartbeat {record.heartbeat_s:.1f} s after QEMU started, "
+          f"RTO {record.rto_s:.1f} s")
+    recovery_vm = recovery.get_vm("os01")
+    assert recovery.power_state("os01") == "running" and primary.power_state("os01") == "off"
+    assert [(disk.name, disk.format) for disk in recovery_vm.disks] == [("os", "vhd"), ("data", "vhd")]
+    assert recovery_vm.guest.boot_disk == "os" and not (recovery_vm.path / "boot").exists()
+    assert boots_from_disk(qemu_command(recovery, "os01"), "os")
+    assert "SYSLINUX" in recovery.console_log(recovery_vm)
+    # Both replicas hold the primary's disks at shutdown byte for byte: the boot disk the recovery VM booted too.
+    site.verify_replica(vm_id)
+    e2fsck(primary.get_vm("os01").disk("data").path)

@@ -207,7 +207,17 @@ def test_resync_after_random_damage_sends_only_damaged_blocks(storage, vm):
     target.flush()
     target.close()
 
-    report = resynchronize(tracker, replica)
+    # The replica's stored manifest is settled, so a resync compares the source with it: damage where the
+    # source did not change is not seen (the consistency check's job), and nothing is sent.
+    trusting = resynchronize(tracker, replica)
+    assert not trusting.replica_read_whole and trusting.blocks_sent == 0 and trusting.damaged_chunks == []
+    with open_disk(disk.path) as source, storage.open_disk(replica.name) as target:
+        assert first_difference(source, target) is not None
+    replicate_cycle(tracker, replica)
+
+    report = resynchronize(tracker, replica, read_replica=True)
+    assert report.replica_read_whole
+    assert report.damaged_chunks == sorted({b * 4096 // MiB for b in damaged})
     # Damage where the source holds zeros is cleared, not sent: both count, nothing else does.
     assert report.blocks_sent == len(damaged)
     assert report.bytes_sent + report.bytes_zeroed == len(damaged) * 4096

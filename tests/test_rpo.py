@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from recovery_site import RecoverySite
 from sqlalchemy.engine import Engine, make_url
 from sqlmodel import select
+from webhook_receiver import webhook_receiver
 
 from api.service import health as service_health
 from models import fabric
@@ -37,6 +38,12 @@ from workflows import rpo
 
 ASR = str(Path(sys.executable).with_name("asr"))
 SKEW = timedelta(minutes=10)
+WEBHOOK_SECRET = b"the webhook's secret, 16 bytes or more"
+
+
+@pytest.fixture(autouse=True)
+def storage_allow_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ASR_STORAGE_ROOTS", "/srv/recovery")  # the local recovery storage these tests name
 
 
 def make_protected_item(session, **policy_options) -> ProtectedItem:
@@ -197,9 +204,16 @@ def recovery_points(item_id: str) -> list[RecoveryPoint]:
 
 def test_a_vm_whose_replication_stopped_turns_warning_then_critical_with_no_cycle_and_heals(tmp_path: Path) -> None:
     """The measured failure: replication stopped (the host's agent is down) and no cycle succeeds, yet the
-    RPO grows when read and health turns Warning, then Critical, with the reason; replication back, Healthy."""
+    RPO grows when read and health turns Warning, then Critical, with the reason; replication back, Healthy.
+    Operators hear it: the webhook (a real HTTP receiver) gets the RPO Warning, then Critical, the VM Critical
+    and the host agent silent, each signed, and their resolution once replication is back."""
     # A 3 s cycle (30 s scaled by 10); Warning from 15 s, Critical from 30 s of real time.
-    with RecoverySite(tmp_path, policy_options={"rpo_warning_s": 150, "rpo_critical_s": 300}) as site:
+    secret = tmp_path / "webhook-secret"
+    secret.write_bytes(WEBHOOK_SECRET)
+    with webhook_receiver() as receiver, RecoverySite(
+            tmp_path, policy_options={"rpo_warning_s": 150, "rpo_critical_s": 300},
+            env={"ASR_ALERT_WEBHOOK_URL": receiver.url, "ASR_ALERT_WEBHOOK_SECRET_FILE": str(secret),
+                 "ASR_HOST_HEARTBEAT_S": "1", "ASR_ALERT_HOST_SILENT_S": "5"}) as site:
         vm_id = site.create_vm("host1", "app01", [("disk0", "8M", "raw")], fill=0.25, seed=5)
         site.wait_job(site.protect(vm_id), timeout=60)
         item_id = site.item_id(vm_id)
@@ -223,6 +237,8 @@ def test_a_vm_whose_replication_stopped_turns_warning_then_critical_with_no_cycl
         site.start_host_worker("host1")
         healed = wait_until(lambda: (status := site.item(vm_id))["health"] == "Healthy" and status, timeout=60,
                             interval=0.2, what="the item to be Healthy again once replication resumes")
+        wait_until(lambda: sum(alert["event"] == "resolved" for alert in receiver.alerts()) >= 4, timeout=30,
+                   interval=0.2, what=f"the webhook to hear every condition resolved: {receiver.alerts()}")
     assert warning["health"] == "Warning" and 15 <= warning["rpo_s"] < 30, warning
     assert warned_after < 30, f"Warning came {warned_after:.1f} s after replication stopped"
     assert [error["code"] for error in warning["errors"]] == ["rpo_exceeded"], warning["errors"]
@@ -234,6 +250,16 @@ def test_a_vm_whose_replication_stopped_turns_warning_then_critical_with_no_cycl
     assert (report["rpo_warning_s"], report["rpo_critical_s"]) == (15, 30)
     assert report["last_replicated_at"] == protected["last_replicated_at"]
     assert healed["errors"] == [] and healed["rpo_s"] < 15, healed
+    heard = [(alert["event"], alert["kind"], alert["severity"], alert["subject"]) for alert in receiver.alerts()]
+    assert sorted(heard) == sorted([
+        ("raised", "rpo_threshold", "Warning", "host1/app01"), ("raised", "rpo_threshold", "Critical", "host1/app01"),
+        ("raised", "vm_critical", "Critical", "host1/app01"), ("raised", "host_silent", "Critical", "host1"),
+        ("resolved", "rpo_threshold", "Info", "host1/app01"), ("resolved", "rpo_threshold", "Info", "host1/app01"),
+        ("resolved", "vm_critical", "Info", "host1/app01"), ("resolved", "host_silent", "Info", "host1"),
+    ]), heard
+    assert all(entry.signed_with(WEBHOOK_SECRET) for entry in receiver.received)
+    assert heard.index(("raised", "rpo_threshold", "Warning", "host1/app01")) < \
+        heard.index(("raised", "rpo_threshold", "Critical", "host1/app01"))
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from datapath.errors import (
     AlignmentError,
     DiskFormatError,
     DiskNotFoundError,
+    NonRecoverableError,
     PathOutsideRootError,
     SizeMismatchError,
     StorageAuthError,
@@ -682,3 +683,33 @@ def test_names_with_a_trailing_or_embedded_newline_are_refused(local_storage, na
     with pytest.raises(PathOutsideRootError):
         local_storage.put_object(name, b"x")
     assert local_storage.list_objects() == []
+
+
+# ---- the administrator's allow-list, where a worker opens the storage ---------------------------------------
+def test_a_worker_opens_no_storage_the_allow_list_refuses_whatever_the_database_holds(tmp_path, monkeypatch):
+    """tasks.replication.open_recovery_storage (what every worker step opens storage with) re-checks the stored
+    URL and options: rows written behind the API's back (another process with database access) open nothing."""
+    from tasks.replication import open_recovery_storage
+
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (tmp_path / "outside").mkdir()
+    (allowed / "escape").symlink_to(tmp_path / "outside")
+    monkeypatch.setenv("ASR_STORAGE_ROOTS", str(allowed))
+    monkeypatch.setenv("ASR_STORAGE_ENCRYPTION", "off")  # the allow-list is checked before any key is needed
+    refused = [
+        (f"file://{tmp_path / 'outside'}", {}, "is not inside a recovery storage root"),
+        (f"file://{allowed / 'escape'}", {}, "is not inside a recovery storage root"),  # a link out of the root
+        ("azure:replicas", {"account_url": "https://127.0.0.1:1/"}, "is not a storage account allowed here"),
+        ("azure:replicas", {"connection_string_env": "ASR_DATABASE_URL"}, "must name a storage variable"),
+        ("azure:replicas", {"connection_string": "UseDevelopmentStorage=true"}, "unknown storage option"),
+    ]
+    for url, options, message in refused:
+        with pytest.raises(NonRecoverableError, match=message):
+            open_recovery_storage(url, options)
+    assert list((tmp_path / "outside").iterdir()) == []
+    storage = open_recovery_storage(f"file://{allowed / 'site'}", {})
+    assert storage is not None
+    monkeypatch.delenv("ASR_STORAGE_ROOTS")
+    with pytest.raises(NonRecoverableError, match="no local recovery storage is allowed here"):
+        open_recovery_storage(f"file://{allowed / 'site'}", {})

@@ -30,7 +30,7 @@ from api.client import ApiError, SiteRecoveryClient
 from datapath.digest import disk_digest
 from models.db import session_scope
 from models.fabric import VirtualDisk, VirtualMachine
-from sites.guest import make_data_disk
+from sites.guest import make_boot_disk, make_data_disk
 from sites.localservices import wait_until
 
 ASR = str(Path(sys.executable).with_name("asr"))
@@ -60,7 +60,8 @@ def api(site: RecoverySite):
 
 @pytest.fixture(scope="module")
 def images(site: RecoverySite, test_guest) -> dict[str, Path]:
-    """The test guest's boot files, two ext4 data disks and a qcow2 image, in host1's images folder."""
+    """The test guest's boot files and boot disk, two ext4 data disks and a qcow2 image, in host1's images
+    folder."""
     folder = site.host("host1").root / "images"
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -69,6 +70,7 @@ def images(site: RecoverySite, test_guest) -> dict[str, Path]:
         shutil.copy(source, files[what])
     for name in ("data-api", "data-cli"):
         files[name] = make_data_disk(folder / f"{name}.raw", 16 * MIB)
+    files["bootdisk"] = make_boot_disk(folder / "os.raw", test_guest)
     files["qcow2"] = folder / "disk.qcow2"
     subprocess.run(["qemu-img", "create", "-f", "qcow2", str(files["qcow2"]), "16M"], check=True,
                    capture_output=True, timeout=60)
@@ -183,6 +185,12 @@ def test_bad_vm_definitions_over_the_api_create_nothing(site: RecoverySite, api:
     api_refused(site, create(guest=None), 422, "boot files are given with a guest definition only")
     api_refused(site, create(guest=guest_json(test_guest, kernel="../vmlinux")), 422, "kernel")
     api_refused(site, create(guest=guest_json(test_guest, memory_mb=32)), 422, "memory_mb")
+    from_disk = {"boot_disk": "system", "heartbeat": test_guest.heartbeat}
+    api_refused(site, create(guest=from_disk, boot_files=None), 422,
+                "the guest boots from disk 'system', which the VM does not have (its disks: data)")
+    api_refused(site, create(guest={**guest_json(test_guest), "boot_disk": "data"}, boot_files=None), 422,
+                "give a kernel or a boot disk, not both")
+    api_refused(site, create(guest={**from_disk, "boot_disk": "data"}), 422, "it takes no boot files")
     api_refused(site, create(disks=[{"name": "data"}]), 422, "give its size, or an image to import")
     api_refused(site, create(disks=[{"name": "data", "size": "3M", "format": "qcow2"}], guest=None, boot_files=None),
                 422, "format must be raw or vhd")
@@ -216,7 +224,7 @@ def cli_guest(site: RecoverySite, images: dict[str, Path], test_guest) -> dict[s
 
 
 def test_create_vms_with_the_cli(site: RecoverySite, cli_guest: dict[str, Any], test_guest,
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
+                                 images: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     driver = site.host("host1")
     # A synthetic VM with two disks, listed in the order given (the first is the OS disk).
     made = asr(site, "vm", "create", "host1", "cli-synth", "--disk", "os=8M:vhd", "--disk", "data=4M").stdout
@@ -244,8 +252,18 @@ def test_create_vms_with_the_cli(site: RecoverySite, cli_guest: dict[str, Any], 
     rows, folders = registered(), vm_folders(site)
     runner = CliRunner()
     for args, needle in {
-        ("vm", "create", "host1", "bad", "--disk", "d=4M", "--initrd", "images/initrd.img"): "give --kernel too",
-        ("vm", "create", "host1", "bad", "--disk", "d=4M", "--heartbeat", "READY"): "give --kernel too",
+        ("vm", "create", "host1", "bad", "--disk", "d=4M", "--initrd", "images/initrd.img"):
+            "give --kernel or --boot-disk too",
+        ("vm", "create", "host1", "bad", "--disk", "d=4M", "--heartbeat", "READY"): "give --kernel or --boot-disk too",
+        ("vm", "create", "host1", "bad", "--disk", "os=@images/os.raw", "--boot-disk", "os", "--kernel",
+         f"images/{test_guest.kernel}", "--heartbeat", "READY"): "not both",
+        ("vm", "create", "host1", "bad", "--disk", "os=@images/os.raw", "--boot-disk", "os", "--cmdline",
+         "console=ttyS0", "--heartbeat", "READY"): "a boot disk's boot loader has its own",
+        ("vm", "create", "host1", "bad", "--disk", "os=@images/os.raw", "--boot-disk", "os"): "needs --heartbeat",
+        ("vm", "create", "host1", "bad", "--disk", "os=@images/os.raw", "--boot-disk", "system", "--heartbeat",
+         "READY"): "boots from disk 'system', which the VM does not have (its disks: os)",
+        ("vm", "create", "host1", "bad", "--disk", "os=@images/os.raw", "--boot-disk", "../os", "--heartbeat",
+         "READY"): "invalid boot disk name",
         ("vm", "create", "host1", "bad", "--disk", "d=4M", "--kernel", f"images/{test_guest.kernel}"):
             "needs --heartbeat",
         ("vm", "create", "host1", "bad", "--disk", "d=@images/disk.qcow2"): "is a qcow2 image",
@@ -264,6 +282,18 @@ def test_create_vms_with_the_cli(site: RecoverySite, cli_guest: dict[str, Any], 
         assert isinstance(result.exception, SystemExit), what  # click's exit, not an error escaping the verb
         assert needle.lower() in result.stderr.lower(), what
     assert registered() == rows and vm_folders(site) == folders, "a refused command created something"
+
+    # A guest booting from its imported boot disk: no boot files, the disk named in its definition.
+    result = runner.invoke(main, ["vm", "create", "host1", "cli-bootdisk", "--disk", "os=@images/os.raw",
+                                  "--disk", "data=16M", "--boot-disk", "os", "--heartbeat", test_guest.heartbeat,
+                                  "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["runtime"] == "qemu"
+    vm = driver.get_vm("cli-bootdisk")
+    assert (vm.guest.boot_disk, vm.guest.kernel, vm.guest.cmdline, vm.guest.hashes) == ("os", None, "", {})
+    assert [(d.name, d.size) for d in vm.disks] == [("os", 16 * MIB), ("data", 16 * MIB)]
+    assert not (vm.path / "boot").exists()
+    assert vm.disk("os").path.read_bytes() == images["bootdisk"].read_bytes()
 
 
 def test_start_console_and_stop_a_guest_with_the_cli(site: RecoverySite, cli_guest: dict[str, Any],

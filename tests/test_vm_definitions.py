@@ -76,7 +76,11 @@ def test_a_good_definition_round_trips() -> None:
     ({"kernel": "boot/vmlinux"}, "invalid kernel file name 'boot/vmlinux'"),
     ({"kernel": ".."}, "invalid kernel file name '..'"),
     ({"kernel": "../vmlinux"}, "invalid kernel file name"),
-    ({"kernel": None}, "invalid kernel file name None"),
+    ({"kernel": None}, "say how the guest boots: a kernel (with initrd and cmdline), or a boot_disk"),
+    ({"boot_disk": "os"}, "a guest booting from its disk 'os' takes no kernel, initrd, cmdline"),
+    ({"boot_disk": "os", "kernel": None, "initrd": None}, "takes no cmdline: the disk's boot loader"),
+    ({"boot_disk": "../os", "kernel": None}, "invalid boot disk name '../os'"),
+    ({"boot_disk": "", "kernel": None}, "invalid boot disk name ''"),
     ({"initrd": "../../etc/shadow"}, "invalid initrd file name"),
     ({"initrd": "/initrd.img"}, "invalid initrd file name"),
 ])
@@ -84,6 +88,13 @@ def test_every_bad_field_is_refused_by_name(changes: dict[str, Any], fragment: s
     with pytest.raises(VmSpecError) as caught:
         definition(**changes)
     assert fragment in str(caught.value) and str(caught.value).startswith("test: "), str(caught.value)
+
+
+def test_a_definition_booting_from_a_disk_round_trips() -> None:
+    guest = definition(kernel=None, initrd=None, cmdline=None, boot_disk="os")
+    assert (guest.boot_disk, guest.kernel, guest.cmdline, guest.boot_files) == ("os", None, "", [])
+    assert GuestDefinition.from_manifest(guest.to_manifest(), "again") == guest
+    assert "boot_disk" not in definition().to_manifest()  # a direct-kernel manifest stays as it was
 
 
 def test_a_definition_that_is_not_an_object_is_refused() -> None:
@@ -270,6 +281,19 @@ def test_a_guest_vm_with_an_imported_ext4_disk(host: Host, boot: dict[str, Path]
     assert vm.disk("data").size == 16 * MIB and disk_digest(vm.disk("data").path) == disk_digest(data)
 
 
+def test_a_guest_booting_from_one_of_its_disks(host: Host, boot: dict[str, Path]) -> None:
+    from_disk = definition(kernel=None, initrd=None, cmdline=None, boot_disk="os")
+    refused(host, "VM 'vm1': the guest boots from disk 'os', which the VM does not have (its disks: disk0)",
+            guest=from_disk)
+    refused(host, "its guest boots from its disk 'os', whose boot loader loads the kernel: it takes no boot files",
+            disks=[("os", "4M", "raw")], guest=from_disk, boot_files=boot)
+    refused(host, "boots through a BIOS (generation 1); UEFI firmware for generation 2 is not supported",
+            disks=[("os", "4M", "raw")], guest=from_disk, generation=2)
+    vm = host.create_vm("vm1", [("data", "4M", "raw"), ("os", "4M", "raw")], guest=from_disk)
+    assert vm.guest.boot_disk == "os" and not (vm.path / "boot").exists()
+    assert host.get_vm("vm1").guest == vm.guest
+
+
 # ---- manifests ---------------------------------------------------------------------------------------------
 def test_a_damaged_guest_section_makes_the_manifest_invalid(host: Host, boot: dict[str, Path]) -> None:
     vm = host.create_vm("web01", [("disk0", "4M", "raw")], guest=definition(), boot_files=boot)
@@ -286,6 +310,10 @@ def test_a_damaged_guest_section_makes_the_manifest_invalid(host: Host, boot: di
         with pytest.raises(VmManifestError) as caught:
             host.get_vm("web01")
         assert fragment in str(caught.value) and "web01" in str(caught.value), str(caught.value)
+    booting_from = {key: value for key, value in good["guest"].items() if key not in ("kernel", "initrd", "hashes")}
+    manifest_path.write_text(json.dumps({**good, "guest": {**booting_from, "cmdline": "", "boot_disk": "os"}}))
+    with pytest.raises(VmManifestError, match="boots from disk 'os', which the VM does not have"):
+        host.get_vm("web01")
     manifest_path.write_text(json.dumps({**good, "guest": "vmlinux"}))
     with pytest.raises(VmManifestError, match="must be an object"):
         host.get_vm("web01")
@@ -313,7 +341,8 @@ def test_import_vm_manifest_stores_the_guest_and_refuses_a_bad_one(host: Host, b
     bad = vm.to_manifest()
     bad["name"] = "other"
     bad["id"] = "6c3f6a56-3c1f-4b47-9d43-7f1d1c1a0b01"
-    for damage in ({"heartbeat": "("}, {"memory_mb": 0}, {"kernel": "a/b"}, {"check_fail": None}):
+    for damage in ({"heartbeat": "("}, {"memory_mb": 0}, {"kernel": "a/b"}, {"check_fail": None},
+                   {"kernel": None, "initrd": None, "cmdline": "", "hashes": {}, "boot_disk": "os"}):
         with pytest.raises(ValueError, match="VM manifest 'other' from host 'host1'"):
             import_vm_manifest(db_session, row, {**bad, "guest": {**bad["guest"], **damage}})
     assert {v.name for v in [registered, synthetic]} == {"web01", "plain"}

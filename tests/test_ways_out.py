@@ -137,6 +137,11 @@ def test_replication_kinds_poisoned_and_recovered(tmp_path: Path) -> None:
         drill.recovered(job, "restarted")
         drill.healthy(vm_id, "protected")
 
+        job = drill.poisoned("resync_preview", "preview.resync_disk",
+                             lambda: service.preview_resync("app01")["job_id"])
+        drill.recovered(job, "restarted")
+        drill.healthy(vm_id, "protected")
+
         job = drill.poisoned("resynchronize", "replication.resync_disk", lambda: service.resync("app01")["job_id"])
         drill.recovered(job, "resumed")
         drill.healthy(vm_id, "protected")
@@ -167,8 +172,9 @@ def test_replication_kinds_poisoned_and_recovered(tmp_path: Path) -> None:
                              lambda: service.disable_protection("app02")["job_id"])
         drill.recovered(job, "resumed")
         assert not [vm for vm in service.health() if vm["vm"] == "app02"]
-        assert not (site.recovery_dir / "host1" / "app02").exists() or not any(
-            (site.recovery_dir / "host1" / "app02").iterdir())
+        # Only the folder's wrapped data key may stay (docs/operations.md, "Security: encryption at rest").
+        folder = site.recovery_dir / "host1" / "app02"
+        assert not folder.exists() or {path.name for path in folder.iterdir()} <= {"asr-data-key.json"}
         drill.healthy(vm_id, "protected")  # the other VM never noticed
 
 
@@ -315,7 +321,7 @@ def test_every_job_kind_has_a_poison_drill() -> None:
                "planned_failover", "cancel_failover", "commit_failover", "failback", "cancel_failback",
                "failback_completion", "commit_failback", "reverse_replication", "unplanned_failover",
                "plan_test_failover", "plan_planned_failover", "plan_failback", "plan_unplanned_failover",
-               "consistency_check"}
+               "consistency_check", "resync_preview"}
     source = Path(__file__).read_text()
     for kind in drilled:
         assert f'drill.poisoned("{kind}"' in source, kind

@@ -6,7 +6,7 @@ step names an action its kind did not declare. The code of each action is in `ta
 that every registered action is in the catalog. Each name's prefix says where its code lives:
 `replication.*` in tasks/replication.py, `failover.*` in tasks/failover.py, `failback.*` in
 tasks/failback.py, `points.*` in tasks/points.py, `consistency.*` in tasks/consistency.py, `plan.*` in
-tasks/plans.py.
+tasks/plans.py, `preview.*` in tasks/preview.py.
 """
 from __future__ import annotations
 
@@ -36,6 +36,9 @@ BEGIN_DISABLE = declare("replication.begin_disable")
 STOP_TRACKING = declare("replication.stop_tracking")
 REMOVE_REPLICAS = declare("replication.remove_replicas")
 FINISH_DISABLE = declare("replication.finish_disable")
+
+# ---- resync preview (tasks/preview.py) -----------------------------------------------------------------
+PREVIEW_RESYNC = declare("preview.resync_disk")
 
 # ---- failover (tasks/failover.py) ----------------------------------------------------------------------
 BEGIN_FAILOVER = declare("failover.begin")

@@ -11,23 +11,26 @@ no result is stored and nothing waits on one.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import kombu.exceptions
 import redis
-from celery import group
+from celery import current_task, group
 from celery.canvas import Signature
 
 from worker import app
 from workflows.engine.dispatch import DispatchError, StepMessage
 from workflows.engine.registry import ORCHESTRATION_QUEUE, RUN_JOB_HOOKS_TASK, step_task_name
 
+logger = logging.getLogger(__name__)
+
 # What a broker that is down or unreachable raises when a message is sent.
 _BROKER_ERRORS = (kombu.exceptions.OperationalError, redis.RedisError, OSError)
 
 class CeleryDispatcher:
-    """Sends a stage as one message per step (a group when the stage has several), and hooks as a task on
-    the orchestration queue."""
+    """Sends a stage as one message per step (a group when the stage has several), hooks as a task on the
+    orchestration queue, and the end of a run that died with its worker as that task's event."""
 
     def send_stage(self, steps: Sequence[StepMessage]) -> None:
         try:
@@ -43,11 +46,26 @@ class CeleryDispatcher:
         except _BROKER_ERRORS as exc:
             raise DispatchError(str(exc) or type(exc).__name__) from exc
 
+    def report_lost_run(self, task_id: str, *, failed: bool, reason: str) -> None:
+        # The task events its worker would have sent had it not died with the run: Flower then counts the
+        # run as failed or retried instead of showing it started forever.
+        # Sent as the worker reporting it (the reconciler's), not as the dead run's: an event from a node
+        # counts as a sign of its life.
+        reporter = getattr(current_task, "request", None)
+        try:
+            with app.events.default_dispatcher(hostname=getattr(reporter, "hostname", None)) as events:
+                events.send("task-failed" if failed else "task-retried", uuid=task_id, exception=reason,
+                            traceback="", retry=False)
+        except Exception as exc:  # noqa: BLE001 - a lost event must not stop the reconciler
+            logger.warning("the end of task %s not reported to the monitor: %s", task_id, exc)
+
 
 def _run_step_signature(step: StepMessage) -> Signature:
-    # The database holds every step's outcome: no result is stored for anyone to wait on.
+    # The database holds every step's outcome: no result is stored for anyone to wait on. The task's only
+    # argument is the step id; its kwargsrepr (what Flower's task list shows as kwargs, and what its search
+    # matches, `kwargs:vm=web01`) says what the step is: job kind, VM or plan, step name, attempt, job id.
     return app.signature(step_task_name(step.action), args=(step.id,), immutable=True, queue=step.queue,
-                         ignore_result=True)
+                         ignore_result=True, argsrepr=repr((step.id,)), kwargsrepr=repr(step.describe()))
 
 
 def _stage_signature(steps: Sequence[StepMessage]) -> Signature:

@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 
-from workflows import settings
+from workflows import settings, transport
 
 PROGRESS_TTL_S = 24 * 3600
 
@@ -69,7 +69,8 @@ def redis_url() -> str:
 @lru_cache(maxsize=4)
 def _client(url: str) -> redis.Redis:
     # Short timeouts: a progress write must never hold up the step it reports on.
-    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2, decode_responses=True)
+    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2, decode_responses=True,
+                                **transport.redis_client_options(url))
 
 
 def progress_key(job_id: str) -> str:

@@ -27,15 +27,20 @@ from workflows.items import ItemView, view_of
 from workflows.kinds import consistency_check, delta_replication, initial_replication, resynchronize
 
 TICK_TASK = "asr.replication.tick"
+DELIVER_ALERTS_TASK = "asr.alerts.deliver"
 
 
 def beat_schedule() -> dict[str, dict[str, Any]]:
-    """Beat's entry for the tick (worker.py adds it). A tick that waited a whole period is dropped: the
-    next one is already on its way."""
+    """Beat's entries for the tick and, with a webhook, the delivery of alerts (worker.py adds them). A tick
+    that waited a whole period is dropped: the next one is already on its way."""
     interval = settings.tick_interval_s()
-    return {"replication-tick": {"task": TICK_TASK, "schedule": interval,
-                                 "options": {"queue": ORCHESTRATION_QUEUE, "expires": interval,
-                                             "ignore_result": True}}}
+    options = {"queue": ORCHESTRATION_QUEUE, "expires": interval, "ignore_result": True}
+    schedule = {"replication-tick": {"task": TICK_TASK, "schedule": interval, "options": options}}
+    # Alerts are sent only where a webhook is configured (beat reads the deployment's settings too): without
+    # one, no task a tick for nothing.
+    if settings.alert_webhook_url() is not None:
+        schedule["alerts-delivery"] = {"task": DELIVER_ALERTS_TASK, "schedule": interval, "options": options}
+    return schedule
 
 
 def run_scheduler(now: datetime | None = None) -> dict[str, int]:

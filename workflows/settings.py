@@ -34,18 +34,25 @@ def env_number(name: str, default: float, *, minimum: float | None = None) -> fl
 
 # ---- broker and workers ------------------------------------------------------------------------------
 def broker_url() -> str:
-    """ASR_BROKER_URL: the Redis that carries the task messages."""
-    return os.environ.get("ASR_BROKER_URL", DEFAULT_BROKER_URL)
+    """ASR_BROKER_URL: the Redis that carries the task messages; rediss:// (TLS), or redis:// only with
+    ASR_INSECURE_TRANSPORT=1 (workflows/transport.py)."""
+    from workflows.transport import check_redis_url
+
+    return check_redis_url("ASR_BROKER_URL", os.environ.get("ASR_BROKER_URL", DEFAULT_BROKER_URL))
 
 
 def result_backend_url() -> str:
     """ASR_RESULT_BACKEND: where Celery keeps task results (the broker's Redis by default)."""
-    return os.environ.get("ASR_RESULT_BACKEND") or broker_url()
+    from workflows.transport import check_redis_url
+
+    return check_redis_url("ASR_RESULT_BACKEND", os.environ.get("ASR_RESULT_BACKEND") or broker_url())
 
 
 def progress_redis_url() -> str:
     """ASR_REDIS_URL: the Redis holding live job progress (the broker's by default)."""
-    return os.environ.get("ASR_REDIS_URL") or broker_url()
+    from workflows.transport import check_redis_url
+
+    return check_redis_url("ASR_REDIS_URL", os.environ.get("ASR_REDIS_URL") or broker_url())
 
 
 def visibility_timeout_s() -> int:
@@ -116,14 +123,118 @@ def api_docs() -> bool:
     return os.environ.get("ASR_API_DOCS", "on").strip().lower() not in ("off", "0", "false", "no")
 
 
+def console_session_s() -> float:
+    """ASR_CONSOLE_SESSION_S: how long a web console session lasts without a request (3600 s); each request
+    renews it, up to ASR_CONSOLE_SESSION_MAX_S after the login."""
+    return env_number("ASR_CONSOLE_SESSION_S", 3600.0)
+
+
+def console_session_max_s() -> float:
+    """ASR_CONSOLE_SESSION_MAX_S: the longest a web console session lasts after its login (12 h), however busy."""
+    return env_number("ASR_CONSOLE_SESSION_MAX_S", 12 * 3600.0)
+
+
+def worker_remote_control() -> str:
+    """ASR_WORKER_REMOTE_CONTROL: what a worker answers on the broker's broadcast channel. `inspect` (default):
+    only read-only questions (ping, stats, active and registered tasks, the queues it consumes), which Flower
+    shows; never a command (shutdown, add_consumer, revoke, pool changes). `off`: nothing at all (Flower then
+    knows the workers from their events only). Anyone who reaches Redis can broadcast: it has no authentication."""
+    value = os.environ.get("ASR_WORKER_REMOTE_CONTROL", "inspect").strip().lower()
+    if value not in ("inspect", "off"):
+        raise ValueError(f"ASR_WORKER_REMOTE_CONTROL={value!r} must be 'inspect' or 'off'")
+    return value
+
+
 def host_key() -> str | None:
     """ASR_HOST_KEY: the registration key a host agent presents when it starts."""
     return os.environ.get("ASR_HOST_KEY") or None
 
 
+def host_agent_name() -> str | None:
+    """ASR_HOST_NAME: the host whose agent this process is (`asr worker host NAME` sets it); None for every
+    other process."""
+    return os.environ.get("ASR_HOST_NAME") or None
+
+
 def flower_credentials() -> tuple[str, str]:
     """ASR_FLOWER_USER and ASR_FLOWER_PASSWORD: Flower's basic-auth credentials."""
     return os.environ.get("ASR_FLOWER_USER", ""), os.environ.get("ASR_FLOWER_PASSWORD", "")
+
+
+# ---- transport security (TLS) -------------------------------------------------------------------------
+def _file_setting(name: str) -> Path | None:
+    raw = os.environ.get(name)
+    if not raw:
+        return None
+    path = Path(raw)
+    if not path.is_file():
+        raise ValueError(f"{name}={raw!r} is not a readable file")
+    return path
+
+
+def insecure_transport() -> bool:
+    """ASR_INSECURE_TRANSPORT: "1" allows plain-text connections (redis://, http:// storage endpoints,
+    PostgreSQL without sslmode=verify-full), each logged as a WARNING once per process. Unset: refused."""
+    return os.environ.get("ASR_INSECURE_TRANSPORT", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def tls_ca_file() -> Path | None:
+    """ASR_TLS_CA_FILE: the CA (PEM) clients verify Redis, the API, Flower, Azurite and PostgreSQL with
+    (`asr certs create` makes one); unset: the system's CAs."""
+    return _file_setting("ASR_TLS_CA_FILE")
+
+
+def tls_server_certificate() -> tuple[Path, Path] | None:
+    """ASR_TLS_CERT_FILE and ASR_TLS_KEY_FILE: the certificate and key `asr api` and `asr flower` serve
+    HTTPS with (both or neither)."""
+    return _file_pair("ASR_TLS_CERT_FILE", "ASR_TLS_KEY_FILE")
+
+
+def tls_client_certificate() -> tuple[Path, Path] | None:
+    """ASR_TLS_CLIENT_CERT_FILE and ASR_TLS_CLIENT_KEY_FILE: the certificate and key presented to Redis
+    (mutual TLS, for a Redis started with --tls-auth-clients yes); both or neither."""
+    return _file_pair("ASR_TLS_CLIENT_CERT_FILE", "ASR_TLS_CLIENT_KEY_FILE")
+
+
+def _file_pair(cert_name: str, key_name: str) -> tuple[Path, Path] | None:
+    cert, key = _file_setting(cert_name), _file_setting(key_name)
+    if (cert is None) != (key is None):
+        raise ValueError(f"{cert_name} and {key_name} go together: set both or neither")
+    return None if cert is None or key is None else (cert, key)
+
+
+# ---- recovery storage ---------------------------------------------------------------------------------
+def storage_roots() -> list[str]:
+    """ASR_STORAGE_ROOTS: the folders (absolute, separated by ':') file:// recovery storage may be inside. Unset:
+    none, so no local recovery storage (sites/storage/policy.py). The API and every worker need the same."""
+    return [root for root in os.environ.get("ASR_STORAGE_ROOTS", "").split(":") if root.strip()]
+
+
+def storage_account_urls() -> list[str]:
+    """ASR_STORAGE_ACCOUNT_URLS: the https:// storage account addresses (comma-separated) an item's account_url
+    may name; unset: none (the workers would send signed requests to whatever address a request gave)."""
+    return [url.strip() for url in os.environ.get("ASR_STORAGE_ACCOUNT_URLS", "").split(",") if url.strip()]
+
+
+# ---- recovery plans' scripts -------------------------------------------------------------------------
+def plan_scripts_dir() -> Path | None:
+    """ASR_PLAN_SCRIPTS_DIR: the folder of the scripts recovery plans may run (its `scripts.toml` declares
+    them and their arguments; sites/planscripts.py). Unset: no script is registered, and a plan with a script
+    action is refused. The API (checking plans) and the orchestration workers (running them) need the same."""
+    raw = os.environ.get("ASR_PLAN_SCRIPTS_DIR")
+    return Path(raw) if raw else None
+
+
+def plan_script_user() -> str:
+    """ASR_PLAN_SCRIPT_USER: whom a plan's script runs as when its worker runs as root (`nobody`): never as
+    root, whose files include the database and the storage credentials."""
+    return os.environ.get("ASR_PLAN_SCRIPT_USER") or "nobody"
+
+
+def plan_script_output_bytes() -> int:
+    """ASR_PLAN_SCRIPT_OUTPUT_BYTES: how much of a script's output (its last bytes) the job record keeps (4 KiB):
+    enough to see why it failed; a script cannot fill the database."""
+    return int(env_number("ASR_PLAN_SCRIPT_OUTPUT_BYTES", 4096.0, minimum=64.0))
 
 
 # ---- the database -------------------------------------------------------------------------------------
@@ -158,3 +269,72 @@ class EngineSettings:
             max_step_deaths=int(env_number("ASR_MAX_STEP_DEATHS", 3, minimum=1)),
             queued_stall_s=env_number("ASR_QUEUED_STALL_S", 600.0, minimum=1.0),
         )
+
+
+# ---- encryption of the recovery storage ---------------------------------------------------------------
+def storage_encryption() -> bool:
+    """ASR_STORAGE_ENCRYPTION: "on" (default) encrypts everything the engine stores in the recovery storage
+    (sites/storage/encrypted.py); "off" stores it in clear, which is insecure and logged as such by every
+    process that opens the storage. Anything else is refused, so a typo never turns encryption off."""
+    raw = os.environ.get("ASR_STORAGE_ENCRYPTION", "on").strip().lower()
+    if raw in ("on", "1", "true", "yes"):
+        return True
+    if raw in ("off", "0", "false", "no"):
+        return False
+    raise ValueError(f"ASR_STORAGE_ENCRYPTION={raw!r} must be 'on' or 'off'")
+
+
+def storage_kek_file() -> Path | None:
+    """ASR_STORAGE_KEK_FILE: the file holding the deployment's key-encryption key (`asr keys create` writes
+    one, mode 0600). Every process that opens the recovery storage needs it; it is never stored in the
+    database or the storage."""
+    raw = os.environ.get("ASR_STORAGE_KEK_FILE", "").strip()
+    return Path(raw).expanduser() if raw else None
+
+
+def storage_kek() -> str | None:
+    """ASR_STORAGE_KEK: the key-encryption key itself (base64 of 32 bytes), for platforms that hand secrets
+    over in the environment; use ASR_STORAGE_KEK_FILE otherwise (never both)."""
+    return os.environ.get("ASR_STORAGE_KEK", "").strip() or None
+
+
+# ---- alerts ---------------------------------------------------------------------------------------------
+ALERT_SECRET_MIN_BYTES = 16
+
+
+def alert_webhook_url() -> str | None:
+    """ASR_ALERT_WEBHOOK_URL: where alerts are POSTed (workflows/webhook.py); https, or http only with
+    ASR_INSECURE_TRANSPORT=1. Unset: alerts are recorded (`asr alerts list`) and not sent."""
+    from workflows.transport import check_http_url
+
+    raw = os.environ.get("ASR_ALERT_WEBHOOK_URL", "").strip()
+    return check_http_url("ASR_ALERT_WEBHOOK_URL", raw) if raw else None
+
+
+def alert_webhook_secret() -> bytes:
+    """ASR_ALERT_WEBHOOK_SECRET_FILE: the file holding the secret that signs each alert (HMAC-SHA256), shared
+    with the receiver; required with a webhook (an unsigned alert could be forged by anyone who can reach the
+    receiver). Only the orchestration workers that send alerts need it."""
+    raw = os.environ.get("ASR_ALERT_WEBHOOK_SECRET_FILE", "").strip()
+    if not raw:
+        raise ValueError("ASR_ALERT_WEBHOOK_SECRET_FILE is not set: a webhook needs a secret to sign its alerts "
+                         "(e.g. `head -c 32 /dev/urandom | base64 > FILE`, given to the receiver too)")
+    try:
+        secret = Path(raw).expanduser().read_bytes().strip()
+    except OSError as exc:
+        raise ValueError(f"ASR_ALERT_WEBHOOK_SECRET_FILE={raw}: {exc.strerror or exc}") from None
+    if len(secret) < ALERT_SECRET_MIN_BYTES:
+        raise ValueError(f"ASR_ALERT_WEBHOOK_SECRET_FILE={raw}: the secret has {len(secret)} bytes, fewer than "
+                         f"{ALERT_SECRET_MIN_BYTES}")
+    return secret
+
+
+def alert_host_silent_s() -> float:
+    """ASR_ALERT_HOST_SILENT_S: a host agent not heard from for this long raises host_silent (default 300 s:
+    five missed heartbeats)."""
+    return env_number("ASR_ALERT_HOST_SILENT_S", 300.0)
+
+
+def host_heartbeat_s() -> float:
+    """ASR_HOST_HEARTBEAT_S: how often a host agent stamps its host's last_seen_at (default 60 s)."""
+    return env_number("ASR_HOST_HEARTBEAT_S", 60.0)

@@ -1,7 +1,8 @@
 """The application: the FastAPI app with its API-key and role middleware and its request-body limit, its error
-answers ({"error": "<message>"}), liveness, /docs (Swagger UI from the installed swagger-ui-bundle package: no
-CDN, it works on an offline recovery site; ASR_API_DOCS=off turns it off), and the routes of every area under
-/api/v1 in the order they are matched. It does not start when a route under /api/v1 declares no role."""
+answers ({"error": "<message>"}; a page under /console), liveness, /docs (Swagger UI from the installed
+swagger-ui-bundle package: no CDN, it works on an offline recovery site; ASR_API_DOCS=off turns it off), the
+routes of every area under /api/v1 in the order they are matched, and the web console under /console
+(api/console). It does not start when a route under /api/v1, or a console page, declares no role."""
 from __future__ import annotations
 
 import json
@@ -11,16 +12,16 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api import service
+from api import console, service
 from workflows import settings
 
-from . import fabric, jobs, plans, protection
+from . import alerts, fabric, jobs, manage, metrics, plans, protection
 from .auth import ApiKeyMiddleware, _api_key_header, _bearer
-from .common import API_PREFIX, ErrorBody
+from .common import API_PREFIX, ERRORS
 from .limits import BodyLimitMiddleware
 from .roles import add_roles_to_openapi, check_routes
 
@@ -49,26 +50,22 @@ app = FastAPI(
 app.add_middleware(BodyLimitMiddleware)
 app.add_middleware(ApiKeyMiddleware)
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody, "description": description} for status, description in (
-        (400, "Refused: e.g. disabling protection without its confirmation"),
-        (401, "No API key, or not a valid one"), (403, "The key's role is below the route's"),
-        (404, "Unknown id or name"), (409, "Busy, in the wrong state, or exists already"),
-        (413, "The request body is larger than ASR_API_MAX_BODY_BYTES"), (422, "Invalid input"),
-        (429, "Too many failed API keys from this client: retry after Retry-After seconds"),
-    )
-}
-router = APIRouter(prefix=API_PREFIX, responses=_ERRORS,
+router = APIRouter(prefix=API_PREFIX, responses=ERRORS,
                    dependencies=[Depends(_api_key_header), Depends(_bearer)])
 # In this order: it is the order routes are matched in and listed in the OpenAPI document (docs/openapi.json).
 router.include_router(fabric.router)
 router.include_router(protection.router)
 router.include_router(plans.router)
 router.include_router(jobs.router)
+router.include_router(metrics.router)
+router.include_router(alerts.router)
+router.include_router(manage.router)  # changes and removals of what the routers above register
 
 
 @app.exception_handler(service.ServiceError)
-async def _service_error(_request: Request, exc: service.ServiceError) -> JSONResponse:
+async def _service_error(request: Request, exc: service.ServiceError) -> Response:
+    if console.is_console(request):
+        return await console.error_page(request, exc.status, exc.message)
     return JSONResponse({"error": exc.message}, status_code=exc.status)
 
 
@@ -86,10 +83,11 @@ def _readable(error: dict[str, Any]) -> str:
 
 
 @app.exception_handler(RequestValidationError)
-async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    return JSONResponse({"error": "; ".join(_readable(error) for error in errors) or "invalid request"},
-                        status_code=422)
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    message = "; ".join(_readable(error) for error in exc.errors()) or "invalid request"
+    if console.is_console(request):
+        return await console.error_page(request, 422, message)
+    return JSONResponse({"error": message}, status_code=422)
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -99,6 +97,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
         message = f"no such route: {request.method} {request.url.path}"
     elif exc.status_code == 405:
         message = f"{request.method} is not allowed on {request.url.path}"
+    if console.is_console(request) and not request.url.path.startswith(f"{console.PREFIX}/static/"):
+        return await console.error_page(request, exc.status_code, message)
     return JSONResponse({"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
@@ -109,6 +109,7 @@ def healthz() -> dict[str, str]:
 
 app.include_router(router)
 check_routes(app)  # every route under /api/v1 declares its role, or the app does not start
+console.install(app)  # the web console under /console (api/console), with its own sessions; not in the document
 _plain_openapi = app.openapi
 
 

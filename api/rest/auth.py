@@ -1,6 +1,7 @@
 """API keys and roles: every request under /api/ needs a key, checked by `ApiKeyMiddleware` before the request
 is read or any route runs, and a key whose role is below the route's (api/rest/roles.py) gets 403, also before
-the body is read; OPEN_PATHS (liveness, the OpenAPI document, /docs and its assets) need none.
+the body is read; OPEN_PATHS (liveness, the OpenAPI document, /docs and its assets) need none, and the web
+console (/console) checks its own sessions (api/console/auth.py).
 
 What a key check may cost is bounded:
 - a key is found by its id (`asr_<prefix>`), in the database and in ASR_API_KEY_HASHES: one scrypt per check,
@@ -20,6 +21,7 @@ import logging
 import math
 import threading
 import time
+from typing import NamedTuple
 
 import anyio
 from fastapi.responses import JSONResponse
@@ -27,7 +29,7 @@ from fastapi.security import APIKeyHeader, HTTPBearer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import service
-from models.apikeys import env_key_role, key_id, role_allows, verify_api_key
+from models.apikeys import env_key_entry, key_id, role_allows, verify_api_key
 from models.db import session_scope
 from workflows import settings
 
@@ -37,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
 OPEN_PREFIXES = ("/docs/assets/",)
+CONSOLE_PREFIX = "/console"
 # A verified key is remembered this long (as a SHA-256 of it, in memory): each check is a deliberately slow
 # scrypt. A revoked key therefore stops working within this time.
 DEFAULT_KEY_CACHE_S = 30.0
@@ -160,19 +163,75 @@ class _FailureLimiter:
 _limiter = _FailureLimiter()
 
 
-def _key_role(key: str) -> str | None:
-    """The role of `key` if it is a live key of the database or one ASR_API_KEY_HASHES lists, else None."""
-    role = env_key_role(key) if settings.api_key_hashes() else None
-    if role is None and key_id(key) is not None:  # database keys all have an id
+class KeyIdentity(NamedTuple):
+    """A valid key as a session opened with it remembers it: its role and stored hash (not secret), never the
+    key itself (see models.apikeys.live_key_role)."""
+    role: str
+    key_hash: str
+    key_id: str | None
+
+
+def _key_identity(key: str) -> KeyIdentity | None:
+    """The identity of `key` if it is a live key of the database or one ASR_API_KEY_HASHES lists, else None."""
+    entry = env_key_entry(key) if settings.api_key_hashes() else None
+    if entry is not None:
+        return KeyIdentity(entry.role, entry.key_hash, key_id(key))
+    if key_id(key) is not None:  # database keys all have an id
         service._ensure_database()
         with session_scope() as session:
             row = verify_api_key(session, key)
-            role = row.role if row is not None else None
-    return role
+            if row is not None:
+                return KeyIdentity(row.role, row.key_hash, key_id(key))
+    return None
+
+
+def _key_role(key: str) -> str | None:
+    """The role of `key` if it is a live key of the database or one ASR_API_KEY_HASHES lists, else None."""
+    identity = _key_identity(key)
+    return None if identity is None else identity.role
 
 
 def _key_is_valid(key: str) -> bool:
     return _key_role(key) is not None
+
+
+class KeyRefused(Exception):
+    """A key check refused: the HTTP status, the message to show and the headers to answer with."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+async def check_key(client: str, key: str, identify=_key_role):
+    """What `identify` finds of `key` (its role by default), checked as every request's key is: refused (429)
+    while `client` has too many recent failures, counted as a failure when it is not valid (401), 503 when
+    it cannot be checked. Raises KeyRefused; each failure is logged (client, key id, never the key)."""
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    wait = _limiter.begin(client)
+    if wait > 0:
+        if _limiter.warn_once(client):
+            logger.warning("too many failed API keys from %s: refusing its keys for %.0f s", client, wait)
+        raise KeyRefused(429, f"too many failed API keys from {client}: retry in {wait:.0f} s",
+                         {"Retry-After": str(math.ceil(wait))})
+    found = None
+    try:
+        if not _bad_keys.fresh(digest):
+            found = await anyio.to_thread.run_sync(identify, key)
+    except Exception:  # noqa: BLE001 - a database outage must not look like a bad key
+        _limiter.end(client, failed=False)
+        logger.exception("could not check an API key")
+        raise KeyRefused(503, "the API key could not be checked (database unavailable); retry") from None
+    except BaseException:  # cancelled: the check did not end in a failure
+        _limiter.end(client, failed=False)
+        raise
+    failures = _limiter.end(client, failed=found is None)
+    if found is None:
+        _bad_keys.remember(digest)
+        logger.warning("failed API key from %s (key id %s; %d failures in the window)", client,
+                       key_id(key) or "none", failures)
+        raise KeyRefused(401, "the API key is not valid (unknown or revoked)")
+    return found
 
 
 def _presented_key(scope: Scope) -> str | None:
@@ -217,6 +276,12 @@ class ApiKeyMiddleware:
         if scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIXES):
             await self.app(scope, receive, send)
             return
+        if scope["path"] == CONSOLE_PREFIX or scope["path"].startswith(CONSOLE_PREFIX + "/"):
+            # The web console: a browser has its session cookie, not a key; every console route checks the
+            # session and its role itself, and the console does not start with a route that does not
+            # (api/console/auth.py).
+            await self.app(scope, receive, send)
+            return
         key = _presented_key(scope)
         if not key:
             await _refuse(scope, receive, send, 401,
@@ -240,31 +305,10 @@ class ApiKeyMiddleware:
         role = _key_cache.get(digest)
         if role is not None:
             return role
-        client = _client(scope)
-        wait = _limiter.begin(client)
-        if wait > 0:
-            if _limiter.warn_once(client):
-                logger.warning("too many failed API keys from %s: refusing its keys for %.0f s", client, wait)
-            await _refuse(scope, receive, send, 429, f"too many failed API keys from {client}: retry in {wait:.0f} s",
-                          {"Retry-After": str(math.ceil(wait))})
-            return None
         try:
-            if not _bad_keys.fresh(digest):
-                role = await anyio.to_thread.run_sync(_key_role, key)
-        except Exception:  # noqa: BLE001 - a database outage must not look like a bad key
-            _limiter.end(client, failed=False)
-            logger.exception("could not check an API key")
-            await _refuse(scope, receive, send, 503, "the API key could not be checked (database unavailable); retry")
-            return None
-        except BaseException:  # cancelled: the check did not end in a failure
-            _limiter.end(client, failed=False)
-            raise
-        failures = _limiter.end(client, failed=role is None)
-        if role is None:
-            _bad_keys.remember(digest)
-            logger.warning("failed API key from %s (key id %s; %d failures in the window)", client,
-                           key_id(key) or "none", failures)
-            await _refuse(scope, receive, send, 401, "the API key is not valid (unknown or revoked)")
+            role = await check_key(_client(scope), key)
+        except KeyRefused as refused:
+            await _refuse(scope, receive, send, refused.status, refused.message, refused.headers)
             return None
         _key_cache.remember(digest, role)
         return role

@@ -1,11 +1,11 @@
 """What the route modules share: the name rule of request bodies, the job reference an action answers with
-(202 and a Location), the error body, and a VM named in a path."""
+(202 and a Location), the error body and the error answers every route documents, and a VM named in a path."""
 from __future__ import annotations
 
 from typing import Annotated, Any
 
 from fastapi import Query, Response
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from models.db import validate_name
 
@@ -23,7 +23,14 @@ def _check_name(value: str) -> str:
                          f"letter or digit") from None
 
 
-Name = Annotated[str, AfterValidator(_check_name)]
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+"""What the OpenAPI schema declares of a name; `_check_name` enforces it, and refuses '..' too."""
+Name = Annotated[str, Field(max_length=64, json_schema_extra={"pattern": NAME_PATTERN}), AfterValidator(_check_name)]
+
+
+def Text(max_length: int) -> Any:  # noqa: N802 - a type, as Name is
+    """Text of at most `max_length` characters (every string of a request body declares its bound)."""
+    return Annotated[str, Field(max_length=max_length)]
 
 
 class _Body(BaseModel):
@@ -43,6 +50,25 @@ class JobRef(BaseModel):
 
 class ErrorBody(BaseModel):
     error: str
+
+
+_ERROR_ANSWERS = (
+    (400, "Refused: e.g. disabling protection without its confirmation"),
+    (401, "No API key, or not a valid one"), (403, "The key's role is below the route's"),
+    (404, "Unknown id or name"), (409, "Busy, in the wrong state, or exists already"),
+    (413, "The request body is larger than ASR_API_MAX_BODY_BYTES"), (422, "Invalid input"),
+    (429, "Too many failed API keys from this client: retry after Retry-After seconds"),
+    (503, "A passing outage (database, Redis, storage): retry"),
+)
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description} for status, description in _ERROR_ANSWERS}
+"""The error answers every route under /api/v1 documents (its router's `responses`)."""
+JSON_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"description": description,
+             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+    for status, description in _ERROR_ANSWERS}
+"""The same answers for a route whose own answer is not JSON (a job's server-sent events): FastAPI documents an
+answer's model in the media type of the route, but an error is JSON whatever the route would have streamed."""
 
 
 ACCEPTED = {"status_code": 202, "response_model": JobRef,

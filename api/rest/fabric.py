@@ -4,14 +4,14 @@ A VM's own page (GET /vms/{vm}) is routed in api/rest/protection.py, after the r
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter
 from pydantic import Field
 
 from api import service
 
-from .common import HostQuery, Name, _Body, _vm_ref
+from .common import HostQuery, Name, Text, _Body, _vm_ref
 from .roles import ADMIN, OPERATOR, READER
 
 router = APIRouter()
@@ -30,9 +30,10 @@ class CloudIn(_Body):
 
 class HostIn(_Body):
     name: Name
-    root: str = Field(description="Absolute path of the host's tree on the host")
+    root: str = Field(max_length=4096, description="Absolute path of the host's tree on the host")
     site: Name | None = None
-    cloud: str | None = Field(None, description="'server/cloud', or a cloud name only one VMM server has")
+    cloud: str | None = Field(None, max_length=129,
+                              description="'server/cloud', or a cloud name only one VMM server has")
 
 
 class VmIn(_Body):
@@ -42,14 +43,17 @@ class VmIn(_Body):
 
 class DiskIn(_Body):
     name: Name
-    size: int | str | None = Field(None, description="Bytes or '64M'; omitted when an image gives the content")
-    format: str = Field("raw", description="raw or vhd")
+    size: Annotated[int, Field(ge=0, le=1 << 50)] | Text(32) | None = Field(
+        None, description="Bytes or '64M'; omitted when an image gives the content")
+    format: str = Field("raw", max_length=8, description="raw or vhd")
     image: str | None = Field(None, max_length=4096,
                               description="A raw or fixed-VHD file inside the host's root to import")
 
 
 class GuestIn(_Body):
-    kernel: Name = Field(description="The kernel's file name (a key of boot_files)")
+    kernel: Name | None = Field(None, description="The kernel's file name (a key of boot_files); or boot_disk")
+    boot_disk: Name | None = Field(None, description="The VM's disk the guest boots from (its boot loader loads "
+                                   "the kernel); instead of kernel, initrd, cmdline and boot_files")
     initrd: Name | None = None
     cmdline: str = Field("", max_length=1024)
     heartbeat: str = Field(max_length=200, description="Regex: the guest is up once a console line matches it")
@@ -66,7 +70,8 @@ class VmCreateIn(_Body):
     networks: list[Name] | None = Field(None, max_length=8)
     generation: int = Field(1, ge=1, le=2)
     guest: GuestIn | None = Field(None, description="Makes the VM a QEMU guest (docs/runtime.md)")
-    boot_files: dict[str, str] | None = Field(None, description="Boot file name -> a file inside the host's root")
+    boot_files: dict[Text(64), Text(4096)] | None = Field(
+        None, max_length=8, description="Boot file name -> a file inside the host's root")
 
 
 class VmStopIn(_Body):
@@ -76,28 +81,38 @@ class VmStopIn(_Body):
 class NetworkMappingIn(_Body):
     source_network: Name
     recovery_network: Name
-    recovery_subnet: str = Field(description="CIDR, e.g. 10.1.0.0/24")
+    recovery_subnet: str = Field(max_length=64, description="CIDR, e.g. 10.1.0.0/24")
     site: Name | None = None
-    cloud: str | None = None
+    cloud: str | None = Field(None, max_length=129)
 
 
-class PolicyIn(_Body):
-    name: Name
-    copy_frequency_s: int | None = Field(None, description="30, 300 or 900")
-    recovery_point_retention_h: int | None = Field(None, description="0 to 24")
-    app_consistent_frequency_h: int | None = Field(None, description="0 (off) to 12, at most the retention")
+class PolicySettingsIn(_Body):
+    """A policy's settings, as POST /policies takes them and PATCH /policies/{name} changes them."""
+
+    copy_frequency_s: int | None = Field(None, le=86400, description="30, 300 or 900")
+    recovery_point_retention_h: int | None = Field(None, le=8760, description="0 to 24")
+    app_consistent_frequency_h: int | None = Field(None, le=8760, description="0 (off) to 12, at most the retention")
     initial_replication_at: datetime | None = Field(None, description="At most 24 h ahead; omitted: at once")
-    office_hours: list[str] | str | None = Field(None, description="'08:00-18:00' or ['08:00', '18:00']")
-    office_days: list[int | str] | str | None = Field(None, description="Weekday names or numbers (0 = Monday)")
-    office_timezone: str | None = Field(None, description="IANA zone, e.g. Europe/Berlin")
-    rpo_warning_s: int | None = Field(None, description="RPO (s) from which a VM is Warning; default 2x the copy "
-                                                        "frequency")
-    rpo_critical_s: int | None = Field(None, description="RPO (s) from which a VM is Critical; default 4x the copy "
-                                                         "frequency")
+    office_hours: Annotated[list[Text(16)], Field(max_length=2)] | Text(32) | None = Field(
+        None, description="'08:00-18:00' or ['08:00', '18:00']")
+    office_days: Annotated[list[Annotated[int, Field(le=1000)] | Text(16)], Field(max_length=7)] | Text(128) | None = \
+        Field(None, description="Weekday names or numbers (0 = Monday)")
+    office_timezone: str | None = Field(None, max_length=64, description="IANA zone, e.g. Europe/Berlin")
+    rpo_warning_s: int | None = Field(None, le=10**7, description="RPO (s) from which a VM is Warning; default 2x "
+                                                                  "the copy frequency")
+    rpo_critical_s: int | None = Field(None, le=10**7, description="RPO (s) from which a VM is Critical; default 4x "
+                                                                   "the copy frequency")
     consistency_check_interval_h: int | None = Field(
-        None, description="Hours between scheduled consistency checks, 0 (off) to 168; default 24")
+        None, le=8760, description="Hours between scheduled consistency checks, 0 (off) to 168; default 24")
     consistency_check_off_hours: bool | None = Field(
         None, description="Scheduled consistency checks wait for the end of office hours (default true)")
+    drill_reminder_days: int | None = Field(
+        None, le=100000, description="Days without a passed drill before an alert says one is overdue; 0 for never; "
+                                     "default 180")
+
+
+class PolicyIn(PolicySettingsIn):
+    name: Name
 
 
 # ---- routes ------------------------------------------------------------------------------------------------

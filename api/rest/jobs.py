@@ -12,7 +12,7 @@ from pydantic import Field
 
 from api import service
 
-from .common import ACCEPTED, _Body, _started
+from .common import ACCEPTED, JSON_ERRORS, _Body, _started
 from .roles import OPERATOR, READER
 
 router = APIRouter()
@@ -27,8 +27,9 @@ class ResumeIn(_Body):
 @router.get("/jobs", dependencies=[READER], tags=["jobs"], summary="List jobs, newest first")
 def list_jobs(state: str | None = None, kind: str | None = None,
               vm: Annotated[str | None, Query(description="VM name, 'host/name' or id")] = None,
+              plan: Annotated[str | None, Query(max_length=64, description="A recovery plan's runs")] = None,
               limit: Annotated[int, Query(ge=1, le=service.MAX_JOB_LIMIT)] = 50) -> list[dict[str, Any]]:
-    return service.list_jobs(state=state, kind=kind, vm=vm, limit=limit)
+    return service.list_jobs(state=state, kind=kind, vm=vm, plan=plan, limit=limit)
 
 
 @router.get("/jobs/{job_id}", dependencies=[READER], tags=["jobs"],
@@ -55,6 +56,7 @@ async def _watch(
 
 
 @router.get("/jobs/{job_id}/events", dependencies=[READER], tags=["jobs"], response_class=EventSourceResponse,
+            responses=JSON_ERRORS,  # the stream's errors (unknown job, bad interval) are JSON, as everywhere
             summary="Server-sent events of the job until it ends",
             description=("Each event's data is a snapshot of the job (state, percent, steps with progress), sent "
                          "when it changes. Event 'progress' while it runs, 'end' for the last snapshot once it has "

@@ -6,14 +6,14 @@ The VM itself (GET /vms/{vm}, a fabric route) is routed here, after the GET rout
 would take them. The routes are in the order they are matched and listed in the OpenAPI document."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Query, Response
 from pydantic import Field
 
 from api import service
 
-from .common import ACCEPTED, HostQuery, Name, _Body, _started, _vm_ref
+from .common import ACCEPTED, HostQuery, Name, Text, _Body, _started, _vm_ref
 from .roles import ADMIN, OPERATOR, READER
 
 router = APIRouter()
@@ -21,10 +21,10 @@ router = APIRouter()
 
 # ---- request bodies ----------------------------------------------------------------------------------------
 class ProtectIn(_Body):
-    policy: str = Field(description="Name or id of the replication policy")
-    recovery_storage: str = Field(description="'file:///absolute/dir' or 'azure:<container>'")
-    storage_options: dict[str, Any] | None = Field(
-        None, description="e.g. {'connection_string_env': 'NAME'}: credentials only by reference")
+    policy: str = Field(max_length=64, description="Name or id of the replication policy")
+    recovery_storage: str = Field(max_length=4096, description="'file:///absolute/dir' or 'azure:<container>'")
+    storage_options: dict[Text(64), Text(2048) | Annotated[int, Field(le=1000)]] | None = Field(
+        None, max_length=8, description="e.g. {'connection_string_env': 'NAME'}: credentials only by reference")
     recovery_host: Name | None = None
 
 
@@ -34,30 +34,33 @@ class DisableProtectionIn(_Body):
 
 
 class TestFailoverIn(_Body):
-    point: str = Field("latest_processed", description="latest_processed, latest_app_consistent, latest or a point id")
+    point: str = Field("latest_processed", max_length=64,
+                       description="latest_processed, latest_app_consistent, latest or a point id")
     recovery_host: Name | None = None
     test_network: Name | None = None
 
 
 class PlannedFailoverIn(_Body):
     recovery_host: Name | None = None
-    public_ips: dict[str, str] | None = Field(None, description="{adapter name: public IP address}")
+    public_ips: dict[Text(64), Text(64)] | None = Field(None, max_length=32,
+                                                        description="{adapter name: public IP address}")
 
 
 class UnplannedFailoverIn(_Body):
-    point: str = Field("latest_processed", description="latest_processed, latest_app_consistent or a point id")
+    point: str = Field("latest_processed", max_length=64,
+                       description="latest_processed, latest_app_consistent or a point id")
     recovery_host: Name | None = None
-    public_ips: dict[str, str] | None = None
+    public_ips: dict[Text(64), Text(64)] | None = Field(None, max_length=32)
 
 
 class FailbackIn(_Body):
-    mode: str = Field("minimize_downtime", description="minimize_downtime or full_download")
+    mode: str = Field("minimize_downtime", max_length=32, description="minimize_downtime or full_download")
     create_vm: bool = False
     host: Name | None = Field(None, description="Fail back to this host instead of the VM's own")
 
 
 class VerifyIn(_Body):
-    point: str | None = Field(None, description="A point id or choice; omitted: the latest point")
+    point: str | None = Field(None, max_length=64, description="A point id or choice; omitted: the latest point")
 
 
 # ---- routes ------------------------------------------------------------------------------------------------
@@ -83,6 +86,13 @@ def resync(vm: str, response: Response, host: HostQuery = None) -> dict[str, Any
     return _started(response, service.resync(_vm_ref(vm, host)))
 
 
+@router.post("/vms/{vm:path}/resync-preview", dependencies=[OPERATOR], tags=["protection"],
+             summary="What a resync would send, without sending (a job; each step's result counts the chunks and "
+                     "bytes that differ)", **ACCEPTED)
+def resync_preview(vm: str, response: Response, host: HostQuery = None) -> dict[str, Any]:
+    return _started(response, service.preview_resync(_vm_ref(vm, host)))
+
+
 @router.post("/vms/{vm:path}/consistency-check", dependencies=[OPERATOR], tags=["protection"],
              summary="Compare the disks with their replicas; resynchronize only drifted chunks", **ACCEPTED)
 def consistency_check(vm: str, response: Response, host: HostQuery = None) -> dict[str, Any]:
@@ -93,6 +103,13 @@ def consistency_check(vm: str, response: Response, host: HostQuery = None) -> di
             tags=["protection"], summary="Recovery points, oldest first")
 def recovery_points(vm: str, host: HostQuery = None) -> list[dict[str, Any]]:
     return service.recovery_points(_vm_ref(vm, host))
+
+
+@router.get("/vms/{vm:path}/failovers", dependencies=[READER], tags=["failover"],
+            summary="Drills, failovers and failbacks of the VM, newest first, each with its report")
+def failover_history(vm: str, host: HostQuery = None,
+                     limit: Annotated[int, Query(ge=1, le=service.MAX_FAILOVER_HISTORY)] = 20) -> list[dict[str, Any]]:
+    return service.failover_history(_vm_ref(vm, host), limit=limit)
 
 
 @router.get("/vms/{vm:path}", dependencies=[READER], tags=["fabric"],

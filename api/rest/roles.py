@@ -7,11 +7,13 @@ The check itself happens in `ApiKeyMiddleware` (api/rest/auth.py), which finds t
 
 | role     | may                                                                                              |
 |----------|--------------------------------------------------------------------------------------------------|
-| reader   | lists, shows, recovery points, health, jobs and their event streams                              |
-| operator | + protect, resync, consistency check, verify, drills, failovers, failback, reverse replication,    |
-|          |   plan runs, job cancel/retry/restart/resume, VM start/stop/console                              |
-| admin    | + sites, clouds, hosts, VMs (create, register), network mappings, policies, plan definitions,     |
-|          |   disabling protection (with {"confirm": "<vm name>"})                                           |
+| reader   | lists, shows, recovery points, health, jobs and their event streams, Prometheus metrics, a      |
+|          |   plan's dry run (POST /plans/{name}/validate: it changes nothing)                               |
+| operator | + protect, replicate now, resync, consistency check, verify, drills, failovers, failback,         |
+|          |   reverse replication, plan runs, job cancel/retry/restart/resume, VM start/stop/console         |
+| admin    | + sites, clouds, hosts (and their new keys), VMs (create, register), network mappings, policies, |
+|          |   plan definitions (each also changed or removed), disabling protection (with                    |
+|          |   {"confirm": "<vm name>"})                                                                      |
 """
 from __future__ import annotations
 

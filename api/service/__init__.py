@@ -11,12 +11,16 @@ A `vm` argument is a VM's name (when only one host has a VM of that name), "host
 
 This package is the public face; the operations live by area: `fabric` (sites, VMM clouds, hosts, VMs,
 network mappings), `vms` (create, start, stop a VM, its console), `policies`, `protection` (protect, disable,
-resync, consistency check, recovery points, verify, health), `failover` (failover, failback, reverse
-replication), `plans`, `jobs` and `apikeys`; beside them `errors` (the ServiceErrors, `_translate`, the
-`_operation` decorator), `lookups` (finding things by name or id, name checks) and `presenters` (rows as plain
-dicts).
+replicate now, resync, consistency check, recovery points, verify, health), `edits` (a host's new key, a site's
+description, a policy's settings, a plan's groups), `removals` (each refused while something depends on it),
+`failover` (failover, failback, reverse replication), `plans`, `jobs`, `metrics` (Prometheus) and
+`apikeys`; beside them `errors` (the ServiceErrors, `_translate`, the `_operation` decorator), `dependents`
+(the jobs and plans that depend on a thing), `lookups` (finding things by name or id, name checks) and
+`presenters` (rows as plain dicts).
 """
+from .alerts import list_alerts
 from .apikeys import create_api_key, create_env_api_key, hash_api_key, list_api_keys, revoke_api_key
+from .edits import rekey_host, update_plan, update_policy, update_site
 from .errors import Conflict, Invalid, NotFound, ServiceError, Unavailable
 from .errors import _ensure_database as _ensure_database  # the REST API's key check readies the tables too
 from .fabric import (
@@ -35,11 +39,13 @@ from .fabric import (
 )
 from .failover import (
     FAILBACK_MODES,
+    MAX_FAILOVER_HISTORY,
     POINT_CHOICES,
     cancel_failover,
     commit_failover,
     complete_failover,
     failback,
+    failover_history,
     planned_failover,
     reverse_replication,
     test_failover,
@@ -58,9 +64,21 @@ from .jobs import (
     show_job,
 )
 from .jobs import check_watch as check_watch  # the REST API checks a watch's query before it streams
-from .plans import PLAN_OPTIONS, create_plan, list_plans, run_plan, show_plan
+from .metrics import metrics
+from .plans import PLAN_OPTIONS, create_plan, list_plans, plan_scripts, run_plan, show_plan, validate_plan
 from .policies import POLICY_OPTIONS, add_policy, list_policies, show_policy
-from .protection import consistency_check, disable_protection, health, protect, recovery_points, resync, verify
+from .protection import (
+    consistency_check,
+    disable_protection,
+    health,
+    preview_resync,
+    protect,
+    recovery_points,
+    replicate,
+    resync,
+    verify,
+)
+from .removals import remove_host, remove_network_mapping, remove_plan, remove_policy, remove_site, remove_vm
 from .vms import create_vm, start_vm, stop_vm, vm_console
 
 __all__ = [
@@ -72,10 +90,13 @@ __all__ = [
     "add_policy", "list_policies", "show_policy",
     "protect", "disable_protection", "resync", "consistency_check",
     "test_failover", "test_failover_cleanup", "planned_failover", "unplanned_failover",
-    "complete_failover", "commit_failover", "cancel_failover", "failback", "reverse_replication",
-    "create_plan", "list_plans", "show_plan", "run_plan", "resume_job",
-    "recovery_points", "verify", "health",
+    "complete_failover", "commit_failover", "cancel_failover", "failback", "reverse_replication", "failover_history",
+    "list_alerts", "preview_resync",
+    "create_plan", "list_plans", "show_plan", "run_plan", "validate_plan", "plan_scripts", "resume_job",
+    "recovery_points", "verify", "health", "metrics",
     "list_jobs", "show_job", "cancel_job", "retry_job", "restart_job", "job_events", "job_snapshot",
     "create_api_key", "create_env_api_key", "list_api_keys", "revoke_api_key", "hash_api_key",
-    "POLICY_OPTIONS", "PLAN_OPTIONS", "FAILBACK_MODES", "POINT_CHOICES", "MAX_JOB_LIMIT",
+    "rekey_host", "update_site", "update_policy", "update_plan", "replicate",
+    "remove_vm", "remove_host", "remove_site", "remove_network_mapping", "remove_policy", "remove_plan",
+    "POLICY_OPTIONS", "PLAN_OPTIONS", "FAILBACK_MODES", "POINT_CHOICES", "MAX_JOB_LIMIT", "MAX_FAILOVER_HISTORY",
 ]

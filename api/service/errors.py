@@ -2,6 +2,7 @@
 and `_operation`, the decorator every operation runs under."""
 from __future__ import annotations
 
+import errno
 import functools
 import threading
 from collections.abc import Callable
@@ -72,6 +73,15 @@ def _translate(exc: BaseException) -> ServiceError | None:
     if isinstance(exc, sa.exc.IntegrityError):
         # A concurrent request created the same thing between our check and our insert.
         return Conflict("it was created or changed by another request meanwhile: look again and retry")
+    if isinstance(exc, sa.exc.DataError):
+        # A value the database cannot hold (PostgreSQL: a NUL character in text; a number out of its column's
+        # range): bad input. Its transaction is rolled back, so nothing was written. The driver's message only:
+        # SQLAlchemy's would quote the statement and its parameters.
+        return Invalid(f"invalid value: {exc.orig}")
+    if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
+        # A path the file system cannot hold (a host registered with a root of over-long names): bad input.
+        where = str(exc.filename or "")
+        return Invalid(f"a path is too long for the file system: {where[:200]}{'...' if len(where) > 200 else ''}")
     if isinstance(exc, NonRecoverableError):
         # The rest of the domain's refusals say why a request cannot run now (no recovery point yet, no
         # network mapping, no recovery host): the request is well formed, the state of things is not.

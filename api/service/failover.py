@@ -7,13 +7,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from models.db import session_scope
+from models.failover import failover_records
 from models.protection import ProtectedItem, RecoveryPoint, ReplicationState
 from workflows import kinds
 from workflows.failover_request import FailbackMode, PointChoice
 
 from .errors import Conflict, Invalid, NotFound, _operation
 from .lookups import _check_host, _name, _optional_name, _protected
-from .presenters import _job_ref
+from .presenters import _job_ref, _plain
 
 FAILBACK_MODES = FailbackMode.ALL
 POINT_CHOICES = PointChoice.NAMED
@@ -158,3 +159,17 @@ def reverse_replication(vm: str) -> dict:
     item_id, name = _protected(vm)
     return _job_ref(kinds.reverse_replication.start(item_id),
                     kinds.reverse_replication.KIND.name, name)
+
+
+MAX_FAILOVER_HISTORY = 200
+
+
+@_operation
+def failover_history(vm: str, *, limit: int = 20) -> list[dict]:
+    """The VM's drills, failovers and failbacks, newest first (at most `limit`, 1-200): each one's record, as
+    `show_vm` gives the latest (point, manifest roots expected and produced, verified, boot check, RTO, RPO)."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_FAILOVER_HISTORY:
+        raise Invalid(f"limit must be a whole number from 1 to {MAX_FAILOVER_HISTORY}, got {limit!r}")
+    item_id, _name_of_vm = _protected(vm)
+    with session_scope() as session:
+        return [_plain(record.model_dump()) for record in failover_records(session, item_id, limit)]

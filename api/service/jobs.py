@@ -12,11 +12,12 @@ from sqlmodel import select
 
 from models.db import session_scope
 from models.jobs import ACTIVE_JOB_STATES, FINISHED_JOB_STATES, Job, JobState, JobStep, StepState
+from models.plans import get_plan
 from workflows import engine, jobkind
 from workflows.progress import job_progress, percent_of
 
 from .errors import Conflict, Invalid, _operation
-from .lookups import _int_option, _item_of, _vm
+from .lookups import _int_option, _item_of, _name, _vm
 from .presenters import _job_ref, _job_summary
 
 MAX_JOB_LIMIT = 1000
@@ -30,8 +31,9 @@ def _check_job_id(job_id: Any) -> str:
 
 @_operation
 def list_jobs(*, state: str | None = None, kind: str | None = None, vm: str | None = None,
-              limit: int = 50) -> list[dict]:
-    """Jobs, newest first: state, kind and the VM filter them; at most `limit` (1-1000)."""
+              plan: str | None = None, limit: int = 50) -> list[dict]:
+    """Jobs, newest first: state, kind, the VM and the recovery plan (its runs) filter them; at most `limit`
+    (1-1000)."""
     limit = _int_option("limit", limit)
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_JOB_LIMIT:
         raise Invalid(f"limit must be a whole number from 1 to {MAX_JOB_LIMIT}, got {limit!r}")
@@ -51,6 +53,8 @@ def list_jobs(*, state: str | None = None, kind: str | None = None, vm: str | No
             if item is None:
                 return []
             query = query.where(Job.target == item.id)
+        if plan is not None:
+            query = query.where(Job.target == get_plan(session, _name(plan, "recovery plan")).id)
         jobs = session.exec(query.order_by(Job.created_at.desc(), Job.id).limit(limit)).all()
         counts: dict[str, dict[str, int]] = {}
         if jobs:

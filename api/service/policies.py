@@ -18,7 +18,8 @@ from .presenters import _policy_dict
 
 POLICY_OPTIONS = ("copy_frequency_s", "recovery_point_retention_h", "app_consistent_frequency_h",
                   "initial_replication_at", "office_hours", "office_days", "office_timezone", "rpo_warning_s",
-                  "rpo_critical_s", "consistency_check_interval_h", "consistency_check_off_hours")
+                  "rpo_critical_s", "consistency_check_interval_h", "consistency_check_off_hours",
+                  "drill_reminder_days")
 
 
 def _time_of_day(name: str, value: Any) -> time_of_day:
@@ -37,7 +38,7 @@ def _policy_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
                       f"(options: {', '.join(POLICY_OPTIONS)})")
     settings = {key: value for key, value in options.items() if value is not None}
     for key in ("copy_frequency_s", "recovery_point_retention_h", "app_consistent_frequency_h", "rpo_warning_s",
-                "rpo_critical_s", "consistency_check_interval_h"):
+                "rpo_critical_s", "consistency_check_interval_h", "drill_reminder_days"):
         if key in settings:
             settings[key] = _int_option(key, settings[key])
     start = settings.get("initial_replication_at")
@@ -69,7 +70,9 @@ def add_policy(name: str, **options: Any) -> dict:
     24 h ahead), office_hours ("08:00-18:00" or [start, end]), office_days (names or 0 = Monday, list or
     "mon,tue"), office_timezone (IANA name), rpo_warning_s and rpo_critical_s (seconds of RPO from which a VM is
     Warning, Critical; default 2x and 4x the copy frequency), consistency_check_interval_h (0-168, 0 for none;
-    default 24), consistency_check_off_hours (scheduled checks wait for the end of office hours; default true)."""
+    default 24), consistency_check_off_hours (scheduled checks wait for the end of office hours; default true),
+    drill_reminder_days (days without a passed drill before an alert says one is overdue; 0 for never; default
+    180)."""
     _name(name, "replication policy")
     settings = _policy_options(name, options)
     with session_scope() as session:

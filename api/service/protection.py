@@ -10,14 +10,17 @@ from sqlmodel import select
 
 from models.db import session_scope
 from models.fabric import Host, VirtualMachine
-from models.protection import ProtectedItem, ReplicationState
+from models.failover import last_successful_drill
+from models.protection import ProtectedItem, ReplicationState, item_lock_key
 from models.protection import recovery_points as _recovery_points
 from workflows.items import item_status
 from workflows.kinds import consistency_check as check_kind
+from workflows.kinds import delta_replication as delta_kind
 from workflows.kinds import disable_protection as disable_kind
 from workflows.kinds import enable_protection as enable_kind
-from workflows.kinds import resynchronize, verify_recovery_point
+from workflows.kinds import resync_preview, resynchronize, verify_recovery_point
 
+from .dependents import lock_holder
 from .errors import Conflict, Invalid, ServiceError, _operation
 from .failover import _check_point
 from .lookups import _host, _item_of, _policy, _protected, _vm
@@ -80,6 +83,28 @@ def resync(vm: str) -> dict:
 
 
 @_operation
+def preview_resync(vm: str) -> dict:
+    """What a resync would send, without sending: each disk read live on its host and compared with its
+    replica's last recorded version (a job; each step's result has chunks_differing and bytes_differing)."""
+    item_id, name = _protected(vm)
+    return _job_ref(resync_preview.start(item_id), resync_preview.KIND.name, name)
+
+
+@_operation
+def replicate(vm: str) -> dict:
+    """Start a delta replication cycle of the VM now, as beat's scheduler does when the copy frequency has
+    passed: ship, apply and acknowledge its logs (a new recovery point), update its health. Refused while a
+    cycle (or any other job) runs on it, or when it is not protected."""
+    item_id, name = _protected(vm)
+    with session_scope() as session:
+        holder = lock_holder(session, item_lock_key(item_id))
+        if holder is not None and holder.kind == delta_kind.KIND.name:
+            raise Conflict(f"a delta replication cycle of VM {name!r} is already running: job {holder.id} "
+                           f"({holder.state.value}); follow it with `asr jobs watch {holder.id}`")
+    return _job_ref(delta_kind.start(item_id), delta_kind.KIND.name, name)
+
+
+@_operation
 def consistency_check(vm: str) -> dict:
     """Compare every disk of the VM with its replica at the same generation, checksummed from both sides'
     bytes; drifted chunks are reported (the VM turns Warning with them) and only those are sent again."""
@@ -114,7 +139,8 @@ def verify(vm: str, *, point: str | None = None) -> dict:
 def health() -> list[dict]:
     """One entry per protected VM (protection not disabled): state, health and its errors, RPO (now minus the
     latest point's time, on the database's clock) with the warning and critical thresholds it is held to,
-    when replication last succeeded, the latest point, the job running on it."""
+    when replication last succeeded, the latest point, the job running on it, and its latest drill that passed
+    (`last_passed_drill`: {id, vm_up_at, rto_s, status}, or None)."""
     with session_scope() as session:
         ids = session.exec(select(ProtectedItem.id).join(VirtualMachine, VirtualMachine.id == ProtectedItem.vm_id)
                            .join(Host, Host.id == VirtualMachine.host_id)
@@ -123,11 +149,15 @@ def health() -> list[dict]:
     report = []
     for item_id in ids:
         status = item_status(item_id)
+        with session_scope() as session:
+            drill = last_successful_drill(session, item_id)
+            last_drill = None if drill is None else {"id": drill.id, "vm_up_at": _iso(drill.vm_up_at),
+                                                     "rto_s": drill.rto_s, "status": str(drill.status)}
         report.append({"vm": status["vm"], "host": status["host"], "item_id": item_id, "state": status["state"],
                        "health": status["health"], "errors": status["errors"], "rpo_s": status["rpo_s"],
                        "rpo_warning_s": status["rpo_warning_s"], "rpo_critical_s": status["rpo_critical_s"],
                        "last_replicated_at": status["last_replicated_at"],
                        "last_recovery_point_at": status["last_recovery_point_at"],
                        "recovery_points": status["recovery_points"], "unsent_ratio": status["unsent_ratio"],
-                       "active_job": status["active_job"]})
+                       "active_job": status["active_job"], "last_passed_drill": last_drill})
     return report

@@ -33,7 +33,8 @@ def create_vm(host: str, name: str, *, disks: list[dict[str, Any]], networks: li
     whose content the disk starts with)}]. `guest` (optional) makes it a QEMU guest (see docs/runtime.md):
     {"kernel", "initrd", "cmdline", "heartbeat", "check_pass", "check_fail", "memory_mb", "guest_agent",
     "boot_timeout_s"}, with `boot_files` naming, for each of its kernel and initrd file names, a file inside
-    the host's root."""
+    the host's root; or, for a guest booting from one of its disks (an imported bootable image, say),
+    {"boot_disk": that disk's name, "heartbeat", ...} without kernel, initrd, cmdline and boot files."""
     _name(name, "VM")
     if not isinstance(disks, list) or not 1 <= len(disks) <= MAX_DISKS:
         raise Invalid(f"a VM needs 1 to {MAX_DISKS} disks, got {disks!r}")

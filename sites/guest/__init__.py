@@ -13,14 +13,18 @@ QEMU guest agent's freeze/thaw/shutdown on a virtio-serial port and shuts down c
 on an ACPI power button press. The console lines and their patterns are in `guest.json` beside the kernel
 (see `GuestImage`); docs/runtime.md describes the protocol.
 
-A VM's data disk is an ext4 image made on the host without mounting it: `make_data_disk`.
+A VM's data disk is an ext4 image made on the host without mounting it: `make_data_disk`. The guest also
+boots from a disk of its own, as a real VM's OS disk: `make_boot_disk` copies the built FAT boot disk
+(syslinux, the compressed kernel, the initramfs: sites/guest/bootdisk.py) with the guest's options on its
+kernel command line; the guest's data disk is then the first virtio disk that mounts as ext4.
 """
+from .bootdisk import make_boot_disk
 from .disk import make_data_disk
 from .errors import DataDiskError, GuestBuildError
 from .image import GuestImage, files_written, load_guest
 
 __all__ = ["BUILDER_VERSION", "DataDiskError", "GuestBuildError", "GuestImage", "build_guest", "files_written",
-           "load_guest", "make_data_disk"]
+           "load_guest", "make_boot_disk", "make_data_disk"]
 
 
 def __getattr__(name: str):

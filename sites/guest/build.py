@@ -2,8 +2,10 @@
 
 Into DIR go the kernel (`vmlinux-<version>`: Debian's kernel, uncompressed, since QEMU boots an ELF
 kernel through PVH and the guest then skips ~3 s of decompression under TCG), `initrd.img` (busybox-static,
-the modules in MODULES, init.sh) and `guest.json` (see image.GuestImage). The kernel package is downloaded
-with `apt-get download` into DIR/debs and unpacked with `dpkg-deb -x`: nothing is installed system-wide.
+the modules in MODULES, init.sh), `bootdisk.raw` (the same kernel, compressed, initramfs and command line on
+a FAT disk that boots through syslinux: sites/guest/bootdisk.py) and `guest.json` (see image.GuestImage).
+The kernel package is downloaded with `apt-get download` into DIR/debs and unpacked with `dpkg-deb -x`:
+nothing is installed system-wide.
 A build whose inputs (builder version, package versions, init script) match DIR's guest.json does nothing.
 """
 from __future__ import annotations
@@ -15,16 +17,17 @@ import lzma
 import os
 import shutil
 import struct
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from . import initramfs
+from .bootdisk import BOOT_DISK_NAME, BOOT_DISK_SIZE, boot_disk_tool_versions, write_boot_disk
+from .commands import run_build_command
 from .errors import GuestBuildError
 from .image import CHECK_FAIL, CHECK_PASS, DEFAULT_CMDLINE, GUEST_JSON, HEARTBEAT, INITRD_NAME, GuestImage
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 """Change it whenever the builder makes a different image from the same packages."""
 KERNEL_META_PACKAGE = "linux-image-amd64"
 BUSYBOX = Path("/bin/busybox")
@@ -52,6 +55,7 @@ def build_guest(out: Path, log=print) -> GuestImage:
         "kernel_package_version": kernel_version,
         "busybox_version": _installed_version(BUSYBOX_PACKAGE),
         "init_sha256": hashlib.sha256(INIT_SCRIPT.read_bytes()).hexdigest(),
+        "boot_disk_tools": boot_disk_tool_versions(),
     }
     current = _current_guest(out)
     if current is not None and current.inputs == inputs:
@@ -71,7 +75,8 @@ def build_guest(out: Path, log=print) -> GuestImage:
         _stage_modules(unpacked, root, release)
         (Path(work) / INITRD_NAME).unlink(missing_ok=True)
         initramfs.write_initramfs(Path(work) / INITRD_NAME, _initramfs_entries(root))
-        for name in (kernel_name, INITRD_NAME):
+        write_boot_disk(Path(work) / BOOT_DISK_NAME, vmlinuz, Path(work) / INITRD_NAME, DEFAULT_CMDLINE)
+        for name in (kernel_name, INITRD_NAME, BOOT_DISK_NAME):
             os.replace(Path(work) / name, out / name)
     if current is not None and current.kernel != kernel_name:
         (out / current.kernel).unlink(missing_ok=True)
@@ -79,12 +84,14 @@ def build_guest(out: Path, log=print) -> GuestImage:
         folder=out, kernel=kernel_name, initrd=INITRD_NAME, cmdline=DEFAULT_CMDLINE, heartbeat=HEARTBEAT,
         check_pass=CHECK_PASS, check_fail=CHECK_FAIL, builder_version=BUILDER_VERSION, inputs=inputs,
         kernel_sha256=_sha256(out / kernel_name), initrd_sha256=_sha256(out / INITRD_NAME),
+        boot_disk=BOOT_DISK_NAME, boot_disk_sha256=_sha256(out / BOOT_DISK_NAME),
     )
     temporary = out / f".{GUEST_JSON}.tmp"
     temporary.write_text(json.dumps(image.to_json(), indent=2) + "\n")
     os.replace(temporary, out / GUEST_JSON)  # written last: a build cut short is redone
     log(f"built guest in {out}: {kernel_name} ({(out / kernel_name).stat().st_size >> 20} MiB), "
-        f"{INITRD_NAME} ({(out / INITRD_NAME).stat().st_size >> 10} KiB)")
+        f"{INITRD_NAME} ({(out / INITRD_NAME).stat().st_size >> 10} KiB), {BOOT_DISK_NAME} "
+        f"({BOOT_DISK_SIZE >> 20} MiB)")
     return image
 
 
@@ -192,17 +199,9 @@ def _initramfs_entries(root: Path) -> list[initramfs.Entry]:
 
 
 def _run(command: list[str], what: str, cwd: Path | None = None) -> str:
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, cwd=cwd)
-    except FileNotFoundError:
-        raise GuestBuildError(f"{what}: {command[0]} is not installed (the guest is built from Debian packages "
-                              f"with apt-get and dpkg-deb: build it on Debian or Ubuntu)") from None
-    except subprocess.TimeoutExpired:
-        raise GuestBuildError(f"{what}: {' '.join(command)} took more than {COMMAND_TIMEOUT_S} s") from None
-    if result.returncode != 0:
-        raise GuestBuildError(f"{what}: {' '.join(command)} failed ({result.returncode}): "
-                              f"{(result.stderr or result.stdout).strip()[-1500:]}")
-    return result.stdout
+    return run_build_command(command, what, timeout=COMMAND_TIMEOUT_S, cwd=cwd,
+                             missing="the guest is built from Debian packages with apt-get and dpkg-deb: build it "
+                                     "on Debian or Ubuntu")
 
 
 def _current_guest(out: Path) -> GuestImage | None:
@@ -212,8 +211,11 @@ def _current_guest(out: Path) -> GuestImage | None:
         image = load_guest(out)
     except GuestBuildError:
         return None
+    if image.boot_disk is None:
+        return None  # built by an earlier builder
     intact = all(path.exists() and _sha256(path) == digest for path, digest in (
-        (image.kernel_path, image.kernel_sha256), (image.initrd_path, image.initrd_sha256)))
+        (image.kernel_path, image.kernel_sha256), (image.initrd_path, image.initrd_sha256),
+        (image.boot_disk_path, image.boot_disk_sha256)))
     return image if intact else None
 
 

@@ -37,6 +37,10 @@ class GuestImage:
     the same inputs give the same image, so a build with them is skipped."""
     kernel_sha256: str
     initrd_sha256: str
+    boot_disk: str | None = None
+    """The bootable disk image's file name in `folder` (sites/guest/bootdisk.py): the same kernel (compressed),
+    initramfs and command line behind syslinux on a FAT disk, for a VM that boots from its disk."""
+    boot_disk_sha256: str | None = None
 
     @property
     def kernel_path(self) -> Path:
@@ -45,6 +49,12 @@ class GuestImage:
     @property
     def initrd_path(self) -> Path:
         return self.folder / self.initrd
+
+    @property
+    def boot_disk_path(self) -> Path:
+        if self.boot_disk is None:
+            raise GuestBuildError(f"the guest in {self.folder} was built without a boot disk: run `make guest`")
+        return self.folder / self.boot_disk
 
     @property
     def hashes(self) -> dict[str, str]:

@@ -10,6 +10,7 @@
 #   ASR-FREEZE, ASR-THAW                                    the agent froze / thawed /data
 #   ASR-GUEST-POWEROFF                                      /data is unmounted, power goes off now
 #   ASR-GUEST-ERROR <reason>                                the guest cannot do its job, power goes off
+# Data disk: the first virtio disk that mounts as ext4 (the boot disk of a guest booted from a disk is FAT).
 # Kernel command line: asr.workload=<KiB/s> (0 or absent: none), asr.write_files=<n> (write exactly n
 # files, then stop), asr.agent=0 (no guest agent).
 export PATH=/bin:/sbin
@@ -204,10 +205,18 @@ is_number "$limit" || fatal "asr.write_files=$limit is not a whole number of fil
 
 watch_power_button &
 
-waited=0  # the disk appears once virtio_blk has probed it
+waited=0  # the disks appear once virtio_blk has probed them
 while [ ! -b /dev/vda ] && [ $waited -lt 50 ]; do usleep 100000; waited=$((waited + 1)); done
 [ -b /dev/vda ] || fatal "no data disk /dev/vda"
-mount -t ext4 /dev/vda $DATA || fatal "cannot mount /dev/vda as ext4 at $DATA"
+# The data disk is the first virtio disk holding ext4: /dev/vda for a guest booted from its kernel file,
+# the disk after its boot disk (FAT, which the ext4 driver refuses without writing) for one booted from it.
+data_disk= tried=
+for disk in /dev/vd[a-z]; do
+    [ -b "$disk" ] || continue
+    mount -t ext4 "$disk" $DATA 2>/dev/null && data_disk=$disk && break
+    tried="${tried:+$tried, }$disk"
+done
+[ -n "$data_disk" ] || fatal "cannot mount $tried as ext4 at $DATA"
 
 # The check comes before anything in this boot writes to /data.
 # A missing or empty manifest (a crash between creating it and its first line) names nothing: it passes.

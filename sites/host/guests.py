@@ -82,10 +82,11 @@ class Guests(Quiesce):
         service = TrackerService(run)
         service.start({disk.name: disk.path for disk in vm.disks})
         spec = GuestSpec(
-            folder=run, kernel=boot / guest.kernel, initrd=boot / guest.initrd if guest.initrd else None,
-            cmdline=guest.cmdline, drives=tuple(GuestDrive(disk.name, nbd_socket=service.socket(disk.name))
-                                                for disk in vm.disks),
+            folder=run, kernel=boot / guest.kernel if guest.kernel else None,
+            initrd=boot / guest.initrd if guest.initrd else None, cmdline=guest.cmdline,
+            drives=tuple(GuestDrive(disk.name, nbd_socket=service.socket(disk.name)) for disk in vm.disks),
             memory_mb=guest.memory_mb, accel=self.accel, network=network, guest_agent=guest.guest_agent,
+            boot_drive=guest.boot_disk,  # the disk as the tracker serves it: its boot loader's reads are NBD reads
         )
         try:
             return runtime.start(spec)

@@ -20,8 +20,9 @@ from pathlib import Path
 from datapath.disk import FORMATS, create_disk, parse_size
 from datapath.durable import fsync_directory, replace_file
 from datapath.errors import PathOutsideRootError
+from datapath.vhd import MAX_VIRTUAL_SIZE
 
-from .errors import NetworkConfigError, VmExistsError, VmManifestError, VmNotFoundError, VmSpecError
+from .errors import InvalidNameError, NetworkConfigError, VmExistsError, VmManifestError, VmNotFoundError, VmSpecError
 from .guestdef import BOOT_DIR, GuestDefinition
 from .images import checked_source, copy_boot_file, copy_image, image_format
 from .vm import (
@@ -95,12 +96,18 @@ class VmStore:
             if disk in imported and imported[disk][1] != size:
                 raise VmSpecError(f"VM {name!r} disk {disk!r}: the image holds {imported[disk][1]} bytes, the "
                                   f"disk is to be {size}")
+        if guest is not None:
+            guest.check_boot_disk([disk for disk, _, _ in disk_specs], f"VM {name!r}")
         boot_sources = self._check_boot_files(name, guest, boot_files)
         adapters = [
             NetworkAdapter(f"nic{i}", validate_segment(network, "network")) for i, network in enumerate(networks)
         ]
         if generation not in VM_GENERATIONS:
             raise VmSpecError(f"VM {name!r}: generation must be 1 or 2, got {generation!r}")
+        if guest is not None and guest.boot_disk is not None and generation != 1:
+            # QEMU guests boot with SeaBIOS (a BIOS, generation 1): a generation 2 disk expects UEFI firmware.
+            raise VmSpecError(f"VM {name!r}: a guest booting from its disk boots through a BIOS (generation 1); "
+                              f"UEFI firmware for generation {generation} is not supported")
         if folder.exists():
             raise VmExistsError(f"VM {name!r} already exists on host {self.name!r} ({folder})")
 
@@ -115,7 +122,7 @@ class VmStore:
                 if disk_name in sources:
                     copy_image(sources[disk_name], staging / file)
                 vm_disks.append(VirtualDisk(str(uuid.uuid4()), disk_name, file, size, fmt, folder / file))
-            if guest is not None:
+            if guest is not None and guest.boot_files:  # a guest booting from its disk has none
                 (staging / BOOT_DIR).mkdir()
                 hashes = {file: copy_boot_file(path, staging / BOOT_DIR / file) for file, path in boot_sources.items()}
                 wrong = [file for file, digest in hashes.items() if guest.hashes.get(file, digest) != digest]
@@ -143,6 +150,9 @@ class VmStore:
                 raise VmSpecError(f"VM {name!r}: boot files given for a VM without a guest definition")
             return {}
         given = dict(boot_files or {})
+        if guest.boot_disk is not None and given:
+            raise VmSpecError(f"VM {name!r}: its guest boots from its disk {guest.boot_disk!r}, whose boot loader "
+                              f"loads the kernel: it takes no boot files (got {sorted(given)})")
         if set(given) != set(guest.boot_files):
             raise VmSpecError(f"VM {name!r}: its guest definition boots {guest.boot_files}; give a file for each "
                               f"(got {sorted(given)})")
@@ -196,6 +206,13 @@ class VmStore:
             if fmt not in FORMATS:
                 raise VmSpecError(f"VM {vm_name!r} disk {disk_name!r}: format must be raw or vhd, got {fmt!r}")
             try:
+                # Its file's name is read back by the same rule (a manifest's files are checked as they are read):
+                # a 61- to 64-character disk name would make a VM nobody could read, register or delete.
+                validate_segment(disk_name + DISK_SUFFIX[fmt], "disk file")
+            except InvalidNameError:
+                raise VmSpecError(f"VM {vm_name!r} disk {disk_name!r}: a disk name is at most 60 characters (its "
+                                  f"file, with {DISK_SUFFIX[fmt]!r}, at most 64)") from None
+            try:
                 size_bytes = parse_size(size) if isinstance(size, str) else size
             except ValueError as exc:
                 raise VmSpecError(f"VM {vm_name!r} disk {disk_name!r}: {exc}") from None
@@ -204,6 +221,13 @@ class VmStore:
                 raise VmSpecError(
                     f"VM {vm_name!r} disk {disk_name!r}: size must be a positive whole number of MiB "
                     f"(the replica is a fixed VHD), got {size!r}"
+                )
+            # And at most what a fixed VHD holds, whatever the disk's own format: a larger raw disk could never
+            # be replicated (and one past what the file system or the OS allows could not even be created).
+            if size_bytes > MAX_VIRTUAL_SIZE:
+                raise VmSpecError(
+                    f"VM {vm_name!r} disk {disk_name!r}: size is at most {MAX_VIRTUAL_SIZE // MIB} MiB "
+                    f"(the replica is a fixed VHD, at most 8 TiB with its footer), got {size!r}"
                 )
             specs.append((disk_name, size_bytes, fmt))
         return specs
@@ -235,6 +259,8 @@ class VmStore:
             ]
             quiesce = data.get("quiesce") or {}
             guest = None if data.get("guest") is None else GuestDefinition.from_manifest(data["guest"], where)
+            if guest is not None:
+                guest.check_boot_disk([disk.name for disk in disks], where)
             return VirtualMachine(
                 name, str(uuid.UUID(data["id"])), data["generation"], data["state"], disks, adapters, folder, self.name,
                 checked_command(quiesce.get("pre"), f"{where}: quiesce pre command", VmManifestError),

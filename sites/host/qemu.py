@@ -1,5 +1,9 @@
 """The QEMU runtime: boots a VM as a real QEMU guest, finds it again, powers it down.
 
+A guest boots either "direct kernel" (QEMU loads its kernel and initrd files, with their command line) or
+from one of its drives (`GuestSpec.boot_drive`): SeaBIOS runs that drive's boot sector, as a BIOS boots a
+real machine's OS disk, and no kernel file is involved.
+
 Celery-free and stateless: everything about a running guest is in its folder, so any process (a worker
 restarted since) finds it again. While it runs the folder holds `qemu.pid` (QEMU's pid, its start time,
 and where its sockets are), `console.log` (the guest's serial console; the previous boot's is kept as
@@ -66,7 +70,8 @@ class GuestDrive:
 class GuestSpec:
     folder: Path
     """Runtime files go here: qemu.pid, console.log, qemu.log (and the sockets, when its path is short)."""
-    kernel: Path
+    kernel: Path | None
+    """Booted directly by QEMU (-kernel), with `initrd` and `cmdline`; None with `boot_drive`."""
     initrd: Path | None
     cmdline: str
     drives: tuple[GuestDrive, ...]
@@ -78,6 +83,9 @@ class GuestSpec:
     """"none", "isolated" (a NIC with no route out) or "user" (QEMU's user-mode NAT)."""
     guest_agent: bool = True
     """A virtio-serial channel org.qemu.guest_agent.0 on qga.sock."""
+    boot_drive: str | None = None
+    """The name of the drive the BIOS (SeaBIOS) boots from, its boot loader loading the kernel, instead of
+    QEMU loading `kernel` (which must then be None: the disk's boot loader has its own command line)."""
 
 
 @dataclass(frozen=True)
@@ -231,9 +239,18 @@ class QemuRuntime:
 
     # ---- internals ----------------------------------------------------------------------------------
     def _command(self, spec: GuestSpec, folder: Path, sockets: Path) -> list[str]:
-        kernel = Path(spec.kernel).resolve()
-        if not kernel.is_file():
-            raise GuestError(f"kernel {kernel} of guest {folder} does not exist")
+        names = [drive.name for drive in spec.drives]
+        if spec.boot_drive is not None:
+            if spec.kernel is not None or spec.initrd is not None or spec.cmdline:
+                raise GuestError(f"guest {folder} boots from drive {spec.boot_drive!r}: its boot loader loads the "
+                                 f"kernel, so give no kernel, initrd or command line")
+            if spec.boot_drive not in names:
+                raise GuestError(f"guest {folder} boots from drive {spec.boot_drive!r}, which it does not have "
+                                 f"(its drives: {', '.join(names) or 'none'})")
+        elif spec.kernel is None:
+            raise GuestError(f"guest {folder} needs a kernel or a boot drive")
+        elif not Path(spec.kernel).resolve().is_file():
+            raise GuestError(f"kernel {Path(spec.kernel).resolve()} of guest {folder} does not exist")
         if spec.initrd is not None and not Path(spec.initrd).is_file():
             raise GuestError(f"initrd {spec.initrd} of guest {folder} does not exist")
         if spec.accel not in ACCELERATORS:
@@ -246,18 +263,21 @@ class QemuRuntime:
             raise GuestError("the kernel command line must be one line")
         command = [
             self.qemu_binary, "-nodefaults", "-nographic", "-no-reboot", "-machine", "pc", "-accel", spec.accel,
-            "-m", str(spec.memory_mb), "-kernel", str(kernel), "-append", spec.cmdline,
+            "-m", str(spec.memory_mb),
             "-chardev", f"file,id=console,path={_option(folder / CONSOLE_LOG)}", "-serial", "chardev:console",
             "-qmp", f"unix:{_option(sockets / QMP_SOCKET)},server=on,wait=off",
         ]
+        if spec.kernel is not None:
+            command += ["-kernel", str(Path(spec.kernel).resolve()), "-append", spec.cmdline]
         if spec.initrd is not None:
             command += ["-initrd", str(Path(spec.initrd).resolve())]
-        names = [drive.name for drive in spec.drives]
         if len(set(names)) != len(names):
             raise GuestError(f"drive names of guest {folder} are not unique: {names}")
         for index, drive in enumerate(spec.drives):
+            # bootindex: SeaBIOS tries that drive first (and only it: -nodefaults leaves no other boot device).
+            boot = ",bootindex=0" if drive.name == spec.boot_drive else ""
             command += ["-blockdev", json.dumps(self._blockdev(drive, index, folder, sockets)),
-                        "-device", f"virtio-blk-pci,drive=disk{index},serial={_option(drive.name[:20])}"]
+                        "-device", f"virtio-blk-pci,drive=disk{index},serial={_option(drive.name[:20])}{boot}"]
         if spec.network != "none":
             restrict = ",restrict=on" if spec.network == "isolated" else ""
             command += ["-netdev", f"user,id=net0{restrict}", "-device", "virtio-net-pci,netdev=net0"]

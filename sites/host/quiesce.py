@@ -3,7 +3,7 @@
 The host talks to the workload through files in the VM's folder: `workload.freeze` asks it to hold its
 writes (holding the request's token), `workload.frozen` is its answer (holding the token it honours),
 and `quiesce.lock` is held by the quiescer for the whole quiesce. Pre and post commands run around
-the consistent point.
+the consistent point, with a minimal environment (sites/childprocess.py).
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from sites.childprocess import minimal_env
 
 from .errors import QuiesceError, VmSpecError
 from .processes import LOG_TAIL_BYTES
@@ -153,7 +155,9 @@ class Quiesce(WorkloadSupervisor):
         if not argv:
             return
         where = f"VM {vm.name!r} on host {self.name!r}: quiesce {phase} command {list(argv)!r}"
-        env = dict(os.environ, ASR_VM=vm.name, ASR_HOST=self.name, ASR_VM_DIR=str(vm.path))
+        # Nothing of the agent's own environment (its database and broker URLs, storage credentials, host key):
+        # PATH, LANG and the VM's variables only.
+        env = minimal_env({"ASR_VM": vm.name, "ASR_HOST": self.name, "ASR_VM_DIR": str(vm.path)})
         try:
             process = subprocess.Popen(
                 argv, cwd=vm.path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

@@ -73,6 +73,11 @@ class RecoveryStorage(ABC):
         """Store an object atomically (readers see the old one or the whole new one); return its size."""
 
     @abstractmethod
+    def put_new_object(self, name: str, data: bytes) -> bool:
+        """Store a small object only if none of that name exists, atomically (of two processes racing, one
+        stores and the other finds its object); True if this call stored it."""
+
+    @abstractmethod
     def get_object(self, name: str, dst: BinaryIO) -> int:
         """Stream an object into `dst`; return bytes written. ObjectNotFoundError when missing."""
 

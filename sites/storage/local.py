@@ -3,7 +3,8 @@
 Every name becomes a path under the root. Names come from outside, so besides `validate_name` each path
 is resolved (symlinks included) and must stay inside the root before anything is read or created.
 Files appear whole or not at all: they are written under a hidden temporary name in the same
-directory, made durable, then renamed into place.
+directory, made durable, then renamed into place. What it creates is its owner's only: files 0600 (the
+temporary ones too), folders 0700, whatever the umask (`datapath.private`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -24,6 +26,7 @@ from datapath.errors import (
     PathOutsideRootError,
     SizeMismatchError,
 )
+from datapath.private import DIRECTORY_MODE, FILE_MODE, make_private_directories
 from datapath.vhd import check_fixed_vhd_size
 
 from .base import ObjectNotFoundError, RecoveryStorage, validate_name
@@ -58,7 +61,7 @@ class LocalDirectoryStorage(RecoveryStorage):
         self.parallelism = parallelism
         requested = Path(root).expanduser()
         try:
-            requested.mkdir(parents=True, exist_ok=True)
+            make_private_directories(requested)
         except FileExistsError as error:
             raise NotADirectoryError(f"storage root {requested} exists and is not a directory") from error
         self.root = requested.resolve(strict=True)
@@ -90,7 +93,7 @@ class LocalDirectoryStorage(RecoveryStorage):
         # Built under a hidden name and linked into place, so the disk never appears without its
         # footer and an existing one is never replaced.
         staging = path.with_name(f"{_HIDDEN_PREFIX}{path.name}.{uuid.uuid4().hex}.creating")
-        create_disk(staging, size, fmt="vhd")
+        create_disk(staging, size, fmt="vhd")  # 0600 (datapath.disk)
         try:
             try:
                 os.link(staging, path)
@@ -139,6 +142,25 @@ class LocalDirectoryStorage(RecoveryStorage):
     # ---- objects -------------------------------------------------------------------------------
     def put_object(self, name: str, src: BinaryIO | bytes) -> int:
         path = self.path(name)
+        with self._staged(name, path, src) as (staging, size):
+            os.replace(staging, path)
+        fsync_directory(path.parent)
+        return size
+
+    def put_new_object(self, name: str, data: bytes) -> bool:
+        path = self.path(name)
+        with self._staged(name, path, data) as (staging, _):
+            try:
+                os.link(staging, path)  # never replaces an existing file
+            except FileExistsError:
+                return False
+        fsync_directory(path.parent)
+        return True
+
+    @contextmanager
+    def _staged(self, name: str, path: Path, src: BinaryIO | bytes) -> Iterator[tuple[Path, int]]:
+        """A hidden file beside `path` holding `src`, private (FILE_MODE) and fsynced, with its size, for the
+        caller to move into place; removed afterwards whatever happened (moved already, it is gone)."""
         self._make_parents(path)
         fd, staging_name = tempfile.mkstemp(
             prefix=f"{_HIDDEN_PREFIX}{path.name}.", suffix=".partial", dir=path.parent
@@ -146,7 +168,7 @@ class LocalDirectoryStorage(RecoveryStorage):
         staging = Path(staging_name)
         try:
             with open(fd, "wb") as out:
-                os.fchmod(out.fileno(), 0o644)
+                os.fchmod(out.fileno(), FILE_MODE)
                 if isinstance(src, (bytes, bytearray, memoryview)):
                     out.write(src)
                 else:
@@ -154,16 +176,12 @@ class LocalDirectoryStorage(RecoveryStorage):
                 size = out.tell()
                 out.flush()
                 os.fsync(out.fileno())
-            os.replace(staging, path)
+            yield staging, size
         except OSError as error:
-            staging.unlink(missing_ok=True)
             _raise_if_no_space(error, f"storing object {name} in {self.root}")
             raise
-        except BaseException:
+        finally:
             staging.unlink(missing_ok=True)
-            raise
-        fsync_directory(path.parent)
-        return size
 
     def get_object(self, name: str, dst: BinaryIO) -> int:
         with self._open_object(name) as src:
@@ -235,7 +253,8 @@ class LocalDirectoryStorage(RecoveryStorage):
             parent = parent.parent
         for directory in reversed(missing):
             try:
-                directory.mkdir(exist_ok=True)
+                directory.mkdir(mode=DIRECTORY_MODE, exist_ok=True)
+                os.chmod(directory, DIRECTORY_MODE)
             except OSError as error:
                 _raise_if_no_space(error, f"creating directory {directory}")
                 raise

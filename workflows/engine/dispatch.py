@@ -7,7 +7,8 @@ and unit tests install their own with `use_dispatcher` to run the engine's decis
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 
 class DispatchError(Exception):
@@ -15,12 +16,26 @@ class DispatchError(Exception):
     stays; the reconciler sends it again later."""
 
 
-class StepMessage(Protocol):
-    """What a step's message needs: the step's id, its queue and its action (a JobStep row has them)."""
+@dataclass(frozen=True)
+class StepMessage:
+    """What a step's message carries: the step's id, its queue and its action; and, for the people who
+    read Flower's task list and the worker logs, what it is about (`describe`)."""
 
     id: str
     queue: str
     action: str
+    job_id: str | None = None
+    job_kind: str | None = None
+    vm: str | None = None  # the VM of a one-VM job
+    plan: str | None = None  # the recovery plan of a plan's job (its steps' names name their VMs)
+    step_name: str | None = None
+    attempt: int | None = None  # the attempt the message is sent for (1 the first time)
+
+    def describe(self) -> dict[str, Any]:
+        """The message's subject as plain values, those known: job kind, VM or plan, step, attempt, job."""
+        fields = {"job": self.job_kind, "vm": self.vm, "plan": self.plan, "step": self.step_name,
+                  "attempt": self.attempt, "job_id": self.job_id}
+        return {key: value for key, value in fields.items() if value is not None}
 
 
 class Dispatcher(Protocol):
@@ -30,6 +45,11 @@ class Dispatcher(Protocol):
 
     def dispatch_hooks(self, job_id: str) -> None:
         """Have an orchestration worker run the settled job's hooks. DispatchError when the broker refuses."""
+
+    def report_lost_run(self, task_id: str, *, failed: bool, reason: str) -> None:
+        """Tell the workers' monitor (Flower) how the message `task_id` ended when no worker could: its run
+        died with its worker and the reconciler found it. `failed`: the step failed as a poison message;
+        otherwise it runs again (a retry). Best effort: never raises."""
 
 
 _current: Dispatcher | None = None

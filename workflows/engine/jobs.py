@@ -29,7 +29,7 @@ from models.jobs import (
     StepState,
 )
 from workflows import clock
-from workflows.engine.dispatch import DispatchError, dispatcher
+from workflows.engine.dispatch import DispatchError, StepMessage, dispatcher
 from workflows.engine.errors import ItemBusyError, JobNotFoundError, JobStateError, class_name
 from workflows.engine.registry import (
     HOST_QUEUE_PREFIX,
@@ -294,6 +294,12 @@ def advance(job_id: str, finished_stage: int) -> list[str]:
         ).values(state=StepState.queued, queued_at=stamp).returning(
             JobStep.index, JobStep.id, JobStep.queue, JobStep.action,
         )).all()
+        last_stage = not rows and not session.exec(select(sa.func.count()).select_from(JobStep).where(
+            JobStep.job_id == job_id, JobStep.stage > finished_stage,
+        )).one()
+    if last_stage:
+        finish_when_every_step_is_done(job_id)
+        return []
     sent = [StepRoute(step_id, queue, action) for _, step_id, queue, action in sorted(rows)]
     if sent:
         try:
@@ -304,10 +310,22 @@ def advance(job_id: str, finished_stage: int) -> list[str]:
             return []
     return [step.id for step in sent]
 
+def finish_when_every_step_is_done(job_id: str) -> bool:
+    """End the active job whose every step is done, if the steps that completed it did not; True if this
+    call ended it (its hooks dispatched). Two steps succeeding at once each checked for the end in its own
+    transaction, where the other was still running (PostgreSQL's READ COMMITTED; SQLite runs one writer at
+    a time), so neither ended it: this is called after both committed (by `advance`, and by the reconciler)."""
+    with session_scope() as session:
+        settled = finish_if_complete(session.connection(), job_id, clock.now())
+    if settled:
+        dispatch_hooks(job_id)
+    return settled
+
+
 def _send_stage(steps: Sequence[JobStep | StepRoute], stamp: datetime) -> None:
     """Send one stage's steps, marked queued at `stamp`."""
     try:
-        dispatcher().send_stage(steps)
+        dispatcher().send_stage(_messages(steps))
     except BaseException:
         # Nothing was sent: pending again, which the reconciler relaunches as a lost continuation.
         with session_scope() as session:
@@ -316,6 +334,37 @@ def _send_stage(steps: Sequence[JobStep | StepRoute], stamp: datetime) -> None:
                 JobStep.queued_at == stamp,
             ).values(state=StepState.pending))
         raise
+
+
+def _messages(steps: Sequence[JobStep | StepRoute]) -> list[StepMessage]:
+    """The steps' messages, each described from its row and its job's (one read for the stage): what the
+    worker logs and Flower show of a task besides its name."""
+    try:
+        with session_scope() as session:
+            rows = session.exec(select(JobStep.id, JobStep.name, JobStep.attempts, Job.id, Job.kind, Job.params)
+                                .join(Job, Job.id == JobStep.job_id)
+                                .where(JobStep.id.in_([step.id for step in steps]))).all()
+    except sa.exc.SQLAlchemyError as exc:
+        # The description is for people: a step is sent all the same, unnamed.
+        logger.warning("steps sent without their description (it could not be read): %s", exc)
+        rows = []
+    described = {step_id: (name, attempts, job_id, kind, params or {})
+                 for step_id, name, attempts, job_id, kind, params in rows}
+    messages = []
+    for step in steps:
+        if step.id not in described:
+            messages.append(StepMessage(step.id, step.queue, step.action))
+            continue
+        name, attempts, job_id, kind, params = described[step.id]
+        messages.append(StepMessage(
+            step.id, step.queue, step.action, job_id=job_id, job_kind=kind, vm=_text_or_none(params.get("vm")),
+            plan=_text_or_none(params.get("plan")), step_name=name, attempt=attempts + 1,
+        ))
+    return messages
+
+
+def _text_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def retry_now(job_id: str) -> list[str]:

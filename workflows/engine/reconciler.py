@@ -17,8 +17,17 @@ from sqlmodel import select
 from models.db import session_scope
 from models.jobs import ACTIVE_JOB_STATES, DONE_STEP_STATES, FINISHED_JOB_STATES, Job, JobStep, StepState
 from workflows import clock
+from workflows.engine.dispatch import dispatcher
 from workflows.engine.errors import PoisonStepError, class_name, poison_reason
-from workflows.engine.jobs import dispatch_hooks, fail_job, launch, retry_due, run_job_hooks, settle
+from workflows.engine.jobs import (
+    dispatch_hooks,
+    fail_job,
+    finish_when_every_step_is_done,
+    launch,
+    retry_due,
+    run_job_hooks,
+    settle,
+)
 from workflows.engine.statements import update_rows
 from workflows.settings import EngineSettings
 
@@ -44,9 +53,14 @@ def reconcile() -> dict[str, int]:
         )).all() if jobs else []
     steps_by_job = {job_id: list(job_steps) for job_id, job_steps in groupby(steps, key=lambda s: s.job_id)}
     for job in jobs:
-        reason = relaunch_reason(job, steps_by_job.get(job.id, []), now, settings)
+        job_steps = steps_by_job.get(job.id, [])
+        reason = relaunch_reason(job, job_steps, now, settings)
         if reason and launch(job.id):
             report[reason] += 1
+        elif job_steps and all(step.state in DONE_STEP_STATES for step in job_steps) \
+                and finish_when_every_step_is_done(job.id):
+            # Every step done, the job still active: the steps' own ends missed it (see the function).
+            report["finished"] += 1
     with session_scope() as session:
         unhooked = session.exec(select(Job.id).where(
             Job.hook_pending.is_(True), Job.settled_at < stale_before,
@@ -141,6 +155,11 @@ def _recover_stale_step(step_id: str, stale_before: datetime, settings: EngineSe
         return "raced"
     if settled:
         dispatch_hooks(job.id)
+    if step.celery_task_id is not None and outcome != "stopped":
+        # No worker reports how the dead run's task ended: the reconciler does.
+        dispatcher().report_lost_run(step.celery_task_id, failed=outcome == "poisoned",
+                                     reason=poison_reason(deaths) if outcome == "poisoned" else
+                                     f"{step.name}: its worker died while running it; the engine runs it again")
     if outcome == "relaunched_stale":
         logger.warning("step %s (%s) of job %s lost its worker (death %d); relaunching", step_id, step.name,
                        job.id, deaths)

@@ -13,7 +13,7 @@ import threading
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import redis
@@ -64,6 +64,13 @@ PROGRESS_PUBLISH_INTERVAL_S = 0.5
 class StepOutcome:
     advance: bool  # the step is done: the canvas may go on to what follows it
     state: StepState | None  # the step's state as this run left it (None: the step does not exist)
+    own: bool = True
+    """Whether `state` is this message's doing: its run recorded it, or the step's last run was this very
+    message's (a redelivery after that run recorded and died). False for a message that did not run the
+    step (a duplicate, one whose step another run owns or that is over): the state is someone else's."""
+    step_name: str | None = None
+    error: str | None = None  # why the step failed or waits for a retry
+    next_attempt_at: datetime | None = None  # when the engine runs a step waiting for a retry again
 
 
 class StepContext:
@@ -281,7 +288,7 @@ def execute_step(step_id: str, *, task_id: str, worker: str, emit_event: EventEm
     lease = new_id()
     step = _claim(step_id, task_id=task_id, worker=worker, lease=lease, stale_after_s=settings.stale_after_s)
     if step is None:
-        return _unclaimed(step_id)
+        return _unclaimed(step_id, task_id)
     if step.deaths >= settings.max_step_deaths:
         return _fail_step(step, lease, poison_reason(step.deaths), class_name(PoisonStepError))
     fn = registered_actions.get(step.action)
@@ -339,17 +346,22 @@ def refuse_unknown_step_task(step_id: str, task_name: str, worker: str) -> bool:
     return bool(failed)
 
 
-def _unclaimed(step_id: str) -> StepOutcome:
+def _unclaimed(step_id: str, task_id: str) -> StepOutcome:
     with session_scope() as session:
         step = session.get(JobStep, step_id)
     if step is None:
         logger.warning("run_step for unknown step %s ignored", step_id)
-        return StepOutcome(advance=False, state=None)
+        return StepOutcome(advance=False, state=None, own=False)
     done = step.state in DONE_STEP_STATES
     if done:
         # A redelivery after a crash just after the commit: the job must still go on.
         _advance(step.job_id, step.stage)
-    return StepOutcome(advance=done, state=step.state)
+    # A step whose last run was this message's and is not running any more (the run recorded its outcome
+    # and died before the message was acknowledged, or the reconciler failed it as a poison message):
+    # its outcome is this message's.
+    own = step.celery_task_id == task_id and step.state != StepState.running
+    return StepOutcome(advance=done, state=step.state, own=own, step_name=step.name, error=step.error,
+                       next_attempt_at=step.next_attempt_at)
 
 
 def _succeed_step(
@@ -368,7 +380,7 @@ def _succeed_step(
         dispatch_hooks(step.job_id)
     else:
         _advance(step.job_id, step.stage)
-    return StepOutcome(advance=True, state=StepState.succeeded)
+    return StepOutcome(advance=True, state=StepState.succeeded, step_name=step.name)
 
 
 def _advance(job_id: str, stage: int) -> None:
@@ -394,7 +406,8 @@ def _wait_for_retry(step: _ClaimedStep, lease: str, exc: BaseException) -> StepO
             refresh_job_state(session.connection(), step.job_id)
     if not recorded:
         return _stand_down(step)
-    return StepOutcome(advance=False, state=StepState.waiting_retry)
+    return StepOutcome(advance=False, state=StepState.waiting_retry, step_name=step.name, error=error_text(exc),
+                       next_attempt_at=next_attempt_at)
 
 
 def _await_operator(step: _ClaimedStep, lease: str, instructions: str) -> StepOutcome:
@@ -411,7 +424,7 @@ def _await_operator(step: _ClaimedStep, lease: str, instructions: str) -> StepOu
     if not recorded:
         return _stand_down(step)
     logger.info("step %s (%s) of job %s waits for an operator: %s", step.id, step.name, step.job_id, instructions)
-    return StepOutcome(advance=False, state=StepState.waiting_action)
+    return StepOutcome(advance=False, state=StepState.waiting_action, step_name=step.name)
 
 
 def _fail_step(step: _ClaimedStep, lease: str, error: str, error_class: str) -> StepOutcome:
@@ -425,7 +438,7 @@ def _fail_step(step: _ClaimedStep, lease: str, error: str, error_class: str) -> 
         return _stand_down(step)
     if settled:
         dispatch_hooks(step.job_id)
-    return StepOutcome(advance=False, state=StepState.failed)
+    return StepOutcome(advance=False, state=StepState.failed, step_name=step.name, error=error)
 
 
 def _stand_down(step: _ClaimedStep) -> StepOutcome:
@@ -440,5 +453,5 @@ def _stand_down(step: _ClaimedStep) -> StepOutcome:
         state = session.get(JobStep, step.id).state
     if settled:
         dispatch_hooks(step.job_id)
-    return StepOutcome(advance=False, state=state)
+    return StepOutcome(advance=False, state=state, own=False, step_name=step.name)
 

@@ -16,6 +16,7 @@ from workflows.kinds import (  # noqa: F401  (each module declares its kind when
     initial_replication,
     planned_failover,
     recovery_plan,
+    resync_preview,
     resynchronize,
     reverse_replication,
     test_failover,

@@ -4,10 +4,10 @@
 A plan's job holds the lock of the plan and of every protected item in it, so nothing else runs on those
 VMs meanwhile. Its stages: for each group in order, the group's "before" actions one after another, then
 every VM of the group side by side (stage k of the group runs stage k of each VM's own failover or
-failback, as one Celery group), then the group's "after" actions. A script action runs on an
-orchestration worker and fails the job when it exits non-zero; a manual action pauses the job until it
-is resumed. The per-VM requests and stages are exactly those of the one-VM kinds, so a VM in a plan is
-checked, restored and verified the same way.
+failback, as one Celery group), then the group's "after" actions. A script action runs a script
+registered on the orchestration workers (tasks/plans.py) and fails the job when it exits non-zero; a
+manual action pauses the job until it is resumed. The per-VM requests and stages are exactly those of
+the one-VM kinds, so a VM in a plan is checked, restored and verified the same way.
 """
 from __future__ import annotations
 
@@ -64,9 +64,10 @@ class PlanRequest:
 def _action_stage(group: PlanGroup, when: str, action: dict[str, Any], plan_id: str) -> list[StepSpec]:
     label = f"Group {group.name}: {when} action {action['name']}"
     if action["kind"] == "script":
+        # A plan stored with a command line never gets here: validate_plan refuses it (models.plans).
         return [StepSpec(label, A.RUN_SCRIPT, ORCHESTRATION_QUEUE,
-                         {"plan_id": plan_id, "command": list(action["command"]),
-                          "timeout_s": float(action.get("timeout_s", 300))})]
+                         {"plan_id": plan_id, "script": action["script"], "args": dict(action.get("args") or {}),
+                          "timeout_s": float(action["timeout_s"])})]
     return [StepSpec(label, A.MANUAL_ACTION, ORCHESTRATION_QUEUE,
                      {"plan_id": plan_id, "instructions": action["instructions"]})]
 

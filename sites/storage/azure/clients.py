@@ -23,7 +23,10 @@ SDK_RETRY_BACKOFF_S = 0.5
 class ClientFactory:
     """Builds SDK clients that share the credentials and the short timeouts and retries."""
 
-    def __init__(self, connection_string: str | None, account_url: str | None, credential: Any):
+    def __init__(self, connection_string: str | None, account_url: str | None, credential: Any,
+                 ca_file: str | None = None):
+        """`ca_file`: the CA (PEM) an https endpoint's certificate is verified with (a private CA's, as
+        Azurite's with --cert); default the system's CAs."""
         if (connection_string is None) == (account_url is None):
             raise ValueError("pass exactly one of connection_string or account_url (with credential)")
         if connection_string is not None and credential is not None:
@@ -31,10 +34,12 @@ class ClientFactory:
         self._connection_string = connection_string
         self._account_url = account_url
         self._credential = credential
+        # azure-core's connection_verify: True (system CAs) or the path of a CA bundle; never False.
+        self._verify: bool | str = str(ca_file) if ca_file is not None else True
 
-    @staticmethod
-    def _options(**extra: Any) -> dict[str, Any]:
+    def _options(self, **extra: Any) -> dict[str, Any]:
         return {
+            "connection_verify": self._verify,
             "retry_policy": LinearRetry(
                 backoff=SDK_RETRY_BACKOFF_S, random_jitter_range=SDK_RETRY_BACKOFF_S,
                 retry_total=SDK_RETRIES,
@@ -59,7 +64,8 @@ class ClientFactory:
         )
         session.mount("http://", adapter)
         session.mount("https://", adapter)
-        options = self._options(transport=RequestsTransport(session=session, session_owner=True))
+        options = self._options(transport=RequestsTransport(session=session, session_owner=True,
+                                                            connection_verify=self._verify))
         if self._connection_string is not None:
             return BlobClient.from_connection_string(
                 self._connection_string, container_name=container, blob_name=blob, **options

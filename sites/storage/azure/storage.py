@@ -34,7 +34,8 @@ class AzureBlobStorage(RecoveryStorage):
     """Replica disks as page blobs holding fixed VHDs; shipped logs, state and manifests as block blobs,
     all in one container.
 
-    `parallelism` is the number of requests each open disk keeps in flight (1..32, default 4)."""
+    `parallelism` is the number of requests each open disk keeps in flight (1..32, default 4); `ca_file`
+    verifies an https endpoint's certificate (default: the system's CAs)."""
 
     def __init__(
         self,
@@ -45,10 +46,11 @@ class AzureBlobStorage(RecoveryStorage):
         credential: Any = None,
         parallelism: int = DEFAULT_PARALLELISM,
         create_container: bool = True,
+        ca_file: str | None = None,
     ):
         self.container = check_container_name(container)
         self.parallelism = check_parallelism(parallelism)
-        self._clients = ClientFactory(connection_string, account_url, credential)
+        self._clients = ClientFactory(connection_string, account_url, credential, ca_file)
         self._service = self._clients.service()
         self._container = self._service.get_container_client(container)
         # Without the query string: it would carry a SAS token into error messages and logs.
@@ -160,6 +162,17 @@ class AzureBlobStorage(RecoveryStorage):
             reader = _CountingReader(src)
             blob.upload_blob(reader, blob_type=BlobType.BLOCKBLOB, overwrite=True)
             return reader.count
+
+    def put_new_object(self, name: str, data: bytes) -> bool:
+        validate_name(name)
+        blob = self._container.get_blob_client(name)
+        with self._account.calling("storing a new object", name):
+            try:
+                # If-None-Match: * : an existing object is never replaced.
+                blob.upload_blob(bytes(data), blob_type=BlobType.BLOCKBLOB, overwrite=False)
+            except ResourceExistsError:
+                return False
+        return True
 
     def get_object(self, name: str, dst: BinaryIO) -> int:
         validate_name(name)

@@ -1,0 +1,199 @@
+"""Objects of the recovery storage sealed with AES-256-GCM in segments, so they stream both ways.
+
+Layout (docs/formats.md, "Encrypted recovery storage"): a 48-byte header, then the plaintext in segments of
+`segment size` bytes (the last one 0 to `segment size` bytes), each followed by its 16-byte GCM tag. The
+object's key is derived from its folder's data key, a random salt in the header and the object's name; each
+segment's nonce is its index and a last-segment flag, and its associated data the header, the name, the
+index and the flag. So a segment changed, dropped, reordered, moved to another object, an object truncated
+(its last segment lost) or stored under another name fails authentication.
+
+A reader hands out a segment's plaintext only after its tag checked; an object that fails anywhere raises
+ObjectAuthenticationError naming it, so a caller that gets an error uses nothing it was given.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from typing import BinaryIO
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from datapath.errors import ObjectAuthenticationError
+
+from .keys import KEY_ID_BYTES, DataKey
+
+MAGIC = b"ASRSEAL1"
+FORMAT_VERSION = 1
+HEADER = struct.Struct("<8sHHI16s16s")
+HEADER_SIZE = HEADER.size  # 48
+TAG_SIZE = 16
+SALT_SIZE = 16
+SEGMENT_SIZE = 1024 * 1024
+MAX_SEGMENT_SIZE = 16 * 1024 * 1024
+_PURPOSE = b"asr-object-aes-gcm-v1"
+
+
+def _nonce(index: int, last: bool) -> bytes:
+    return struct.pack("<QB3x", index, 1 if last else 0)
+
+
+def _aad(header: bytes, name: str, index: int, last: bool) -> bytes:
+    encoded = name.encode()
+    return header + struct.pack("<I", len(encoded)) + encoded + struct.pack("<QB", index, 1 if last else 0)
+
+
+def sealed_size(plain_size: int, segment_size: int = SEGMENT_SIZE) -> int:
+    segments = max(1, -(-plain_size // segment_size))
+    return HEADER_SIZE + plain_size + segments * TAG_SIZE
+
+
+class Sealer:
+    """Seals one object's plaintext segment by segment (`header`, then `seal(segment, last)` in order)."""
+
+    def __init__(self, data_key: DataKey, name: str, segment_size: int = SEGMENT_SIZE):
+        salt = os.urandom(SALT_SIZE)
+        self.name = name
+        self.segment_size = segment_size
+        self.header = HEADER.pack(MAGIC, FORMAT_VERSION, HEADER_SIZE, segment_size,
+                                  bytes.fromhex(data_key.key_id), salt)
+        self._aead = AESGCM(data_key.derive(_PURPOSE, name, 32, salt))
+        self._index = 0
+
+    def seal(self, segment: bytes, last: bool) -> bytes:
+        sealed = self._aead.encrypt(_nonce(self._index, last), segment, _aad(self.header, self.name, self._index, last))
+        self._index += 1
+        return sealed
+
+
+def seal_bytes(data: bytes, data_key: DataKey, name: str, segment_size: int = SEGMENT_SIZE) -> bytes:
+    sealer = Sealer(data_key, name, segment_size)
+    parts = [sealer.header]
+    view = memoryview(data)
+    offsets = range(0, max(len(view), 1), segment_size)
+    for n, start in enumerate(offsets):
+        parts.append(sealer.seal(bytes(view[start:start + segment_size]), n == len(offsets) - 1))
+    return b"".join(parts)
+
+
+class SealingReader:
+    """A reader of the sealed object of `src`'s plaintext, for a backend's `put_object` to stream."""
+
+    def __init__(self, src: BinaryIO, data_key: DataKey, name: str, segment_size: int = SEGMENT_SIZE):
+        self._src = src
+        self._sealer = Sealer(data_key, name, segment_size)
+        self._pending = bytearray(self._sealer.header)
+        self._next = self._read_segment()
+        self._done = False
+        self.plain_bytes = 0
+
+    def _read_segment(self) -> bytes:
+        parts, wanted = [], self._sealer.segment_size
+        while wanted:
+            piece = self._src.read(wanted)
+            if not piece:
+                break
+            parts.append(piece)
+            wanted -= len(piece)
+        return b"".join(parts)
+
+    def _fill(self, size: int) -> None:
+        while not self._done and (size < 0 or len(self._pending) < size):
+            segment = self._next
+            following = self._read_segment() if len(segment) == self._sealer.segment_size else b""
+            last = not following
+            self._pending += self._sealer.seal(segment, last)
+            self.plain_bytes += len(segment)
+            self._next = following
+            self._done = last
+
+    def read(self, size: int = -1) -> bytes:
+        size = -1 if size is None else size
+        self._fill(size)
+        if size < 0 or size >= len(self._pending):
+            out, self._pending = bytes(self._pending), bytearray()
+        else:
+            out = bytes(self._pending[:size])
+            del self._pending[:size]
+        return out
+
+
+class OpeningWriter:
+    """A writer for a backend's `get_object`: takes the sealed object's bytes, writes the plaintext of each
+    segment to `dst` once its tag checked; `finish()` checks the last one and that nothing is missing."""
+
+    def __init__(self, dst: BinaryIO, data_key: DataKey, name: str, where: str):
+        self._dst = dst
+        self._data_key = data_key
+        self._name = name
+        self._where = where
+        self._buffer = bytearray()
+        self._header: bytes | None = None
+        self._aead: AESGCM | None = None
+        self._segment_size = 0
+        self._index = 0
+        self.plain_bytes = 0
+
+    def _fail(self, why: str) -> ObjectAuthenticationError:
+        return ObjectAuthenticationError(
+            f"object {self._name} in {self._where} fails authentication: {why}; it was altered, truncated, "
+            f"replaced or renamed, and none of it is used", object_name=self._name)
+
+    def write(self, data: bytes) -> int:
+        self._buffer += data
+        if self._header is None and len(self._buffer) >= HEADER_SIZE:
+            self._open_header(bytes(self._buffer[:HEADER_SIZE]))
+            del self._buffer[:HEADER_SIZE]
+        if self._header is not None:
+            record = self._segment_size + TAG_SIZE
+            # A full record is the last one only if nothing follows it, so one is always held back.
+            while len(self._buffer) > record:
+                self._open_segment(bytes(self._buffer[:record]), last=False)
+                del self._buffer[:record]
+        return len(data)
+
+    def finish(self) -> int:
+        if self._header is None:
+            raise self._fail(f"it is {len(self._buffer)} bytes, shorter than the {HEADER_SIZE}-byte header")
+        if len(self._buffer) < TAG_SIZE:
+            raise self._fail("its last segment is missing")
+        self._open_segment(bytes(self._buffer), last=True)
+        self._buffer = bytearray()
+        return self.plain_bytes
+
+    def _open_header(self, header: bytes) -> None:
+        magic, version, header_size, segment_size, key_id, salt = HEADER.unpack(header)
+        if magic != MAGIC or version != FORMAT_VERSION or header_size != HEADER_SIZE:
+            raise self._fail("it is not a sealed object of format version 1 (bad header)")
+        if not 0 < segment_size <= MAX_SEGMENT_SIZE:
+            raise self._fail(f"its header gives a segment size of {segment_size} bytes")
+        if key_id.hex() != self._data_key.key_id:
+            raise self._fail(
+                f"it was sealed with data key {key_id.hex()}, not its folder's data key {self._data_key.key_id}")
+        assert len(key_id) == KEY_ID_BYTES
+        self._header = header
+        self._segment_size = segment_size
+        self._aead = AESGCM(self._data_key.derive(_PURPOSE, self._name, 32, salt))
+
+    def _open_segment(self, record: bytes, last: bool) -> None:
+        assert self._aead is not None and self._header is not None
+        try:
+            plain = self._aead.decrypt(_nonce(self._index, last), record,
+                                       _aad(self._header, self._name, self._index, last))
+        except InvalidTag:
+            where = "its last segment" if last else f"segment {self._index}"
+            raise self._fail(f"{where} does not authenticate") from None
+        self._index += 1
+        self._dst.write(plain)
+        self.plain_bytes += len(plain)
+
+
+def open_bytes(raw: bytes, data_key: DataKey, name: str, where: str) -> bytes:
+    """The plaintext of sealed object `raw`; ObjectAuthenticationError naming it if any of it fails."""
+    import io
+
+    out = io.BytesIO()
+    writer = OpeningWriter(out, data_key, name, where)
+    writer.write(raw)
+    writer.finish()
+    return out.getvalue()

@@ -1,0 +1,201 @@
+"""The batched AES-XTS (sites/storage/xts.py) is byte for byte `cryptography`'s own XTS applied sector by
+sector with the sector number as tweak, for any key, data, sector numbers (0 to 2^64 - 1) and batch size;
+it decrypts back, in place too; and an encrypted replica disk written sector by sector the old way reads
+back through EncryptedDisk unchanged, and what EncryptedDisk writes is what the old way wrote (zero
+sectors stay zeros)."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from sites.storage.encrypted_disk import SECTOR_SIZE, EncryptedDisk
+from sites.storage.local import LocalDirectoryStorage
+from sites.storage.xts import XtsSectors
+
+MIB = 1024 * 1024
+
+
+def xts_per_sector(key: bytes, sectors: list[int], data: bytes, sector_size: int, *, decrypt: bool = False) -> bytes:
+    """The reference: one `cryptography` XTS cipher per sector, tweak = its number (16 bytes little-endian),
+    as EncryptedDisk did before the batched XTS."""
+    out = bytearray()
+    for index, sector in enumerate(sectors):
+        cipher = Cipher(algorithms.AES(key), modes.XTS(sector.to_bytes(16, "little")))
+        context = cipher.decryptor() if decrypt else cipher.encryptor()
+        out += context.update(data[index * sector_size:(index + 1) * sector_size]) + context.finalize()
+    return bytes(out)
+
+
+FIRST_SECTORS = [0, 1, 255, 256, 12345, 2**32 - 3, 2**40, 2**63 - 2, 2**64 - 40]
+
+
+@pytest.mark.parametrize("sector_size", [4096, 512])
+@pytest.mark.parametrize("key_bytes", [64, 32])
+def test_batched_xts_equals_per_sector_xts_for_any_run_of_sectors(sector_size: int, key_bytes: int):
+    rng = random.Random(f"{sector_size}/{key_bytes}")
+    for first in FIRST_SECTORS:
+        key = rng.randbytes(key_bytes)
+        count = rng.randint(1, 40)
+        data = rng.randbytes(count * sector_size)
+        expected = xts_per_sector(key, list(range(first, first + count)), data, sector_size)
+        for batch in sorted({1, 2, 3, 7, count - 1, count, count + 5} - {0}):
+            xts = XtsSectors(key, sector_size, batch_sectors=batch)
+            out = bytearray(len(data))
+            xts.encrypt(first, data, out)
+            assert bytes(out) == expected, (first, count, batch)
+            back = bytearray(len(data))
+            xts.decrypt(first, out, back)
+            assert bytes(back) == data, (first, count, batch)
+
+
+def test_decrypting_per_sector_ciphertext_and_sector_numbers_given_one_by_one():
+    rng = random.Random(3)
+    key = rng.randbytes(64)
+    numbers = sorted(rng.sample(range(2**41), 25)) + [0, 2**64 - 1, 2**40]
+    data = rng.randbytes(len(numbers) * SECTOR_SIZE)
+    ciphertext = xts_per_sector(key, numbers, data, SECTOR_SIZE)
+    xts = XtsSectors(key, batch_sectors=4)
+    for given in (numbers, np.array(numbers, dtype=np.uint64)):
+        out = bytearray(len(data))
+        xts.encrypt(given, data, out)
+        assert bytes(out) == ciphertext
+        plain = bytearray(len(data))
+        xts.decrypt(given, ciphertext, plain)
+        assert bytes(plain) == data
+    assert xts_per_sector(key, numbers, ciphertext, SECTOR_SIZE, decrypt=True) == data
+
+
+def test_in_place_and_empty():
+    rng = random.Random(4)
+    key = rng.randbytes(64)
+    data = rng.randbytes(300 * SECTOR_SIZE)  # more than one default batch
+    buffer = bytearray(data)
+    xts = XtsSectors(key)
+    xts.encrypt(77, buffer, buffer)
+    assert bytes(buffer) == xts_per_sector(key, list(range(77, 377)), data, SECTOR_SIZE)
+    xts.decrypt(77, buffer, buffer)
+    assert bytes(buffer) == data
+    xts.encrypt(5, b"", bytearray())  # nothing to do
+
+
+def test_bad_keys_sizes_and_sector_numbers_are_refused():
+    key = os.urandom(64)
+    with pytest.raises(ValueError, match="32 or 64 bytes"):
+        XtsSectors(key[:48])
+    with pytest.raises(ValueError, match="halves"):
+        XtsSectors(key[:32] * 2)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        XtsSectors(key, sector_size=1000)
+    xts = XtsSectors(key)
+    with pytest.raises(ValueError, match="whole 4096-byte sectors"):
+        xts.encrypt(0, bytes(SECTOR_SIZE + 16), bytearray(SECTOR_SIZE + 16))
+    with pytest.raises(ValueError, match="differ in length"):
+        xts.encrypt(0, bytes(SECTOR_SIZE), bytearray(2 * SECTOR_SIZE))
+    with pytest.raises(ValueError, match="writable"):
+        xts.encrypt(0, bytes(SECTOR_SIZE), bytes(SECTOR_SIZE))
+    with pytest.raises(ValueError, match="outside"):
+        xts.encrypt(2**64 - 1, bytes(2 * SECTOR_SIZE), bytearray(2 * SECTOR_SIZE))
+    with pytest.raises(ValueError, match="outside"):
+        xts.encrypt(-1, bytes(SECTOR_SIZE), bytearray(SECTOR_SIZE))
+    with pytest.raises(ValueError, match="sector numbers"):
+        xts.encrypt([1, 2], bytes(SECTOR_SIZE), bytearray(SECTOR_SIZE))
+    with pytest.raises(ValueError, match="sector numbers"):
+        xts.encrypt(np.array([-3]), bytes(SECTOR_SIZE), bytearray(SECTOR_SIZE))
+
+
+# ---- EncryptedDisk: the stored format is unchanged ----------------------------------------------------
+def old_encrypted_image(key: bytes, plain: bytes) -> bytes:
+    """What EncryptedDisk stored before the batched XTS: per-sector XTS, all-zero sectors stored as zeros."""
+    stored = bytearray(len(plain))
+    for sector in range(len(plain) // SECTOR_SIZE):
+        piece = plain[sector * SECTOR_SIZE:(sector + 1) * SECTOR_SIZE]
+        if any(piece):
+            stored[sector * SECTOR_SIZE:(sector + 1) * SECTOR_SIZE] = xts_per_sector(key, [sector], piece, SECTOR_SIZE)
+    return bytes(stored)
+
+
+def plain_disk_content(size: int, rng: random.Random) -> bytes:
+    """Random data with zero sectors alone and in runs, and sectors that are zero but for one byte."""
+    content = bytearray(rng.randbytes(size))
+    for _ in range(size // SECTOR_SIZE // 6):
+        sector = rng.randrange(size // SECTOR_SIZE)
+        run = rng.choice([1, 1, 2, 5, 64])
+        content[sector * SECTOR_SIZE:(sector + run) * SECTOR_SIZE] = bytes(len(content[sector * SECTOR_SIZE:
+                                                                                      (sector + run) * SECTOR_SIZE]))
+    for _ in range(5):
+        sector = rng.randrange(size // SECTOR_SIZE)
+        content[sector * SECTOR_SIZE:(sector + 1) * SECTOR_SIZE] = bytes(SECTOR_SIZE)
+        content[sector * SECTOR_SIZE + rng.choice([0, 7, SECTOR_SIZE - 1])] = 1
+    return bytes(content)
+
+
+def test_a_replica_written_sector_by_sector_reads_the_same_and_new_writes_store_the_same(tmp_path: Path):
+    rng = random.Random(11)
+    key = rng.randbytes(64)
+    size = 4 * MIB
+    plain = plain_disk_content(size, rng)
+    stored = old_encrypted_image(key, plain)
+    storage = LocalDirectoryStorage(tmp_path / "storage")
+    storage.create_disk("vm/old.vhd", size)
+    with storage.open_disk("vm/old.vhd") as raw:
+        raw.write(0, stored)  # the image the old code would have left
+        raw.flush()
+    with EncryptedDisk(storage.open_disk("vm/old.vhd"), key) as disk:
+        whole = bytearray(size)
+        disk.read_into(0, memoryview(whole))
+        assert bytes(whole) == plain
+        for _ in range(40):  # reads of any offset and length, sector-aligned or not
+            offset = rng.randrange(size)
+            length = rng.randrange(1, min(3 * SECTOR_SIZE * 40, size - offset) + 1)
+            piece = bytearray(length)
+            disk.read_into(offset, memoryview(piece))
+            assert bytes(piece) == plain[offset:offset + length], (offset, length)
+
+    storage.create_disk("vm/new.vhd", size)
+    with EncryptedDisk(storage.open_disk("vm/new.vhd"), key) as disk:
+        for offset in range(0, size, MIB):  # as the copy writes: large aligned runs
+            disk.write(offset, plain[offset:offset + MIB])
+        disk.flush()
+    with storage.open_disk("vm/new.vhd") as raw:
+        image = bytearray(size)
+        raw.read_into(0, memoryview(image))
+    assert bytes(image) == stored
+
+
+def test_partial_sector_writes_and_zero_writes_keep_the_format(tmp_path: Path):
+    """Read-modify-write of parts of sectors (512-byte log records), zeros written over data, and data
+    written over zeros: the stored image is always the old per-sector encoding of the plaintext."""
+    rng = random.Random(12)
+    key = rng.randbytes(64)
+    size = MIB
+    plain = bytearray(plain_disk_content(size, rng))
+    storage = LocalDirectoryStorage(tmp_path / "storage")
+    storage.create_disk("vm/disk.vhd", size)
+    with EncryptedDisk(storage.open_disk("vm/disk.vhd"), key) as disk:
+        disk.write(0, bytes(plain))
+        for _ in range(150):
+            offset = rng.randrange(size // 512) * 512
+            length = min(rng.randrange(1, 40) * 512, size - offset)
+            if rng.random() < 0.3:
+                disk.write_zeros(offset, length)
+                plain[offset:offset + length] = bytes(length)
+            else:
+                data = rng.randbytes(length) if rng.random() < 0.8 else bytes(length)
+                disk.write(offset, data)
+                plain[offset:offset + length] = data
+        whole = bytearray(size)
+        disk.read_into(0, memoryview(whole))
+        assert whole == plain
+    with storage.open_disk("vm/disk.vhd") as raw:
+        image = bytearray(size)
+        raw.read_into(0, memoryview(image))
+    assert bytes(image) == old_encrypted_image(key, bytes(plain))
+    zero_sectors = [s for s in range(size // SECTOR_SIZE) if not any(plain[s * SECTOR_SIZE:(s + 1) * SECTOR_SIZE])]
+    assert zero_sectors, "the test writes zero sectors"
+    for sector in zero_sectors:
+        assert not any(image[sector * SECTOR_SIZE:(sector + 1) * SECTOR_SIZE]), sector
