@@ -283,11 +283,12 @@ def test_flower_names_each_steps_vm_and_attempt_and_counts_retried_failed_and_po
                 raise AssertionError(f"{timeout}: Flower listed {states}; the last run is {copy['celery_task_id']}; "
                                      f"the job's steps: {poison_job['steps']}") from None
             assert "poison message" in poisoned_tasks[copy["celery_task_id"]]["exception"]
-            # (PENDING too: Celery's event state lets any event that comes after a RETRY replace it, and the
-            # sent event of a run, published by another process, can reach Flower after the reconciler's report.
-            # The counters below count the events themselves.)
+            # (PENDING and REJECTED too: Celery's event state lets any event that comes after a RETRY replace it.
+            # The sent event of a run, published by another process, can reach Flower after the reconciler's
+            # report; so can the worker's own task-rejected, sent when it hands a killed run's message back to the
+            # queue (task_reject_on_worker_lost). The counters below count the events themselves.)
             assert {task["state"] for uuid_, task in poisoned_tasks.items() if uuid_ != copy["celery_task_id"]} <= {
-                "RETRY", "STARTED", "PENDING"}, poisoned_tasks
+                "RETRY", "STARTED", "PENDING", "REJECTED"}, poisoned_tasks
             assert {ast.literal_eval(task["kwargs"])["step"] for task in poisoned_tasks.values()} == {"Copy disk disk0"}
 
             # Flower's counters agree: failures and retries are counted as such, per worker and task name.
