@@ -588,6 +588,10 @@ def write_outputs(report: dict[str, Any], output: Path) -> tuple[Path, Path]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    # The deployments a benchmark starts are this machine's own: its Redis on a loopback port, the machine's
+    # PostgreSQL, Azurite over http. Plain text is allowed for them (and for their processes) as in the tests;
+    # a TLS deployment is the tests' to check (tests/test_tls.py).
+    os.environ.setdefault("ASR_INSECURE_TRANSPORT", "1")
     sections = SECTIONS if args.only is None else (args.only,)
     try:
         settings = checked_settings(args, sections)

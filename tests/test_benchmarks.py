@@ -6,6 +6,7 @@ qemu-nbd and the raw file. Timings are never asserted: they depend on the machin
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,9 @@ MEMORY_STEPS = {
     "compute_manifest (warm)", "ReplicationTracker writes + seal", "apply_log",
 }
 HASH_SIZE = 16
+# As `make bench` runs it: without the suite's ASR_INSECURE_TRANSPORT (tests/conftest.py), which the benchmark
+# sets for its own deployments.
+BENCH_ENV = {name: value for name, value in os.environ.items() if name != "ASR_INSECURE_TRANSPORT"}
 
 
 def test_quick_run_writes_both_reports_with_consistent_byte_counts(tmp_path):
@@ -31,7 +35,7 @@ def test_quick_run_writes_both_reports_with_consistent_byte_counts(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--only", "datapath", "--quick", "--workdir", str(workdir),
          "--output", str(output)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+        cwd=REPO_ROOT, env=BENCH_ENV, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
     )
     assert run.returncode == 0, run.stderr
     assert not workdir.exists(), "the workdir is deleted after a run without --keep"
@@ -173,7 +177,7 @@ def tiny_workflow_run(tmp_path_factory):
         [sys.executable, "-m", "benchmarks.run", "--only", "workflows", "--steps", str(TINY["steps"]),
          "--vms", str(TINY["vms"]), "--plan-vms", str(TINY["plan_vms"]), "--plan-groups", str(TINY["plan_groups"]),
          "--rounds", str(TINY["rounds"]), "--workdir", str(workdir), "--output", str(output)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=WORKFLOW_RUN_TIMEOUT_S,
+        cwd=REPO_ROOT, env=BENCH_ENV, capture_output=True, text=True, timeout=WORKFLOW_RUN_TIMEOUT_S,
     )
     assert run.returncode == 0, run.stderr
     assert not workdir.exists(), "the workdir is deleted after a run without --keep"
@@ -283,7 +287,7 @@ def test_tiny_nbd_run_reports_the_tracker_against_qemu_nbd_and_the_raw_file(tmp_
     run = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--only", "nbd", "--nbd-size", "4", "--nbd-total", "4",
          "--rounds", "2", "--workdir", str(workdir), "--output", str(output)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+        cwd=REPO_ROOT, env=BENCH_ENV, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
     )
     assert run.returncode == 0, run.stderr
     report = json.loads((output / "benchmarks.json").read_text())
@@ -320,7 +324,7 @@ def test_tiny_churn_run_reports_rpo_and_backlog_per_rate_with_every_replica_veri
         [sys.executable, "-m", "benchmarks.run", "--only", "churn", "--churn-duration", "20",
          "--churn-rates", ",".join(f"{rate:g}" for rate in CHURN_RATES), "--churn-time-scale", "10",
          "--workdir", str(workdir), "--output", str(output)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=WORKFLOW_RUN_TIMEOUT_S,
+        cwd=REPO_ROOT, env=BENCH_ENV, capture_output=True, text=True, timeout=WORKFLOW_RUN_TIMEOUT_S,
     )
     assert run.returncode == 0, run.stderr
     assert not workdir.exists(), "the workdir is deleted after a run without --keep"
