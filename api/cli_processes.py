@@ -333,9 +333,12 @@ def api(host: str, port: int, loglevel: str, dry_run: bool):
 
     Submitting an operation returns its job id at once (202); the job runs on the workers, so the API can
     be restarted or scaled without touching running jobs. Its OpenAPI document is in docs/openapi.json.
-    The operator's web console is at /console/ (log in with an API key; docs/console.md)."""
+    The operator's web console is at /console/ (log in with an API key; docs/console.md).
+
+    Behind a reverse proxy, set ASR_API_TRUSTED_PROXIES to its addresses: only then are its
+    X-Forwarded-For headers believed (the failed-key limit counts per client address)."""
     command = [sys.executable, "-m", "uvicorn", "api.rest:app", "--host", host, "--port", str(port),
-               "--log-level", loglevel.lower(),
+               "--log-level", loglevel.lower(), *_proxy_options(),
                *_https_options("the REST API", "--ssl-certfile={}", "--ssl-keyfile={}")]
     if not dry_run:
         for module, why in (("uvicorn", "uvicorn is not installed: pip install the project (pip install -e .)"),
@@ -374,6 +377,19 @@ def flower(port: int, address: str, dry_run: bool):
     command = celery_command("flower", f"--port={port}", f"--address={address}",
                              *_https_options("Flower", "--certfile={}", "--keyfile={}"))
     _run(Launch(command, env, added=(FLOWER_BASIC_AUTH_ENV,)), dry_run)
+
+
+def _proxy_options() -> list[str]:
+    """uvicorn's options for forwarded headers: believed from ASR_API_TRUSTED_PROXIES only. (uvicorn's own
+    default believes any connection from 127.0.0.1, so anyone on the API's machine could pick the address
+    the failed-key limit counts.)"""
+    try:
+        proxies = settings.api_trusted_proxies()
+    except ValueError as exc:
+        _fail(f"{exc}; not started")
+    if not proxies:
+        return ["--no-proxy-headers"]
+    return ["--proxy-headers", f"--forwarded-allow-ips={','.join(proxies)}"]
 
 
 def _https_options(server: str, cert_option: str, key_option: str) -> list[str]:

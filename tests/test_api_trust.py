@@ -253,14 +253,16 @@ def _env() -> dict[str, str]:
 
 
 class Server:
+    """`asr api` (uvicorn api.rest:app with the deployment's options) on a free port."""
+
     def __init__(self, tmp_path: Path, **env: str) -> None:
         self.port = free_port()
         self.url = f"http://{LOCALHOST}:{self.port}"
         self.log = tmp_path / "api.log"
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "api.rest:app", "--host", LOCALHOST, "--port", str(self.port),
-                 "--log-level", "warning"],
+                [str(Path(sys.executable).parent / "asr"), "api", "--host", LOCALHOST, "--port", str(self.port),
+                 "--loglevel", "warning"],
                 cwd=REPO_ROOT, env={**_env(), "ASR_HOME": str(tmp_path), "ASR_DATABASE_URL": "", **env},
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 60
@@ -422,3 +424,52 @@ def test_a_flood_of_bad_keys_is_throttled_and_does_not_slow_a_valid_request(serv
     log = server.log.read_text()
     assert "failed API key from 127.0.0.2" in log and "too many failed API keys from 127.0.0.2" in log
     assert valid not in log
+
+
+# ---- forwarded headers ---------------------------------------------------------------------------------------
+def _bad_keys_sent(server: Server, forwarded_for: list[str]) -> list[int]:
+    """The statuses of one request with a bad key per entry, each claiming to be for that client."""
+    with httpx.Client(timeout=30) as client:
+        return [client.get(f"{server.url}{API_PREFIX}/sites",
+                           headers={"X-API-Key": "bad", "X-Forwarded-For": address}).status_code
+                for address in forwarded_for]
+
+
+def test_a_client_cannot_escape_the_failed_key_limit_by_naming_another_address(tmp_path: Path) -> None:
+    """Before: `uvicorn api.rest:app`, as `asr api` ran it, believed X-Forwarded-For from any connection of
+    127.0.0.1 (uvicorn's default), so a client on the API's machine naming a new address in each request had
+    30 bad keys checked, 401 each, never 429. Now no header is believed without ASR_API_TRUSTED_PROXIES: the
+    limit counts the connection's peer."""
+    server = Server(tmp_path, ASR_API_KEY_HASHES=HASHES, ASR_API_AUTH_FAILURES="10")
+    try:
+        statuses = _bad_keys_sent(server, [f"10.9.0.{number}" for number in range(1, 31)])
+        assert statuses[:10] == [401] * 10 and set(statuses[10:]) == {429}, statuses
+        log = server.log.read_text()
+        assert "too many failed API keys from 127.0.0.1" in log and "10.9.0." not in log, log[-2000:]
+    finally:
+        server.stop()
+
+
+def test_behind_a_trusted_proxy_the_limit_counts_each_forwarded_client(tmp_path: Path) -> None:
+    """With ASR_API_TRUSTED_PROXIES naming the proxy (here 127.0.0.1), the forwarded client is the one counted:
+    one flooding client is refused (429) while another behind the same proxy is still checked (401)."""
+    server = Server(tmp_path, ASR_API_KEY_HASHES=HASHES, ASR_API_AUTH_FAILURES="10",
+                    ASR_API_TRUSTED_PROXIES="127.0.0.1, 10.0.0.0/8")
+    try:
+        assert _bad_keys_sent(server, ["203.0.113.7"] * 12) == [401] * 10 + [429] * 2
+        assert _bad_keys_sent(server, ["203.0.113.8"]) == [401]
+        log = server.log.read_text()
+        assert "too many failed API keys from 203.0.113.7" in log and "failed API key from 203.0.113.8" in log
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("proxies", ["*", "10.0.0.300", "proxy.example"])
+def test_a_trusted_proxy_setting_that_is_not_an_address_stops_the_api_before_it_starts(
+        tmp_path: Path, proxies: str) -> None:
+    run = subprocess.run([str(Path(sys.executable).parent / "asr"), "api", "--port", str(free_port())],
+                         env={**_env(), "ASR_HOME": str(tmp_path), "ASR_DATABASE_URL": "",
+                              "ASR_API_TRUSTED_PROXIES": proxies},
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2, (run.stdout, run.stderr)
+    assert "ASR_API_TRUSTED_PROXIES" in run.stderr and "not started" in run.stderr, run.stderr

@@ -113,6 +113,25 @@ def api_auth_window_s() -> float:
     return env_number("ASR_API_AUTH_WINDOW_S", 60.0)
 
 
+def api_trusted_proxies() -> list[str]:
+    """ASR_API_TRUSTED_PROXIES: the reverse proxies in front of the API (IP addresses or networks such as
+    10.0.0.0/24, comma-separated) whose X-Forwarded-For and X-Forwarded-Proto headers it believes. Unset (the
+    default), it believes no one: the client is the connection's peer, so a client cannot pick the address
+    that the failed-key limit (ASR_API_AUTH_FAILURES) counts against by sending those headers. `*` is refused:
+    behind a proxy, list it; a client that can reach the API's port directly would otherwise be believed too."""
+    import ipaddress
+
+    raw = os.environ.get("ASR_API_TRUSTED_PROXIES", "")
+    proxies = [entry.strip() for entry in raw.split(",") if entry.strip()]
+    for entry in proxies:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ValueError(f"ASR_API_TRUSTED_PROXIES={raw!r}: {entry!r} is not an IP address or network "
+                             f"(list the proxies' addresses, e.g. 10.0.0.5,10.0.1.0/24)") from None
+    return proxies
+
+
 def api_max_body_bytes() -> int:
     """ASR_API_MAX_BODY_BYTES: the largest request body the API reads (1 MiB); a larger one gets 413 unread."""
     return int(env_number("ASR_API_MAX_BODY_BYTES", float(1 << 20)))

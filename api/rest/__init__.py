@@ -1,5 +1,5 @@
-"""The REST API: every operator operation of `api.service` over HTTP (FastAPI), served by
-`uvicorn api.rest:app`.
+"""The REST API: every operator operation of `api.service` over HTTP (FastAPI), served by `asr api`
+(`uvicorn api.rest:app` with the deployment's TLS and forwarded-header settings: ASR_API_TRUSTED_PROXIES).
 
 - Reads are GET, actions POST, all under /api/v1. An action that starts a job answers 202 at once with
   {"job_id", "kind", "vm"} and a Location header to /api/v1/jobs/{id}; the job is followed by polling that,
