@@ -36,7 +36,7 @@ from datapath.replication import (
     ship_pending_logs,
 )
 from datapath.tracker import RESYNC_THRESHOLD, ReplicationTracker
-from models.db import database_now, session_scope
+from models.db import as_utc, database_now, session_scope
 from models.jobs import JobStep
 from models.protection import (
     ProtectedItem,
@@ -502,6 +502,21 @@ def _unsent_by_disk(job_id: str) -> dict[str, float]:
     return {entry["name"]: entry["unsent_ratio"] for entry in result.get("disks", {}).values()}
 
 
+# A delta cycle leaves at least 1/MIN_IDLE_FRACTION of the copy frequency between its end and the next.
+MIN_IDLE_FRACTION = 4
+
+
+def _next_delta_due(item: ProtectedItem, copy_frequency_s: float, now: datetime, *, finishing: bool) -> datetime:
+    """When the item's next delta cycle is due: one copy frequency after the recovery point this cycle cut,
+    not after the cycle ended, so RPO peaks at the frequency plus one cycle, not two. A cycle that outlasts
+    the frequency still leaves the VM a quarter of it idle (its host and the workers serve other VMs, and a
+    VM that cannot keep up shows it in its RPO health). After the initial replication, one frequency from now."""
+    frequency = timedelta(seconds=clock.scaled(copy_frequency_s))
+    if finishing or item.last_recovery_point_at is None:
+        return now + frequency
+    return max(as_utc(item.last_recovery_point_at) + frequency, now + frequency / MIN_IDLE_FRACTION)
+
+
 def _record_replication_health(ctx: StepContext, item_id: str, *, finishing: bool) -> dict[str, Any]:
     unsent = _unsent_by_disk(ctx.job_id)
     with ctx.session() as session:
@@ -514,7 +529,7 @@ def _record_replication_health(ctx: StepContext, item_id: str, *, finishing: boo
             mark_healthy(session, item)
         mark_healthy(session, item, RETRYING_CODE)
         item.unsent_ratio = max(unsent.values(), default=0.0)
-        item.next_delta_at = clock.after(view.policy.copy_frequency_s)
+        item.next_delta_at = _next_delta_due(item, view.policy.copy_frequency_s, now, finishing=finishing)
         over = {name: ratio for name, ratio in unsent.items() if ratio >= RESYNC_THRESHOLD}
         if over and item.replication_state is ReplicationState.PROTECTED:
             reason = "; ".join(

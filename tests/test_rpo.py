@@ -312,3 +312,30 @@ def test_a_host_agent_whose_clock_is_minutes_ahead_does_not_change_the_rpo(tmp_p
         assert now - timedelta(minutes=1) < point.created_at <= now, (point.created_at, now)
     assert status["health"] == "Healthy" and 0 <= status["rpo_s"] < 30, status
     assert now - timedelta(minutes=1) < datetime.fromisoformat(status["last_replicated_at"]) <= now
+
+
+# ---- when the next cycle is due ----------------------------------------------------------------------------
+def test_the_next_delta_cycle_is_due_one_copy_frequency_after_the_point_this_cycle_cut(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: one copy frequency after the cycle *ended*, so the RPO peaked at the frequency plus two cycles
+    (benchmarks/churn.py: p99 47 s at 5 MB/s and a 30 s frequency). Now one frequency after the recovery point
+    the cycle cut; a cycle that outlasted the frequency leaves a quarter of it idle, no more."""
+    from tasks.replication import _next_delta_due
+
+    monkeypatch.setenv("ASR_TIME_SCALE", "1")
+    cut = datetime(2026, 12, 3, 12, 0, 0, tzinfo=UTC)
+    item = ProtectedItem(vm_id="vm", policy_id="policy", recovery_storage="file:///srv/recovery",
+                         last_recovery_point_at=cut)
+    # A 6 s cycle: due 30 s after its point, 24 s after it ended.
+    assert _next_delta_due(item, 30, cut + timedelta(seconds=6), finishing=False) == cut + timedelta(seconds=30)
+    # A 40 s cycle: due a quarter of the frequency after it ended.
+    ended = cut + timedelta(seconds=40)
+    assert _next_delta_due(item, 30, ended, finishing=False) == ended + timedelta(seconds=7.5)
+    # The initial replication's end, or an item without a point yet: one frequency from now.
+    assert _next_delta_due(item, 300, ended, finishing=True) == ended + timedelta(seconds=300)
+    item.last_recovery_point_at = None
+    assert _next_delta_due(item, 30, ended, finishing=False) == ended + timedelta(seconds=30)
+    # The time scale of the tests and the demo shortens the frequency as it does every engine delay.
+    monkeypatch.setenv("ASR_TIME_SCALE", "10")
+    item.last_recovery_point_at = cut
+    assert _next_delta_due(item, 30, cut + timedelta(seconds=1), finishing=False) == cut + timedelta(seconds=3)
