@@ -11,9 +11,9 @@ second. At the end every workload stops, a last cycle runs and every replica is 
 byte for byte. A wrong replica or a failed last cycle stops the run: it is not a result.
 
 The goal (issue 14): at 20 MB/s the p99 RPO is at most 1.5× the copy frequency. The scheduler starts a cycle
-one copy frequency after the previous one ended, and the point is taken as its ship step seals, so the RPO
-peaks at about the copy frequency plus one cycle's length: the goal holds while a cycle that moves 30 s of
-churn takes at most half the copy frequency.
+one copy frequency after the recovery point the previous one cut (its ship step's seal; at least a quarter of
+the frequency after that cycle ended), so the RPO peaks at about the copy frequency plus one cycle's length:
+the goal holds while a cycle that moves 30 s of churn takes at most half the copy frequency.
 """
 from __future__ import annotations
 
