@@ -22,12 +22,15 @@ COPY workflows ./workflows
 RUN pip install .
 
 # Not root. The mount points exist, owned by that user, so named volumes mounted there start out
-# writable by it (Docker copies a mount point's ownership into an empty volume). uid 999, as the redis and
+# writable by it (Docker copies a mount point's ownership into an empty volume); each process's passwords
+# (/secrets/NAME, compose's per-role credentials) in folders only that user reads. uid 999, as the redis and
 # postgres images' users: the deployment's private keys in /certs (compose's certs service, mode 0600) are
 # then readable by every server of compose.yaml and by our processes alike.
 RUN useradd --system --uid 999 --user-group --create-home --home-dir /var/lib/asr asr \
-    && mkdir -p /hosts/host1 /hosts/host2 /hosts/dr1 /certs \
-    && chown -R asr:asr /hosts /var/lib/asr /certs
+    && mkdir -p /hosts/host1 /hosts/host2 /hosts/dr1 /certs /acl \
+       /secrets/engine /secrets/api /secrets/host1 /secrets/host2 /secrets/dr1 \
+    && chmod 0700 /secrets/engine /secrets/api /secrets/host1 /secrets/host2 /secrets/dr1 \
+    && chown -R asr:asr /hosts /var/lib/asr /certs /acl /secrets
 USER asr
 
 CMD ["asr", "--help"]

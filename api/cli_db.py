@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from api.cli import _fail, _Group, main
+from api.cli_broker import host_password_files
 
 
 @main.group(cls=_Group)
@@ -118,13 +119,39 @@ def _run_as_owner(what: str, change):
 
 @db_roles.command("apply")
 @_PREFIX
-def db_roles_apply(prefix: str):
+@click.option("--host", "hosts", multiple=True, metavar="NAME=FILE", callback=host_password_files,
+              help="Also (re)set host NAME's login role, its password in FILE (read, or written when new); "
+                   "repeat per host. As `asr db roles host`.")
+@click.option("--api-password-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also (re)set the API's login role, its password in this file. As `asr db roles api`.")
+def db_roles_apply(prefix: str, hosts: dict[str, Path], api_password_file: Path | None):
     """Create the group roles PREFIX_host and PREFIX_api if missing and (re)set their grants and the
-    row-level security of the schema. Run again after every `asr db upgrade` (a new table has no grant)."""
-    from models.dbroles import apply_roles
+    row-level security of the schema. Run again after every `asr db upgrade` (a new table has no grant).
+    With --host and --api-password-file, the login roles too, in the same transaction (a deployment's whole
+    set of roles in one command: compose.yaml's db-roles service)."""
+    from api.cli_broker import _password
+    from models.dbroles import apply_roles, set_api_role, set_host_role
 
     names = _names(prefix)
-    for line in _run_as_owner("apply the roles", lambda connection: apply_roles(connection, names)):
+    try:
+        for name in hosts:
+            names.host(name)
+    except ValueError as exc:
+        _fail(str(exc))
+    passwords = {name: _password(path) for name, path in hosts.items()}
+    api_password = _password(api_password_file) if api_password_file is not None else None
+
+    def apply_all(connection) -> list[str]:
+        done = list(apply_roles(connection, names))
+        for name, password in sorted(passwords.items()):
+            done.append(f"{set_host_role(connection, name, password, names)}: host {name}'s agent, its password in "
+                        f"{hosts[name]}")
+        if api_password is not None:
+            done.append(f"{set_api_role(connection, api_password, names)}: the API, its password in "
+                        f"{api_password_file}")
+        return done
+
+    for line in _run_as_owner("apply the roles", apply_all):
         click.echo(line)
 
 

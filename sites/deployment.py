@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from datapath.private import make_private_directories, write_new_private_file
 from sites.brokeracl import BrokerUser, engine_user, host_agent_user, new_password
@@ -235,12 +236,16 @@ class Deployment:
     # ---- broker users ---------------------------------------------------------------------------------
     def _broker_user(self, user: BrokerUser) -> str:
         """Create `user` on this deployment's Redis with a new password, kept in the private file
-        `broker-users/USER.password` (0600, in a 0700 folder); returns the URL connecting as it."""
-        folder = self.workdir / "broker-users"
-        make_private_directories(folder)
+        `broker_password_file(USER)` (0600, in a 0700 folder); returns the URL connecting as it."""
+        password_file = self.broker_password_file(user.name)
+        make_private_directories(password_file.parent)
         password = new_password()
-        write_new_private_file(folder / f"{user.name}.password", password + "\n", overwrite=True)
+        write_new_private_file(password_file, password + "\n", overwrite=True)
         return self.redis.add_user(user, password)
+
+    def broker_password_file(self, user_name: str) -> Path:
+        """Where the password of the broker's ACL user `user_name` is kept."""
+        return self.workdir / "broker-users" / f"{user_name}.password"
 
     def host_broker_url(self, host_name: str) -> str:
         """The broker URL of host `host_name`'s agent: with `broker_acl`, as the host's own ACL user (made
@@ -250,6 +255,14 @@ class Deployment:
         if host_name not in self._host_broker_urls:
             self._host_broker_urls[host_name] = self._broker_user(host_agent_user(host_name))
         return self._host_broker_urls[host_name]
+
+    def _host_agent_broker_env(self, host_name: str) -> dict[str, str]:
+        """The broker settings of host `host_name`'s agent with `broker_acl`: its user's URL without the
+        password, and the password's file (ASR_BROKER_PASSWORD_FILE), as a deployment hands it over."""
+        url = urlsplit(self.host_broker_url(host_name))
+        user_only = url._replace(netloc=f"{quote(url.username or '', safe='')}@{url.hostname}:{url.port}")
+        return {"ASR_BROKER_URL": urlunsplit(user_only),
+                "ASR_BROKER_PASSWORD_FILE": str(self.broker_password_file(host_agent_user(host_name).name))}
 
     # ---- processes ------------------------------------------------------------------------------------
     def add_worker(self, name: str, queues: Sequence[str], *, concurrency: int = 1,
@@ -261,11 +274,11 @@ class Deployment:
         env = dict(env or self.env)
         if self.broker_acl and env.get("ASR_HOST_NAME"):
             # The result backend and progress settings too, where they name the broker's Redis.
-            url = self.host_broker_url(env["ASR_HOST_NAME"])
-            env["ASR_BROKER_URL"] = url
+            agent = self._host_agent_broker_env(env["ASR_HOST_NAME"])
             for setting in ("ASR_RESULT_BACKEND", "ASR_REDIS_URL"):
                 if env.get(setting) == self.broker_url:
-                    env[setting] = url
+                    env[setting] = agent["ASR_BROKER_URL"]
+            env.update(agent)
         return self._track(name, start_worker(name, list(queues), env, self.logs,
                                               concurrency=concurrency, wait=wait, timeout=self.ready_timeout))
 

@@ -208,6 +208,13 @@ def test_a_job_across_two_hosts_runs_with_each_agent_on_its_own_user(site: Deplo
     assert refused == [], json.dumps(refused, default=str)
     # The agents kept their messages in flight apart from the shared ones.
     assert not admin.exists("unacked.host.host1") or admin.hlen("unacked.host.host1") == 0
+    # Each agent's environment names its user, not the password: that is in a file only it is given.
+    environ = dict(entry.split("=", 1) for entry in Path(f"/proc/{site.workers['host-host1'].process.pid}/environ")
+                   .read_text().split("\0") if "=" in entry)
+    password = site.broker_password_file(host_user_name("host1")).read_text().strip()
+    assert urlparse(environ["ASR_BROKER_URL"]).username == host_user_name("host1"), environ["ASR_BROKER_URL"]
+    assert urlparse(environ["ASR_BROKER_URL"]).password is None and password not in "".join(environ.values())
+    assert environ["ASR_BROKER_PASSWORD_FILE"] == str(site.broker_password_file(host_user_name("host1")))
 
 
 def test_protection_and_a_delta_cycle_run_with_broker_acl_users(tmp_path: Path) -> None:
@@ -258,3 +265,62 @@ def test_the_cli_prints_a_host_user_an_operators_redis_takes(tmp_path: Path) -> 
         assert server.client().lrange("host.web2", 0, -1) == [b"a next step", b"web2's step"]
     finally:
         server.stop()
+
+
+def test_a_deployments_acl_file_admits_each_user_with_its_own_password_and_nobody_else(tmp_path: Path) -> None:
+    """`asr broker-acl file` (compose.yaml's broker-users service) on a real redis-server started with
+    --aclfile: no client gets in without a user, the engine's user has every key but no administration,
+    each host's user only its own queue; passwords stay in their files and are kept when run again."""
+    from sites.localservices import free_port
+
+    acl = tmp_path / "acl" / "users.acl"
+    acl.parent.mkdir()
+    files = {name: tmp_path / name / "broker-password" for name in ("engine", "host1", "host2")}
+    arguments = ["broker-acl", "file", str(acl), "--engine-password-file", str(files["engine"]),
+                 "--host", f"host1={files['host1']}", "--host", f"host2={files['host2']}"]
+    made = CliRunner().invoke(main, arguments)
+    assert made.exit_code == 0, made.output
+    passwords = {name: path.read_text().strip() for name, path in files.items()}
+    text = acl.read_text()
+    assert text.splitlines()[0] == "user default off" and not any(p in text for p in passwords.values())
+    assert all(path.stat().st_mode & 0o777 == 0o600 for path in files.values())
+    port = free_port()
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--aclfile", str(acl), "--dir", str(tmp_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        def as_user(user: str | None, password: str | None) -> redis.Redis:
+            return redis.Redis(host="127.0.0.1", port=port, username=user, password=password, socket_timeout=5)
+
+        def answering() -> bool:
+            try:
+                return as_user(ENGINE_USER, passwords["engine"]).ping()
+            except redis.exceptions.ConnectionError:
+                return False
+
+        wait_until(answering, timeout=15, interval=0.1, what="redis-server with the ACL file")
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            as_user(None, None).llen("host.host1")
+        engine = as_user(ENGINE_USER, passwords["engine"])
+        engine.lpush("host.host2", "a step for host2")
+        assert denied(lambda: engine.config_get("*")) and denied(lambda: engine.flushall())
+        host1 = as_user(host_user_name("host1"), passwords["host1"])
+        assert host1.llen("host.host1") == 0
+        assert denied(lambda: host1.rpop("host.host2"))
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            as_user(host_user_name("host1"), passwords["host2"]).ping()
+        # Run again with a third host: the passwords made before are kept, the new user added.
+        files["dr1"] = tmp_path / "dr1" / "broker-password"
+        again = CliRunner().invoke(main, [*arguments, "--host", f"dr1={files['dr1']}"])
+        assert again.exit_code == 0, again.output
+        assert {name: files[name].read_text().strip() for name in passwords} == passwords
+        assert denied(lambda: engine.execute_command("ACL", "LOAD"))
+        assert host_user_name("dr1") in acl.read_text()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    for bad in (["--host", "host1"], ["--host", "x=a", "--host", "x=b"], ["--host", "../x=f"]):
+        refused = CliRunner().invoke(main, ["broker-acl", "file", str(tmp_path / "other.acl"),
+                                            "--engine-password-file", str(files["engine"]), *bad])
+        assert refused.exit_code == 2, (bad, refused.output)
+        assert not (tmp_path / "other.acl").exists()

@@ -21,8 +21,11 @@ README = REPO / "README.md"
 README_SECTION = "## Running with compose"
 
 OUR_SERVICES = {"migrate", "api", "beat", "orchestration", "recovery", "host1", "host2", "dr1", "flower"}
-EXPECTED_SERVICES = OUR_SERVICES | {"certs", "redis", "postgres", "azurite"}
+CREDENTIAL_SERVICES = {"broker-users", "db-roles"}
+"""Our image's one-shot services that make each process's broker and database credentials."""
+EXPECTED_SERVICES = OUR_SERVICES | CREDENTIAL_SERVICES | {"certs", "redis", "postgres", "azurite"}
 HOST_AGENTS = {"host1", "host2", "dr1"}
+ENGINE_PROCESSES = {"migrate", "beat", "orchestration", "recovery", "flower"}
 # The compose specification's service keys this file may use (a typo in a key is silently ignored by
 # nothing: Docker rejects the file, so we reject it here).
 SERVICE_KEYS = {
@@ -118,7 +121,7 @@ def test_our_processes_run_asr_verbs_that_exist(compose: dict[str, Any]) -> None
     from api.cli import main
 
     services = compose["services"]
-    for name in OUR_SERVICES:
+    for name in OUR_SERVICES | CREDENTIAL_SERVICES:
         service = services[name]
         assert service.get("image") == "site-recovery-engine:dev" and service.get("build") == ".", name
         command = service["command"]
@@ -138,6 +141,7 @@ def test_our_processes_run_asr_verbs_that_exist(compose: dict[str, Any]) -> None
         "recovery": ["asr", "worker", "recovery"], "host1": ["asr", "worker", "host", "host1"],
         "host2": ["asr", "worker", "host", "host2"], "dr1": ["asr", "worker", "host", "dr1"],
         "flower": ["asr", "flower"], "migrate": ["asr", "db", "upgrade"],
+        "broker-users": ["asr", "broker-acl", "file"], "db-roles": ["asr", "db", "roles", "apply"],
     }
     for name, prefix in expected.items():
         assert services[name]["command"][: len(prefix)] == prefix, (name, services[name]["command"])
@@ -175,11 +179,80 @@ def test_every_process_shares_the_deployment_settings(compose: dict[str, Any]) -
     services = compose["services"]
     for name in OUR_SERVICES:
         environment = services[name]["environment"]
-        assert environment["ASR_BROKER_URL"] == "rediss://redis:6379/0", name
+        assert re.fullmatch(r"rediss://[a-z0-9-]+@redis:6379/0", environment["ASR_BROKER_URL"]), name
         database_url = environment["ASR_DATABASE_URL"]
         assert database_url.startswith("postgresql://") and "@postgres:5432/" in database_url, name
         assert "sslmode=verify-full" in database_url, name
         assert {"redis", "postgres"} <= set(services[name]["depends_on"]), name
+
+
+def _option_values(command: list[str], option: str) -> list[str]:
+    return [command[i + 1] for i, arg in enumerate(command) if arg == option]
+
+
+def _secret_volumes(service: dict[str, Any]) -> dict[str, str]:
+    """{volume: mount point} of the service's `*-secrets` volumes."""
+    mounts = (mount.split(":") for mount in service.get("volumes") or [])
+    return {parts[0]: parts[1] for parts in mounts if parts[0].endswith("-secrets")}
+
+
+def test_each_process_holds_only_its_own_broker_and_database_passwords(compose: dict[str, Any]) -> None:
+    """Per-role credentials (issue 11): a host agent connects to Redis as its own ACL user and to PostgreSQL as
+    its own role, the API as its role, the engine's processes as the engine's user and the schema's owner;
+    each password is in a volume only its process (and the services that make it) mounts."""
+    services = compose["services"]
+    expected_secrets = {name: {f"{name}-secrets"} for name in HOST_AGENTS}
+    expected_secrets |= {name: {"engine-secrets"} for name in ENGINE_PROCESSES}
+    expected_secrets["api"] = {"engine-secrets", "api-secrets"}
+    for name, volumes in expected_secrets.items():
+        service = services[name]
+        mounted = _secret_volumes(service)
+        assert set(mounted) == volumes, (name, mounted)
+        assert all(f"{volume}:{point}:ro" in service["volumes"] for volume, point in mounted.items()), name
+        environment = service["environment"]
+        for setting in ("ASR_BROKER_PASSWORD_FILE", "ASR_DATABASE_PASSWORD_FILE"):
+            if setting in environment:
+                assert any(environment[setting].startswith(point + "/") for point in mounted.values()), (name, setting)
+        broker_user = re.fullmatch(r"rediss://([a-z0-9-]+)@redis:6379/0", environment["ASR_BROKER_URL"]).group(1)
+        database_user = environment["ASR_DATABASE_URL"].split("://", 1)[1].split("@", 1)[0]
+        if name in HOST_AGENTS:
+            assert (broker_user, database_user) == (f"asr-host-{name}", f"asr_host_{name}"), name
+            assert environment["ASR_BROKER_PASSWORD_FILE"] == f"/secrets/{name}/broker-password", name
+            assert environment["ASR_DATABASE_PASSWORD_FILE"] == f"/secrets/{name}/db-password", name
+            assert services[name]["depends_on"]["db-roles"] == {"condition": "service_completed_successfully"}
+        elif name == "api":
+            assert (broker_user, database_user) == ("asr-engine", "asr_api_login"), name
+            assert services[name]["depends_on"]["db-roles"] == {"condition": "service_completed_successfully"}
+        else:
+            assert (broker_user, database_user.split(":")[0]) == ("asr-engine", "asr"), name
+            assert environment["ASR_BROKER_PASSWORD_FILE"] == "/secrets/engine/broker-password", name
+    # Redis admits only the users of the ACL file that broker-users writes, for every host agent there is.
+    broker_users = services["broker-users"]
+    command = broker_users["command"]
+    redis = services["redis"]
+    acl_file = redis["command"][redis["command"].index("--aclfile") + 1]
+    assert command[3] == acl_file and redis["depends_on"]["broker-users"] == {
+        "condition": "service_completed_successfully"}
+    acl_volume = next(mount.split(":")[0] for mount in redis["volumes"] if mount.split(":")[1] == "/acl")
+    assert f"{acl_volume}:/acl:ro" in redis["volumes"] and f"{acl_volume}:/acl" in broker_users["volumes"]
+    hosts = dict(value.split("=", 1) for value in _option_values(command, "--host"))
+    assert hosts == {name: f"/secrets/{name}/broker-password" for name in HOST_AGENTS}, hosts
+    assert _option_values(command, "--engine-password-file") == ["/secrets/engine/broker-password"]
+    # The database's login roles, for every host agent and the API, made after each upgrade.
+    command = services["db-roles"]["command"]
+    hosts = dict(value.split("=", 1) for value in _option_values(command, "--host"))
+    assert hosts == {name: f"/secrets/{name}/db-password" for name in HOST_AGENTS}, hosts
+    assert _option_values(command, "--api-password-file") == ["/secrets/api/db-password"]
+    assert services["db-roles"]["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
+    for name in CREDENTIAL_SERVICES:
+        points = set(_secret_volumes(services[name]).values())
+        files = [value.split("=", 1)[-1] for option in ("--host", "--engine-password-file", "--api-password-file")
+                 for value in _option_values(services[name]["command"], option)]
+        assert all(Path(file).parent.as_posix() in points for file in files), (name, files, points)
+    # The image owns every mount point, so the empty volumes start writable by our processes.
+    dockerfile = (REPO / "Dockerfile").read_text()
+    for point in {point for service in services.values() for point in _secret_volumes(service).values()} | {"/acl"}:
+        assert point in dockerfile, f"the image should own the mount point {point}"
 
 
 def test_the_image_is_built_from_the_package(compose: dict[str, Any]) -> None:
@@ -252,7 +325,7 @@ def test_tls_is_on_for_every_connection(compose: dict[str, Any]) -> None:
     assert redis[redis.index("--port") + 1] == "0", "no plain-text port"
     assert redis[redis.index("--tls-port") + 1] == "6379"
     assert redis[redis.index("--tls-auth-clients") + 1] == "yes"
-    assert "--tls" in services["redis"]["healthcheck"]["test"]
+    assert "--tls" in " ".join(services["redis"]["healthcheck"]["test"])
     assert "ssl=on" in services["postgres"]["command"]
     azurite = services["azurite"]["command"]
     assert azurite[azurite.index("--cert") + 1] == "/certs/server.pem"

@@ -473,7 +473,9 @@ def test_the_rest_api_serves_on_its_own_role(tmp_path: Path, database: Database)
     with _site_with_agents_on_their_roles(tmp_path, database) as site:
         site.create_vm("host1", "app01", [("disk0", "8M", "vhd")], seed=5)
         key = service.create_api_key("roles", "admin")["key"]
-        server = start_api({**site.env, "ASR_DATABASE_URL": api_url}, tmp_path)
+        # As a deployment hands it over: the URL names the role, the password is in a file only the API reads.
+        server = start_api({**site.env, "ASR_DATABASE_URL": url.set(password=None).render_as_string(),
+                            "ASR_DATABASE_PASSWORD_FILE": str(password_file)}, tmp_path)
         try:
             with SiteRecoveryClient(server.url, key, timeout=30) as client:
                 assert client.add_site("annex")["name"] == "annex"
@@ -534,3 +536,66 @@ def test_asr_db_roles_apply_host_and_drop_host(tmp_path: Path, database: Databas
     assert dropped.returncode == 0 and f"{role} dropped" in dropped.stdout, dropped.stderr
     with _connect(database.url) as admin:
         assert admin.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", (role,)).fetchone() == (0,)
+
+
+def test_a_database_url_without_its_password_takes_it_from_the_password_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ASR_DATABASE_PASSWORD_FILE (and ASR_BROKER_PASSWORD_FILE for the Redis URLs) complete a URL that names
+    a user without a password; one with a password, or without a user, is left alone; a missing or empty file
+    is one clear error naming the setting."""
+    from models.db import database_url
+    from workflows import settings
+
+    secret = tmp_path / "db-password"
+    secret.write_text("p@ss/word:1\n")
+    monkeypatch.setenv("ASR_DATABASE_URL", "postgresql://asr_host_h1@db.example:5432/asr?sslmode=verify-full")
+    monkeypatch.setenv("ASR_DATABASE_PASSWORD_FILE", str(secret))
+    assert make_url(database_url()).password == "p@ss/word:1"
+    assert make_url(database_url()).query == {"sslmode": "verify-full"}
+    monkeypatch.setenv("ASR_DATABASE_URL", "postgresql://asr:given@db.example/asr")
+    assert make_url(database_url()).password == "given"
+    monkeypatch.setenv("ASR_INSECURE_TRANSPORT", "1")
+    monkeypatch.setenv("ASR_BROKER_URL", "redis://asr-host-h1@127.0.0.1:6379/0")
+    monkeypatch.setenv("ASR_BROKER_PASSWORD_FILE", str(secret))
+    assert settings.broker_url() == "redis://asr-host-h1:p%40ss%2Fword%3A1@127.0.0.1:6379/0"
+    assert settings.progress_redis_url() == settings.broker_url()
+    # Without the file the URL is used as it is (trust or certificate authentication, a `nopass` user).
+    monkeypatch.delenv("ASR_BROKER_PASSWORD_FILE")
+    assert settings.broker_url() == "redis://asr-host-h1@127.0.0.1:6379/0"
+    monkeypatch.setenv("ASR_DATABASE_URL", "postgresql://asr_host_h1@db.example/asr")
+    monkeypatch.setenv("ASR_DATABASE_PASSWORD_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="ASR_DATABASE_PASSWORD_FILE=.*cannot read the password"):
+        database_url()
+    (tmp_path / "empty").write_text("\n")
+    monkeypatch.setenv("ASR_DATABASE_PASSWORD_FILE", str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="is empty"):
+        database_url()
+
+
+def test_apply_sets_a_deployments_login_roles_in_one_command(tmp_path: Path, database: Database) -> None:
+    """`asr db roles apply --host NAME=FILE ... --api-password-file FILE` (compose.yaml's db-roles service): the
+    grants and every login role, passwords made once in their files and kept when run again."""
+    files = {name: tmp_path / name / "db-password" for name in ("host1", "dr1", "api")}
+    arguments = ["apply", "--host", f"host1={files['host1']}", "--host", f"dr1={files['dr1']}",
+                 "--api-password-file", str(files["api"])]
+    applied = _asr(database, *arguments)
+    assert applied.returncode == 0, applied.stderr
+    assert "job_step: row-level security on" in applied.stdout
+    assert f"{database.names.host('host1')}: host host1's agent" in applied.stdout, applied.stdout
+    passwords = {name: path.read_text().strip() for name, path in files.items()}
+    assert all(path.stat().st_mode & 0o777 == 0o600 for path in files.values())
+    assert not any(password in applied.stdout + applied.stderr for password in passwords.values())
+    with _connect(database.url) as admin:
+        members = dict(admin.execute(
+            "SELECT m.rolname, g.rolname FROM pg_auth_members a JOIN pg_roles m ON m.oid = a.member "
+            "JOIN pg_roles g ON g.oid = a.roleid WHERE m.rolname = ANY(%s)",
+            ([database.names.host("host1"), database.names.host("dr1"), database.names.api_login],)).fetchall())
+    assert members == {database.names.host("host1"): database.names.host_group,
+                       database.names.host("dr1"): database.names.host_group,
+                       database.names.api_login: database.names.api}, members
+    again = _asr(database, *arguments)
+    assert again.returncode == 0, again.stderr
+    assert {name: path.read_text().strip() for name, path in files.items()} == passwords
+    for bad in (["--host", "host1"], ["--host", "host1=a", "--host", "host1=b"], ["--host", "../x=f"]):
+        refused = _asr(database, "apply", *bad)
+        assert refused.returncode == 2, (bad, refused.stdout, refused.stderr)

@@ -35,24 +35,52 @@ def env_number(name: str, default: float, *, minimum: float | None = None) -> fl
 # ---- broker and workers ------------------------------------------------------------------------------
 def broker_url() -> str:
     """ASR_BROKER_URL: the Redis that carries the task messages; rediss:// (TLS), or redis:// only with
-    ASR_INSECURE_TRANSPORT=1 (workflows/transport.py)."""
+    ASR_INSECURE_TRANSPORT=1 (workflows/transport.py). A URL naming a user without a password
+    (rediss://asr-host-h1@redis:6379/0) takes it from ASR_BROKER_PASSWORD_FILE."""
     from workflows.transport import check_redis_url
 
-    return check_redis_url("ASR_BROKER_URL", os.environ.get("ASR_BROKER_URL", DEFAULT_BROKER_URL))
+    return check_redis_url("ASR_BROKER_URL", _redis_url("ASR_BROKER_URL", DEFAULT_BROKER_URL))
 
 
 def result_backend_url() -> str:
     """ASR_RESULT_BACKEND: where Celery keeps task results (the broker's Redis by default)."""
     from workflows.transport import check_redis_url
 
-    return check_redis_url("ASR_RESULT_BACKEND", os.environ.get("ASR_RESULT_BACKEND") or broker_url())
+    return check_redis_url("ASR_RESULT_BACKEND", _redis_url("ASR_RESULT_BACKEND", None) or broker_url())
 
 
 def progress_redis_url() -> str:
     """ASR_REDIS_URL: the Redis holding live job progress (the broker's by default)."""
     from workflows.transport import check_redis_url
 
-    return check_redis_url("ASR_REDIS_URL", os.environ.get("ASR_REDIS_URL") or broker_url())
+    return check_redis_url("ASR_REDIS_URL", _redis_url("ASR_REDIS_URL", None) or broker_url())
+
+
+def _redis_url(name: str, default: str | None) -> str | None:
+    raw = os.environ.get(name) or default
+    return with_password_from_file(name, raw, "ASR_BROKER_PASSWORD_FILE") if raw else raw
+
+
+def with_password_from_file(name: str, url: str, file_setting: str) -> str:
+    """`url` (setting `name`) with the password held by the file `file_setting` names, when that is set and
+    the URL names a user without a password: the password then lives in a file only its process can read (a
+    compose secret, a 0600 file), not in the environment or a command line. Otherwise the URL as it is (a
+    user may need no password: PostgreSQL's trust or certificate authentication, a Redis `nopass` user)."""
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    raw = os.environ.get(file_setting, "").strip()
+    parts = urlsplit(url)
+    if not raw or not parts.username or parts.password is not None:
+        return url
+    try:
+        password = Path(raw).expanduser().read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"{file_setting}={raw!r}: cannot read the password: {exc.strerror or exc}") from None
+    if not password:
+        raise ValueError(f"{file_setting}={raw!r} is empty")
+    user_and_host = parts.netloc.rpartition("@")
+    netloc = f"{user_and_host[0]}:{quote(password, safe='')}@{user_and_host[2]}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def visibility_timeout_s() -> int:
@@ -258,8 +286,10 @@ def plan_script_output_bytes() -> int:
 
 # ---- the database -------------------------------------------------------------------------------------
 def database_url_setting() -> str | None:
-    """ASR_DATABASE_URL: the engine's database (unset: a SQLite file in ASR_HOME, see models.db)."""
-    return os.environ.get("ASR_DATABASE_URL") or None
+    """ASR_DATABASE_URL: the engine's database (unset: a SQLite file in ASR_HOME, see models.db). A URL naming
+    a role without a password (postgresql://asr_host_h1@db/asr) takes it from ASR_DATABASE_PASSWORD_FILE."""
+    raw = os.environ.get("ASR_DATABASE_URL") or None
+    return with_password_from_file("ASR_DATABASE_URL", raw, "ASR_DATABASE_PASSWORD_FILE") if raw else None
 
 
 def sqlite_busy_timeout_s() -> float:
