@@ -320,9 +320,11 @@ def test_a_guest_that_never_reaches_its_heartbeat_fails_the_drill_recoverably(gu
 def test_a_guest_booting_from_its_disk_fails_over_to_the_replica_of_that_disk(guest_site: RecoverySite,
                                                                               test_guest):
     """The OS-disk case: the guest boots from its own FAT boot disk (SeaBIOS, syslinux, no kernel file), both
-    its disks protected. It writes files at the primary; a planned failover boots the recovery VM from the
-    replica of its boot disk (QEMU started without -kernel, the BIOS booting the NBD-served replica), and the
-    guest's own check passes over every file. A boot disk the VM does not have is refused, creating nothing."""
+    its disks protected. It writes files at the primary; a drill boots a test VM from the point's replica of
+    that disk; a planned failover boots the recovery VM from the replica of its boot disk (QEMU started without
+    -kernel, the BIOS booting the NBD-served replica); failback boots the primary from its own disk again; the
+    guest's own check passes over every file each time. A boot disk the VM does not have is refused, creating
+    nothing."""
     site = guest_site
     images = site.host("host1").root / "images"
     images.mkdir(parents=True)
@@ -354,6 +356,22 @@ def test_a_guest_booting_from_its_disk_fails_over_to_the_replica_of_that_disk(gu
     wait_until(lambda: "ASR-WORKLOAD-DONE 3" in primary.console_log(primary.get_vm("os01")), timeout=120,
                what="the guest to write its files")
 
+    # A drill boots a test VM from the point's replica of the boot disk, isolated, and its check passes.
+    site.delta_cycle(vm_id, timeout=JOB_TIMEOUT)
+    site.wait_job(site.when_free(lambda: kinds.test_failover.start(item_id)), JOB_TIMEOUT)
+    drill = latest_record(item_id, FailoverKind.TEST)
+    assert drill.booted is True and drill.boot_check == "passed", drill.boot_detail
+    assert passed_files(drill.boot_detail) == 3, drill.boot_detail
+    test_vm = recovery.get_vm(drill.target_vm)
+    assert test_vm.guest.boot_disk == "os" and boots_from_disk(qemu_command(recovery, drill.target_vm), "os")
+    assert "SYSLINUX" in recovery.console_log(test_vm)
+    pid = recovery_pid(recovery, test_vm)
+    assert any("restrict=on" in arg for arg in qemu_command(recovery, drill.target_vm)), "a drill has no route out"
+    assert primary.power_state("os01") == "running", "a drill leaves the primary running"
+    site.wait_job(site.when_free(lambda: kinds.test_failover_cleanup.start(item_id)), JOB_TIMEOUT)
+    assert drill.target_vm not in [vm.name for vm in recovery.list_vms()]
+    wait_until(lambda: process_ended(pid), timeout=10, what=f"the test VM's QEMU ({pid}) to end")
+
     job = site.wait_job(site.when_free(lambda: kinds.planned_failover.start(item_id)), JOB_TIMEOUT)
     steps = {step["name"]: step["result"] for step in job["steps"]}
     assert steps["Check recovery VM boot"]["booted"] is True, steps["Check recovery VM boot"]
@@ -372,3 +390,15 @@ def test_a_guest_booting_from_its_disk_fails_over_to_the_replica_of_that_disk(gu
     # Both replicas hold the primary's disks at shutdown byte for byte: the boot disk the recovery VM booted too.
     site.verify_replica(vm_id)
     e2fsck(primary.get_vm("os01").disk("data").path)
+
+    # Failback (minimize downtime): the primary boots from its own boot disk again, with what the recovery VM
+    # holds, and its check passes over every file.
+    site.wait_job(kinds.commit_failover.start(item_id), JOB_TIMEOUT)
+    site.wait_job(kinds.failback.start(item_id), JOB_TIMEOUT)
+    site.wait_job(kinds.failback_completion.start(item_id), JOB_TIMEOUT)
+    assert recovery.power_state("os01") == "off" and primary.power_state("os01") == "running"
+    assert boots_from_disk(qemu_command(primary, "os01"), "os")
+    boot = primary.check_boot(primary.get_vm("os01"))
+    # Every file of before the failover, and any the recovery VM's workload wrote while it ran.
+    assert boot.booted and boot.check == "passed" and passed_files(boot.detail) >= 3, boot
+    site.wait_job(kinds.commit_failback.start(item_id), JOB_TIMEOUT)
