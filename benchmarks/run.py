@@ -63,7 +63,8 @@ FLEET_HOSTS = 2
 VM_DISK_SIZE = 4 << 20
 WORKFLOW_SPACE_PER_VM = 3 * VM_DISK_SIZE
 """A VM's disk (sparse, half full), its replica and the replication logs beside them, generously."""
-DEFAULT_PLAN_VMS = 50
+DEFAULT_PLAN_VMS = 100
+"""The reference product's limit of VMs per recovery plan."""
 QUICK_PLAN_VMS = 10
 DEFAULT_PLAN_GROUPS = 3
 MAX_PLAN_VMS = 100
