@@ -29,10 +29,10 @@ try:
 except ImportError as error:  # not built, or libcrypto missing: say what to do rather than a bare ImportError
     raise ImportError(
         f"sites/storage/xts.py needs its compiled part, sites.storage._xts_openssl, linked to OpenSSL 3's "
-        f"libcrypto ({error}). Install libssl3 (Debian; libcrypto.so.3) and, to build it, gcc, libc6-dev and "
-        f"libssl-dev (scripts/ensure-tools.sh gcc libssl-dev libcrypto), then reinstall the package "
-        f"(make install, or pip install .; in a source checkout used through PYTHONPATH: "
-        f"python setup.py build_ext --inplace)") from error
+        f"libcrypto ({error}). Install libssl3 (Debian; libcrypto.so.3) and, to build it, gcc, libc6-dev, "
+        f"libssl-dev and Python's headers (scripts/ensure-tools.sh gcc libc-headers openssl-headers "
+        f"python-headers libcrypto), then install the package again (make install, or pip install .; a "
+        f"source checkout used through PYTHONPATH: python setup.py build_ext --inplace)") from error
 
 MAX_SECTOR = (1 << 64) - 1
 """Sector numbers are 64-bit, as dm-crypt's plain64 (the 16-byte tweak's upper half is zero)."""
