@@ -9,13 +9,15 @@ calls: 0.7-1.1 GB/s, the tweaks two thirds of the time, and the restore then mis
 
 Here a small C loop (sites/storage/xts_build.py, compiled at install time against the system's
 libcrypto) keeps one OpenSSL context per key and direction and, per sector, sets only the tweak and runs
-EVP_CipherUpdate: OpenSSL's AES-NI XTS with no key schedule nor allocation per sector, 3.1-3.5 GB/s on one
-core of the development machine; a call runs without the GIL, so threads run in parallel. The
-equivalence with `modes.XTS` is proven byte for byte by tests/test_xts.py.
+EVP_CipherUpdate: OpenSSL's AES-NI XTS with no key schedule nor allocation per sector, 3.0-4.8 GB/s on one
+core of the shared development machine (docs/operations.md, "What it costs", has the options measured); a
+call runs without the GIL, so threads run in parallel. The equivalence with `modes.XTS` is proven byte for
+byte by tests/test_xts.py.
 
 Threads: an OpenSSL context holds the tweak of the sector it is at, so it is not shared; each thread that
-uses an XtsSectors gets its own copies of the two contexts (freed with the thread's locals). The key is
-only in OpenSSL's contexts, in memory, and cleansed by OpenSSL when they are freed.
+uses an XtsSectors gets its own copies of the two contexts (freed with the thread's locals). XtsSectors
+keeps no copy of the key: it is in OpenSSL's contexts only, in memory, which OpenSSL cleanses when it frees
+them.
 """
 from __future__ import annotations
 
