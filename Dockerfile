@@ -10,7 +10,7 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /opt/site-recovery-engine
 
 # Only what the package is built from (no .venv, .tools or test data in the image).
-COPY pyproject.toml README.md worker.py ./
+COPY pyproject.toml setup.py README.md worker.py ./
 COPY api ./api
 COPY datapath ./datapath
 COPY migrations ./migrations
@@ -19,7 +19,13 @@ COPY sites ./sites
 COPY tasks ./tasks
 COPY workflows ./workflows
 # Runtime dependencies only (no test extra): tests/test_install.py installs the same way and starts a worker.
-RUN pip install .
+# The package's compiled part (sites/storage/xts_build.py: OpenSSL's AES-XTS) needs a C compiler and
+# OpenSSL's headers to build, removed in the same layer; libssl3 (libcrypto.so.3), which it runs with, is
+# part of the base image and stays.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev libssl-dev \
+    && pip install . \
+    && apt-get purge -y --auto-remove gcc libc6-dev libssl-dev && rm -rf /var/lib/apt/lists/* \
+    && cd / && python -c "import sites.storage.xts"
 
 # Not root. The mount points exist, owned by that user, so named volumes mounted there start out
 # writable by it (Docker copies a mount point's ownership into an empty volume); each process's passwords

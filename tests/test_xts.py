@@ -1,5 +1,6 @@
-"""The batched AES-XTS (sites/storage/xts.py) is byte for byte `cryptography`'s own XTS applied sector by
-sector with the sector number as tweak, for any key, data, sector numbers (0 to 2^64 - 1) and batch size;
+"""The AES-XTS of sites/storage/xts.py (OpenSSL's, many sectors per call) is byte for byte `cryptography`'s
+own XTS applied sector by sector with the sector number as tweak, for any key (AES-128 and AES-256),
+data, sector numbers (0 to 2^64 - 1) and number of sectors per call, from any number of threads at once;
 it decrypts back, in place too; and an encrypted replica disk written sector by sector the old way reads
 back through EncryptedDisk unchanged, and what EncryptedDisk writes is what the old way wrote (zero
 sectors stay zeros)."""
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ MIB = 1024 * 1024
 
 def xts_per_sector(key: bytes, sectors: list[int], data: bytes, sector_size: int, *, decrypt: bool = False) -> bytes:
     """The reference: one `cryptography` XTS cipher per sector, tweak = its number (16 bytes little-endian),
-    as EncryptedDisk did before the batched XTS."""
+    as EncryptedDisk did before XTS over many sectors per call."""
     out = bytearray()
     for index, sector in enumerate(sectors):
         cipher = Cipher(algorithms.AES(key), modes.XTS(sector.to_bytes(16, "little")))
@@ -31,26 +33,58 @@ def xts_per_sector(key: bytes, sectors: list[int], data: bytes, sector_size: int
     return bytes(out)
 
 
-FIRST_SECTORS = [0, 1, 255, 256, 12345, 2**32 - 3, 2**40, 2**63 - 2, 2**64 - 40]
+FIRST_SECTORS = [0, 1, 255, 256, 12345, 2**32 - 3, 2**40, 2**63 - 2, 2**64 - 1]
 
 
-@pytest.mark.parametrize("sector_size", [4096, 512])
+@pytest.mark.parametrize("sector_size", [4096, 512, 16, 4112])
 @pytest.mark.parametrize("key_bytes", [64, 32])
-def test_batched_xts_equals_per_sector_xts_for_any_run_of_sectors(sector_size: int, key_bytes: int):
+def test_xts_equals_per_sector_xts_for_any_run_of_sectors(sector_size: int, key_bytes: int):
     rng = random.Random(f"{sector_size}/{key_bytes}")
     for first in FIRST_SECTORS:
         key = rng.randbytes(key_bytes)
-        count = rng.randint(1, 40)
+        count = rng.randint(41, 80)
+        first = min(first, 2**64 - count)  # the last run ends at sector 2^64 - 1
         data = rng.randbytes(count * sector_size)
         expected = xts_per_sector(key, list(range(first, first + count)), data, sector_size)
-        for batch in sorted({1, 2, 3, 7, count - 1, count, count + 5} - {0}):
-            xts = XtsSectors(key, sector_size, batch_sectors=batch)
-            out = bytearray(len(data))
+        xts = XtsSectors(key, sector_size)
+        # The run in calls of odd numbers of sectors (the same context goes on from call to call).
+        cuts = sorted({0, count, 1, 2, 5, 12, count - 7, count - 1} | {rng.randrange(count) for _ in range(3)})
+        out, back = bytearray(len(data)), bytearray(len(data))
+        with memoryview(data) as plain, memoryview(out) as cipher, memoryview(back) as deciphered:
+            for start, stop in zip(cuts, cuts[1:], strict=False):
+                piece = slice(start * sector_size, stop * sector_size)
+                xts.encrypt(first + start, plain[piece], cipher[piece])
+                assert cipher[piece] == expected[piece], (first, start, stop)
+                xts.decrypt(first + start, cipher[piece], deciphered[piece])
+                assert deciphered[piece] == data[piece], (first, start, stop)
+        assert bytes(out) == expected
+        assert bytes(back) == data
+
+
+def test_threads_each_encrypt_and_decrypt_with_one_xts_at_once():
+    """An OpenSSL context holds the tweak it is at: threads sharing one XtsSectors must not share one."""
+    rng = random.Random(5)
+    key = rng.randbytes(64)
+    xts = XtsSectors(key)
+    jobs = []
+    for _ in range(8):
+        first = rng.randrange(2**40)
+        data = rng.randbytes(rng.randint(1, 64) * SECTOR_SIZE)
+        jobs.append((first, data, xts_per_sector(key, list(range(first, first + len(data) // SECTOR_SIZE)), data,
+                                                 SECTOR_SIZE)))
+
+    def work(job) -> bool:
+        first, data, expected = job
+        for _ in range(30):
+            out, back = bytearray(len(data)), bytearray(len(data))
             xts.encrypt(first, data, out)
-            assert bytes(out) == expected, (first, count, batch)
-            back = bytearray(len(data))
             xts.decrypt(first, out, back)
-            assert bytes(back) == data, (first, count, batch)
+            if out != expected or back != data:
+                return False
+        return True
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert all(pool.map(work, jobs * 3))
 
 
 def test_decrypting_per_sector_ciphertext_and_sector_numbers_given_one_by_one():
@@ -59,7 +93,7 @@ def test_decrypting_per_sector_ciphertext_and_sector_numbers_given_one_by_one():
     numbers = sorted(rng.sample(range(2**41), 25)) + [0, 2**64 - 1, 2**40]
     data = rng.randbytes(len(numbers) * SECTOR_SIZE)
     ciphertext = xts_per_sector(key, numbers, data, SECTOR_SIZE)
-    xts = XtsSectors(key, batch_sectors=4)
+    xts = XtsSectors(key)
     for given in (numbers, np.array(numbers, dtype=np.uint64)):
         out = bytearray(len(data))
         xts.encrypt(given, data, out)
@@ -73,7 +107,7 @@ def test_decrypting_per_sector_ciphertext_and_sector_numbers_given_one_by_one():
 def test_in_place_and_empty():
     rng = random.Random(4)
     key = rng.randbytes(64)
-    data = rng.randbytes(300 * SECTOR_SIZE)  # more than one default batch
+    data = rng.randbytes(300 * SECTOR_SIZE)
     buffer = bytearray(data)
     xts = XtsSectors(key)
     xts.encrypt(77, buffer, buffer)
@@ -89,8 +123,10 @@ def test_bad_keys_sizes_and_sector_numbers_are_refused():
         XtsSectors(key[:48])
     with pytest.raises(ValueError, match="halves"):
         XtsSectors(key[:32] * 2)
-    with pytest.raises(ValueError, match="multiple of 128"):
+    with pytest.raises(ValueError, match="multiple of 16"):
         XtsSectors(key, sector_size=1000)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        XtsSectors(key, sector_size=(1 << 24) + 16)
     xts = XtsSectors(key)
     with pytest.raises(ValueError, match="whole 4096-byte sectors"):
         xts.encrypt(0, bytes(SECTOR_SIZE + 16), bytearray(SECTOR_SIZE + 16))
@@ -110,7 +146,8 @@ def test_bad_keys_sizes_and_sector_numbers_are_refused():
 
 # ---- EncryptedDisk: the stored format is unchanged ----------------------------------------------------
 def old_encrypted_image(key: bytes, plain: bytes) -> bytes:
-    """What EncryptedDisk stored before the batched XTS: per-sector XTS, all-zero sectors stored as zeros."""
+    """What EncryptedDisk stored before XTS over many sectors per call: per-sector XTS, all-zero sectors
+    stored as zeros."""
     stored = bytearray(len(plain))
     for sector in range(len(plain) // SECTOR_SIZE):
         piece = plain[sector * SECTOR_SIZE:(sector + 1) * SECTOR_SIZE]
