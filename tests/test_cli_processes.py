@@ -119,10 +119,13 @@ def test_beat_and_api_dry_runs(tmp_path: Path) -> None:
 
     argv, names = dry_run("api", env=clean_env())
     assert argv == [PYTHON, "-m", "uvicorn", "api.rest:app", "--host", "127.0.0.1", "--port", "8000",
-                    "--log-level", "info"]
+                    "--log-level", "info", "--no-proxy-headers"]
     assert names == []
     argv, _ = dry_run("api", "--host", "0.0.0.0", "--port", "8123", "--loglevel", "ERROR", env=clean_env())
-    assert argv[-6:] == ["--host", "0.0.0.0", "--port", "8123", "--log-level", "error"]
+    assert argv[-7:] == ["--host", "0.0.0.0", "--port", "8123", "--log-level", "error", "--no-proxy-headers"]
+    # Forwarded headers believed from the listed proxies only (docs/api.md, ASR_API_TRUSTED_PROXIES).
+    argv, _ = dry_run("api", env=clean_env(ASR_API_TRUSTED_PROXIES="10.0.0.5, 10.1.0.0/16"))
+    assert argv[-2:] == ["--proxy-headers", "--forwarded-allow-ips=10.0.0.5,10.1.0.0/16"], argv
 
     proc = asr("api", "--port", "70000", "--dry-run", env=clean_env())
     assert proc.returncode == 2 and "70000" in proc.stderr, proc.stderr

@@ -195,6 +195,35 @@ def test_a_recoverable_failure_waits_for_the_schedule_and_the_reconciler_relaunc
     assert run(flaky).state is StepState.waiting_retry, "claimed again once due, and failing again"
 
 
+def test_a_due_retry_is_sent_once_by_two_reconcilers_that_both_saw_it_due(dispatcher, monkeypatch):
+    """Before: `launch` sent a step that was `queued` again, so of two reconcilers that both read a retry as due
+    (beat sends one every ASR_RECONCILE_S; two orchestration processes run them side by side) the second sent
+    the step again after the first had queued it: two messages for one attempt (test_flower saw two tasks of
+    attempt 2 succeed under load). Now a queued step is sent again only when its message stalled."""
+    from workflows.engine.jobs import launch
+
+    monkeypatch.setenv("ASR_TIME_SCALE", "6")
+    job_id = two_stage_job(first=FLAKY)
+    flaky, sibling, _ = (s["id"] for s in steps(job_id))
+    assert run(sibling).state is StepState.succeeded
+    assert run(flaky).state is StepState.waiting_retry
+    with session_scope() as session:
+        row = session.get(JobStep, flaky)
+        row.next_attempt_at = clock.now() - timedelta(seconds=1)
+        session.add(row)
+    sent_before = len(dispatcher.sent)
+    assert launch(job_id) == [flaky]
+    assert launch(job_id) == [], "the second reconciler's launch finds the retry queued already"
+    assert dispatcher.sent[sent_before:] == [[flaky]]
+    # A message stalled past the limit is sent again (the reconciler's queued_stalled).
+    with session_scope() as session:
+        row = session.get(JobStep, flaky)
+        row.queued_at = clock.now() - timedelta(hours=1)
+        session.add(row)
+    assert reconcile() == {"queued_stalled": 1} and dispatcher.sent[-1] == [flaky]
+    assert len(dispatcher.sent) == sent_before + 2
+
+
 def test_a_non_recoverable_failure_fails_the_job_cancels_the_rest_and_runs_the_failure_hooks(dispatcher):
     job_id = two_stage_job(first=BROKEN)
     first, second, last = (s["id"] for s in steps(job_id))

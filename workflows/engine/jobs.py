@@ -239,13 +239,20 @@ def retry_due(step: JobStep, now: datetime) -> bool:
     return step.state == StepState.waiting_retry and step.next_attempt_at is not None and step.next_attempt_at <= now
 
 
-def _launchable(step: JobStep, now: datetime) -> bool:
-    return step.state in (StepState.pending, StepState.queued) or retry_due(step, now)
+def _launchable(step: JobStep, now: datetime, resend_queued_before: datetime | None) -> bool:
+    return (step.state == StepState.pending or retry_due(step, now)
+            or (resend_queued_before is not None and step.state == StepState.queued
+                and step.queued_at is not None and step.queued_at < resend_queued_before))
 
-def launch(job_id: str) -> list[str]:
-    """Send the steps of the job's first stage not complete that may run now. Returns their ids (empty when
-    there is nothing to send: finished, running, waiting for a retry or for an operator). The stages
-    after it follow as each completes (`advance`)."""
+
+def launch(job_id: str, *, resend_queued_before: datetime | None = None) -> list[str]:
+    """Send the steps of the job's first stage not complete that may run now: pending ones and retries due,
+    and, with `resend_queued_before`, those queued before then (their message stalled: the reconciler's).
+    Returns their ids (empty when there is nothing to send: finished, running, queued, waiting for a retry
+    or for an operator). The stages after it follow as each completes (`advance`).
+
+    A step queued since is not sent again: of two launches that both read a retry as due (two reconcilers
+    side by side), the second finds it queued and sends nothing."""
     now = clock.now()
     with session_scope() as session:
         if existing_job(session, job_id).state not in ACTIVE_JOB_STATES:
@@ -253,18 +260,23 @@ def launch(job_id: str) -> list[str]:
         stages = _open_stages(steps_of(session, job_id))
         # Running steps belong to their runner; retries not due yet are the reconciler's to send later;
         # a step waiting for an operator is never sent again (`resume` completes it).
-        candidates = [step.id for step in stages[0] if _launchable(step, now)] if stages else []
+        candidates = [step.id for step in stages[0] if _launchable(step, now, resend_queued_before)] \
+            if stages else []
         if not candidates:
             return []
         # Marked before sending, so no worker can claim a step before it is marked; only steps still
-        # launchable are marked and sent (a duplicate message may have claimed one meanwhile).
+        # launchable are marked and sent (another launch or a duplicate message may have taken one meanwhile:
+        # the condition is read again on the row as it is when this update writes it).
         stamp = clock.now()
+        still_launchable = [
+            JobStep.state == StepState.pending,
+            sa.and_(JobStep.state == StepState.waiting_retry, JobStep.next_attempt_at <= now),
+        ]
+        if resend_queued_before is not None:
+            still_launchable.append(sa.and_(JobStep.state == StepState.queued,
+                                            JobStep.queued_at < resend_queued_before))
         session.exec(update_rows(JobStep).where(
-            JobStep.id.in_(candidates),
-            sa.or_(
-                JobStep.state.in_((StepState.pending, StepState.queued)),
-                sa.and_(JobStep.state == StepState.waiting_retry, JobStep.next_attempt_at <= now),
-            ),
+            JobStep.id.in_(candidates), sa.or_(*still_launchable),
         ).values(state=StepState.queued, queued_at=stamp))
         first = list(session.exec(select(JobStep).where(
             JobStep.id.in_(candidates), JobStep.state == StepState.queued, JobStep.queued_at == stamp,

@@ -55,7 +55,8 @@ def reconcile() -> dict[str, int]:
     for job in jobs:
         job_steps = steps_by_job.get(job.id, [])
         reason = relaunch_reason(job, job_steps, now, settings)
-        if reason and launch(job.id):
+        stalled_before = now - timedelta(seconds=settings.queued_stall_s)
+        if reason and launch(job.id, resend_queued_before=stalled_before):
             report[reason] += 1
         elif job_steps and all(step.state in DONE_STEP_STATES for step in job_steps) \
                 and finish_when_every_step_is_done(job.id):
@@ -142,13 +143,14 @@ def _recover_stale_step(step_id: str, stale_before: datetime, settings: EngineSe
             settled = bool(changed) and fail_job(session, job.id, f"{step.name} failed: {reason}", error_class)
         elif outcome == "relaunched_interrupted":
             # broker_lost_at stays: it says why the step runs again, until its next claim clears it.
+            # Pending, for `launch` below to queue and send (it sends no step that is queued already).
             changed = session.exec(update_rows(JobStep).where(still_stale).values(
-                state=StepState.queued, interruptions=JobStep.interruptions + 1, lease=None, queued_at=now,
+                state=StepState.pending, interruptions=JobStep.interruptions + 1, lease=None, queued_at=None,
             )).rowcount
             settled = False
         else:
             changed = session.exec(update_rows(JobStep).where(still_stale).values(
-                state=StepState.queued, deaths=deaths, lease=None, queued_at=now,
+                state=StepState.pending, deaths=deaths, lease=None, queued_at=None,
             )).rowcount
             settled = False
     if not changed:
