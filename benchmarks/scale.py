@@ -65,6 +65,7 @@ ENGINE_TREES = ("orchestration", "host-host1", "host-host2", "beat", "redis-serv
 PROTECT_SECONDS_PER_VM = 2.0
 FINAL_CYCLE_TIMEOUT_S = 600.0
 WRITER_STOP_TIMEOUT_S = 30.0
+WRITER_START_TIMEOUT_S = 60.0
 
 METHOD = [
     "Scale: per run one deployment (the tests' recovery site: a private redis-server, a SQLite database, an "
@@ -183,6 +184,7 @@ def write_churn(disks: list[Path], interval_s: float, seed: int, stats_path: Pat
     signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))
     choices = random.Random(seed)
     trackers = [ReplicationTracker(path) for path in disks]
+    stats_path.with_suffix(".ready").touch()
     spacing = interval_s / len(disks)
     started = time.monotonic()
     writes, late_max = 0, 0.0
@@ -215,6 +217,15 @@ def _start_writer(workdir: Path, disks: list[Path], interval_s: float, seed: int
             [sys.executable, "-m", "benchmarks.scale", "--write-churn", str(disks_file), "--interval",
              str(interval_s), "--seed", str(seed), "--stats", str(stats)],
             cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    # Sampling starts once every tracker is open and writes begin (a stop before that would find no handler).
+    deadline = time.monotonic() + WRITER_START_TIMEOUT_S
+    while not stats.with_suffix(".ready").exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            raise AssertionError(f"the writer did not start (exit {process.returncode}): "
+                                 f"{(workdir / 'writer.log').read_text()[-2000:]}")
+        time.sleep(0.1)
     return process, stats
 
 
