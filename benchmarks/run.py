@@ -1,14 +1,17 @@
 """`python -m benchmarks.run`: measure the data path and the workflows against their peers and write
 the results.
 
-Four sections, all by default, one with `--only`: `datapath` (benchmarks/datapath.py: copy, sparse
+Five sections, all by default, one with `--only`: `datapath` (benchmarks/datapath.py: copy, sparse
 copy, resync both ways read and the product's resync from the stored manifest, checksum scan, log apply,
 peak memory), `workflows` (benchmarks/workflows.py: the job
 engine's cost per step against a bare Celery chain, enabling protection of many VMs end to end, and the
 failover time (RTO) of a recovery plan of many VMs, test and planned, against the same canvas of no-op
 tasks), `nbd` (benchmarks/nbd.py: write throughput of a disk served over NBD by the tracker service
 against qemu-nbd and the raw file) and `churn` (benchmarks/churn.py: RPO and log backlog of synthetic VMs
-writing at 2, 5 and 20 MB/s with a 30 s copy frequency, for 10 minutes).
+writing at 2, 5 and 20 MB/s with a 30 s copy frequency, for 10 minutes) and `scale` (benchmarks/scale.py: how
+many protected VMs of small disks and low churn one deployment holds with every RPO under its warning
+threshold, 1,000 at a 5-minute copy frequency for 10 minutes and 100 at 30 s for 3, the engine's CPU per delta
+cycle and the capacity it implies).
 Writes `benchmarks.json` (every run's figures) and `benchmarks.md` (a table: ours, the peer, the
 ratio, the goal, pass or miss) into `--output` (docs/ by default), and prints the table. The report
 holds the sections this run measured, no others. Goals are judged only on what was measured in this
@@ -32,12 +35,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import churn, nbd
+from benchmarks import churn, nbd, scale
 from benchmarks.datapath import CHUNK_SIZE, BenchmarkError, measure_datapath
 from benchmarks.workflow_report import measure_workflows, workflow_detail_lines
 from datapath.disk import format_size, parse_size
 
-SECTIONS = ("datapath", "workflows", "nbd", "churn")
+SECTIONS = ("datapath", "workflows", "nbd", "churn", "scale")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SIZE = "1G"
@@ -54,7 +57,8 @@ SPACE_NEEDED_PER_DISK_SIZE = 5
 """The largest moment holds about 4.3 disk sizes in the workdir (source, sparse data, two targets)."""
 WORKDIR_MARKER = ".sre-bench-workdir"
 REQUIRED_TOOLS = {"datapath": ("cp", "sync", "rsync", "cmp", "qemu-img"), "workflows": ("redis-server",),
-                  "nbd": ("qemu-img", "qemu-nbd", "cmp"), "churn": ("redis-server",)}
+                  "nbd": ("qemu-img", "qemu-nbd", "cmp"), "churn": ("redis-server",),
+                  "scale": ("redis-server",)}
 DEFAULT_STEPS = 200
 QUICK_STEPS = 20
 DEFAULT_VMS = 100
@@ -88,7 +92,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "chain; enabling protection of many VMs end to end with real workers; the test and planned "
                     "failover of a recovery plan of many VMs, its RTO), and writes over NBD through the tracker "
                     "service against qemu-nbd, and RPO under churn (synthetic VMs writing at 2, 5 and 20 MB/s, "
-                    "30 s copy frequency); write benchmarks.md and benchmarks.json.",
+                    "30 s copy frequency), and scale (how many protected VMs one deployment holds at a 300 s and "
+                    "a 30 s copy frequency); write benchmarks.md and benchmarks.json.",
     )
     parser.add_argument("--only", choices=SECTIONS,
                         help="run one section only (default: all); the report then holds that section alone")
@@ -118,6 +123,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"the plan's VMs (default {DEFAULT_PLAN_GROUPS})")
     nbd.add_arguments(parser)
     churn.add_arguments(parser)
+    scale.add_arguments(parser)
     parser.add_argument("--seed", type=int, default=1, help="seed of the generated data and damage (default 1)")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "docs",
                         help="where benchmarks.md and benchmarks.json are written (default: docs/ in the repo)")
@@ -288,6 +294,8 @@ def measure(workdir: Path, sections: tuple[str, ...], settings: dict[str, Any]) 
     if "churn" in sections:
         os.sync()
         measured["churn"] = churn.measure_section(workdir / "churn", settings, progress)
+    if "scale" in sections:
+        measured["scale"] = scale.measure_section(workdir / "scale", settings, progress)
     progress("done")
     return {"seconds": time.monotonic() - started, "load_average_before": load_before,
             "load_average_after": os.getloadavg()} | measured
@@ -308,6 +316,8 @@ def checked_settings(args: argparse.Namespace, sections: tuple[str, ...]) -> dic
             settings |= nbd.checked_settings(args)
         if "churn" in sections:
             settings |= churn.checked_settings(args)
+        if "scale" in sections:
+            settings |= scale.checked_settings(args)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return settings
@@ -317,16 +327,16 @@ def space_needed(settings: dict[str, Any]) -> int:
     datapath = SPACE_NEEDED_PER_DISK_SIZE * settings.get("size", 0)
     workflows = WORKFLOW_SPACE_PER_VM * (settings.get("vms", 0) + settings.get("plan_vms", 0))
     return (datapath + workflows + PLAN_SPACE_PER_VM * settings.get("plan_vms", 0)
-            + churn.space_needed(settings))
+            + churn.space_needed(settings) + scale.space_needed(settings))
 
 
 def all_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every benchmark's result rows: the data path's, then the workflows', NBD's and churn's."""
+    """Every benchmark's result rows: the data path's, then the workflows', NBD's, churn's and scale's."""
     return [row for benchmark in benchmarks_of(report) for row in benchmark["rows"]]
 
 
 def benchmarks_of(report: dict[str, Any],
-                  keys: tuple[str, ...] = ("benchmarks", "workflows", "nbd", "churn")) -> list:
+                  keys: tuple[str, ...] = ("benchmarks", "workflows", "nbd", "churn", "scale")) -> list:
     return [benchmark for key in keys for benchmark in report.get(key, {}).values()]
 
 
@@ -336,7 +346,8 @@ def method_of(sections: tuple[str, ...]) -> list[str]:
         from benchmarks.workflows import METHOD as WORKFLOW_METHOD  # imported by the run already
 
         method += WORKFLOW_METHOD
-    return method + (nbd.METHOD if "nbd" in sections else []) + (churn.METHOD if "churn" in sections else [])
+    return (method + (nbd.METHOD if "nbd" in sections else []) + (churn.METHOD if "churn" in sections else [])
+            + (scale.METHOD if "scale" in sections else []))
 
 
 def build_report(argv: list[str], sections: tuple[str, ...], settings: dict[str, Any], machine: dict[str, Any],
@@ -408,7 +419,7 @@ def results_table(report: dict[str, Any]) -> list[list[str]]:
             verdict(step["passed"]),
         ])
     return lines + [_row_cells(benchmark["title"], row)
-                    for benchmark in benchmarks_of(report, ("workflows", "nbd", "churn"))
+                    for benchmark in benchmarks_of(report, ("workflows", "nbd", "churn", "scale"))
                     for row in benchmark["rows"]]
 
 
@@ -456,6 +467,11 @@ def markdown(report: dict[str, Any]) -> str:
     if "churn" in report["sections"]:
         scope.append(f"RPO sampled for {settings['churn_duration_s']:g} s under churn of "
                      f"{', '.join(f'{rate:g}' for rate in settings['churn_rates_mb_s'])} MB/s")
+    if "scale" in report["sections"]:
+        scope.append(f"{settings['scale_vms']} VMs sampled for {settings['scale_duration_s']:g} s at a "
+                     f"{settings['scale_copy_frequency_s']} s copy frequency"
+                     + (f", {settings['scale_fast_vms']} for {settings['scale_fast_duration_s']:g} s at "
+                        f"{settings['scale_fast_copy_frequency_s']} s" if settings["scale_fast_vms"] else ""))
     lines = [
         "# Benchmarks: " + " and ".join(SECTION_TITLES[section] for section in report["sections"]),
         "",
@@ -500,11 +516,13 @@ def markdown(report: dict[str, Any]) -> str:
         lines += nbd.detail_lines(report["nbd"])
     if "churn" in report["sections"]:
         lines += churn.detail_lines(report["churn"])
+    if "scale" in report["sections"]:
+        lines += scale.detail_lines(report["scale"])
     return "\n".join(lines) + "\n"
 
 
 SECTION_TITLES = {"datapath": "data path", "workflows": "workflows", "nbd": "writes over NBD",
-                  "churn": "RPO under churn"}
+                  "churn": "RPO under churn", "scale": "scale"}
 
 
 def _sentence(text: str) -> str:
