@@ -318,7 +318,10 @@ def _when_free(start, vm: str, timeout: float = 90) -> dict:
         try:
             return start(vm)
         except service.Conflict as error:
-            if "(delta_replication, " not in str(error) or time.monotonic() > deadline:
+            # (A cycle that ends between the refusal and the look for its holder reads "another ... request
+            # is starting on it": the lock was let go meanwhile.)
+            if not any(why in str(error) for why in ("(delta_replication, ", "request is starting on it")) \
+                    or time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
 
