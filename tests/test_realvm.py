@@ -161,6 +161,31 @@ def passed_files(detail: str | None) -> int:
     return int(detail.split("PASS")[1].split()[0])
 
 
+def isolated_then_cleaned_up(site: RecoverySite, item_id: str, drill, primary_vm: str) -> None:
+    """The drill's test VM runs with no route out while the primary keeps running; its cleanup removes
+    the test VM and ends its QEMU."""
+    primary, recovery = site.host("host1"), site.host("dr1")
+    pid = recovery_pid(recovery, recovery.get_vm(drill.target_vm))
+    command = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+    assert any("restrict=on" in arg for arg in command), f"a drill's guest has no route out: {command}"
+    assert primary.power_state(primary_vm) == "running", "a drill leaves the primary running"
+    site.wait_job(site.when_free(lambda: kinds.test_failover_cleanup.start(item_id)), JOB_TIMEOUT)
+    assert drill.target_vm not in [vm.name for vm in recovery.list_vms()]
+    wait_until(lambda: process_ended(pid), timeout=10, what=f"the test VM's QEMU ({pid}) to end")
+
+
+def planned_failover_that_booted(site: RecoverySite, item_id: str):
+    """A planned failover of the item, which succeeded, verified, and whose recovery VM booted and passed
+    its check; its record."""
+    job = site.wait_job(site.when_free(lambda: kinds.planned_failover.start(item_id)), JOB_TIMEOUT)
+    steps = {step["name"]: step["result"] for step in job["steps"]}
+    assert steps["Check recovery VM boot"]["booted"] is True, steps["Check recovery VM boot"]
+    record = latest_record(item_id, FailoverKind.PLANNED)
+    assert record.status is FailoverStatus.SUCCEEDED and record.verified
+    assert record.booted is True and record.boot_check == "passed", record.boot_detail
+    return record
+
+
 def test_a_guest_through_drill_planned_failover_failback_and_reverse_replication(guest_site: RecoverySite,
                                                                                    test_guest):
     """One guest through the whole cycle, its data checked by the guest itself at every boot:
@@ -196,22 +221,10 @@ def test_a_guest_through_drill_planned_failover_failback_and_reverse_replication
     drill = latest_record(item_id, FailoverKind.TEST)
     assert drill.booted is True and drill.boot_check == "passed", drill.boot_detail
     assert 0 < drill.heartbeat_s < drill.rto_s, (drill.heartbeat_s, drill.rto_s)
-    test_vm = recovery.get_vm(drill.target_vm)
-    pid = recovery_pid(recovery, test_vm)
-    command = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
-    assert any("restrict=on" in arg for arg in command), f"a drill's guest has no route out: {command}"
-    assert primary.power_state("web01") == "running", "a drill leaves the primary running"
-    site.wait_job(site.when_free(lambda: kinds.test_failover_cleanup.start(item_id)), JOB_TIMEOUT)
-    assert drill.target_vm not in [vm.name for vm in recovery.list_vms()]
-    wait_until(lambda: process_ended(pid), timeout=10, what=f"the test VM's QEMU ({pid}) to end")
+    isolated_then_cleaned_up(site, item_id, drill, "web01")
 
     # Planned failover: the guest is shut down, its last writes shipped, the recovery VM boots.
-    job = site.wait_job(site.when_free(lambda: kinds.planned_failover.start(item_id)), JOB_TIMEOUT)
-    steps = {step["name"]: step["result"] for step in job["steps"]}
-    assert steps["Check recovery VM boot"]["booted"] is True, steps["Check recovery VM boot"]
-    record = latest_record(item_id, FailoverKind.PLANNED)
-    assert record.status is FailoverStatus.SUCCEEDED and record.verified
-    assert record.booted is True and record.boot_check == "passed", record.boot_detail
+    record = planned_failover_that_booted(site, item_id)
     at_failover = passed_files(record.boot_detail)
     assert at_failover >= files_written(site, "host1", "web01") >= 2, record.boot_detail
     assert primary.power_state("web01") == "off"
@@ -365,19 +378,9 @@ def test_a_guest_booting_from_its_disk_fails_over_to_the_replica_of_that_disk(gu
     test_vm = recovery.get_vm(drill.target_vm)
     assert test_vm.guest.boot_disk == "os" and boots_from_disk(qemu_command(recovery, drill.target_vm), "os")
     assert "SYSLINUX" in recovery.console_log(test_vm)
-    pid = recovery_pid(recovery, test_vm)
-    assert any("restrict=on" in arg for arg in qemu_command(recovery, drill.target_vm)), "a drill has no route out"
-    assert primary.power_state("os01") == "running", "a drill leaves the primary running"
-    site.wait_job(site.when_free(lambda: kinds.test_failover_cleanup.start(item_id)), JOB_TIMEOUT)
-    assert drill.target_vm not in [vm.name for vm in recovery.list_vms()]
-    wait_until(lambda: process_ended(pid), timeout=10, what=f"the test VM's QEMU ({pid}) to end")
+    isolated_then_cleaned_up(site, item_id, drill, "os01")
 
-    job = site.wait_job(site.when_free(lambda: kinds.planned_failover.start(item_id)), JOB_TIMEOUT)
-    steps = {step["name"]: step["result"] for step in job["steps"]}
-    assert steps["Check recovery VM boot"]["booted"] is True, steps["Check recovery VM boot"]
-    record = latest_record(item_id, FailoverKind.PLANNED)
-    assert record.status is FailoverStatus.SUCCEEDED and record.verified
-    assert record.booted is True and record.boot_check == "passed", record.boot_detail
+    record = planned_failover_that_booted(site, item_id)
     assert passed_files(record.boot_detail) == 3, record.boot_detail  # every file the primary wrote
     print(f"recovery VM booted from its disk: heartbeat {record.heartbeat_s:.1f} s after QEMU started, "
           f"RTO {record.rto_s:.1f} s")
