@@ -52,10 +52,10 @@ def reconcile() -> dict[str, int]:
             JobStep.job_id, JobStep.stage, JobStep.index,
         )).all() if jobs else []
     steps_by_job = {job_id: list(job_steps) for job_id, job_steps in groupby(steps, key=lambda s: s.job_id)}
+    stalled_before = now - timedelta(seconds=settings.queued_stall_s)
     for job in jobs:
         job_steps = steps_by_job.get(job.id, [])
         reason = relaunch_reason(job, job_steps, now, settings)
-        stalled_before = now - timedelta(seconds=settings.queued_stall_s)
         if reason and launch(job.id, resend_queued_before=stalled_before):
             report[reason] += 1
         elif job_steps and all(step.state in DONE_STEP_STATES for step in job_steps) \
