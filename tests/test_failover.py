@@ -429,8 +429,10 @@ def test_recovery_plan_planned_failover_then_failback(tmp_path, request):
     with make_site(tmp_path, "azure", request) as site:
         vms = {name: protected_vm(site, name, seed=i + 7, disks=[("disk0", "8M", "vhd"), ("disk1", "4M", "raw")])
                for i, name in enumerate(("db02", "web02"))}
+        # Slow writers: the 4 MiB disks reach the resync threshold (unsent logs at half the disk) after about
+        # 2 MiB, which 3 MB/s wrote before validation on a loaded CI machine.
         for vm_id in vms.values():
-            start_writer(site, vm_id, seed=30)
+            start_writer(site, vm_id, seed=30, rate_mb_s=0.3)
         with session_scope() as session:
             create_plan(session, "dr", [{"name": "data", "vms": [vms["db02"]]},
                                         {"name": "web", "vms": [vms["web02"]]}])
