@@ -28,7 +28,6 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
-from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from api import service
@@ -115,7 +114,22 @@ def go(browser: WebDriver, element: WebElement) -> None:
     rendered yet)."""
     page = browser.find_element(By.TAG_NAME, "html")
     element.click()
-    WebDriverWait(browser, 15, poll_frequency=0.1).until(expected_conditions.staleness_of(page))
+    WebDriverWait(browser, 15, poll_frequency=0.1).until(lambda _driver: replaced(page))
+
+
+def replaced(element: WebElement) -> bool:
+    """Whether `element` belongs to a document the browser has left. (Selenium's `staleness_of` expects a
+    StaleElementReferenceException; chromedriver answers some lookups of a left document's node with "unknown
+    error: ... Node with given id does not belong to the document" instead: seen failing this test.)"""
+    try:
+        element.is_enabled()
+    except StaleElementReferenceException:
+        return True
+    except WebDriverException as error:
+        if "does not belong to the document" in (error.msg or ""):
+            return True
+        raise
+    return False
 
 
 def text_of(browser: WebDriver, element_id: str) -> str | None:
