@@ -415,10 +415,14 @@ def start_api(env: Mapping[str, str], workdir: Path, *, port: int | None = None,
     return process
 
 
-def stop_all(processes: list[CeleryProcess], timeout: float = 10.0) -> None:
-    """Warm shutdown of all of them side by side; whatever has not exited after `timeout` s is killed."""
-    for celery_process in processes:
-        _ask_to_stop(celery_process.process)
+def stop_all(processes: list[CeleryProcess], timeout: float = 10.0, *, hard: bool = False) -> None:
+    """Warm shutdown of all of them side by side; whatever has not exited after `timeout` s is killed.
+    `hard`: no warm shutdown, every process group SIGKILLed at once (as a power cut would end them)."""
+    if hard:
+        timeout = 0.0
+    else:
+        for celery_process in processes:
+            _ask_to_stop(celery_process.process)
     deadline = time.monotonic() + timeout
     for celery_process in processes:
         _reap(celery_process.process, max(0.0, deadline - time.monotonic()))
