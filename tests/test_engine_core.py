@@ -276,6 +276,20 @@ def test_every_step_message_says_what_it_is_and_every_outcome_whose_it_is(dispat
     ]
 
 
+def test_the_next_stage_sent_when_a_stage_completes_is_described_as_the_first_is(dispatcher):
+    """`advance` describes the messages of the stage it sends in its own transaction (not through _messages)."""
+    job_id = start_job(KIND.name, lock_key="item:d", params={"vm": "web02"}, stages=[
+        [StepSpec("Seal", OK, "orchestration")], [StepSpec("Ship logs", OK, "host.h1")],
+    ])
+    first, second = (s["id"] for s in steps(job_id))
+    dispatcher.messages.clear()
+    assert run(first).state is StepState.succeeded
+    assert [(m.id, m.queue, m.action, m.describe()) for m in dispatcher.messages] == [
+        (second, "host.h1", OK, {"job": KIND.name, "vm": "web02", "step": "Ship logs", "attempt": 1,
+                                 "job_id": job_id}),
+    ]
+
+
 def test_a_job_the_broker_refused_is_recorded_and_the_reconciler_launches_it_later(dispatcher, monkeypatch):
     monkeypatch.setenv("ASR_STALE_AFTER_S", "0.2")
     dispatcher.refuse = True

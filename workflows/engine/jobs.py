@@ -304,18 +304,22 @@ def advance(job_id: str, finished_stage: int) -> list[str]:
         rows = session.connection().execute(sa.update(JobStep).where(
             JobStep.job_id == job_id, JobStep.stage == finished_stage + 1, JobStep.state == StepState.pending, active,
         ).values(state=StepState.queued, queued_at=stamp).returning(
-            JobStep.index, JobStep.id, JobStep.queue, JobStep.action,
+            JobStep.index, JobStep.id, JobStep.queue, JobStep.action, JobStep.name, JobStep.attempts,
         )).all()
         last_stage = not rows and not session.exec(select(sa.func.count()).select_from(JobStep).where(
             JobStep.job_id == job_id, JobStep.stage > finished_stage,
         )).one()
+        # The messages' descriptions in this transaction, not in one of their own (_messages): one session
+        # less on every step's path (the engine's overhead over a bare chain, docs/benchmarks.md).
+        job = session.exec(select(Job.kind, Job.params).where(Job.id == job_id)).first() if rows else None
     if last_stage:
         finish_when_every_step_is_done(job_id)
         return []
-    sent = [StepRoute(step_id, queue, action) for _, step_id, queue, action in sorted(rows)]
+    sent = [_message(StepRoute(step_id, queue, action), (name, attempts, job_id, *job) if job else None)
+            for _, step_id, queue, action, name, attempts in sorted(rows)]
     if sent:
         try:
-            _send_stage(sent, stamp)
+            _send_stage(sent, stamp, described=True)
         except DispatchError as exc:
             # Recorded as pending again: the reconciler sends it once the broker is back.
             logger.warning("next stage of job %s not sent yet: %s", job_id, exc)
@@ -334,10 +338,11 @@ def finish_when_every_step_is_done(job_id: str) -> bool:
     return settled
 
 
-def _send_stage(steps: Sequence[JobStep | StepRoute], stamp: datetime) -> None:
-    """Send one stage's steps, marked queued at `stamp`."""
+def _send_stage(steps: Sequence[JobStep | StepRoute | StepMessage], stamp: datetime, *,
+                described: bool = False) -> None:
+    """Send one stage's steps, marked queued at `stamp` (`described`: `steps` are their messages already)."""
     try:
-        dispatcher().send_stage(_messages(steps))
+        dispatcher().send_stage(list(steps) if described else _messages(steps))
     except BaseException:
         # Nothing was sent: pending again, which the reconciler relaunches as a lost continuation.
         with session_scope() as session:
@@ -360,19 +365,22 @@ def _messages(steps: Sequence[JobStep | StepRoute]) -> list[StepMessage]:
         # The description is for people: a step is sent all the same, unnamed.
         logger.warning("steps sent without their description (it could not be read): %s", exc)
         rows = []
-    described = {step_id: (name, attempts, job_id, kind, params or {})
+    described = {step_id: (name, attempts, job_id, kind, params)
                  for step_id, name, attempts, job_id, kind, params in rows}
-    messages = []
-    for step in steps:
-        if step.id not in described:
-            messages.append(StepMessage(step.id, step.queue, step.action))
-            continue
-        name, attempts, job_id, kind, params = described[step.id]
-        messages.append(StepMessage(
-            step.id, step.queue, step.action, job_id=job_id, job_kind=kind, vm=_text_or_none(params.get("vm")),
-            plan=_text_or_none(params.get("plan")), step_name=name, attempt=attempts + 1,
-        ))
-    return messages
+    return [_message(step, described.get(step.id)) for step in steps]
+
+
+def _message(step: JobStep | StepRoute, description: tuple[str, int, str, str, Any] | None) -> StepMessage:
+    """A step's message; `description` (its name, attempts so far, job id, job kind and params) names what it
+    is about, or None: sent unnamed."""
+    if description is None:
+        return StepMessage(step.id, step.queue, step.action)
+    name, attempts, job_id, kind, params = description
+    params = params or {}
+    return StepMessage(
+        step.id, step.queue, step.action, job_id=job_id, job_kind=kind, vm=_text_or_none(params.get("vm")),
+        plan=_text_or_none(params.get("plan")), step_name=name, attempt=attempts + 1,
+    )
 
 
 def _text_or_none(value: object) -> str | None:
