@@ -388,18 +388,22 @@ def _text_or_none(value: object) -> str | None:
 
 
 def retry_now(job_id: str) -> list[str]:
-    """Run the job's steps waiting for a retry now instead of at their scheduled time."""
+    """Run the job's steps waiting for a retry now instead of at their scheduled time. Returns their ids:
+    once they are due, a reconciler's tick may send them before this call's own launch does (which then
+    finds them queued and sends nothing), and they are retried now all the same."""
     now = clock.now()
     with session_scope() as session:
         job = existing_job(session, job_id)
         if job.state not in ACTIVE_JOB_STATES:
             raise JobStateError(f"job {job_id} ({job.kind}) has {job.state.value}: there is nothing to retry")
-        retried = session.exec(update_rows(JobStep).where(
+        # all(): SQLite applies an UPDATE … RETURNING row by row as its rows are read.
+        retried = session.connection().execute(sa.update(JobStep).where(
             JobStep.job_id == job_id, JobStep.state == StepState.waiting_retry,
-        ).values(next_attempt_at=now)).rowcount
+        ).values(next_attempt_at=now).returning(JobStep.index, JobStep.id)).all()
         if not retried:
             raise JobStateError(f"job {job_id} ({job.kind}) has no step waiting for a retry")
-    return launch(job_id)
+    launch(job_id)
+    return [step_id for _, step_id in sorted(retried)]
 
 
 def reopen(job_id: str) -> list[str]:
