@@ -192,9 +192,12 @@ def test_drill_to_an_older_point_while_replication_continues(tmp_path, request):
         assert state(site, vm_id) == "protected" and job["state"] == "succeeded"
 
         # Replication goes on untouched while the test VM exists.
-        before = len(points(item_id))
+        before = points(item_id)
         site.delta_cycle(vm_id)
-        assert len(points(item_id)) == before + 1 and state(site, vm_id) == "protected"
+        # At least this cycle's point (beat's own cycle may add one beside it on a slow machine: seen 7 for 6).
+        after = points(item_id)
+        assert len(after) > len(before) and after[-1].created_at > before[-1].created_at
+        assert state(site, vm_id) == "protected"
         with pytest.raises(Exception, match="clean it up first"):
             site.when_free(kinds.test_failover.start, item_id)
 
