@@ -137,7 +137,10 @@ def _moment(name: str, value: Any) -> datetime:
             raise Invalid(f"{name}: {value!r} is not an ISO 8601 time such as '2030-01-01T02:00:00+00:00'") from None
     if not isinstance(value, datetime):
         raise Invalid(f"{name} must be an ISO 8601 time, got {value!r}")
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:59:59-01:00, past the last UTC moment datetime holds
+        raise Invalid(f"{name}: {value.isoformat()} is out of range") from None
 
 
 @_operation
