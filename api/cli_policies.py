@@ -18,8 +18,8 @@ from api.cli_service import _command, _OpGroup, _service
 
 @main.group(cls=_OpGroup)
 def policy():
-    """Replication policies: copy frequency, retention, app-consistent snapshots, office hours, RPO thresholds,
-    consistency checks."""
+    """Replication policies: copy frequency, retention and its lock, app-consistent snapshots, office hours, RPO
+    thresholds, consistency checks."""
 
 
 def _office_hours(value: str | None) -> tuple[time_of_day, time_of_day] | None:

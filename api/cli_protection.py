@@ -83,7 +83,7 @@ def check(vm_name: str):
 @click.argument("vm_name", metavar="VM")
 @json_option
 def points(vm_name: str, as_json: bool):
-    """VM's recovery points, oldest first: the ids --point takes."""
+    """VM's recovery points, oldest first: the ids --point takes, and until when each is retention-locked."""
     result = _service().recovery_points(vm_name)
     if as_json:
         return _emit_json(result)
