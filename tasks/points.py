@@ -44,7 +44,6 @@ def verify_point_of_disk(ctx: StepContext, *, item_id: str, point_id: str, disk_
             "seconds": round(check.seconds, 3)}
 
 
-
 # ---- deleting points -----------------------------------------------------------------------------------------
 @item_action(A.DELETE_POINTS)
 def delete_points(ctx: StepContext, *, item_id: str, before: str) -> dict[str, Any]:
@@ -68,16 +67,16 @@ def prune_point_versions(ctx: StepContext, *, item_id: str, disk_id: str) -> dic
     view = _load(ctx, item_id)
     disk = view.disk(disk_id)
     with ctx.session() as session:
-        kept = [point.versions[disk.disk_uuid] for point in recovery_points(session, session.get(ProtectedItem,
-                                                                                                   item_id))
-                if disk.disk_uuid in point.versions]
+        points = recovery_points(session, session.get(ProtectedItem, item_id))
+        kept = [point.versions[disk.disk_uuid] for point in points if disk.disk_uuid in point.versions]
     if not kept:
         return {"disk": disk.name, "keep_from": None, "pruned_versions": []}
+    keep_from = min(kept)
     with _storage(view) as storage:
         replica = replica_of(view, storage, disk.name)
         checked_state(ctx, item_id, disk, replica)  # a replica rolled back behind the database is refused
-        pruned = prune_versions(replica, min(kept))
-    return {"disk": disk.name, "keep_from": min(kept), "pruned_versions": pruned}
+        pruned = prune_versions(replica, keep_from)
+    return {"disk": disk.name, "keep_from": keep_from, "pruned_versions": pruned}
 
 
 @item_action(A.CHECK_RETENTION_LOCK)
@@ -88,4 +87,4 @@ def check_retention_lock(ctx: StepContext, *, item_id: str) -> dict[str, Any]:
     with ctx.session() as session:
         item = session.get(ProtectedItem, item_id)
         require_disable_allowed(session, item, database_now(session), view.vm.name)
-        return {"points": len(recovery_points(session, item)), "locked": 0}
+        return {"points": len(recovery_points(session, item))}
