@@ -314,3 +314,13 @@ def test_points_made_before_the_upgrade_have_no_lock(engine: Engine) -> None:
         item = protected_item(session, lock_h=0)
         point = record(session, item, now, 1)
         assert point.locked_until is None and not point.locked_at(now)
+
+
+def test_asr_takes_a_time_back_from_now_for_before() -> None:
+    from api.cli_parsing import _moment
+
+    now = datetime.now(UTC)
+    assert abs(_moment("-2h", "--before") - (now - timedelta(hours=2))) < timedelta(seconds=5)
+    assert abs(_moment("-30m", "--before") - (now - timedelta(minutes=30))) < timedelta(seconds=5)
+    assert abs(_moment("+30m", "--initial-replication-at") - (now + timedelta(minutes=30))) < timedelta(seconds=5)
+    assert _moment("2030-01-01T02:00", "--before") == datetime(2030, 1, 1, 2, 0, tzinfo=UTC)
