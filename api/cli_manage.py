@@ -134,15 +134,15 @@ def policy_set(name: str, copy_frequency: str | None, retention_hours: int | Non
                initial_replication_at: str | None, office_hours: str | None, office_days: str | None,
                office_timezone: str | None, rpo_warning: int | None, rpo_critical: int | None,
                consistency_check_hours: int | None, consistency_check_anytime: bool | None,
-               drill_reminder_days: int | None, as_json: bool):
+               drill_reminder_days: int | None, retention_lock_hours: int | None, as_json: bool):
     """Change replication policy NAME: the options of `asr policy add`, those left out keep their values (their
     defaults there do not apply here). Validated as a new policy is; the VMs it protects use the new values from
-    their next cycle."""
+    their next cycle. A retention lock that is on can only be raised (lowering it is refused)."""
     options = policy_settings(copy_frequency, retention_hours, app_consistent_hours, initial_replication_at,
                               office_hours, office_days, office_timezone, rpo_warning, rpo_critical,
                               consistency_check_hours,
                               None if consistency_check_anytime is None else not consistency_check_anytime,
-                              drill_reminder_days)
+                              drill_reminder_days, retention_lock_hours)
     if not options:
         raise click.UsageError("nothing to change: give at least one option (asr policy set --help)")
     result = _service().update_policy(name, **options)

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-_RELATIVE = re.compile(r"^\+(\d+(?:\.\d+)?)([mh])$")
+_RELATIVE = re.compile(r"^([+-])(\d+(?:\.\d+)?)([mh])$")
 
 
 def _key_values(option: str, pairs: Iterable[str], *, typed: bool) -> dict[str, Any]:
@@ -37,13 +37,14 @@ def _key_values(option: str, pairs: Iterable[str], *, typed: bool) -> dict[str, 
 
 
 def _moment(value: str | None, option: str) -> datetime | None:
-    """An ISO time (UTC unless it says otherwise) or a delay from now: +30m, +2h."""
+    """An ISO time (UTC unless it says otherwise) or a delay from now: +30m, +2h (or back from now: -30m, -2h)."""
     if value is None:
         return None
     relative = _RELATIVE.match(value.strip())
     if relative:
-        amount, unit = float(relative.group(1)), relative.group(2)
-        return datetime.now(UTC) + (timedelta(minutes=amount) if unit == "m" else timedelta(hours=amount))
+        sign, amount, unit = relative.group(1), float(relative.group(2)), relative.group(3)
+        delay = timedelta(minutes=amount) if unit == "m" else timedelta(hours=amount)
+        return datetime.now(UTC) + (delay if sign == "+" else -delay)
     try:
         moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
     except ValueError:

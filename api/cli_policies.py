@@ -1,4 +1,4 @@
-"""The replication policy verbs of `asr`: copy frequency, recovery point retention, app-consistent
+"""The replication policy verbs of `asr`: copy frequency, recovery point retention and its lock, app-consistent
 snapshots, when initial replication starts, the office hours automatic resync keeps out of, the RPO
 thresholds of health, and how often consistency checks run.
 """
@@ -18,8 +18,8 @@ from api.cli_service import _command, _OpGroup, _service
 
 @main.group(cls=_OpGroup)
 def policy():
-    """Replication policies: copy frequency, retention, app-consistent snapshots, office hours, RPO thresholds,
-    consistency checks."""
+    """Replication policies: copy frequency, retention and its lock, app-consistent snapshots, office hours, RPO
+    thresholds, consistency checks."""
 
 
 def _office_hours(value: str | None) -> tuple[time_of_day, time_of_day] | None:
@@ -68,17 +68,20 @@ def _office_days(value: str | None) -> list[int | str] | None:
               help="Run scheduled consistency checks in office hours too (default: only outside them).")
 @click.option("--drill-reminder-days", type=click.IntRange(0, 3660), default=None, metavar="DAYS",
               help="Days without a passed drill before an alert says one is overdue, 0 for never (default 180).")
+@click.option("--retention-lock-hours", type=click.IntRange(0, 8760), default=None, metavar="HOURS",
+              help="Immutable retention: hours each recovery point cannot be deleted after it is made, by anyone "
+                   "(0 for off, the default). Once on it can only be raised.")
 @json_option
 def policy_add(name: str, copy_frequency: str | None, retention_hours: int | None,
                app_consistent_hours: int | None, initial_replication_at: str | None, office_hours: str | None,
                office_days: str | None, office_timezone: str | None, rpo_warning: int | None,
                rpo_critical: int | None, consistency_check_hours: int | None, consistency_check_anytime: bool,
-               drill_reminder_days: int | None, as_json: bool):
+               drill_reminder_days: int | None, retention_lock_hours: int | None, as_json: bool):
     """Create replication policy NAME; options left out take their defaults."""
     options = policy_settings(copy_frequency, retention_hours, app_consistent_hours, initial_replication_at,
                               office_hours, office_days, office_timezone, rpo_warning, rpo_critical,
                               consistency_check_hours, False if consistency_check_anytime else None,
-                              drill_reminder_days)
+                              drill_reminder_days, retention_lock_hours)
     result = _service().add_policy(name, **options)
     if as_json:
         return _emit_json(result)
@@ -90,7 +93,8 @@ def policy_settings(copy_frequency: str | None, retention_hours: int | None, app
                     initial_replication_at: str | None, office_hours: str | None, office_days: str | None,
                     office_timezone: str | None, rpo_warning: int | None, rpo_critical: int | None,
                     consistency_check_hours: int | None, consistency_check_off_hours: bool | None,
-                    drill_reminder_days: int | None = None) -> dict[str, Any]:
+                    drill_reminder_days: int | None = None,
+                    retention_lock_hours: int | None = None) -> dict[str, Any]:
     """The service's policy settings from the options of `policy add` (and `policy set`): those given only."""
     options: dict[str, Any] = {
         "copy_frequency_s": int(copy_frequency) if copy_frequency else None,
@@ -105,6 +109,7 @@ def policy_settings(copy_frequency: str | None, retention_hours: int | None, app
         "consistency_check_interval_h": consistency_check_hours,
         "consistency_check_off_hours": consistency_check_off_hours,
         "drill_reminder_days": drill_reminder_days,
+        "retention_lock_h": retention_lock_hours,
     }
     return {key: value for key, value in options.items() if value is not None}
 
@@ -131,11 +136,12 @@ POLICY_FIELDS: list[Column] = [
     ("timezone", "office_timezone"), ("RPO warning (s)", "rpo_warning_s"), ("RPO critical (s)", "rpo_critical_s"),
     ("consistency check (h)", "consistency_check_interval_h"),
     ("check off-hours only", "consistency_check_off_hours"), ("drill reminder (days)", "drill_reminder_days"),
-    ("protected VMs", "protected_vms"),
+    ("retention lock (h)", "retention_lock_h"), ("protected VMs", "protected_vms"),
 ]
 POLICY_COLUMNS: list[Column] = [("name", "name"), ("copy s", "copy_frequency_s"),
                                 ("retention h", "recovery_point_retention_h"),
-                                ("app-consistent h", "app_consistent_frequency_h"), ("office hours", _hours),
+                                ("app-consistent h", "app_consistent_frequency_h"),
+                                ("lock h", "retention_lock_h"), ("office hours", _hours),
                                 ("days", _days), ("tz", "office_timezone")]
 
 

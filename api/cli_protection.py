@@ -1,5 +1,6 @@
 """The protection verbs of `asr`: protect a VM (replicate its disks under a policy), unprotect, resync,
-its recovery points, verify a replica against a point, and the replication health of every protected VM.
+its recovery points (and deleting the old ones), verify a replica against a point, and the replication health
+of every protected VM.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import click
 
 from api.cli import main
 from api.cli_output import _count, _emit_json, _seconds, format_duration, json_option, print_table
-from api.cli_parsing import _key_values
+from api.cli_parsing import _key_values, _moment
 from api.cli_progress import _job_command
 from api.cli_service import _OpCommand, _service
 
@@ -37,7 +38,7 @@ def protect(vm_name: str, policy_name: str, recovery_storage: str, storage_optio
 @click.option("--yes", is_flag=True, help="Do not ask: the replicas and recovery points are deleted.")
 def unprotect(vm_name: str, yes: bool):
     """Disable protection of VM: stop tracking, delete its replicas, logs and recovery points (asks first,
-    unless --yes)."""
+    unless --yes). Refused while any of its points is inside its retention lock."""
     if not yes:
         click.confirm(f"Disable protection of {vm_name}? Its replicas, shipped logs and recovery points are "
                       f"deleted", abort=True)
@@ -82,13 +83,40 @@ def check(vm_name: str):
 @click.argument("vm_name", metavar="VM")
 @json_option
 def points(vm_name: str, as_json: bool):
-    """VM's recovery points, oldest first: the ids --point takes."""
+    """VM's recovery points, oldest first: the ids --point takes, and until when each is retention-locked."""
     result = _service().recovery_points(vm_name)
     if as_json:
         return _emit_json(result)
     print_table(result, [("id", "id"), ("created", "created_at"), ("kind", "kind"),
-                         ("disks", lambda p: _count(p.get("versions")))],
+                         ("locked until", "locked_until"), ("disks", lambda p: _count(p.get("versions")))],
                 empty=f"VM {vm_name} has no recovery points yet")
+
+
+def _deleted(job_id: str) -> None:
+    job = _service().show_job(job_id)
+    for step in job["steps"]:
+        result = step.get("result") or {}
+        if "deleted" in result:
+            click.echo(f"  {result['deleted']} recovery point(s) deleted, {result.get('kept')} kept")
+        elif result.get("disk"):
+            click.echo(f"  {result['disk']}: {len(result.get('pruned_versions') or [])} replica version(s) "
+                       f"pruned, versions from {result.get('keep_from')} kept")
+
+
+@_job_command(main, "delete-points", summary=_deleted)
+@click.argument("vm_name", metavar="VM")
+@click.option("--before", required=True, metavar="TIME",
+              help="Delete the points made before TIME: an ISO time (UTC unless it says otherwise) or a time back "
+                   "from now (-2h, -30m). The latest point is always kept.")
+@click.option("--yes", is_flag=True, help="Do not ask: deleted points cannot be restored.")
+def delete_points(vm_name: str, before: str, yes: bool):
+    """Delete VM's recovery points made before TIME, and the replica versions only they needed (asks first,
+    unless --yes). All or none: refused, nothing deleted, when any of them is inside its retention lock."""
+    moment = _moment(before, "--before")
+    if not yes:
+        click.confirm(f"Delete the recovery points of {vm_name} made before {moment.isoformat(timespec='seconds')}? "
+                      f"They cannot be restored", abort=True)
+    return _service().delete_recovery_points(vm_name, before=moment)
 
 
 def _verified(job_id: str) -> None:

@@ -316,6 +316,11 @@ class SiteRecoveryClient:
         segment, query = self._vm(vm)
         return self._get(f"/vms/{segment}/recovery-points", **query)
 
+    def delete_recovery_points(self, vm: str, *, before: str, confirm: str) -> JobRef:
+        """Delete the VM's points made before `before` (ISO time), never the latest (admin; 409 when any is
+        inside its retention lock)."""
+        return self._vm_action(vm, "recovery-points/delete", {"before": before, "confirm": confirm})
+
     def verify(self, vm: str, *, point: str | None = None) -> JobRef:
         return self._vm_action(vm, "verify", _drop_none({"point": point}))
 

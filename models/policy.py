@@ -10,13 +10,14 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import sqlalchemy as sa
 from sqlmodel import Field, Session, SQLModel, select
 
+from datapath.errors import NonRecoverableError
 from models.db import UtcDateTime, as_utc, clock_now, new_id, validate_name
 
 __all__ = [
     "ReplicationPolicy", "create_policy", "update_policy", "POLICY_SETTINGS",
     "COPY_FREQUENCIES_S", "MAX_RETENTION_H", "MAX_APP_CONSISTENT_H",
     "MAX_INITIAL_REPLICATION_DELAY", "WEEKDAY_NAMES", "RPO_WARNING_FACTOR", "RPO_CRITICAL_FACTOR",
-    "MAX_RPO_THRESHOLD_S",
+    "MAX_RPO_THRESHOLD_S", "MAX_RETENTION_LOCK_H", "RetentionLockError",
 ]
 
 COPY_FREQUENCIES_S = (30, 300, 900)
@@ -39,6 +40,14 @@ DEFAULT_CONSISTENCY_CHECK_H = 24
 DEFAULT_DRILL_REMINDER_DAYS = 180
 MAX_DRILL_REMINDER_DAYS = 3660
 MAX_CONSISTENCY_CHECK_H = 24 * 7
+# Immutable retention: a year at most, as backup products offer against ransomware.
+MAX_RETENTION_LOCK_H = 24 * 365
+
+
+class RetentionLockError(NonRecoverableError):
+    """Refused by a retention lock: lowering or turning off a policy's lock, or deleting (or disabling the
+    protection that holds) recovery points still inside theirs. A conflict with the state of things, not bad
+    input: nobody, admin included, can do it until the lock ends."""
 
 
 class ReplicationPolicy(SQLModel, table=True):
@@ -68,6 +77,10 @@ class ReplicationPolicy(SQLModel, table=True):
     """Scheduled consistency checks wait for the end of office hours (they read every disk whole)."""
     drill_reminder_days: int = Field(default=DEFAULT_DRILL_REMINDER_DAYS)
     """Days without a passed drill after which a protected VM's drill is overdue (an alert); 0 turns it off."""
+    retention_lock_h: int = Field(default=0)
+    """Immutable retention: each recovery point made under the policy cannot be deleted (by pruning, a delete
+    request or disabling protection, whoever asks) until this many hours after it was made; 0 turns it off.
+    It can be raised, never lowered or turned off while on (`update_policy`)."""
     created_at: datetime = Field(default_factory=clock_now, sa_type=UtcDateTime)
 
     def rpo_thresholds_s(self) -> tuple[int, int]:
@@ -108,6 +121,7 @@ def create_policy(
     consistency_check_interval_h: int = DEFAULT_CONSISTENCY_CHECK_H,
     consistency_check_off_hours: bool = True,
     drill_reminder_days: int = DEFAULT_DRILL_REMINDER_DAYS,
+    retention_lock_h: int = 0,
 ) -> ReplicationPolicy:
     """A new replication policy, validated (ValueError naming the policy and the setting; nothing written).
 
@@ -117,7 +131,9 @@ def create_policy(
     the copy frequency < warning < critical.
     `consistency_check_interval_h`: hours between scheduled consistency checks (0: none), run only outside
     office hours unless `consistency_check_off_hours` is False.
-    `drill_reminder_days`: days without a passed drill after which an alert says one is overdue (0: never)."""
+    `drill_reminder_days`: days without a passed drill after which an alert says one is overdue (0: never).
+    `retention_lock_h`: hours each recovery point stays undeletable after it is made (0: off; at most a year);
+    once on, it can only be raised."""
     validate_name(name, "replication policy")
     where = f"replication policy {name!r}"
     columns = _checked_columns(
@@ -125,7 +141,8 @@ def create_policy(
         app_consistent_frequency_h=app_consistent_frequency_h, office_hours=office_hours, office_days=office_days,
         office_timezone=office_timezone, rpo_warning_s=rpo_warning_s, rpo_critical_s=rpo_critical_s,
         consistency_check_interval_h=consistency_check_interval_h,
-        consistency_check_off_hours=consistency_check_off_hours, drill_reminder_days=drill_reminder_days)
+        consistency_check_off_hours=consistency_check_off_hours, drill_reminder_days=drill_reminder_days,
+        retention_lock_h=retention_lock_h)
     start_at = _check_initial_replication(where, initial_replication_at)
     if session.exec(select(ReplicationPolicy).where(ReplicationPolicy.name == name)).first() is not None:
         raise ValueError(f"{where} already exists")
@@ -138,7 +155,7 @@ def create_policy(
 POLICY_SETTINGS = ("copy_frequency_s", "recovery_point_retention_h", "app_consistent_frequency_h",
                    "initial_replication_at", "office_hours", "office_days", "office_timezone", "rpo_warning_s",
                    "rpo_critical_s", "consistency_check_interval_h", "consistency_check_off_hours",
-                   "drill_reminder_days")
+                   "drill_reminder_days", "retention_lock_h")
 """The settings `create_policy` takes and `update_policy` changes."""
 
 
@@ -146,8 +163,10 @@ def update_policy(session: Session, policy: ReplicationPolicy, **changes: object
     """Change some settings of a policy (the names of `create_policy`'s arguments). The policy as it would be
     is validated exactly as `create_policy` validates a new one (ValueError, nothing changed): the settings
     left out keep their values, RPO thresholds never set keep following the copy frequency, and an initial
-    replication time is checked only when it is changed (a time set earlier may have passed). Protected VMs
-    read their policy at each step: the new values apply from their next cycle."""
+    replication time is checked only when it is changed (a time set earlier may have passed). A retention lock
+    that is on can be raised but not lowered or turned off (RetentionLockError, nothing changed): it would
+    otherwise be one request away from undoing itself. Protected VMs read their policy at each step: the new
+    values apply from their next cycle."""
     _require_saved(policy)
     unknown = sorted(set(changes) - set(POLICY_SETTINGS))
     if unknown:
@@ -161,11 +180,12 @@ def update_policy(session: Session, policy: ReplicationPolicy, **changes: object
         "office_timezone": policy.office_timezone, "rpo_warning_s": policy.rpo_warning_s,
         "rpo_critical_s": policy.rpo_critical_s, "consistency_check_interval_h": policy.consistency_check_interval_h,
         "consistency_check_off_hours": policy.consistency_check_off_hours,
-        "drill_reminder_days": policy.drill_reminder_days,
+        "drill_reminder_days": policy.drill_reminder_days, "retention_lock_h": policy.retention_lock_h,
     }
     start_changed = "initial_replication_at" in changes
     start_at = changes.pop("initial_replication_at", None)
     columns = _checked_columns(where, **{**current, **changes})
+    _check_lock_not_lowered(where, policy.retention_lock_h, columns["retention_lock_h"])
     if start_changed:
         columns["initial_replication_at"] = _check_initial_replication(where, start_at)
     for column, value in columns.items():
@@ -184,7 +204,7 @@ def _checked_columns(where: str, *, copy_frequency_s: object, recovery_point_ret
                      app_consistent_frequency_h: object, office_hours: object, office_days: object,
                      office_timezone: object, rpo_warning_s: object, rpo_critical_s: object,
                      consistency_check_interval_h: object, consistency_check_off_hours: object,
-                     drill_reminder_days: object) -> dict[str, object]:
+                     drill_reminder_days: object, retention_lock_h: object) -> dict[str, object]:
     """The policy's columns (all but its name and initial replication time) from its settings, each checked:
     ValueError naming the policy (`where`) and the setting."""
     _check_choice(where, "copy frequency (seconds)", copy_frequency_s, COPY_FREQUENCIES_S)
@@ -207,12 +227,22 @@ def _checked_columns(where: str, *, copy_frequency_s: object, recovery_point_ret
         raise ValueError(f"{where}: consistency_check_off_hours must be true or false, got "
                          f"{consistency_check_off_hours!r}")
     _check_range(where, "drill reminder (days)", drill_reminder_days, 0, MAX_DRILL_REMINDER_DAYS)
+    _check_range(where, "retention lock (hours)", retention_lock_h, 0, MAX_RETENTION_LOCK_H)
     return {"copy_frequency_s": copy_frequency_s, "recovery_point_retention_h": recovery_point_retention_h,
             "app_consistent_frequency_h": app_consistent_frequency_h, "office_hours_start": start,
             "office_hours_end": end, "office_days": days, "office_timezone": office_timezone,
             "rpo_warning_s": rpo_warning_s, "rpo_critical_s": rpo_critical_s,
             "consistency_check_interval_h": consistency_check_interval_h,
-            "consistency_check_off_hours": consistency_check_off_hours, "drill_reminder_days": drill_reminder_days}
+            "consistency_check_off_hours": consistency_check_off_hours, "drill_reminder_days": drill_reminder_days,
+            "retention_lock_h": retention_lock_h}
+
+
+def _check_lock_not_lowered(where: str, current_h: int, new_h: object) -> None:
+    if current_h > 0 and isinstance(new_h, int) and new_h < current_h:
+        what = "turned off" if new_h == 0 else f"lowered to {new_h} h"
+        raise RetentionLockError(
+            f"{where}: its retention lock of {current_h} h cannot be {what}: a lock that is on can only be "
+            f"raised (immutable retention; the points made under it stay locked for their own hours either way)")
 
 
 def _is_int(value: object) -> bool:

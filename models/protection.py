@@ -184,6 +184,14 @@ class RecoveryPoint(SQLModel, table=True):
     """{disk_uuid: checksum-manifest root of the replica at this point}."""
     versions: dict[str, int] = Field(default_factory=dict, sa_type=sa.JSON)
     """{disk_uuid: replica version at this point} (datapath.points opens a replica at a version)."""
+    locked_until: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    """Until when the point cannot be deleted (immutable retention): its time plus the retention lock its
+    policy had when it was recorded; None when the policy had none. Fixed then: a later change of the
+    policy does not shorten it (nor can one: a lock that is on can only be raised)."""
+
+    def locked_at(self, now: datetime) -> bool:
+        """Whether the point is still inside its retention lock at `now`."""
+        return self.locked_until is not None and as_utc(now) < self.locked_until
 
 
 # ---- protecting a VM ---------------------------------------------------------------------------
@@ -363,7 +371,8 @@ def record_recovery_point(
     versions: Mapping[str, int] | None = None,
 ) -> RecoveryPoint:
     """A new recovery point of the item at `created_at`: when its content was sealed, on the database's clock
-    (the clock RPO is measured by), never a host's."""
+    (the clock RPO is measured by), never a host's. Locked until `created_at` plus the retention lock the
+    item's policy has now (none when it is 0)."""
     if not generations or not all(
         isinstance(disk, str) and isinstance(generation, int) and not isinstance(generation, bool) and generation >= 0
         for disk, generation in generations.items()
@@ -372,9 +381,12 @@ def record_recovery_point(
             f"recovery point of {_describe(item)}: generations must map each disk id to a generation "
             f"number, got {dict(generations)!r}"
         )
+    lock_h = session.get(ReplicationPolicy, item.policy_id).retention_lock_h
+    created_at = as_utc(created_at)
     point = RecoveryPoint(
-        item_id=item.id, generations=dict(generations), created_at=as_utc(created_at),
+        item_id=item.id, generations=dict(generations), created_at=created_at,
         kind=RecoveryPointKind(kind), manifest_roots=dict(manifest_roots or {}), versions=dict(versions or {}),
+        locked_until=created_at + timedelta(hours=lock_h) if lock_h else None,
     )
     session.add(point)
     if item.last_recovery_point_at is None or point.created_at > item.last_recovery_point_at:
@@ -395,10 +407,19 @@ def recovery_points(session: Session, item: ProtectedItem) -> list[RecoveryPoint
 
 def prune_recovery_points(session: Session, item: ProtectedItem, now: datetime) -> list[RecoveryPoint]:
     """Delete the points older than the policy's retention window, always keeping the latest (a replica
-    must stay recoverable even when replication has stalled longer than the window); returns them."""
+    must stay recoverable even when replication has stalled longer than the window); returns them.
+
+    Oldest first, stopping at the first point still inside its retention lock: every point after it is kept
+    too. So what is deleted is always the oldest points, and the replica versions the kept ones need stay
+    (the caller prunes the versions before the oldest kept point's: a version is read through the undo logs
+    of every later version, so a kept point needs all of them, whatever the later points' own locks)."""
     policy = session.get(ReplicationPolicy, item.policy_id)
     cutoff = as_utc(now) - timedelta(hours=policy.recovery_point_retention_h)
-    expired = [point for point in recovery_points(session, item)[:-1] if point.created_at < cutoff]
+    expired = []
+    for point in recovery_points(session, item)[:-1]:
+        if point.created_at >= cutoff or point.locked_at(now):
+            break
+        expired.append(point)
     for point in expired:
         session.delete(point)
     session.flush()

@@ -275,6 +275,21 @@ def test_protect_and_drill_through_the_api(deployment: Deployment) -> None:
         assert client.show_vm("web01")["failover"]["kind"] == "test"
         assert client.wait_job(client.test_failover_cleanup("web01")["job_id"], JOB_TIMEOUT)["state"] == "succeeded"
 
+        # Deleting old recovery points: admin only, confirmed by the VM's name, never the latest point.
+        points = client.recovery_points("web01")
+        assert len(points) >= 2 and all(point["locked_until"] is None for point in points), points
+        delete = {"before": points[-1]["created_at"], "confirm": "web01"}
+        for role in ("reader", "operator"):
+            with deployment.client(deployment.role_keys[role]) as weaker:
+                api_error(lambda weaker=weaker: weaker.delete_recovery_points("web01", **delete), 403,
+                          "the admin role", f"this key is {role}")
+        api_error(lambda: client.delete_recovery_points("web01", before=delete["before"], confirm="web02"), 400,
+                  '{"confirm": "web01"}', "'web02'")
+        deleted = client.delete_recovery_points("web01", **delete)
+        assert deleted["kind"] == "delete_recovery_points"
+        assert client.wait_job(deleted["job_id"], timeout=JOB_TIMEOUT)["state"] == "succeeded"
+        assert [point["id"] for point in client.recovery_points("web01")] == [points[-1]["id"]]
+
         # Disabling protection deletes every replica and point: admin only, and confirmed by the VM's name.
         for role in ("reader", "operator"):
             with deployment.client(deployment.role_keys[role]) as weaker:
@@ -314,6 +329,10 @@ def test_changes_and_removals_through_the_api(deployment: Deployment) -> None:
         assert (changed["recovery_point_retention_h"], changed["app_consistent_frequency_h"]) == (6, 4)
         assert "next cycle" in changed["applies_from"]
         assert client.show_policy("quiet")["recovery_point_retention_h"] == 6
+        # A retention lock can be raised, never lowered: 409, nothing changed.
+        assert client.update_policy("quiet", retention_lock_h=2)["retention_lock_h"] == 2
+        api_error(lambda: client.update_policy("quiet", retention_lock_h=1), 409, "cannot be lowered to 1 h")
+        assert client.show_policy("quiet")["retention_lock_h"] == 2
 
         # Removals take the thing's name as confirmation (400 without it or with another), and are refused with
         # 409 while something depends on it; nothing changes then.

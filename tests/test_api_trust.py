@@ -150,6 +150,9 @@ def test_each_role_gets_403_exactly_where_the_route_needs_more(client: TestClien
                 refusals.setdefault(role, []).append(f"{method} {path}")
     assert "admin" not in refusals
     assert f"POST {API_PREFIX}/vms/x1/disable-protection" in refusals["operator"]
+    # Deleting recovery points is an admin's, as disabling protection is (both delete points).
+    assert f"POST {API_PREFIX}/vms/x1/recovery-points/delete" in refusals["operator"]
+    assert f"POST {API_PREFIX}/vms/x1/recovery-points/delete" in refusals["reader"]
     assert f"POST {API_PREFIX}/vms/x1/protect" in refusals["reader"]
     assert f"POST {API_PREFIX}/vms/x1/protect" not in refusals["operator"]
     assert f"GET {API_PREFIX}/vms/x1/console" in refusals["reader"]

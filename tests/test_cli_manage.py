@@ -124,7 +124,7 @@ def replica_differs(site: RecoverySite, vm: str) -> bool:
 def test_the_verbs_exist_with_help():
     runner = CliRunner()
     for verb in ("host rekey", "host remove", "site set", "site remove", "vm remove", "network remove",
-                 "policy set", "policy remove", "plan update", "plan remove", "replicate"):
+                 "policy set", "policy remove", "plan update", "plan remove", "replicate", "delete-points"):
         result = runner.invoke(main, [*verb.split(), "--help"])
         assert result.exit_code == 0 and "Usage:" in result.output, (verb, result.output)
     # `policy set` takes every option of `policy add`, and can turn off-hours-only checks either way.
@@ -172,6 +172,24 @@ def test_replicate_runs_a_delta_cycle_now(site: RecoverySite, fabric: dict[str, 
     finally:
         site.start_host_worker("host1")
     site.wait_idle(web1, JOB_TIMEOUT)
+
+
+def test_delete_points_asks_first_and_keeps_the_latest(site: RecoverySite, fabric: dict[str, Any]):
+    points = asr_json(site, "points", "web1")
+    assert len(points) >= 2 and all(point["locked_until"] is None for point in points), points
+    listed = asr(site, "points", "web1").stdout
+    assert "LOCKED UNTIL" in listed.splitlines()[0], listed
+    before = points[-1]["created_at"]
+    # No answer at the terminal: nothing is done, exit 1 (as `asr unprotect`).
+    asked = subprocess.run([ASR, "delete-points", "web1", "--before", before], input="", capture_output=True,
+                           text=True, env=site.env, timeout=JOB_TIMEOUT)
+    assert asked.returncode == 1 and "Delete the recovery points of web1 made before" in asked.stdout, asked
+    check_refused(asr(site, "delete-points", "web1", "--before", "yesterday", "--yes", check=False), "--before")
+    assert asr_json(site, "points", "web1") == points
+    site.wait_idle(fabric["web1"], JOB_TIMEOUT)
+    proc = asr(site, "delete-points", "web1", "--before", before, "--yes", "--wait")
+    assert f"{len(points) - 1} recovery point(s) deleted, 1 kept" in proc.stdout, proc.stdout
+    assert [point["id"] for point in asr_json(site, "points", "web1")] == [points[-1]["id"]]
 
 
 # ---- a lost host key -------------------------------------------------------------------------------------------
@@ -254,6 +272,16 @@ def test_edits_are_validated_as_creation_is(site: RecoverySite, fabric: dict[str
     anytime = asr_json(site, "policy", "set", "slow", "--consistency-check-anytime")
     assert anytime["consistency_check_off_hours"] is False and "next cycle" in anytime["applies_from"]
     assert asr_json(site, "policy", "set", "slow", "--consistency-check-off-hours")["consistency_check_off_hours"]
+
+    # A retention lock can be raised, never lowered or turned off: exit 2 naming why, nothing changed.
+    asr(site, "policy", "add", "vault", "--retention-lock-hours", "5")
+    lowered = asr_many(site, [("policy", "set", "vault", "--retention-lock-hours", "1"),
+                              ("policy", "set", "vault", "--retention-lock-hours", "0")])
+    check_refused(lowered[0], "retention lock of 5 h cannot be lowered to 1 h")
+    check_refused(lowered[1], "retention lock of 5 h cannot be turned off")
+    assert asr_json(site, "policy", "show", "vault")["retention_lock_h"] == 5
+    assert asr_json(site, "policy", "set", "vault", "--retention-lock-hours", "8")["retention_lock_h"] == 8
+    asr(site, "policy", "remove", "vault", "--yes")  # it locks no point: no VM's protection refers to it
 
     asr(site, "site", "set", "branch", "--description", "the branch office, moved")
     assert asr_json(site, "site", "show", "branch")["description"] == "the branch office, moved"

@@ -22,6 +22,7 @@ from workflows.jobkind import KINDS, JobKind, NotRestartableError, kind_named, r
 from workflows.kinds import (
     cancel_failover,
     consistency_check,
+    delete_recovery_points,
     delta_replication,
     disable_protection,
     enable_protection,
@@ -71,7 +72,7 @@ def failback_request(mode: str, complete: bool = False, disks=ONE_DISK, label=No
 # ---- the catalog ---------------------------------------------------------------------------------------
 def test_every_catalog_action_has_its_code_and_every_registered_action_is_in_the_catalog():
     product = {value for name, value in vars(A).items() if name.isupper() and isinstance(value, str)}
-    assert product <= A.CATALOG and len(product) == 51
+    assert product <= A.CATALOG and len(product) == 54
     assert product - set(registered_actions) == set(), "every product action has its code in tasks/"
     assert set(registered_actions) - A.CATALOG == set(), "no code runs under a name the catalog lacks"
 
@@ -83,7 +84,7 @@ def test_every_product_kind_is_declared_with_the_engine_and_uses_only_catalog_ac
         "test_failover", "test_failover_cleanup", "planned_failover", "unplanned_failover", "cancel_failover",
         "commit_failover", "failback", "failback_completion", "cancel_failback", "commit_failback",
         "reverse_replication", "verify_recovery_point", "plan_test_failover", "plan_planned_failover",
-        "plan_unplanned_failover", "plan_failback", "consistency_check", "resync_preview",
+        "plan_unplanned_failover", "plan_failback", "consistency_check", "resync_preview", "delete_recovery_points",
     }
     for name, kind in KINDS.items():
         assert declared_kinds[name] == kind.actions
@@ -128,6 +129,8 @@ REPRESENTATIVE = [
                                                                       point_id="p-1")),
     (consistency_check.KIND, item(THREE_DISKS)),
     (resync_preview.KIND, item(THREE_DISKS)),
+    (delete_recovery_points.KIND, delete_recovery_points.DeletePointsRequest(
+        *vars(item(THREE_DISKS, before="2026-12-04T09:00:00+00:00")).values(), before="2026-12-04T09:00:00+00:00")),
 ]
 
 
@@ -189,6 +192,28 @@ def test_consistency_check_brings_the_replica_to_the_snapshot_then_checks_every_
         ("Check disk disk2", "host.hv1", "d2")]
     assert stages[-1][0].queue == ORCHESTRATION_QUEUE
     assert consistency_check.KIND.starts_from == (S.PROTECTED,) and consistency_check.KIND.recovery == "restart"
+
+
+def test_delete_recovery_points_deletes_the_rows_then_prunes_every_disk_in_parallel():
+    before = "2026-12-04T09:00:00+00:00"
+    request = delete_recovery_points.DeletePointsRequest(*vars(item(THREE_DISKS, before=before)).values(),
+                                                         before=before)
+    stages = delete_recovery_points.build(request)
+    assert shape(stages) == [
+        [("Delete recovery points", A.DELETE_POINTS, ORCHESTRATION_QUEUE)],
+        [(f"Prune replica versions of disk {name}", A.PRUNE_POINT_VERSIONS, RECOVERY_QUEUE)
+         for name in ("disk0", "disk1", "disk2")],
+    ]
+    assert stages[0][0].params == {"item_id": "item-1", "before": before}
+    assert [step.params["disk_id"] for step in stages[1]] == ["d0", "d1", "d2"]
+    kind = delete_recovery_points.KIND
+    assert kind.starts_from == (S.PROTECTED, S.RESYNC_REQUIRED) and kind.recovery == "restart"
+    assert kind.moves_to == frozenset() and kind.params(request)["before"] == before
+
+
+def test_disable_protection_checks_the_retention_lock_before_it_moves_the_item():
+    assert actions_of(disable_protection.build(item())) == [
+        [A.CHECK_RETENTION_LOCK], [A.BEGIN_DISABLE], [A.STOP_TRACKING], [A.REMOVE_REPLICAS], [A.FINISH_DISABLE]]
 
 
 def test_failover_kinds_differ_only_where_the_primary_is_involved():

@@ -137,6 +137,13 @@ def test_replication_kinds_poisoned_and_recovered(tmp_path: Path) -> None:
         drill.recovered(job, "restarted")
         drill.healthy(vm_id, "protected")
 
+        # Deleting old points, poisoned while it prunes their replica versions: run again, it finds the points
+        # gone and prunes.
+        job = drill.poisoned("delete_recovery_points", "points.prune_versions", lambda: service.delete_recovery_points(
+            "app01", before=service.recovery_points("app01")[-1]["created_at"], confirm="app01")["job_id"])
+        drill.recovered(job, "restarted")
+        drill.healthy(vm_id, "protected")
+
         job = drill.poisoned("resync_preview", "preview.resync_disk",
                              lambda: service.preview_resync("app01")["job_id"])
         drill.recovered(job, "restarted")
@@ -321,7 +328,7 @@ def test_every_job_kind_has_a_poison_drill() -> None:
                "planned_failover", "cancel_failover", "commit_failover", "failback", "cancel_failback",
                "failback_completion", "commit_failback", "reverse_replication", "unplanned_failover",
                "plan_test_failover", "plan_planned_failover", "plan_failback", "plan_unplanned_failover",
-               "consistency_check", "resync_preview"}
+               "consistency_check", "resync_preview", "delete_recovery_points"}
     source = Path(__file__).read_text()
     for kind in drilled:
         assert f'drill.poisoned("{kind}"' in source, kind

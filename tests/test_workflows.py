@@ -392,8 +392,8 @@ def test_disable_protection_removes_tracking_replicas_and_points_and_protection_
             assert storage.list_objects("host1/app01/")
 
             job = site.wait_job(disable_protection(item_id), timeout=60)
-            assert step_names(job) == ["Disable protection", "Stop tracking disks", "Remove replica disks",
-                                       "Finalize disabling protection"]
+            assert step_names(job) == ["Check retention lock", "Disable protection", "Stop tracking disks",
+                                       "Remove replica disks", "Finalize disabling protection"]
             item = site.item(vm_id)
             assert (item["state"], item["health"], item["recovery_points"]) == ("disabled", "Healthy", 0)
             assert storage.list_objects("host1/app01/") == []

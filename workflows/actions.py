@@ -75,6 +75,9 @@ BEGIN_REVERSE = declare("failback.begin_reverse_replication")
 
 # ---- recovery points (tasks/points.py) ----------------------------------------------------------------
 VERIFY_POINT = declare("points.verify")
+DELETE_POINTS = declare("points.delete")
+PRUNE_POINT_VERSIONS = declare("points.prune_versions")
+CHECK_RETENTION_LOCK = declare("points.check_retention_lock")
 
 # ---- consistency checks (tasks/consistency.py) -----------------------------------------------------------
 CHECK_DISK = declare("consistency.check_disk")

@@ -109,6 +109,10 @@ class PolicySettingsIn(_Body):
     drill_reminder_days: int | None = Field(
         None, le=100000, description="Days without a passed drill before an alert says one is overdue; 0 for never; "
                                      "default 180")
+    retention_lock_h: int | None = Field(
+        None, le=100000, description="Immutable retention: hours each recovery point cannot be deleted after it is "
+                                     "made, by anyone; 0 (off, the default) to 8760. Once on it can only be raised: "
+                                     "lowering it or turning it off is refused with 409")
 
 
 class PolicyIn(PolicySettingsIn):

@@ -1,11 +1,12 @@
-"""Routes of protection and failover: enable, disable, resync, consistency check, recovery points and
-verification of a VM; its
+"""Routes of protection and failover: enable, disable, resync, consistency check, recovery points (and their
+deletion) and verification of a VM; its
 drills, failovers, commit and cancel, failback and reverse replication; the health of every protected VM.
 
 The VM itself (GET /vms/{vm}, a fabric route) is routed here, after the GET routes under it: its `{vm:path}`
 would take them. The routes are in the order they are matched and listed in the OpenAPI document."""
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
@@ -31,6 +32,13 @@ class ProtectIn(_Body):
 class DisableProtectionIn(_Body):
     confirm: str | None = Field(None, max_length=64, description=(
         "The VM's name, required: disabling protection deletes its replicas, shipped logs and recovery points"))
+
+
+class DeletePointsIn(_Body):
+    before: datetime = Field(description=(
+        "Delete the points made before this time (ISO 8601; UTC when it has no zone); the latest point is kept"))
+    confirm: str | None = Field(None, max_length=64, description=(
+        "The VM's name, required: deleted points cannot be restored"))
 
 
 class TestFailoverIn(_Body):
@@ -103,6 +111,15 @@ def consistency_check(vm: str, response: Response, host: HostQuery = None) -> di
             tags=["protection"], summary="Recovery points, oldest first")
 def recovery_points(vm: str, host: HostQuery = None) -> list[dict[str, Any]]:
     return service.recovery_points(_vm_ref(vm, host))
+
+
+@router.post("/vms/{vm:path}/recovery-points/delete", dependencies=[ADMIN], tags=["protection"],
+             summary="Delete the recovery points made before a time (admin; body {\"before\": \"<ISO time>\", "
+                     "\"confirm\": \"<vm name>\"}); 409, nothing deleted, when any is inside its retention lock",
+             **ACCEPTED)
+def delete_recovery_points(vm: str, body: DeletePointsIn, response: Response, host: HostQuery = None) -> dict[str, Any]:
+    return _started(response, service.delete_recovery_points(_vm_ref(vm, host), before=body.before,
+                                                             confirm=body.confirm or ""))
 
 
 @router.get("/vms/{vm:path}/failovers", dependencies=[READER], tags=["failover"],

@@ -12,8 +12,8 @@ The check itself happens in `ApiKeyMiddleware` (api/rest/auth.py), which finds t
 | operator | + protect, replicate now, resync, consistency check, verify, drills, failovers, failback,         |
 |          |   reverse replication, plan runs, job cancel/retry/restart/resume, VM start/stop/console         |
 | admin    | + sites, clouds, hosts (and their new keys), VMs (create, register), network mappings, policies, |
-|          |   plan definitions (each also changed or removed), disabling protection (with                    |
-|          |   {"confirm": "<vm name>"})                                                                      |
+|          |   plan definitions (each also changed or removed), disabling protection and deleting recovery    |
+|          |   points (each with {"confirm": "<vm name>"}; both refused while a point is retention-locked)    |
 """
 from __future__ import annotations
 

@@ -9,14 +9,14 @@ the workers and is followed with `show_job` or `job_events`.
 
 A `vm` argument is a VM's name (when only one host has a VM of that name), "host/name", or the VM's id.
 
-This package is the public face; the operations live by area: `fabric` (sites, VMM clouds, hosts, VMs,
-network mappings), `vms` (create, start, stop a VM, its console), `policies`, `protection` (protect, disable,
-replicate now, resync, consistency check, recovery points, verify, health), `edits` (a host's new key, a site's
-description, a policy's settings, a plan's groups), `removals` (each refused while something depends on it),
-`failover` (failover, failback, reverse replication), `plans`, `jobs`, `metrics` (Prometheus) and
-`apikeys`; beside them `errors` (the ServiceErrors, `_translate`, the `_operation` decorator), `dependents`
-(the jobs and plans that depend on a thing), `lookups` (finding things by name or id, name checks) and
-`presenters` (rows as plain dicts).
+This package is the public face; the operations live by area: `fabric` (sites, VMM clouds, hosts, VMs, network
+mappings), `vms` (create, start, stop a VM, its console), `policies`, `protection` (protect, disable, replicate
+now, resync, consistency check, recovery points and their deletion, verify, health), `edits` (a host's new key, a
+site's description, a policy's settings, a plan's groups), `removals` (each refused while something depends on
+it), `failover` (failover, failback, reverse replication), `plans`, `jobs`, `metrics` (Prometheus) and `apikeys`;
+beside them `errors` (the ServiceErrors, `_translate`, the `_operation` decorator), `dependents` (the jobs and
+plans that depend on a thing), `lookups` (finding things by name or id, name checks) and `presenters` (rows as
+plain dicts).
 """
 from .alerts import list_alerts
 from .apikeys import create_api_key, create_env_api_key, hash_api_key, list_api_keys, revoke_api_key
@@ -69,6 +69,7 @@ from .plans import PLAN_OPTIONS, create_plan, list_plans, plan_scripts, run_plan
 from .policies import POLICY_OPTIONS, add_policy, list_policies, show_policy
 from .protection import (
     consistency_check,
+    delete_recovery_points,
     disable_protection,
     health,
     preview_resync,
@@ -93,7 +94,7 @@ __all__ = [
     "complete_failover", "commit_failover", "cancel_failover", "failback", "reverse_replication", "failover_history",
     "list_alerts", "preview_resync",
     "create_plan", "list_plans", "show_plan", "run_plan", "validate_plan", "plan_scripts", "resume_job",
-    "recovery_points", "verify", "health", "metrics",
+    "recovery_points", "delete_recovery_points", "verify", "health", "metrics",
     "list_jobs", "show_job", "cancel_job", "retry_job", "restart_job", "job_events", "job_snapshot",
     "create_api_key", "create_env_api_key", "list_api_keys", "revoke_api_key", "hash_api_key",
     "rekey_host", "update_site", "update_policy", "update_plan", "replicate",

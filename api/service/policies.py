@@ -1,5 +1,5 @@
-"""Replication policies: how often VMs replicate, how long recovery points are kept, office hours, RPO
-thresholds."""
+"""Replication policies: how often VMs replicate, how long recovery points are kept (and how long they are
+locked against deletion), office hours, RPO thresholds."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -19,7 +19,7 @@ from .presenters import _policy_dict
 POLICY_OPTIONS = ("copy_frequency_s", "recovery_point_retention_h", "app_consistent_frequency_h",
                   "initial_replication_at", "office_hours", "office_days", "office_timezone", "rpo_warning_s",
                   "rpo_critical_s", "consistency_check_interval_h", "consistency_check_off_hours",
-                  "drill_reminder_days")
+                  "drill_reminder_days", "retention_lock_h")
 
 
 def _time_of_day(name: str, value: Any) -> time_of_day:
@@ -38,7 +38,7 @@ def _policy_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
                       f"(options: {', '.join(POLICY_OPTIONS)})")
     settings = {key: value for key, value in options.items() if value is not None}
     for key in ("copy_frequency_s", "recovery_point_retention_h", "app_consistent_frequency_h", "rpo_warning_s",
-                "rpo_critical_s", "consistency_check_interval_h", "drill_reminder_days"):
+                "rpo_critical_s", "consistency_check_interval_h", "drill_reminder_days", "retention_lock_h"):
         if key in settings:
             settings[key] = _int_option(key, settings[key])
     start = settings.get("initial_replication_at")
@@ -72,7 +72,8 @@ def add_policy(name: str, **options: Any) -> dict:
     Warning, Critical; default 2x and 4x the copy frequency), consistency_check_interval_h (0-168, 0 for none;
     default 24), consistency_check_off_hours (scheduled checks wait for the end of office hours; default true),
     drill_reminder_days (days without a passed drill before an alert says one is overdue; 0 for never; default
-    180)."""
+    180), retention_lock_h (hours each recovery point cannot be deleted after it is made, by anyone; 0 for off,
+    the default; at most 8760; once on it can only be raised: lowering it is refused with 409)."""
     _name(name, "replication policy")
     settings = _policy_options(name, options)
     with session_scope() as session:

@@ -191,7 +191,7 @@ def _policy_dict(session: Session, policy: ReplicationPolicy, *, detail: bool = 
         "rpo_thresholds_set": policy.rpo_warning_s is not None or policy.rpo_critical_s is not None,
         "consistency_check_interval_h": policy.consistency_check_interval_h,
         "consistency_check_off_hours": policy.consistency_check_off_hours,
-        "drill_reminder_days": policy.drill_reminder_days,
+        "drill_reminder_days": policy.drill_reminder_days, "retention_lock_h": policy.retention_lock_h,
     }
     if detail:
         rows = session.exec(select(VirtualMachine.name, Host.name)

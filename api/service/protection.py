@@ -1,8 +1,9 @@
 """Protection of a VM: enable, disable, resynchronize, check its replicas against its disks; its recovery
-points, their verification, and the replication health of every protected VM."""
+points, their verification and deletion, and the replication health of every protected VM."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from models.protection import ProtectedItem, ReplicationState, item_lock_key
 from models.protection import recovery_points as _recovery_points
 from workflows.items import item_status
 from workflows.kinds import consistency_check as check_kind
+from workflows.kinds import delete_recovery_points as delete_points_kind
 from workflows.kinds import delta_replication as delta_kind
 from workflows.kinds import disable_protection as disable_kind
 from workflows.kinds import enable_protection as enable_kind
@@ -66,7 +68,8 @@ def protect(vm: str, *, policy: str, recovery_storage: str, storage_options: dic
 def disable_protection(vm: str, confirm: str | None = None) -> dict:
     """Stop protecting the VM: replicas, shipped logs and recovery points are deleted.
 
-    `confirm`, when given (the REST API always gives it), must be the VM's name: a 400 otherwise."""
+    `confirm`, when given (the REST API always gives it), must be the VM's name: a 400 otherwise. Refused (409,
+    naming when the lock ends) while any of its recovery points is inside its retention lock, whoever asks."""
     item_id, name = _protected(vm)
     if confirm is not None and confirm != name:
         raise ServiceError(
@@ -120,9 +123,40 @@ def recovery_points(vm: str) -> list[dict]:
     with session_scope() as session:
         item = session.get(ProtectedItem, item_id)
         return [{"id": point.id, "created_at": _iso(point.created_at), "kind": str(point.kind),
+                 "locked_until": _iso(point.locked_until),
                  "versions": dict(point.versions), "manifest_roots": dict(point.manifest_roots),
                  "generations": dict(point.generations)}
                 for point in _recovery_points(session, item)]
+
+
+def _moment(name: str, value: Any) -> datetime:
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            raise Invalid(f"{name}: {value!r} is not an ISO 8601 time such as '2030-01-01T02:00:00+00:00'") from None
+    if not isinstance(value, datetime):
+        raise Invalid(f"{name} must be an ISO 8601 time, got {value!r}")
+    try:
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:59:59-01:00, past the last UTC moment datetime holds
+        raise Invalid(f"{name}: {value.isoformat()} is out of range") from None
+
+
+@_operation
+def delete_recovery_points(vm: str, *, before: datetime | str, confirm: str | None = None) -> dict:
+    """Delete the VM's recovery points made before `before` (an ISO time, UTC when it has no zone), never its
+    latest, and the replica versions only they needed (a job). All or none: refused (409, naming when the lock
+    ends, no job created) when any of them is inside its retention lock, whoever asks.
+
+    `confirm`, when given (the REST API always gives it), must be the VM's name: a 400 otherwise."""
+    moment = _moment("before", before)
+    item_id, name = _protected(vm)
+    if confirm is not None and confirm != name:
+        raise ServiceError(
+            f"deleting recovery points of VM {name!r} cannot be undone: confirm by sending {{\"confirm\": "
+            f"\"{name}\"}}" + (f" (got {confirm[:80]!r})" if confirm else ""))
+    return _job_ref(delete_points_kind.start(item_id, moment), delete_points_kind.KIND.name, name)
 
 
 @_operation

@@ -8,6 +8,7 @@ from workflows.kinds import (  # noqa: F401  (each module declares its kind when
     commit_failback,
     commit_failover,
     consistency_check,
+    delete_recovery_points,
     delta_replication,
     disable_protection,
     enable_protection,
