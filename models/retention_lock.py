@@ -22,7 +22,8 @@ from models.db import as_utc
 from models.policy import RetentionLockError
 from models.protection import ProtectedItem, RecoveryPoint, recovery_points
 
-__all__ = ["points_before", "lock_end", "require_unlocked", "delete_points_before", "require_disable_allowed"]
+__all__ = ["points_before", "require_unlocked", "deletable_points_before", "delete_points_before",
+           "require_disable_allowed"]
 
 
 def points_before(session: Session, item: ProtectedItem, before: datetime) -> list[RecoveryPoint]:
@@ -32,19 +33,13 @@ def points_before(session: Session, item: ProtectedItem, before: datetime) -> li
     return [point for point in recovery_points(session, item)[:-1] if point.created_at < cutoff]
 
 
-def lock_end(points: Iterable[RecoveryPoint], now: datetime) -> datetime | None:
-    """When the last lock among `points` still locked at `now` ends; None when none is locked."""
-    ends = [point.locked_until for point in points if point.locked_at(now)]
-    return max(ends, default=None)
-
-
-def require_unlocked(points: list[RecoveryPoint], now: datetime, doing: str) -> None:
-    """RetentionLockError when any of `points` is inside its retention lock at `now`; `doing` says what was
-    refused ("delete 3 recovery points of VM 'app01'")."""
-    end = lock_end(points, now)
-    if end is None:
-        return
+def require_unlocked(points: Iterable[RecoveryPoint], now: datetime, doing: str) -> None:
+    """RetentionLockError when any of `points` is inside its retention lock at `now`, naming when the last
+    of their locks ends; `doing` says what was refused ("delete 3 recovery points of VM 'app01'")."""
     locked = [point for point in points if point.locked_at(now)]
+    if not locked:
+        return
+    end = max(point.locked_until for point in locked)
     raise RetentionLockError(
         f"cannot {doing}: {len(locked)} of them {'is' if len(locked) == 1 else 'are'} inside the retention "
         f"lock until {end.isoformat(timespec='seconds')} (the oldest locked: point {locked[0].id} of "
@@ -52,14 +47,22 @@ def require_unlocked(points: list[RecoveryPoint], now: datetime, doing: str) -> 
         f"deleted by anyone until their lock ends")
 
 
+def deletable_points_before(session: Session, item: ProtectedItem, before: datetime, now: datetime,
+                            vm_name: str) -> list[RecoveryPoint]:
+    """The item's points made before `before` (never the latest) that a delete request would delete:
+    RetentionLockError when any of them is locked at `now`. The request's check and its step's."""
+    doomed = points_before(session, item, before)
+    require_unlocked(doomed, now, f"delete {len(doomed)} recovery point(s) of VM {vm_name!r} made before "
+                                  f"{as_utc(before).isoformat(timespec='seconds')}")
+    return doomed
+
+
 def delete_points_before(session: Session, item: ProtectedItem, before: datetime, now: datetime,
                          vm_name: str) -> list[RecoveryPoint]:
     """Delete the item's points made before `before` (never the latest), all or none: RetentionLockError,
     nothing deleted, when any of them is locked at `now`. Returns the deleted points. Idempotent: a second
     call finds them gone. The caller prunes the replica versions no kept point needs."""
-    doomed = points_before(session, item, before)
-    require_unlocked(doomed, now, f"delete {len(doomed)} recovery point(s) of VM {vm_name!r} made before "
-                                  f"{as_utc(before).isoformat(timespec='seconds')}")
+    doomed = deletable_points_before(session, item, before, now, vm_name)
     for point in doomed:
         session.delete(point)
     session.flush()

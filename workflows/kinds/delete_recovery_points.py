@@ -14,11 +14,12 @@ from typing import Any
 
 from models.db import as_utc, database_now, session_scope
 from models.protection import ProtectedItem, ReplicationState
-from models.retention_lock import points_before, require_unlocked
+from models.retention_lock import deletable_points_before
 from workflows import actions as A
 from workflows.engine import ORCHESTRATION_QUEUE, RECOVERY_QUEUE, StepSpec
 from workflows.items import (
     ItemRequest,
+    ItemView,
     item_job_params,
     item_locks,
     item_target,
@@ -52,21 +53,21 @@ def build(request: DeletePointsRequest) -> Stages:
 def check(item_id: str, before: datetime) -> int:
     """RetentionLockError (before any job exists) when a point the request would delete is locked now;
     otherwise how many points it would delete."""
-    view = view_of(item_id)
+    return _checked(view_of(item_id), before)
+
+
+def _checked(view: ItemView, before: datetime) -> int:
     require_state(view, KIND.starts_from, "delete recovery points of")
     with session_scope() as session:
-        doomed = points_before(session, session.get(ProtectedItem, item_id), before)
-        require_unlocked(doomed, database_now(session),
-                         f"delete {len(doomed)} recovery point(s) of VM {view.vm.name!r} made before "
-                         f"{as_utc(before).isoformat(timespec='seconds')}")
-    return len(doomed)
+        item = session.get(ProtectedItem, view.item.id)
+        return len(deletable_points_before(session, item, before, database_now(session), view.vm.name))
 
 
 def start(item_id: str, before: datetime) -> str:
     """Delete the item's points made before `before` (checked against their retention locks first). Returns
     the job id."""
-    check(item_id, before)
     view = view_of(item_id)
+    _checked(view, before)
     moment = as_utc(before).isoformat()
     return start_for_item(KIND, DeletePointsRequest(**vars(ItemRequest.of(view, before=moment)), before=moment))
 
