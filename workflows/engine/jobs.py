@@ -162,7 +162,7 @@ def start_job(
         what = target or ", ".join(keys)
         raise ItemBusyError(f"{what} is busy: its locks changed hands twice while starting {kind}")
     try:
-        _send_stage(routes[0], stamp)
+        _send_stage(_messages(routes[0]), stamp)
     except DispatchError as exc:
         # The job is recorded; the reconciler launches it once the broker is back.
         logger.warning("job %s (%s) created but not launched yet: %s", job_id, kind, exc)
@@ -283,7 +283,7 @@ def launch(job_id: str, *, resend_queued_before: datetime | None = None) -> list
         ).order_by(JobStep.index)).all())
     if not first:
         return []
-    _send_stage(first, stamp)
+    _send_stage(_messages(first), stamp)
     return [step.id for step in first]
 
 
@@ -319,7 +319,7 @@ def advance(job_id: str, finished_stage: int) -> list[str]:
             for _, step_id, queue, action, name, attempts in sorted(rows)]
     if sent:
         try:
-            _send_stage(sent, stamp, described=True)
+            _send_stage(sent, stamp)
         except DispatchError as exc:
             # Recorded as pending again: the reconciler sends it once the broker is back.
             logger.warning("next stage of job %s not sent yet: %s", job_id, exc)
@@ -338,11 +338,10 @@ def finish_when_every_step_is_done(job_id: str) -> bool:
     return settled
 
 
-def _send_stage(steps: Sequence[JobStep | StepRoute | StepMessage], stamp: datetime, *,
-                described: bool = False) -> None:
-    """Send one stage's steps, marked queued at `stamp` (`described`: `steps` are their messages already)."""
+def _send_stage(steps: list[StepMessage], stamp: datetime) -> None:
+    """Send one stage's steps' messages, the steps marked queued at `stamp`."""
     try:
-        dispatcher().send_stage(list(steps) if described else _messages(steps))
+        dispatcher().send_stage(steps)
     except BaseException:
         # Nothing was sent: pending again, which the reconciler relaunches as a lost continuation.
         with session_scope() as session:
