@@ -33,12 +33,12 @@ from sites.storage.local import LocalDirectoryStorage
 # Deployments of the tests pass it to their workers themselves (sites/deployment.py); tests/test_tls.py
 # runs a TLS deployment and checks that plain text is refused without it.
 os.environ["ASR_INSECURE_TRANSPORT"] = "1"
+# (Read at call time, like every setting: before any test module imports worker.py.)
 # No test reads or writes the user's own ~/.asr (its SQLite database, keys, beat's schedule): a test that
 # reaches the default database without choosing one gets this session's private home, never a database another
 # checkout or release upgraded (CI failed so: test_api_trust read a home database at another revision).
 os.environ["ASR_HOME"] = tempfile.mkdtemp(prefix="asr-test-home-")
 atexit.register(shutil.rmtree, os.environ["ASR_HOME"], ignore_errors=True)
-# (Read at call time, like every setting: before any test module imports worker.py.)
 
 
 # ---- parallel runs (pytest-xdist) ---------------------------------------------------------------------
