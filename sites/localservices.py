@@ -486,12 +486,21 @@ def point_app_at(broker_url: str) -> None:
     """Make this process's Celery app (worker.app) send to `broker_url` and keep results there.
 
     worker.py reads ASR_BROKER_URL when first imported, possibly earlier in this process; the app's
-    connection pools and result backend are cached, so they are dropped to take the new URL."""
+    connection pools and result backend are cached, so they are dropped to take the new URL. The pools live
+    in kombu's process-wide registry, keyed by the URL: they are closed and removed from it, or an app
+    pointed back at an equal URL later (a new Redis on a reused port) would get the closed pool back."""
+    from kombu import pools
+
     from worker import app, tls_conf
 
-    app.conf.update(broker_url=broker_url, result_backend=broker_url, **tls_conf(broker_url, broker_url))
     if app._pool is not None:
         app._pool.force_close_all()
+        for group in (pools.producers, pools.connections):
+            for key, pool in list(group.items()):
+                if pool is app._pool or getattr(pool, "connections", None) is app._pool:
+                    pool.force_close_all()
+                    dict.__delitem__(group, key)
+    app.conf.update(broker_url=broker_url, result_backend=broker_url, **tls_conf(broker_url, broker_url))
     app._pool = None
     amqp = app.__dict__.get("amqp")
     if amqp is not None:
