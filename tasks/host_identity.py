@@ -24,7 +24,6 @@ from sqlmodel import select
 
 from models.db import session_scope
 from models.fabric import Host, verify_host_key
-from models.jobs import JobStep
 
 HOST_NAME_ENV = "ASR_HOST_NAME"
 HOST_KEY_ENV = "ASR_HOST_KEY"
@@ -67,13 +66,13 @@ def host_identity() -> tuple[str | None, str | None]:
     return _identity["name"], _identity["key"]
 
 
-def unproven_host_step(step_id: str) -> str | None:
-    """Why this process may not run the step, or None: a step on a registered host's queue needs a worker
-    started as that host with its valid key. Steps on other queues (orchestration, recovery) are anyone's."""
+def unproven_host_queue(queue: str) -> str | None:
+    """Why this process may not run a step sent on `queue`, or None: a registered host's queue needs a
+    worker started as that host with its valid key. Other queues (orchestration, recovery) are anyone's,
+    and answered without a read. The engine asks inside the step's claim (execute_step's `may_run`)."""
+    if not queue.startswith(HOST_QUEUE_PREFIX):
+        return None
     with session_scope() as session:
-        queue = session.exec(select(JobStep.queue).where(JobStep.id == step_id)).first()
-        if queue is None or not queue.startswith(HOST_QUEUE_PREFIX):
-            return None
         host = session.exec(select(Host).where(Host.queue == queue)).first()
         if host is None:
             return None

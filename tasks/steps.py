@@ -15,7 +15,7 @@ from celery.exceptions import Ignore, Reject, Retry
 from celery.signals import task_postrun, task_unknown
 
 from models.jobs import StepState
-from tasks.host_identity import unproven_host_step
+from tasks.host_identity import unproven_host_queue
 from worker import app
 from workflows import engine
 from workflows.canvas import forget_result_waiters
@@ -48,16 +48,16 @@ def _run_step(self: Task, step_id: str) -> dict[str, Any]:
         # Flower shows custom events; no retries, so a broker hiccup costs one update, not a stall.
         self.send_event("task-progress", retry=False, **fields)
 
-    refusal = unproven_host_step(step_id)
-    if refusal is not None:
-        # Not claimed, not failed: the step stays queued for its host's agent (an impostor must not be able
-        # to fail a host's steps either).
-        logger.error("step %s refused on %s: %s", step_id, self.request.hostname, refusal)
-        time.sleep(UNPROVEN_PAUSE_S)
-        raise Reject(refusal, requeue=True)
     outcome = engine.execute_step(
         step_id, task_id=self.request.id, worker=self.request.hostname, emit_event=emit_progress_event,
+        may_run=unproven_host_queue,
     )
+    if outcome.refused is not None:
+        # Not claimed, not failed: the step stays queued for its host's agent (an impostor must not be able
+        # to fail a host's steps either).
+        logger.error("step %s refused on %s: %s", step_id, self.request.hostname, outcome.refused)
+        time.sleep(UNPROVEN_PAUSE_S)
+        raise Reject(outcome.refused, requeue=True)
     if outcome.own and outcome.state is StepState.failed:
         raise StepFailed(f"{outcome.step_name} failed: {outcome.error}")
     if outcome.own and outcome.state is StepState.waiting_retry:

@@ -534,3 +534,78 @@ def test_the_reconciler_ends_an_active_job_whose_every_step_is_done(dispatcher):
     assert (job["state"], job["hook_pending"]) == ("succeeded", True)
     assert dispatcher.hooks == [job_id]
     assert reconcile() == {}, "ended once"
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_two_steps_of_a_stage_finishing_at_once_send_the_next_stage_once(dispatcher_on_postgresql, monkeypatch):
+    """The stage's last open step queues the next stage in its own success transaction. Two steps of one stage
+    succeeding at the same moment each see the other still open there, so neither queues it in its
+    transaction: the one that looks after both committed sends it, once."""
+    job_id = two_stage_job()
+    first, second, last = (s["id"] for s in steps(job_id))
+    both_checked = threading.Barrier(2, timeout=20)
+    queued_in_transaction = engine_steps.queue_next_stage
+    seen_in_transaction = []
+
+    def side_by_side(connection, job, stage):
+        queued = queued_in_transaction(connection, job, stage)
+        seen_in_transaction.append(queued)
+        both_checked.wait()  # neither commits before the other has looked at the stage
+        return queued
+
+    monkeypatch.setattr(engine_steps, "queue_next_stage", side_by_side)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        outcomes = list(pool.map(run, (first, second)))
+    assert [outcome.state for outcome in outcomes] == [StepState.succeeded, StepState.succeeded]
+    assert seen_in_transaction == [None, None], "each saw the other step open in its transaction"
+    assert sum(dispatcher_on_postgresql.sent, []).count(last) == 1
+    assert steps(job_id)[2]["state"] == "queued"
+
+
+def test_a_step_that_completes_its_stage_commits_twice_and_sends_the_next_stage(dispatcher):
+    """The claim is one transaction; the success, the job's end check and the next stage's queueing are the
+    second (the engine's overhead over a bare Celery chain, docs/benchmarks.md). The stage is sent after it."""
+    import sqlalchemy as sa
+
+    from models.db import get_engine
+
+    job_id = start_job(KIND.name, lock_key="item:c", stages=[
+        [StepSpec("Seal", OK, "orchestration")], [StepSpec("Ship logs", OK, "host.h1")],
+    ])
+    first, second = (s["id"] for s in steps(job_id))
+    commits = []
+
+    def count(_connection):
+        commits.append(1)
+
+    sa.event.listen(get_engine(), "commit", count)
+    try:
+        assert run(first).state is StepState.succeeded
+    finally:
+        sa.event.remove(get_engine(), "commit", count)
+    assert len(commits) == 2, commits
+    assert dispatcher.sent[-1] == [second] and steps(job_id)[1]["state"] == "queued"
+
+
+def test_a_step_whose_queue_the_worker_may_not_serve_is_left_as_it_was(dispatcher):
+    """`may_run` (the host identity check of tasks/host_identity.py) gets the claimed step's queue inside the
+    claim; a refusal rolls the claim back: the step stays queued, no attempt counted, nothing ran."""
+    job_id = two_stage_job()
+    first, second, _ = (s["id"] for s in steps(job_id))
+    asked = []
+
+    def refuse_host_queues(queue):
+        asked.append(queue)
+        return "not this host's agent" if queue.startswith("host.") else None
+
+    def run_checked(step_id):
+        return execute_step(step_id, task_id=f"task-{step_id}", worker="impostor", emit_event=lambda **_: None,
+                            may_run=refuse_host_queues)
+
+    before = steps(job_id)[1]
+    refused = run_checked(second)
+    assert (refused.refused, refused.state, refused.own, refused.advance) == ("not this host's agent", None,
+                                                                              False, False)
+    assert steps(job_id)[1] == before, "the refused claim changed the step"
+    assert run_checked(first).state is StepState.succeeded
+    assert asked == ["host.h1", "orchestration"]

@@ -289,42 +289,70 @@ def launch(job_id: str, *, resend_queued_before: datetime | None = None) -> list
 
 def advance(job_id: str, finished_stage: int) -> list[str]:
     """Send the next stage once `finished_stage` of the job is complete, whatever order its steps finished in
-    and however often they were re-driven: called by every step that succeeds, after its commit. Of two
-    steps finishing together at least one sees the stage complete (each looks after its own commit), and
-    the conditional pending -> queued update lets only one of them send. Returns the ids of the steps sent."""
+    and however often they were re-driven: called by every step that succeeds, after its commit (unless its
+    own transaction already queued the stage: `queue_next_stage`). Of two steps finishing together at least
+    one sees the stage complete (each looks after its own commit), and the conditional pending -> queued
+    update lets only one of them send. Returns the ids of the steps sent."""
     with session_scope() as session:
-        open_steps = session.exec(select(sa.func.count()).select_from(JobStep).where(
-            JobStep.job_id == job_id, JobStep.stage == finished_stage, JobStep.state.not_in(DONE_STEP_STATES),
-        )).one()
-        if open_steps:
-            return []
-        active = sa.exists().where(Job.id == job_id, Job.state.in_(ACTIVE_JOB_STATES))
-        stamp = clock.now()
-        # all(): SQLite applies an UPDATE … RETURNING row by row as its rows are read.
-        rows = session.connection().execute(sa.update(JobStep).where(
-            JobStep.job_id == job_id, JobStep.stage == finished_stage + 1, JobStep.state == StepState.pending, active,
-        ).values(state=StepState.queued, queued_at=stamp).returning(
-            JobStep.index, JobStep.id, JobStep.queue, JobStep.action, JobStep.name, JobStep.attempts,
-        )).all()
-        last_stage = not rows and not session.exec(select(sa.func.count()).select_from(JobStep).where(
-            JobStep.job_id == job_id, JobStep.stage > finished_stage,
-        )).one()
-        # The messages' descriptions in this transaction, not in one of their own (_messages): one session
-        # less on every step's path (the engine's overhead over a bare chain, docs/benchmarks.md).
-        job = session.exec(select(Job.kind, Job.params).where(Job.id == job_id)).first() if rows else None
-    if last_stage:
+        next_stage = queue_next_stage(session.connection(), job_id, finished_stage)
+    return send_next_stage(job_id, next_stage)
+
+
+@dataclass(frozen=True)
+class NextStage:
+    """What `queue_next_stage` left to do once its transaction commits: send `messages` (marked queued at
+    `stamp`), or, after the job's last stage, end the job if its every step is done."""
+
+    messages: list[StepMessage]
+    stamp: datetime
+    last_stage: bool
+
+
+def queue_next_stage(connection: sa.Connection, job_id: str, finished_stage: int) -> NextStage | None:
+    """In the caller's transaction: if `finished_stage` has no open step, mark the next stage's pending steps
+    queued (one conditional UPDATE: of two callers only one gets the rows) and describe their messages;
+    None while a step of the stage is open. `send_next_stage` does the rest after the commit."""
+    open_steps = connection.execute(select(sa.func.count()).select_from(JobStep).where(
+        JobStep.job_id == job_id, JobStep.stage == finished_stage, JobStep.state.not_in(DONE_STEP_STATES),
+    )).scalar_one()
+    if open_steps:
+        return None
+    active = sa.exists().where(Job.id == job_id, Job.state.in_(ACTIVE_JOB_STATES))
+    stamp = clock.now()
+    # all(): SQLite applies an UPDATE … RETURNING row by row as its rows are read.
+    rows = connection.execute(sa.update(JobStep).where(
+        JobStep.job_id == job_id, JobStep.stage == finished_stage + 1, JobStep.state == StepState.pending, active,
+    ).values(state=StepState.queued, queued_at=stamp).returning(
+        JobStep.index, JobStep.id, JobStep.queue, JobStep.action, JobStep.name, JobStep.attempts,
+    )).all()
+    last_stage = not rows and not connection.execute(select(sa.func.count()).select_from(JobStep).where(
+        JobStep.job_id == job_id, JobStep.stage > finished_stage,
+    )).scalar_one()
+    # The messages' descriptions in this transaction, not in one of their own (_messages): one session
+    # less on every step's path (the engine's overhead over a bare chain, docs/benchmarks.md).
+    job = connection.execute(select(Job.kind, Job.params).where(Job.id == job_id)).first() if rows else None
+    messages = [_message(StepRoute(step_id, queue, action), (name, attempts, job_id, *job) if job else None)
+                for _, step_id, queue, action, name, attempts in sorted(rows)]
+    return NextStage(messages, stamp, last_stage)
+
+
+def send_next_stage(job_id: str, next_stage: NextStage | None) -> list[str]:
+    """After the commit of `queue_next_stage`'s transaction: send the stage it queued (or end the job after
+    its last stage). Returns the ids of the steps sent."""
+    if next_stage is None:
+        return []
+    if next_stage.last_stage:
         finish_when_every_step_is_done(job_id)
         return []
-    sent = [_message(StepRoute(step_id, queue, action), (name, attempts, job_id, *job) if job else None)
-            for _, step_id, queue, action, name, attempts in sorted(rows)]
-    if sent:
+    if next_stage.messages:
         try:
-            _send_stage(sent, stamp)
+            _send_stage(next_stage.messages, next_stage.stamp)
         except DispatchError as exc:
             # Recorded as pending again: the reconciler sends it once the broker is back.
             logger.warning("next stage of job %s not sent yet: %s", job_id, exc)
             return []
-    return [step.id for step in sent]
+    return [step.id for step in next_stage.messages]
+
 
 def finish_when_every_step_is_done(job_id: str) -> bool:
     """End the active job whose every step is done, if the steps that completed it did not; True if this

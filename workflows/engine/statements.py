@@ -92,7 +92,8 @@ def claim_statement() -> sa.Update:
         broker_lost_at=None,
         started_at=now, heartbeat_at=now, ended_at=None, worker=_param("claim_worker", step.worker),
         celery_task_id=task_id,
-    ).returning(step.id, step.job_id, step.stage, step.name, step.action, step.params, step.attempts, step.deaths)
+    ).returning(step.id, step.job_id, step.stage, step.name, step.action, step.params, step.attempts, step.deaths,
+                step.queue)
 
 
 @functools.cache
