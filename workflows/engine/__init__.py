@@ -5,9 +5,10 @@ state change is one conditional UPDATE, so duplicate messages, redeliveries and 
 are harmless: whoever wins the UPDATE owns the step, everyone else stands back. Nothing here imports
 Celery: `workflows/canvas.py` turns stages into Celery canvases, behind `engine.dispatch`.
 
+- `specs.py`: what a job is made of (`StepSpec`), checked before anything is written.
 - `jobs.py`: `start_job` writes the job, its steps (the first stage's marked queued) and its locks in one
-  transaction, then dispatches its first stage; `advance` dispatches the next stage when the last step of
-  one succeeds; `launch` dispatches what may run of the first stage not complete; `cancel`, `resume`,
+  transaction, then dispatches its first stage; the success of a stage's last step queues the next stage
+  (`queue_next_stage`, in its own transaction, or `advance` after it) and dispatches it; `launch` dispatches what may run of the first stage not complete; `cancel`, `resume`,
   `retry_now`; ending and settling jobs, running their hooks; `get_job`.
 - `steps.py`: `execute_step` (behind every step task) claims a step, keeps a heartbeat while its action
   runs, and records the outcome.
@@ -31,7 +32,6 @@ from workflows.engine.errors import (
     StepCancelled,
 )
 from workflows.engine.jobs import (
-    StepSpec,
     cancel,
     get_job,
     launch,
@@ -40,7 +40,6 @@ from workflows.engine.jobs import (
     retry_now,
     run_job_hooks,
     start_job,
-    validate_queue,
 )
 from workflows.engine.reconciler import reconcile
 from workflows.engine.registry import (
@@ -58,6 +57,7 @@ from workflows.engine.registry import (
     on_action_registered,
     step_task_name,
 )
+from workflows.engine.specs import StepSpec, validate_queue
 from workflows.engine.steps import StepContext, StepOutcome, execute_step, refuse_unknown_step_task
 from workflows.settings import EngineSettings
 

@@ -40,11 +40,11 @@ from workflows.engine.jobs import (
     fail_job,
     finish_if_complete,
     queue_next_stage,
-    require_json_object,
     send_next_stage,
     settle,
 )
 from workflows.engine.registry import STEP_TASK_PREFIX, ActionFn, EventEmitter, registered_actions
+from workflows.engine.specs import require_json_object
 from workflows.engine.statements import (
     claim_statement,
     heartbeat_statement,
