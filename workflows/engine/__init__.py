@@ -8,8 +8,9 @@ Celery: `workflows/canvas.py` turns stages into Celery canvases, behind `engine.
 - `specs.py`: what a job is made of (`StepSpec`), checked before anything is written.
 - `jobs.py`: `start_job` writes the job, its steps (the first stage's marked queued) and its locks in one
   transaction, then dispatches its first stage; the success of a stage's last step queues the next stage
-  (`queue_next_stage`, in its own transaction, or `advance` after it) and dispatches it; `launch` dispatches what may run of the first stage not complete; `cancel`, `resume`,
-  `retry_now`; ending and settling jobs, running their hooks; `get_job`.
+  (`queue_next_stage`, in its own transaction, or `advance` after it) and dispatches it; `launch`
+  dispatches what may run of the first stage not complete; `cancel`, `resume`, `retry_now`; ending and
+  settling jobs, running their hooks; `get_job`.
 - `steps.py`: `execute_step` (behind every step task) claims a step, keeps a heartbeat while its action
   runs, and records the outcome.
 - `reconciler.py`: `reconcile` (run by beat) re-drives whatever a lost message or a dead worker left
