@@ -52,7 +52,7 @@ def keys_rotate(new_file: Path, old_file: Path | None, urls: tuple[str, ...], as
     from datapath.errors import DataPathError
     from sites.storage.encrypted import rewrap_keys
     from sites.storage.keys import load_kek, read_kek_file
-    from tasks.replication import open_backend
+    from tasks.recovery_storage import open_backend
 
     try:
         old = read_kek_file(old_file) if old_file else load_kek()

@@ -427,7 +427,8 @@ class DemoSite:
     def replicas(self, vm: str) -> Iterator[dict[str, Any]]:
         """{disk name: the replica's disk endpoint on the recovery storage}, open for the block."""
         from models.db import session_scope
-        from tasks.replication import open_recovery_storage, replica_of
+        from tasks.recovery_storage import open_recovery_storage
+        from tasks.replication import replica_of
         from workflows.items import load_item
 
         with session_scope() as session:

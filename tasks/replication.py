@@ -10,15 +10,14 @@ Also the beat task `asr.replication.tick`, which runs the replication scheduler.
 from __future__ import annotations
 
 import functools
-import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlmodel import select
 
-from datapath.copy import CopyResult
+from datapath.copy import DEFAULT_FLUSH_INTERVAL, CopyResult
 from datapath.disk import FORMATS, open_disk
 from datapath.errors import (
     DiskNotFoundError,
@@ -52,11 +51,10 @@ from models.protection import (
 )
 from sites.host import Host as HostDriver
 from sites.host import QuiesceError
-from sites.storage import open_storage
 from sites.storage.base import RecoveryStorage
-from sites.storage.encrypted import open_encrypted
-from sites.storage.policy import StoragePolicyError, check_storage
+from sites.storage.throttled import UploadLimit
 from tasks.boot_files import upload_boot_files
+from tasks.recovery_storage import host_upload_limit, open_recovery_storage
 from tasks.replica_records import (
     RESYNC_REQUIRED_CODE,
     checked_state,
@@ -74,7 +72,7 @@ from tasks.replica_records import (
 )
 from worker import app
 from workflows import actions as A
-from workflows import alerts, clock, rpo, scheduler, settings, transport
+from workflows import alerts, clock, rpo, scheduler
 from workflows.engine import StepContext, action
 from workflows.items import ItemView, load_item
 from workflows.retry import is_recoverable
@@ -86,50 +84,9 @@ APP_CONSISTENCY_CODE = "app_consistency_failed"
 
 
 # ---- opening things ------------------------------------------------------------------------------
-def open_recovery_storage(url: str, options: Mapping[str, Any]) -> RecoveryStorage:
-    """Open an item's recovery storage, encrypted under this worker's key-encryption key
-    (sites/storage/encrypted.py; ASR_STORAGE_KEK_FILE). Credentials never sit in the database: the option
-    `connection_string_env` names the environment variable of this worker that holds them."""
-    return open_encrypted(open_backend(url, options))
-
-
-def open_backend(url: str, options: Mapping[str, Any]) -> RecoveryStorage:
-    """The recovery storage's backend itself, unencrypted (`asr keys rotate` re-wraps its data keys). The
-    storage is checked against this worker's allow-list first (sites/storage/policy.py), whatever the
-    database says."""
-    try:
-        check_storage(url, options, roots=settings.storage_roots(), account_urls=settings.storage_account_urls(),
-                      resolve=True)
-    except StoragePolicyError as exc:
-        raise NonRecoverableError(f"recovery storage {url}: {exc}") from None
-    resolved = dict(options)
-    variable = resolved.pop("connection_string_env", None)
-    if variable is not None:
-        value = os.environ.get(variable)
-        if not value:
-            raise NonRecoverableError(
-                f"recovery storage {url}: the environment variable {variable} (its connection string) is not "
-                f"set on this worker ({os.uname().nodename}, pid {os.getpid()})"
-            )
-        resolved["connection_string"] = value
-    if url.startswith("azure:"):
-        # https only (unless ASR_INSECURE_TRANSPORT allows http), verified with the deployment's CA.
-        endpoints = ([resolved["account_url"]] if resolved.get("account_url")
-                     else transport.azure_connection_string_endpoints(resolved.get("connection_string") or ""))
-        try:
-            for endpoint in endpoints:
-                transport.check_storage_endpoint(f"recovery storage {url}", endpoint)
-            ca_file = settings.tls_ca_file()
-        except ValueError as exc:
-            raise NonRecoverableError(str(exc)) from None
-        if ca_file is not None:
-            resolved.setdefault("ca_file", str(ca_file))
-    return open_storage(url, **resolved)
-
-
 @contextmanager
 def _storage(view: ItemView) -> Iterator[RecoveryStorage]:
-    storage = open_recovery_storage(view.item.recovery_storage, view.item.storage_options)
+    storage = open_recovery_storage(view.item.recovery_storage, view.item.storage_options, host_upload_limit(view))
     try:
         yield storage
     finally:
@@ -294,7 +251,8 @@ def copy_disk(ctx: StepContext, *, item_id: str, disk_id: str) -> dict[str, Any]
                 before.copy_checkpoint, recorded[1] if recorded[0] == before.copy_started_generation else 0)
         copied: list[CopyResult] = []
         state = initial_copy(
-            tracker, replica, on_progress=ctx.progress, recorded=recorded, on_copied=copied.append,
+            tracker, replica, flush_interval=checkpoint_interval(host_upload_limit(view)),
+            on_progress=ctx.progress, recorded=recorded, on_copied=copied.append,
             on_checkpoint=lambda generation, offset: record_copy_checkpoint(ctx, item_id, disk, replica.name,
                                                                             generation, offset))
     record_state(ctx, item_id, disk, replica.name, state, resynchronized=True)
@@ -302,6 +260,14 @@ def copy_disk(ctx: StepContext, *, item_id: str, disk_id: str) -> dict[str, Any]
     # bytes_written: what this run sent (zero chunks are not; a resumed run sends only the rest).
     return {"bytes": state.size, "applied_generation": state.applied_generation, "resumed_from": resumed_from,
             "bytes_written": sum(result.bytes_written for result in copied)}
+
+
+def checkpoint_interval(upload_limit: UploadLimit | None) -> int:
+    """Bytes a copy sends between checkpoints: 64 MiB, or on a host whose uplink is limited what it sends in
+    about 5 s (whole MiB), so a copy cut short on a slow link resumes having lost seconds, not minutes."""
+    if upload_limit is None:
+        return DEFAULT_FLUSH_INTERVAL
+    return max(MIB, min(DEFAULT_FLUSH_INTERVAL, upload_limit.bytes_per_s * 5 // MIB * MIB))
 
 
 @item_action(A.DELETE_SNAPSHOT)

@@ -34,6 +34,9 @@ MIB = 1024 * 1024
 HOST = "host1"
 HOST_WORKER = f"host-{HOST}"
 HOST_QUEUE = f"host.{HOST}"
+# The host's uplink limited to 4 MiB/s (ASR_HOST_UPLOAD_LIMIT): a 64 MiB copy lasts about 12-16 s, long enough to
+# be cut in the middle, checkpointing every 20 MiB, without moving hundreds of MiB through Azurite.
+SLOW_UPLINK = {"ASR_HOST_UPLOAD_LIMIT": "4M"}
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
@@ -111,9 +114,9 @@ def waiting_task_ids(site: RecoverySite, queue: str) -> list[str]:
 def test_host_worker_killed_mid_copy_resumes_from_the_checkpoint_on_a_new_worker(
     tmp_path: Path, azurite: AzuriteProcess
 ) -> None:
-    size = 512 * MIB
+    size = 64 * MIB
     copy = "Copy disk disk0"
-    with RecoverySite(tmp_path, backend="azure", azurite=azurite) as site:
+    with RecoverySite(tmp_path, backend="azure", azurite=azurite, env=SLOW_UPLINK) as site:
         vm_id = site.create_vm(HOST, "app01", [("disk0", size, "vhd")], fill=1.0, seed=11)
         finished = EventCapture(
             "task-progress", lambda event: event.get("step_name") == copy and event["done"] == event["total"],
@@ -225,9 +228,9 @@ def test_storage_outage_mid_copy_waits_on_the_retry_schedule_then_the_job_succee
     azurite = PinnedAzurite(tmp_path / "azurite").start()
     try:
         # The longest copy frequency (15 minutes, 1.5 s scaled): delta cycles do not crowd the scheduler.
-        with RecoverySite(tmp_path / "site", backend="azure", azurite=azurite, time_scale=600,
+        with RecoverySite(tmp_path / "site", backend="azure", azurite=azurite, time_scale=600, env=SLOW_UPLINK,
                           policy_options={"copy_frequency_s": 900}) as site:
-            vm_id = site.create_vm(HOST, "app01", [("disk0", "256M", "vhd")], fill=0.75, seed=21)
+            vm_id = site.create_vm(HOST, "app01", [("disk0", "64M", "vhd")], fill=0.75, seed=21)
             job_id = site.protect(vm_id)
             step_id = step_named(get_job(job_id), copy)["id"]
             sample_until(lambda: (live_percent(job_id, step_id) or 0) > 10, timeout=60, site=site,
@@ -279,8 +282,8 @@ def test_copy_whose_worker_dies_every_time_fails_as_poison_then_resumes_from_its
     copy = "Copy disk disk0"
     max_deaths = 3
     with RecoverySite(tmp_path, backend="azure", azurite=azurite,
-                      env={"ASR_MAX_STEP_DEATHS": str(max_deaths)}) as site:
-        vm_id = site.create_vm(HOST, "app01", [("disk0", "512M", "vhd")], fill=0.75, seed=31)
+                      env={**SLOW_UPLINK, "ASR_MAX_STEP_DEATHS": str(max_deaths)}) as site:
+        vm_id = site.create_vm(HOST, "app01", [("disk0", "64M", "vhd")], fill=0.75, seed=31)
         job_id = site.protect(vm_id)
 
         def copying_in_run(run: int) -> Callable[[], bool]:

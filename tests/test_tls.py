@@ -43,7 +43,7 @@ from sites.localservices import (
     stop_all,
 )
 from sites.pki import DeploymentCertificates, PkiError, create_deployment_certificates
-from tasks.replication import open_recovery_storage
+from tasks.recovery_storage import open_recovery_storage
 from workflows import failover_request, kinds, transport
 from workflows.retry import NonRecoverableError
 

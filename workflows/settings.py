@@ -203,6 +203,24 @@ def host_agent_name() -> str | None:
     return os.environ.get("ASR_HOST_NAME") or None
 
 
+def host_upload_limit() -> int | None:
+    """ASR_HOST_UPLOAD_LIMIT: the most bytes per second a host agent sends to the recovery storage, all its
+    processes together (disk copies, resyncs, shipped logs), as a number with an optional K, M or G suffix
+    (binary: 8M is 8 MiB/s); unset or 0: no limit. As Azure Site Recovery's agent throttling, it keeps a
+    host's uplink usable for its own work while an initial copy runs."""
+    raw = os.environ.get("ASR_HOST_UPLOAD_LIMIT", "").strip()
+    if not raw:
+        return None
+    number, unit = (raw[:-1], raw[-1].upper()) if raw[-1].upper() in "KMG" else (raw, "")
+    try:
+        value = float(number) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[unit]
+    except ValueError:
+        raise ValueError(f"ASR_HOST_UPLOAD_LIMIT={raw!r} is not a number of bytes per second (like 8M)") from None
+    if not 0 <= value < 1 << 50:  # also refuses nan and inf
+        raise ValueError(f"ASR_HOST_UPLOAD_LIMIT={raw!r} must be from 0 to 1P bytes per second")
+    return int(value) or None
+
+
 def flower_credentials() -> tuple[str, str]:
     """ASR_FLOWER_USER and ASR_FLOWER_PASSWORD: Flower's basic-auth credentials."""
     return os.environ.get("ASR_FLOWER_USER", ""), os.environ.get("ASR_FLOWER_PASSWORD", "")

@@ -9,7 +9,7 @@ page and block blobs) so that what the backend holds is ciphertext and the keys 
   `<folder>/asr-data-key.json`; it is made with the folder's first disk or object, never replaced, hidden
   from `list_objects` and refused as a name to callers.
 
-`open_encrypted(storage)` is what the engine opens (tasks.replication.open_recovery_storage), unless
+`open_encrypted(storage)` is what the engine opens (tasks.recovery_storage.open_recovery_storage), unless
 ASR_STORAGE_ENCRYPTION=off, which is logged as insecure.
 """
 from __future__ import annotations
