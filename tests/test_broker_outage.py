@@ -120,10 +120,11 @@ def test_a_worker_whose_redis_restarts_keeps_running_its_task_and_serves_the_nex
 @pytest.mark.azure
 def test_three_redis_restarts_during_a_long_copy_do_not_poison_it(tmp_path: Path, azurite: AzuriteProcess) -> None:
     copy = "Copy disk disk0"
-    size = 768 * MIB
-    # To Azurite: long enough a copy for three restarts (a local directory takes a gigabyte in two seconds).
+    size = 96 * MIB
+    # Long enough a copy for three restarts: the host's uplink limited to 4 MiB/s makes it about 24 s.
     with RecoverySite(tmp_path, backend="azure", azurite=azurite, appendonly=True, host_concurrency=1,
-                      env={"ASR_MAX_STEP_DEATHS": "3"}, policy_options={"copy_frequency_s": 900}) as site:
+                      env={"ASR_MAX_STEP_DEATHS": "3", "ASR_HOST_UPLOAD_LIMIT": "4M"},
+                      policy_options={"copy_frequency_s": 900}) as site:
         vm_id = site.create_vm("host1", "app01", [("disk0", size, "vhd")], fill=1.0, seed=31)
         host_worker = site.workers["host-host1"]
         job_id = site.protect(vm_id)
