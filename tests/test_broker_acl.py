@@ -50,7 +50,9 @@ def client_as_host(site: Deployment, host_name: str) -> redis.Redis:
 
 
 def agent_env(site: Deployment, host_name: str, key: str) -> dict[str, str]:
-    return {**site.env, "ASR_HOST_NAME": host_name, "ASR_HOST_KEY": key}
+    # Read-only remote control on, as an operator who wants Flower's view of the agents sets it (an agent's
+    # default is off): their users admit its replies too. RecoverySite's agent below keeps the default.
+    return {**site.env, "ASR_HOST_NAME": host_name, "ASR_HOST_KEY": key, "ASR_WORKER_REMOTE_CONTROL": "inspect"}
 
 
 def denied(call) -> bool:
@@ -199,7 +201,7 @@ def test_a_job_across_two_hosts_runs_with_each_agent_on_its_own_user(site: Deplo
     assert workers == {"Step one": "host-host1", "Step two-a": "host-host2", "Step two-b": "host-host2",
                        "Step three": "host-host1", "Step four": "orchestration"}, workers
     assert sorted(record["label"] for record in read_records(log)) == ["four", "one", "three", "two-a", "two-b"]
-    # The agents answer the read-only questions Flower asks (remote control through their own users).
+    # The agents answer the read-only questions Flower asks (remote control, set on, through their own users).
     replies = wait_until(lambda: app.control.inspect(timeout=2).ping(), timeout=15, what="ping replies")
     assert {"host-host1", "host-host2", "orchestration"} <= {node.split("@")[0] for node in replies}, replies
     # Nothing any of them did was refused: the rules hold everything kombu and Celery do.
