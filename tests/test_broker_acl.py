@@ -100,10 +100,12 @@ def test_host1s_credentials_take_nothing_from_host2s_queue(site: Deployment, hos
         "SORT": lambda: rogue.sort("host.host2", store="host.host1"),
     }.items():
         assert denied(call), f"{name} on host2's queue was allowed to host1's user"
-    # Nor a real Celery worker started as host1's agent (its key, its broker user) on host2's queue.
+    # Nor a real Celery worker started as host1's agent (its key, its broker user) on host2's queue. Its
+    # database is out of reach, so that its own start check (tasks/host_identity.py, which would make it
+    # exit) cannot verify anything and lets it start: the broker's ACL alone stops it.
     admin.execute_command("ACL", "LOG", "RESET")
-    rogue_worker = site.add_worker("rogue-host1", ["host.host2"], wait=False,
-                                   env=agent_env(site, "host1", host_keys["host1"]))
+    rogue_worker = site.add_worker("rogue-host1", ["host.host2"], wait=False, env={
+        **agent_env(site, "host1", host_keys["host1"]), "ASR_DATABASE_URL": "postgresql://rogue@127.0.0.1:9/none"})
     wait_until(lambda: any(entry["username"] == host_user_name("host1") and entry["object"] == "host.host2"
                            for entry in admin.acl_log(count=100)), timeout=30,
                what="the rogue worker to be refused host2's queue")
