@@ -48,10 +48,37 @@ class _ClosedChannelSafeRedisChannel(kombu_redis.Channel):
         return super()._connparams(asynchronous=asynchronous)
 
 
-class ClosedChannelSafeRedisTransport(kombu_redis.Transport):
-    """kombu's Redis transport with `_ClosedChannelSafeRedisChannel`."""
+class _DeliveredQueueChannel(_ClosedChannelSafeRedisChannel):
+    """Stamps on every message taken off a queue the queue it came from, as its delivery_info (anonymous
+    exchange, routing key: the queue), which Celery hands the task (`request.delivery_info`).
 
-    Channel = _ClosedChannelSafeRedisChannel
+    kombu passes on the delivery_info the sender wrote into the message, and anyone who may push to a queue
+    writes what they like there (a host's broker user may push to every queue, sites/brokeracl.py): a
+    worker then could not tell an orchestration step's id pushed onto a host's queue from one that came on
+    the orchestration queue. The claim compares the two (tasks/steps.py). Messages handed back (a refusal,
+    a visibility timeout) go back, by the same fields, to the queue they were taken from."""
+
+    def basic_consume(self, queue, *args, **kwargs):
+        consumed = super().basic_consume(queue, *args, **kwargs)
+        if queue not in self._fanout_queues:  # broadcasts (remote control) come from no queue
+            deliver = self.connection._callbacks[queue]
+
+            def stamp_queue(raw_message):
+                properties = raw_message.get("properties")
+                if isinstance(properties, dict):
+                    sent = properties.get("delivery_info")
+                    properties["delivery_info"] = {**(sent if isinstance(sent, dict) else {}),
+                                                   "exchange": "", "routing_key": queue}
+                return deliver(raw_message)
+
+            self.connection._callbacks[queue] = stamp_queue
+        return consumed
+
+
+class ClosedChannelSafeRedisTransport(kombu_redis.Transport):
+    """kombu's Redis transport with `_ClosedChannelSafeRedisChannel` and `_DeliveredQueueChannel`."""
+
+    Channel = _DeliveredQueueChannel
 
 
 def _broker_transport(url: str) -> str | None:
@@ -135,8 +162,9 @@ app.conf.update(
     # (and count as its worker's death). A message Redis hands out again meanwhile cannot start a second
     # run: the claim takes a running step only once its heartbeat is stale.
     worker_cancel_long_running_tasks_on_connection_loss=False,
-    # Off entirely with ASR_WORKER_REMOTE_CONTROL=off; otherwise only READ_ONLY_INSPECT is answered. Events
-    # (task and worker heartbeats) are a separate channel and stay on: Flower's tasks, workers and metrics.
+    # Off entirely with ASR_WORKER_REMOTE_CONTROL=off (a host agent's default: workflows/settings.py says
+    # why); otherwise only READ_ONLY_INSPECT is answered. Events (task and worker heartbeats) are a separate
+    # channel and stay on: Flower's tasks, workers and metrics.
     worker_enable_remote_control=settings.worker_remote_control() != "off",
 )
 

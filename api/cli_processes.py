@@ -208,7 +208,8 @@ def worker_host(name: str, key_file: Any, key: str | None, concurrency: int | No
     Runs everything that touches the host's VMs and disks (snapshots, copies, sealing and shipping logs,
     creating or starting VMs after a failover), on the machine that holds the host's VM tree. It starts
     only for a registered host, with that host's registration key, and stamps when it was last seen (every
-    ASR_HOST_HEARTBEAT_S; a silent host raises an alert)."""
+    ASR_HOST_HEARTBEAT_S; a silent host raises an alert). The worker verifies the key itself at start and at
+    every heartbeat: after `asr host rekey NAME` the running agent stops consuming its queue."""
     from models.db import validate_name
     from models.fabric import host_queue
 

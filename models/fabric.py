@@ -232,7 +232,8 @@ def register_host(
 
 def rekey_host(session: Session, host: Host) -> str:
     """Give the host a new registration key and return it (shown this once: only its hash is stored). The old
-    key no longer admits an agent; an agent already running goes on until it is restarted."""
+    key no longer admits an agent; an agent already running stops consuming its queue at its next heartbeat
+    (tasks/alerts.py) and must be restarted with the new key."""
     _require_persisted(host, "host")
     key = _new_key()
     host.key_hash = _hash_key(key)

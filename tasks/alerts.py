@@ -1,5 +1,6 @@
 """Alerts' Celery side: the beat task that delivers them (workflows/webhook.py), and the heartbeat of host
-agents that `host_silent` alerts watch (workflows/alerts.py raises and resolves alerts in the tick).
+agents that `host_silent` alerts watch (workflows/alerts.py raises and resolves alerts in the tick), which
+verifies the agent's key each time: an agent whose key no longer verifies stops consuming its host's queue.
 
 Delivery is its own beat task, not part of the tick: a webhook that answers slowly delays only alerts, never
 the start of a delta cycle.
@@ -15,7 +16,7 @@ from sqlmodel import select
 
 from models.db import clock_now, session_scope
 from models.fabric import Host, verify_host_key
-from tasks.host_identity import host_identity
+from tasks.host_identity import host_identity, stop_consuming_host_queue
 from worker import app
 from workflows import scheduler, settings, webhook
 
@@ -39,12 +40,16 @@ def stamp_host_seen(name: str, key: str | None) -> bool:
     return True
 
 
-def _stamp(name: str, key: str | None) -> None:
+def _stamp(consumer: Any, name: str, key: str | None) -> None:
     try:
-        if not stamp_host_seen(name, key):
-            logger.warning("host %s's heartbeat not recorded: this worker does not hold its key", name)
+        stamped = stamp_host_seen(name, key)
     except Exception:  # noqa: BLE001 - a database blip skips one heartbeat; the next one tries again
         logger.exception("host %s's heartbeat not recorded", name)
+        return
+    if not stamped:
+        # The key no longer verifies (`asr host rekey`, the host removed): this process is no longer the
+        # host's agent, and takes none of its steps until it is restarted with the valid key.
+        stop_consuming_host_queue(consumer, name, f"this worker does not hold the registration key of host {name!r}")
 
 
 @worker_ready.connect
@@ -56,4 +61,4 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
     name, key = host_identity()
     if name is None or sender is None:
         return
-    sender.timer.call_repeatedly(settings.host_heartbeat_s(), _stamp, (name, key))
+    sender.timer.call_repeatedly(settings.host_heartbeat_s(), _stamp, (sender, name, key))

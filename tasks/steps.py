@@ -37,6 +37,13 @@ class StepRetryScheduled(Exception):
     new message. Carried by the Retry that ends the Celery task RETRY (no message is sent by Celery)."""
 
 
+def delivered_queue(delivery_info: dict[str, Any] | None) -> str | None:
+    """The queue a step's message came on, as the worker's broker transport stamps it on every message it
+    takes off a queue (worker.py, `_DeliveredQueueChannel`): the routing key the sender put in the message
+    is only the sender's word. None for a task not taken off a queue (called in-process)."""
+    return (delivery_info or {}).get("routing_key") or None
+
+
 def _run_step(self: Task, step_id: str) -> dict[str, Any]:
     """Run one job step. The engine records the outcome and sends the next stage (or schedules the retry)
     itself; the task's own end state only reports that outcome to Flower and the worker logs: SUCCESS
@@ -50,8 +57,13 @@ def _run_step(self: Task, step_id: str) -> dict[str, Any]:
 
     outcome = engine.execute_step(
         step_id, task_id=self.request.id, worker=self.request.hostname, emit_event=emit_progress_event,
-        may_run=unproven_host_queue,
+        delivered_on=delivered_queue(self.request.delivery_info), may_run=unproven_host_queue,
     )
+    if outcome.misdelivered:
+        # A step of another queue: pushed here by whoever may write to this queue (a host's broker user may
+        # push to every queue). Dropped, not handed back: no consumer of this queue may ever run it.
+        logger.error("step %s refused on %s: %s", step_id, self.request.hostname, outcome.refused)
+        raise Reject(outcome.refused, requeue=False)
     if outcome.refused is not None:
         # Not claimed, not failed: the step stays queued for its host's agent (an impostor must not be able
         # to fail a host's steps either).

@@ -50,7 +50,9 @@ def client_as_host(site: Deployment, host_name: str) -> redis.Redis:
 
 
 def agent_env(site: Deployment, host_name: str, key: str) -> dict[str, str]:
-    return {**site.env, "ASR_HOST_NAME": host_name, "ASR_HOST_KEY": key}
+    # Read-only remote control on, as an operator who wants Flower's view of the agents sets it (an agent's
+    # default is off): their users admit its replies too. RecoverySite's agent below keeps the default.
+    return {**site.env, "ASR_HOST_NAME": host_name, "ASR_HOST_KEY": key, "ASR_WORKER_REMOTE_CONTROL": "inspect"}
 
 
 def denied(call) -> bool:
@@ -98,10 +100,12 @@ def test_host1s_credentials_take_nothing_from_host2s_queue(site: Deployment, hos
         "SORT": lambda: rogue.sort("host.host2", store="host.host1"),
     }.items():
         assert denied(call), f"{name} on host2's queue was allowed to host1's user"
-    # Nor a real Celery worker started as host1's agent (its key, its broker user) on host2's queue.
+    # Nor a real Celery worker started as host1's agent (its key, its broker user) on host2's queue. Its
+    # database is out of reach, so that its own start check (tasks/host_identity.py, which would make it
+    # exit) cannot verify anything and lets it start: the broker's ACL alone stops it.
     admin.execute_command("ACL", "LOG", "RESET")
-    rogue_worker = site.add_worker("rogue-host1", ["host.host2"], wait=False,
-                                   env=agent_env(site, "host1", host_keys["host1"]))
+    rogue_worker = site.add_worker("rogue-host1", ["host.host2"], wait=False, env={
+        **agent_env(site, "host1", host_keys["host1"]), "ASR_DATABASE_URL": "postgresql://rogue@127.0.0.1:9/none"})
     wait_until(lambda: any(entry["username"] == host_user_name("host1") and entry["object"] == "host.host2"
                            for entry in admin.acl_log(count=100)), timeout=30,
                what="the rogue worker to be refused host2's queue")
@@ -199,7 +203,7 @@ def test_a_job_across_two_hosts_runs_with_each_agent_on_its_own_user(site: Deplo
     assert workers == {"Step one": "host-host1", "Step two-a": "host-host2", "Step two-b": "host-host2",
                        "Step three": "host-host1", "Step four": "orchestration"}, workers
     assert sorted(record["label"] for record in read_records(log)) == ["four", "one", "three", "two-a", "two-b"]
-    # The agents answer the read-only questions Flower asks (remote control through their own users).
+    # The agents answer the read-only questions Flower asks (remote control, set on, through their own users).
     replies = wait_until(lambda: app.control.inspect(timeout=2).ping(), timeout=15, what="ping replies")
     assert {"host-host1", "host-host2", "orchestration"} <= {node.split("@")[0] for node in replies}, replies
     # Nothing any of them did was refused: the rules hold everything kombu and Celery do.

@@ -609,3 +609,25 @@ def test_a_step_whose_queue_the_worker_may_not_serve_is_left_as_it_was(dispatche
     assert steps(job_id)[1] == before, "the refused claim changed the step"
     assert run_checked(first).state is StepState.succeeded
     assert asked == ["host.h1", "orchestration"]
+
+
+def test_a_step_whose_message_came_on_another_queue_is_left_as_it_was(dispatcher):
+    """Whoever may push to a queue can push any step's id there: a host's agent fed the id of a recovery
+    step on its own queue refuses it in the claim (misdelivered: the message is dropped), the step stays as
+    it was; on its own queue it runs."""
+    job_id = two_stage_job()
+
+    def delivered(step_id, queue):
+        return execute_step(step_id, task_id=f"task-{queue}", worker="host-h1", emit_event=lambda **_: None,
+                            delivered_on=queue, may_run=lambda _: None)
+
+    first, second = (s["id"] for s in steps(job_id)[:2])
+    assert delivered(first, "orchestration").state is StepState.succeeded
+    assert delivered(second, "host.h1").state is StepState.succeeded
+    later = steps(job_id)[2]
+    assert (later["queue"], later["state"]) == ("recovery", "queued")
+    refused = delivered(later["id"], "host.h1")
+    assert (refused.misdelivered, refused.state, refused.own, refused.advance) == (True, None, False, False)
+    assert "belongs to queue 'recovery', not to 'host.h1'" in refused.refused, refused.refused
+    assert steps(job_id)[2] == later, "the refused claim changed the step"
+    assert delivered(later["id"], "recovery").state is StepState.succeeded

@@ -76,6 +76,9 @@ class StepOutcome:
     error: str | None = None  # why the step failed or waits for a retry
     next_attempt_at: datetime | None = None  # when the engine runs a step waiting for a retry again
     refused: str | None = None  # why this process may not run the step (its queue check): nothing changed
+    misdelivered: bool = False
+    """The refusal is because the message came on another queue than the step's: it has no consumer here
+    (the step's own message is on the step's queue, or the reconciler sends it again)."""
 
 
 class StepContext:
@@ -273,14 +276,21 @@ QueueCheck = Callable[[str], "str | None"]
 class _Refused(Exception):
     """The claim's queue check refused the step: its transaction rolls back, the step stays as it was."""
 
+    def __init__(self, reason: str, *, misdelivered: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.misdelivered = misdelivered
+
 
 def _claim(step_id: str, *, task_id: str, worker: str, lease: str, stale_after_s: float,
-           may_run: QueueCheck | None = None) -> _ClaimedStep | str | None:
+           delivered_on: str | None = None, may_run: QueueCheck | None = None) -> _ClaimedStep | _Refused | None:
     """Make this run the step's owner with ONE conditional UPDATE (pending, queued, a retry now due, or
     running under this very Celery task with a stale heartbeat: a redelivery after its runner died), or
-    return None if it may not run now. `may_run` checks the claimed step's queue inside the claim's
-    transaction (no read of its own: the queue comes back with the claim); a refusal rolls the claim back
-    and is returned."""
+    return None if it may not run now. Inside the claim's transaction (no read of its own: the queue comes
+    back with the claim), the step's queue must be `delivered_on`, the queue its message came on, when
+    given (whoever may push to a queue can push any step's id there: a host's agent would otherwise run
+    an orchestration step pushed on its own queue), and `may_run` must accept it; a refusal rolls the
+    claim back and is returned."""
     now = clock.now()
     try:
         with get_engine().begin() as connection:
@@ -292,12 +302,15 @@ def _claim(step_id: str, *, task_id: str, worker: str, lease: str, stale_after_s
             if not rows:
                 return None
             step = _ClaimedStep(*rows[0])
+            if delivered_on is not None and delivered_on != step.queue:
+                raise _Refused(f"step {step.id} ({step.name}) belongs to queue {step.queue!r}, not to "
+                               f"{delivered_on!r}, the queue its message came on", misdelivered=True)
             if may_run is not None and (refusal := may_run(step.queue)) is not None:
                 raise _Refused(refusal)
             connection.execute(job_started_statement(), {"started_job_id": step.job_id, "started_now": now})
             return step
     except _Refused as refused:
-        return str(refused)
+        return refused
 
 
 def _owned(step_id: str, lease: str) -> sa.ColumnElement[bool]:
@@ -305,15 +318,16 @@ def _owned(step_id: str, lease: str) -> sa.ColumnElement[bool]:
 
 
 def execute_step(step_id: str, *, task_id: str, worker: str, emit_event: EventEmitter,
-                 may_run: QueueCheck | None = None) -> StepOutcome:
-    """Claim the step (unless `may_run` refuses its queue to this process), run its action with a
-    heartbeat, record the outcome."""
+                 delivered_on: str | None = None, may_run: QueueCheck | None = None) -> StepOutcome:
+    """Claim the step (unless it is not a step of `delivered_on`, the queue its message came on, or
+    `may_run` refuses its queue to this process), run its action with a heartbeat, record the outcome."""
     settings = EngineSettings.from_env()
     lease = new_id()
     step = _claim(step_id, task_id=task_id, worker=worker, lease=lease, stale_after_s=settings.stale_after_s,
-                  may_run=may_run)
-    if isinstance(step, str):
-        return StepOutcome(advance=False, state=None, own=False, refused=step)
+                  delivered_on=delivered_on, may_run=may_run)
+    if isinstance(step, _Refused):
+        return StepOutcome(advance=False, state=None, own=False, refused=step.reason,
+                           misdelivered=step.misdelivered)
     if step is None:
         return _unclaimed(step_id, task_id)
     if step.deaths >= settings.max_step_deaths:
