@@ -251,8 +251,8 @@ def test_a_worker_on_plain_redis_is_refused_unless_allowed(tmp_path: Path) -> No
 def test_http_storage_endpoint_is_refused_unless_allowed(azurite: AzuriteProcess, https_azurite: AzuriteProcess,
                                                          certificates: DeploymentCertificates,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ASR_STORAGE_TEST_AZURE", azurite.connection_string())
-    options = {"connection_string_env": "ASR_STORAGE_TEST_AZURE"}
+    monkeypatch.setenv("ASR_STORAGE_TEST_CONNECTION_STRING", azurite.connection_string())
+    options = {"connection_string_env": "ASR_STORAGE_TEST_CONNECTION_STRING"}
     monkeypatch.delenv(INSECURE)
     with pytest.raises(NonRecoverableError, match=rf"plain-text connection \(storage endpoint\).*{INSECURE}=1"):
         open_recovery_storage("azure:plain-refused", options)
@@ -268,7 +268,7 @@ def test_http_storage_endpoint_is_refused_unless_allowed(azurite: AzuriteProcess
 
     # HTTPS needs no override, and is verified with the deployment's CA: without it, no connection.
     monkeypatch.delenv(INSECURE)
-    monkeypatch.setenv("ASR_STORAGE_TEST_AZURE", https_azurite.connection_string())
+    monkeypatch.setenv("ASR_STORAGE_TEST_CONNECTION_STRING", https_azurite.connection_string())
     monkeypatch.setenv("ASR_TLS_CA_FILE", str(certificates.ca_file))
     storage = open_recovery_storage("azure:over-https", options)
     try:
