@@ -11,7 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from api.rest.common import NAME_PATTERN, QUALIFIED_NAME_PATTERN
+# What api/rest/common.py declares (NAME_PATTERN, QUALIFIED_NAME_PATTERN), as literals: the document is what
+# clients read, and this file stays free of the app's imports.
+NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+QUALIFIED_NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(/[A-Za-z0-9][A-Za-z0-9._-]{0,63})?$"
 
 OPENAPI_DOC = Path(__file__).resolve().parents[1] / "docs" / "openapi.json"
 
@@ -88,7 +91,7 @@ def test_names_declare_their_pattern() -> None:
     document = json.loads(OPENAPI_DOC.read_text())
     schemas = document["components"]["schemas"]
     name = schemas["SiteIn"]["properties"]["name"]
-    assert name["maxLength"] == 64 and name["pattern"] == NAME_PATTERN == "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", name
+    assert name["maxLength"] == 64 and name["pattern"] == NAME_PATTERN, name
     # Names and 'server/cloud' references in bodies, and every identifier in a path.
     for schema, field in (("ProtectIn", "policy"), ("HostIn", "cloud"), ("NetworkMappingIn", "cloud")):
         declared = schemas[schema]["properties"][field]
