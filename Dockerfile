@@ -29,14 +29,16 @@ RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev l
 
 # Not root. The mount points exist, owned by that user, so named volumes mounted there start out
 # writable by it (Docker copies a mount point's ownership into an empty volume); each process's passwords
-# (/secrets/NAME, compose's per-role credentials) in folders only that user reads. uid 999, as the redis and
-# postgres images' users: the deployment's private keys in /certs (compose's certs service, mode 0600) are
-# then readable by every server of compose.yaml and by our processes alike.
+# (/secrets/NAME, compose's per-role credentials) and the TLS files (/tls/ca with the CA's key, /tls/server,
+# /tls/client) in folders only that user reads. uid 999, as the redis and postgres images' users: the
+# deployment's private keys (compose's certs service, mode 0600) are then readable by the servers of
+# compose.yaml that mount them and by our processes alike.
 RUN useradd --system --uid 999 --user-group --create-home --home-dir /var/lib/asr asr \
-    && mkdir -p /hosts/host1 /hosts/host2 /hosts/dr1 /certs /acl \
-       /secrets/engine /secrets/api /secrets/host1 /secrets/host2 /secrets/dr1 \
-    && chmod 0700 /secrets/engine /secrets/api /secrets/host1 /secrets/host2 /secrets/dr1 \
-    && chown -R asr:asr /hosts /var/lib/asr /certs /acl /secrets
+    && mkdir -p /hosts/host1 /hosts/host2 /hosts/dr1 /tls/ca /tls/server /tls/client /acl \
+       /secrets/engine /secrets/owner /secrets/api /secrets/host1 /secrets/host2 /secrets/dr1 \
+    && chmod 0700 /tls/ca /tls/server /tls/client \
+       /secrets/engine /secrets/owner /secrets/api /secrets/host1 /secrets/host2 /secrets/dr1 \
+    && chown -R asr:asr /hosts /var/lib/asr /tls /acl /secrets
 USER asr
 
 CMD ["asr", "--help"]

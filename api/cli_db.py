@@ -117,6 +117,19 @@ def _run_as_owner(what: str, change):
         _fail(f"cannot {what} on {_redacted_database_url()}: {getattr(exc, 'orig', None) or exc}")
 
 
+@db_roles.command("owner")
+@_PASSWORD_FILE
+def db_roles_owner(password_file: Path):
+    """The schema owner's password, made once in --password-file (0600) and kept: for a new PostgreSQL
+    server (the postgres image's POSTGRES_PASSWORD_FILE sets it when the server is first initialised) and the
+    owner's processes (ASR_DATABASE_PASSWORD_FILE, with an ASR_DATABASE_URL naming the owner without a
+    password). Nothing connects to the database; compose.yaml's db-owner service runs it before PostgreSQL."""
+    from api.cli_broker import _password
+
+    _password(password_file)
+    click.echo(f"the owner's password is in {password_file}")
+
+
 @db_roles.command("apply")
 @_PREFIX
 @click.option("--host", "hosts", multiple=True, metavar="NAME=FILE", callback=host_password_files,

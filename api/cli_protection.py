@@ -22,8 +22,9 @@ from api.cli_service import _OpCommand, _service
 @click.option("--recovery-storage", required=True, metavar="URL",
               help="Where the replicas go: file:///DIR or azure:CONTAINER.")
 @click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
-              help="A storage setting, repeatable, e.g. connection_string_env=AZ_CONN (the NAME of the "
-                   "workers' variable holding the secret, never the secret).")
+              help="A storage setting, repeatable, e.g. connection_string_env=ASR_AZURE_CONNECTION_STRING "
+                   "(the NAME of the workers' variable holding the secret, never the secret; "
+                   "ASR_AZURE_*_CONNECTION_STRING or ASR_STORAGE_*_CONNECTION_STRING).")
 @click.option("--recovery-host", default=None, help="The recovery-site host failovers use by default.")
 def protect(vm_name: str, policy_name: str, recovery_storage: str, storage_options: tuple[str, ...],
             recovery_host: str | None):

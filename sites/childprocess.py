@@ -23,7 +23,7 @@ CHILD_LANG = "C.UTF-8"
 REDACTED = "[REDACTED]"
 
 # Variables whose values are secrets: named so, or one of the engine's URLs (which may carry a password).
-_SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|KEY|CONNECTION_STRING|CREDENTIAL|SAS|_URL$|_DSN$|"
+_SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|KEY|KEK|CONNECTION_STRING|CREDENTIAL|SAS|_URL$|_DSN$|"
                           r"^ASR_RESULT_BACKEND$", re.IGNORECASE)
 # Shorter values are not blanked out: "1" or "yes" would blank out half the output and hide nothing.
 _MIN_SECRET_CHARS = 6

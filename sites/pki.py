@@ -10,8 +10,10 @@ One folder holds everything a deployment needs for TLS on every connection:
     client-key.pem    ASR_TLS_CLIENT_CERT_FILE/_KEY_FILE)
 
 Keys are ECDSA P-256 (fast to make and to handshake with, accepted by OpenSSL, Node and PostgreSQL), written
-0600 in a 0700 folder, never over an existing file. The certificates name their purpose (extended key
-usage serverAuth or clientAuth), so a client certificate cannot serve as a server's.
+0600 in a 0700 folder, never over an existing file. `export_for_servers` and `export_for_clients` copy what a
+server (ca.pem, server.pem, server-key.pem) or a client (ca.pem, client.pem, client-key.pem) needs into a
+folder of its own, so that only the folder of the set holds the CA's key. The certificates name their
+purpose (extended key usage serverAuth or clientAuth), so a client certificate cannot serve as a server's.
 """
 from __future__ import annotations
 
@@ -76,6 +78,14 @@ class DeploymentCertificates:
     def files(self) -> list[Path]:
         return [self.ca_file, self.ca_key_file, self.server_cert_file, self.server_key_file,
                 self.client_cert_file, self.client_key_file]
+
+    def server_files(self) -> list[Path]:
+        """What a server needs: the CA (to verify client certificates) and its own pair; not the CA's key."""
+        return [self.ca_file, self.server_cert_file, self.server_key_file]
+
+    def client_files(self) -> list[Path]:
+        """What a client needs: the CA (to verify the servers) and its own pair; not the CA's key."""
+        return [self.ca_file, self.client_cert_file, self.client_key_file]
 
     def key_files(self) -> list[Path]:
         return [self.ca_key_file, self.server_key_file, self.client_key_file]
@@ -209,3 +219,37 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     # PKCS#8 without a passphrase: redis-server, uvicorn, Tornado, Node and PostgreSQL read it unattended.
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
+
+
+def export_for_servers(certificates: DeploymentCertificates, folder: Path) -> list[Path]:
+    """Copy the servers' files (`server_files`) into `folder`; see `_export`."""
+    return _export(certificates.server_files(), Path(folder))
+
+
+def export_for_clients(certificates: DeploymentCertificates, folder: Path) -> list[Path]:
+    """Copy the clients' files (`client_files`) into `folder`; see `_export`."""
+    return _export(certificates.client_files(), Path(folder))
+
+
+def _export(files: list[Path], folder: Path) -> list[Path]:
+    """Copy `files` into `folder` (made 0700), with their modes (keys 0600): the paths written, none when
+    `folder` already holds the same files (a compose service runs this at every start). PkiError, writing
+    nothing, when a file there differs (a folder of another CA is never mixed with this one) or a file
+    to copy is missing."""
+    missing = [path.name for path in files if not path.is_file()]
+    if missing:
+        raise PkiError(f"{files[0].parent} lacks {', '.join(missing)}: make the set first (asr certs create)")
+    different = [path.name for path in files if (folder / path.name).exists()
+                 and (folder / path.name).read_bytes() != path.read_bytes()]
+    if different:
+        raise PkiError(f"{folder} already holds another {', '.join(different)}: not replaced (it belongs to "
+                       f"another set); choose another folder or remove them first")
+    folder.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    os.chmod(folder, DIR_MODE)
+    written = []
+    for path in files:
+        target = folder / path.name
+        if not target.exists():
+            _write(target, path.read_bytes(), path.stat().st_mode & 0o777)
+            written.append(target)
+    return written

@@ -179,10 +179,11 @@ FOUND = [
     ("PATCH", "/sites/primary", {"description": "a\u0000b"}, "NUL"),  # PostgreSQL holds no NUL in text
     ("POST", "/sites", {"name": "nul", "description": "\u0000"}, "NUL"),
     ("POST", "/plans", {"name": "nul", "description": "\u0000", "groups": [{"name": "web", "vms": [VM]}]}, "NUL"),
-    ("GET", "/jobs?vm=%00", None, "NUL"),
+    # A VM or a job id in the URL is now refused by its declared pattern, before the database sees it.
+    ("GET", "/jobs?vm=%00", None, "query.vm: String should match pattern"),
     ("GET", "/jobs?kind=%00", None, "NUL"),
-    ("GET", "/jobs/%00", None, "NUL"),
-    ("GET", f"/vms/{VM}%00", None, "NUL"),
+    ("GET", "/jobs/%00", None, "path.job_id: String should match pattern"),
+    ("GET", f"/vms/{VM}%00", None, "path.vm: invalid name"),
     ("POST", "/hosts/host1/vms", {"name": "huge", "disks": [{"name": "d", "size": 1 << 50}]}, "at most 8388607 MiB"),
     ("POST", "/hosts/host1/vms", {"name": "huge", "disks": [{"name": "d", "size": "99999999999999T"}]},
      "at most 8388607 MiB"),

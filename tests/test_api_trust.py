@@ -129,6 +129,22 @@ def test_every_route_declares_a_role_and_an_app_without_one_does_not_start() -> 
     assert operation["x-required-role"] == "admin"
 
 
+
+def test_parameters_beyond_their_declared_bounds_are_refused_before_the_service(client: TestClient) -> None:
+    """The bounds docs/openapi.json declares of path and query parameters are enforced: past them a request is
+    a 422 naming the parameter, and the service (the stub, which would answer 404) is never called."""
+    key = {"X-API-Key": KEYS["admin"]}
+    for method, path, parameter in (
+            ("GET", f"/vms/{'a' * 130}", "vm"), ("GET", "/vms/a%20b", "vm"), ("POST", "/vms/a/b/c/resync", "vm"),
+            ("GET", f"/sites/{'s' * 65}", "name"), ("DELETE", "/plans/-x", "name"),
+            ("GET", f"/jobs/{'j' * 65}", "job_id"), ("GET", "/jobs?vm=" + "x" * 130, "vm"),
+            ("GET", "/jobs?state=" + "s" * 33, "state"), ("GET", "/jobs?kind=" + "k" * 65, "kind"),
+            ("GET", "/vms/a/console?max_bytes=100000000", "max_bytes"),
+            ("GET", "/jobs/j1/events?timeout=1e9", "timeout")):
+        answer = client.request(method, API_PREFIX + path, headers=key)
+        assert answer.status_code == 422 and parameter in answer.json()["error"], (path, answer.text)
+    assert client.get(f"{API_PREFIX}/vms/host1/app01", headers=key).status_code == 404  # the stub: valid
+
 # ---- the role matrix -------------------------------------------------------------------------------------------
 def test_each_role_gets_403_exactly_where_the_route_needs_more(client: TestClient) -> None:
     routes = api_routes()

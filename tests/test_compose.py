@@ -21,11 +21,19 @@ README = REPO / "README.md"
 README_SECTION = "## Running with compose"
 
 OUR_SERVICES = {"migrate", "api", "beat", "orchestration", "recovery", "host1", "host2", "dr1", "flower"}
-CREDENTIAL_SERVICES = {"broker-users", "db-roles"}
+CREDENTIAL_SERVICES = {"broker-users", "db-owner", "db-roles"}
 """Our image's one-shot services that make each process's broker and database credentials."""
 EXPECTED_SERVICES = OUR_SERVICES | CREDENTIAL_SERVICES | {"certs", "redis", "postgres", "azurite"}
 HOST_AGENTS = {"host1", "host2", "dr1"}
 ENGINE_PROCESSES = {"migrate", "beat", "orchestration", "recovery", "flower"}
+OWNER_PROCESSES = ENGINE_PROCESSES - {"flower"}
+"""The processes that connect to the database as the schema's owner; Flower reads the broker only."""
+DATA_MOVERS = {"orchestration", "recovery"} | HOST_AGENTS
+"""The processes that open the recovery storage (tasks.replication.open_recovery_storage, in step actions run
+by the orchestration and recovery workers and the host agents); the API only checks a protection's storage
+against the allow-list, beat only queues ticks, Flower reads the broker."""
+STORAGE_SETTINGS = {"ASR_AZURE_CONNECTION_STRING", "ASR_STORAGE_KEK", "ASR_STORAGE_KEK_FILE"}
+TLS_SERVERS = {"redis", "postgres", "azurite", "api", "flower"}
 # The compose specification's service keys this file may use (a typo in a key is silently ignored by
 # nothing: Docker rejects the file, so we reject it here).
 SERVICE_KEYS = {
@@ -142,6 +150,7 @@ def test_our_processes_run_asr_verbs_that_exist(compose: dict[str, Any]) -> None
         "host2": ["asr", "worker", "host", "host2"], "dr1": ["asr", "worker", "host", "dr1"],
         "flower": ["asr", "flower"], "migrate": ["asr", "db", "upgrade"],
         "broker-users": ["asr", "broker-acl", "file"], "db-roles": ["asr", "db", "roles", "apply"],
+        "db-owner": ["asr", "db", "roles", "owner"],
     }
     for name, prefix in expected.items():
         assert services[name]["command"][: len(prefix)] == prefix, (name, services[name]["command"])
@@ -160,6 +169,8 @@ def test_host_agents_have_their_own_trees_and_keys_from_the_environment(compose:
         assert re.fullmatch(r"\$\{ASR_[A-Z0-9]+_KEY(:?-)?\}", key), f"{name}: key from the environment, got {key!r}"
         for setting in ("ASR_BROKER_URL", "ASR_DATABASE_URL", "ASR_AZURE_CONNECTION_STRING"):
             assert setting in agent["environment"], f"{name} lacks {setting} (merged from the shared settings)"
+        # Whoever reaches Redis cannot make a host's agent consume another queue or stop (issue 11).
+        assert agent["environment"]["ASR_WORKER_REMOTE_CONTROL"] == "off", name
         mounts = [m for m in agent["volumes"] if m.split(":")[1] == f"/hosts/{name}"]
         assert len(mounts) == 1 and not mounts[0].endswith(":ro"), (name, agent["volumes"])
         trees[name] = mounts[0].split(":")[0]
@@ -180,6 +191,9 @@ def test_every_process_shares_the_deployment_settings(compose: dict[str, Any]) -
     for name in OUR_SERVICES:
         environment = services[name]["environment"]
         assert re.fullmatch(r"rediss://[a-z0-9-]+@redis:6379/0", environment["ASR_BROKER_URL"]), name
+        if name == "flower":  # it never opens the database
+            assert not {"ASR_DATABASE_URL", "ASR_DATABASE_PASSWORD_FILE"} & environment.keys(), environment
+            continue
         database_url = environment["ASR_DATABASE_URL"]
         assert database_url.startswith("postgresql://") and "@postgres:5432/" in database_url, name
         assert "sslmode=verify-full" in database_url, name
@@ -202,7 +216,8 @@ def test_each_process_holds_only_its_own_broker_and_database_passwords(compose: 
     each password is in a volume only its process (and the services that make it) mounts."""
     services = compose["services"]
     expected_secrets = {name: {f"{name}-secrets"} for name in HOST_AGENTS}
-    expected_secrets |= {name: {"engine-secrets"} for name in ENGINE_PROCESSES}
+    expected_secrets |= {name: {"engine-secrets", "owner-secrets"} for name in OWNER_PROCESSES}
+    expected_secrets["flower"] = {"engine-secrets"}
     expected_secrets["api"] = {"engine-secrets", "api-secrets"}
     for name, volumes in expected_secrets.items():
         service = services[name]
@@ -214,7 +229,7 @@ def test_each_process_holds_only_its_own_broker_and_database_passwords(compose: 
             if setting in environment:
                 assert any(environment[setting].startswith(point + "/") for point in mounted.values()), (name, setting)
         broker_user = re.fullmatch(r"rediss://([a-z0-9-]+)@redis:6379/0", environment["ASR_BROKER_URL"]).group(1)
-        database_user = environment["ASR_DATABASE_URL"].split("://", 1)[1].split("@", 1)[0]
+        database_user = environment.get("ASR_DATABASE_URL", "://(none)@").split("://", 1)[1].split("@", 1)[0]
         if name in HOST_AGENTS:
             assert (broker_user, database_user) == (f"asr-host-{name}", f"asr_host_{name}"), name
             assert environment["ASR_BROKER_PASSWORD_FILE"] == f"/secrets/{name}/broker-password", name
@@ -223,9 +238,12 @@ def test_each_process_holds_only_its_own_broker_and_database_passwords(compose: 
         elif name == "api":
             assert (broker_user, database_user) == ("asr-engine", "asr_api_login"), name
             assert services[name]["depends_on"]["db-roles"] == {"condition": "service_completed_successfully"}
+        elif name == "flower":
+            assert (broker_user, database_user) == ("asr-engine", "(none)"), name
         else:
-            assert (broker_user, database_user.split(":")[0]) == ("asr-engine", "asr"), name
+            assert (broker_user, database_user) == ("asr-engine", "asr"), name
             assert environment["ASR_BROKER_PASSWORD_FILE"] == "/secrets/engine/broker-password", name
+            assert environment["ASR_DATABASE_PASSWORD_FILE"] == "/secrets/owner/db-password", name
     # Redis admits only the users of the ACL file that broker-users writes, for every host agent there is.
     broker_users = services["broker-users"]
     command = broker_users["command"]
@@ -244,14 +262,24 @@ def test_each_process_holds_only_its_own_broker_and_database_passwords(compose: 
     assert hosts == {name: f"/secrets/{name}/db-password" for name in HOST_AGENTS}, hosts
     assert _option_values(command, "--api-password-file") == ["/secrets/api/db-password"]
     assert services["db-roles"]["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
+    # The owner's password: made before PostgreSQL's first start, which sets it from the same file.
+    postgres = services["postgres"]
+    assert _option_values(services["db-owner"]["command"], "--password-file") == ["/secrets/owner/db-password"]
+    assert postgres["environment"]["POSTGRES_PASSWORD_FILE"] == "/secrets/owner/db-password"
+    assert "owner-secrets:/secrets/owner:ro" in postgres["volumes"]
+    assert postgres["depends_on"]["db-owner"] == {"condition": "service_completed_successfully"}
     for name in CREDENTIAL_SERVICES:
         points = set(_secret_volumes(services[name]).values())
-        files = [value.split("=", 1)[-1] for option in ("--host", "--engine-password-file", "--api-password-file")
+        files = [value.split("=", 1)[-1] for option in ("--host", "--engine-password-file", "--api-password-file",
+                                                        "--password-file")
                  for value in _option_values(services[name]["command"], option)]
         assert all(Path(file).parent.as_posix() in points for file in files), (name, files, points)
     # The image owns every mount point, so the empty volumes start writable by our processes.
     dockerfile = (REPO / "Dockerfile").read_text()
-    for point in {point for service in services.values() for point in _secret_volumes(service).values()} | {"/acl"}:
+    points = {point for service in services.values() for point in _secret_volumes(service).values()}
+    points |= {mount.split(":")[1] for service in services.values() for mount in service.get("volumes") or []
+               if mount.startswith("tls-")}
+    for point in points | {"/acl"}:
         assert point in dockerfile, f"the image should own the mount point {point}"
 
 
@@ -307,6 +335,11 @@ def test_every_process_waits_for_the_schema_upgrade(compose: dict[str, Any]) -> 
         assert services[name]["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}, name
 
 
+def _mounts(service: dict[str, Any]) -> dict[str, str]:
+    """{mount point: volume} of the service."""
+    return {mount.split(":")[1]: mount.split(":")[0] for mount in service.get("volumes") or []}
+
+
 def test_tls_is_on_for_every_connection(compose: dict[str, Any]) -> None:
     """The certs service makes the CA and certificates once (`asr certs create`, kept); every server serves
     TLS with them, every client of ours verifies with the CA, and nothing allows plain text."""
@@ -318,8 +351,12 @@ def test_tls_is_on_for_every_connection(compose: dict[str, Any]) -> None:
 
     main.commands["certs"].commands["create"].make_context("create", command[3:], resilient_parsing=False)
     hosts = {command[i + 1] for i, arg in enumerate(command) if arg == "--host"}
-    assert {"redis", "postgres", "azurite", "api", "flower"} <= hosts, hosts
-    assert certs["volumes"] == ["certs:/certs"] and certs["restart"] == "no"
+    assert hosts >= TLS_SERVERS, hosts
+    assert certs["restart"] == "no"
+    # The servers' and the clients' folders, each a volume of its own.
+    server_dir, = _option_values(command, "--server-dir")
+    client_dir, = _option_values(command, "--client-dir")
+    server_volume, client_volume = _mounts(certs)[server_dir], _mounts(certs)[client_dir]
 
     redis = services["redis"]["command"]
     assert redis[redis.index("--port") + 1] == "0", "no plain-text port"
@@ -328,19 +365,82 @@ def test_tls_is_on_for_every_connection(compose: dict[str, Any]) -> None:
     assert "--tls" in " ".join(services["redis"]["healthcheck"]["test"])
     assert "ssl=on" in services["postgres"]["command"]
     azurite = services["azurite"]["command"]
-    assert azurite[azurite.index("--cert") + 1] == "/certs/server.pem"
+    assert azurite[azurite.index("--cert") + 1] == f"{server_dir}/server.pem"
     for name in ("redis", "postgres", "azurite"):
         assert services[name]["depends_on"]["certs"] == {"condition": "service_completed_successfully"}, name
-        assert "certs:/certs:ro" in services[name]["volumes"], name
+        assert f"{server_volume}:{server_dir}:ro" in services[name]["volumes"], name
+        files = [arg for arg in services[name]["command"] if ".pem" in arg]
+        assert files and all(f"{server_dir}/" in arg for arg in files), (name, files)
     for name in OUR_SERVICES:
         service = services[name]
         environment = service["environment"]
         assert "ASR_INSECURE_TRANSPORT" not in environment, name
-        assert environment["ASR_TLS_CA_FILE"] == "/certs/ca.pem", name
-        for setting in ("ASR_TLS_CERT_FILE", "ASR_TLS_KEY_FILE", "ASR_TLS_CLIENT_CERT_FILE", "ASR_TLS_CLIENT_KEY_FILE"):
-            assert environment[setting].startswith("/certs/"), (name, setting)
-        assert "BlobEndpoint=https://" in environment["ASR_AZURE_CONNECTION_STRING"], name
-        assert "certs:/certs:ro" in service["volumes"], name
+        assert environment["ASR_TLS_CA_FILE"] == f"{client_dir}/ca.pem", name
+        for setting in ("ASR_TLS_CLIENT_CERT_FILE", "ASR_TLS_CLIENT_KEY_FILE"):
+            assert environment[setting].startswith(f"{client_dir}/"), (name, setting)
+        assert f"{client_volume}:{client_dir}:ro" in service["volumes"], name
+        # Only the servers serve, with the servers' files; the others hold no server key.
+        if name in TLS_SERVERS:
+            for setting in ("ASR_TLS_CERT_FILE", "ASR_TLS_KEY_FILE"):
+                assert environment[setting].startswith(f"{server_dir}/"), (name, setting)
+            assert f"{server_volume}:{server_dir}:ro" in service["volumes"], name
+        else:
+            assert not {"ASR_TLS_CERT_FILE", "ASR_TLS_KEY_FILE"} & environment.keys(), name
+            assert server_volume not in {mount.split(":")[0] for mount in service["volumes"]}, name
+        database_url = environment.get("ASR_DATABASE_URL", "")
+        assert not database_url or f"sslrootcert={client_dir}/ca.pem" in database_url, name
+    for name in DATA_MOVERS:
+        assert "BlobEndpoint=https://" in services[name]["environment"]["ASR_AZURE_CONNECTION_STRING"], name
     for name in ("api", "flower"):
         check = " ".join(services[name]["healthcheck"]["test"])
-        assert "https://127.0.0.1" in check and "cafile='/certs/ca.pem'" in check, name
+        assert "https://127.0.0.1" in check and f"cafile='{client_dir}/ca.pem'" in check, name
+
+
+def test_only_the_certs_service_holds_the_cas_key(compose: dict[str, Any]) -> None:
+    """Whoever reads the CA's key can make certificates the whole deployment trusts (a server's, to stand in
+    for Redis or the API; a client's, for Redis): only the certs service mounts the folder that holds it. The
+    servers get their own pair and the CA, the clients theirs (`asr certs create --server-dir --client-dir`)."""
+    services = compose["services"]
+    certs = services["certs"]
+    ca_dir, = _option_values(certs["command"], "--dir")
+    ca_volume = _mounts(certs)[ca_dir]
+    assert ca_volume not in {_mounts(certs)[_option_values(certs["command"], option)[0]]
+                             for option in ("--server-dir", "--client-dir")}
+    for name, service in services.items():
+        if name != "certs":
+            volumes = {mount.split(":")[0] for mount in service.get("volumes") or []}
+            assert ca_volume not in volumes, f"{name} mounts {ca_volume}, which holds the CA's key"
+            assert all("ca-key" not in arg for arg in service.get("command") or []), name
+
+
+def test_storage_credentials_reach_only_the_workers_that_move_data(compose: dict[str, Any]) -> None:
+    """The recovery storage's connection string and key-encryption key are in the environment of the
+    orchestration and recovery workers and the host agents only (docs/operations.md, which process holds
+    which secret): not the API, beat, Flower, the schema upgrade or the one-shot credential services."""
+    services = compose["services"]
+    for name in DATA_MOVERS:
+        environment = services[name]["environment"]
+        assert {"ASR_AZURE_CONNECTION_STRING", "ASR_STORAGE_KEK"} <= environment.keys(), name
+    for name in set(services) - DATA_MOVERS:
+        environment = services[name].get("environment") or {}
+        assert not STORAGE_SETTINGS & environment.keys(), f"{name} holds {STORAGE_SETTINGS & environment.keys()}"
+        assert "AccountKey=" not in " ".join(services[name].get("command") or []), name
+    doc = (REPO / "docs" / "operations.md").read_text()
+    row = next(line for line in doc.splitlines() if line.startswith("| the storage's credentials"))
+    assert "orchestration and recovery workers and the host agents" in row, row
+
+
+def test_no_url_and_no_setting_carries_a_database_password(compose: dict[str, Any]) -> None:
+    """Passwords are in files (each process's volume), never in a URL, a setting's value or a command line:
+    PostgreSQL's owner password too (POSTGRES_PASSWORD_FILE, made by db-owner), with no default to guess."""
+    services = compose["services"]
+    url_with_password = re.compile(r"[a-z][a-z0-9+.-]*://[^/@\s:]+:[^@\s/]*@")
+    for name, service in services.items():
+        values = [*(service.get("environment") or {}).values(), *(service.get("command") or [])]
+        for value in values:
+            assert not url_with_password.search(value), f"{name}: a password in {value!r}"
+        assert not {"POSTGRES_PASSWORD", "ASR_DATABASE_PASSWORD"} & (service.get("environment") or {}).keys(), name
+    assert "ASR_POSTGRES_PASSWORD" not in COMPOSE.read_text()
+    # The check itself finds a password in a URL.
+    assert url_with_password.search("postgresql://asr:${ASR_POSTGRES_PASSWORD:-asr}@postgres:5432/asr")
+    assert not url_with_password.search("postgresql://asr@postgres:5432/asr?sslmode=verify-full")

@@ -575,6 +575,23 @@ def test_a_database_url_without_its_password_takes_it_from_the_password_file(
         database_url()
 
 
+def test_the_owners_password_is_made_once_in_its_file(tmp_path: Path) -> None:
+    """`asr db roles owner --password-file FILE` (compose.yaml's db-owner service, before PostgreSQL starts):
+    a new password in FILE, 0600, never printed, and kept at every later start; nothing connects."""
+    from click.testing import CliRunner
+
+    from api.cli import main
+
+    password_file = tmp_path / "owner" / "db-password"
+    made = CliRunner().invoke(main, ["db", "roles", "owner", "--password-file", str(password_file)])
+    assert made.exit_code == 0, made.output
+    password = password_file.read_text().strip()
+    assert len(password) >= 24 and password_file.stat().st_mode & 0o777 == 0o600
+    assert password not in made.output
+    again = CliRunner().invoke(main, ["db", "roles", "owner", "--password-file", str(password_file)])
+    assert again.exit_code == 0 and password_file.read_text().strip() == password, again.output
+
+
 def test_apply_sets_a_deployments_login_roles_in_one_command(tmp_path: Path, database: Database) -> None:
     """`asr db roles apply --host NAME=FILE ... --api-password-file FILE` (compose.yaml's db-roles service): the
     grants and every login role, passwords made once in their files and kept when run again."""

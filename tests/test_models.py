@@ -720,8 +720,9 @@ def test_protecting_a_vm(engine: Engine) -> None:
         ({"recovery_storage": "azure:replicas", "storage_options": {"credential": "x", "account_url":
                                                                      "https://drsite.blob.core.windows.net"}},
          "unknown storage option.s. credential for azure: storage"),
-        ({"recovery_storage": "azure:replicas", "storage_options": {"connection_string_env": "ASR_STORAGE_X",
-                                                                     "parallelism": 99}}, "parallelism must be"),
+        ({"recovery_storage": "azure:replicas",
+          "storage_options": {"connection_string_env": "ASR_STORAGE_CONNECTION_STRING", "parallelism": 99}},
+         "parallelism must be"),
         ({"recovery_storage": "azure:replicas", "storage_options": {}}, "needs exactly one of connection_string_env"),
         ({"recovery_storage": "file:///etc"}, "/etc is not inside a recovery storage root allowed here"),
         ({"recovery_storage": "file:///srv/recovery/../../etc"}, "without '..'"),

@@ -1,13 +1,20 @@
 """Every request body the REST API documents is bounded in its schema (docs/openapi.json): each string has a
 maxLength (or is an enum or a date-time), each array a maxItems, each object with free keys a maxProperties,
-each number a maximum; names declare their pattern. Clients and fuzzers then know what the API accepts, and
-nothing unbounded reaches the service (the 1 MiB body cap is the last line, not the first)."""
+each number a maximum; names declare their pattern. So is every path and query parameter, and a name in a
+path declares the name pattern (tests/test_api_trust.py shows the app enforces those bounds). Clients and
+fuzzers then know what the API accepts, and nothing unbounded reaches the service (the 1 MiB body cap is the
+last line, not the first)."""
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+# What api/rest/common.py declares (NAME_PATTERN, QUALIFIED_NAME_PATTERN), as literals: the document is what
+# clients read, and this file stays free of the app's imports.
+NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+QUALIFIED_NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(/[A-Za-z0-9][A-Za-z0-9._-]{0,63})?$"
 
 OPENAPI_DOC = Path(__file__).resolve().parents[1] / "docs" / "openapi.json"
 
@@ -62,10 +69,38 @@ def test_every_request_body_is_bounded() -> None:
     assert problems == [], "\n".join(problems)
 
 
+def parameters(document: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            for parameter in operation.get("parameters", []):
+                yield f"{method.upper()} {path} {parameter['in']} {parameter['name']}", parameter
+
+
+def test_every_path_and_query_parameter_is_bounded() -> None:
+    """A URL is not covered by the body cap: each string parameter declares its maxLength, each number its
+    maximum (a VM's `{vm:path}`, a job id, the jobs list's filters, a console's max_bytes, a watch's timeout)."""
+    document = json.loads(OPENAPI_DOC.read_text())
+    found = list(parameters(document))
+    assert sum(1 for _, parameter in found if parameter["in"] == "path") >= 45, "the walk found the path parameters"
+    problems = [problem for where, parameter in found
+                for problem in unbounded(parameter["schema"], where, document["components"]["schemas"], frozenset())]
+    assert problems == [], "\n".join(problems)
+
+
 def test_names_declare_their_pattern() -> None:
-    schemas = json.loads(OPENAPI_DOC.read_text())["components"]["schemas"]
+    document = json.loads(OPENAPI_DOC.read_text())
+    schemas = document["components"]["schemas"]
     name = schemas["SiteIn"]["properties"]["name"]
-    assert name["maxLength"] == 64 and name["pattern"] == "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", name
+    assert name["maxLength"] == 64 and name["pattern"] == NAME_PATTERN, name
+    # Names and 'server/cloud' references in bodies, and every identifier in a path.
+    for schema, field in (("ProtectIn", "policy"), ("HostIn", "cloud"), ("NetworkMappingIn", "cloud")):
+        declared = schemas[schema]["properties"][field]
+        options = declared.get("anyOf", [declared])
+        assert all(option.get("pattern") in (NAME_PATTERN, QUALIFIED_NAME_PATTERN)
+                   for option in options if option.get("type") == "string"), (schema, field, declared)
+    for where, parameter in parameters(document):
+        if parameter["in"] == "path":
+            assert parameter["schema"].get("pattern") in (NAME_PATTERN, QUALIFIED_NAME_PATTERN), where
 
 
 def test_the_walk_finds_what_is_unbounded() -> None:

@@ -161,3 +161,17 @@ def _alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return state != "Z"
+
+
+def test_secret_values_cover_every_secret_setting_of_a_worker() -> None:
+    """What a script's output is redacted of: the key-encryption key (ASR_STORAGE_KEK, named neither KEY nor
+    SECRET) as well as passwords, connection strings' keys and URLs' passwords; plain settings are not."""
+    from sites.childprocess import secret_values
+
+    kek = "q3v1Yk8m0Zt8x2YH1xJc4m5k3Kc9Q1f7pP0aW2sR6nE="
+    assert secret_values({"ASR_STORAGE_KEK": kek}) == [kek]
+    assert secret_values({"ASR_DATABASE_URL": "postgresql://asr:hunter22@db/asr"}) == [
+        "postgresql://asr:hunter22@db/asr", "hunter22"]
+    assert secret_values({"ASR_AZURE_CONNECTION_STRING": "AccountName=a;AccountKey=c2VjcmV0;"}) == [
+        "AccountName=a;AccountKey=c2VjcmV0;", "c2VjcmV0"]
+    assert secret_values({"ASR_HOME": "/var/lib/asr", "ASR_STORAGE_ENCRYPTION": "on"}) == []

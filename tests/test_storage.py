@@ -713,3 +713,19 @@ def test_a_worker_opens_no_storage_the_allow_list_refuses_whatever_the_database_
     monkeypatch.delenv("ASR_STORAGE_ROOTS")
     with pytest.raises(NonRecoverableError, match="no local recovery storage is allowed here"):
         open_recovery_storage(f"file://{allowed / 'site'}", {})
+
+
+def test_connection_string_env_names_only_variables_meant_for_a_connection_string():
+    """`connection_string_env` makes a worker send its variable's value to the storage service as credentials:
+    only variables meant to hold a connection string may be named, never the key-encryption key, its file or
+    the administrator's allow-lists (all of them ASR_STORAGE_*)."""
+    from sites.storage.policy import StoragePolicyError, check_storage
+
+    for variable in ("ASR_AZURE_CONNECTION_STRING", "ASR_STORAGE_CONNECTION_STRING",
+                     "ASR_STORAGE_DR2_CONNECTION_STRING", "ASR_AZURE_WEST_EUROPE_CONNECTION_STRING"):
+        check_storage("azure:replicas", {"connection_string_env": variable}, roots=[], account_urls=[])
+    for variable in ("ASR_STORAGE_KEK", "ASR_STORAGE_KEK_FILE", "ASR_STORAGE_ROOTS", "ASR_STORAGE_ACCOUNT_URLS",
+                     "ASR_STORAGE_ENCRYPTION", "ASR_DATABASE_URL", "ASR_AZURE_CONNECTION_STRING_FILE",
+                     "ASR_STORAGE_CONNECTION_STRING\n", "asr_azure_connection_string", "HOME"):
+        with pytest.raises(StoragePolicyError, match="must name a storage variable"):
+            check_storage("azure:replicas", {"connection_string_env": variable}, roots=[], account_urls=[])

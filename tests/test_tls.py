@@ -42,7 +42,7 @@ from sites.localservices import (
     start_worker,
     stop_all,
 )
-from sites.pki import DeploymentCertificates, PkiError, create_deployment_certificates
+from sites.pki import DeploymentCertificates, PkiError, create_deployment_certificates, export_for_clients
 from tasks.recovery_storage import open_recovery_storage
 from workflows import failover_request, kinds, transport
 from workflows.retry import NonRecoverableError
@@ -117,6 +117,28 @@ def test_certs_create_makes_a_ca_whose_chain_verifies_with_keys_0600(tmp_path: P
     with pytest.raises(PkiError):
         create_deployment_certificates(tmp_path / "bad2", ["a..b"])
     assert not (tmp_path / "bad2").exists()
+
+    # As compose's certs service runs it at every start: the set kept, and the servers' and the clients' files
+    # copied into folders of their own, neither with the CA's key; the next start finds them there.
+    servers, clients = tmp_path / "server", tmp_path / "client"
+    command = [ASR, "certs", "create", "--dir", str(folder), "--keep-existing", "--server-dir", str(servers),
+               "--client-dir", str(clients)]
+    for _start in range(2):
+        kept = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert kept.returncode == 0 and "kept" in kept.stdout, kept.stdout + kept.stderr
+        assert {path: path.read_bytes() for path in made.files()} == before
+        for copy, files in ((servers, made.server_files()), (clients, made.client_files())):
+            assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in files), copy
+            assert stat.S_IMODE(copy.stat().st_mode) == 0o700
+            for path in files:
+                assert (copy / path.name).read_bytes() == path.read_bytes()
+                assert stat.S_IMODE((copy / path.name).stat().st_mode) == stat.S_IMODE(path.stat().st_mode)
+    assert "already in" in kept.stdout
+    # A folder holding another set's files is never mixed with this one.
+    other = create_deployment_certificates(tmp_path / "other")
+    with pytest.raises(PkiError, match="already holds another ca.pem"):
+        export_for_clients(other, clients)
+    assert (clients / "ca.pem").read_bytes() == made.ca_file.read_bytes()
 
 
 # ---- a whole deployment over TLS ---------------------------------------------------------------------
@@ -251,8 +273,8 @@ def test_a_worker_on_plain_redis_is_refused_unless_allowed(tmp_path: Path) -> No
 def test_http_storage_endpoint_is_refused_unless_allowed(azurite: AzuriteProcess, https_azurite: AzuriteProcess,
                                                          certificates: DeploymentCertificates,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ASR_STORAGE_TEST_AZURE", azurite.connection_string())
-    options = {"connection_string_env": "ASR_STORAGE_TEST_AZURE"}
+    monkeypatch.setenv("ASR_STORAGE_TEST_CONNECTION_STRING", azurite.connection_string())
+    options = {"connection_string_env": "ASR_STORAGE_TEST_CONNECTION_STRING"}
     monkeypatch.delenv(INSECURE)
     with pytest.raises(NonRecoverableError, match=rf"plain-text connection \(storage endpoint\).*{INSECURE}=1"):
         open_recovery_storage("azure:plain-refused", options)
@@ -268,7 +290,7 @@ def test_http_storage_endpoint_is_refused_unless_allowed(azurite: AzuriteProcess
 
     # HTTPS needs no override, and is verified with the deployment's CA: without it, no connection.
     monkeypatch.delenv(INSECURE)
-    monkeypatch.setenv("ASR_STORAGE_TEST_AZURE", https_azurite.connection_string())
+    monkeypatch.setenv("ASR_STORAGE_TEST_CONNECTION_STRING", https_azurite.connection_string())
     monkeypatch.setenv("ASR_TLS_CA_FILE", str(certificates.ca_file))
     storage = open_recovery_storage("azure:over-https", options)
     try:

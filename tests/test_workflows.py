@@ -200,9 +200,10 @@ def test_a_wrong_azure_account_key_fails_at_once_and_the_item_is_critical(
 
         # A worker without the variable the item names: the same, naming the variable.
         other_vm = site.create_vm("host1", "app02", [("disk0", "8M", "raw")], fill=0.25, seed=10)
-        job = site.wait_job(site.protect(other_vm, storage_options={"connection_string_env": "ASR_STORAGE_NOT_SET"}),
+        unset = "ASR_STORAGE_NOT_SET_CONNECTION_STRING"
+        job = site.wait_job(site.protect(other_vm, storage_options={"connection_string_env": unset}),
                             timeout=30, states=("failed",))
-        assert job["steps"][0]["attempts"] == 1 and "ASR_STORAGE_NOT_SET" in job["steps"][0]["error"]
+        assert job["steps"][0]["attempts"] == 1 and unset in job["steps"][0]["error"]
         wait_until(lambda: site.item(other_vm)["health"] == "Critical", timeout=15,
                    what="the second item to turn Critical")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Query, Response
+from fastapi import Path, Query, Response
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from models.db import validate_name
@@ -26,6 +26,22 @@ def _check_name(value: str) -> str:
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 """What the OpenAPI schema declares of a name; `_check_name` enforces it, and refuses '..' too."""
 Name = Annotated[str, Field(max_length=64, json_schema_extra={"pattern": NAME_PATTERN}), AfterValidator(_check_name)]
+
+
+QUALIFIED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(/[A-Za-z0-9][A-Za-z0-9._-]{0,63})?$"
+"""A name, or two joined by '/' ('server/cloud', 'host/vm'): what the schema declares; each part is a Name."""
+QUALIFIED_NAME_CHARS = 129
+
+
+def _check_qualified_name(value: str) -> str:
+    for part in value.split("/", 1):
+        _check_name(part)
+    return value
+
+
+QualifiedName = Annotated[str, Field(max_length=QUALIFIED_NAME_CHARS, json_schema_extra={
+    "pattern": QUALIFIED_NAME_PATTERN}), AfterValidator(_check_qualified_name)]
+"""A name, or 'server/cloud' (a VMM cloud) or 'host/vm' (a VM): in a request body."""
 
 
 def Text(max_length: int) -> Any:  # noqa: N802 - a type, as Name is
@@ -78,6 +94,19 @@ ACCEPTED = {"status_code": 202, "response_model": JobRef,
 def _started(response: Response, job: dict[str, Any]) -> dict[str, Any]:
     response.headers["Location"] = f"{API_PREFIX}/jobs/{job['job_id']}"
     return job
+
+
+# ---- parameters in a path or a query -------------------------------------------------------------------------
+# Every path and query parameter declares its bound in the OpenAPI document, as the bodies do (the 1 MiB body
+# cap does not cover a URL): one annotated type per kind of identifier, shared by every route that takes it.
+# As in the bodies, the pattern is declared and `_check_name` enforces it, with its clear message.
+NamePath = Annotated[str, Path(max_length=64, json_schema_extra={"pattern": NAME_PATTERN},
+                               description="A name (or an id)"), AfterValidator(_check_name)]
+"""A site, host, policy, plan or network in a path: its name, or its id (a UUID fits the name rule too)."""
+VmPath = Annotated[str, Path(max_length=QUALIFIED_NAME_CHARS, json_schema_extra={"pattern": QUALIFIED_NAME_PATTERN},
+                             description="The VM's name, id or 'host/name'"), AfterValidator(_check_qualified_name)]
+"""A VM in a path (the `{vm:path}` of its routes, so that 'host/name' reaches them)."""
+JobIdPath = Annotated[str, Path(max_length=64, pattern=NAME_PATTERN, description="The job's id")]
 
 
 # ---- a VM in a path ----------------------------------------------------------------------------------------

@@ -6,12 +6,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from pydantic import Field
 
 from api import service
 
-from .common import HostQuery, Name, Text, _Body, _vm_ref
+from .common import HostQuery, Name, NamePath, QualifiedName, Text, VmPath, _Body, _vm_ref
 from .roles import ADMIN, OPERATOR, READER
 
 router = APIRouter()
@@ -32,8 +32,7 @@ class HostIn(_Body):
     name: Name
     root: str = Field(max_length=4096, description="Absolute path of the host's tree on the host")
     site: Name | None = None
-    cloud: str | None = Field(None, max_length=129,
-                              description="'server/cloud', or a cloud name only one VMM server has")
+    cloud: QualifiedName | None = Field(None, description="'server/cloud', or a cloud name only one VMM server has")
 
 
 class VmIn(_Body):
@@ -83,7 +82,7 @@ class NetworkMappingIn(_Body):
     recovery_network: Name
     recovery_subnet: str = Field(max_length=64, description="CIDR, e.g. 10.1.0.0/24")
     site: Name | None = None
-    cloud: str | None = Field(None, max_length=129)
+    cloud: QualifiedName | None = None
 
 
 class PolicySettingsIn(_Body):
@@ -132,7 +131,7 @@ def add_site(body: SiteIn) -> dict[str, Any]:
 
 @router.get("/sites/{name:path}", dependencies=[READER],
             tags=["fabric"], summary="A site with its hosts and network mappings")
-def show_site(name: str) -> dict[str, Any]:
+def show_site(name: NamePath) -> dict[str, Any]:
     return service.show_site(name)
 
 
@@ -154,7 +153,7 @@ def add_host(body: HostIn) -> dict[str, Any]:
 
 
 @router.get("/hosts/{name:path}", dependencies=[READER], tags=["fabric"], summary="A host with its VMs")
-def show_host(name: str) -> dict[str, Any]:
+def show_host(name: NamePath) -> dict[str, Any]:
     return service.show_host(name)
 
 
@@ -171,7 +170,7 @@ def add_vm(body: VmIn) -> dict[str, Any]:
 
 @router.post("/hosts/{host}/vms", dependencies=[ADMIN], tags=["fabric"], status_code=201,
              summary="Create a VM on a host (disks by size or imported, a QEMU guest's boot) and register it")
-def create_vm(host: str, body: VmCreateIn) -> dict[str, Any]:
+def create_vm(host: NamePath, body: VmCreateIn) -> dict[str, Any]:
     return service.create_vm(host, body.name, disks=[disk.model_dump(exclude_none=True) for disk in body.disks],
                              networks=body.networks, generation=body.generation,
                              guest=body.guest.model_dump() if body.guest else None, boot_files=body.boot_files)
@@ -179,19 +178,20 @@ def create_vm(host: str, body: VmCreateIn) -> dict[str, Any]:
 
 @router.post("/vms/{vm:path}/start", dependencies=[OPERATOR],
              tags=["fabric"], summary="Power a VM on (a QEMU guest boots)")
-def start_vm(vm: str, host: HostQuery = None) -> dict[str, Any]:
+def start_vm(vm: VmPath, host: HostQuery = None) -> dict[str, Any]:
     return service.start_vm(_vm_ref(vm, host))
 
 
 @router.post("/vms/{vm:path}/stop", dependencies=[OPERATOR],
              tags=["fabric"], summary="Shut a VM down (a guest through ACPI)")
-def stop_vm(vm: str, body: VmStopIn | None = None, host: HostQuery = None) -> dict[str, Any]:
+def stop_vm(vm: VmPath, body: VmStopIn | None = None, host: HostQuery = None) -> dict[str, Any]:
     return service.stop_vm(_vm_ref(vm, host), timeout=(body or VmStopIn()).timeout_s)
 
 
 @router.get("/vms/{vm:path}/console", dependencies=[OPERATOR],
             tags=["fabric"], summary="The end of a QEMU guest's serial console")
-def vm_console(vm: str, host: HostQuery = None, max_bytes: int = 16000) -> dict[str, Any]:
+def vm_console(vm: VmPath, host: HostQuery = None,
+               max_bytes: Annotated[int, Query(ge=1, le=service.CONSOLE_MAX_BYTES)] = 16000) -> dict[str, Any]:
     return service.vm_console(_vm_ref(vm, host), max_bytes=max_bytes)
 
 
@@ -220,5 +220,5 @@ def add_policy(body: PolicyIn) -> dict[str, Any]:
 
 @router.get("/policies/{name:path}", dependencies=[READER],
             tags=["fabric"], summary="A replication policy and the VMs it protects")
-def show_policy(name: str) -> dict[str, Any]:
+def show_policy(name: NamePath) -> dict[str, Any]:
     return service.show_policy(name)

@@ -12,7 +12,7 @@ from pydantic import Field
 
 from api import service
 
-from .common import ACCEPTED, JSON_ERRORS, _Body, _started
+from .common import ACCEPTED, JSON_ERRORS, QUALIFIED_NAME_CHARS, QUALIFIED_NAME_PATTERN, JobIdPath, _Body, _started
 from .roles import OPERATOR, READER
 
 router = APIRouter()
@@ -25,8 +25,10 @@ class ResumeIn(_Body):
 
 # ---- routes ------------------------------------------------------------------------------------------------
 @router.get("/jobs", dependencies=[READER], tags=["jobs"], summary="List jobs, newest first")
-def list_jobs(state: str | None = None, kind: str | None = None,
-              vm: Annotated[str | None, Query(description="VM name, 'host/name' or id")] = None,
+def list_jobs(state: Annotated[str | None, Query(max_length=32, description="A job state, e.g. running")] = None,
+              kind: Annotated[str | None, Query(max_length=64, description="A job kind, e.g. test_failover")] = None,
+              vm: Annotated[str | None, Query(max_length=QUALIFIED_NAME_CHARS, pattern=QUALIFIED_NAME_PATTERN,
+                                              description="VM name, 'host/name' or id")] = None,
               plan: Annotated[str | None, Query(max_length=64, description="A recovery plan's runs")] = None,
               limit: Annotated[int, Query(ge=1, le=service.MAX_JOB_LIMIT)] = 50) -> list[dict[str, Any]]:
     return service.list_jobs(state=state, kind=kind, vm=vm, plan=plan, limit=limit)
@@ -34,7 +36,7 @@ def list_jobs(state: str | None = None, kind: str | None = None,
 
 @router.get("/jobs/{job_id}", dependencies=[READER], tags=["jobs"],
             summary="A job: steps, progress, errors, next attempt times, manual instructions")
-def show_job(job_id: str) -> dict[str, Any]:
+def show_job(job_id: JobIdPath) -> dict[str, Any]:
     return service.show_job(job_id)
 
 
@@ -46,9 +48,10 @@ class _Watch(NamedTuple):
 
 
 async def _watch(
-    job_id: str,
+    job_id: JobIdPath,
     interval: Annotated[float, Query(ge=0.05, le=60, description="Seconds between polls")] = 0.5,
-    timeout: Annotated[float | None, Query(gt=0, description="Stop after this many seconds")] = None,
+    timeout: Annotated[float | None, Query(gt=0, le=service.MAX_WATCH_S,
+                                           description="Stop after this many seconds")] = None,
 ) -> _Watch:
     # A dependency, so an unknown job is a 404 before the stream starts.
     service.check_watch(interval, timeout)
@@ -79,24 +82,24 @@ async def job_events(watch: Annotated[_Watch, Depends(_watch)]) -> AsyncIterator
 
 
 @router.post("/jobs/{job_id}/cancel", dependencies=[OPERATOR], tags=["jobs"], summary="Cancel a job")
-def cancel_job(job_id: str) -> dict[str, Any]:
+def cancel_job(job_id: JobIdPath) -> dict[str, Any]:
     return service.cancel_job(job_id)
 
 
 @router.post("/jobs/{job_id}/retry", dependencies=[OPERATOR], tags=["jobs"], status_code=202,
              summary="Run the steps waiting for a retry now")
-def retry_job(job_id: str, response: Response) -> dict[str, Any]:
+def retry_job(job_id: JobIdPath, response: Response) -> dict[str, Any]:
     return _started(response, service.retry_job(job_id))
 
 
 @router.post("/jobs/{job_id}/restart", dependencies=[OPERATOR], tags=["jobs"],
              summary="The way out of a failed or cancelled job: resume it where it stopped, or start it again",
              **ACCEPTED)
-def restart_job(job_id: str, response: Response) -> dict[str, Any]:
+def restart_job(job_id: JobIdPath, response: Response) -> dict[str, Any]:
     return _started(response, service.restart_job(job_id))
 
 
 @router.post("/jobs/{job_id}/resume", dependencies=[OPERATOR], tags=["jobs"], status_code=202,
              summary="Resume a job waiting on a manual action")
-def resume_job(job_id: str, response: Response, body: ResumeIn | None = None) -> dict[str, Any]:
+def resume_job(job_id: JobIdPath, response: Response, body: ResumeIn | None = None) -> dict[str, Any]:
     return _started(response, service.resume_job(job_id, note=body.note if body else ""))

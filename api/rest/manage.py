@@ -12,7 +12,7 @@ from pydantic import Field
 
 from api import service
 
-from .common import ACCEPTED, HostQuery, Name, _Body, _started, _vm_ref
+from .common import ACCEPTED, QUALIFIED_NAME_CHARS, HostQuery, Name, NamePath, VmPath, _Body, _started, _vm_ref
 from .fabric import PolicySettingsIn
 from .plans import PLAN_DESCRIPTION_CHARS, PlanGroups
 from .roles import ADMIN, OPERATOR
@@ -41,68 +41,68 @@ class PlanUpdateIn(_Body):
 # ---- a host's key, a site, a policy, a plan ----------------------------------------------------------------
 @router.post("/hosts/{name:path}/rekey", dependencies=[ADMIN], tags=["fabric"],
              summary="A new registration key for a host (in the answer, shown once); the old key stops working")
-def rekey_host(name: str) -> dict[str, Any]:
+def rekey_host(name: NamePath) -> dict[str, Any]:
     return service.rekey_host(name)
 
 
 @router.patch("/sites/{name:path}", dependencies=[ADMIN], tags=["fabric"], summary="Change a site's description")
-def update_site(name: str, body: SiteUpdateIn) -> dict[str, Any]:
+def update_site(name: NamePath, body: SiteUpdateIn) -> dict[str, Any]:
     return service.update_site(name, description=body.description)
 
 
 @router.patch("/policies/{name:path}", dependencies=[ADMIN], tags=["fabric"],
               summary="Change a replication policy's settings (validated as a new policy; from the next cycle)")
-def update_policy(name: str, body: PolicyUpdateIn) -> dict[str, Any]:
+def update_policy(name: NamePath, body: PolicyUpdateIn) -> dict[str, Any]:
     return service.update_policy(name, **body.model_dump(exclude_none=True))
 
 
 @router.put("/plans/{name:path}", dependencies=[ADMIN], tags=["plans"],
             summary="Replace a recovery plan's groups (validated as a new plan; refused while it runs)")
-def update_plan(name: str, body: PlanUpdateIn) -> dict[str, Any]:
+def update_plan(name: NamePath, body: PlanUpdateIn) -> dict[str, Any]:
     return service.update_plan(name, body.groups, body.description)
 
 
 # ---- removals ----------------------------------------------------------------------------------------------
 @router.delete("/vms/{vm:path}", dependencies=[ADMIN], tags=["fabric"],
                summary="Forget a VM that is not protected (its disks stay on its host)")
-def remove_vm(vm: str, confirm: Confirm = None, host: HostQuery = None) -> dict[str, Any]:
+def remove_vm(vm: VmPath, confirm: Confirm = None, host: HostQuery = None) -> dict[str, Any]:
     return service.remove_vm(_vm_ref(vm, host), confirm=confirm or "")
 
 
 @router.delete("/hosts/{name:path}", dependencies=[ADMIN], tags=["fabric"],
                summary="Forget a host without VMs that is no protected VM's recovery host")
-def remove_host(name: str, confirm: Confirm = None) -> dict[str, Any]:
+def remove_host(name: NamePath, confirm: Confirm = None) -> dict[str, Any]:
     return service.remove_host(name, confirm=confirm or "")
 
 
 @router.delete("/sites/{name:path}", dependencies=[ADMIN], tags=["fabric"],
                summary="Forget a site without hosts (and its network mappings)")
-def remove_site(name: str, confirm: Confirm = None) -> dict[str, Any]:
+def remove_site(name: NamePath, confirm: Confirm = None) -> dict[str, Any]:
     return service.remove_site(name, confirm=confirm or "")
 
 
 @router.delete("/network-mappings/{source_network:path}", dependencies=[ADMIN], tags=["fabric"],
                summary="Forget a network mapping of a site or cloud no protected VM's failover needs")
-def remove_network_mapping(source_network: str, site: Annotated[Name | None, Query()] = None,
-                           cloud: Annotated[str | None, Query(max_length=130)] = None,
+def remove_network_mapping(source_network: NamePath, site: Annotated[Name | None, Query()] = None,
+                           cloud: Annotated[str | None, Query(max_length=QUALIFIED_NAME_CHARS)] = None,
                            confirm: Confirm = None) -> dict[str, Any]:
     return service.remove_network_mapping(source_network, site=site, cloud=cloud, confirm=confirm or "")
 
 
 @router.delete("/policies/{name:path}", dependencies=[ADMIN], tags=["fabric"],
                summary="Forget a replication policy no VM's protection refers to")
-def remove_policy(name: str, confirm: Confirm = None) -> dict[str, Any]:
+def remove_policy(name: NamePath, confirm: Confirm = None) -> dict[str, Any]:
     return service.remove_policy(name, confirm=confirm or "")
 
 
 @router.delete("/plans/{name:path}", dependencies=[ADMIN], tags=["plans"],
                summary="Forget a recovery plan that is not running")
-def remove_plan(name: str, confirm: Confirm = None) -> dict[str, Any]:
+def remove_plan(name: NamePath, confirm: Confirm = None) -> dict[str, Any]:
     return service.remove_plan(name, confirm=confirm or "")
 
 
 # ---- a delta cycle now -------------------------------------------------------------------------------------
 @router.post("/vms/{vm:path}/replicate", dependencies=[OPERATOR], tags=["protection"],
              summary="Start a delta replication cycle now", **ACCEPTED)
-def replicate(vm: str, response: Response, host: HostQuery = None) -> dict[str, Any]:
+def replicate(vm: VmPath, response: Response, host: HostQuery = None) -> dict[str, Any]:
     return _started(response, service.replicate(_vm_ref(vm, host)))

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from api import service
 
-from .common import ACCEPTED, Name, Text, _Body, _started
+from .common import ACCEPTED, Name, NamePath, Text, _Body, _started
 from .roles import ADMIN, OPERATOR, READER
 
 router = APIRouter()
@@ -57,18 +57,18 @@ def create_plan(body: PlanIn) -> dict[str, Any]:
              summary="Dry run of a plan run: every check it makes, nothing started",
              description=("The body of POST /plans/{name}/run. Answers the groups the run would take when it could "
                           "start now, or the error the run would give. A reader may ask: it changes nothing."))
-def validate_plan(name: str, body: PlanRunIn) -> dict[str, Any]:
+def validate_plan(name: NamePath, body: PlanRunIn) -> dict[str, Any]:
     options = body.model_dump(exclude={"operation"}, exclude_none=True)
     return service.validate_plan(name, body.operation, **options)
 
 
 @router.get("/plans/{name:path}", dependencies=[READER], tags=["plans"], summary="A recovery plan")
-def show_plan(name: str) -> dict[str, Any]:
+def show_plan(name: NamePath) -> dict[str, Any]:
     return service.show_plan(name)
 
 
 @router.post("/plans/{name:path}/run", dependencies=[OPERATOR],
              tags=["plans"], summary="Run a recovery plan", **ACCEPTED)
-def run_plan(name: str, body: PlanRunIn, response: Response) -> dict[str, Any]:
+def run_plan(name: NamePath, body: PlanRunIn, response: Response) -> dict[str, Any]:
     options = body.model_dump(exclude={"operation"}, exclude_none=True)
     return _started(response, service.run_plan(name, body.operation, **options))

@@ -14,7 +14,7 @@ from pydantic import Field
 
 from api import service
 
-from .common import ACCEPTED, HostQuery, Name, Text, _Body, _started, _vm_ref
+from .common import ACCEPTED, HostQuery, Name, Text, VmPath, _Body, _started, _vm_ref
 from .roles import ADMIN, OPERATOR, READER
 
 router = APIRouter()
@@ -22,7 +22,7 @@ router = APIRouter()
 
 # ---- request bodies ----------------------------------------------------------------------------------------
 class ProtectIn(_Body):
-    policy: str = Field(max_length=64, description="Name or id of the replication policy")
+    policy: Name = Field(description="Name or id of the replication policy")
     recovery_storage: str = Field(max_length=4096, description="'file:///absolute/dir' or 'azure:<container>'")
     storage_options: dict[Text(64), Text(2048) | Annotated[int, Field(le=1000)]] | None = Field(
         None, max_length=8, description="e.g. {'connection_string_env': 'NAME'}: credentials only by reference")
@@ -74,7 +74,7 @@ class VerifyIn(_Body):
 # ---- routes ------------------------------------------------------------------------------------------------
 @router.post("/vms/{vm:path}/protect", dependencies=[OPERATOR],
              tags=["protection"], summary="Enable protection", **ACCEPTED)
-def protect(vm: str, body: ProtectIn, response: Response, host: HostQuery = None) -> dict[str, Any]:
+def protect(vm: VmPath, body: ProtectIn, response: Response, host: HostQuery = None) -> dict[str, Any]:
     return _started(response, service.protect(_vm_ref(vm, host), policy=body.policy,
                                               recovery_storage=body.recovery_storage,
                                               storage_options=body.storage_options, recovery_host=body.recovery_host))
@@ -82,7 +82,7 @@ def protect(vm: str, body: ProtectIn, response: Response, host: HostQuery = None
 
 @router.post("/vms/{vm:path}/disable-protection", dependencies=[ADMIN],
              tags=["protection"], summary="Disable protection (admin; body {\"confirm\": \"<vm name>\"})", **ACCEPTED)
-def disable_protection(vm: str, response: Response, body: DisableProtectionIn | None = None,
+def disable_protection(vm: VmPath, response: Response, body: DisableProtectionIn | None = None,
                        host: HostQuery = None) -> dict[str, Any]:
     confirm = (body.confirm if body else None) or ""  # missing: refused with 400, saying what to send
     return _started(response, service.disable_protection(_vm_ref(vm, host), confirm=confirm))
@@ -90,26 +90,26 @@ def disable_protection(vm: str, response: Response, body: DisableProtectionIn | 
 
 @router.post("/vms/{vm:path}/resync", dependencies=[OPERATOR],
              tags=["protection"], summary="Resynchronize now", **ACCEPTED)
-def resync(vm: str, response: Response, host: HostQuery = None) -> dict[str, Any]:
+def resync(vm: VmPath, response: Response, host: HostQuery = None) -> dict[str, Any]:
     return _started(response, service.resync(_vm_ref(vm, host)))
 
 
 @router.post("/vms/{vm:path}/resync-preview", dependencies=[OPERATOR], tags=["protection"],
              summary="What a resync would send, without sending (a job; each step's result counts the chunks and "
                      "bytes that differ)", **ACCEPTED)
-def resync_preview(vm: str, response: Response, host: HostQuery = None) -> dict[str, Any]:
+def resync_preview(vm: VmPath, response: Response, host: HostQuery = None) -> dict[str, Any]:
     return _started(response, service.preview_resync(_vm_ref(vm, host)))
 
 
 @router.post("/vms/{vm:path}/consistency-check", dependencies=[OPERATOR], tags=["protection"],
              summary="Compare the disks with their replicas; resynchronize only drifted chunks", **ACCEPTED)
-def consistency_check(vm: str, response: Response, host: HostQuery = None) -> dict[str, Any]:
+def consistency_check(vm: VmPath, response: Response, host: HostQuery = None) -> dict[str, Any]:
     return _started(response, service.consistency_check(_vm_ref(vm, host)))
 
 
 @router.get("/vms/{vm:path}/recovery-points", dependencies=[READER],
             tags=["protection"], summary="Recovery points, oldest first")
-def recovery_points(vm: str, host: HostQuery = None) -> list[dict[str, Any]]:
+def recovery_points(vm: VmPath, host: HostQuery = None) -> list[dict[str, Any]]:
     return service.recovery_points(_vm_ref(vm, host))
 
 
@@ -117,33 +117,34 @@ def recovery_points(vm: str, host: HostQuery = None) -> list[dict[str, Any]]:
              summary="Delete the recovery points made before a time (admin; body {\"before\": \"<ISO time>\", "
                      "\"confirm\": \"<vm name>\"}); 409, nothing deleted, when any is inside its retention lock",
              **ACCEPTED)
-def delete_recovery_points(vm: str, body: DeletePointsIn, response: Response, host: HostQuery = None) -> dict[str, Any]:
+def delete_recovery_points(vm: VmPath, body: DeletePointsIn, response: Response,
+                           host: HostQuery = None) -> dict[str, Any]:
     return _started(response, service.delete_recovery_points(_vm_ref(vm, host), before=body.before,
                                                              confirm=body.confirm or ""))
 
 
 @router.get("/vms/{vm:path}/failovers", dependencies=[READER], tags=["failover"],
             summary="Drills, failovers and failbacks of the VM, newest first, each with its report")
-def failover_history(vm: str, host: HostQuery = None,
+def failover_history(vm: VmPath, host: HostQuery = None,
                      limit: Annotated[int, Query(ge=1, le=service.MAX_FAILOVER_HISTORY)] = 20) -> list[dict[str, Any]]:
     return service.failover_history(_vm_ref(vm, host), limit=limit)
 
 
 @router.get("/vms/{vm:path}", dependencies=[READER], tags=["fabric"],
             summary="A VM: disks (primary path, replica, recovery path), protection, latest failover")
-def show_vm(vm: str, host: HostQuery = None) -> dict[str, Any]:
+def show_vm(vm: VmPath, host: HostQuery = None) -> dict[str, Any]:
     return service.show_vm(_vm_ref(vm, host))
 
 
 @router.post("/vms/{vm:path}/verify", dependencies=[OPERATOR], tags=["protection"],
              summary="Verify the replica against a recovery point, from the recovery storage", **ACCEPTED)
-def verify(vm: str, response: Response, body: VerifyIn | None = None, host: HostQuery = None) -> dict[str, Any]:
+def verify(vm: VmPath, response: Response, body: VerifyIn | None = None, host: HostQuery = None) -> dict[str, Any]:
     return _started(response, service.verify(_vm_ref(vm, host), point=body.point if body else None))
 
 
 @router.post("/vms/{vm:path}/failover/test", dependencies=[OPERATOR],
              tags=["failover"], summary="Test failover (drill)", **ACCEPTED)
-def test_failover(vm: str, response: Response, body: TestFailoverIn | None = None,
+def test_failover(vm: VmPath, response: Response, body: TestFailoverIn | None = None,
                   host: HostQuery = None) -> dict[str, Any]:
     body = body or TestFailoverIn()
     return _started(response, service.test_failover(_vm_ref(vm, host), point=body.point,
@@ -152,14 +153,14 @@ def test_failover(vm: str, response: Response, body: TestFailoverIn | None = Non
 
 @router.post("/vms/{vm:path}/failover/cleanup", dependencies=[OPERATOR],
              tags=["failover"], summary="Clean up the drill's test VM", **ACCEPTED)
-def test_failover_cleanup(vm: str, response: Response, host: HostQuery = None) -> dict[str, Any]:
+def test_failover_cleanup(vm: VmPath, response: Response, host: HostQuery = None) -> dict[str, Any]:
     return _started(response, service.test_failover_cleanup(_vm_ref(vm, host)))
 
 
 @router.post("/vms/{vm:path}/failover/planned", dependencies=[OPERATOR],
              tags=["failover"], summary="Planned failover (no data loss)",
              **ACCEPTED)
-def planned_failover(vm: str, response: Response, body: PlannedFailoverIn | None = None,
+def planned_failover(vm: VmPath, response: Response, body: PlannedFailoverIn | None = None,
                      host: HostQuery = None) -> dict[str, Any]:
     body = body or PlannedFailoverIn()
     return _started(response, service.planned_failover(_vm_ref(vm, host), recovery_host=body.recovery_host,
@@ -168,7 +169,7 @@ def planned_failover(vm: str, response: Response, body: PlannedFailoverIn | None
 
 @router.post("/vms/{vm:path}/failover/unplanned", dependencies=[OPERATOR],
              tags=["failover"], summary="Unplanned failover", **ACCEPTED)
-def unplanned_failover(vm: str, response: Response, body: UnplannedFailoverIn | None = None,
+def unplanned_failover(vm: VmPath, response: Response, body: UnplannedFailoverIn | None = None,
                        host: HostQuery = None) -> dict[str, Any]:
     body = body or UnplannedFailoverIn()
     return _started(response, service.unplanned_failover(_vm_ref(vm, host), point=body.point,
@@ -177,27 +178,27 @@ def unplanned_failover(vm: str, response: Response, body: UnplannedFailoverIn | 
 
 @router.post("/vms/{vm:path}/failover/complete", dependencies=[OPERATOR], tags=["failover"],
              summary="Complete a minimize-downtime failback", **ACCEPTED)
-def complete_failover(vm: str, response: Response, host: HostQuery = None) -> dict[str, Any]:
+def complete_failover(vm: VmPath, response: Response, host: HostQuery = None) -> dict[str, Any]:
     return _started(response, service.complete_failover(_vm_ref(vm, host)))
 
 
 @router.post("/vms/{vm:path}/failover/commit", dependencies=[OPERATOR],
              tags=["failover"], summary="Commit the pending failover or failback",
              **ACCEPTED)
-def commit_failover(vm: str, response: Response, host: HostQuery = None) -> dict[str, Any]:
+def commit_failover(vm: VmPath, response: Response, host: HostQuery = None) -> dict[str, Any]:
     return _started(response, service.commit_failover(_vm_ref(vm, host)))
 
 
 @router.post("/vms/{vm:path}/failover/cancel", dependencies=[OPERATOR],
              tags=["failover"], summary="Cancel the pending failover or failback",
              **ACCEPTED)
-def cancel_failover(vm: str, response: Response, host: HostQuery = None) -> dict[str, Any]:
+def cancel_failover(vm: VmPath, response: Response, host: HostQuery = None) -> dict[str, Any]:
     return _started(response, service.cancel_failover(_vm_ref(vm, host)))
 
 
 @router.post("/vms/{vm:path}/failback", dependencies=[OPERATOR],
              tags=["failover"], summary="Fail back a committed failover", **ACCEPTED)
-def failback(vm: str, response: Response, body: FailbackIn | None = None, host: HostQuery = None) -> dict[str, Any]:
+def failback(vm: VmPath, response: Response, body: FailbackIn | None = None, host: HostQuery = None) -> dict[str, Any]:
     body = body or FailbackIn()
     return _started(response, service.failback(_vm_ref(vm, host), mode=body.mode, create_vm=body.create_vm,
                                                host=body.host))
@@ -206,7 +207,7 @@ def failback(vm: str, response: Response, body: FailbackIn | None = None, host: 
 @router.post("/vms/{vm:path}/reverse-replication", dependencies=[OPERATOR],
              tags=["failover"], summary="Reverse replication after failback",
              **ACCEPTED)
-def reverse_replication(vm: str, response: Response, host: HostQuery = None) -> dict[str, Any]:
+def reverse_replication(vm: VmPath, response: Response, host: HostQuery = None) -> dict[str, Any]:
     return _started(response, service.reverse_replication(_vm_ref(vm, host)))
 
 

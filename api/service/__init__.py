@@ -54,6 +54,7 @@ from .failover import (
 )
 from .jobs import (
     MAX_JOB_LIMIT,
+    MAX_WATCH_S,
     cancel_job,
     job_events,
     job_snapshot,
@@ -80,7 +81,7 @@ from .protection import (
     verify,
 )
 from .removals import remove_host, remove_network_mapping, remove_plan, remove_policy, remove_site, remove_vm
-from .vms import create_vm, start_vm, stop_vm, vm_console
+from .vms import CONSOLE_MAX_BYTES, create_vm, start_vm, stop_vm, vm_console
 
 __all__ = [
     "ServiceError", "NotFound", "Conflict", "Invalid", "Unavailable",
@@ -100,4 +101,5 @@ __all__ = [
     "rekey_host", "update_site", "update_policy", "update_plan", "replicate",
     "remove_vm", "remove_host", "remove_site", "remove_network_mapping", "remove_policy", "remove_plan",
     "POLICY_OPTIONS", "PLAN_OPTIONS", "FAILBACK_MODES", "POINT_CHOICES", "MAX_JOB_LIMIT", "MAX_FAILOVER_HISTORY",
+    "MAX_WATCH_S", "CONSOLE_MAX_BYTES",
 ]

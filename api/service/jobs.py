@@ -21,6 +21,8 @@ from .lookups import _int_option, _item_of, _name, _vm
 from .presenters import _job_ref, _job_summary
 
 MAX_JOB_LIMIT = 1000
+MAX_WATCH_S = 7 * 24 * 3600
+"""The longest a watch of a job's events may be asked to last (a week: longer than any job's steps run)."""
 
 
 def _check_job_id(job_id: Any) -> str:
@@ -179,8 +181,9 @@ def check_watch(interval: Any, timeout: Any) -> None:
     """Invalid unless `interval` and `timeout` are what job_events takes."""
     if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0.05 <= interval <= 60:
         raise Invalid(f"interval must be 0.05 to 60 seconds, got {interval!r}")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
-        raise Invalid(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not 0 < timeout <= MAX_WATCH_S):
+        raise Invalid(f"timeout must be a positive number of seconds, at most {MAX_WATCH_S}, got {timeout!r}")
 
 
 def job_events(job_id: str, *, interval: float = 0.5, timeout: float | None = None,

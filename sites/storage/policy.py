@@ -4,7 +4,8 @@ a database more processes than the API can write.
 
 - `file:///dir` only inside a root listed in ASR_STORAGE_ROOTS (none listed: no local storage at all);
 - `azure:<container>` with known options only: `connection_string_env` naming a variable of the workers
-  that matches CONNECTION_ENV (never ASR_DATABASE_URL or another secret of theirs), `account_url` only
+  that matches CONNECTION_ENV, a name ending in _CONNECTION_STRING (never ASR_DATABASE_URL, the
+  key-encryption key or another setting of theirs), `account_url` only
   `https://` and listed in ASR_STORAGE_ACCOUNT_URLS (workers send signed requests there), `parallelism`;
 - never a credential itself: a connection string, key, SAS token or credential is not an option.
 """
@@ -19,9 +20,10 @@ from urllib.parse import urlsplit
 
 FILE_OPTIONS = frozenset({"parallelism"})
 AZURE_OPTIONS = frozenset({"connection_string_env", "account_url", "parallelism"})
-CONNECTION_ENV = re.compile(r"ASR_STORAGE_[A-Z0-9_]{1,64}|ASR_AZURE_CONNECTION_STRING")
-"""The variables `connection_string_env` may name: the storage's own (compose's ASR_AZURE_CONNECTION_STRING
-among them), never another setting of the workers."""
+CONNECTION_ENV = re.compile(r"ASR_(AZURE|STORAGE)_([A-Z0-9]{1,32}_){0,4}CONNECTION_STRING")
+"""The variables `connection_string_env` may name: those meant to hold a storage connection string
+(ASR_AZURE_CONNECTION_STRING, ASR_STORAGE_DR2_CONNECTION_STRING), never another setting of the workers: not
+the key-encryption key (ASR_STORAGE_KEK), nor the allow-lists (ASR_STORAGE_ROOTS, ASR_STORAGE_ACCOUNT_URLS)."""
 
 
 class StoragePolicyError(ValueError):
