@@ -134,7 +134,9 @@ class RecordingDispatcher:
 
 
 @pytest.fixture
-def dispatcher(keys: Keys) -> Iterator[RecordingDispatcher]:
+def dispatcher(keys: Keys, monkeypatch: pytest.MonkeyPatch) -> Iterator[RecordingDispatcher]:
+    # The engine's clock 10 times faster: a step's in-call retries take 0.15 s, its first retry is 6 s away.
+    monkeypatch.setenv("ASR_TIME_SCALE", "10")
     recording = RecordingDispatcher()
     previous = use_dispatcher(recording)
     yield recording
@@ -283,7 +285,7 @@ def test_an_operators_job_buttons_change_the_job(keys: Keys, dispatcher: Recordi
         assert shown(job_id) == ("cancelled", ["cancelled"])
         assert run_step(step) == "cancelled", "a cancelled job's step should not run"
 
-        # Retry now: a step waiting for its retry (a minute away) is sent at once, and its next attempt succeeds.
+        # Retry now: a step waiting for its retry (6 s away) is sent at once, and its next attempt succeeds.
         job_id, [step] = job_with(UNAVAILABLE_ONCE)
         assert run_step(step) == "waiting_retry" and dispatcher.sent[-1] == [step]
         sent_before = len(dispatcher.sent)
