@@ -9,11 +9,17 @@ the session's CSRF token or from another origin gets 403; logout and a revoked k
 without Redis the console says so (503); the login never redirects to another site; every console route
 declares a role or the app does not start; pages carry their security headers, and no template or asset names
 another server; the console is not in the OpenAPI document.
+
+The job buttons an operator presses (cancel, retry now, resume, restart) change the job as the engine records
+it: the jobs are the engine's (its start, its steps run by `execute_step`, what a worker calls), sent through a
+recording dispatcher instead of Celery (as tests/test_engine_core.py does); tests/test_console_browser.py
+presses cancel, restart and resume on a real deployment's plan job.
 """
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -27,11 +33,54 @@ from api.console.auth import OPERATOR, check_console_routes
 from api.console.sessions import COOKIE
 from api.rest import app
 from api.rest import auth as rest_auth
+from datapath.errors import NonRecoverableError, StorageUnavailableError
 from models.db import dispose_engines, session_scope
 from models.jobs import Job
 from sites.localservices import free_port
+from workflows import actions
+from workflows.engine import AwaitingOperator, StepSpec, action, execute_step, get_job, start_job, use_dispatcher
+from workflows.jobkind import JobKind, declare
 
 CONSOLE_DIR = Path(__file__).resolve().parents[1] / "api" / "console"
+
+# The steps of the jobs the console's buttons act on (run in this process, by `execute_step`).
+UNAVAILABLE_ONCE = actions.declare("test.console.unavailable_once")
+ASKS_THE_OPERATOR = actions.declare("test.console.asks_the_operator")
+BROKEN_ONCE = actions.declare("test.console.broken_once")
+DONE = actions.declare("test.console.done")
+
+
+@action(UNAVAILABLE_ONCE)
+def _unavailable_once(ctx, **params):
+    if ctx.attempt == 1:
+        raise StorageUnavailableError("the recovery storage is away")
+    return {"attempt": ctx.attempt}
+
+
+@action(ASKS_THE_OPERATOR)
+def _asks_the_operator(ctx, **params):
+    raise AwaitingOperator("Switch the DNS over")
+
+
+@action(BROKEN_ONCE)
+def _broken_once(ctx, **params):
+    if ctx.attempt == 1:
+        raise NonRecoverableError("the VM is gone")
+    return {"attempt": ctx.attempt}
+
+
+@action(DONE)
+def _done(ctx, **params):
+    return {}
+
+
+# "resume": restarting a failed job resumes it from its failed step (the replication kinds' way out).
+CONSOLE_KIND = declare(JobKind(
+    name="test.console", summary="the console's job buttons", recovery="resume",
+    actions=frozenset({UNAVAILABLE_ONCE, ASKS_THE_OPERATOR, BROKEN_ONCE, DONE}),
+    build=lambda request: request, locks=lambda request: [], target=lambda request: None,
+    params=lambda request: {},
+))
 
 
 class Keys(dict):
@@ -67,6 +116,44 @@ def csrf_of(page: str) -> str:
     found = re.search(r'name="csrf" value="([^"]+)"', page)
     assert found, "the page has no form with the session's CSRF token"
     return found.group(1)
+
+
+@dataclass
+class RecordingDispatcher:
+    """Stands in for Celery's transport: the step ids of each stage the engine sends."""
+    sent: list[list[str]] = field(default_factory=list)
+
+    def send_stage(self, steps: Sequence) -> None:
+        self.sent.append([step.id for step in steps])
+
+    def dispatch_hooks(self, job_id: str) -> None:
+        pass
+
+    def report_lost_run(self, task_id: str, *, failed: bool, reason: str) -> None:
+        pass
+
+
+@pytest.fixture
+def dispatcher(keys: Keys, monkeypatch: pytest.MonkeyPatch) -> Iterator[RecordingDispatcher]:
+    # The engine's clock 10 times faster: a step's in-call retries take 0.15 s, its first retry is 6 s away.
+    monkeypatch.setenv("ASR_TIME_SCALE", "10")
+    recording = RecordingDispatcher()
+    previous = use_dispatcher(recording)
+    yield recording
+    use_dispatcher(previous)
+
+
+def run_step(step_id: str) -> str:
+    """Runs the step as a worker would; returns the state it ended in."""
+    return execute_step(step_id, task_id=f"task-{step_id}", worker="test-worker",
+                        emit_event=lambda **_: None).state.value
+
+
+def job_with(*stages: str) -> tuple[str, list[str]]:
+    """A job of one step per stage, started (its first stage sent); its id and its steps' ids."""
+    job_id = start_job(CONSOLE_KIND.name, lock_key=None,
+                       stages=[[StepSpec(f"Step {index}", name, "orchestration")] for index, name in enumerate(stages)])
+    return job_id, [step["id"] for step in get_job(job_id)["steps"]]
 
 
 def jobs_count() -> int:
@@ -168,6 +255,63 @@ def test_a_form_needs_the_sessions_csrf_token_and_this_origin(keys: Keys) -> Non
         response = client.post(f"{PREFIX}/jobs/x1/cancel", content=b'{"csrf": "' + csrf.encode() + b'"}',
                                headers={"Content-Type": "application/json"})
         assert response.status_code == 415
+
+
+def test_an_operators_job_buttons_change_the_job(keys: Keys, dispatcher: RecordingDispatcher) -> None:
+    with browser() as client:
+        log_in(client, keys["operator"])
+        csrf = csrf_of(client.get(f"{PREFIX}/").text)
+
+        def press(job_id: str, button: str, state: str, **form: str) -> str:
+            """Presses the job page's button (which the page shows, in the job's state); returns the page the
+            console goes to."""
+            page = client.get(f"{PREFIX}/jobs/{job_id}").text
+            assert f'id="job-state">{state}<' in page and f'id="{button}-job"' in page, (button, page)
+            response = client.post(f"{PREFIX}/jobs/{job_id}/{button}", data={"csrf": csrf, **form})
+            assert response.status_code == 303, (button, response.status_code, response.text)
+            return response.headers["location"]
+
+        def shown(job_id: str) -> tuple[str, list[str]]:
+            """The job's state and its steps' states, as its page shows them."""
+            page = client.get(f"{PREFIX}/jobs/{job_id}")
+            assert page.status_code == 200
+            job_state = re.search(r'id="job-state">([a-z_]+)<', page.text)
+            assert job_state, page.text
+            return job_state.group(1), re.findall(r'step-state">([a-z_]+)<', page.text)
+
+        # Cancel: a queued job ends cancelled, its step never to run.
+        job_id, [step] = job_with(DONE)
+        assert press(job_id, "cancel", "queued") == f"{PREFIX}/jobs/{job_id}"
+        assert shown(job_id) == ("cancelled", ["cancelled"])
+        assert run_step(step) == "cancelled", "a cancelled job's step should not run"
+
+        # Retry now: a step waiting for its retry (6 s away) is sent at once, and its next attempt succeeds.
+        job_id, [step] = job_with(UNAVAILABLE_ONCE)
+        assert run_step(step) == "waiting_retry" and dispatcher.sent[-1] == [step]
+        sent_before = len(dispatcher.sent)
+        press(job_id, "retry", "waiting_retry")
+        assert dispatcher.sent[sent_before:] == [[step]], "retry now should have sent the step"
+        # (The job itself says waiting_retry until a worker claims the step.)
+        assert shown(job_id)[1] == ["queued"]
+        assert run_step(step) == "succeeded" and shown(job_id) == ("succeeded", ["succeeded"])
+
+        # Resume: the step waiting for the operator succeeds with the note, and the next stage is sent.
+        job_id, [manual, after] = job_with(ASKS_THE_OPERATOR, DONE)
+        assert run_step(manual) == "waiting_action" and "Switch the DNS over" in client.get(
+            f"{PREFIX}/jobs/{job_id}").text
+        press(job_id, "resume", "waiting_action", note="DNS switched by alice")
+        resumed = get_job(job_id)["steps"][0]
+        assert resumed["state"] == "succeeded" and resumed["result"]["note"] == "DNS switched by alice"
+        assert dispatcher.sent[-1] == [after] and shown(job_id)[1] == ["succeeded", "queued"]
+        assert run_step(after) == "succeeded" and shown(job_id) == ("succeeded", ["succeeded", "succeeded"])
+
+        # Restart: a failed job of a kind that resumes goes on from its failed step, as the same job.
+        job_id, [step] = job_with(BROKEN_ONCE)
+        assert run_step(step) == "failed" and shown(job_id) == ("failed", ["failed"])
+        sent_before = len(dispatcher.sent)
+        assert press(job_id, "restart", "failed") == f"{PREFIX}/jobs/{job_id}"
+        assert dispatcher.sent[sent_before:] == [[step]] and shown(job_id) == ("queued", ["queued"])
+        assert run_step(step) == "succeeded" and shown(job_id) == ("succeeded", ["succeeded"])
 
 
 def test_logout_and_a_revoked_key_end_the_session(keys: Keys) -> None:

@@ -2,11 +2,13 @@
 (both installed by `make tools`; the driver's path is given, so Selenium Manager downloads nothing), against a
 real deployment behind `uvicorn api.rest:app` (tests/api_server.py).
 
-Covered: an operator logs in with a key, starts a drill (test failover) of a protected VM from its page, follows
-the job on its page as the event stream updates it, and reads the drill's report on the VM's page and the
-dashboard; then cleans the drill up with its button, filters the job list, and runs a plan's dry run. A reader
-sees no action button and, posting one's form from the browser with its own session and CSRF token, gets 403
-and nothing starts.
+Covered: an operator logs in with a key, finds the VM in the VM list, starts a drill (test failover) of a
+protected VM from its page, follows the job on its page as the event stream updates it, and reads the drill's
+report on the VM's page and the dashboard; then cleans the drill up with its button, filters the job list, and
+runs a plan's dry run. The plan's drill, started with its button, waits for the operator at its manual action:
+cancelled with the job page's button, restarted as a new job with the next, resumed with a note and followed to
+its end; the job list filtered by the VM leaves the plan's jobs out. A reader sees no action button and,
+posting one's form from the browser with its own session and CSRF token, gets 403 and nothing starts.
 
 A failed test leaves a screenshot of the page and the page's HTML in its tmp_path (kept for failed tests).
 With ASR_CONSOLE_SCREENSHOTS=DIR the tests also save a screenshot of each page they pass through into DIR:
@@ -28,6 +30,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from api import service
@@ -41,14 +44,16 @@ FINISHED = ("succeeded", "failed", "cancelled")
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiDeployment]:
     """The deployment with one protected VM, web01 (two small disks), on a quiet policy (no delta cycle takes
-    its lock while the browser drives it)."""
+    its lock while the browser drives it), and a plan of it whose drill first waits for the operator."""
     # One task at a time per host agent is all a drill of one VM needs, and the workers start faster.
     with api_deployment(tmp_path_factory.mktemp("console"), host_concurrency=1) as deployment:
         site = deployment.site
         vm_id = site.create_vm("host1", "web01", [("disk0", "4M", "vhd"), ("disk1", "2M", "raw")])
         policy_id = site.create_policy("quiet", copy_frequency_s=900)
         site.wait_job(site.protect(vm_id, policy_id=policy_id), timeout=JOB_TIMEOUT)
-        service.create_plan("web-drill", [{"name": "web", "vms": ["host1/web01"]}], "The web tier's drill")
+        service.create_plan("web-drill", [{"name": "web", "vms": ["host1/web01"], "before": [{
+            "kind": "manual", "name": "dns", "instructions": "Point www at the test network"}]}],
+                            "The web tier's drill")
         yield deployment
 
 
@@ -117,6 +122,23 @@ def go(browser: WebDriver, element: WebElement) -> None:
     WebDriverWait(browser, 15, poll_frequency=0.1).until(lambda _driver: replaced(page))
 
 
+def go_confirmed(browser: WebDriver, element: WebElement, question: str) -> None:
+    """`go` for a form that asks first (class `confirm`): the browser's dialog must ask `question`; accepted."""
+    page = browser.find_element(By.TAG_NAME, "html")
+    element.click()
+    dialog = WebDriverWait(browser, 5).until(expected_conditions.alert_is_present())
+    assert dialog.text == question
+    dialog.accept()
+    WebDriverWait(browser, 15, poll_frequency=0.1).until(lambda _driver: replaced(page))
+
+
+def wait_for_operator(browser: WebDriver) -> str:
+    """Waits on a job page until the job waits for the operator (the page reloads to offer resume); its id."""
+    WebDriverWait(browser, JOB_TIMEOUT, poll_frequency=0.2).until(
+        lambda driver: driver.find_elements(By.ID, "resume-job") and text_of(driver, "job-state") == "waiting_action")
+    return browser.current_url.rsplit("/", 1)[1]
+
+
 def replaced(element: WebElement) -> bool:
     """Whether `element` belongs to a document the browser has left. (Selenium's `staleness_of` expects a
     StaleElementReferenceException; chromedriver answers some lookups of a left document's node with "unknown
@@ -165,6 +187,12 @@ def test_an_operator_runs_a_drill_from_the_console_and_reads_its_report(deployme
     row = browser.find_element(By.CSS_SELECTOR, '#items tr[data-vm="web01"]')
     assert "protected" in row.text and "Healthy" in row.text and "never" in row.text  # no drill has passed yet
 
+    # The VM list, and the VM's page from it.
+    go(browser, browser.find_element(By.LINK_TEXT, "VMs"))
+    [row] = browser.find_elements(By.CSS_SELECTOR, "table.vms tbody tr")
+    assert row.get_attribute("data-vm") == "host1/web01"
+    assert "protected" in row.text and "Healthy" in row.text and "2" in row.text  # its two disks
+    snapshot(browser, "vms")
     go(browser, row.find_element(By.LINK_TEXT, "web01"))
     assert text_of(browser, "vm-state") == "protected"
     assert browser.find_elements(By.CSS_SELECTOR, "#points tr.point"), "protection should leave a recovery point"
@@ -229,6 +257,41 @@ def test_an_operator_runs_a_drill_from_the_console_and_reads_its_report(deployme
     assert "could not start" in browser.find_element(By.ID, "validation").text
     assert len(service.list_jobs()) == jobs_before, "a dry run started a job"
     snapshot(browser, "plan")
+
+    # The plan's drill waits for the operator at its manual action: cancelled with the job page's button.
+    go_confirmed(browser, browser.find_element(By.ID, "plan-drill"),
+                 "Start a test failover of every VM of plan web-drill?")
+    cancelled = wait_for_operator(browser)
+    assert "Point www at the test network" in browser.find_element(By.ID, "waiting-for").text
+    go_confirmed(browser, browser.find_element(By.ID, "cancel-job"), "Cancel this job?")
+    assert browser.current_url.endswith(f"/console/jobs/{cancelled}") and text_of(browser, "job-state") == "cancelled"
+    job = service.show_job(cancelled)
+    assert job["state"] == "cancelled" and {step["state"] for step in job["steps"]} == {"cancelled"}, job
+    assert not browser.find_elements(By.ID, "resume-job") and not browser.find_elements(By.ID, "cancel-job")
+
+    # Restarted: a new job of the same plan, which waits again; resumed with a note, it runs to its end.
+    go(browser, browser.find_element(By.ID, "restart-job"))
+    restarted = wait_for_operator(browser)
+    assert restarted != cancelled and service.show_job(cancelled)["state"] == "cancelled"
+    assert (service.show_job(restarted)["kind"], service.show_job(restarted)["plan"]) == ("plan_test_failover",
+                                                                                          "web-drill")
+    browser.find_element(By.CSS_SELECTOR, '#job-actions input[name="note"]').send_keys("www points at the test net")
+    go(browser, browser.find_element(By.ID, "resume-job"))
+    state, _seen_live = follow_job_page(browser)
+    assert state == "succeeded", f"the plan's drill ended {state}: {text_of(browser, 'job-error')}"
+    [manual] = [step for step in service.show_job(restarted)["steps"] if step["name"].endswith("before action dns")]
+    assert manual["state"] == "succeeded" and manual["result"]["note"] == "www points at the test net", manual
+
+    # The job list filtered by the VM: web01's own jobs, not the plan's.
+    go(browser, browser.find_element(By.LINK_TEXT, "Jobs"))
+    listed = {row.get_attribute("data-job") for row in browser.find_elements(By.CSS_SELECTOR, "table.jobs tbody tr")}
+    assert {cancelled, restarted} <= listed
+    browser.find_element(By.ID, "filter-vm").send_keys("host1/web01")
+    go(browser, browser.find_element(By.ID, "filter"))
+    assert "vm=host1%2Fweb01" in browser.current_url
+    rows = [row.get_attribute("data-job") for row in browser.find_elements(By.CSS_SELECTOR, "table.jobs tbody tr")]
+    assert rows == [job["id"] for job in service.list_jobs(vm="host1/web01")] and job_id in rows
+    assert not {cancelled, restarted} & set(rows), "the VM's filter should leave the plan's jobs out"
 
 
 def test_a_reader_sees_no_action_and_is_refused_one(deployment: ApiDeployment, browser: WebDriver) -> None:
