@@ -43,6 +43,7 @@ from sites.localservices import (
     stop_all,
 )
 from sites.pki import DeploymentCertificates, PkiError, create_deployment_certificates, export_for_clients
+from sites.storage.keys import new_kek_text
 from tasks.recovery_storage import open_recovery_storage
 from workflows import failover_request, kinds, transport
 from workflows.retry import NonRecoverableError
@@ -274,6 +275,9 @@ def test_http_storage_endpoint_is_refused_unless_allowed(azurite: AzuriteProcess
                                                          certificates: DeploymentCertificates,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ASR_STORAGE_TEST_CONNECTION_STRING", azurite.connection_string())
+    # A worker's own key-encryption key: the test does not depend on one an earlier test left in the environment.
+    monkeypatch.delenv("ASR_STORAGE_KEK_FILE", raising=False)
+    monkeypatch.setenv("ASR_STORAGE_KEK", new_kek_text())
     options = {"connection_string_env": "ASR_STORAGE_TEST_CONNECTION_STRING"}
     monkeypatch.delenv(INSECURE)
     with pytest.raises(NonRecoverableError, match=rf"plain-text connection \(storage endpoint\).*{INSECURE}=1"):
