@@ -160,6 +160,37 @@ def test_an_alert_is_signed_retried_after_a_failure_and_recorded(on_engine: Engi
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_failed_failover_and_an_overdue_drill_reach_the_webhook(on_engine: Engine, webhook_settings: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    with session_scope() as session:
+        item = make_protected_item(session, copy_frequency_s=30)
+        session.get(ReplicationPolicy, item.policy_id).drill_reminder_days = 1
+        now = database_now(session)
+        item.created_at = now - timedelta(days=2)  # protected for two days (scaled: long ago), never drilled
+        item.last_recovery_point_at = now  # healthy otherwise: only the two conditions hold
+        failed = Job(kind="unplanned_failover", state=JobState.failed, ended_at=now, error="the recovery host is "
+                     "full", target="app01")
+        session.add(failed)
+        session.flush()
+        job_id = failed.id
+    with webhook_receiver() as receiver:
+        monkeypatch.setenv("ASR_ALERT_WEBHOOK_URL", receiver.url)
+        raised = alerts.raise_and_resolve_alerts()
+        delivered = webhook.deliver_due_alerts()
+    assert raised == {"alerts_raised": 2} and delivered == {"alerts_delivered": 2}
+    assert all(entry.signed_with(SECRET) for entry in receiver.received)
+    sent = {alert["kind"]: alert for alert in receiver.alerts()}
+    assert sorted(sent) == ["drill_overdue", "operation_failed"] and len(receiver.received) == 2
+    assert (sent["operation_failed"]["severity"], sent["operation_failed"]["subject"]) == ("Critical",
+                                                                                           "unplanned_failover app01")
+    assert sent["operation_failed"]["message"].startswith(f"job {job_id} (unplanned_failover, app01) failed: the "
+                                                          f"recovery host is full")
+    assert (sent["drill_overdue"]["severity"], sent["drill_overdue"]["subject"]) == ("Warning", "hv01/app01")
+    assert "no drill passed since its protection began" in sent["drill_overdue"]["message"]
+    assert {row["delivery"] for row in list_alerts()} == {"delivered"}
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_an_unreachable_webhook_is_retried_then_given_up_with_the_reason(on_engine: Engine, webhook_settings: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     with webhook_receiver() as receiver:

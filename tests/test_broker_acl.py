@@ -5,6 +5,7 @@ hosts still runs with every agent on its own user, without a single command refu
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -253,6 +254,15 @@ def test_the_cli_prints_a_host_user_an_operators_redis_takes(tmp_path: Path) -> 
     again = runner.invoke(main, ["broker-acl", "host", "web1", "--password-file", str(password_file)])
     assert again.stdout.strip() == line
     assert runner.invoke(main, ["broker-acl", "host", "web*", "--password-file", str(password_file)]).exit_code != 0
+    # The engine's user, both ways: a SETUSER line for redis-cli, and its line for an ACL file.
+    engine_file = tmp_path / "engine.password"
+    engine_line = runner.invoke(main, ["broker-acl", "engine", "--password-file", str(engine_file)])
+    file_line = runner.invoke(main, ["broker-acl", "engine", "--password-file", str(engine_file), "--acl-file-line"])
+    assert engine_line.exit_code == 0 and file_line.exit_code == 0, engine_line.output + file_line.output
+    engine_password = engine_file.read_text().strip()
+    assert engine_file.stat().st_mode & 0o777 == 0o600 and engine_password not in engine_line.stdout + file_line.stdout
+    assert file_line.stdout.startswith(f"user {ENGINE_USER} on ") and "#" + hashlib.sha256(
+        engine_password.encode()).hexdigest() in file_line.stdout.split(), file_line.stdout
 
     server = RedisServer(tmp_path / "redis").start()
     try:
@@ -267,6 +277,15 @@ def test_the_cli_prints_a_host_user_an_operators_redis_takes(tmp_path: Path) -> 
         agent.lpush("host.web2", "a next step")  # pushing the next stage's steps is allowed
         assert denied(lambda: agent.rpop("host.web2")) and denied(lambda: agent.config_get("*"))
         assert server.client().lrange("host.web2", 0, -1) == [b"a next step", b"web2's step"]
+        # The engine's line as typed: its user with its password takes any queue's step, administers nothing.
+        typed = subprocess.run([shutil.which("redis-cli"), "-p", str(server.port)], input=engine_line.stdout,
+                               text=True, capture_output=True, timeout=10, check=True)
+        assert typed.stdout.strip() == "OK", typed
+        engine = server.client(ENGINE_USER, engine_password)
+        assert engine.rpop("host.web2") == b"web2's step" and engine.publish("asr-events", "x") == 0
+        assert denied(lambda: engine.config_get("*")) and denied(lambda: engine.execute_command("ACL", "LIST"))
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            server.client(ENGINE_USER, password).ping()  # web1's password is not the engine's
     finally:
         server.stop()
 

@@ -29,9 +29,10 @@ from sqlmodel import select
 from api.cli import main
 from api.cli_output import render_table
 from api.cli_progress import ProgressView
+from datapath.digest import disk_digest
 from models.db import session_scope
 from models.fabric import Host as HostRow
-from models.fabric import Site, verify_host_key
+from models.fabric import Site, VirtualMachine, verify_host_key
 from models.jobs import Job
 from models.policy import ReplicationPolicy
 from sites.host import Host
@@ -476,6 +477,81 @@ def operator_jobs() -> list[str]:
     scheduled = {"delta_replication", "initial_replication", "resynchronize", "consistency_check"}
     with session_scope() as session:
         return sorted(job.id for job in session.exec(select(Job)).all() if job.kind not in scheduled)
+
+
+def disk_digests(site: RecoverySite, host: str, vm: str) -> dict[str, str]:
+    return {disk.name: disk_digest(disk.path) for disk in site.host(host).get_vm(vm).disks}
+
+
+def test_failovers_a_plan_waiting_for_input_failback_and_reverse(site: RecoverySite, fabric: dict[str, Any],
+                                                                 tmp_path: Path):
+    """Every failover verb on web1 (protected, drilled above), each job followed to its end through the CLI
+    and the item's state read back with `vm show`: an unplanned failover then cancelled; a planned one run by
+    a plan that waits for an operator (`plan resume`), committed; a failback that waits for `failover
+    complete`, committed; `reverse`. The disks are compared byte for byte at each landing."""
+    with session_scope() as session:  # read here: each `asr` costs a second or two of imports
+        vm_id = session.exec(select(VirtualMachine.id).where(VirtualMachine.name == "web1")).one()
+    site.vm_hosts[vm_id] = "host1"
+    site.wait_idle(vm_id, JOB_TIMEOUT)
+    primary = disk_digests(site, "host1", "web1")  # no workload runs: the primary's bytes stay these
+
+    def followed(*args: str, kind: str, when_free: bool = False) -> dict[str, Any]:
+        proc = (asr_when_free if when_free else asr)(site, *args, "--wait", "--json")
+        job = json.loads(proc.stdout)
+        assert (job["kind"], job["state"]) == (kind, "succeeded"), job
+        return job
+
+    def shown() -> dict[str, Any]:
+        return asr_json(site, "vm", "show", "web1")
+
+    # An unplanned failover starts web1 on dr1 from its replica; cancelled, web1 is protected again on host1.
+    followed("failover", "unplanned", "web1", kind="unplanned_failover", when_free=True)
+    assert disk_digests(site, "dr1", "web1") == primary
+    vm = shown()
+    assert vm["protection"]["state"] == "failed_over", vm["protection"]
+    assert (vm["failover"]["kind"], vm["failover"]["status"]) == ("unplanned", "succeeded"), vm["failover"]
+    assert {disk["recovery_host"] for disk in vm["disks"]} == {"dr1"}, vm["disks"]
+    followed("failover", "cancel", "web1", kind="cancel_failover")
+    vm = shown()
+    assert vm["protection"]["state"] == "protected" and vm["failover"]["status"] == "cancelled", vm
+    assert "web1" not in [each.name for each in site.host("dr1").list_vms()]
+
+    # A planned failover run by a plan whose group waits for an operator; `plan resume` lets it go on.
+    plan_file = tmp_path / "move-web.json"
+    plan_file.write_text(json.dumps([{"name": "web", "vms": ["web1"], "before": [
+        {"kind": "manual", "name": "announce", "instructions": "tell web1's users it moves"}]}]))
+    asr(site, "plan", "create", "move-web", "--file", str(plan_file))
+    plan_job = job_id_of(asr_when_free(site, "plan", "failover", "move-web", "--kind", "planned").stdout)
+    site.wait_job(plan_job, JOB_TIMEOUT, states=("waiting_action",))
+    assert site.item(vm_id)["state"] == "protected"  # nothing failed over before the operator's word
+    resumed = asr(site, "plan", "resume", plan_job, "--note", "users told", "--wait")
+    assert re.search(rf"^job {plan_job} \(plan_planned_failover\) succeeded", resumed.stdout, re.M), resumed.stdout
+    job, vm = (json.loads(proc.stdout) for proc in asr_many(site, [("jobs", "show", plan_job, "--json"),
+                                                                  ("vm", "show", "web1", "--json")]))
+    announce = next(step for step in job["steps"] if step["name"] == "Group web: before action announce")
+    assert announce["state"] == "succeeded" and announce["result"]["note"] == "users told", announce
+    assert disk_digests(site, "dr1", "web1") == primary
+    assert vm["protection"]["state"] == "failed_over" and vm["failover"]["kind"] == "planned", vm
+    followed("failover", "commit", "web1", kind="commit_failover")
+
+    # The recovery VM writes; failback stages the difference on host1 and waits; `complete` swaps it in.
+    site.host("dr1").start_workload("web1", rate_mb_s=0.2, seed=9)
+    time.sleep(1.0)
+    followed("failback", "web1", kind="failback")
+    assert site.item(vm_id)["state"] == "failback_ready"
+    assert disk_digests(site, "host1", "web1") == primary, "nothing touches the primary before the swap"
+    followed("failover", "complete", "web1", kind="failback_completion")
+    came_back = disk_digests(site, "dr1", "web1")
+    assert disk_digests(site, "host1", "web1") == came_back != primary, "the recovery VM's writes come back"
+    vm = shown()
+    assert vm["protection"]["state"] == "failed_back" and vm["failover"]["kind"] == "failback", vm
+    followed("failover", "commit", "web1", kind="commit_failback")
+
+    # Reverse replication protects web1 again from host1: its replica equals its disks.
+    followed("reverse", "web1", kind="reverse_replication")
+    assert site.item(vm_id)["state"] == "protected"
+    site.final_cycle(vm_id)
+    site.verify_replica(vm_id)
 
 
 def test_api_keys_are_created_shown_once_listed_without_the_key_and_revoked(tmp_path):

@@ -307,10 +307,14 @@ def test_start_console_and_stop_a_guest_with_the_cli(site: RecoverySite, cli_gue
         wait_until(lambda: driver.power_state("cli-guest") == "running", timeout=30, what="QEMU to run", interval=0.5)
         wait_until(lambda: "ASR-GUEST-READY" in driver.console_log(vm), timeout=BOOT_TIMEOUT,
                    what="the guest's heartbeat", interval=1)
-        show, console, tail = asr_many(site, [("vm", "show", "host1/cli-guest", "--json"),
-                                              ("vm", "console", "host1/cli-guest"),
-                                              ("vm", "console", "host1/cli-guest", "--bytes", "200", "--json")])
+        show, listed, console, tail = asr_many(site, [
+            ("vm", "show", "host1/cli-guest", "--json"), ("vm", "list", "--json"), ("vm", "console", "host1/cli-guest"),
+            ("vm", "console", "host1/cli-guest", "--bytes", "200", "--json")])
         assert show.returncode == 0 and json.loads(show.stdout)["power_state"] == "running", show
+        # `vm list` reports the power state the host reads now too, not the one stored at registration.
+        assert listed.returncode == 0, listed
+        assert [(row["host"], row["power_state"]) for row in json.loads(listed.stdout)
+                if row["name"] == "cli-guest"] == [("host1", "running")], listed.stdout
         assert console.returncode == 0 and re.search(test_guest.heartbeat, console.stdout), console
         assert "ASR-CHECK: PASS 0 files" in console.stdout, console.stdout
         tail = json.loads(tail.stdout)
@@ -318,6 +322,8 @@ def test_start_console_and_stop_a_guest_with_the_cli(site: RecoverySite, cli_gue
     finally:
         stopped = asr_json(site, "vm", "stop", "host1/cli-guest", "--timeout", "30")
     assert stopped["stopped"] == "stopped" and stopped["power_state"] == "off", stopped
-    show, console = asr_many(site, [("vm", "show", "host1/cli-guest", "--json"), ("vm", "console", "host1/cli-guest")])
+    show, listed, console = asr_many(site, [("vm", "show", "host1/cli-guest", "--json"), ("vm", "list", "--json"),
+                                            ("vm", "console", "host1/cli-guest")])
     assert json.loads(show.stdout)["power_state"] == "off"
+    assert [row["power_state"] for row in json.loads(listed.stdout) if row["name"] == "cli-guest"] == ["off"]
     assert "ASR-GUEST-POWEROFF" in console.stdout, console.stdout
