@@ -4,3 +4,7 @@
 when migrations were introduced; a database made by an earlier release (tables created by `create_all`,
 no `alembic_version`) is brought up to it by `adopt.py` before the later revisions run.
 """
+
+HEAD = "0010"
+"""The newest revision in `versions/`, so that a process finds its database current without importing Alembic
+(models/schema.py); tests/test_migrations.py checks it against Alembic's own answer."""

@@ -13,17 +13,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
 import migrations
 from datapath.private import create_private_file
-from migrations import adopt
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+# Alembic (with Mako and Pygments) is imported only where a schema is created, upgraded or refused: every
+# process checks the schema at start, and a database at migrations.HEAD needs one query, not ~0.2 s of imports.
 
 # Any fixed number, the same in every process: the PostgreSQL advisory lock held while changing the schema.
 _SCHEMA_LOCK_KEY = 0x41535230_53434845
@@ -46,6 +48,8 @@ class Upgrade:
 
 def alembic_config(connection: sa.Connection | None = None) -> Config:
     """Alembic's configuration for the revisions in `migrations/`, running on `connection` (env.py)."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(Path(migrations.__file__).parent))
     config.attributes["connection"] = connection
@@ -54,6 +58,8 @@ def alembic_config(connection: sa.Connection | None = None) -> Config:
 
 def head_revision() -> str:
     """The newest revision: the schema this release's code needs."""
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None, "migrations/versions holds no revision"
     return head
@@ -61,6 +67,10 @@ def head_revision() -> str:
 
 def revision_of(connection: sa.Connection) -> str | None:
     """The database's revision; PRE_MIGRATION for an earlier release's database, None for an empty one."""
+    from alembic.migration import MigrationContext
+
+    from migrations import adopt
+
     revision = MigrationContext.configure(connection).get_current_revision()
     if revision is None and adopt.is_pre_migration(connection):
         return PRE_MIGRATION
@@ -75,6 +85,11 @@ def current_revision(engine: Engine) -> str | None:
 def upgrade(engine: Engine, revision: str = "head") -> Upgrade:
     """Upgrade the database to `revision` (default the newest), adopting a pre-migration database first.
     Safe to run twice and from several processes at once (they take turns on the schema lock)."""
+    from alembic import command
+    from alembic.migration import MigrationContext
+
+    from migrations import adopt
+
     with _schema_lock(engine) as connection:
         before = revision_of(connection)
         adopted: tuple[str, ...] = ()
@@ -90,6 +105,11 @@ def upgrade(engine: Engine, revision: str = "head") -> Upgrade:
 def prepare(engine: Engine) -> None:
     """What every process does at start: create an empty database's schema; accept one at the newest
     revision; refuse any other with the step that fixes it."""
+    if _stamped_revision(engine) == migrations.HEAD:
+        return
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
     head = head_revision()
     with engine.connect() as connection:
         revision = revision_of(connection)
@@ -111,6 +131,15 @@ def prepare(engine: Engine) -> None:
     raise SchemaOutOfDateError(
         f"the database's schema is at revision {revision}; this release needs {head}. Stop every process of "
         f"the old release, then run `asr db upgrade` (docs/operations.md, Upgrades)")
+
+
+def _stamped_revision(engine: Engine) -> str | None:
+    """The revision in the database's `alembic_version` table, read without Alembic; None without one."""
+    try:
+        with engine.connect() as connection:
+            return connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+    except sa.exc.DBAPIError:  # no such table: an empty database, or one an earlier release made
+        return None
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from alembic.script import ScriptDirectory
 from recovery_site import RecoverySite
 from sqlmodel import SQLModel
 
+import migrations
 import models
 from api import service
 from datapath.digest import disk_digest
@@ -102,6 +103,23 @@ def test_a_new_database_is_created_at_the_newest_revision_and_matches_the_models
     assert schema_differences(engine) == []
     init_db(engine)  # a second process starting: nothing to do
     assert schema.current_revision(engine) == schema.head_revision()
+
+
+def test_the_head_a_process_checks_without_alembic_is_alembics_head() -> None:
+    """migrations.HEAD lets a process at start find its database current with one query; a revision added
+    without moving it would make every process take the slow path, and one at HEAD skip a needed upgrade."""
+    assert migrations.HEAD == schema.head_revision(), "set migrations.HEAD to the newest revision in versions/"
+
+
+def test_a_process_at_the_newest_revision_imports_no_alembic(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'asr.db'}"
+    init_db(get_engine(url))
+    probe = ("import sys; from models import get_engine, init_db; init_db(get_engine(sys.argv[1])); "
+             "print(sorted(name for name in sys.modules if name.split('.')[0] in ('alembic', 'mako')))")
+    result = subprocess.run([sys.executable, "-c", probe, url], capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_every_revision_downgrades_and_upgrades_again(db_url: str) -> None:
