@@ -14,6 +14,7 @@ from models.db import session_scope
 from models.fabric import (
     Host,
     NetworkMapping,
+    Site,
     VirtualMachine,
     VmNetworkAdapter,
     change_network_mapping,
@@ -179,10 +180,14 @@ def _check_vm_protection(session, item: ProtectedItem, host: Host, label: str, n
     unmapped = sorted({network for network in networks.values()
                        if recovery_network_for(session, host, network) is None})
     if unmapped:
-        scope = "--site SITE" if host.site_id else "--cloud CLOUD"
+        if host.site_id:
+            site_name = session.get(Site, host.site_id).name
+            scope, option = f"site {site_name!r}", f"--site {site_name}"
+        else:
+            scope, option = "its host's VMM cloud", "--cloud CLOUD"
         raise Conflict(f"VM {label} is protected: its failover would find no network mapping for network(s) "
-                       f"{', '.join(unmapped)} of host {host.name!r}'s site or cloud; add one first (`asr network "
-                       f"add {unmapped[0]} RECOVERY-NETWORK SUBNET {scope}`)")
+                       f"{', '.join(unmapped)} in {scope}; add one first (`asr network add {unmapped[0]} "
+                       f"RECOVERY-NETWORK SUBNET {option}`)")
 
 
 @_operation
