@@ -45,11 +45,13 @@ def doc_commands(text: str) -> list[str]:
 
 
 # With web01 failed over (committed), its network's mapping and its definition cannot change: side by side, each
-# command's error and exit status kept for the test to read (web01's adapter is then read back, unchanged).
+# command's error and exit status kept for the test to read (web01's adapter is then read back, unchanged). Only
+# these two are waited for: the workers and beat run in the background until the test ends.
 REFUSED_WHILE_FAILED_OVER = """
 (asr network set default --site primary --recovery-network elsewhere || echo "exit $?") > "$QS/set-mapping.txt" 2>&1 &
+mapping=$!
 (asr vm set host1/web01 --network nic0=elsewhere || echo "exit $?") > "$QS/set-vm.txt" 2>&1 &
-wait
+wait $mapping $!
 """
 
 
