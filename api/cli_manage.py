@@ -1,5 +1,6 @@
 """The verbs of `asr` that change or remove what was registered, added to the groups of the other modules:
-`host rekey`, `site set`, `policy set`, `plan update`, and `vm|host|site|network|policy|plan remove` (each
+`host rekey`, `host|site|vm|network|policy set`, `plan update` (each refused while something depends on what
+it changes), and `vm|host|site|network|policy|plan remove` (each
 asks first unless --yes, and is refused while something depends on the thing); and `asr replicate VM`, a delta
 cycle now."""
 from __future__ import annotations
@@ -47,6 +48,29 @@ def host_rekey(name: str, key_file: Path | None, as_json: bool):
     click.echo("(shown this once: only its hash is kept; the old key no longer admits an agent: start the "
                f"host's agent with the new one, `asr worker host {result.get('name', name)} --key-file FILE`, "
                f"and stop any agent still running with the old one)")
+
+
+@_command(host, "set")
+@click.argument("name")
+@click.option("--root", default=None, help="A new absolute path of the host's VM tree. Every VM registered on the "
+              "host must be there already (a tree that moved); refused while the host has protected VMs or is a "
+              "protected VM's recovery host.")
+@click.option("--site", "site_name", default=None, help="Move the host to this site (refused while it has "
+              "protected VMs: their failovers use the network mappings of its site).")
+@click.option("--cloud", default=None, help="Move the host to this VMM cloud (instead of --site).")
+@json_option
+def host_set(name: str, root: str | None, site_name: str | None, cloud: str | None, as_json: bool):
+    """Change host NAME's root, site or cloud, checked as `asr host add` checks them (its name, its identity,
+    stays)."""
+    if root is None and site_name is None and cloud is None:
+        raise click.UsageError("nothing to change: give --root, --site or --cloud (asr host set --help)")
+    if site_name is not None and cloud is not None:
+        raise click.UsageError("give --site or --cloud, not both")
+    result = _service().update_host(name, root=root, site=site_name, cloud=cloud)
+    if as_json:
+        return _emit_json(result)
+    click.echo(f"host {result.get('name', name)} changed")
+    print_fields(result, [("site", "site"), ("cloud", "cloud"), ("root", "root")])
 
 
 @_command(host, "remove")
@@ -108,6 +132,79 @@ def vm_remove(vm_name: str, yes: bool, as_json: bool):
     click.echo(f"VM {name} removed from {host_name}. Its disks were not deleted: they stay in "
                f"{result.get('folder')} ({', '.join(result.get('disks_kept') or []) or 'no disks'}); "
                f"`asr vm add {host_name} {name}` registers it again")
+
+
+def _assignment(text: str) -> tuple[str, str]:
+    adapter, sep, network_name = text.partition("=")
+    if not sep or not adapter or not network_name:
+        raise click.BadParameter(f"{text!r}: use ADAPTER=NETWORK (nic0=backend)", param_hint="--network")
+    return adapter, network_name
+
+
+@_command(vm, "set")
+@click.argument("vm_name", metavar="VM")
+@click.option("--network", "networks", multiple=True, metavar="ADAPTER=NETWORK",
+              help="Connect the adapter to another VM network (nic0=backend); repeat for more adapters. A protected "
+                   "VM's new network must be mapped in its host's site or cloud (`asr network add`).")
+@click.option("--memory", "memory_mb", type=int, default=None, help="A QEMU guest's memory (MiB).")
+@click.option("--boot-timeout", "boot_timeout_s", type=float, default=None,
+              help="Seconds a guest's boot may take to reach the heartbeat.")
+@click.option("--heartbeat", default=None, help="Regex: the guest is up once a line of its console matches it.")
+@click.option("--check-pass", default=None, help="Regex on the console: the guest's own check passed.")
+@click.option("--check-fail", default=None, help="Regex on the console: the guest's own check failed.")
+@click.option("--cmdline", default=None, help="A direct-kernel guest's kernel command line.")
+@click.option("--guest-agent/--no-guest-agent", default=None,
+              help="Whether the guest answers the QEMU guest agent (freeze/thaw for app-consistent points).")
+@json_option
+def vm_set(vm_name: str, networks: tuple[str, ...], memory_mb: int | None, boot_timeout_s: float | None,
+           heartbeat: str | None, check_pass: str | None, check_fail: str | None, cmdline: str | None,
+           guest_agent: bool | None, as_json: bool):
+    """Change VM's definition, on its host (its vm.json) and in its registration: its adapters' networks, and a
+    QEMU guest's memory, boot timeout, console patterns, command line and guest agent (the options of `asr vm
+    create`, checked as there; those left out keep their values). Its name, disks and how it boots stay.
+    Refused while a job works on it or it is failed over, and a guest's definition while the guest runs."""
+    assignments = dict(_assignment(text) for text in networks)
+    if len(assignments) != len(networks):
+        raise click.BadParameter("an adapter is given twice", param_hint="--network")
+    guest = {key: value for key, value in (
+        ("memory_mb", memory_mb), ("boot_timeout_s", boot_timeout_s), ("heartbeat", heartbeat),
+        ("check_pass", check_pass), ("check_fail", check_fail), ("cmdline", cmdline),
+        ("guest_agent", guest_agent)) if value is not None}
+    if not assignments and not guest:
+        raise click.UsageError("nothing to change: give --network or a guest option (asr vm set --help)")
+    result = _service().update_vm(vm_name, networks=assignments or None, guest=guest or None)
+    if as_json:
+        return _emit_json(result)
+    click.echo(f"VM {result.get('name', vm_name)} on {result.get('host')} changed")
+    for adapter in result.get("adapters") or []:
+        click.echo(f"  {adapter.get('name')}: network {adapter.get('vm_network')}")
+    if guest:
+        shown = result.get("guest") or {}
+        click.echo("  guest: " + ", ".join(f"{key} {shown.get(key)!r}" for key in guest))
+
+
+@_command(network, "set")
+@click.argument("source_network")
+@click.option("--site", "site_name", default=None, help="The site whose mapping this is.")
+@click.option("--cloud", default=None, help="The VMM cloud whose mapping this is (instead of --site).")
+@click.option("--recovery-network", default=None, help="The recovery network the VM network fails over to.")
+@click.option("--subnet", "recovery_subnet", default=None, help="The recovery subnet (CIDR, e.g. 10.1.0.0/24).")
+@json_option
+def network_set(source_network: str, site_name: str | None, cloud: str | None, recovery_network: str | None,
+                recovery_subnet: str | None, as_json: bool):
+    """Point the mapping of VM network SOURCE_NETWORK of a site (or cloud) at another recovery network or
+    subnet, checked as `asr network add` checks them. Failovers from then on use it; refused while a VM on that
+    network is failed over (its recovery VM is in the network the mapping names now)."""
+    if (site_name is None) == (cloud is None):
+        raise click.UsageError("give exactly one of --site and --cloud")
+    if recovery_network is None and recovery_subnet is None:
+        raise click.UsageError("nothing to change: give --recovery-network or --subnet")
+    result = _service().update_network_mapping(source_network, site=site_name, cloud=cloud,
+                                               recovery_network=recovery_network, recovery_subnet=recovery_subnet)
+    if as_json:
+        return _emit_json(result)
+    click.echo(f"network {source_network} ({site_name or cloud}) -> {result.get('recovery_network')} "
+               f"{result.get('recovery_subnet')}")
 
 
 @_command(network, "remove")

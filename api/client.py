@@ -258,6 +258,28 @@ class SiteRecoveryClient:
     def update_site(self, name: str, *, description: str) -> dict[str, Any]:
         return self._request("PATCH", f"/sites/{_segment(name)}", json_body={"description": description})
 
+    def update_host(self, name: str, *, root: str | None = None, site: str | None = None,
+                    cloud: str | None = None) -> dict[str, Any]:
+        """Another root, site or cloud for the host (those left out stay)."""
+        return self._request("PATCH", f"/hosts/{_segment(name)}",
+                             json_body=_drop_none({"root": root, "site": site, "cloud": cloud}))
+
+    def update_vm(self, vm: str, *, networks: dict[str, str] | None = None,
+                  guest: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`networks`: adapter name -> its new VM network; `guest`: fields of a QEMU guest's definition to change
+        (memory_mb, boot_timeout_s, heartbeat, check_pass, check_fail, cmdline, guest_agent)."""
+        segment, query = self._vm(vm)
+        return self._request("PATCH", f"/vms/{segment}", json_body=_drop_none({"networks": networks, "guest": guest}),
+                             params=query)
+
+    def update_network_mapping(self, source_network: str, *, site: str | None = None, cloud: str | None = None,
+                               recovery_network: str | None = None,
+                               recovery_subnet: str | None = None) -> dict[str, Any]:
+        return self._request("PATCH", f"/network-mappings/{_segment(source_network)}",
+                             json_body=_drop_none({"recovery_network": recovery_network,
+                                                   "recovery_subnet": recovery_subnet}),
+                             params={"site": site, "cloud": cloud})
+
     def update_policy(self, name: str, **options: Any) -> dict[str, Any]:
         """Change the given settings (those of add_policy); the others keep their values."""
         return self._request("PATCH", f"/policies/{_segment(name)}", json_body=_drop_none(options))

@@ -33,9 +33,10 @@ from sites.host.guestdef import GuestDefinition
 __all__ = [
     "Site", "VmmServer", "VmmCloud", "Host", "VirtualMachine", "VirtualDisk", "VmNetworkAdapter",
     "NetworkMapping", "VmNotFoundError", "AmbiguousVmError",
-    "create_site", "create_vmm_server", "create_cloud", "register_host", "rekey_host", "verify_host_key",
-    "host_queue",
+    "create_site", "create_vmm_server", "create_cloud", "register_host", "rekey_host", "move_host",
+    "verify_host_key", "host_queue",
     "add_vm", "import_vm_manifest", "get_vm", "vm_disks", "vm_adapters", "add_network_mapping",
+    "change_network_mapping",
 ]
 
 # scrypt at 16 MiB and ~60 ms per check: a stolen database does not yield keys cheaply, and an agent
@@ -240,6 +241,21 @@ def rekey_host(session: Session, host: Host) -> str:
     session.add(host)
     session.flush()
     return key
+
+
+def move_host(session: Session, host: Host, *, root: str | None = None, site: Site | None = None,
+              cloud: VmmCloud | None = None) -> Host:
+    """Give the host another root, or put it in another site or cloud (both None: it stays where it is),
+    checked as `register_host` checks them. What depends on the old ones is the caller's to refuse."""
+    _require_persisted(host, "host")
+    if root is not None:
+        _validate_host_root(host.name, root)
+    if site is not None or cloud is not None:
+        _require_one_scope(f"host {host.name!r}", site, cloud)
+        host.site_id, host.cloud_id = (site.id, None) if site is not None else (None, cloud.id)
+    if root is not None:
+        host.root = root
+    return _added(session, host)
 
 
 def _new_key() -> str:
@@ -514,13 +530,7 @@ def add_network_mapping(
     validate_name(source_network, "source network")
     validate_name(recovery_network, "recovery network")
     scope = _require_one_scope(f"mapping of network {source_network!r}", site, cloud)
-    try:
-        subnet = str(ipaddress.ip_network(recovery_subnet, strict=True))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(
-            f"mapping of network {source_network!r}: recovery subnet {recovery_subnet!r} is not a network "
-            f"in CIDR form ({exc})"
-        ) from None
+    subnet = _recovery_subnet(source_network, recovery_subnet)
     query = select(NetworkMapping).where(NetworkMapping.source_network == source_network)
     if site is not None:
         query = query.where(NetworkMapping.site_id == site.id)
@@ -536,6 +546,27 @@ def add_network_mapping(
         site_id=site.id if site is not None else None, cloud_id=cloud.id if cloud is not None else None,
         source_network=source_network, recovery_network=recovery_network, recovery_subnet=subnet,
     ))
+
+
+def change_network_mapping(session: Session, mapping: NetworkMapping, *, recovery_network: str | None = None,
+                           recovery_subnet: str | None = None) -> NetworkMapping:
+    """Point a mapping at another recovery network or subnet (None: unchanged), checked as a new one's."""
+    _require_persisted(mapping, "network mapping")
+    if recovery_network is not None:
+        mapping.recovery_network = validate_name(recovery_network, "recovery network")
+    if recovery_subnet is not None:
+        mapping.recovery_subnet = _recovery_subnet(mapping.source_network, recovery_subnet)
+    return _added(session, mapping)
+
+
+def _recovery_subnet(source_network: str, recovery_subnet: Any) -> str:
+    try:
+        return str(ipaddress.ip_network(recovery_subnet, strict=True))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"mapping of network {source_network!r}: recovery subnet {recovery_subnet!r} is not a network "
+            f"in CIDR form ({exc})"
+        ) from None
 
 
 # ---- helpers ------------------------------------------------------------------------------------------

@@ -322,6 +322,31 @@ def test_changes_and_removals_through_the_api(deployment: Deployment) -> None:
         api_error(lambda: client.rekey_host("ghost"), 404, "host 'ghost' not found")
         assert client.update_site("annex", description="the annex")["description"] == "the annex"
 
+        # A host's root and site, a VM's networks, a mapping's recovery network: checked as created, then read back.
+        moved = root.with_name("annex1-moved")
+        api_error(lambda: client.update_host("annex1", root="annex1"), 422, "must be an absolute path")
+        api_error(lambda: client.update_host("annex1", site="nowhere"), 404, "site 'nowhere' not found")
+        assert client.update_host("annex1", root=str(moved), site="primary")["root"] == str(moved)
+        assert (client.show_host("annex1")["root"], client.show_host("annex1")["site"]) == (str(moved), "primary")
+        assert client.update_host("annex1", site="annex")["site"] == "annex"
+        api_error(lambda: client.update_vm("web01", networks={"nic0": "a/b"}), 422, "invalid name")
+        api_error(lambda: client.update_vm("web01", networks={"nic3": "backend"}), 422, "no network adapter 'nic3'")
+        api_error(lambda: client.update_vm("web01", guest={"memory_mb": 512}), 422, "synthetic VM")
+        assert client.update_vm("host1/web01", networks={"nic0": "backend"})["adapters"][0]["vm_network"] == "backend"
+        assert client.show_vm("web01")["adapters"][0]["vm_network"] == "backend"
+        api_error(lambda: client.update_network_mapping("backend", site="primary", recovery_subnet="10.0.0.1/8"), 422,
+                  "not a network in CIDR form")
+        api_error(lambda: client.update_network_mapping("backend", recovery_network="x"), 422, "give site or cloud")
+        changed = client.update_network_mapping("backend", site="primary", recovery_network="recovery-backend2")
+        assert (changed["recovery_network"], changed["recovery_subnet"]) == ("recovery-backend2", "10.20.0.0/24")
+        for role in ("reader", "operator"):  # changes take the admin role
+            with deployment.client(deployment.role_keys[role]) as weaker:
+                for call in (lambda w=weaker: w.update_host("annex1", root="/elsewhere"),
+                             lambda w=weaker: w.update_vm("web01", networks={"nic0": "default"}),
+                             lambda w=weaker: w.update_network_mapping("backend", site="primary",
+                                                                       recovery_network="nope")):
+                    api_error(call, 403, "the admin role")
+
         # A policy change is checked as a new policy is; 422 changes nothing.
         api_error(lambda: client.update_policy("quiet", copy_frequency_s=17), 422, "copy frequency", "30, 300, 900")
         api_error(lambda: client.update_policy("quiet", app_consistent_frequency_h=5), 422, "would not survive")
@@ -366,6 +391,6 @@ def test_changes_and_removals_through_the_api(deployment: Deployment) -> None:
         assert client.remove_site("annex", confirm="annex")["network_mappings_removed"] == []
         assert "annex" not in {s["name"] for s in client.list_sites()}
         assert client.remove_network_mapping("backend", site="primary", confirm="backend")["recovery_network"] == (
-            "recovery-backend")
+            "recovery-backend2")
         api_error(lambda: client.remove_network_mapping("backend", site="primary", confirm="backend"), 404,
                   "not mapped")

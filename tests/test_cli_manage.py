@@ -24,6 +24,7 @@ from recovery_site import RecoverySite
 from sqlmodel import select
 from test_cli_ops import ASR, asr, asr_json, asr_many, check_refused, job_id_of, operator_jobs, refused
 
+from api import service
 from api.cli import main
 from models.db import session_scope
 from models.fabric import Host as HostRow
@@ -120,10 +121,29 @@ def replica_differs(site: RecoverySite, vm: str) -> bool:
     return False
 
 
+def in_process(*args: str) -> Any:
+    """`asr ARGS` run in this process (the same verbs as the console script, without its second of imports)."""
+    return CliRunner().invoke(main, list(args))
+
+
+def check_refused_here(result: Any, needle: str) -> None:
+    """As check_refused, for `in_process`: exit 2, the reason on stderr, nothing on stdout, no traceback."""
+    what = f"exit {result.exit_code}: {result.stderr}{result.stdout}"
+    assert result.exit_code == 2 and result.stdout == "" and isinstance(result.exception, SystemExit), what
+    assert needle.lower() in result.stderr.lower(), what
+
+
+def shown(*args: str) -> Any:
+    result = in_process(*args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
 # ---- no deployment needed ---------------------------------------------------------------------------------
 def test_the_verbs_exist_with_help():
     runner = CliRunner()
-    for verb in ("host rekey", "host remove", "site set", "site remove", "vm remove", "network remove",
+    for verb in ("host rekey", "host set", "host remove", "site set", "site remove", "vm set", "vm remove",
+                 "network set", "network remove",
                  "policy set", "policy remove", "plan update", "plan remove", "replicate", "delete-points"):
         result = runner.invoke(main, [*verb.split(), "--help"])
         assert result.exit_code == 0 and "Usage:" in result.output, (verb, result.output)
@@ -166,6 +186,10 @@ def test_replicate_runs_a_delta_cycle_now(site: RecoverySite, fabric: dict[str, 
         jobs = len(asr_json(site, "jobs", "list", "--vm", "web1", "--limit", "200"))
         busy = asr(site, "replicate", "web1", check=False)
         check_refused(busy, f"already running: job {pending['job_id']}")
+        # Nor is its definition changed while the job works on it (in this process: no need for another `asr`).
+        changing = in_process("vm", "set", "web1", "--network", "nic0=backend")
+        check_refused_here(changing, f"VM host1/web1 is busy with job {pending['job_id']}")
+        assert site.host("host1").get_vm("web1").adapter("nic0").vm_network == "default"
         assert len(asr_json(site, "jobs", "list", "--vm", "web1", "--limit", "200")) == jobs
         assert operator_jobs() == before
         asr(site, "jobs", "cancel", pending["job_id"])
@@ -296,6 +320,88 @@ def test_edits_are_validated_as_creation_is(site: RecoverySite, fabric: dict[str
     assert [group["name"] for group in shown["groups"]] == ["first", "then"]
     assert shown["description"] == "spares and the edge"
     assert [vm["host"] + "/" + vm["name"] for vm in shown["groups"][1]["vms"]] == ["edge/lonely"]
+
+
+# ---- hosts, VMs and network mappings ------------------------------------------------------------------------
+def test_hosts_vms_and_mappings_change_as_they_are_created_unless_something_depends_on_them(
+        site: RecoverySite, fabric: dict[str, Any], tmp_path: Path):
+    driver, edge_root = site.host("host1"), str(fabric["edge_root"])
+    before = registrations()
+    manifests = {vm: driver.get_vm(vm).to_manifest() for vm in ("web1", "spare")}
+    cases = [
+        (("host", "set", "edge", "--root", "edge"), "root of host 'edge' must be an absolute path"),
+        (("host", "set", "edge", "--root", str(tmp_path)), f"VM(s) lonely registered that are not under {tmp_path}"),
+        (("host", "set", "host1", "--site", "branch"),
+         "host 'host1' has protected VM(s) host1/web1: their failovers use the network mappings of its site"),
+        (("host", "set", "host1", "--root", str(tmp_path)), "host 'host1' has protected VM(s) host1/web1"),
+        (("host", "set", "dr1", "--root", str(tmp_path)), "recovery host of protected VM(s) host1/web1"),
+        (("host", "set", "edge", "--site", "nowhere"), "site 'nowhere' not found"),
+        (("host", "set", "edge", "--site", "branch", "--cloud", "c"), "not both"),
+        (("host", "set", "edge"), "nothing to change"),
+        (("host", "set", "ghost", "--root", "/x"), "host 'ghost' not found"),
+        (("vm", "set", "web1", "--network", "nic0=dmz"),
+         "VM host1/web1 is protected: its failover would find no network mapping for network(s) dmz"),
+        (("vm", "set", "spare", "--network", "nic7=backend"), "has no network adapter 'nic7' (its adapters: nic0)"),
+        (("vm", "set", "spare", "--network", "nic0=../up"), "invalid network name '../up'"),
+        (("vm", "set", "spare", "--network", "nic0"), "ADAPTER=NETWORK"),
+        (("vm", "set", "spare", "--memory", "512"), "synthetic VM: it has no guest definition"),
+        (("vm", "set", "spare"), "nothing to change"),
+        (("vm", "set", "ghost", "--network", "nic0=backend"), "ghost"),
+        (("network", "set", "default", "--site", "branch", "--subnet", "10.30.0.1/24"),
+         "recovery subnet '10.30.0.1/24' is not a network in CIDR form"),
+        (("network", "set", "default", "--site", "branch", "--recovery-network", "a..b"), "cannot contain"),
+        (("network", "set", "nowhere", "--site", "branch", "--recovery-network", "x"), "not mapped"),
+        (("network", "set", "default", "--recovery-network", "x"), "--site"),
+        (("network", "set", "default", "--site", "branch"), "nothing to change"),
+    ]
+    results = [in_process(*args) for args, _ in cases]
+    for result, (_args, needle) in zip(results, cases, strict=True):
+        check_refused_here(result, needle)
+    # The same checks, the same words as creation's.
+    with pytest.raises(service.Invalid) as added:
+        service.add_host("probe", "edge", site="branch")
+    assert f"asr: error: {str(added.value).replace('probe', 'edge')}" in results[0].stderr
+    with pytest.raises(service.Invalid) as mapped:
+        service.add_network_mapping("probe", "x", "10.30.0.1/24", site="branch")
+    assert str(mapped.value).replace("probe", "default") in results[16].stderr
+    assert registrations() == before
+    assert {vm: driver.get_vm(vm).to_manifest() for vm in manifests} == manifests
+
+    # Each change, read back; then undone (the tests below count on the fabric as it was).
+    moved = shown("network", "set", "default", "--site", "branch", "--recovery-network", "recovery-b2",
+                  "--subnet", "10.31.0.0/24")
+    assert (moved["recovery_network"], moved["recovery_subnet"]) == ("recovery-b2", "10.31.0.0/24")
+    branch = [m for m in shown("network", "show", "default") if m["site"] == "branch"]
+    assert [(m["recovery_network"], m["recovery_subnet"]) for m in branch] == [("recovery-b2", "10.31.0.0/24")]
+
+    # A VM's network: in its host's manifest (what `asr vm add` reads) and in its registration; a protected VM's
+    # new network is mapped in its site (backend is).
+    for vm in ("spare", "web1"):
+        changed = shown("vm", "set", vm, "--network", "nic0=backend")
+        assert [(a["name"], a["vm_network"]) for a in changed["adapters"]] == [("nic0", "backend")]
+        assert [(a["name"], a["vm_network"]) for a in shown("vm", "show", vm)["adapters"]] == [("nic0", "backend")]
+        assert driver.get_vm(vm).adapter("nic0").vm_network == "backend"
+    service.add_vm("host1", "spare")  # registering it again reads the host's word: the same
+    with session_scope() as session:
+        assert session.exec(select(VmNetworkAdapter.vm_network).where(
+            VmNetworkAdapter.vm_id == vm_id("spare"))).all() == ["backend"]
+
+    # A host with no protected VM moves to another site; its tree to another root holding its VMs.
+    assert shown("host", "set", "edge", "--site", "primary")["site"] == "primary"
+    assert shown("host", "show", "edge")["site"] == "primary"
+    link = tmp_path / "edge-moved"
+    link.symlink_to(edge_root)
+    assert shown("host", "set", "edge", "--root", str(link))["root"] == str(link)
+    assert shown("host", "show", "edge")["root"] == str(link)
+
+    for args in (("host", "set", "edge", "--site", "branch", "--root", edge_root),
+                 ("vm", "set", "web1", "--network", "nic0=default"),
+                 ("vm", "set", "spare", "--network", "nic0=default"),
+                 ("network", "set", "default", "--site", "branch", "--recovery-network", "recovery-branch",
+                  "--subnet", "10.30.0.0/24")):
+        assert in_process(*args).exit_code == 0, args
+    assert registrations() == before
+    assert {vm: driver.get_vm(vm).to_manifest() for vm in manifests} == manifests
 
 
 # ---- removals refused ------------------------------------------------------------------------------------------

@@ -44,6 +44,17 @@ def doc_commands(text: str) -> list[str]:
     return commands
 
 
+# With web01 failed over (committed), its network's mapping and its definition cannot change: side by side, each
+# command's error and exit status kept for the test to read (web01's adapter is then read back, unchanged). Only
+# these two are waited for: the workers and beat run in the background until the test ends.
+REFUSED_WHILE_FAILED_OVER = """
+(asr network set default --site primary --recovery-network elsewhere || echo "exit $?") > "$QS/set-mapping.txt" 2>&1 &
+mapping=$!
+(asr vm set host1/web01 --network nic0=elsewhere || echo "exit $?") > "$QS/set-vm.txt" 2>&1 &
+wait $mapping $!
+"""
+
+
 def test_the_quickstart_runs_as_written_and_the_failed_over_disks_hold_the_primarys_bytes(tmp_path: Path) -> None:
     commands = doc_commands(DOC.read_text())
     assert len(commands) >= 20 and any(c.startswith("asr failover planned") for c in commands), commands
@@ -56,7 +67,8 @@ def test_the_quickstart_runs_as_written_and_the_failed_over_disks_hold_the_prima
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
     script = "set -euo pipefail\n" + "\n".join(f"echo \"+ $(date +%T)\" {shlex.quote(c.splitlines()[0][:120])}\n{c}"
                                                 for c in commands) \
-        + "\necho QUICKSTART-DONE\n" + 'asr vm show host1/web01 --json > "$QS/web01.json"\n'
+        + "\necho QUICKSTART-DONE\n" + REFUSED_WHILE_FAILED_OVER \
+        + 'asr vm show host1/web01 --json > "$QS/web01.json"\n'
     shell = subprocess.Popen(["bash", "-c", script], env=env, cwd=home, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -84,5 +96,10 @@ def test_the_quickstart_runs_as_written_and_the_failed_over_disks_hold_the_prima
     assert disk_digest(primary["data"]) == disk_digest(qs / "hosts" / "host1" / "images" / "data.raw")
     assert disk_digest(primary["data"]) != disk_digest(primary["os"])  # the data disk holds data, not zeros
     assert "every disk matches the manifest root the point recorded" in output, output[-3000:]
+    mapping, vm = ((qs / name).read_text() for name in ("set-mapping.txt", "set-vm.txt"))
+    assert mapping.endswith("exit 2\n") and "VM(s) host1/web01 failed over (or are failing over) into " \
+        "'recovery-net' (10.10.0.0/24) by this mapping" in mapping, mapping
+    assert vm.endswith("exit 2\n") and "VM host1/web01 is failover_committed: it runs at the recovery site" in vm, vm
+    assert shown["adapters"][0]["vm_network"] == "default"
     for marker in ("asr protect host1/web01", "asr failover test host1/web01", "asr failover commit"):
         assert re.search(rf"^\+ [0-9:]+ {re.escape(marker)}", output, re.M), output[-3000:]

@@ -319,6 +319,11 @@ def test_start_console_and_stop_a_guest_with_the_cli(site: RecoverySite, cli_gue
         assert "ASR-CHECK: PASS 0 files" in console.stdout, console.stdout
         tail = json.loads(tail.stdout)
         assert tail["power_state"] == "running" and 0 < len(tail["console"]) <= 200
+        # Its definition does not change while it runs (it booted with this one): refused, nothing written.
+        manifest = (vm.path / "vm.json").read_bytes()
+        with pytest.raises(service.Conflict, match=r"VM host1/cli-guest is running: .* stop it first"):
+            service.update_vm("host1/cli-guest", guest={"memory_mb": 256})
+        assert (vm.path / "vm.json").read_bytes() == manifest
     finally:
         stopped = asr_json(site, "vm", "stop", "host1/cli-guest", "--timeout", "30")
     assert stopped["stopped"] == "stopped" and stopped["power_state"] == "off", stopped
@@ -327,3 +332,42 @@ def test_start_console_and_stop_a_guest_with_the_cli(site: RecoverySite, cli_gue
     assert json.loads(show.stdout)["power_state"] == "off"
     assert [row["power_state"] for row in json.loads(listed.stdout) if row["name"] == "cli-guest"] == ["off"]
     assert "ASR-GUEST-POWEROFF" in console.stdout, console.stdout
+
+
+def test_a_guests_definition_changes_as_it_is_created(site: RecoverySite, cli_guest: dict[str, Any],
+                                                      api: SiteRecoveryClient) -> None:
+    """`asr vm set` and PATCH /vms/{vm} of a guest that is off (after the test above stopped it): checked as
+    `asr vm create` checks a definition; how it boots (its kernel, initrd and their hashes) stays."""
+    driver = site.host("host1")
+    before = {vm: (driver.get_vm(vm).path / "vm.json").read_bytes() for vm in ("cli-guest", "cli-bootdisk")}
+    rows = registered()
+    runner = CliRunner()
+    for args, needle in {
+        ("cli-guest", "--memory", "10"): "memory_mb must be a whole number from 64 to 16384, got 10",
+        ("cli-guest", "--boot-timeout", "1"): "boot_timeout_s must be from 5 to 3600 seconds",
+        ("cli-guest", "--heartbeat", "(READY"): "heartbeat '(READY' is not a valid regular expression",
+        ("cli-bootdisk", "--cmdline", "console=ttyS0"): "a guest booting from its disk 'os' takes no cmdline",
+    }.items():
+        result = runner.invoke(main, ["vm", "set", f"host1/{args[0]}", *args[1:]])
+        what = f"asr vm set {' '.join(args)} exited {result.exit_code}: {result.output}"
+        assert result.exit_code == 2 and result.stdout == "" and needle in result.stderr, what
+    api_refused(site, lambda: api.update_vm("host1/cli-guest", guest={"kernel": "other"}), 422, "kernel")
+    api_refused(site, lambda: api.update_vm("host1/cli-guest", guest={"memory_mb": 20000}), 422, "16384")
+    assert {vm: (driver.get_vm(vm).path / "vm.json").read_bytes() for vm in before} == before
+    assert registered() == rows
+
+    hashes = driver.get_vm("cli-guest").guest.hashes
+    result = runner.invoke(main, ["vm", "set", "host1/cli-guest", "--memory", "320", "--boot-timeout", "90",
+                                  "--guest-agent", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["guest"]["memory_mb"] == 320
+    changed = api.update_vm("host1/cli-guest", guest={"check_pass": "ASR-CHECK: PASS", "memory_mb": 288})
+    guest = api.show_vm("host1/cli-guest")["guest"]
+    assert changed["guest"] == guest
+    assert (guest["memory_mb"], guest["boot_timeout_s"], guest["guest_agent"], guest["check_pass"]) == (
+        288, 90.0, True, "ASR-CHECK: PASS")
+    on_host = driver.get_vm("cli-guest").guest  # the host's manifest says the same, and boots as before
+    assert (on_host.memory_mb, on_host.boot_timeout_s, on_host.guest_agent, on_host.hashes) == (288, 90.0, True, hashes)
+    with session_scope() as session:
+        row = session.exec(select(VirtualMachine).where(VirtualMachine.name == "cli-guest")).one()
+        assert row.guest["memory_mb"] == 288 and row.guest["hashes"] == hashes

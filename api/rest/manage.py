@@ -1,6 +1,8 @@
-"""Routes that change or remove what was registered: a host's new registration key, a site's description, a
-policy's settings, a plan's groups; removing a VM, host, site, network mapping, policy or plan (each with
-`?confirm=<its name>`, refused with 409 while something depends on it); and a delta cycle started now.
+"""Routes that change or remove what was registered: a host's new registration key, root, site or cloud; a
+site's description; a VM's networks and guest definition; a network mapping's recovery network and subnet; a
+policy's settings; a plan's groups (each refused with 409 while something depends on what it changes);
+removing a VM, host, site, network mapping, policy or plan (each with `?confirm=<its name>`, refused with 409
+while something depends on it); and a delta cycle started now.
 
 Included after the other areas' routers: no earlier route takes these methods and paths."""
 from __future__ import annotations
@@ -12,7 +14,18 @@ from pydantic import Field
 
 from api import service
 
-from .common import ACCEPTED, QUALIFIED_NAME_CHARS, HostQuery, Name, NamePath, VmPath, _Body, _started, _vm_ref
+from .common import (
+    ACCEPTED,
+    QUALIFIED_NAME_CHARS,
+    HostQuery,
+    Name,
+    NamePath,
+    Text,
+    VmPath,
+    _Body,
+    _started,
+    _vm_ref,
+)
 from .fabric import PolicySettingsIn
 from .plans import PLAN_DESCRIPTION_CHARS, PlanGroups
 from .roles import ADMIN, OPERATOR
@@ -26,6 +39,37 @@ Confirm = Annotated[str | None, Query(max_length=64, description=(
 # ---- request bodies ----------------------------------------------------------------------------------------
 class SiteUpdateIn(_Body):
     description: str = Field(max_length=1024)
+
+
+class HostUpdateIn(_Body):
+    root: str | None = Field(None, max_length=4096, description="A new absolute path of the host's tree; every VM "
+                             "registered on the host must be there (a tree that moved)")
+    site: Name | None = Field(None, description="Move the host to this site (refused while it has protected VMs)")
+    cloud: str | None = Field(None, max_length=129, description="Or to this VMM cloud: 'server/cloud' or 'cloud'")
+
+
+class GuestUpdateIn(_Body):
+    """The fields of a guest definition (as POST /hosts/{host}/vms takes them) that can change; those left out
+    keep their values. How the guest boots (kernel, initrd, boot disk) cannot."""
+
+    memory_mb: int | None = Field(None, ge=64, le=16384)
+    boot_timeout_s: float | None = Field(None, ge=5, le=3600)
+    heartbeat: str | None = Field(None, max_length=200, description="Regex: the guest is up once a console line "
+                                                                    "matches it")
+    check_pass: str | None = Field(None, max_length=200)
+    check_fail: str | None = Field(None, max_length=200)
+    cmdline: str | None = Field(None, max_length=1024, description="A direct-kernel guest's kernel command line")
+    guest_agent: bool | None = None
+
+
+class VmUpdateIn(_Body):
+    networks: dict[Name, Name] | None = Field(None, max_length=8, description="Adapter name -> its new VM network")
+    guest: GuestUpdateIn | None = Field(None, description="A QEMU guest's definition (refused while it runs)")
+
+
+class NetworkMappingUpdateIn(_Body):
+    recovery_network: Name | None = None
+    recovery_subnet: Text(64) | None = Field(None, description="CIDR, e.g. 10.1.0.0/24")
 
 
 class PolicyUpdateIn(PolicySettingsIn):
@@ -48,6 +92,31 @@ def rekey_host(name: NamePath) -> dict[str, Any]:
 @router.patch("/sites/{name:path}", dependencies=[ADMIN], tags=["fabric"], summary="Change a site's description")
 def update_site(name: NamePath, body: SiteUpdateIn) -> dict[str, Any]:
     return service.update_site(name, description=body.description)
+
+
+@router.patch("/hosts/{name:path}", dependencies=[ADMIN], tags=["fabric"],
+              summary="Give a host another root, or move it to another site or cloud (refused with 409 while "
+                      "protected VMs depend on them)")
+def update_host(name: NamePath, body: HostUpdateIn) -> dict[str, Any]:
+    return service.update_host(name, root=body.root, site=body.site, cloud=body.cloud)
+
+
+@router.patch("/vms/{vm:path}", dependencies=[ADMIN], tags=["fabric"],
+              summary="Change a VM's adapters' networks or its guest definition, on its host and in its registration")
+def update_vm(vm: VmPath, body: VmUpdateIn, host: HostQuery = None) -> dict[str, Any]:
+    return service.update_vm(_vm_ref(vm, host), networks=body.networks,
+                             guest=body.guest.model_dump(exclude_none=True) if body.guest else None)
+
+
+@router.patch("/network-mappings/{source_network:path}", dependencies=[ADMIN], tags=["fabric"],
+              summary="Point a network mapping of a site or cloud at another recovery network or subnet")
+def update_network_mapping(source_network: NamePath, body: NetworkMappingUpdateIn,
+                           site: Annotated[Name | None, Query()] = None,
+                           cloud: Annotated[str | None, Query(max_length=QUALIFIED_NAME_CHARS)] = None
+                           ) -> dict[str, Any]:
+    return service.update_network_mapping(source_network, site=site, cloud=cloud,
+                                          recovery_network=body.recovery_network,
+                                          recovery_subnet=body.recovery_subnet)
 
 
 @router.patch("/policies/{name:path}", dependencies=[ADMIN], tags=["fabric"],

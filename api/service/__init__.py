@@ -11,8 +11,9 @@ A `vm` argument is a VM's name (when only one host has a VM of that name), "host
 
 This package is the public face; the operations live by area: `fabric` (sites, VMM clouds, hosts, VMs, network
 mappings), `vms` (create, start, stop a VM, its console), `policies`, `protection` (protect, disable, replicate
-now, resync, consistency check, recovery points and their deletion, verify, health), `edits` (a host's new key, a
-site's description, a policy's settings, a plan's groups), `removals` (each refused while something depends on
+now, resync, consistency check, recovery points and their deletion, verify, health), `edits` (a host's new key,
+root or site; a site's description; a VM's networks and guest definition; a network mapping's recovery network;
+a policy's settings; a plan's groups), `removals` (each refused while something depends on
 it), `failover` (failover, failback, reverse replication), `plans`, `jobs`, `metrics` (Prometheus) and `apikeys`;
 beside them `errors` (the ServiceErrors, `_translate`, the `_operation` decorator), `dependents` (the jobs and
 plans that depend on a thing), `lookups` (finding things by name or id, name checks) and `presenters` (rows as
@@ -20,7 +21,15 @@ plain dicts).
 """
 from .alerts import list_alerts
 from .apikeys import create_api_key, create_env_api_key, hash_api_key, list_api_keys, revoke_api_key
-from .edits import rekey_host, update_plan, update_policy, update_site
+from .edits import (
+    rekey_host,
+    update_host,
+    update_network_mapping,
+    update_plan,
+    update_policy,
+    update_site,
+    update_vm,
+)
 from .errors import Conflict, Invalid, NotFound, ServiceError, Unavailable
 from .errors import _ensure_database as _ensure_database  # the REST API's key check readies the tables too
 from .fabric import (
@@ -98,7 +107,8 @@ __all__ = [
     "recovery_points", "delete_recovery_points", "verify", "health", "metrics",
     "list_jobs", "show_job", "cancel_job", "retry_job", "restart_job", "job_events", "job_snapshot",
     "create_api_key", "create_env_api_key", "list_api_keys", "revoke_api_key", "hash_api_key",
-    "rekey_host", "update_site", "update_policy", "update_plan", "replicate",
+    "rekey_host", "update_host", "update_site", "update_vm", "update_network_mapping", "update_policy", "update_plan",
+    "replicate",
     "remove_vm", "remove_host", "remove_site", "remove_network_mapping", "remove_policy", "remove_plan",
     "POLICY_OPTIONS", "PLAN_OPTIONS", "FAILBACK_MODES", "POINT_CHOICES", "MAX_JOB_LIMIT", "MAX_FAILOVER_HISTORY",
     "MAX_WATCH_S", "CONSOLE_MAX_BYTES",

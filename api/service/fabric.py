@@ -1,8 +1,6 @@
 """The fabric: sites, VMM clouds, hosts, the VMs on them, and the network mappings failovers use."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from sqlmodel import Session, select
 
 from models.db import session_scope
@@ -29,7 +27,7 @@ from workflows.items import item_status
 from workflows.reports import failover_report
 
 from .errors import Conflict, Invalid, _operation
-from .lookups import _cloud, _host, _name, _site, _vm
+from .lookups import _cloud, _host, _host_root, _name, _site, _vm
 from .presenters import _host_dict, _iso, _mapping_dict, _power_state, _site_dict, _vm_dict
 
 
@@ -80,8 +78,7 @@ def add_host(name: str, root: str, *, site: str | None = None, cloud: str | None
     _name(name, "host")
     if (site is None) == (cloud is None):
         raise Invalid(f"host {name!r} must belong to exactly one site or one VMM cloud: give site or cloud")
-    if not isinstance(root, str) or not root.startswith("/") or "\x00" in root or ".." in Path(root).parts:
-        raise Invalid(f"root of host {name!r} must be an absolute path without '..', got {root!r}")
+    _host_root(name, root)
     with session_scope() as session:
         site_row = _site(session, site) if site is not None else None
         cloud_row = _cloud(session, cloud) if cloud is not None else None

@@ -2,6 +2,7 @@
 the checks of the names and numbers requests give: NotFound or Invalid with the text to show the user."""
 from __future__ import annotations
 
+from pathlib import PurePosixPath
 from typing import Any
 
 from sqlmodel import Session, select
@@ -23,6 +24,13 @@ def _name(value: Any, kind: str) -> str:
         return validate_name(value, kind)
     except ValueError as exc:
         raise Invalid(str(exc)) from None
+
+
+def _host_root(host: str, root: Any) -> str:
+    """A host's root as registering it takes it: an absolute path, without '..' (its VMs' paths are built on it)."""
+    if not isinstance(root, str) or not root.startswith("/") or "\x00" in root or ".." in PurePosixPath(root).parts:
+        raise Invalid(f"root of host {host!r} must be an absolute path without '..', got {root!r}")
+    return root
 
 
 def _optional_name(value: Any, kind: str) -> str | None:

@@ -165,6 +165,7 @@ def _vm_dict(session: Session, vm: VirtualMachine, *, detail: bool = False) -> d
     plain["disks"] = disks
     plain["adapters"] = [{"name": a.name, "vm_network": a.vm_network, "public_ip": a.public_ip}
                          for a in vm_adapters(session, vm)]
+    plain["guest"] = vm.guest  # how a QEMU guest boots, as registered (None: a synthetic VM)
     plain["recovery_storage"] = item.recovery_storage if item is not None else None
     plain["protection"] = None
     plain["failover"] = None

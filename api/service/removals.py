@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
-from sqlmodel import Session, select
+from sqlmodel import select
 
 from models.db import session_scope
 from models.fabric import Host, NetworkMapping, Site, VirtualDisk, VirtualMachine, VmNetworkAdapter, vm_disks
@@ -23,7 +23,8 @@ from models.protection import ProtectedItem, RecoveryPoint, ReplicationState
 from models.replicas import ReplicaRecord
 from sites.host import Host as HostDriver
 
-from .dependents import describe_job, item_job, plan_job, plans_naming
+from .dependents import describe_job, item_job, plan_job, plans_naming, recovery_items
+from .dependents import listed as _names
 from .errors import Conflict, Invalid, NotFound, ServiceError, _operation
 from .lookups import _cloud, _host, _item_of, _name, _policy, _site, _vm
 
@@ -34,11 +35,6 @@ def _confirmed(confirm: str | None, name: str, what: str, consequence: str) -> N
     if confirm is not None and confirm != name:
         got = f" (got {confirm[:80]!r})" if confirm else ""
         raise ServiceError(f"removing {what} {name!r} {consequence}: confirm by sending confirm={name}{got}")
-
-
-def _names(values: list[str], limit: int = 10) -> str:
-    shown = ", ".join(values[:limit])
-    return shown + (f" and {len(values) - limit} more" if len(values) > limit else "")
 
 
 @_operation
@@ -87,7 +83,7 @@ def remove_host(name: str, confirm: str | None = None) -> dict[str, Any]:
         if vms:
             raise Conflict(f"host {row.name!r} has {len(vms)} registered VM(s): {_names(vms)}; remove them first "
                            f"(`asr vm remove {row.name}/VM`)")
-        recovering = _recovery_items(session, row)
+        recovering = recovery_items(session, row)
         protected = [vm for vm, item in recovering if item.replication_state != _DISABLED]
         if protected:
             raise Conflict(f"host {row.name!r} is the recovery host of protected VM(s) {_names(protected)}: "
@@ -102,14 +98,6 @@ def remove_host(name: str, confirm: str | None = None) -> dict[str, Any]:
                   "removed": True}
         session.delete(row)
         return answer
-
-
-def _recovery_items(session: Session, host: Host) -> list[tuple[str, ProtectedItem]]:
-    rows = session.exec(select(VirtualMachine, Host.name, ProtectedItem)
-                        .join(ProtectedItem, ProtectedItem.vm_id == VirtualMachine.id)
-                        .join(Host, Host.id == VirtualMachine.host_id)
-                        .where(ProtectedItem.recovery_host_id == host.id)).all()
-    return sorted(((f"{host_name}/{vm.name}", item) for vm, host_name, item in rows), key=lambda pair: pair[0])
 
 
 @_operation

@@ -16,6 +16,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from datapath.disk import FORMATS, create_disk, parse_size
 from datapath.durable import fsync_directory, replace_file
@@ -43,6 +44,8 @@ from .vm import (
 MIB = 1024 * 1024
 MANIFEST = "vm.json"
 LOCK_FILE = "vm.lock"
+FIXED_GUEST_FIELDS = frozenset({"runtime", "kernel", "initrd", "boot_disk", "hashes"})
+"""The fields of a guest definition that `redefined` leaves as they are: how the guest boots."""
 
 
 class VmStore:
@@ -178,6 +181,41 @@ class VmStore:
             if NAME.fullmatch(entry.name) and (entry / MANIFEST).is_file()
         )
         return [self.get_vm(name) for name in names]
+
+    def redefined(self, vm: VirtualMachine, *, networks: Mapping[str, str] | None = None,
+                  guest: Mapping[str, Any] | None = None) -> VirtualMachine:
+        """`vm` with other VM networks for some adapters (adapter name -> network) and other values for some
+        fields of its guest definition, checked as a new VM's are; nothing is written. What a VM is made of
+        and identified by stays: its name, id, generation, disks, and how its guest boots (kernel, initrd,
+        boot disk and their hashes, which travel with its protection)."""
+        where = f"VM {vm.name!r} on host {self.name!r}"
+        adapters = list(vm.network_adapters)
+        for adapter_name, network in (networks or {}).items():
+            try:
+                vm.adapter(adapter_name)
+            except NetworkConfigError as exc:  # no such adapter: a bad definition, as creating one with it
+                raise VmSpecError(str(exc)) from None
+            validate_segment(network, "network")
+            adapters = [dataclasses.replace(a, vm_network=network) if a.name == adapter_name else a for a in adapters]
+        definition = vm.guest
+        if guest:
+            if vm.guest is None:
+                raise VmSpecError(f"{where} is a synthetic VM: it has no guest definition to change")
+            fixed = sorted(set(guest) & FIXED_GUEST_FIELDS)
+            if fixed:
+                raise VmSpecError(f"{where}: {', '.join(fixed)} cannot be changed (how the guest boots, and its "
+                                  f"boot files' hashes, travel with its protection): create another VM")
+            definition = GuestDefinition.from_manifest({**vm.guest.to_manifest(), **guest}, where)
+        return dataclasses.replace(vm, network_adapters=adapters, guest=definition)
+
+    def redefine_vm(self, name: str, *, networks: Mapping[str, str] | None = None,
+                    guest: Mapping[str, Any] | None = None) -> VirtualMachine:
+        """Write what `redefined` makes of the VM as it is now (read under its lock) into its manifest."""
+        with self._vm_lock(name) as current:
+            changed = self.redefined(current, networks=networks, guest=guest)
+            if changed != current:
+                self._write_manifest(changed)
+            return changed
 
     def _vm_dir(self, name: str) -> Path:
         folder = self.vms_dir / validate_segment(name, "VM")
