@@ -147,7 +147,7 @@ def check_no_plaintext(source: Path, replica: Path, size: int, rng: random.Rando
 
 # ---- our steps, each run in a child process ---------------------------------------------------------
 def _storage(site: str, encrypted: bool, kek_file: str):
-    """The storage as the engine opens it (tasks.replication.open_recovery_storage): open_encrypted."""
+    """The storage as the engine opens it (tasks.recovery_storage.open_recovery_storage): open_encrypted."""
     os.environ["ASR_STORAGE_ENCRYPTION"] = "on" if encrypted else "off"
     os.environ["ASR_STORAGE_KEK_FILE"] = kek_file
     os.environ.pop("ASR_STORAGE_KEK", None)

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -103,10 +103,21 @@ def asr_json(site: RecoverySite, *args: str) -> Any:
 
 
 def asr_many(site: RecoverySite, commands: list[tuple[str, ...]]) -> list[subprocess.CompletedProcess]:
-    """Independent commands side by side (each `asr` spends about a second importing the service; the
-    test need not wait for them one by one)."""
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(pool.map(lambda args: asr(site, *args, check=False), commands))
+    """Commands whose exit status and output are what a test checks (refusals, listings, shows), one after the
+    other in this process through click's CliRunner: the same `asr` code with the site's environment, without
+    the second of start-up each installed `asr` spends importing the service (a suite runs hundreds). Every
+    test here also runs the installed console script itself (`asr`)."""
+    return [asr_in_process(site, *args) for args in commands]
+
+
+def asr_in_process(site: RecoverySite, *args: str) -> subprocess.CompletedProcess:
+    """`asr ARGS` as `asr_many` runs it; an exception other than the CLI's own exit comes back with its
+    traceback on stderr (as the installed script would print it)."""
+    result = CliRunner().invoke(main, list(args), env=site.env)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "Traceback (in process):\n" + "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(["asr", *args], result.exit_code, result.stdout, stderr)
 
 
 def check_refused(proc: subprocess.CompletedProcess, needle: str) -> None:

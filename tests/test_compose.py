@@ -29,7 +29,7 @@ ENGINE_PROCESSES = {"migrate", "beat", "orchestration", "recovery", "flower"}
 OWNER_PROCESSES = ENGINE_PROCESSES - {"flower"}
 """The processes that connect to the database as the schema's owner; Flower reads the broker only."""
 DATA_MOVERS = {"orchestration", "recovery"} | HOST_AGENTS
-"""The processes that open the recovery storage (tasks.replication.open_recovery_storage, in step actions run
+"""The processes that open the recovery storage (tasks.recovery_storage.open_recovery_storage, in step actions run
 by the orchestration and recovery workers and the host agents); the API only checks a protection's storage
 against the allow-list, beat only queues ticks, Flower reads the broker."""
 STORAGE_SETTINGS = {"ASR_AZURE_CONNECTION_STRING", "ASR_STORAGE_KEK", "ASR_STORAGE_KEK_FILE"}

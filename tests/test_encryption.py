@@ -21,7 +21,7 @@ from sites.storage.encrypted import EncryptedStorage, key_objects, rewrap_keys
 from sites.storage.encrypted_disk import SECTOR_SIZE
 from sites.storage.keys import KEY_OBJECT, KeyEncryptionKey, write_kek_file
 from sites.storage.sealed import HEADER_SIZE, SEGMENT_SIZE, TAG_SIZE
-from tasks.replication import open_recovery_storage
+from tasks.recovery_storage import open_recovery_storage
 
 MIB = 1024 * 1024
 REPO = Path(__file__).resolve().parent.parent
@@ -360,7 +360,8 @@ def test_engine_stores_nothing_in_clear_and_every_forgery_is_caught(tmp_path: Pa
     from datapath.points import restore_point
     from models.db import session_scope
     from models.protection import ProtectedItem, recovery_points
-    from tasks.replication import open_backend, replica_of
+    from tasks.recovery_storage import open_backend
+    from tasks.replication import replica_of
     from workflows import kinds
     from workflows.items import load_item
 

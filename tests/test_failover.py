@@ -28,7 +28,8 @@ from models.plans import create_plan
 from models.protection import ProtectedItem, RecoveryPoint, RecoveryPointKind, recovery_points
 from sites.localservices import wait_until
 from sites.planscripts import shared_folder, write_registry
-from tasks.replication import open_recovery_storage, replica_of
+from tasks.recovery_storage import open_recovery_storage
+from tasks.replication import replica_of
 from workflows import failover_request, kinds, reports
 from workflows.engine import get_job
 from workflows.engine import resume as resume_plan

@@ -687,9 +687,9 @@ def test_names_with_a_trailing_or_embedded_newline_are_refused(local_storage, na
 
 # ---- the administrator's allow-list, where a worker opens the storage ---------------------------------------
 def test_a_worker_opens_no_storage_the_allow_list_refuses_whatever_the_database_holds(tmp_path, monkeypatch):
-    """tasks.replication.open_recovery_storage (what every worker step opens storage with) re-checks the stored
+    """tasks.recovery_storage.open_recovery_storage (what every worker step opens storage with) re-checks the stored
     URL and options: rows written behind the API's back (another process with database access) open nothing."""
-    from tasks.replication import open_recovery_storage
+    from tasks.recovery_storage import open_recovery_storage
 
     allowed = tmp_path / "allowed"
     allowed.mkdir()
