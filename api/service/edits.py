@@ -13,7 +13,6 @@ from datapath.errors import NonRecoverableError
 from models.db import session_scope
 from models.fabric import (
     Host,
-    NetworkMapping,
     Site,
     VirtualMachine,
     VmNetworkAdapter,
@@ -32,9 +31,9 @@ from sites.host import Host as HostDriver
 from workflows.failover_request import recovery_network_for
 
 from .dependents import describe_job, item_job, listed, plan_job, protected_on, recovery_items
-from .errors import Conflict, Invalid, NotFound, _operation
+from .errors import Conflict, Invalid, _operation
 from .fabric import show_vm
-from .lookups import _cloud, _host, _host_root, _item_of, _name, _policy, _site, _vm
+from .lookups import _cloud, _host, _host_root, _item_of, _mapping_in_scope, _name, _one_scope, _policy, _site, _vm
 from .policies import _policy_options
 from .presenters import _host_dict, _mapping_dict, _plan_dict, _policy_dict, _site_dict
 
@@ -198,24 +197,14 @@ def update_network_mapping(source_network: str, *, site: str | None = None, clou
     refused while a VM with an adapter on that network is failing over or failed over, its recovery VM in the
     network the mapping names now."""
     _name(source_network, "source network")
-    if (site is None) == (cloud is None):
-        raise Invalid(f"the mapping of network {source_network!r} belongs to one site or one VMM cloud: give site "
-                      f"or cloud")
+    _one_scope(source_network, site, cloud)
     if recovery_network is None and recovery_subnet is None:
         raise Invalid(f"nothing to change for the mapping of network {source_network!r}: give a recovery network "
                       f"or a recovery subnet")
     if recovery_network is not None:
         _name(recovery_network, "recovery network")
     with session_scope() as session:
-        site_row = _site(session, site) if site is not None else None
-        cloud_row = _cloud(session, cloud) if cloud is not None else None
-        scope = site or cloud
-        in_scope = (NetworkMapping.site_id == site_row.id) if site_row else (NetworkMapping.cloud_id == cloud_row.id)
-        mapping = session.exec(select(NetworkMapping).where(
-            in_scope, NetworkMapping.source_network == source_network)).first()
-        if mapping is None:
-            raise NotFound(f"network {source_network!r} of {scope!r} is not mapped")
-        hosts_in_scope = (Host.site_id == site_row.id) if site_row else (Host.cloud_id == cloud_row.id)
+        mapping, scope, hosts_in_scope = _mapping_in_scope(session, source_network, site, cloud)
         users = session.exec(select(VirtualMachine.name, Host.name, ProtectedItem)
                              .join(Host, Host.id == VirtualMachine.host_id)
                              .join(ProtectedItem, ProtectedItem.vm_id == VirtualMachine.id)

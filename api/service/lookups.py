@@ -8,7 +8,7 @@ from typing import Any
 from sqlmodel import Session, select
 
 from models.db import session_scope, validate_name
-from models.fabric import Host, Site, VirtualMachine, VmmCloud, VmmServer, get_vm
+from models.fabric import Host, NetworkMapping, Site, VirtualMachine, VmmCloud, VmmServer, get_vm
 from models.policy import ReplicationPolicy
 from models.protection import ProtectedItem
 
@@ -127,3 +127,26 @@ def _protected(vm_ref: str) -> tuple[str, str]:
         if item is None:
             raise Conflict(f"VM {vm.name!r} is not protected: enable protection first")
         return item.id, vm.name
+
+
+def _one_scope(source_network: str, site: str | None, cloud: str | None) -> None:
+    """A network mapping is named by its source network and the one site or VMM cloud it belongs to."""
+    if (site is None) == (cloud is None):
+        raise Invalid(f"the mapping of network {source_network!r} belongs to one site or one VMM cloud: give site "
+                      f"or cloud")
+
+
+def _mapping_in_scope(session: Session, source_network: str, site: str | None, cloud: str | None
+                      ) -> tuple[NetworkMapping, str, Any]:
+    """The mapping of `source_network` in the site or cloud (one of them given: `_one_scope`), the scope's name,
+    and the clause selecting the hosts of that scope (whose VMs fail over by the mapping)."""
+    site_row = _site(session, site) if site is not None else None
+    cloud_row = _cloud(session, cloud) if cloud is not None else None
+    scope = site or cloud
+    in_scope = (NetworkMapping.site_id == site_row.id) if site_row else (NetworkMapping.cloud_id == cloud_row.id)
+    mapping = session.exec(select(NetworkMapping).where(
+        in_scope, NetworkMapping.source_network == source_network)).first()
+    if mapping is None:
+        raise NotFound(f"network {source_network!r} of {scope!r} is not mapped")
+    hosts_in_scope = (Host.site_id == site_row.id) if site_row else (Host.cloud_id == cloud_row.id)
+    return mapping, scope, hosts_in_scope

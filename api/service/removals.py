@@ -25,8 +25,8 @@ from sites.host import Host as HostDriver
 
 from .dependents import describe_job, item_job, plan_job, plans_naming, recovery_items
 from .dependents import listed as _names
-from .errors import Conflict, Invalid, NotFound, ServiceError, _operation
-from .lookups import _cloud, _host, _item_of, _name, _policy, _site, _vm
+from .errors import Conflict, ServiceError, _operation
+from .lookups import _host, _item_of, _mapping_in_scope, _name, _one_scope, _policy, _site, _vm
 
 _DISABLED = ReplicationState.DISABLED
 
@@ -127,20 +127,10 @@ def remove_network_mapping(source_network: str, *, site: str | None = None, clou
     """Forget the mapping of a VM network of a site (or cloud), unless a protected VM of that site has an adapter
     on it (its failover would have no recovery network)."""
     _name(source_network, "source network")
-    if (site is None) == (cloud is None):
-        raise Invalid(f"the mapping of network {source_network!r} belongs to one site or one VMM cloud: give site "
-                      f"or cloud")
+    _one_scope(source_network, site, cloud)
     with session_scope() as session:
-        site_row = _site(session, site) if site is not None else None
-        cloud_row = _cloud(session, cloud) if cloud is not None else None
-        scope = site or cloud
-        in_scope = (NetworkMapping.site_id == site_row.id) if site_row else (NetworkMapping.cloud_id == cloud_row.id)
-        mapping = session.exec(select(NetworkMapping).where(
-            in_scope, NetworkMapping.source_network == source_network)).first()
-        if mapping is None:
-            raise NotFound(f"network {source_network!r} of {scope!r} is not mapped")
+        mapping, scope, hosts_in_scope = _mapping_in_scope(session, source_network, site, cloud)
         _confirmed(confirm, source_network, "the mapping of network", f"of {scope!r} forgets where it fails over to")
-        hosts_in_scope = (Host.site_id == site_row.id) if site_row else (Host.cloud_id == cloud_row.id)
         users = session.exec(select(VirtualMachine.name, Host.name)
                              .join(Host, Host.id == VirtualMachine.host_id)
                              .join(ProtectedItem, ProtectedItem.vm_id == VirtualMachine.id)
