@@ -1,9 +1,9 @@
 """Whoever reaches Redis cannot command the workers: real worker processes ignore a broadcast add_consumer
 (which made the orchestration worker take a host's disk steps) and shutdown, while still answering the
-read-only questions Flower asks; with ASR_WORKER_REMOTE_CONTROL=off, a host agent's default, they answer
-nothing at all. A plain `celery worker -Q host.X` that did not prove it is host X (its registration key) does
-not start; host X's agent runs no step of another queue pushed onto its own, and stops consuming its queue
-once its key no longer verifies (`asr host rekey`).
+read-only questions Flower asks; with ASR_WORKER_REMOTE_CONTROL=off they answer nothing at all. A plain
+`celery worker -Q host.X` that did not prove it is host X (its registration key) does not start; host X's agent
+runs no step of another queue pushed onto its own, and stops consuming its queue once its key no longer verifies
+(`asr host rekey`).
 """
 from __future__ import annotations
 
@@ -89,12 +89,12 @@ def host_keys(site: Deployment, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 
 def host1_agent(site: Deployment, host_keys: dict[str, str]) -> CeleryProcess:
-    """Host1's agent, as `asr worker host host1` starts it (its name and key, no remote control setting),
-    with a heartbeat (and key verification) every AGENT_HEARTBEAT_S."""
+    """Host1's agent, as `asr worker host host1` starts it (its name and key), with remote control off and a
+    heartbeat (and key verification) every AGENT_HEARTBEAT_S."""
     if "host-host1" not in site.workers:
         site.add_worker("host-host1", ["host.host1"], env={
             **site.env, "ASR_HOST_NAME": "host1", "ASR_HOST_KEY": host_keys["host1"],
-            "ASR_HOST_HEARTBEAT_S": str(AGENT_HEARTBEAT_S)})
+            "ASR_HOST_HEARTBEAT_S": str(AGENT_HEARTBEAT_S), "ASR_WORKER_REMOTE_CONTROL": "off"})
     return site.workers["host-host1"]
 
 
@@ -153,8 +153,7 @@ def test_a_hosts_agent_answers_no_broadcast_runs_only_its_queues_steps_and_stops
 
     agent = host1_agent(site, host_keys)
     admin = site.redis.client()
-    # Remote control is off by default on a host's agent: it answers not even a ping (the orchestration
-    # worker does, read-only).
+    # With remote control off, the agent answers not even a ping (the orchestration worker does, read-only).
     replies = app.control.inspect(timeout=1).ping() or {}
     assert any(found.startswith("orchestration@") for found in replies), replies
     assert not any(found.startswith("host-host1@") for found in replies), replies

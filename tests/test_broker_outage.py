@@ -123,8 +123,7 @@ def test_three_redis_restarts_during_a_long_copy_do_not_poison_it(tmp_path: Path
     size = 96 * MIB
     # Long enough a copy for three restarts: the host's uplink limited to 4 MiB/s makes it about 24 s. Two
     # processes on the host: with a free one its agent keeps reading its queue while the copy runs, so each
-    # restart breaks a connection it is using (a host agent answers no broadcasts: with its only process busy it
-    # would not touch the broker at all, and nothing would be tested).
+    # restart breaks a connection it is using.
     with RecoverySite(tmp_path, backend="azure", azurite=azurite, appendonly=True, host_concurrency=2,
                       env={"ASR_MAX_STEP_DEATHS": "3", "ASR_HOST_UPLOAD_LIMIT": "4M"},
                       policy_options={"copy_frequency_s": 900}) as site:

@@ -261,15 +261,14 @@ def test_workers_start_answer_over_the_broker_and_stop_on_sigterm(tmp_path: Path
         with session_scope(get_engine(fresh_db)) as session:  # the tables exist now
             assert session.exec(select(Host)).all() == []
 
-        # A real round trip through the broker: the orchestration worker answers with its queues; the host's
-        # agent answers nothing (remote control is off by default on an agent).
+        # A real round trip through the broker: both nodes answer, each consuming its own queues.
         answer = subprocess.run([*CELERY, "inspect", "active_queues", "--timeout", "5", "--json"],
                                 env=clean_env(ASR_BROKER_URL=redis_server.url), capture_output=True, text=True,
                                 timeout=30)
         assert answer.returncode == 0, answer.stdout + answer.stderr
         queues = {node.split("@")[0]: sorted(queue["name"] for queue in info)
                   for node, info in json.loads(answer.stdout).items()}
-        assert queues == {"orchestration": ["orchestration", "recovery"]}, queues
+        assert queues == {"orchestration": ["orchestration", "recovery"], "host-host1": ["host.host1"]}, queues
 
         for process in processes.values():
             process.send_signal(signal.SIGTERM)

@@ -167,16 +167,14 @@ def test_flower_shows_the_jobs_tasks_and_workers_behind_basic_auth(tmp_path: Pat
             status, types = flower.get("/api/task/types")
             assert status == 200 and step_task_name(COPY_DISK) in types["task-types"], types
 
-            # The workers through inspect (what /api/workers answers), with the queues each consumes: the
-            # orchestration worker's. The host's agent answers no inspect (remote control is off by default on
-            # an agent): Flower knows it from its events (alive above, its counters below).
+            # The workers through inspect (what /api/workers answers), with the queues each consumes.
             status, workers = flower.get("/api/workers?refresh=1")
             assert status == 200, workers
-            orchestration_node = node_of("orchestration", workers)
-            assert orchestration_node and node_of("host-host1", workers) is None, sorted(workers)
-            queues = sorted(q["name"] for q in workers[orchestration_node]["active_queues"])
-            assert queues == ["orchestration", "recovery"], queues
-            host_node = node_of("host-host1", flower.get("/api/workers?status=1")[1])
+            host_node, orchestration_node = node_of("host-host1", workers), node_of("orchestration", workers)
+            assert host_node and orchestration_node, sorted(workers)
+            queues = {node: sorted(q["name"] for q in workers[node]["active_queues"])
+                      for node in (host_node, orchestration_node)}
+            assert queues == {host_node: ["host.host1"], orchestration_node: ["orchestration", "recovery"]}, queues
 
             # Progress events: the copy steps' task-progress events reach Flower, counted per worker.
             status, page = flower.get("/workers?json=1")

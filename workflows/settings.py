@@ -182,18 +182,15 @@ def console_session_max_s() -> float:
 
 
 def worker_remote_control() -> str:
-    """ASR_WORKER_REMOTE_CONTROL: what a worker answers on the broker's broadcast channel. `inspect`: only
-    read-only questions (ping, stats, active and registered tasks, the queues it consumes), which Flower
+    """ASR_WORKER_REMOTE_CONTROL: what a worker answers on the broker's broadcast channel. `inspect` (default):
+    only read-only questions (ping, stats, active and registered tasks, the queues it consumes), which Flower
     shows; never a command (shutdown, add_consumer, revoke, pool changes). `off`: nothing at all (Flower then
-    knows the worker from its events only). Anyone who reaches Redis can broadcast: it has no authentication.
-    Default: `off` for a host's agent (ASR_HOST_NAME), `inspect` for every other worker."""
-    # Why the two defaults: a host's agent runs on the protected machine, the one most exposed, and its
-    # answers would give whoever reaches the broker its task list (the steps' arguments) for nothing an
-    # operator needs: Flower lists it, its tasks and counters from its events. Flower's worker view (pool,
-    # queues, tasks) is worth it for the orchestration and recovery workers on the recovery site, and
-    # tests/test_flower.py shows their queues through it; an operator may set `inspect` on an agent too.
-    default = "off" if host_agent_name() is not None else "inspect"
-    value = os.environ.get("ASR_WORKER_REMOTE_CONTROL", default).strip().lower()
+    knows the worker from its events only). Anyone who reaches Redis can broadcast: it has no authentication."""
+    # Why not `off` by default, even on host agents: a worker's broadcast subscription is the one broker
+    # connection its event loop always watches. Without it, a worker whose every process is busy (a host agent
+    # copying with -c 1) reads nothing from Redis, does not notice Redis restart, and never takes another message
+    # (tests/test_faults.py's Redis kill hung this way). `off` is safe only for a worker with spare processes.
+    value = os.environ.get("ASR_WORKER_REMOTE_CONTROL", "inspect").strip().lower()
     if value not in ("inspect", "off"):
         raise ValueError(f"ASR_WORKER_REMOTE_CONTROL={value!r} must be 'inspect' or 'off'")
     return value
