@@ -110,7 +110,8 @@ class ThrottledStorage(RecoveryStorage):
         self.inner.close()
 
     def __getattr__(self, name: str):
-        # What a backend offers beyond RecoveryStorage (the encrypted layer's key handling) passes through.
+        # What a backend offers beyond RecoveryStorage passes through: with ASR_STORAGE_ENCRYPTION=off this layer
+        # is the outermost one the engine holds (tasks/recovery_storage.py).
         return getattr(self.inner, name)
 
 
