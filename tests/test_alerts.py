@@ -7,6 +7,9 @@ resolved) is in tests/test_rpo.py, whose scenario it is.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -287,3 +290,14 @@ def test_beat_sends_the_delivery_of_alerts_only_where_a_webhook_is_configured(
     monkeypatch.setenv("ASR_ALERT_WEBHOOK_URL", "https://receiver.example/hooks")
     with_webhook = {entry["task"] for entry in beat_schedule().values()}
     assert (without, with_webhook) == ({TICK_TASK}, {TICK_TASK, DELIVER_ALERTS_TASK})
+
+
+def test_a_worker_loads_no_http_client_until_it_delivers_an_alert() -> None:
+    """httpx imports its command-line tool (rich, pygments) with it: tens of milliseconds at every worker
+    start, for a webhook only beat's alert pass uses. The worker's task modules leave it to that pass."""
+    probe = ("import sys, worker, tasks; "
+             "print(sorted(name for name in ('httpx', 'rich', 'pygments') if name in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).resolve().parents[1], env={**os.environ, "ASR_INSECURE_TRANSPORT": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

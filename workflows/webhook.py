@@ -18,8 +18,8 @@ import logging
 import time
 from collections import Counter
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
-import httpx
 import sqlalchemy as sa
 from sqlmodel import select
 
@@ -27,6 +27,9 @@ from models.alerts import Alert
 from models.db import session_scope
 from workflows import clock, settings
 from workflows.transport import client_ssl_context
+
+if TYPE_CHECKING:
+    import httpx
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +69,10 @@ def deliver_due_alerts(now: datetime | None = None) -> dict[str, int]:
         return {}
     secret = settings.alert_webhook_secret()
     report: Counter[str] = Counter()
+    # Imported here: httpx imports its command-line tool (rich, pygments) with it, some 40 ms that every
+    # worker start would pay for a webhook only beat's alert pass uses.
+    import httpx
+
     with httpx.Client(verify=client_ssl_context(), timeout=TIMEOUT_S, follow_redirects=False) as client:
         for alert in _claim_due(now or clock.now()):
             report[_deliver(client, url, secret, alert)] += 1
@@ -90,6 +97,8 @@ def _claim_due(now: datetime) -> list[Alert]:
 
 
 def _deliver(client: httpx.Client, url: str, secret: bytes, alert: Alert) -> str:
+    import httpx  # loaded by deliver_due_alerts already
+
     body = alert_body(alert)
     timestamp = int(time.time())
     headers = {"Content-Type": "application/json", "User-Agent": "site-recovery-engine",
