@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import logging
 import mmap
 import os
 import random
@@ -729,3 +730,16 @@ def test_connection_string_env_names_only_variables_meant_for_a_connection_strin
                      "ASR_STORAGE_CONNECTION_STRING\n", "asr_azure_connection_string", "HOME"):
         with pytest.raises(StoragePolicyError, match="must name a storage variable"):
             check_storage("azure:replicas", {"connection_string_env": variable}, roots=[], account_urls=[])
+
+
+@pytest.mark.azure
+def test_azure_requests_are_not_logged_at_info(azure_storage: AzureBlobStorage, caplog: pytest.LogCaptureFixture):
+    """The SDK would log each request's headers at INFO (some 20 lines a request, most of a worker's log);
+    its HTTP logger is at WARNING, and its failures would still be logged."""
+    with caplog.at_level(logging.INFO):
+        azure_storage.create_disk("vm1/os.vhd", 4 * MIB)
+        with azure_storage.open_disk("vm1/os.vhd") as disk:
+            disk.write(0, b"x" * 4096)
+        assert azure_storage.disk_exists("vm1/os.vhd")
+    assert [r for r in caplog.records if r.name.startswith("azure")] == [], caplog.text[:2000]
+    assert logging.getLogger("azure.core.pipeline.policies.http_logging_policy").getEffectiveLevel() == logging.WARNING

@@ -5,6 +5,7 @@ long waits belong to the engine's retry policy.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +19,13 @@ CONNECT_TIMEOUT_S = 5
 READ_TIMEOUT_S = 20
 SDK_RETRIES = 2
 SDK_RETRY_BACKOFF_S = 0.5
+
+HTTP_LOGGER = "azure.core.pipeline.policies.http_logging_policy"
+# The SDK logs every request's and answer's headers at INFO through this logger, some 20 lines a request:
+# a worker's log at INFO was mostly that. Its failures still reach the log as WARNING; an operator who
+# wants every request sets this logger's level (to INFO or DEBUG) in the logging configuration.
+if logging.getLogger(HTTP_LOGGER).level == logging.NOTSET:
+    logging.getLogger(HTTP_LOGGER).setLevel(logging.WARNING)
 
 
 class ClientFactory:
