@@ -350,9 +350,10 @@ class RecoverySite:
             try:
                 return start(*args, **kwargs)
             except ItemBusyError as error:
-                # (A cycle that ends between the refusal and the look for its holder reads "another ...
-                # request is starting on it": the lock was let go meanwhile.)
-                if not any(why in str(error) for why in ("(delta_replication, ", "request is starting on it")) \
+                # (A cycle that ends between the refusal and the look for its holder reads "... ended just now":
+                # the lock was let go meanwhile.)
+                busy_now = ("(delta_replication, ", "ended just now")
+                if not any(why in str(error) for why in busy_now) \
                         or time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)

@@ -62,7 +62,8 @@ def asr_when_free(site: RecoverySite, *args: str, timeout: float = 30) -> subpro
     deadline = time.monotonic() + timeout
     while True:
         proc = asr(site, *args, check=False)
-        if proc.returncode == 2 and "is busy with job" in proc.stderr and time.monotonic() < deadline:
+        busy = "is busy with job" in proc.stderr or "ended just now" in proc.stderr
+        if proc.returncode == 2 and busy and time.monotonic() < deadline:
             time.sleep(0.3)
             continue
         if proc.returncode != 0:
@@ -364,7 +365,8 @@ def test_protect_drill_and_jobs(site: RecoverySite, fabric: dict[str, Any]):
     deadline = time.monotonic() + 30
     while True:
         status, screen = asr_on_terminal(site, "failover", "cleanup", "web1", "--wait")
-        if not (status == 2 and "is busy with job" in screen and time.monotonic() < deadline):
+        busy = "is busy with job" in screen or "ended just now" in screen
+        if not (status == 2 and busy and time.monotonic() < deadline):
             break
         time.sleep(0.3)
     assert status == 0, screen

@@ -318,9 +318,10 @@ def _when_free(start, vm: str, timeout: float = 90) -> dict:
         try:
             return start(vm)
         except service.Conflict as error:
-            # (A cycle that ends between the refusal and the look for its holder reads "another ... request
-            # is starting on it": the lock was let go meanwhile.)
-            if not any(why in str(error) for why in ("(delta_replication, ", "request is starting on it")) \
+            # (A cycle that ends between the refusal and the look for its holder reads "... ended just now":
+            # the lock was let go meanwhile.)
+            busy_now = ("(delta_replication, ", "ended just now")
+            if not any(why in str(error) for why in busy_now) \
                     or time.monotonic() > deadline:
                 raise
             time.sleep(0.1)

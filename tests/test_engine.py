@@ -43,6 +43,7 @@ from workflows.engine import (
     retry_now,
     start_job,
 )
+from workflows.items import busy_error
 from workflows.progress import job_progress
 from workflows.retry import is_recoverable, next_attempt_delay
 
@@ -317,8 +318,16 @@ def test_a_second_job_on_the_same_item_is_refused_and_creates_nothing(cluster: D
     with pytest.raises(ItemBusyError, match=rf"app03 is busy with job {first} \(test.enable_protection, running\)"):
         start_job("test.resynchronize", lock_key=key, target="app03", stages=holding)
     assert table_counts() == before
+    # What an operator reads (workflows.items.busy_error): the job holding the VM, or, when the holder let it go
+    # between the refusal and the look, that it ended and the request can be sent again.
+    item_id = key.removeprefix("item:")
+    refusal = str(busy_error(item_id, "app03", "failover"))
+    assert f"is busy with job {first} (test.enable_protection, running)" in refusal, refusal
     cancel(first)
     wait_until(lambda: lock_holder(key) is None, timeout=15, what="the lock to be released")
+    assert str(busy_error(item_id, "app03", "failover")) == (
+        f"VM 'app03' (protected item {item_id}) was busy: the workflow holding it ended just now; send the "
+        f"failover request again")
     second = start_job("test.resynchronize", lock_key=key, target="app03", stages=holding)
     assert lock_holder(key) == second
     cancel(second)

@@ -124,10 +124,12 @@ def lock_holder(item_id: str) -> Job | None:
 
 
 def busy_error(item_id: str, vm_name: str, kind: str) -> ItemBusyError:
+    """The refusal of a `kind` request on a busy item, naming the job that held it when we looked (a job
+    and its locks are written in one transaction: no holder means it let the item go since)."""
     holder = lock_holder(item_id)
     if holder is None:
-        return ItemBusyError(f"VM {vm_name!r} (protected item {item_id}) is busy: another {kind} request "
-                             f"is starting on it")
+        return ItemBusyError(f"VM {vm_name!r} (protected item {item_id}) was busy: the workflow holding it "
+                             f"ended just now; send the {kind} request again")
     return ItemBusyError(f"VM {vm_name!r} (protected item {item_id}) is busy with job {holder.id} "
                          f"({holder.kind}, {holder.state.value}): one workflow at a time per VM")
 
