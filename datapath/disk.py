@@ -202,14 +202,8 @@ class LocalDisk:
         self._check_range(offset, length, "write zeros")
         if length == 0:
             return
-        if _libc.fallocate(self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
-            return
-        err = ctypes.get_errno()
-        if err in _NO_SPACE_ERRNOS:
-            raise LowDiskSpaceError(f"no space left on the device of {self.name} to punch a hole")
-        if err not in _UNSUPPORTED_ERRNOS:
-            raise OSError(err, f"punching a hole at {offset}+{length}: {os.strerror(err)}", self.name)
-        self._write_zero_bytes(offset, length)
+        if not punch_hole(self._fd, offset, length, self.name):
+            self._write_zero_bytes(offset, length)
 
     def data_extents(self, offset: int = 0, length: int | None = None) -> Iterator[tuple[int, int]]:
         """(offset, length) of the allocated ranges within [offset, offset+length), clipped to the
@@ -314,6 +308,19 @@ def _check_raw_size(file_size: int, name: str) -> None:
             f"{name}: a raw disk image is a positive whole number of 512-byte sectors, but the file "
             f"is {file_size} bytes"
         )
+
+
+def punch_hole(fd: int, offset: int, length: int, name: str = "") -> bool:
+    """Make [offset, offset+length) of the file read as zeros without writing (the file's size stays).
+    False where the filesystem cannot punch holes: the caller writes zeros instead."""
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _NO_SPACE_ERRNOS:
+        raise LowDiskSpaceError(f"no space left on the device of {name or 'a file'} to punch a hole")
+    if err not in _UNSUPPORTED_ERRNOS:
+        raise OSError(err, f"punching a hole at {offset}+{length}: {os.strerror(err)}", name or None)
+    return False
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int, name: str) -> None:
