@@ -85,6 +85,20 @@ class SealedLog:
     size: int
 
 
+def _contiguous_runs(records: list[tuple[int, memoryview]]) -> list[tuple[int, list[memoryview]]]:
+    """The records as runs of consecutive ones that follow each other on the disk (a guest's
+    sequential writes): each run is one positioned write. Order is kept, so overlaps resolve as before."""
+    runs: list[tuple[int, list[memoryview]]] = []
+    end = -1
+    for offset, chunk in records:
+        if offset == end:
+            runs[-1][1].append(chunk)
+        else:
+            runs.append((offset, [chunk]))
+        end = offset + chunk.nbytes
+    return runs
+
+
 @contextmanager
 def _directory_lock(directory: Path) -> Iterator[None]:
     """Serializes enable and disable of the disks in one folder; writes never take it."""
@@ -235,8 +249,16 @@ class ReplicationTracker:
                 os.fdatasync(self._log_fd)
             # `control` says the previous records are applied (see `_locked`): recorded with this commit.
             control = self._control_file.write(control.evolve(log=writer.state), fsync=durable)
-            for offset, chunk in records:
-                self._write_disk(control, offset, chunk, chunk.nbytes, False)
+            if control.snapshot_generation:
+                for offset, chunk in records:
+                    self._write_disk(control, offset, chunk, chunk.nbytes, False)
+            else:
+                disk = self._writable_disk()
+                for offset, chunks in _contiguous_runs(records):
+                    if len(chunks) == 1:
+                        disk.write(offset, chunks[0])
+                    else:
+                        disk.write_gathered(offset, chunks)
             if durable:
                 self._writable_disk().flush()
             self._applied_unrecorded = (control.counter, control.generation, control.log.end)

@@ -23,10 +23,11 @@ MIB = 1024 * KIB
 DISK_SIZE = 16 * MIB
 
 # Overlapping writes, one over MAX_RECORD_DATA (two records): the order on the disk matters.
+# Two of them follow each other on the disk (one positioned write), as do the two records of the large one.
 BATCH = [(0, 64 * KIB, 1), (32 * KIB, 64 * KIB, 2), (MIB, MAX_RECORD_DATA + 8 * KIB, 3), (16 * KIB, 4 * KIB, 4),
-         (8 * MIB, 512, 5)]
+         (8 * MIB, 512, 5), (8 * MIB + 512, 1024, 6)]
 
-# A writer killed at the `n`th disk write of its batch (1: after the commit, before any; 3: midway),
+# A writer killed at the `n`th disk write of its batch (1: after the commit, before any; 3, 5: midway),
 # or at its commit (0: nothing of the batch is committed).
 CRASHER = r"""
 import os, sys
@@ -40,13 +41,16 @@ die = lambda *args, **kwargs: os._exit(17)
 if n == 0:
     datapath.trackerstate.ControlFile.write = die
 else:
-    real_write, calls = datapath.disk.LocalDisk.write, []
-    def write(self, offset, data):
-        calls.append(offset)
-        if len(calls) == n:
-            os._exit(17)
-        real_write(self, offset, data)
-    datapath.disk.LocalDisk.write = write
+    calls = []
+    def dying(real):
+        def write(self, offset, data):
+            calls.append(offset)
+            if len(calls) == n:
+                os._exit(17)
+            real(self, offset, data)
+        return write
+    datapath.disk.LocalDisk.write = dying(datapath.disk.LocalDisk.write)
+    datapath.disk.LocalDisk.write_gathered = dying(datapath.disk.LocalDisk.write_gathered)
 tracker.write_many(batch_writes())
 """
 
@@ -70,12 +74,12 @@ def disk(tmp_path: Path) -> Path:
 def test_a_batch_is_logged_in_order_and_replays_to_the_same_disk(disk: Path, tmp_path: Path) -> None:
     original = copy_data(disk, tmp_path / "original.raw")
     with ReplicationTracker.enable(disk) as tracker:
-        assert tracker.write_many(batch_writes()) == 6
+        assert tracker.write_many(batch_writes()) == 7
         assert data_of(disk) == expected_after_batch(original.read_bytes())
         log = tracker.seal()
     assert [(offset, length) for _, offset, length, _ in logged_writes([log]).values()] == [
         (0, 64 * KIB), (32 * KIB, 64 * KIB), (MIB, MAX_RECORD_DATA), (MIB + MAX_RECORD_DATA, 8 * KIB),
-        (16 * KIB, 4 * KIB), (8 * MIB, 512)]
+        (16 * KIB, 4 * KIB), (8 * MIB, 512), (8 * MIB + 512, 1024)]
     replay_logs(original, [log], first_generation=1)
     assert original.read_bytes() == data_of(disk)
 
@@ -103,7 +107,7 @@ def test_append_many_writes_the_bytes_append_writes(tmp_path: Path) -> None:
     verify_log(tmp_path / "batched.hrl")
 
 
-@pytest.mark.parametrize("killed_at", [0, 1, 3])
+@pytest.mark.parametrize("killed_at", [0, 1, 3, 5])
 def test_a_writer_killed_during_a_batch_leaves_all_of_it_or_none(disk: Path, tmp_path: Path, killed_at: int) -> None:
     original = copy_data(disk, tmp_path / "original.raw")
     before = original.read_bytes()
@@ -120,7 +124,7 @@ def test_a_writer_killed_during_a_batch_leaves_all_of_it_or_none(disk: Path, tmp
         assert tracker.read(0, DISK_SIZE) == bytes(expected)
         tracker.write(15 * MIB, b"\x99" * 512)
         log = tracker.seal()
-    assert log.records == 1 + (6 if killed_at else 0) + 1
+    assert log.records == 1 + (7 if killed_at else 0) + 1
     expected[15 * MIB : 15 * MIB + 512] = b"\x99" * 512
     assert data_of(disk) == bytes(expected)
     replay_logs(original, [log], first_generation=1)
