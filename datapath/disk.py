@@ -34,6 +34,7 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 _UNSUPPORTED_ERRNOS = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL})
 _NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _ZERO_WRITE_CHUNK = 1024 * 1024
+_IOV_MAX = 512  # buffers per pwritev: under every system's IOV_MAX (1024 on Linux)
 _NOT_A_FILE = "{path} is not a regular file; disk images are raw or fixed VHD files"
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -195,6 +196,27 @@ class LocalDisk:
             self._check_range(offset, len(view), "write")
             _pwrite_all(self._fd, view, offset, self.name)
 
+    def write_gathered(self, offset: int, buffers: list[memoryview]) -> None:
+        """`write` of the buffers one after the other from `offset`, in one pwritev where it can: the
+        contiguous writes of a batch cost one system call."""
+        self._require_writable()
+        views = [memoryview(b).cast("B") for b in buffers]
+        self._check_range(offset, sum(v.nbytes for v in views), "write")
+        try:
+            while views:
+                written = os.pwritev(self._fd, views[:_IOV_MAX], offset)
+                offset += written
+                while views and written >= views[0].nbytes:
+                    written -= views[0].nbytes
+                    views.pop(0)
+                if views and written:
+                    views[0] = views[0][written:]
+        except OSError as exc:
+            if exc.errno in _NO_SPACE_ERRNOS:
+                raise LowDiskSpaceError(f"no space left writing {self.name} at offset {offset}: {exc.strerror}") \
+                    from exc
+            raise
+
     def write_zeros(self, offset: int, length: int) -> None:
         """Make [offset, offset+length) read as zeros by punching a hole, or by writing zeros where
         the filesystem cannot punch."""
@@ -202,14 +224,8 @@ class LocalDisk:
         self._check_range(offset, length, "write zeros")
         if length == 0:
             return
-        if _libc.fallocate(self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
-            return
-        err = ctypes.get_errno()
-        if err in _NO_SPACE_ERRNOS:
-            raise LowDiskSpaceError(f"no space left on the device of {self.name} to punch a hole")
-        if err not in _UNSUPPORTED_ERRNOS:
-            raise OSError(err, f"punching a hole at {offset}+{length}: {os.strerror(err)}", self.name)
-        self._write_zero_bytes(offset, length)
+        if not punch_hole(self._fd, offset, length, self.name):
+            self._write_zero_bytes(offset, length)
 
     def data_extents(self, offset: int = 0, length: int | None = None) -> Iterator[tuple[int, int]]:
         """(offset, length) of the allocated ranges within [offset, offset+length), clipped to the
@@ -314,6 +330,19 @@ def _check_raw_size(file_size: int, name: str) -> None:
             f"{name}: a raw disk image is a positive whole number of 512-byte sectors, but the file "
             f"is {file_size} bytes"
         )
+
+
+def punch_hole(fd: int, offset: int, length: int, name: str = "") -> bool:
+    """Make [offset, offset+length) of the file read as zeros without writing (the file's size stays).
+    False where the filesystem cannot punch holes: the caller writes zeros instead."""
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _NO_SPACE_ERRNOS:
+        raise LowDiskSpaceError(f"no space left on the device of {name or 'a file'} to punch a hole")
+    if err not in _UNSUPPORTED_ERRNOS:
+        raise OSError(err, f"punching a hole at {offset}+{length}: {os.strerror(err)}", name or None)
+    return False
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int, name: str) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import mmh3
 
+from datapath.disk import punch_hole
 from datapath.endpoint import SECTOR
 from datapath.errors import AlignmentError
 from datapath.private import FILE_MODE
@@ -151,11 +152,20 @@ class LogWriter:
         first_seq: int,
         disk_size: int,
         block_size: int = SECTOR,
+        recycle: str | os.PathLike[str] | None = None,
     ) -> LogWriter:
-        """Create (or replace) the log file at `path` with a fresh header."""
+        """Create (or replace) the log file at `path` with a fresh header. `recycle`: a file no longer
+        needed (an acknowledged log of the same disk), renamed to `path` when it exists and written over
+        from the start instead of truncated, so appends overwrite allocated blocks. What lies past the
+        log's end is then stale records, all of lower sequence numbers than this log's: never part of
+        the log (its end is the committed one, and `seal` truncates there)."""
         header = LogHeader(disk_id, generation, first_seq, disk_size, block_size, time.time_ns())
         header.check_valid()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, FILE_MODE)  # the guest's writes: private
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC
+        if recycle is not None and os.path.exists(recycle):
+            os.rename(recycle, path)
+            flags &= ~os.O_TRUNC
+        fd = os.open(path, flags, FILE_MODE)  # the guest's writes: private
         try:
             write_fully(fd, [header.encode()], 0)
         except BaseException:
@@ -172,6 +182,28 @@ class LogWriter:
         write_fully(self._fd, [record_header, data, checksum], state.end)
         return self._committed(length, checksum)
 
+    def append_many(self, writes: list[tuple[int, bytes | memoryview]]) -> int:
+        """Append a WRITE record for each (offset, data), in order, with as few positioned writes as
+        the system's vector limit allows; return the last sequence number. The state moves only once
+        all are written: after an error the log's end is unchanged (the bytes past it are overwritten
+        by the next append)."""
+        state = self.state
+        position, buffers, pending = state.end, [], []
+        for offset, data in writes:
+            length = memoryview(data).nbytes
+            self._check_write(offset, length)
+            record_header, checksum = _write_record_parts(state, offset, length, data)
+            buffers += (record_header, data, checksum)
+            pending.append((length, checksum))
+            state = _after_record(state, length, checksum)
+            if len(buffers) >= _IOV_BATCH:
+                write_fully(self._fd, buffers, position)
+                position, buffers = state.end, []
+        if buffers:
+            write_fully(self._fd, buffers, position)
+        self.state = state
+        return state.next_seq - 1
+
     def append_zeros(self, offset: int, length: int) -> int:
         """Append one WRITE record of `length` zero bytes; return its sequence number. To every reader
         it is a WRITE record like any other, so logapply and the log readers need nothing new; here its
@@ -183,8 +215,11 @@ class LogWriter:
         data_start = state.end + RECORD_HEADER_SIZE
         file_size = os.fstat(self._fd).st_size
         if data_start < file_size:
-            # A torn record of a crashed writer may lie there: the hole must read as zeros.
-            write_fully(self._fd, [_zeros(min(length, file_size - data_start))], data_start)
+            # A torn record of a crashed writer, or a recycled log's stale ones, may lie there: the
+            # hole must read as zeros. Punched where the filesystem can (nothing written).
+            stale = min(length, file_size - data_start)
+            if not punch_hole(self._fd, data_start, stale):
+                write_fully(self._fd, [_zeros(stale)], data_start)
         write_fully(self._fd, [record_header], state.end)
         write_fully(self._fd, [checksum], data_start + length)
         return self._committed(length, checksum)
@@ -192,13 +227,7 @@ class LogWriter:
     def _committed(self, length: int, checksum: bytes) -> int:
         """Count the WRITE record of `length` data bytes just written after the log's end; its sequence number."""
         state = self.state
-        self.state = LogState(
-            state.next_seq + 1,
-            state.records + 1,
-            state.data_bytes + length,
-            log_digest_step(state.digest, checksum),
-            state.end + RECORD_OVERHEAD + length,
-        )
+        self.state = _after_record(state, length, checksum)
         return state.next_seq
 
     def seal(self, *, fsync: bool = True) -> LogSeal:
@@ -269,6 +298,21 @@ def write_fully(fd: int, buffers: list[bytes | memoryview], position: int) -> No
             views.pop(0)
         if views and written:
             views[0] = views[0][written:]
+
+
+_IOV_BATCH = 3 * 128
+"""Buffers of one pwritev in `append_many`: 128 records, well under every system's IOV_MAX (1024 on Linux)."""
+
+
+def _after_record(state: LogState, length: int, checksum: bytes) -> LogState:
+    """`state` after one more WRITE record of `length` data bytes with `checksum`."""
+    return LogState(
+        state.next_seq + 1,
+        state.records + 1,
+        state.data_bytes + length,
+        log_digest_step(state.digest, checksum),
+        state.end + RECORD_OVERHEAD + length,
+    )
 
 
 def _write_record_parts(state: LogState, offset: int, length: int, data: bytes | memoryview) -> tuple[bytes, bytes]:

@@ -18,6 +18,10 @@ What is implemented, and why no more (QEMU 7.2 is the client that matters):
   finished the request (a WRITE is acknowledged once it is logged and written, a FUA one once it is
   durable).
 
+The writes queued behind the one being executed go to the export together (`write_many`: the
+tracker logs them, commits once, then writes the disk), and their replies go in one send, after all of
+them are done.
+
 Payloads are received straight into buffers allocated once per connection (`recv_into`) and handed
 to the export as a memoryview: the data of a write is not copied between the socket and the export.
 """

@@ -14,11 +14,16 @@ the disk unchanged and the record is overwritten by the next one; a crash after 
 the next process to take the lock, which replays the committed records the disk may lack. So the
 disk never holds a write its log lacks, and the log never holds one the disk will not get.
 
+The writes a block device front end has queued go as one batch (`write_many`): (1) for all of them
+(one positioned write), one commit (2), then (3) and (4) for each in order. What the disk may lack
+after a crash is then the records of the last commit, all of them replayed in order (`_replay_unapplied`):
+the range from the control file's applied end to the log's end.
+
 Step (5) is not a control update of its own: it rides on the next one the same tracker object makes
 (the next write's commit, a seal, a flush), which halves the control updates of a stream of writes.
-Until then the control file says the last record may be missing from the disk, which is only ever
-true of that one record, so the replay above stays "the last committed record"; another process (or
-this one after a restart) replays it, rewriting bytes the disk already holds, which changes nothing.
+Until then the control file says the last commit's records may be missing from the disk, which is
+only ever true of those, so the replay above stays "the last commit"; another process (or this one
+after a restart) replays them, rewriting bytes the disk already holds, which changes nothing.
 """
 from __future__ import annotations
 
@@ -36,7 +41,16 @@ from datapath.disk import LocalDisk, open_disk
 from datapath.durable import replace_file
 from datapath.endpoint import SECTOR
 from datapath.errors import AlignmentError
-from datapath.logformat import HEADER_SIZE, MAX_RECORD_DATA, RECORD_OVERHEAD, LogHeader, LogState, LogWriter
+from datapath.logformat import (
+    HEADER_SIZE,
+    MAX_RECORD_DATA,
+    RECORD_HEADER,
+    RECORD_HEADER_SIZE,
+    RECORD_OVERHEAD,
+    LogHeader,
+    LogState,
+    LogWriter,
+)
 from datapath.logreader import read_log_header, read_record, read_seal
 from datapath.private import FILE_MODE
 from datapath.snapshot import (
@@ -69,6 +83,20 @@ class SealedLog:
     records: int
     data_bytes: int
     size: int
+
+
+def _contiguous_runs(records: list[tuple[int, memoryview]]) -> list[tuple[int, list[memoryview]]]:
+    """The records as runs of consecutive ones that follow each other on the disk (a guest's
+    sequential writes): each run is one positioned write. Order is kept, so overlaps resolve as before."""
+    runs: list[tuple[int, list[memoryview]]] = []
+    end = -1
+    for offset, chunk in records:
+        if offset == end:
+            runs[-1][1].append(chunk)
+        else:
+            runs.append((offset, [chunk]))
+        end = offset + chunk.nbytes
+    return runs
 
 
 @contextmanager
@@ -199,21 +227,41 @@ class ReplicationTracker:
         return self.write_many([(offset, data, fua)])
 
     def write_many(self, writes: Sequence[tuple[int, bytes | memoryview, bool]]) -> int:
-        """`write` of each (offset, data, fua) in order, under one taking of the lock: each is still
-        logged, committed and written to the disk before the next is logged. A block device front end
-        passes the writes it has queued, which saves the lock and the control file's read per write.
+        """`write` of each (offset, data, fua) in order, as one batch: every record appended (one
+        positioned write), one commit of the control file, then the disk written in order. A block
+        device front end passes the writes it has queued, which saves per write the lock, the control
+        file's read and write. A fua among them makes the whole batch durable before it returns.
         Returns the last sequence number."""
-        views = []
+        records: list[tuple[int, memoryview]] = []
+        durable = self.sync
         for offset, data, fua in writes:
             view = memoryview(data).cast("B")
             self._check_write(offset, view.nbytes)
-            views.append((offset, view, self.sync or fua))
-        seq = 0
+            durable = durable or fua
+            records += ((offset + start, view[start : start + MAX_RECORD_DATA])
+                        for start in range(0, view.nbytes, MAX_RECORD_DATA))
+        if not records:
+            return 0
         with self._locked() as control:
-            for offset, view, durable in views:
-                for start in range(0, view.nbytes, MAX_RECORD_DATA):
-                    chunk = view[start : start + MAX_RECORD_DATA]
-                    control, seq = self._write_locked(control, offset + start, chunk, chunk.nbytes, durable)
+            writer = self._active_writer(control)
+            seq = writer.append_many(records)
+            if durable:
+                os.fdatasync(self._log_fd)
+            # `control` says the previous records are applied (see `_locked`): recorded with this commit.
+            control = self._control_file.write(control.evolve(log=writer.state), fsync=durable)
+            if control.snapshot_generation:
+                for offset, chunk in records:
+                    self._write_disk(control, offset, chunk, chunk.nbytes, False)
+            else:
+                disk = self._writable_disk()
+                for offset, chunks in _contiguous_runs(records):
+                    if len(chunks) == 1:
+                        disk.write(offset, chunks[0])
+                    else:
+                        disk.write_gathered(offset, chunks)
+            if durable:
+                self._writable_disk().flush()
+            self._applied_unrecorded = (control.counter, control.generation, control.log.end)
         return seq
 
     def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> int:
@@ -322,13 +370,15 @@ class ReplicationTracker:
                     f"disk {self.disk_path}: cannot acknowledge generation {generation}: generation "
                     f"{control.generation} is still active and later ones do not exist yet"
                 )
-            deleted = False
-            for sealed in self._files.sealed_generations():
-                if sealed <= generation:
-                    os.unlink(self._files.sealed(sealed))
-                    deleted = True
-            if deleted:
-                self._files.sync_directory()
+            acknowledged = [sealed for sealed in self._files.sealed_generations() if sealed <= generation]
+            if not acknowledged:
+                return
+            # The newest becomes the spare the next seal's log is written over (TrackerFiles.spare),
+            # replacing an older spare; the others are deleted.
+            for sealed in acknowledged[:-1]:
+                os.unlink(self._files.sealed(sealed))
+            os.rename(self._files.sealed(acknowledged[-1]), self._files.spare)
+            self._files.sync_directory()
 
     def unsent_bytes(self) -> int:
         """Bytes of sealed pending logs plus the active log."""
@@ -355,6 +405,7 @@ class ReplicationTracker:
             generation=generation + 1,
             first_seq=seal.last_seq + 1,
             disk_size=control.disk_size,
+            recycle=self._files.spare,
         ) as next_log:
             next_log.sync()
             next_state = next_log.state
@@ -499,20 +550,35 @@ class ReplicationTracker:
                 fcntl.flock(self._control_file.fd, fcntl.LOCK_UN)
 
     def _replay_unapplied(self, control: ControlState) -> ControlState:
-        """Write to the disk the committed record a crashed writer may not have written. Each record
-        is committed and written before the next is appended, so there is exactly one, the last."""
+        """Write to the disk, in order, the committed records a crashed writer may not have written:
+        those of its last commit (one batch), from `applied_end` to the log's end. Replaying one the
+        disk has already rewrites the same bytes. Each record's checksum and sequence number are
+        verified first: the records must tile the range exactly and end at the last committed one."""
         self._active_writer(control)
         assert self._log_header is not None
-        record = read_record(
-            self._log_fd, control.applied_end, self._log_header, expected_seq=control.log.next_seq - 1,
-            log_name=self._files.active.name,
-        )
-        if control.applied_end + RECORD_OVERHEAD + record.length != control.log.end:
+        name = self._files.active.name
+        # Walk the record headers to count the records: the first one's sequence number follows.
+        position, count = control.applied_end, 0
+        while position < control.log.end:
+            raw = os.pread(self._log_fd, RECORD_HEADER_SIZE, position)
+            if len(raw) < RECORD_HEADER_SIZE:
+                break
+            length = RECORD_HEADER.unpack(raw)[1]
+            position += RECORD_OVERHEAD + length
+            count += 1
+        if position != control.log.end or count == 0:
             raise TrackerStateError(
-                f"active log {self._files.active}: more than one committed record (from byte "
-                f"{control.applied_end} to {control.log.end}) is missing from the disk"
+                f"active log {self._files.active}: the committed records from byte {control.applied_end} to "
+                f"{control.log.end}, which may be missing from the disk, are not whole records"
             )
-        self._write_disk(control, record.offset, record.data, record.length, self.sync)
+        position, seq = control.applied_end, control.log.next_seq - count
+        while position < control.log.end:
+            record = read_record(self._log_fd, position, self._log_header, expected_seq=seq, log_name=name)
+            self._write_disk(control, record.offset, record.data, record.length, False)
+            position += RECORD_OVERHEAD + record.length
+            seq += 1
+        if self.sync:
+            self._writable_disk().flush()
         return self._control_file.write(replace(control, applied_end=control.log.end))
 
     def _active_writer(self, control: ControlState) -> LogWriter:

@@ -9,6 +9,10 @@ Files beside a tracked disk `disk0.vhd` (layouts in docs/formats.md):
 - `disk0.vhd.hrl`: the active log, taking new writes.
 - `disk0.vhd.00000007.hrl`: sealed logs waiting to be shipped and acknowledged.
 - `disk0.vhd.hrl.new`: the next active log while a seal is being committed.
+- `disk0.vhd.hrl.spare`: the storage of the last acknowledged log, kept to become the next active log
+  (its stale records, all of lower sequence numbers, lie past the committed end and are overwritten):
+  writing over allocated blocks costs a fraction of allocating them (on tmpfs a fresh log's page
+  allocation was most of a write's cost), as databases recycle their write-ahead log segments.
 - `disk0.vhd.snap`, `disk0.vhd.snapmap`: a copy-on-write snapshot: preserved old contents (a sparse
   file with the disk's offsets) and one byte per snapshot block, non-zero once it is preserved.
 - `disk0.vhd.resync`: why the disk needs a resync, while the control file's resync-required flag is set
@@ -166,6 +170,7 @@ class TrackerFiles:
         self.control = disk_path.with_name(f"{name}.ctl")
         self.active = disk_path.with_name(f"{name}.hrl")
         self.next_active = disk_path.with_name(f"{name}.hrl.new")
+        self.spare = disk_path.with_name(f"{name}.hrl.spare")
         self.snapshot_data = disk_path.with_name(f"{name}.snap")
         self.snapshot_map = disk_path.with_name(f"{name}.snapmap")
         self.resync_reason = disk_path.with_name(f"{name}.resync")
@@ -183,7 +188,7 @@ class TrackerFiles:
         return sorted(generations)
 
     def all_files(self) -> list[Path]:
-        fixed = [self.control, self.active, self.next_active, self.snapshot_data, self.snapshot_map,
+        fixed = [self.control, self.active, self.next_active, self.spare, self.snapshot_data, self.snapshot_map,
                  self.resync_reason]
         return fixed + [self.sealed(g) for g in self.sealed_generations()]
 
