@@ -72,6 +72,9 @@ from datapath.trackerstate import (
 
 RESYNC_THRESHOLD = 0.5
 """Unsent logs at this fraction of the disk size or more: the disk needs resynchronization."""
+SPARE_MAX_BYTES = 256 * 1024 * 1024
+"""The most of an acknowledged log's storage kept as the spare (TrackerFiles.spare): the host's space a
+disk holds beyond its unsent logs. Past it a new log allocates as it grows, as every log did before."""
 
 
 @dataclass(frozen=True)
@@ -378,6 +381,8 @@ class ReplicationTracker:
             for sealed in acknowledged[:-1]:
                 os.unlink(self._files.sealed(sealed))
             os.rename(self._files.sealed(acknowledged[-1]), self._files.spare)
+            if os.stat(self._files.spare).st_size > SPARE_MAX_BYTES:
+                os.truncate(self._files.spare, SPARE_MAX_BYTES)
             self._files.sync_directory()
 
     def unsent_bytes(self) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from test_tracker import PROCESS_TIMEOUT, copy_data, data_of, logged_writes, make_disk, replay_logs, tracker_files
 
+import datapath.tracker as tracker_module
 from datapath.logformat import MAX_RECORD_DATA, LogHeader, LogState, LogWriter
 from datapath.logreader import verify_log
 from datapath.tracker import ReplicationTracker
@@ -32,6 +33,7 @@ BATCH = [(0, 64 * KIB, 1), (32 * KIB, 64 * KIB, 2), (MIB, MAX_RECORD_DATA + 8 * 
 CRASHER = r"""
 import os, sys
 import datapath.disk, datapath.trackerstate
+import datapath.tracker as tracker_module
 from datapath.tracker import ReplicationTracker
 from test_tracker_batches import batch_writes
 
@@ -177,3 +179,17 @@ def test_a_crash_after_the_spare_was_taken_but_before_the_seal_committed(disk: P
         f.write(b"\1" * 8192)
     replay_logs(original, [log], first_generation=2)
     assert original.read_bytes() == data_of(disk)
+
+
+def test_the_spare_keeps_at_most_its_cap_of_an_acknowledged_log(disk: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spare is space the host's disk holds beyond the unsent logs: a long acknowledged log is cut to the cap."""
+    monkeypatch.setattr(tracker_module, "SPARE_MAX_BYTES", MIB)
+    with ReplicationTracker.enable(disk) as tracker:
+        tracker.write_many([(i * 256 * KIB, bytes([i + 1]) * 256 * KIB, False) for i in range(12)])
+        log = tracker.seal()
+        assert log.size > 3 * MIB
+        tracker.acknowledge(log.generation)
+        assert TrackerFiles(disk).spare.stat().st_size == MIB
+        tracker.seal()  # the next log is written over the cut spare
+        tracker.write(0, b"\x55" * 4096)
+        verify_log(tracker.seal().path)
