@@ -31,7 +31,7 @@ from typing import Any
 
 from benchmarks.datapath import BenchmarkError, row
 from datapath.tracker import RESYNC_THRESHOLD
-from datapath.trackerstate import TrackerFiles
+from datapath.trackerstate import ControlFile, NotTrackedError, TrackerFiles
 from sites.localservices import ServiceStartError
 from sites.workload import MB
 
@@ -81,8 +81,8 @@ METHOD = [
     f"{WRITE_SIZES[0] // 1024}-{WRITE_SIZES[1] // 1024} KiB writes at random sector-aligned offsets through "
     "the tracker, paced by a token bucket) starts, and the run samples every second, for the duration, every "
     "VM's RPO (item_status: now minus the latest recovery point, on the database's clock) and its log "
-    "backlog (the sizes of the disk's replication log files on the host: sealed, not yet acknowledged, and "
-    "the active one).",
+    "backlog (the replication log bytes on the host: the sealed logs not yet acknowledged, and the active "
+    "log up to its committed end).",
     f"RPO under churn: p50, p99 and max over the samples (nearest rank). The goal, p99 ≤ {GOAL_FACTOR:g}× the "
     f"copy frequency, is judged on the VMs at {GOAL_RATE_MB_S:g} MB/s or more, and only met when the "
     f"workload wrote at least {SUSTAINED_SHARE:.0%} of its rate; the other rates are reported against the "
@@ -218,16 +218,25 @@ def _cpu_snapshot(roots: dict[str, int]) -> dict[str, float]:
 
 # ---- the run ------------------------------------------------------------------------------------------
 def _backlog_bytes(disk_paths: Iterable[Path]) -> int:
-    """Replication log bytes on the host not yet acknowledged: the sealed logs and the active one (its
-    file is as long as what it holds)."""
+    """Replication log bytes on the host not yet acknowledged: the sealed logs (each file as long as the
+    log) and the active one up to its committed end, read from the control file (its file may be longer:
+    an acknowledged log's storage it is written over, datapath/trackerstate.py TrackerFiles.spare)."""
     total = 0
     for path in disk_paths:
         files = TrackerFiles(path)
-        for log in [files.active] + [files.sealed(g) for g in files.sealed_generations()]:
+        for log in [files.sealed(g) for g in files.sealed_generations()]:
             try:
                 total += log.stat().st_size
             except FileNotFoundError:
                 continue  # acknowledged (deleted) between the listing and the stat
+        try:
+            control = ControlFile.open(files.control, path)
+        except NotTrackedError:
+            continue
+        try:
+            total += control.read().log.end
+        finally:
+            os.close(control.fd)
     return total
 
 
