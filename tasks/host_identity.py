@@ -19,7 +19,6 @@ import logging
 import os
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +34,11 @@ HOST_KEY_ENV = "ASR_HOST_KEY"
 HOST_KEY_FD_ENV = "ASR_HOST_KEY_FD"
 HOST_KEY_FILE_ENV = "ASR_HOST_KEY_FILE"
 HOST_QUEUE_PREFIX = "host."
-VERIFY_EVERY_S = 60.0
 UNPROVEN_EXIT_CODE = os.EX_CONFIG  # 78: the process was started wrong; restarting it as it was does not help
 
 logger = logging.getLogger(__name__)
 _identity: dict[str, str | None] = {"name": None, "key": None}
-_verified: dict[str, float] = {}  # host name -> when its key last verified (monotonic)
+_verified: dict[str, str] = {}  # host name -> the stored key hash this process's key last verified against
 _lock = threading.Lock()
 
 
@@ -104,8 +102,8 @@ def unproven_worker(queues: list[str]) -> str | None:
 def stop_consuming_host_queue(consumer: Any, name: str, reason: str) -> None:
     """Stop the worker's consumer (Celery's, in the worker's main loop) taking messages off host `name`'s
     queue, for `reason`, loudly: an agent that can no longer prove it is the host must take none of its
-    steps (the messages it has already taken still run if their claims prove it, within VERIFY_EVERY_S of
-    its last verification). It stays stopped until restarted."""
+    steps (a message it has already taken is refused at its claim, which verifies against the stored key
+    hash). It stays stopped until restarted."""
     queue = host_queue(name)
     consuming = queue in {consumed.name for consumed in consumer.task_consumer.queues}
     logger.critical("%s: %s queue %s; restart it with the host's valid key (`asr worker host %s`)", reason,
@@ -131,14 +129,15 @@ def unproven_host_queue(queue: str) -> str | None:
 
 
 def _unproven(host: Host) -> str | None:
-    """Why this process is not host `host`'s proven agent, or None: started as that host, with its key (the
-    key verified at most every VERIFY_EVERY_S: a scrypt per step would cost more than a short step)."""
+    """Why this process is not host `host`'s proven agent, or None: started as that host, with its key. A scrypt
+    per step would cost more than a short step, so the key is verified once per stored key hash: `asr host
+    rekey` stores a new one (a new salt), and the very next claim verifies again, and refuses."""
     name, key = _identity["name"], _identity["key"]
     if name != host.name:
         return (f"this worker was not started as the agent of host {host.name!r} "
                 f"({HOST_NAME_ENV}={name!r}); start it with `asr worker host {host.name}` and the host's key")
     with _lock:
-        fresh = time.monotonic() - _verified.get(host.name, float("-inf")) < VERIFY_EVERY_S
+        fresh = _verified.get(host.name) == host.key_hash
     if fresh:
         return None
     if key is None or not verify_host_key(host, key):
@@ -146,5 +145,5 @@ def _unproven(host: Host) -> str | None:
             _verified.pop(host.name, None)
         return f"this worker does not hold the registration key of host {host.name!r}"
     with _lock:
-        _verified[host.name] = time.monotonic()
+        _verified[host.name] = host.key_hash
     return None
