@@ -573,7 +573,7 @@ def bench_resync_product(bench: Bench) -> dict[str, Any]:
     site = bench.scratch / "product-site"
     replica = site / REPLICA_NAME
     peer_target = bench.scratch / "product-rsync.raw"
-    changes = _toggled_changes(disks.source, damage)
+    changes = toggled_changes(disks.source, damage)
     our_runs: list[dict] = []
     peer_runs: list[dict] = []
 
@@ -640,7 +640,7 @@ def bench_resync_product(bench: Bench) -> dict[str, Any]:
     return result
 
 
-def _toggled_changes(original: Path, damage: Damage) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+def toggled_changes(original: Path, damage: Damage) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
     """The damage plan's writes as (offset, hex data), and the writes putting the original bytes back."""
     with open(original, "rb") as disk:
         restore = [(offset, os.pread(disk.fileno(), len(data), offset).hex()) for offset, data in damage.writes]
