@@ -70,8 +70,8 @@ MAX_COST = 1.15
 """The issue's goal: encryption costs at most 15% of the initial copy's, the log apply's, the resync's and the
 restore's time."""
 MIN_ROUNDS = 5
-"""Rounds of both sides at least, whatever --rounds says (more when it says more): the steps are I/O-bound and
-the machine may be shared, so two or three rounds left a round slowed by something else as the median."""
+"""Rounds of both sides at least unless --rounds is given: the steps are I/O-bound and the machine may be
+shared, so with two or three rounds a round slowed by something else was the median."""
 XTS_MEMORY_BYTES = 64 * MiB
 """Bytes the in-memory AES-XTS comparison encrypts each way (the per-sector side takes a quarter of it)."""
 STEPS_MEASURED = ("copy", "log_apply", "resync", "restore")
@@ -82,13 +82,21 @@ _SPOT_CHECKS = 64
 _COMPARE_PIECE = 4 * MiB
 
 
+def encryption_rounds(bench: Bench) -> int:
+    """The rounds of both sides: as --rounds says when it was given, else at least MIN_ROUNDS (one round of
+    ours alone in the quarter-size run, which measures memory only)."""
+    if not bench.with_peers:
+        return bench.rounds
+    return bench.encryption_rounds if bench.encryption_rounds is not None else max(bench.rounds, MIN_ROUNDS)
+
+
 def _label(encrypted: bool) -> str:
     return "encrypted" if encrypted else "clear"
 
 
 def bench_encryption_cost(bench: Bench) -> dict[str, Any]:
     sides = (True, False) if bench.with_peers else (True,)
-    rounds = max(bench.rounds, MIN_ROUNDS) if bench.with_peers else bench.rounds
+    rounds = encryption_rounds(bench)
     kek_file = bench.scratch / "encryption.kek"
     try:
         write_kek_file(kek_file)
@@ -117,8 +125,7 @@ def bench_encryption_cost(bench: Bench) -> dict[str, Any]:
                      "manifest, undo log and manifest stored); the restore (copy_disk of the whole replica into "
                      "a new raw disk, as restore_point copies a point without undo logs). Every step starts "
                      "with its files dropped from the page cache and every dirty page written back; checks "
-                     f"run after both timed steps of a side; an untimed warm-up round, then at least "
-                     f"{MIN_ROUNDS} rounds",
+                     f"run after both timed steps of a side; an untimed warm-up round, then {rounds} rounds",
         "peer_does": "the same four steps, in the same rounds, with ASR_STORAGE_ENCRYPTION=off (replica and "
                      "objects in clear)",
         "ours": summary(runs[True]["copy"]),

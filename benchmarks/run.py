@@ -37,6 +37,7 @@ from typing import Any
 
 from benchmarks import churn, nbd, scale
 from benchmarks.datapath import CHUNK_SIZE, BenchmarkError, measure_datapath
+from benchmarks.encryption import MIN_ROUNDS as ENCRYPTION_MIN_ROUNDS
 from benchmarks.workflow_report import measure_workflows, workflow_detail_lines
 from datapath.disk import format_size, parse_size
 
@@ -109,7 +110,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"unless given")
     parser.add_argument("--rounds", type=int,
                         help=f"rounds of ours and the peer, alternating who goes first; the best is reported "
-                             f"(default {DEFAULT_ROUNDS}, {QUICK_ROUNDS} with --quick)")
+                             f"(default {DEFAULT_ROUNDS}, {QUICK_ROUNDS} with --quick; the encryption benchmark "
+                             f"runs at least {ENCRYPTION_MIN_ROUNDS} unless this is given)")
     parser.add_argument("--steps", type=int,
                         help=f"workflows: no-op steps in the step-overhead job and the bare chain (default "
                              f"{DEFAULT_STEPS}, {QUICK_STEPS} with --quick)")
@@ -285,7 +287,7 @@ def measure(workdir: Path, sections: tuple[str, ...], settings: dict[str, Any]) 
     measured: dict[str, Any] = {}
     if "datapath" in sections:
         measured |= measure_datapath(workdir / "datapath", settings["size"], settings["rounds"], settings["seed"],
-                                     progress)
+                                     progress, settings["encryption_rounds"])
     if "workflows" in sections:
         # The data path leaves gigabytes of writeback behind; the engine commits (fsyncs) twice a step and
         # must not be timed while that drains.
@@ -308,7 +310,10 @@ def checked_settings(args: argparse.Namespace, sections: tuple[str, ...]) -> dic
     settings: dict[str, Any] = {"rounds": checked_rounds(args), "seed": args.seed, "quick": args.quick}
     if "datapath" in sections:
         size = checked_size(args)
-        settings |= {"size": size, "quarter_size": size // 4, "chunk_size": CHUNK_SIZE}
+        settings |= {"size": size, "quarter_size": size // 4, "chunk_size": CHUNK_SIZE,
+                     # --rounds given is taken as it is; otherwise the encryption benchmark runs more rounds.
+                     "encryption_rounds": settings["rounds"] if args.rounds is not None
+                     else max(settings["rounds"], ENCRYPTION_MIN_ROUNDS)}
     if "workflows" in sections:
         plan_vms, plan_groups = checked_plan(args)
         settings |= {"steps": checked_steps(args), "vms": checked_vms(args), "fleet_hosts": FLEET_HOSTS,
@@ -387,7 +392,7 @@ METHOD = [
     "Peak memory is measured on disks of --size and of a quarter of it (ours only, one round), with "
     "the same log volume, to show whether it grows with the disk.",
     "The encryption benchmark (encrypted against ASR_STORAGE_ENCRYPTION=off) runs an untimed warm-up round of "
-    "both sides, then at least 5 rounds whatever --rounds says; each side deletes what it wrote and the "
+    "both sides, then at least 5 rounds unless --rounds is given; each side deletes what it wrote and the "
     "machine's dirty pages are written back before the other side's next step; a side's checks run after its "
     "timed steps, not between them. Its rows are judged on the best times like the others; the medians, each "
     "round's ratio and each step's CPU time (user + system, every thread of the child) are in the details.",

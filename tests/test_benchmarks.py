@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.encryption import MIN_ROUNDS as ENCRYPTION_MIN_ROUNDS
+from benchmarks.run import checked_settings, parse_args
 
 # Whole deployments (workers, beat, Redis) or real guests per test: out of the quick loop (-m "not slow").
 pytestmark = pytest.mark.slow
@@ -35,8 +36,9 @@ BENCH_ENV = {name: value for name, value in os.environ.items() if name != "ASR_I
 def test_quick_run_writes_both_reports_with_consistent_byte_counts(tmp_path):
     workdir, output = tmp_path / "work", tmp_path / "out"
     run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--only", "datapath", "--quick", "--workdir", str(workdir),
-         "--output", str(output)],
+        # --rounds given: the encryption benchmark runs as many, not its 5 at least (test_encryption_rounds).
+        [sys.executable, "-m", "benchmarks.run", "--only", "datapath", "--quick", "--rounds", "2", "--workdir",
+         str(workdir), "--output", str(output)],
         cwd=REPO_ROOT, env=BENCH_ENV, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
     )
     assert run.returncode == 0, run.stderr
@@ -136,7 +138,8 @@ def test_quick_run_writes_both_reports_with_consistent_byte_counts(tmp_path):
         assert 0 < run_figures["bytes_written"] <= run_figures["data_bytes"]
 
     encryption = report["benchmarks"]["encryption_cost"]
-    encryption_rounds = max(rounds, ENCRYPTION_MIN_ROUNDS)
+    encryption_rounds = settings["encryption_rounds"]
+    assert encryption_rounds == rounds == 2
     assert encryption["rounds"] == encryption["details"]["rounds"] == encryption_rounds
     assert [run["round"] for run in encryption["warmup_runs"]] == [0, 0], "one untimed round of both sides first"
     runs = {(side, step): encryption[key]["runs"] for side, prefix in (("encrypted", "ours"), ("clear", "peer"))
@@ -187,6 +190,16 @@ def test_quick_run_writes_both_reports_with_consistent_byte_counts(tmp_path):
     assert all(step in markdown for step in MEMORY_STEPS)
     assert all(f"- Encryption, {step}" in markdown for step in ("initial copy", "log apply", "resync", "restore"))
     assert report["date"] in markdown and machine["kernel"] in markdown
+
+
+def test_encryption_rounds_are_at_least_five_unless_rounds_is_given():
+    def rounds_of(*argv: str) -> tuple[int, int]:
+        settings = checked_settings(parse_args(["--only", "datapath", *argv]), ("datapath",))
+        return settings["rounds"], settings["encryption_rounds"]
+
+    assert ENCRYPTION_MIN_ROUNDS == 5
+    assert rounds_of() == (3, 5) and rounds_of("--quick") == (2, 5)
+    assert rounds_of("--rounds", "2") == (2, 2) and rounds_of("--quick", "--rounds", "7") == (7, 7)
 
 
 WORKFLOW_RUN_TIMEOUT_S = 240
