@@ -417,6 +417,8 @@ class Bench:
     seed: int
     log_volume: int
     with_peers: bool = True
+    encryption_rounds: int | None = None
+    """Rounds of the encryption benchmark when --rounds was given (None: at least its MIN_ROUNDS)."""
 
 
 def _result(
@@ -573,7 +575,7 @@ def bench_resync_product(bench: Bench) -> dict[str, Any]:
     site = bench.scratch / "product-site"
     replica = site / REPLICA_NAME
     peer_target = bench.scratch / "product-rsync.raw"
-    changes = _toggled_changes(disks.source, damage)
+    changes = toggled_changes(disks.source, damage)
     our_runs: list[dict] = []
     peer_runs: list[dict] = []
 
@@ -640,7 +642,7 @@ def bench_resync_product(bench: Bench) -> dict[str, Any]:
     return result
 
 
-def _toggled_changes(original: Path, damage: Damage) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+def toggled_changes(original: Path, damage: Damage) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
     """The damage plan's writes as (offset, hex data), and the writes putting the original bytes back."""
     with open(original, "rb") as disk:
         restore = [(offset, os.pread(disk.fileno(), len(data), offset).hex()) for offset, data in damage.writes]
@@ -946,8 +948,8 @@ def child_main(argv: list[str], steps: dict[str, Callable[..., dict[str, Any]]],
     return 0
 
 
-def measure_datapath(workdir: Path, size: int, rounds: int, seed: int,
-                     progress: Callable[[str], None]) -> dict[str, Any]:
+def measure_datapath(workdir: Path, size: int, rounds: int, seed: int, progress: Callable[[str], None],
+                     encryption_rounds: int | None = None) -> dict[str, Any]:
     """Every benchmark on a disk of `size` with the peers, then ours alone on a quarter-size disk for
     the memory comparison; the full-size disks are deleted before the quarter-size ones are made."""
     log_volume = min(MAX_LOG_VOLUME, size // 4)
@@ -957,7 +959,8 @@ def measure_datapath(workdir: Path, size: int, rounds: int, seed: int,
         directory = workdir / label
         progress(f"generating a {format_size(disk_size)} disk and a sparse one in {directory}")
         disks = generate_disks(directory, disk_size, seed)
-        bench = Bench(disks, directory, run_rounds, seed, log_volume, with_peers)
+        bench = Bench(disks, directory, run_rounds, seed, log_volume, with_peers,
+                      encryption_rounds if with_peers else None)
         measured[label] = run_benchmarks(bench, progress)
         shutil.rmtree(directory)
     baseline = run_ours("idle", 0)["peak_rss_bytes"]

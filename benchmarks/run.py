@@ -37,6 +37,7 @@ from typing import Any
 
 from benchmarks import churn, nbd, scale
 from benchmarks.datapath import CHUNK_SIZE, BenchmarkError, measure_datapath
+from benchmarks.encryption import MIN_ROUNDS as ENCRYPTION_MIN_ROUNDS
 from benchmarks.workflow_report import measure_workflows, workflow_detail_lines
 from datapath.disk import format_size, parse_size
 
@@ -53,8 +54,10 @@ data path's fixed buffers (a 32 MiB read-ahead ring, a 32 MiB apply window), so 
 for that reason alone and the comparison would mislead."""
 SIZE_UNIT = 4 << 20
 """Sizes are whole multiples of 4 MiB, so a quarter of one is still a whole number of MiB (a VHD's)."""
-SPACE_NEEDED_PER_DISK_SIZE = 5
-"""The largest moment holds about 4.3 disk sizes in the workdir (source, sparse data, two targets)."""
+SPACE_NEEDED_PER_DISK_SIZE = 6
+"""The largest moment holds about 5.5 disk sizes in the workdir: the source, the sparse disk's data, and in the
+encryption benchmark a tracked copy of the source, a replica per side, and a log beside each (with its undo
+log)."""
 WORKDIR_MARKER = ".sre-bench-workdir"
 REQUIRED_TOOLS = {"datapath": ("cp", "sync", "rsync", "cmp", "qemu-img"), "workflows": ("redis-server",),
                   "nbd": ("qemu-img", "qemu-nbd", "cmp"), "churn": ("redis-server",),
@@ -107,7 +110,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"unless given")
     parser.add_argument("--rounds", type=int,
                         help=f"rounds of ours and the peer, alternating who goes first; the best is reported "
-                             f"(default {DEFAULT_ROUNDS}, {QUICK_ROUNDS} with --quick)")
+                             f"(default {DEFAULT_ROUNDS}, {QUICK_ROUNDS} with --quick; the encryption benchmark "
+                             f"runs at least {ENCRYPTION_MIN_ROUNDS} unless this is given)")
     parser.add_argument("--steps", type=int,
                         help=f"workflows: no-op steps in the step-overhead job and the bare chain (default "
                              f"{DEFAULT_STEPS}, {QUICK_STEPS} with --quick)")
@@ -283,7 +287,7 @@ def measure(workdir: Path, sections: tuple[str, ...], settings: dict[str, Any]) 
     measured: dict[str, Any] = {}
     if "datapath" in sections:
         measured |= measure_datapath(workdir / "datapath", settings["size"], settings["rounds"], settings["seed"],
-                                     progress)
+                                     progress, settings["encryption_rounds"])
     if "workflows" in sections:
         # The data path leaves gigabytes of writeback behind; the engine commits (fsyncs) twice a step and
         # must not be timed while that drains.
@@ -306,7 +310,10 @@ def checked_settings(args: argparse.Namespace, sections: tuple[str, ...]) -> dic
     settings: dict[str, Any] = {"rounds": checked_rounds(args), "seed": args.seed, "quick": args.quick}
     if "datapath" in sections:
         size = checked_size(args)
-        settings |= {"size": size, "quarter_size": size // 4, "chunk_size": CHUNK_SIZE}
+        settings |= {"size": size, "quarter_size": size // 4, "chunk_size": CHUNK_SIZE,
+                     # --rounds given is taken as it is; otherwise the encryption benchmark runs more rounds.
+                     "encryption_rounds": settings["rounds"] if args.rounds is not None
+                     else max(settings["rounds"], ENCRYPTION_MIN_ROUNDS)}
     if "workflows" in sections:
         plan_vms, plan_groups = checked_plan(args)
         settings |= {"steps": checked_steps(args), "vms": checked_vms(args), "fleet_hosts": FLEET_HOSTS,
@@ -384,6 +391,11 @@ METHOD = [
     "peer's bytes over ours.",
     "Peak memory is measured on disks of --size and of a quarter of it (ours only, one round), with "
     "the same log volume, to show whether it grows with the disk.",
+    "The encryption benchmark (encrypted against ASR_STORAGE_ENCRYPTION=off) runs an untimed warm-up round of "
+    "both sides, then at least 5 rounds unless --rounds is given; each side deletes what it wrote and the "
+    "machine's dirty pages are written back before the other side's next step; a side's checks run after its "
+    "timed steps, not between them. Its rows are judged on the best times like the others; the medians, each "
+    "round's ratio and each step's CPU time (user + system, every thread of the child) are in the details.",
 ]
 
 
@@ -584,14 +596,31 @@ def encryption_detail_lines(encryption: dict[str, Any] | None) -> list[str]:
     if not encryption or not encryption["details"]:
         return []
     details = encryption["details"]
-    copy, restore, xts = details["copy_gb_per_s"], details["restore_gb_per_s"], details["xts_in_memory"]
-    return [
-        f"- Encryption: the initial copy takes {details['copy_cost']:.2f}× the time in clear "
-        f"({copy['encrypted']:.2f} GB/s encrypted, {copy['clear']:.2f} GB/s clear), the restore "
-        f"{details['restore_cost']:.2f}× ({restore['encrypted']:.2f} and {restore['clear']:.2f} GB/s); peak memory "
-        f"of the encrypted copy {format_size(encryption['ours']['peak_rss_bytes'])}, in clear "
-        f"{format_size(encryption['peer']['peak_rss_bytes'])}. AES-XTS in memory, one thread: ours "
-        f"(OpenSSL's, many sectors per call) {xts['ours_mb_per_s']:.0f} MB/s encrypting, "
+    steps, xts, ship, log = details["steps"], details["xts_in_memory"], details["ship"], details["log"]
+
+    def step_line(step: str, title: str) -> str:
+        figures = steps[step]
+        cpu = figures["cpu_seconds"]
+        speeds = (f" ({figures['gb_per_s']['encrypted']:.2f} GB/s encrypted, {figures['gb_per_s']['clear']:.2f} GB/s "
+                  f"clear)" if "gb_per_s" in figures else "")
+        return (f"- Encryption, {title}: {figures['cost']:.2f}× the time in clear at best, "
+                f"{figures['median_cost']:.2f}× at the median{speeds}; clear over encrypted round by round "
+                f"{', '.join(f'{ratio:.2f}' for ratio in figures['round_ratios'])} (median "
+                f"{figures['median_round_ratio']:.2f}); CPU time (median) {cpu['encrypted']['median']:.2f} s "
+                f"encrypted, {cpu['clear']['median']:.2f} s clear.")
+
+    return [step_line(step, f"{title} ({details['rounds']} rounds after a warm-up round)" if step == "copy"
+                      else title)
+            for step, title in (("copy", "initial copy"), ("log_apply", "log apply"), ("resync", "resync"),
+                                ("restore", "restore"))] + [
+        f"- Encryption, what the steps moved: the log applied holds {log['records']} records, "
+        f"{log['data_bytes']:,} B of data ({log['log_file_bytes']:,} B of log file); shipping it took "
+        f"{ship['encrypted']['best_seconds']:.3f} s encrypted, {ship['clear']['best_seconds']:.3f} s clear (best; "
+        f"reported, not judged); the resync's source changed in {details['resync']['changed_chunks']} chunks "
+        f"({details['resync']['changed_blocks']} blocks). Peak memory of the encrypted copy "
+        f"{format_size(encryption['ours']['peak_rss_bytes'])}, in clear "
+        f"{format_size(encryption['peer']['peak_rss_bytes'])}. AES-XTS in memory, one thread: ours (OpenSSL's, "
+        f"many sectors per call) {xts['ours_mb_per_s']:.0f} MB/s encrypting, "
         f"{xts['ours_decrypt_mb_per_s']:.0f} MB/s decrypting; a cipher per sector "
         f"{xts['per_sector_mb_per_s']:.0f} MB/s.",
     ]

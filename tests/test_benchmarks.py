@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.encryption import MIN_ROUNDS as ENCRYPTION_MIN_ROUNDS
+from benchmarks.run import checked_settings, parse_args
+
 # Whole deployments (workers, beat, Redis) or real guests per test: out of the quick loop (-m "not slow").
 pytestmark = pytest.mark.slow
 
@@ -33,8 +36,9 @@ BENCH_ENV = {name: value for name, value in os.environ.items() if name != "ASR_I
 def test_quick_run_writes_both_reports_with_consistent_byte_counts(tmp_path):
     workdir, output = tmp_path / "work", tmp_path / "out"
     run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--only", "datapath", "--quick", "--workdir", str(workdir),
-         "--output", str(output)],
+        # --rounds given: the encryption benchmark runs as many, not its 5 at least (test_encryption_rounds).
+        [sys.executable, "-m", "benchmarks.run", "--only", "datapath", "--quick", "--rounds", "2", "--workdir",
+         str(workdir), "--output", str(output)],
         cwd=REPO_ROOT, env=BENCH_ENV, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
     )
     assert run.returncode == 0, run.stderr
@@ -48,7 +52,7 @@ def test_quick_run_writes_both_reports_with_consistent_byte_counts(tmp_path):
     assert settings["quick"] and size == 256 << 20 and settings["quarter_size"] == size // 4
     assert set(report["benchmarks"]) == BENCHMARKS
     for name, benchmark in report["benchmarks"].items():
-        assert len(benchmark["ours"]["runs"]) == rounds, name
+        assert len(benchmark["ours"]["runs"]) == benchmark.get("rounds", rounds), name
         assert benchmark["rows"], f"{name} has no result rows"
         for row in benchmark["rows"]:
             # Judged against its goal, or reported only (no goal set): then and only then not judged.
@@ -134,13 +138,37 @@ def test_quick_run_writes_both_reports_with_consistent_byte_counts(tmp_path):
         assert 0 < run_figures["bytes_written"] <= run_figures["data_bytes"]
 
     encryption = report["benchmarks"]["encryption_cost"]
-    assert len(encryption["peer"]["runs"]) == len(encryption["ours_restore"]["runs"]) == rounds
-    # Encrypted and in clear, every copy wrote the whole disk and its restore gave the source's manifest back.
-    for side in encryption["runs"] + encryption.get("peer_runs", []):
-        assert side["copy"]["bytes_written"] == side["restore"]["bytes_written"] == size
-        assert side["copy"]["root"] == side["restore"]["root"]
+    encryption_rounds = settings["encryption_rounds"]
+    assert encryption_rounds == rounds == 2
+    assert encryption["rounds"] == encryption["details"]["rounds"] == encryption_rounds
+    assert [run["round"] for run in encryption["warmup_runs"]] == [0, 0], "one untimed round of both sides first"
+    runs = {(side, step): encryption[key]["runs"] for side, prefix in (("encrypted", "ours"), ("clear", "peer"))
+            for step, key in (("copy", prefix), ("log_apply", f"{prefix}_log_apply"),
+                              ("resync", f"{prefix}_resync"), ("restore", f"{prefix}_restore"))}
+    for (side, step), step_runs in runs.items():
+        # Both sides every round, the encrypted side first in odd rounds; CPU time measured in every step.
+        assert [run["round"] for run in step_runs] == list(range(1, encryption_rounds + 1)), (side, step)
+        assert all(run["cpu_seconds"] > 0 for run in step_runs), (side, step)
+    for side in ("encrypted", "clear"):
+        # Every copy wrote the whole disk and its restore gave the source's manifest back.
+        for copied, restored in zip(runs[side, "copy"], runs[side, "restore"], strict=True):
+            assert copied["bytes_written"] == restored["bytes_written"] == size
+            assert copied["root"] == restored["root"]
+        # Each round applied one new log, the same on both sides.
+        for encrypted, clear in zip(runs["encrypted", "log_apply"], runs[side, "log_apply"], strict=True):
+            assert len(encrypted["applied"]) == 1 and encrypted["data_bytes"] >= settings["log_volume"]
+            assert (clear["applied"], clear["records"], clear["data_bytes"]) == (
+                encrypted["applied"], encrypted["records"], encrypted["data_bytes"])
+        # Each resync read the replica only where the source changed and sent exactly the changed blocks.
+        changed = encryption["details"]["resync"]
+        for synced in runs[side, "resync"]:
+            assert not synced["replica_read_whole"] and synced["chunks_compared"] == size // chunk_size
+            assert synced["bytes_sent"] == changed["changed_blocks"] * 4096
+            assert synced["chunks_sent"] == changed["changed_chunks"]
     assert [row["metric"].split(",")[0] for row in encryption["rows"]] == [
-        "initial copy", "restore", "AES-XTS in memory"]
+        "initial copy", "log apply", "resync", "restore", "AES-XTS in memory"]
+    for step in ("copy", "log_apply", "resync", "restore"):
+        assert len(encryption["details"]["steps"][step]["round_ratios"]) == encryption_rounds
     assert encryption["details"]["xts_in_memory"]["per_sector_mb_per_s"] > 0
 
     memory = report["memory"]
@@ -160,7 +188,18 @@ def test_quick_run_writes_both_reports_with_consistent_byte_counts(tmp_path):
     for benchmark in report["benchmarks"].values():
         assert benchmark["title"] in markdown
     assert all(step in markdown for step in MEMORY_STEPS)
+    assert all(f"- Encryption, {step}" in markdown for step in ("initial copy", "log apply", "resync", "restore"))
     assert report["date"] in markdown and machine["kernel"] in markdown
+
+
+def test_encryption_rounds_are_at_least_five_unless_rounds_is_given():
+    def rounds_of(*argv: str) -> tuple[int, int]:
+        settings = checked_settings(parse_args(["--only", "datapath", *argv]), ("datapath",))
+        return settings["rounds"], settings["encryption_rounds"]
+
+    assert ENCRYPTION_MIN_ROUNDS == 5
+    assert rounds_of() == (3, 5) and rounds_of("--quick") == (2, 5)
+    assert rounds_of("--rounds", "2") == (2, 2) and rounds_of("--quick", "--rounds", "7") == (7, 7)
 
 
 WORKFLOW_RUN_TIMEOUT_S = 240
