@@ -172,8 +172,8 @@ app.conf.update(
     # (and count as its worker's death). A message Redis hands out again meanwhile cannot start a second
     # run: the claim takes a running step only once its heartbeat is stale.
     worker_cancel_long_running_tasks_on_connection_loss=False,
-    # Off entirely with ASR_WORKER_REMOTE_CONTROL=off; otherwise only READ_ONLY_INSPECT is answered. Events
-    # (task and worker heartbeats) are a separate channel and stay on: Flower's tasks, workers and metrics.
+    # Off unless ASR_WORKER_REMOTE_CONTROL=inspect, and then only READ_ONLY_INSPECT is answered. Events (task
+    # and worker heartbeats) are a separate channel and stay on: Flower's tasks, workers and metrics.
     worker_enable_remote_control=settings.worker_remote_control() != "off",
 )
 
