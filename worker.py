@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from urllib.parse import urlparse
 
+import redis
 from celery import Celery
 from celery.worker import control as worker_control
 from kombu.transport import redis as kombu_redis
@@ -46,6 +47,15 @@ class _ClosedChannelSafeRedisChannel(kombu_redis.Channel):
             finally:
                 self.connection.client = None
         return super()._connparams(asynchronous=asynchronous)
+
+    def open_watch_connection(self, timeout: float):
+        """A connection of its own to this channel's Redis, as this channel connects (TLS, broker user), that
+        waits at most `timeout` s for an answer: what the broker watchdog pings (tasks/broker_watchdog.py).
+        Outside every pool: nothing reconnects it behind the watchdog's back."""
+        params = {**self._connparams(), "socket_timeout": timeout, "socket_connect_timeout": timeout}
+        connection = redis.ConnectionPool(**params).make_connection()
+        connection.connect()
+        return connection
 
 
 class _DeliveredQueueChannel(_ClosedChannelSafeRedisChannel):
@@ -162,8 +172,8 @@ app.conf.update(
     # (and count as its worker's death). A message Redis hands out again meanwhile cannot start a second
     # run: the claim takes a running step only once its heartbeat is stale.
     worker_cancel_long_running_tasks_on_connection_loss=False,
-    # Off entirely with ASR_WORKER_REMOTE_CONTROL=off; otherwise only READ_ONLY_INSPECT is answered. Events
-    # (task and worker heartbeats) are a separate channel and stay on: Flower's tasks, workers and metrics.
+    # Off unless ASR_WORKER_REMOTE_CONTROL=inspect, and then only READ_ONLY_INSPECT is answered. Events (task
+    # and worker heartbeats) are a separate channel and stay on: Flower's tasks, workers and metrics.
     worker_enable_remote_control=settings.worker_remote_control() != "off",
 )
 
@@ -171,6 +181,9 @@ app.conf.update(
 # Marks the steps a worker runs when its broker connection drops, so that a run the outage ends counts as an
 # interruption and not as a death of the step (tasks/broker.py). By name: tasks/ imports this module.
 app.steps["consumer"].add("tasks.broker:BrokerOutageMarks")
+# Pings the broker from the worker's loop, which otherwise may watch no broker socket at all (remote control
+# off and every process busy) and miss a lost connection for good (tasks/broker_watchdog.py says why).
+app.steps["consumer"].add("tasks.broker_watchdog:BrokerWatchdog")
 
 
 @app.on_after_configure.connect

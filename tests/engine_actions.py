@@ -24,7 +24,7 @@ from workflows.jobkind import JobKind, declare
 HOOKED_KIND = "test.hooked"
 TEST_ACTIONS = frozenset(actions.declare(name) for name in (
     "test.record", "test.flaky", "test.broken_chain", "test.count", "test.kill_own_worker", "test.until_cancelled",
-    "test.manual", "test.only_in_this_process",
+    "test.manual", "test.only_in_this_process", "test.until_file",
 ))
 
 
@@ -121,6 +121,20 @@ def until_cancelled(ctx: StepContext, *, log: str, seconds: float) -> dict:
         raise
     append_line(log, {"event": "finished", "at": time.time()})
     return {"ticks": ticks}
+
+
+@action("test.until_file")
+def until_file(ctx: StepContext, *, log: str, gate: str, timeout: float = 60.0) -> dict:
+    """Log that it started, then wait (at most `timeout` s) until the file `gate` exists: the test chooses the
+    moment the step ends."""
+    append_line(log, {"event": "started", "pid": os.getpid(), "at": time.time()})
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            raise NonRecoverableError(f"{gate} did not appear within {timeout:g} s")
+        time.sleep(0.01)
+    append_line(log, {"event": "finished", "at": time.time()})
+    return {"gate": gate}
 
 
 @action("test.manual")

@@ -34,7 +34,9 @@ QUIET_S = 3.0  # how long a rogue worker is given to take a message it should no
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     deployment = Deployment(tmp_path_factory.mktemp("brokeracl"), workers={"orchestration": (["orchestration"], 1)},
                             beat=False, appendonly=False, broker_acl=True,
-                            worker_settings={"ASR_ACTION_MODULES": ACTION_MODULES})
+                            # Answering Flower's read-only questions, as compose.yaml sets it (default: off).
+                            worker_settings={"ASR_ACTION_MODULES": ACTION_MODULES,
+                                             "ASR_WORKER_REMOTE_CONTROL": "inspect"})
     with deployment.start():
         yield deployment
 
@@ -51,8 +53,8 @@ def client_as_host(site: Deployment, host_name: str) -> redis.Redis:
 
 
 def agent_env(site: Deployment, host_name: str, key: str) -> dict[str, str]:
-    # Read-only remote control on, as an operator who wants Flower's view of the agents sets it (an agent's
-    # default is off): their users admit its replies too. RecoverySite's agent below keeps the default.
+    # Read-only remote control on, as an operator who wants Flower's view of the agents sets it (the default is
+    # off): their users admit its replies too. RecoverySite's agent below keeps the default.
     return {**site.env, "ASR_HOST_NAME": host_name, "ASR_HOST_KEY": key, "ASR_WORKER_REMOTE_CONTROL": "inspect"}
 
 

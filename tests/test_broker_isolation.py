@@ -1,6 +1,7 @@
 """Whoever reaches Redis cannot command the workers: real worker processes ignore a broadcast add_consumer
 (which made the orchestration worker take a host's disk steps) and shutdown, while still answering the
-read-only questions Flower asks; with ASR_WORKER_REMOTE_CONTROL=off they answer nothing at all. A plain
+read-only questions Flower asks (ASR_WORKER_REMOTE_CONTROL=inspect); by default (off) they answer nothing at
+all. A plain
 `celery worker -Q host.X` that did not prove it is host X (its registration key) does not start; host X's agent
 runs no step of another queue pushed onto its own, and stops consuming its queue once its key no longer verifies
 (`asr host rekey`).
@@ -32,9 +33,18 @@ AGENT_HEARTBEAT_S = 0.5
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     deployment = Deployment(tmp_path_factory.mktemp("broker"), workers={"orchestration": (["orchestration"], 1)},
-                            beat=False, appendonly=False, worker_settings={"ASR_ACTION_MODULES": ACTION_MODULES})
+                            beat=False, appendonly=False,
+                            # The orchestration worker answers Flower's read-only questions (as compose.yaml
+                            # sets it); the workers added below keep the default, off.
+                            worker_settings={"ASR_ACTION_MODULES": ACTION_MODULES,
+                                             "ASR_WORKER_REMOTE_CONTROL": "inspect"})
     with deployment.start():
         yield deployment
+
+
+def default_remote_control(env: dict[str, str]) -> dict[str, str]:
+    """`env` without ASR_WORKER_REMOTE_CONTROL: a worker started with it has the default."""
+    return {key: value for key, value in env.items() if key != "ASR_WORKER_REMOTE_CONTROL"}
 
 
 def node(site: Deployment, name: str) -> str:
@@ -73,8 +83,7 @@ def test_a_broadcast_shutdown_stops_no_worker(site: Deployment) -> None:
 def test_with_remote_control_off_a_worker_answers_nothing(site: Deployment, tmp_path: Path) -> None:
     from worker import app
 
-    quiet = site.add_worker("quiet", ["recovery"], wait=True,
-                            env={**site.env, "ASR_WORKER_REMOTE_CONTROL": "off"})
+    quiet = site.add_worker("quiet", ["recovery"], wait=True, env=default_remote_control(site.env))
     replies = app.control.inspect(timeout=2).ping() or {}
     assert not any(found.startswith("quiet@") for found in replies), replies
     assert any(found.startswith("orchestration@") for found in replies), replies
@@ -89,12 +98,12 @@ def host_keys(site: Deployment, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 
 def host1_agent(site: Deployment, host_keys: dict[str, str]) -> CeleryProcess:
-    """Host1's agent, as `asr worker host host1` starts it (its name and key), with remote control off and a
-    heartbeat (and key verification) every AGENT_HEARTBEAT_S."""
+    """Host1's agent, as `asr worker host host1` starts it (its name and key, remote control left at its
+    default, off), with a heartbeat (and key verification) every AGENT_HEARTBEAT_S."""
     if "host-host1" not in site.workers:
         site.add_worker("host-host1", ["host.host1"], env={
-            **site.env, "ASR_HOST_NAME": "host1", "ASR_HOST_KEY": host_keys["host1"],
-            "ASR_HOST_HEARTBEAT_S": str(AGENT_HEARTBEAT_S), "ASR_WORKER_REMOTE_CONTROL": "off"})
+            **default_remote_control(site.env), "ASR_HOST_NAME": "host1", "ASR_HOST_KEY": host_keys["host1"],
+            "ASR_HOST_HEARTBEAT_S": str(AGENT_HEARTBEAT_S)})
     return site.workers["host-host1"]
 
 
@@ -153,7 +162,8 @@ def test_a_hosts_agent_answers_no_broadcast_runs_only_its_queues_steps_and_stops
 
     agent = host1_agent(site, host_keys)
     admin = site.redis.client()
-    # With remote control off, the agent answers not even a ping (the orchestration worker does, read-only).
+    # Remote control is off by default: the agent answers not even a ping (the orchestration worker, set to
+    # inspect, does, read-only).
     replies = app.control.inspect(timeout=1).ping() or {}
     assert any(found.startswith("orchestration@") for found in replies), replies
     assert not any(found.startswith("host-host1@") for found in replies), replies

@@ -9,6 +9,7 @@ Every wait is bounded.
 """
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
@@ -77,6 +78,38 @@ def unacked_messages(server: RedisServer, queue: str) -> list[str]:
     return [message["headers"]["id"] for message, _exchange, routing_key in entries if routing_key == queue]
 
 
+def waiting_messages(server: RedisServer, queue: str) -> int:
+    """How many messages wait in `queue` (kombu's list named after it)."""
+    client = server.client()
+    try:
+        return client.llen(queue)
+    finally:
+        client.close()
+
+
+def worker_heartbeat(server: RedisServer, node_prefix: str, *, timeout: float) -> None:
+    """Return as soon as a worker-heartbeat event of a node named `node_prefix`... is published on `server`
+    (Celery's events travel as Redis pub/sub messages)."""
+    client = server.client()
+    subscription = client.pubsub(ignore_subscribe_messages=True)
+    try:
+        subscription.psubscribe("*celeryev/worker.heartbeat")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            message = subscription.get_message(timeout=0.1)
+            if message and f'"hostname": "{node_prefix}'.encode() in base64_body(message["data"]):
+                return
+        raise AssertionError(f"no worker-heartbeat event of {node_prefix}* within {timeout:g} s")
+    finally:
+        subscription.close()
+        client.close()
+
+
+def base64_body(data: bytes) -> bytes:
+    """The body of a kombu message as published on Redis (JSON, its body base64-encoded)."""
+    return base64.b64decode(json.loads(data)["body"])
+
+
 def restart(server: RedisServer, *, down_s: float) -> None:
     """Stop the deployment's redis-server, leave it down `down_s`, start it again on the same port."""
     server.stop()
@@ -114,6 +147,44 @@ def test_a_worker_whose_redis_restarts_keeps_running_its_task_and_serves_the_nex
         # (A task's message is acknowledged just after its step is recorded: waited for, bounded.)
         wait_until(lambda: not unacked_messages(site.redis, "host.busy"), timeout=10,
                    what="no message of the host's queue to be left unacknowledged")
+
+
+# ---- a worker whose only process is busy when Redis restarts --------------------------------------------
+def test_a_busy_worker_without_remote_control_takes_the_next_message_after_redis_restarts(tmp_path: Path) -> None:
+    # One process, busy with a step, and no broadcast subscription (remote control off): while the step runs
+    # the worker reads nothing from Redis, so its event loop watches no broker socket that Redis dying would
+    # close. The step ends while Redis is down: its acknowledgement fails, kombu still counts the message as
+    # unacknowledged, and with a prefetch of one the consumer never asks Redis for another (it waited so
+    # forever). The broker watchdog (tasks/broker_watchdog.py) sees the connection lost and has Celery restart
+    # the consumer, whose new channel takes the next step's message, kept through the restart by Redis's
+    # append-only file.
+    with deployment(tmp_path / "deployment", {"orchestration": (["orchestration"], 1)}) as site:
+        worker = site.add_worker("busy", ["host.busy"], env={**site.env, "ASR_WORKER_REMOTE_CONTROL": "off"})
+        gate, log = tmp_path / "gate", tmp_path / "gated.log"
+        first_job = start_job("test.enable_protection", lock_key=f"item:{uuid.uuid4()}", stages=[[StepSpec(
+            "Copy disk disk0", "test.until_file", "host.busy", {"log": str(log), "gate": str(gate)})]])
+        wait_until(lambda: read_records(log), timeout=20, what="the first step to start")
+        second_log = tmp_path / "second.log"
+        second_job = start_job("test.enable_protection", lock_key=f"item:{uuid.uuid4()}", stages=[[StepSpec(
+            "Prerequisites check", "test.record", "host.busy", {"log": str(second_log), "label": "second"})]])
+        wait_until(lambda: waiting_messages(site.redis, "host.busy") == 1, timeout=10,
+                   what="the second step's message to wait in Redis")
+
+        # Just after one of the worker's heartbeat events, so that its next one (2 s on, and blocking the
+        # worker's loop while Redis is away) comes after the step's end and acknowledgement.
+        worker_heartbeat(site.redis, "busy@", timeout=10)
+        site.redis.kill()
+        gate.touch()
+        wait_until(lambda: "asr.test.until_file[" in worker.log() and "succeeded in" in worker.log(), timeout=10,
+                   what="the first step's task to end while Redis is down")
+        time.sleep(0.5)  # its acknowledgement fails meanwhile
+        site.redis.start()
+
+        assert wait_for_job(first_job, timeout=20, logs=site)["state"] == "succeeded"
+        assert wait_for_job(second_job, timeout=20, logs=site)["state"] == "succeeded"
+        assert [record["label"] for record in read_records(second_log)] == ["second"]
+        assert worker.process.poll() is None, site.log_tails(4000)
+        assert "Connection to broker lost" in worker.log() and "Unrecoverable error" not in worker.log()
 
 
 # ---- a long copy rides out three Redis restarts --------------------------------------------------------

@@ -233,7 +233,8 @@ def test_workers_start_answer_over_the_broker_and_stop_on_sigterm(tmp_path: Path
     try:
         # The orchestration worker on a database nobody prepared: it creates the tables first.
         launch("orchestration", ["worker", "orchestration", "-c", "1"],
-               clean_env(ASR_BROKER_URL=redis_server.url, ASR_DATABASE_URL=fresh_db))
+               clean_env(ASR_BROKER_URL=redis_server.url, ASR_DATABASE_URL=fresh_db,
+                         ASR_WORKER_REMOTE_CONTROL="inspect"))
         launch("host1", ["worker", "host", "host1", "-c", "1"],
                clean_env(ASR_BROKER_URL=redis_server.url, ASR_DATABASE_URL=fabric["url"],
                          ASR_HOST_KEY=fabric["host1"]))
@@ -261,14 +262,15 @@ def test_workers_start_answer_over_the_broker_and_stop_on_sigterm(tmp_path: Path
         with session_scope(get_engine(fresh_db)) as session:  # the tables exist now
             assert session.exec(select(Host)).all() == []
 
-        # A real round trip through the broker: both nodes answer, each consuming its own queues.
+        # A real round trip through the broker: the orchestration worker (remote control set to inspect) answers
+        # with its queues; the host's agent answers nothing (remote control is off by default).
         answer = subprocess.run([*CELERY, "inspect", "active_queues", "--timeout", "5", "--json"],
                                 env=clean_env(ASR_BROKER_URL=redis_server.url), capture_output=True, text=True,
                                 timeout=30)
         assert answer.returncode == 0, answer.stdout + answer.stderr
         queues = {node.split("@")[0]: sorted(queue["name"] for queue in info)
                   for node, info in json.loads(answer.stdout).items()}
-        assert queues == {"orchestration": ["orchestration", "recovery"], "host-host1": ["host.host1"]}, queues
+        assert queues == {"orchestration": ["orchestration", "recovery"]}, queues
 
         for process in processes.values():
             process.send_signal(signal.SIGTERM)

@@ -169,9 +169,8 @@ def test_host_agents_have_their_own_trees_and_keys_from_the_environment(compose:
         assert re.fullmatch(r"\$\{ASR_[A-Z0-9]+_KEY(:?-)?\}", key), f"{name}: key from the environment, got {key!r}"
         for setting in ("ASR_BROKER_URL", "ASR_DATABASE_URL", "ASR_AZURE_CONNECTION_STRING"):
             assert setting in agent["environment"], f"{name} lacks {setting} (merged from the shared settings)"
-        # Whoever reaches Redis cannot make a host's agent consume another queue or stop (issue 11): it obeys no
-        # command (worker.py). Not `off`, which makes an agent whose processes are all busy miss a Redis restart
-        # and take no message again (workflows/settings.py says why).
+        # Whoever reaches Redis cannot make a host's agent consume another queue or stop, nor even question it
+        # (issue 11): its remote control is left at the default, off.
         assert "ASR_WORKER_REMOTE_CONTROL" not in agent["environment"], name
         mounts = [m for m in agent["volumes"] if m.split(":")[1] == f"/hosts/{name}"]
         assert len(mounts) == 1 and not mounts[0].endswith(":ro"), (name, agent["volumes"])

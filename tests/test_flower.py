@@ -103,7 +103,9 @@ def event_count(metrics: str, **labels: str) -> float:
 
 def test_flower_shows_the_jobs_tasks_and_workers_behind_basic_auth(tmp_path: Path) -> None:
     password = secrets.token_urlsafe(16)
-    with RecoverySite(tmp_path) as site:
+    # Flower's worker pages ask the workers through remote control (off by default): on, read-only, as compose.yaml
+    # sets it for the engine's workers.
+    with RecoverySite(tmp_path, env={"ASR_WORKER_REMOTE_CONTROL": "inspect"}) as site:
         flower = AsrFlower(site.env, tmp_path, "operator", password)
         try:
             flower.wait_listening(timeout=30)

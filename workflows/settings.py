@@ -182,15 +182,14 @@ def console_session_max_s() -> float:
 
 
 def worker_remote_control() -> str:
-    """ASR_WORKER_REMOTE_CONTROL: what a worker answers on the broker's broadcast channel. `inspect` (default):
-    only read-only questions (ping, stats, active and registered tasks, the queues it consumes), which Flower
-    shows; never a command (shutdown, add_consumer, revoke, pool changes). `off`: nothing at all (Flower then
-    knows the worker from its events only). Anyone who reaches Redis can broadcast: it has no authentication."""
-    # Why not `off` by default, even on host agents: a worker's broadcast subscription is the one broker
-    # connection its event loop always watches. Without it, a worker whose every process is busy (a host agent
-    # copying with -c 1) reads nothing from Redis, does not notice Redis restart, and never takes another message
-    # (tests/test_faults.py's Redis kill hung this way). `off` is safe only for a worker with spare processes.
-    value = os.environ.get("ASR_WORKER_REMOTE_CONTROL", "inspect").strip().lower()
+    """ASR_WORKER_REMOTE_CONTROL: what a worker answers on the broker's broadcast channel. `off` (default):
+    nothing at all (Flower then knows the worker from its events: its tasks and counters, not its queues or
+    pool). `inspect`: only read-only questions (ping, stats, active and registered tasks, the queues it
+    consumes), which Flower's worker pages show; never a command (shutdown, add_consumer, revoke, pool changes).
+    Anyone who reaches Redis can broadcast: it has no authentication."""
+    # `off` is safe with every process busy: the broker watchdog (tasks/broker_watchdog.py) notices a lost
+    # connection that the broadcast subscription used to be the only one to see.
+    value = os.environ.get("ASR_WORKER_REMOTE_CONTROL", "off").strip().lower()
     if value not in ("inspect", "off"):
         raise ValueError(f"ASR_WORKER_REMOTE_CONTROL={value!r} must be 'inspect' or 'off'")
     return value
