@@ -159,8 +159,10 @@ def https_azurite(tmp_path_factory: pytest.TempPathFactory, certificates: Deploy
 @pytest.fixture(scope="module")
 def tls_site(tmp_path_factory: pytest.TempPathFactory, certificates: DeploymentCertificates,
              https_azurite: AzuriteProcess) -> Iterator[RecoverySite]:
+    # Read-only remote control, so that Flower's worker pages (over the TLS broker) have answers to show: off
+    # is the default, and compose sets inspect for Flower as here.
     with RecoverySite(tmp_path_factory.mktemp("tls-site"), backend="azure", azurite=https_azurite, tls=certificates,
-                      recovery_host_names=("dr1",)) as site:
+                      recovery_host_names=("dr1",), env={"ASR_WORKER_REMOTE_CONTROL": "inspect"}) as site:
         yield site
 
 
