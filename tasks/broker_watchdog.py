@@ -1,5 +1,6 @@
-"""The worker's watch on its broker connection: a consumer bootstep that pings Redis on a connection of its
-own every WATCH_EVERY_S, from the worker's event loop, and hands any failure to Celery as a lost connection.
+"""The worker's watch on its broker connection: a consumer bootstep that keeps a connection of its own to
+Redis, whose socket the worker's event loop watches (Redis closing it is seen at once) and on which it pings
+every WATCH_EVERY_S (a broker that stops answering), and hands any failure to Celery as a lost connection.
 
 Why it exists: Celery notices that the broker went away only when a socket its event loop reads fails. A
 worker whose processes are all busy reads no queue (kombu sends no BRPOP while the prefetch limit is
@@ -40,6 +41,8 @@ class BrokerWatchdog(bootsteps.StartStopStep):
         super().__init__(parent, **kwargs)
         self.connection: Any = None
         self.timer_entry: Any = None
+        self.hub: Any = None
+        self.fd: int | None = None
 
     def start(self, parent: Any) -> None:
         channel = parent.task_consumer.channel
@@ -51,6 +54,13 @@ class BrokerWatchdog(bootsteps.StartStopStep):
         # Raises the transport's connection error if the broker is already gone again: Celery reconnects.
         self.connection = open_watch_connection(PING_TIMEOUT_S)
         self.timer_entry = parent.timer.call_repeatedly(WATCH_EVERY_S, self._ping, (self.connection,))
+        # The socket is watched by the loop too: a broker that stops closes it, and the loop sees the end of the
+        # stream at once, as it saw the broadcast subscription's. Waiting for the next ping could lose the race
+        # to Celery's own event heartbeat, whose send retries until the broker is back and holds the loop
+        # meanwhile: a step's worker lost during the outage would then not have marked its step.
+        self.fd = self.connection._sock.fileno()
+        self.hub = parent.hub
+        self.hub.add_reader(self.fd, self._on_readable, self.connection)
 
     @staticmethod
     def _ping(connection: Any) -> None:
@@ -59,7 +69,16 @@ class BrokerWatchdog(bootsteps.StartStopStep):
         connection.send_command("PING", check_health=False)
         connection.read_response()
 
+    @staticmethod
+    def _on_readable(connection: Any) -> None:
+        # Readable between pings (a ping reads its answer before the loop polls again): the broker closed the
+        # connection, and reading raises the transport's connection error, out of the loop as a lost connection.
+        connection.read_response()
+
     def stop(self, parent: Any) -> None:
+        if self.hub is not None and self.fd is not None:
+            self.hub.remove(self.fd)
+        self.hub = self.fd = None
         if self.timer_entry is not None:
             self.timer_entry.cancel()
             self.timer_entry = None
