@@ -187,9 +187,9 @@ static int write_fully(int fd, struct iovec *iov, int count, int64_t position) {
 
 /* The checksums of records a and b (header, then data of a multiple of 16 bytes, at least 16) computed
    together: MurmurHash3 is a chain of dependent multiplications, so two records' blocks interleaved keep
-   the CPU busy where one leaves it waiting (measured: 4.5 µs a 64 KiB record instead of 6.9). The stream of a record is
-   its 24-byte header then its data: two blocks of header (the second with the data's first 8 bytes),
-   then the data from byte 8 in blocks, then its last 8 bytes as the tail. */
+   the CPU busy where one leaves it waiting (measured: 4.5 us a 64 KiB record instead of 6.9). The stream
+   of a record is its 24-byte header then its data: two blocks of header (the second with the data's first
+   8 bytes), then the data from byte 8 in blocks, then its last 8 bytes as the tail. */
 #define MMH3_ROUND(h1, h2, p) do { \
         uint64_t k1_ = load64(p), k2_ = load64((p) + 8); \
         k1_ *= C1; k1_ = rotl64(k1_, 31); k1_ *= C2; h1 ^= k1_; \
