@@ -19,13 +19,13 @@ COPY sites ./sites
 COPY tasks ./tasks
 COPY workflows ./workflows
 # Runtime dependencies only (no test extra): tests/test_install.py installs the same way and starts a worker.
-# The package's compiled part (sites/storage/xts_build.py: OpenSSL's AES-XTS) needs a C compiler and
-# OpenSSL's headers to build, removed in the same layer; libssl3 (libcrypto.so.3), which it runs with, is
-# part of the base image and stays.
+# The package's compiled parts (sites/storage/xts_build.py: OpenSSL's AES-XTS; datapath/writepath_build.py:
+# the NBD write path) need a C compiler and libc's and OpenSSL's headers to build, removed in the same layer;
+# libssl3 (libcrypto.so.3), which the first runs with, is part of the base image and stays.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev libssl-dev \
     && pip install . \
     && apt-get purge -y --auto-remove gcc libc6-dev libssl-dev && rm -rf /var/lib/apt/lists/* \
-    && cd / && python -c "import sites.storage.xts"
+    && cd / && python -c "import sites.storage.xts, datapath.nbd"
 
 # Not root. The mount points exist, owned by that user, so named volumes mounted there start out
 # writable by it (Docker copies a mount point's ownership into an empty volume); each process's passwords

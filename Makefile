@@ -21,9 +21,10 @@ help:
 	@echo "make bench  - run the benchmarks and write docs/benchmarks.md (not part of make test)"
 	@echo "make console-screenshots - the web console's pages as docs/console/*.png (its browser tests, in chromium)"
 
-# The package has one compiled part (sites/storage/xts_build.py: OpenSSL's AES-XTS), built by pip through
-# setup.py: a C compiler and the headers of libc, OpenSSL and Python first.
-$(VENV)/.installed: pyproject.toml setup.py sites/storage/xts_build.py
+# The package has two compiled parts (sites/storage/xts_build.py: OpenSSL's AES-XTS; datapath/writepath_build.py:
+# the NBD write path's receiving and log records), built by pip through setup.py: a C compiler and the headers
+# of libc, OpenSSL and Python first.
+$(VENV)/.installed: pyproject.toml setup.py sites/storage/xts_build.py datapath/writepath_build.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@PYTHON=$(PY) bash scripts/ensure-tools.sh gcc libc-headers openssl-headers python-headers libcrypto
 	$(PY) -m pip install --quiet --upgrade pip

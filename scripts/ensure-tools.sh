@@ -7,7 +7,8 @@
 # qemu-io (independent NBD peers), tcpdump (captures on the links between network namespaces:
 # tests/test_tls_netns.py), chromium and chromedriver (the browser the console's tests drive with Selenium:
 # tests/test_console_browser.py)). Also, as names that are not commands, what building and running the
-# package's compiled part needs (sites/storage/xts_build.py, OpenSSL's AES-XTS; `make install` asks for
+# package's compiled parts need (sites/storage/xts_build.py, OpenSSL's AES-XTS, and datapath/writepath_build.py,
+# the NBD write path, libc only; `make install` asks for
 # them): gcc, libc-headers, openssl-headers, python-headers (those of $PYTHON, default python3) and
 # libcrypto (OpenSSL 3's libcrypto.so.3).
 set -euo pipefail

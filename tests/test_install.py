@@ -98,6 +98,14 @@ def test_a_plain_install_runs_the_schema_upgrade_and_a_worker(installed: Path, t
         redis.stop()
 
 
+def test_the_install_builds_the_compiled_modules(installed: Path, tmp_path: Path) -> None:
+    """setup.py's cffi modules (AES-XTS, the NBD write path) are built by the plain `pip install` and load."""
+    code = "import sites.storage.xts, datapath.nbd, datapath._writepath, sites.storage._xts_openssl; print('loaded')"
+    answer = subprocess.run([str(installed / "python"), "-c", code],
+                            env=clean_env(), cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert answer.returncode == 0 and answer.stdout.strip() == "loaded", answer.stdout + answer.stderr
+
+
 def test_the_installed_api_serves_the_web_console_and_its_assets(installed: Path, tmp_path: Path) -> None:
     """The console's templates and assets are package data: the installed app renders its login page and serves
     its stylesheet and script (from the package, no CDN)."""
