@@ -165,6 +165,31 @@ def read_record(fd: int, position: int, header: LogHeader, *, expected_seq: int,
     return LogRecord(index, seq, offset, length, memoryview(rest)[:length])
 
 
+def read_records_between(fd: int, start: int, end: int, header: LogHeader, *, next_seq: int,
+                         log_name: str = "") -> Iterator[LogRecord] | None:
+    """The WRITE records of an open log lying exactly from byte `start` to `end`, the last one's sequence number
+    `next_seq` - 1 (a tracker's last commit), each verified as it is read (LogCorruptError for a wrong checksum
+    or sequence number); None when they do not tile the range as whole records."""
+    position, count = start, 0
+    while position < end:  # the headers first, to count the records: the first one's sequence number follows
+        raw = os.pread(fd, RECORD_HEADER_SIZE, position)
+        if len(raw) < RECORD_HEADER_SIZE:
+            return None
+        position += RECORD_OVERHEAD + RECORD_HEADER.unpack(raw)[1]
+        count += 1
+    if position != end or count == 0:
+        return None
+
+    def records() -> Iterator[LogRecord]:  # one at a time: a batch may hold many large writes
+        position = start
+        for seq in range(next_seq - count, next_seq):
+            record = read_record(fd, position, header, expected_seq=seq, log_name=log_name)
+            yield record
+            position += RECORD_OVERHEAD + record.length
+
+    return records()
+
+
 class LogReader:
     """Streams the records of one log, verifying as it goes.
 

@@ -44,14 +44,11 @@ from datapath.errors import AlignmentError
 from datapath.logformat import (
     HEADER_SIZE,
     MAX_RECORD_DATA,
-    RECORD_HEADER,
-    RECORD_HEADER_SIZE,
-    RECORD_OVERHEAD,
     LogHeader,
     LogState,
     LogWriter,
 )
-from datapath.logreader import read_log_header, read_record, read_seal
+from datapath.logreader import read_log_header, read_records_between, read_seal
 from datapath.private import FILE_MODE
 from datapath.snapshot import (
     SNAPSHOT_BLOCK,
@@ -557,31 +554,20 @@ class ReplicationTracker:
     def _replay_unapplied(self, control: ControlState) -> ControlState:
         """Write to the disk, in order, the committed records a crashed writer may not have written:
         those of its last commit (one batch), from `applied_end` to the log's end. Replaying one the
-        disk has already rewrites the same bytes. Each record's checksum and sequence number are
-        verified first: the records must tile the range exactly and end at the last committed one."""
+        disk has already rewrites the same bytes. The records must tile the range exactly and end at the
+        last committed one (checked first), and each one's checksum and sequence number are verified
+        before it is written: a damaged one stops the replay (the ones before it are committed data)."""
         self._active_writer(control)
         assert self._log_header is not None
-        name = self._files.active.name
-        # Walk the record headers to count the records: the first one's sequence number follows.
-        position, count = control.applied_end, 0
-        while position < control.log.end:
-            raw = os.pread(self._log_fd, RECORD_HEADER_SIZE, position)
-            if len(raw) < RECORD_HEADER_SIZE:
-                break
-            length = RECORD_HEADER.unpack(raw)[1]
-            position += RECORD_OVERHEAD + length
-            count += 1
-        if position != control.log.end or count == 0:
+        records = read_records_between(self._log_fd, control.applied_end, control.log.end, self._log_header,
+                                       next_seq=control.log.next_seq, log_name=self._files.active.name)
+        if records is None:
             raise TrackerStateError(
                 f"active log {self._files.active}: the committed records from byte {control.applied_end} to "
                 f"{control.log.end}, which may be missing from the disk, are not whole records"
             )
-        position, seq = control.applied_end, control.log.next_seq - count
-        while position < control.log.end:
-            record = read_record(self._log_fd, position, self._log_header, expected_seq=seq, log_name=name)
+        for record in records:
             self._write_disk(control, record.offset, record.data, record.length, False)
-            position += RECORD_OVERHEAD + record.length
-            seq += 1
         if self.sync:
             self._writable_disk().flush()
         return self._control_file.write(replace(control, applied_end=control.log.end))

@@ -14,10 +14,11 @@ import pytest
 from test_tracker import PROCESS_TIMEOUT, copy_data, data_of, logged_writes, make_disk, replay_logs, tracker_files
 
 import datapath.tracker as tracker_module
-from datapath.logformat import MAX_RECORD_DATA, LogHeader, LogState, LogWriter
+from datapath.errors import LogCorruptError
+from datapath.logformat import MAX_RECORD_DATA, RECORD_OVERHEAD, LogHeader, LogState, LogWriter
 from datapath.logreader import verify_log
 from datapath.tracker import ReplicationTracker
-from datapath.trackerstate import TrackerFiles
+from datapath.trackerstate import ControlFile, TrackerFiles, TrackerStateError
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -193,3 +194,29 @@ def test_the_spare_keeps_at_most_its_cap_of_an_acknowledged_log(disk: Path, monk
         tracker.seal()  # the next log is written over the cut spare
         tracker.write(0, b"\x55" * 4096)
         verify_log(tracker.seal().path)
+
+
+def test_a_last_commit_that_is_not_whole_records_or_fails_its_checksum_is_refused(disk: Path) -> None:
+    """What the next process replays is the committed range the disk may lack, checked first: a control file
+    whose applied end falls inside a record, or a record in that range whose checksum fails, is refused, the
+    disk left as it was."""
+    with ReplicationTracker.enable(disk) as tracker:
+        tracker.write_many([(0, b"\x11" * 4096, False), (8192, b"\x22" * 4096, False)])
+    files = TrackerFiles(disk)
+    control_file = ControlFile.open(files.control, disk)
+    try:
+        state = control_file.read()
+        unapplied = state.log.end - 2 * (RECORD_OVERHEAD + 4096)
+        control_file.write(state.evolve(applied_end=unapplied + 512))  # inside the batch's first record
+        before = data_of(disk)
+        with pytest.raises(TrackerStateError, match="are not whole records"):
+            ReplicationTracker(disk).write(0, b"\x33" * 512)
+        assert data_of(disk) == before
+        control_file.write(state.evolve(applied_end=unapplied))
+        with open(files.active, "r+b") as log:  # one byte of the batch's second record's data
+            log.seek(state.log.end - 4096)
+            log.write(b"\x23")
+        with pytest.raises(LogCorruptError, match="checksum mismatch"):
+            ReplicationTracker(disk).write(0, b"\x33" * 512)
+    finally:
+        os.close(control_file.fd)
