@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from datapath.disk import LocalDisk
+from datapath.disk import local_file_beneath
 from datapath.endpoint import DiskEndpoint
 from datapath.errors import AlignmentError, SizeMismatchError
 from datapath.manifest import (
@@ -251,8 +251,8 @@ def _start_writeback(target: DiskEndpoint, offset: int, length: int) -> None:
     writes a burst of up to a flush interval; started as they are written, the writes reach the device
     in a steady stream beside the reads and each flush finds little left to do (writing 1 GiB here:
     0.49 s best instead of 0.66 s, one fsync at the end in both)."""
-    if isinstance(target, LocalDisk) and _libc.sync_file_range(target.fileno(), offset, length,
-                                                               _SYNC_FILE_RANGE_WRITE) != 0:
+    local = local_file_beneath(target)
+    if local is not None and _libc.sync_file_range(local.fileno(), offset, length, _SYNC_FILE_RANGE_WRITE) != 0:
         error = ctypes.get_errno()
         raise OSError(error, f"starting the writeback of {target.name} at {offset}+{length}: {os.strerror(error)}")
 

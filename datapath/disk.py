@@ -296,6 +296,23 @@ class LocalDisk:
             raise io.UnsupportedOperation(f"{self.name}: the disk is open read-only")
 
 
+_MAX_LAYERS = 8
+
+
+def local_file_beneath(endpoint: object) -> LocalDisk | None:
+    """The local file disk that `endpoint` is or reads and writes at the same offsets: an endpoint layered
+    over another (the encrypted replica disk, the throttled one, a recovery point's view of its replica)
+    exposes that one as `inner`. None when there is no local file beneath (a page blob). The data path asks
+    it for the kernel's read-ahead and writeback hints, which would otherwise stop at the first layer."""
+    for _ in range(_MAX_LAYERS):
+        if isinstance(endpoint, LocalDisk):
+            return endpoint
+        endpoint = getattr(endpoint, "inner", None)
+        if endpoint is None:
+            return None
+    return None
+
+
 def _open_existing(path: Path, flags: int) -> int:
     try:
         fd = os.open(path, flags)

@@ -27,7 +27,7 @@ from types import TracebackType
 import mmh3
 
 from datapath.buffers import aligned_buffer
-from datapath.disk import LocalDisk
+from datapath.disk import local_file_beneath
 from datapath.endpoint import SECTOR, DiskEndpoint
 from datapath.errors import NonRecoverableError, SizeMismatchError
 
@@ -491,16 +491,18 @@ def _continues_sequentially(planned: WindowPlan, previous_end: int) -> bool:
 
 
 def _prefetch(sources: Sequence[DiskEndpoint], planned: WindowPlan) -> None:
-    """Ask the kernel to start reading a later window of each local file source now, without
-    waiting. Its own read-ahead stops at every jump over a hole (and where it runs on, it fills pages
-    of the hole with zeros), so on a sparse disk the device would idle between synchronous reads;
-    with the next windows' exact extents already requested, it does not (reading a disk of 254
-    extents measured 25-35% faster)."""
+    """Ask the kernel to start reading a later window of each local file source (or the local file
+    beneath a layered one, such as an encrypted replica disk) now, without waiting. Its own read-ahead
+    stops at every jump over a hole (and where it runs on, it fills pages of the hole with zeros), so on
+    a sparse disk the device would idle between synchronous reads; with the next windows' exact extents
+    already requested, it does not (reading a disk of 254 extents measured 25-35% faster; the chunks a
+    log apply rehashes are such windows too)."""
     extents = planned.extents if planned.extents is not None else ((planned.offset, planned.offset + planned.length),)
     for source in sources:
-        if isinstance(source, LocalDisk):
+        local = local_file_beneath(source)
+        if local is not None:
             for low, high in extents:
-                os.posix_fadvise(source.fileno(), low, high - low, os.POSIX_FADV_WILLNEED)
+                os.posix_fadvise(local.fileno(), low, high - low, os.POSIX_FADV_WILLNEED)
 
 
 def _read_window(source: DiskEndpoint, planned: WindowPlan, view: memoryview) -> int:

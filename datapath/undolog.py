@@ -328,6 +328,11 @@ class PointDisk:
     def __repr__(self) -> str:
         return f"PointDisk({self.name!r}, {len(self._entries)} undo ranges)"
 
+    @property
+    def inner(self) -> DiskEndpoint:
+        """The replica disk, read at the same offsets (datapath.disk.local_file_beneath)."""
+        return self._base
+
     def __enter__(self) -> PointDisk:
         return self
 

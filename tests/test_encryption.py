@@ -20,6 +20,7 @@ from sites.storage.base import ObjectNotFoundError, RecoveryStorage
 from sites.storage.encrypted import EncryptedStorage, key_objects, rewrap_keys
 from sites.storage.encrypted_disk import SECTOR_SIZE
 from sites.storage.keys import KEY_OBJECT, KeyEncryptionKey, write_kek_file
+from sites.storage.local import LocalDirectoryStorage
 from sites.storage.sealed import HEADER_SIZE, SEGMENT_SIZE, TAG_SIZE
 from tasks.recovery_storage import open_recovery_storage
 
@@ -116,6 +117,28 @@ def test_the_same_data_on_two_disks_is_stored_differently(sealed: EncryptedStora
     assert stored[0] != stored[1] and data not in stored
 
 
+def test_the_local_file_beneath_an_encrypted_disk_gets_the_kernel_hints(sealed: EncryptedStorage, tmp_path: Path):
+    """The read-ahead and writeback hints (datapath.manifest._prefetch, datapath.copy._start_writeback) go to the
+    local file beneath the layers the engine puts over a replica disk (encryption, the upload limit, a recovery
+    point's view), the one whose file holds the replica; a page blob has none."""
+    from datapath.disk import LocalDisk, local_file_beneath
+    from datapath.undolog import PointDisk
+    from sites.storage.throttled import ThrottledStorage, UploadLimit
+
+    sealed.create_disk("h/v/disk0.vhd", MIB)
+    throttled = EncryptedStorage(ThrottledStorage(sealed.inner, UploadLimit(1 << 40, tmp_path / "limit")), sealed.kek)
+    for storage in (sealed, throttled):
+        with storage.open_disk("h/v/disk0.vhd") as disk, PointDisk(storage.open_disk("h/v/disk0.vhd"), [],
+                                                                    name="a point") as point:
+            for layered in (disk, point):
+                local = local_file_beneath(layered)
+                if isinstance(sealed.inner, LocalDirectoryStorage):
+                    assert isinstance(local, LocalDisk) and local.path == sealed.inner.path("h/v/disk0.vhd")
+                    assert os.fstat(local.fileno()).st_ino == os.stat(sealed.inner.path("h/v/disk0.vhd")).st_ino
+                else:
+                    assert local is None
+
+
 # ---- objects ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("size", [0, 1, SEGMENT_SIZE - 1, SEGMENT_SIZE, SEGMENT_SIZE + 5, 3 * SEGMENT_SIZE])
 def test_object_round_trip(sealed: EncryptedStorage, size: int):
@@ -138,6 +161,102 @@ def test_object_round_trip(sealed: EncryptedStorage, size: int):
         sealed.read_object("h/v/missing")
     with pytest.raises(ObjectNotFoundError):
         sealed.read_object("elsewhere/missing")
+
+
+class _ReadOnly:
+    """A source with only `read`, and short reads (as a network stream may give)."""
+
+    def __init__(self, data: bytes):
+        self._data = io.BytesIO(data)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._data.read(min(size, 777_777) if size >= 0 else -1)
+
+
+def _open_by_hand(stored: bytes, data_key, name: str) -> bytes:
+    """The plaintext of a sealed object decoded from docs/formats.md's layout alone: a 48-byte header, then
+    segments of the header's size, each followed by its GCM tag, nonce the index and last flag, associated
+    data the header, the name and the same two (so the format the streaming classes write is the one read)."""
+    import struct
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from sites.storage.sealed import HEADER
+
+    magic, version, header_size, segment_size, _key_id, salt = HEADER.unpack(stored[:HEADER_SIZE])
+    assert (magic, version, header_size) == (b"ASRSEAL1", 1, HEADER_SIZE)
+    aead = AESGCM(data_key.derive(b"asr-object-aes-gcm-v1", name, 32, salt))
+    body, record, plain = stored[HEADER_SIZE:], segment_size + TAG_SIZE, []
+    starts = range(0, max(len(body), 1), record)
+    for index, start in enumerate(starts):
+        last = index == len(starts) - 1
+        encoded = name.encode()
+        aad = stored[:HEADER_SIZE] + struct.pack("<I", len(encoded)) + encoded + struct.pack("<QB", index, last)
+        plain.append(aead.decrypt(struct.pack("<QB3x", index, last), body[start:start + record], aad))
+    return b"".join(plain)
+
+
+@pytest.mark.parametrize("size", [0, 1, SEGMENT_SIZE - 1, SEGMENT_SIZE, 2 * SEGMENT_SIZE, 2 * SEGMENT_SIZE + 77])
+def test_objects_stream_in_any_piece_sizes_in_the_documented_format(size: int):
+    """SealingReader read in pieces of every kind of size (smaller than a record, a record exactly, across
+    records, all at once), from a source with readinto and from one with only short reads; OpeningWriter fed
+    in such pieces too (one byte, a record and one byte more, all at once). The sealed bytes decode by hand
+    with the documented layout, and the plaintext comes back whole."""
+    from sites.storage.keys import new_data_key
+    from sites.storage.sealed import OpeningWriter, SealingReader, open_bytes, seal_bytes
+
+    data_key, name = new_data_key("h/v"), "h/v/disk0.vhd.00000002.undo"
+    data = random.Random(size).randbytes(size)
+    record = SEGMENT_SIZE + TAG_SIZE
+    for source in (io.BytesIO(data), _ReadOnly(data)):
+        for piece in (1000, record, record + 1, 3 * record + 5, -1):
+            if piece == 1000 and size > SEGMENT_SIZE:
+                continue  # a thousand-byte read of megabytes adds time, not cases
+            source.__init__(data) if isinstance(source, _ReadOnly) else source.seek(0)
+            reader = SealingReader(source, data_key, name)
+            parts = []
+            while part := reader.read(piece):
+                assert piece < 0 or len(part) <= piece
+                parts.append(part)
+                if piece < 0:
+                    break
+            stored = b"".join(parts)
+            segments = max(1, -(-size // SEGMENT_SIZE))
+            assert reader.plain_bytes == size and len(stored) == HEADER_SIZE + size + segments * TAG_SIZE
+            assert piece < 0 or all(len(part) == piece for part in parts[:-1]), "a read gives all it was asked"
+            assert _open_by_hand(stored, data_key, name) == data
+            assert open_bytes(stored, data_key, name, "here") == data
+    stored = seal_bytes(data, data_key, name)
+    assert _open_by_hand(stored, data_key, name) == data
+    for piece in (1, 4096, record, record + 1, len(stored)):
+        if piece == 1 and size > 4096:
+            continue
+        out = io.BytesIO()
+        writer = OpeningWriter(out, data_key, name, "here")
+        for start in range(0, len(stored), piece):
+            writer.write(memoryview(stored)[start:start + piece])
+        assert writer.finish() == size and out.getvalue() == data
+
+
+def test_the_streaming_opener_hands_out_only_segments_that_authenticate():
+    """Fed a sealed object whole (its segments opened where they lie) or a byte at a time near the damage,
+    OpeningWriter writes the segments before a damaged one and raises at it, naming the object."""
+    from sites.storage.keys import new_data_key
+    from sites.storage.sealed import OpeningWriter, seal_bytes
+
+    data_key, name = new_data_key("h/v"), "h/v/disk0.vhd.00000002.hrl"
+    data = random.Random(5).randbytes(3 * SEGMENT_SIZE)
+    stored = bytearray(seal_bytes(data, data_key, name))
+    stored[HEADER_SIZE + 2 * (SEGMENT_SIZE + TAG_SIZE) - 3] ^= 1  # the second segment's tag
+    for pieces in ([stored], [stored[:SEGMENT_SIZE], *(stored[i:i + 1] for i in range(SEGMENT_SIZE, len(stored)))]):
+        out = io.BytesIO()
+        writer = OpeningWriter(out, data_key, name, "here")
+        with pytest.raises(ObjectAuthenticationError, match="segment 1 does not authenticate") as caught:
+            for piece in pieces:
+                writer.write(piece)
+            writer.finish()
+        assert caught.value.object_name == name
+        assert out.getvalue() == data[:SEGMENT_SIZE]
 
 
 def tampered(sealed: EncryptedStorage, name: str, change) -> None:
