@@ -17,7 +17,7 @@ from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
 
-from datapath.buffers import aligned_buffer
+from datapath.buffers import aligned_buffer, write_fully
 from datapath.durable import fsync_directory
 from datapath.errors import DiskFormatError, DiskNotFoundError, LowDiskSpaceError
 from datapath.private import FILE_MODE
@@ -34,7 +34,6 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 _UNSUPPORTED_ERRNOS = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL})
 _NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _ZERO_WRITE_CHUNK = 1024 * 1024
-_IOV_MAX = 512  # buffers per pwritev: under every system's IOV_MAX (1024 on Linux)
 _NOT_A_FILE = "{path} is not a regular file; disk images are raw or fixed VHD files"
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -200,17 +199,9 @@ class LocalDisk:
         """`write` of the buffers one after the other from `offset`, in one pwritev where it can: the
         contiguous writes of a batch cost one system call."""
         self._require_writable()
-        views = [memoryview(b).cast("B") for b in buffers]
-        self._check_range(offset, sum(v.nbytes for v in views), "write")
+        self._check_range(offset, sum(memoryview(b).nbytes for b in buffers), "write")
         try:
-            while views:
-                written = os.pwritev(self._fd, views[:_IOV_MAX], offset)
-                offset += written
-                while views and written >= views[0].nbytes:
-                    written -= views[0].nbytes
-                    views.pop(0)
-                if views and written:
-                    views[0] = views[0][written:]
+            write_fully(self._fd, buffers, offset)
         except OSError as exc:
             if exc.errno in _NO_SPACE_ERRNOS:
                 raise LowDiskSpaceError(f"no space left writing {self.name} at offset {offset}: {exc.strerror}") \

@@ -22,6 +22,7 @@ import mmh3
 
 from datapath._writepath import ffi as _ffi
 from datapath._writepath import lib as _lib
+from datapath.buffers import write_fully
 from datapath.disk import punch_hole
 from datapath.endpoint import SECTOR
 from datapath.errors import AlignmentError
@@ -319,19 +320,6 @@ def _zeros(length: int) -> memoryview:
     if _zero_block is None:
         _zero_block = memoryview(bytes(MAX_RECORD_DATA))
     return _zero_block[:length]
-
-
-def write_fully(fd: int, buffers: list[bytes | memoryview], position: int) -> None:
-    """pwritev all of `buffers` at `position`, continuing after short writes."""
-    views = [memoryview(b).cast("B") for b in buffers]
-    while views:
-        written = os.pwritev(fd, views, position)
-        position += written
-        while views and written >= views[0].nbytes:
-            written -= views[0].nbytes
-            views.pop(0)
-        if views and written:
-            views[0] = views[0][written:]
 
 
 _IOV_BATCH = 3 * 128

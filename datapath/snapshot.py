@@ -14,10 +14,9 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from datapath.buffers import aligned_buffer
+from datapath.buffers import aligned_buffer, write_fully
 from datapath.disk import LocalDisk, open_disk
 from datapath.errors import NonRecoverableError
-from datapath.logformat import write_fully
 from datapath.private import FILE_MODE
 from datapath.trackerstate import ControlFile, ControlState, TrackerFiles, TrackerStateError, unlink_quietly
 

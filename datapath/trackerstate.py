@@ -31,8 +31,9 @@ from pathlib import Path
 
 import mmh3
 
+from datapath.buffers import write_fully
 from datapath.errors import NonRecoverableError
-from datapath.logformat import LogState, write_fully
+from datapath.logformat import LogState
 
 _CONTROL_MAGIC = b"ASRCTL1\0"
 _CONTROL_VERSION = 1
