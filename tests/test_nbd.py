@@ -12,7 +12,9 @@ import struct
 import subprocess
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,17 +59,26 @@ class FileExport:
         os.fsync(self.fd)
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[nbd.NbdServer, FileExport]]:
+@contextmanager
+def serving(tmp_path: Path, export_type: type[FileExport] = FileExport) -> Iterator[tuple[nbd.NbdServer, Any]]:
+    """An NBD server of `export_type` over a new zeroed image `disk0.raw`; stopped (within 5 s) afterwards."""
     image = tmp_path / "disk0.raw"
     with open(image, "wb") as f:
         f.truncate(DISK_SIZE)
-    export = FileExport(image)
+    export = export_type(image)
     server = nbd.NbdServer(tmp_path / "disk0.sock", {"disk0": export})
     server.start()
-    yield server, export
-    assert server.stop(5.0)
-    os.close(export.fd)
+    try:
+        yield server, export
+    finally:
+        assert server.stop(5.0)
+        os.close(export.fd)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[nbd.NbdServer, FileExport]]:
+    with serving(tmp_path) as both:
+        yield both
 
 
 def qemu_io(socket_path: Path, *commands: str, export: str = "disk0") -> subprocess.CompletedProcess:
@@ -283,48 +294,42 @@ class BatchingExport(FileExport):
 def test_pipelined_requests_are_answered_in_order_and_batched(tmp_path):
     """Many requests sent at once, as QEMU keeps 16 in flight: the writes among them reach `write_many`
     in batches, the others (refused writes among them) are answered as when sent one by one, in order."""
-    image = tmp_path / "disk0.raw"
-    with open(image, "wb") as f:
-        f.truncate(DISK_SIZE)
-    export = BatchingExport(image)
-    server = nbd.NbdServer(tmp_path / "disk0.sock", {"disk0": export})
-    server.start()
-    client = Client(server.path)
-    try:
-        client.greeting()
-        client.go()
-        sent, expected, contents = b"", [], bytearray(DISK_SIZE)
+    with serving(tmp_path, BatchingExport) as (server, export):
+        image = tmp_path / "disk0.raw"
+        client = Client(server.path)
+        try:
+            client.greeting()
+            client.go()
+            sent, expected, contents = b"", [], bytearray(DISK_SIZE)
 
-        def request(command, offset, length, data=b"", flags=0, error=0):
-            nonlocal sent
-            handle = len(expected) + 100
-            sent += struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, flags, command, handle, offset, length) + data
-            expected.append((handle, error))
+            def request(command, offset, length, data=b"", flags=0, error=0):
+                nonlocal sent
+                handle = len(expected) + 100
+                sent += struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, flags, command, handle, offset, length) + data
+                expected.append((handle, error))
 
-        for n in range(6):  # a run of writes (small: the socket takes them all in one piece, so they batch)
-            request(nbd.CMD_WRITE, MIB + n * 4096, 4096, bytes([n + 1]) * 4096)
-            contents[MIB + n * 4096:MIB + (n + 1) * 4096] = bytes([n + 1]) * 4096
-        request(nbd.CMD_WRITE, DISK_SIZE - 512, 1024, b"\1" * 1024, error=errno.ENOSPC)
-        request(nbd.CMD_WRITE, 100, 512, b"\2" * 512, error=errno.EINVAL)
-        request(nbd.CMD_WRITE, 4096, 512, b"\3" * 512, flags=nbd.CMD_FLAG_FUA)
-        contents[4096:4608] = b"\3" * 512
-        request(nbd.CMD_FLUSH, 0, 0)
-        request(nbd.CMD_WRITE, 8192, 512, b"\4" * 512)
-        contents[8192:8704] = b"\4" * 512
-        request(nbd.CMD_WRITE, 0, nbd.MAX_REQUEST + 512, bytes(nbd.MAX_REQUEST + 512), error=errno.EINVAL)
-        request(nbd.CMD_WRITE, 9216, 1024, b"\5" * 1024)
-        contents[9216:10240] = b"\5" * 1024
-        sender = threading.Thread(target=client.sock.sendall, args=(sent,))
-        sender.start()
-        replies = [struct.unpack(">IIQ", client.recv(16)) for _ in expected]
-        sender.join(QEMU_TIMEOUT)
-        assert [(handle, error) for _, error, handle in replies] == expected
-        assert {magic for magic, _, _ in replies} == {nbd.SIMPLE_REPLY_MAGIC}
-        assert client.request(nbd.CMD_READ, 0, 2 * MIB) == (0, bytes(contents[:2 * MIB]))
-        assert image.read_bytes() == bytes(contents)
-        assert ("write", 4096, 512, True) in export.requests
-        assert sum(export.batches) == 9 and max(export.batches) > 1
-    finally:
-        client.close()
-        assert server.stop(5.0)
-        os.close(export.fd)
+            for n in range(6):  # a run of writes (small: the socket takes them all in one piece, so they batch)
+                request(nbd.CMD_WRITE, MIB + n * 4096, 4096, bytes([n + 1]) * 4096)
+                contents[MIB + n * 4096:MIB + (n + 1) * 4096] = bytes([n + 1]) * 4096
+            request(nbd.CMD_WRITE, DISK_SIZE - 512, 1024, b"\1" * 1024, error=errno.ENOSPC)
+            request(nbd.CMD_WRITE, 100, 512, b"\2" * 512, error=errno.EINVAL)
+            request(nbd.CMD_WRITE, 4096, 512, b"\3" * 512, flags=nbd.CMD_FLAG_FUA)
+            contents[4096:4608] = b"\3" * 512
+            request(nbd.CMD_FLUSH, 0, 0)
+            request(nbd.CMD_WRITE, 8192, 512, b"\4" * 512)
+            contents[8192:8704] = b"\4" * 512
+            request(nbd.CMD_WRITE, 0, nbd.MAX_REQUEST + 512, bytes(nbd.MAX_REQUEST + 512), error=errno.EINVAL)
+            request(nbd.CMD_WRITE, 9216, 1024, b"\5" * 1024)
+            contents[9216:10240] = b"\5" * 1024
+            sender = threading.Thread(target=client.sock.sendall, args=(sent,))
+            sender.start()
+            replies = [struct.unpack(">IIQ", client.recv(16)) for _ in expected]
+            sender.join(QEMU_TIMEOUT)
+            assert [(handle, error) for _, error, handle in replies] == expected
+            assert {magic for magic, _, _ in replies} == {nbd.SIMPLE_REPLY_MAGIC}
+            assert client.request(nbd.CMD_READ, 0, 2 * MIB) == (0, bytes(contents[:2 * MIB]))
+            assert image.read_bytes() == bytes(contents)
+            assert ("write", 4096, 512, True) in export.requests
+            assert sum(export.batches) == 9 and max(export.batches) > 1
+        finally:
+            client.close()
