@@ -192,8 +192,8 @@ class LogWriter:
         by the next append).
 
         Headers, checksums, digest chain and writes are made by the native extension (datapath/
-        writepath_build.py) in one call without the GIL; `append_many_python` is the reference it is
-        tested against, byte for byte."""
+        writepath_build.py) in one call without the GIL; tests/test_writepath.py checks they are byte for
+        byte those of `append` (the Python reference) called for each."""
         if not writes:
             return self.state.next_seq - 1
         state = self.state
@@ -219,25 +219,6 @@ class LogWriter:
         self.state = LogState(state.next_seq + count, state.records + count, state.data_bytes + data_bytes,
                               _ffi.buffer(digest)[:], state.end + count * RECORD_OVERHEAD + data_bytes)
         return self.state.next_seq - 1
-
-    def append_many_python(self, writes: list[tuple[int, bytes | memoryview]]) -> int:
-        """`append_many` in Python: the reference of the native one."""
-        state = self.state
-        position, buffers, pending = state.end, [], []
-        for offset, data in writes:
-            length = memoryview(data).nbytes
-            self._check_write(offset, length)
-            record_header, checksum = _write_record_parts(state, offset, length, data)
-            buffers += (record_header, data, checksum)
-            pending.append((length, checksum))
-            state = _after_record(state, length, checksum)
-            if len(buffers) >= _IOV_BATCH:
-                write_fully(self._fd, buffers, position)
-                position, buffers = state.end, []
-        if buffers:
-            write_fully(self._fd, buffers, position)
-        self.state = state
-        return state.next_seq - 1
 
     def append_zeros(self, offset: int, length: int) -> int:
         """Append one WRITE record of `length` zero bytes; return its sequence number. To every reader
@@ -320,10 +301,6 @@ def _zeros(length: int) -> memoryview:
     if _zero_block is None:
         _zero_block = memoryview(bytes(MAX_RECORD_DATA))
     return _zero_block[:length]
-
-
-_IOV_BATCH = 3 * 128
-"""Buffers of one pwritev in `append_many`: 128 records, well under every system's IOV_MAX (1024 on Linux)."""
 
 
 def _after_record(state: LogState, length: int, checksum: bytes) -> LogState:
