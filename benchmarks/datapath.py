@@ -339,17 +339,27 @@ def run_peer(commands: list[list[str]], byte_count: int) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - started, "stdout": "".join(outputs)}
 
 
+def in_rounds(rounds: int, runs: list[Callable[[int], dict] | None],
+              before_round: Callable[[int], None] | None = None) -> list[list[dict]]:
+    """Each of `runs` once a round, given the round's number (1 to `rounds`): in the order listed in odd
+    rounds, reversed in even ones, so no side always goes first; `before_round(number)` before each round.
+    Their results, one list per run (empty for None), each marked with its round."""
+    results: list[list[dict]] = [[] for _ in runs]
+    order = list(enumerate(runs))
+    for number in range(1, rounds + 1):
+        if before_round is not None:
+            before_round(number)
+        for index, run in order if number % 2 else reversed(order):
+            if run is not None:
+                results[index].append(run(number) | {"round": number})
+    return results
+
+
 def alternate(
     rounds: int, ours: Callable[[], dict], peer: Callable[[], dict] | None
 ) -> tuple[list[dict], list[dict]]:
     """Run ours and the peer `rounds` times each: ours first in odd rounds, the peer first in even ones."""
-    our_runs: list[dict] = []
-    peer_runs: list[dict] = []
-    for number in range(1, rounds + 1):
-        sides = [(ours, our_runs), (peer, peer_runs)]
-        for run, runs in sides if number % 2 else reversed(sides):
-            if run is not None:
-                runs.append(run() | {"round": number})
+    our_runs, peer_runs = in_rounds(rounds, [lambda _: ours(), None if peer is None else lambda _: peer()])
     return our_runs, peer_runs
 
 

@@ -22,6 +22,7 @@ Child steps run as `python -m benchmarks.encryption STEP JSON`, like the data pa
 """
 from __future__ import annotations
 
+import functools
 import os
 import random
 import resource
@@ -49,6 +50,7 @@ from benchmarks.datapath import (
     check_same_content,
     child_main,
     drop_from_cache,
+    in_rounds,
     plan_damage,
     row,
     run_ours,
@@ -196,14 +198,9 @@ def _step_details(encrypted: list[dict], clear: list[dict], size: int | None) ->
 def _in_rounds(rounds: int, sides: tuple[bool, ...], run: Callable[[bool, int], dict],
                before_round: Callable[[int], None] | None = None) -> dict[bool, list[dict]]:
     """`run(encrypted, round)` for each side in each round, the encrypted side first in odd rounds and the
-    clear side first in even ones (as datapath.alternate); `before_round(round)` first, for both sides."""
-    runs: dict[bool, list[dict]] = {side: [] for side in sides}
-    for number in range(1, rounds + 1):
-        if before_round is not None:
-            before_round(number)
-        for side in sides if number % 2 else tuple(reversed(sides)):
-            runs[side].append(run(side, number) | {"round": number})
-    return runs
+    clear side first in even ones (datapath.in_rounds); `before_round(round)` first, for both sides."""
+    return dict(zip(sides, in_rounds(rounds, [functools.partial(run, side) for side in sides], before_round),
+                    strict=True))
 
 
 def _site_files(site: Path) -> list[Path]:
