@@ -203,9 +203,11 @@ def store_undo(
 
 
 def _append(writer: LogWriter, offset: int, data: bytes | memoryview) -> None:
+    """One record per MAX_RECORD_DATA bytes of `data`, appended by the native part without the GIL, so the
+    read-ahead thread reading (and decrypting) the next pieces runs meanwhile."""
     view = memoryview(data)
-    for position in range(0, len(view), MAX_RECORD_DATA):
-        writer.append(offset + position, view[position:position + MAX_RECORD_DATA])
+    writer.append_many([(offset + position, view[position:position + MAX_RECORD_DATA])
+                        for position in range(0, len(view), MAX_RECORD_DATA)])
 
 
 def record_undo(
