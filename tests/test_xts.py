@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 import random
+from array import array
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -94,7 +94,7 @@ def test_decrypting_per_sector_ciphertext_and_sector_numbers_given_one_by_one():
     data = rng.randbytes(len(numbers) * SECTOR_SIZE)
     ciphertext = xts_per_sector(key, numbers, data, SECTOR_SIZE)
     xts = XtsSectors(key)
-    for given in (numbers, np.array(numbers, dtype=np.uint64)):
+    for given in (numbers, array("Q", numbers)):
         out = bytearray(len(data))
         xts.encrypt(given, data, out)
         assert bytes(out) == ciphertext
@@ -102,6 +102,37 @@ def test_decrypting_per_sector_ciphertext_and_sector_numbers_given_one_by_one():
         xts.decrypt(given, ciphertext, plain)
         assert bytes(plain) == data
     assert xts_per_sector(key, numbers, ciphertext, SECTOR_SIZE, decrypt=True) == data
+
+
+@pytest.mark.parametrize("numbered", [False, True], ids=["first sector", "each sector's number"])
+def test_a_call_of_megabytes_cut_into_parts_on_helper_threads_equals_per_sector_xts(numbered: bool):
+    """A call of at least 2 MiB runs in parts side by side (sites/storage/xts.py PARALLEL_PART_BYTES); with
+    `zeros_stay`, the sectors of zeros (here one in five, and one at each part's edge) stay zeros, into a
+    target that held other bytes and in place, the others as the per-sector reference."""
+    rng = random.Random(f"parts/{numbered}")
+    key = rng.randbytes(64)
+    count = 5 * 1024 * 1024 // SECTOR_SIZE + 3  # not a multiple of the parts
+    first = 2**40 + 17
+    numbers = [first + i for i in range(count)]
+    if numbered:
+        numbers = sorted(rng.sample(range(2**41), count))
+    zero = {i for i in range(count) if i % 5 == 0} | {count // 2, count // 2 - 1, count - 1}
+    data = bytearray(rng.randbytes(count * SECTOR_SIZE))
+    for i in zero:
+        data[i * SECTOR_SIZE:(i + 1) * SECTOR_SIZE] = bytes(SECTOR_SIZE)
+    reference = bytearray(xts_per_sector(key, numbers, bytes(data), SECTOR_SIZE))
+    for i in zero:
+        reference[i * SECTOR_SIZE:(i + 1) * SECTOR_SIZE] = bytes(SECTOR_SIZE)
+    xts = XtsSectors(key)
+    given = numbers if numbered else first
+    out = bytearray(b"\xa5" * len(data))
+    xts.encrypt(given, data, out, zeros_stay=True)
+    assert out == reference
+    xts.decrypt(given, out, out, zeros_stay=True)
+    assert out == data
+    plain_xts = bytearray(len(data))  # without zeros_stay a sector of zeros is encrypted as any other
+    xts.encrypt(given, data, plain_xts)
+    assert plain_xts == xts_per_sector(key, numbers, bytes(data), SECTOR_SIZE)
 
 
 def test_in_place_and_empty():
@@ -141,7 +172,7 @@ def test_bad_keys_sizes_and_sector_numbers_are_refused():
     with pytest.raises(ValueError, match="sector numbers"):
         xts.encrypt([1, 2], bytes(SECTOR_SIZE), bytearray(SECTOR_SIZE))
     with pytest.raises(ValueError, match="sector numbers"):
-        xts.encrypt(np.array([-3]), bytes(SECTOR_SIZE), bytearray(SECTOR_SIZE))
+        xts.encrypt([-3], bytes(SECTOR_SIZE), bytearray(SECTOR_SIZE))
 
 
 # ---- EncryptedDisk: the stored format is unchanged ----------------------------------------------------

@@ -18,8 +18,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
-import numpy as np
-
 from datapath.endpoint import DiskEndpoint
 from datapath.errors import AlignmentError
 
@@ -65,18 +63,18 @@ class EncryptedDisk:
         return self._inner
 
     # ---- sectors --------------------------------------------------------------------------------
-    def _encrypt_into(self, first_sector: int, plain: memoryview, out: np.ndarray) -> None:
-        """Encrypt whole sectors `plain` (sector `first_sector` on) into `out`; zero sectors become zeros."""
-        sectors = np.frombuffer(plain, dtype=np.uint8).reshape(-1, SECTOR_SIZE)
-        self._crypt(first_sector, sectors, out.reshape(-1, SECTOR_SIZE), self._xts.encrypt)
+    def _encrypt_into(self, first_sector: int, plain: memoryview, out: memoryview) -> None:
+        """Encrypt whole sectors `plain` (sector `first_sector` on) into `out`; sectors of zeros stay zeros
+        (in the native loop, sites/storage/xts_build.py)."""
+        self._xts.encrypt(first_sector, plain, out, zeros_stay=True)
 
-    def _ciphertext_buffer(self, length: int) -> np.ndarray:
+    def _ciphertext_buffer(self, length: int) -> memoryview:
         """This thread's buffer for the ciphertext of a write of `length` bytes: kept between writes (a
         backend keeps no reference to what it was given once `write` returns), since allocating megabytes
         per write costs more than encrypting them."""
         buffer = getattr(self._write_buffers, "buffer", None)
         if buffer is None or len(buffer) < length:
-            buffer = self._write_buffers.buffer = np.empty(length, dtype=np.uint8)
+            buffer = self._write_buffers.buffer = memoryview(bytearray(length))
         return buffer[:length]
 
     def _read_plain(self, start: int, end: int) -> bytearray:
@@ -90,24 +88,7 @@ class EncryptedDisk:
         """Read the whole sectors at `start` into `view` and decrypt them there (stored zero sectors read as
         zeros)."""
         self._inner.read_into(start, view)
-        sectors = np.frombuffer(view, dtype=np.uint8).reshape(-1, SECTOR_SIZE)
-        self._crypt(start // SECTOR_SIZE, sectors, sectors, self._xts.decrypt)
-
-    @staticmethod
-    def _crypt(first_sector: int, source: np.ndarray, target: np.ndarray, transform) -> None:
-        """`transform` (XTS encrypt or decrypt) of the sectors of `source` that are not all zeros, into the
-        same rows of `target` (which holds zeros in the other rows, or is `source`)."""
-        nonzero = _nonzero_sectors(source)
-        if nonzero is None:
-            transform(first_sector, source, target)
-            return
-        if target is not source:
-            target.fill(0)
-        if not len(nonzero):
-            return
-        picked = source[nonzero]  # a copy, transformed in place
-        transform(first_sector + nonzero.astype(np.uint64), picked, picked)
-        target[nonzero] = picked
+        self._xts.decrypt(start // SECTOR_SIZE, view, view, zeros_stay=True)
 
     # ---- DiskEndpoint ---------------------------------------------------------------------------
     def read_into(self, offset: int, buf: memoryview) -> int:
@@ -154,7 +135,7 @@ class EncryptedDisk:
         if start == offset and end == offset + length:
             out = self._ciphertext_buffer(length)
             self._encrypt_into(start // SECTOR_SIZE, view, out)
-            self._inner.write(start, memoryview(out))
+            self._inner.write(start, out)
             return
         # Part of a sector: read-modify-write, one at a time so that two writes to different parts of one
         # sector (from two threads) do not undo each other.
@@ -165,9 +146,8 @@ class EncryptedDisk:
             if offset + length != end and (end - SECTOR_SIZE > start or offset == start):
                 plain[-SECTOR_SIZE:] = self._read_plain(end - SECTOR_SIZE, end)
             plain[offset - start:offset - start + length] = view
-            out = np.empty(len(plain), dtype=np.uint8)
-            with memoryview(plain) as plain_view:
-                self._encrypt_into(start // SECTOR_SIZE, plain_view, out)
+            out = bytearray(len(plain))
+            self._encrypt_into(start // SECTOR_SIZE, memoryview(plain), memoryview(out))
             self._inner.write(start, memoryview(out))
 
     def data_extents(self, offset: int = 0, length: int | None = None) -> Iterator[tuple[int, int]]:
@@ -196,16 +176,3 @@ class EncryptedDisk:
 
 def disk_key_purpose() -> bytes:
     return _PURPOSE
-
-
-def _nonzero_sectors(sectors: np.ndarray) -> np.ndarray | None:
-    """The indices of the rows of `sectors` that are not all zeros, or None when none is all zeros (the
-    usual case, found by looking at each row's first 8 bytes only)."""
-    suspects = np.flatnonzero(~sectors[:, :8].any(axis=1))
-    if not len(suspects):
-        return None
-    zero = np.zeros(len(sectors), dtype=bool)
-    zero[suspects] = ~sectors[suspects].any(axis=1)
-    if not zero.any():
-        return None
-    return np.flatnonzero(~zero)

@@ -158,5 +158,17 @@ class _ThrottledReader:
         self.limit.consume(len(data))
         return data
 
+    def readinto(self, buffer) -> int:
+        """As `read`, into `buffer` (defined here: delegated, it would send bytes the uplink never booked)."""
+        readinto = getattr(self.inner, "readinto", None)
+        if readinto is None:
+            data = self.inner.read(len(memoryview(buffer).cast("B")))
+            memoryview(buffer).cast("B")[:len(data)] = data
+            got = len(data)
+        else:
+            got = readinto(buffer)
+        self.limit.consume(got)
+        return got
+
     def __getattr__(self, name: str):
         return getattr(self.inner, name)

@@ -11,8 +11,9 @@ Here a small C loop (sites/storage/xts_build.py, compiled at install time agains
 libcrypto) keeps one OpenSSL context per key and direction and, per sector, sets only the tweak and runs
 EVP_CipherUpdate: OpenSSL's AES-NI XTS with no key schedule nor allocation per sector, 3.0-4.8 GB/s on one
 core of the shared development machine (docs/operations.md, "What it costs", has the options measured); a
-call runs without the GIL, so threads run in parallel. The equivalence with `modes.XTS` is proven byte for
-byte by tests/test_xts.py.
+call runs without the GIL, so threads run in parallel, and a call of megabytes is cut into parts that run
+side by side on helper threads (one per other processor): the replica's reads and writes get the XTS of
+every core. The equivalence with `modes.XTS` is proven byte for byte by tests/test_xts.py.
 
 Threads: an OpenSSL context holds the tweak of the sector it is at, so it is not shared; each thread that
 uses an XtsSectors gets its own copies of the two contexts (freed with the thread's locals). XtsSectors
@@ -21,10 +22,12 @@ them.
 """
 from __future__ import annotations
 
+import operator
+import os
 import threading
+from array import array
 from collections.abc import Sequence
-
-import numpy as np
+from concurrent.futures import ThreadPoolExecutor
 
 try:
     from ._xts_openssl import ffi, lib  # built by setup.py from sites/storage/xts_build.py
@@ -65,32 +68,53 @@ class XtsSectors:
         self._copying = threading.Lock()
         self._contexts = threading.local()
 
-    def encrypt(self, sectors: int | Sequence[int] | np.ndarray, source, target) -> None:
+    def encrypt(self, sectors: int | Sequence[int], source, target, *, zeros_stay: bool = False) -> None:
         """Encrypt the whole sectors of `source` into `target` (a writable buffer of the same length, or
         `source` itself; no other overlap). `sectors`: the first one's number (consecutive sectors), or
-        each sector's number."""
-        self._run(sectors, source, target, encrypt=True)
+        each sector's number. With `zeros_stay`, a sector of zeros is left zeros (not encrypted)."""
+        self._run(sectors, source, target, encrypt=True, zeros_stay=zeros_stay)
 
-    def decrypt(self, sectors: int | Sequence[int] | np.ndarray, source, target) -> None:
-        """Decrypt: as `encrypt`, the other way."""
-        self._run(sectors, source, target, encrypt=False)
+    def decrypt(self, sectors: int | Sequence[int], source, target, *, zeros_stay: bool = False) -> None:
+        """Decrypt: as `encrypt`, the other way (with `zeros_stay`, a stored sector of zeros reads as zeros)."""
+        self._run(sectors, source, target, encrypt=False, zeros_stay=zeros_stay)
 
     # ---- the work ---------------------------------------------------------------------------------
-    def _run(self, sectors, source, target, *, encrypt: bool) -> None:
+    def _run(self, sectors, source, target, *, encrypt: bool, zeros_stay: bool) -> None:
         plain = _as_sectors(source, self.sector_size, "source")
         out = _as_sectors(target, self.sector_size, "target")
-        if not out.flags.writeable:
+        if out.readonly:
             raise ValueError("the target of an XTS operation must be writable")
-        if out.shape != plain.shape:
-            raise ValueError(f"source ({plain.size} bytes) and target ({out.size} bytes) differ in length")
-        numbers = np.ascontiguousarray(_sector_numbers(sectors, len(plain)))
-        if not len(plain):
+        if out.nbytes != plain.nbytes:
+            raise ValueError(f"source ({plain.nbytes} bytes) and target ({out.nbytes} bytes) differ in length")
+        count = plain.nbytes // self.sector_size
+        first, numbers = _sector_numbers(sectors, count)
+        if not count:
             return
+        parts = min(_helpers.count + 1, plain.nbytes // PARALLEL_PART_BYTES)
+        if parts < 2:
+            self._run_part(first, numbers, plain, out, encrypt, zeros_stay)
+            return
+        # Large calls are cut into parts run side by side: this thread takes the last, the helpers the others.
+        bounds = [count * k // parts for k in range(parts + 1)]
+        size = self.sector_size
+        pieces = [(first + low, None if numbers is None else numbers[low:high], plain[low * size:high * size],
+                   out[low * size:high * size]) for low, high in zip(bounds, bounds[1:], strict=False)]
+        waiting = [_helpers.submit(self._run_part, *piece, encrypt, zeros_stay) for piece in pieces[:-1]]
+        try:
+            self._run_part(*pieces[-1], encrypt, zeros_stay)
+        finally:
+            for future in waiting:
+                future.result()
+
+    def _run_part(self, first: int, numbers: array | None, plain: memoryview, out: memoryview, encrypt: bool,
+                  zeros_stay: bool) -> None:
         error = ffi.new("char[]", _ERROR_BYTES)
         # from_buffer: OpenSSL reads and writes the caller's memory, no copies.
-        if not lib.asr_xts_sectors(self._context(encrypt), ffi.from_buffer("uint64_t[]", numbers), len(plain),
-                                   ffi.from_buffer(plain), ffi.from_buffer(out, require_writable=True),
-                                   self.sector_size, error, _ERROR_BYTES):
+        if not lib.asr_xts_sectors(self._context(encrypt), first,
+                                   ffi.NULL if numbers is None else ffi.from_buffer("uint64_t[]", numbers),
+                                   plain.nbytes // self.sector_size, ffi.from_buffer(plain),
+                                   ffi.from_buffer(out, require_writable=True), self.sector_size, int(zeros_stay),
+                                   error, _ERROR_BYTES):
             raise RuntimeError(f"OpenSSL's AES-XTS failed: {ffi.string(error).decode(errors='replace')}")
 
     def _context(self, encrypt: bool):
@@ -103,6 +127,35 @@ class XtsSectors:
         return context
 
 
+PARALLEL_PART_BYTES = 1024 * 1024
+"""A call of at least twice this is cut into parts of at least this, run side by side on the helper threads and
+the calling one: a thread hand-off costs tens of microseconds, a megabyte of XTS about 150."""
+
+
+class _Helpers:
+    """Threads that run parts of large XTS calls, one fewer than the machine's processors (the calling thread
+    runs a part too); started at first use in each process, so a forked worker makes its own."""
+
+    def __init__(self):
+        self.count = max(0, (os.cpu_count() or 1) - 1)
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        os.register_at_fork(after_in_child=self._forget)
+
+    def submit(self, function, *arguments):
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.count, thread_name_prefix="xts")
+            return self._pool.submit(function, *arguments)
+
+    def _forget(self) -> None:
+        self._pool = None  # a forked child has none of its parent's threads
+        self._lock = threading.Lock()
+
+
+_helpers = _Helpers()
+
+
 def _context(pointer, what: str):
     """`pointer` (a new EVP_CIPHER_CTX) freed with its Python object."""
     if pointer == ffi.NULL:
@@ -111,30 +164,37 @@ def _context(pointer, what: str):
     return ffi.gc(pointer, lib.asr_xts_free)
 
 
-def _as_sectors(buffer, sector_size: int, what: str) -> np.ndarray:
-    array = buffer if isinstance(buffer, np.ndarray) else np.frombuffer(buffer, dtype=np.uint8)
-    if array.dtype != np.uint8 or not array.flags.c_contiguous:
+def _as_sectors(buffer, sector_size: int, what: str) -> memoryview:
+    """`buffer` as a memoryview of bytes, checked to be contiguous whole sectors."""
+    view = memoryview(buffer)
+    if not view.c_contiguous:
         raise ValueError(f"the {what} of an XTS operation must be contiguous bytes")
-    if array.size % sector_size:
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    if view.nbytes % sector_size:
         raise ValueError(f"the {what} of an XTS operation must be whole {sector_size}-byte sectors, "
-                         f"not {array.size} bytes")
-    return array.reshape(-1, sector_size)
+                         f"not {view.nbytes} bytes")
+    return view
 
 
-def _sector_numbers(sectors, count: int) -> np.ndarray:
-    if isinstance(sectors, (int, np.integer)) and not isinstance(sectors, bool):
-        first = int(sectors)
-        if not 0 <= first or first + count - 1 > MAX_SECTOR:
-            raise ValueError(f"sectors {first} to {first + count - 1} are outside 0 to 2^64 - 1")
-        return np.arange(first, first + count, dtype=np.uint64)
-    if not isinstance(sectors, np.ndarray):  # a sequence of Python integers
-        values = list(sectors)
-        if not all(isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value <= MAX_SECTOR
-                   for value in values):
-            raise ValueError("sector numbers must be integers from 0 to 2^64 - 1")
-        sectors = np.array(values, dtype=np.uint64)
-    if sectors.shape != (count,):
-        raise ValueError(f"{count} sectors need {count} sector numbers, not shape {sectors.shape}")
-    if sectors.dtype.kind not in "iu" or (sectors.dtype.kind == "i" and count and sectors.min() < 0):
+def _sector_numbers(sectors, count: int) -> tuple[int, array | None]:
+    """(the first sector's number, None) for consecutive sectors from an integer; (0, each sector's number)
+    from a sequence of them."""
+    if not isinstance(sectors, bool):
+        try:
+            first = operator.index(sectors)
+        except TypeError:
+            pass
+        else:
+            if not 0 <= first or first + count - 1 > MAX_SECTOR:
+                raise ValueError(f"sectors {first} to {first + count - 1} are outside 0 to 2^64 - 1")
+            return first, None
+    try:
+        values = [operator.index(value) for value in sectors if not isinstance(value, bool)]
+    except TypeError:
+        values = []
+    if len(values) != len(sectors) or not all(0 <= value <= MAX_SECTOR for value in values):
         raise ValueError("sector numbers must be integers from 0 to 2^64 - 1")
-    return sectors.astype(np.uint64, copy=False)
+    if len(values) != count:
+        raise ValueError(f"{count} sectors need {count} sector numbers, not {len(values)}")
+    return 0, array("Q", values)

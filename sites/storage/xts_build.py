@@ -23,8 +23,9 @@ typedef struct evp_cipher_ctx_st EVP_CIPHER_CTX;
 EVP_CIPHER_CTX *asr_xts_new(const unsigned char *key, int key_bytes, int encrypt);
 EVP_CIPHER_CTX *asr_xts_copy(const EVP_CIPHER_CTX *template);
 void asr_xts_free(EVP_CIPHER_CTX *context);
-int asr_xts_sectors(EVP_CIPHER_CTX *context, const uint64_t *numbers, size_t count, const unsigned char *source,
-                    unsigned char *target, int sector_size, char *error, size_t error_size);
+int asr_xts_sectors(EVP_CIPHER_CTX *context, uint64_t first, const uint64_t *numbers, size_t count,
+                    const unsigned char *source,
+                    unsigned char *target, int sector_size, int zeros_stay, char *error, size_t error_size);
 """)
 ffibuilder.set_source("sites.storage._xts_openssl", r"""
 #include <stddef.h>
@@ -62,19 +63,39 @@ static void asr_xts_free(EVP_CIPHER_CTX *context) {
     EVP_CIPHER_CTX_free(context);
 }
 
-/* The `count` sectors of `sector_size` bytes at `source`, sector i under the tweak numbers[i] (16 bytes
-   little-endian, as dm-crypt's plain64), into `target` (the same buffer, or one that does not overlap it).
-   1 when done; 0 and OpenSSL's reason in `error` when not. */
-static int asr_xts_sectors(EVP_CIPHER_CTX *context, const uint64_t *numbers, size_t count,
-                           const unsigned char *source, unsigned char *target, int sector_size,
+/* Whether the `length` bytes at `data` are all zeros (the first eight looked at alone first: data rarely
+   starts with eight zero bytes). */
+static int all_zeros(const unsigned char *data, size_t length) {
+    uint64_t head;
+    memcpy(&head, data, sizeof head);
+    if (head)
+        return 0;
+    for (size_t i = 0; i < length; i++)
+        if (data[i])
+            return 0;
+    return 1;
+}
+
+/* The `count` sectors of `sector_size` bytes at `source`, sector i under the tweak numbers[i] (first + i
+   when `numbers` is NULL; 16 bytes little-endian, as dm-crypt's plain64), into `target` (the same buffer,
+   or one that does not overlap it). With `zeros_stay`, a sector of zeros is not transformed but zeros in
+   `target` (replica sectors: holes stay holes, sites/storage/encrypted_disk.py). 1 when done; 0 and
+   OpenSSL's reason in `error` when not. */
+static int asr_xts_sectors(EVP_CIPHER_CTX *context, uint64_t first, const uint64_t *numbers, size_t count,
+                           const unsigned char *source, unsigned char *target, int sector_size, int zeros_stay,
                            char *error, size_t error_size) {
     unsigned char tweak[16] = {0};
     int written;
     for (size_t i = 0; i < count; i++) {
-        uint64_t number = numbers[i];
+        uint64_t number = numbers != NULL ? numbers[i] : first + i;
+        size_t offset = i * (size_t)sector_size;
+        if (zeros_stay && all_zeros(source + offset, sector_size)) {
+            if (target != source)
+                memset(target + offset, 0, sector_size);
+            continue;
+        }
         for (int b = 0; b < 8; b++)
             tweak[b] = (unsigned char)(number >> (8 * b));
-        size_t offset = i * (size_t)sector_size;
         /* Only the tweak changes: the key schedule stays (a new context per sector is what costs). */
         if (EVP_CipherInit_ex(context, NULL, NULL, NULL, tweak, -1) != 1
                 || EVP_CipherUpdate(context, target + offset, &written, source + offset, sector_size) != 1
