@@ -1,7 +1,7 @@
 """The native write path (datapath/writepath_build.py) against the Python it replaces: checksums and log
-records byte for byte the same as `mmh3` and LogWriter.append (the Python reference) of each write, and
-the NBD request receiver taking exactly the writes it may, stopping at everything else, on a real socket
-pair."""
+records (and the data path's chunk hashes) byte for byte the same as `mmh3` and LogWriter.append (the
+Python reference) of each write, and the NBD request receiver taking exactly the writes it may, stopping at
+everything else, on a real socket pair."""
 from __future__ import annotations
 
 import os
@@ -17,6 +17,7 @@ from datapath import nbd
 from datapath._writepath import ffi, lib
 from datapath.logformat import LogHeader, LogState, LogWriter
 from datapath.logreader import verify_log
+from datapath.manifest import _hash_chunks_into, chunk_hash
 
 KIB = 1024
 DISK_SIZE = 64 * 1024 * KIB
@@ -29,6 +30,24 @@ def test_checksum_is_mmh3_x64_128_for_every_tail_length():
         digest = ffi.new("unsigned char[16]")
         lib.asr_mmh3_x64_128(data, length, digest)
         assert bytes(digest) == mmh3.mmh3_x64_128_digest(data), length
+
+
+def test_chunk_hashes_are_mmh3_of_each_chunk_the_last_one_short():
+    """The data path's chunk hashes (datapath.manifest: chunk_hash, and a window of chunks in one call), native
+    and without the GIL, are mmh3's of each chunk, written into their slots only."""
+    rng = random.Random(4)
+    cases = [(4096, 4096), (4096, 3 * 4096 + 100), (65536, 65536 * 2), (KIB * KIB, 5 * KIB * KIB + 512)]
+    for chunk_size, length in cases:
+        data = rng.randbytes(length)
+        expected = [mmh3.mmh3_x64_128_digest(data[pos:pos + chunk_size]) for pos in range(0, length, chunk_size)]
+        assert [chunk_hash(memoryview(data)[pos:pos + chunk_size]) for pos in range(0, length, chunk_size)] == expected
+        slots = bytearray(b"\xee" * 16 * (len(expected) + 4))
+        _hash_chunks_into(memoryview(data), 2 * chunk_size, chunk_size, slots)  # the window's first chunk is 2
+        assert bytes(slots[32:32 + 16 * len(expected)]) == b"".join(expected)
+        assert slots[:32] == b"\xee" * 32 and slots[32 + 16 * len(expected):] == b"\xee" * 32
+    for length in (0, 15, 4095, 4096, 4097):  # below and at the native threshold
+        data = rng.randbytes(length)
+        assert chunk_hash(data) == mmh3.mmh3_x64_128_digest(data)
 
 
 def _writer(path: Path, header: LogHeader) -> LogWriter:
