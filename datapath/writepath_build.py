@@ -10,8 +10,11 @@ a whole batch: record headers, checksums, the log digest chain and one pwritev, 
 Measured on the 2-core development machine (shared, load about 4; benchmarks/nbd.py's method, old and new
 service alternating with qemu-nbd in one run): server CPU per 64 KiB write 43-47 us against 52-66 before
 (qemu-nbd 26-35), 0.71x qemu-nbd's throughput against 0.61x; 1 MiB writes unchanged (0.9x, both). What is
-left is the kernel's: the log written beside the disk, and at 1 GiB a run, pages the log allocates past the
-spare it reuses (with runs the spare holds, 0.85x against 0.80x before).
+left: the service's connection thread is CPU-bound at 64 KiB (88% of a core over a run, two thirds of it in
+the kernel: the socket's copy, the log's, the disk's), where qemu-nbd's writes run on its thread pool across
+both cores; with a spare log big enough for a whole 1 GiB run it reaches 0.66-0.68x, so the pages the log
+allocates past the spare are not what is left. Closing it means a second thread per connection (the disk
+write and the replies) behind the log's commit.
 
 Why the chunk hashes too: the `mmh3` package holds the GIL while it hashes, so a thread hashing a window
 stalled the read-ahead thread's decryption of the next (each XTS call gives the GIL up and then waits up to
