@@ -199,7 +199,8 @@ def _open_by_hand(stored: bytes, data_key, name: str) -> bytes:
 @pytest.mark.parametrize("size", [0, 1, SEGMENT_SIZE - 1, SEGMENT_SIZE, 2 * SEGMENT_SIZE, 2 * SEGMENT_SIZE + 77])
 def test_objects_stream_in_any_piece_sizes_in_the_documented_format(size: int):
     """SealingReader read in pieces of every kind of size (smaller than a record, a record exactly, across
-    records, all at once), from a source with readinto and from one with only short reads; OpeningWriter fed
+    records, all at once; with read and with readinto), from a source with readinto and from one with only
+    short reads; OpeningWriter fed
     in such pieces too (one byte, a record and one byte more, all at once). The sealed bytes decode by hand
     with the documented layout, and the plaintext comes back whole."""
     from sites.storage.keys import new_data_key
@@ -208,14 +209,18 @@ def test_objects_stream_in_any_piece_sizes_in_the_documented_format(size: int):
     data_key, name = new_data_key("h/v"), "h/v/disk0.vhd.00000002.undo"
     data = random.Random(size).randbytes(size)
     record = SEGMENT_SIZE + TAG_SIZE
+    pieces = [(1000, "read"), (record, "read"), (record + 1, "read"), (3 * record + 5, "read"), (-1, "read"),
+              (record - 1, "readinto"), (record, "readinto"), (record + 7, "readinto"), (4 * 1024 * 1024, "readinto")]
     for source in (io.BytesIO(data), _ReadOnly(data)):
-        for piece in (1000, record, record + 1, 3 * record + 5, -1):
+        for piece, how in pieces:
             if piece == 1000 and size > SEGMENT_SIZE:
                 continue  # a thousand-byte read of megabytes adds time, not cases
             source.__init__(data) if isinstance(source, _ReadOnly) else source.seek(0)
             reader = SealingReader(source, data_key, name)
             parts = []
-            while part := reader.read(piece):
+            buffer = bytearray(max(piece, 0))
+            # readinto seals a record straight into the buffer where it fits whole, else copies from its own
+            while part := (reader.read(piece) if how == "read" else bytes(buffer[:reader.readinto(buffer)])):
                 assert piece < 0 or len(part) <= piece
                 parts.append(part)
                 if piece < 0:

@@ -86,11 +86,11 @@ class SealingReader:
     """A reader of the sealed object of `src`'s plaintext, for a backend's `put_object` to stream.
 
     The plaintext is read into two segment buffers in turn (a segment is the last one only when nothing
-    follows it, so the next one is read before a segment is sealed), each segment sealed in one call into
-    one record buffer, reused, from which reads take their bytes: `readinto` copies them once into the
-    caller's buffer; `read` returns them as a new byte string (as a reader must). Slicing and joining byte
-    strings made sealing several times slower than AES-GCM itself, and a new megabyte per segment cost the
-    kernel more (fresh pages) than the encryption."""
+    follows it, so the next one is read before a segment is sealed), each segment sealed in one call: by
+    `readinto` straight into the caller's buffer where the whole record fits, else into one record buffer,
+    reused, from which reads take their bytes; `read` returns them as a new byte string (as a reader must).
+    Slicing and joining byte strings made sealing several times slower than AES-GCM itself, and a new
+    megabyte per segment cost the kernel more (fresh pages) than the encryption."""
 
     def __init__(self, src: BinaryIO, data_key: DataKey, name: str, segment_size: int = SEGMENT_SIZE):
         self._src = src
@@ -121,31 +121,43 @@ class SealingReader:
                 filled += got
         return filled
 
-    def _next_record(self) -> bool:
-        """Seal the next segment as the record to hand out; False when the last one was."""
+    def _next_record(self, into: memoryview | None = None) -> int:
+        """Seal the next segment: into `into` when given (room for the whole record, which is then handed out
+        already), else into the record buffer to be handed out from; the record's length, 0 when the last one
+        was sealed before."""
         if self._done:
-            return False
+            return 0
         segment, length = self._segments[self._current], self._current_length
         following = 0
         if length == self._sealer.segment_size:
             following = self._read_segment(self._segments[1 - self._current])
         last = not following
-        self._record = self._records[:length + TAG_SIZE]
+        target = (self._records if into is None else into)[:length + TAG_SIZE]
         with memoryview(segment) as view:
-            self._sealer.seal_into(view[:length], last, self._record)
+            self._sealer.seal_into(view[:length], last, target)
+        self._record = self._records[:0] if into is not None else target
         self._position = 0
         self.plain_bytes += length
         self._current, self._current_length = 1 - self._current, following
         self._done = last
-        return True
+        return length + TAG_SIZE
 
     def readinto(self, buffer) -> int:
-        """Fill `buffer` with the next sealed bytes (all of it unless the object ends first); how many."""
+        """Fill `buffer` with the next sealed bytes (all of it unless the object ends first); how many. A
+        record that fits whole where the buffer is at is sealed there, not copied."""
         with memoryview(buffer) as outer, outer.cast("B") as view:
             filled = 0
+            whole = self._sealer.segment_size + TAG_SIZE
             while filled < len(view):
-                if self._position == len(self._record) and not self._next_record():
-                    break
+                if self._position == len(self._record):
+                    if len(view) - filled >= whole:
+                        sealed = self._next_record(view[filled:])
+                        if not sealed:
+                            break
+                        filled += sealed
+                        continue
+                    if not self._next_record():
+                        break
                 take = min(len(view) - filled, len(self._record) - self._position)
                 view[filled:filled + take] = self._record[self._position:self._position + take]
                 self._position += take
