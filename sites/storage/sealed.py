@@ -49,7 +49,8 @@ def sealed_size(plain_size: int, segment_size: int = SEGMENT_SIZE) -> int:
 
 
 class Sealer:
-    """Seals one object's plaintext segment by segment (`header`, then `seal(segment, last)` in order)."""
+    """Seals one object's plaintext segment by segment (`header`, then `seal_into(segment, last, record)` in
+    order)."""
 
     def __init__(self, data_key: DataKey, name: str, segment_size: int = SEGMENT_SIZE):
         salt = os.urandom(SALT_SIZE)
@@ -60,13 +61,8 @@ class Sealer:
         self._aead = AESGCM(data_key.derive(_PURPOSE, name, 32, salt))
         self._index = 0
 
-    def seal(self, segment: bytes | memoryview, last: bool) -> bytes:
-        sealed = self._aead.encrypt(_nonce(self._index, last), segment, _aad(self.header, self.name, self._index, last))
-        self._index += 1
-        return sealed
-
     def seal_into(self, segment: bytes | memoryview, last: bool, record: memoryview) -> None:
-        """As `seal`, into `record` (exactly the segment's length and the tag's)."""
+        """Seal the next segment into `record` (exactly the segment's length and the tag's)."""
         self._aead.encrypt_into(_nonce(self._index, last), segment, _aad(self.header, self.name, self._index, last),
                                 record)
         self._index += 1
@@ -74,12 +70,15 @@ class Sealer:
 
 def seal_bytes(data: bytes, data_key: DataKey, name: str, segment_size: int = SEGMENT_SIZE) -> bytes:
     sealer = Sealer(data_key, name, segment_size)
-    parts = [sealer.header]
-    view = memoryview(data)
+    sealed = bytearray(sealed_size(len(data), segment_size))
+    sealed[:HEADER_SIZE] = sealer.header
+    view, out = memoryview(data), memoryview(sealed)
     offsets = range(0, max(len(view), 1), segment_size)
     for n, start in enumerate(offsets):
-        parts.append(sealer.seal(view[start:start + segment_size], n == len(offsets) - 1))
-    return b"".join(parts)
+        segment = view[start:start + segment_size]
+        position = HEADER_SIZE + start + n * TAG_SIZE
+        sealer.seal_into(segment, n == len(offsets) - 1, out[position:position + len(segment) + TAG_SIZE])
+    return bytes(sealed)
 
 
 class SealingReader:

@@ -161,12 +161,13 @@ class _ThrottledReader:
     def readinto(self, buffer) -> int:
         """As `read`, into `buffer` (defined here: delegated, it would send bytes the uplink never booked)."""
         readinto = getattr(self.inner, "readinto", None)
-        if readinto is None:
-            data = self.inner.read(len(memoryview(buffer).cast("B")))
-            memoryview(buffer).cast("B")[:len(data)] = data
-            got = len(data)
-        else:
+        if readinto is not None:
             got = readinto(buffer)
+        else:
+            with memoryview(buffer) as outer, outer.cast("B") as view:
+                data = self.inner.read(len(view))
+                got = len(data)
+                view[:got] = data
         self.limit.consume(got)
         return got
 

@@ -24,8 +24,8 @@ EVP_CIPHER_CTX *asr_xts_new(const unsigned char *key, int key_bytes, int encrypt
 EVP_CIPHER_CTX *asr_xts_copy(const EVP_CIPHER_CTX *template);
 void asr_xts_free(EVP_CIPHER_CTX *context);
 int asr_xts_sectors(EVP_CIPHER_CTX *context, uint64_t first, const uint64_t *numbers, size_t count,
-                    const unsigned char *source,
-                    unsigned char *target, int sector_size, int zeros_stay, char *error, size_t error_size);
+                    const unsigned char *source, unsigned char *target, int sector_size, int zeros_stay,
+                    char *error, size_t error_size);
 """)
 ffibuilder.set_source("sites.storage._xts_openssl", r"""
 #include <stddef.h>
