@@ -37,7 +37,8 @@ except ImportError as error:  # not built, or libcrypto missing: say what to do 
         f"libcrypto ({error}). Install libssl3 (Debian; libcrypto.so.3) and, to build it, gcc, libc6-dev, "
         f"libssl-dev and Python's headers (scripts/ensure-tools.sh gcc libc-headers openssl-headers "
         f"python-headers libcrypto), then install the package again (make install, or pip install .; a "
-        f"source checkout used through PYTHONPATH: python setup.py build_ext --inplace)") from error
+        f"source checkout used through PYTHONPATH: python setup.py build_ext --inplace, with setuptools 77 "
+        f"or later, as pyproject.toml asks)") from error
 
 MAX_SECTOR = (1 << 64) - 1
 """Sector numbers are 64-bit, as dm-crypt's plain64 (the 16-byte tweak's upper half is zero)."""
