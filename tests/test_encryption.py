@@ -210,7 +210,8 @@ def test_objects_stream_in_any_piece_sizes_in_the_documented_format(size: int):
     data = random.Random(size).randbytes(size)
     record = SEGMENT_SIZE + TAG_SIZE
     pieces = [(1000, "read"), (record, "read"), (record + 1, "read"), (3 * record + 5, "read"), (-1, "read"),
-              (record - 1, "readinto"), (record, "readinto"), (record + 7, "readinto"), (4 * 1024 * 1024, "readinto")]
+              (record - 1, "readinto"), (record, "readinto"), (record + 7, "readinto"), (4 * 1024 * 1024, "readinto"),
+              (2 * record + 3, "read, then a third as much")]
     for source in (io.BytesIO(data), _ReadOnly(data)):
         for piece, how in pieces:
             if piece == 1000 and size > SEGMENT_SIZE:
@@ -219,16 +220,20 @@ def test_objects_stream_in_any_piece_sizes_in_the_documented_format(size: int):
             reader = SealingReader(source, data_key, name)
             parts = []
             buffer = bytearray(max(piece, 0))
-            # readinto seals a record straight into the buffer where it fits whole, else copies from its own
-            while part := (reader.read(piece) if how == "read" else bytes(buffer[:reader.readinto(buffer)])):
-                assert piece < 0 or len(part) <= piece
+            # readinto seals a record straight into the buffer where it fits whole, else copies from its own.
+            # `read` fills the same buffer each time: the pieces it returned before must not change.
+            sizes = (piece, piece // 3) if how.endswith("third as much") else (piece,)
+            while part := (reader.read(sizes[len(parts) % len(sizes)]) if how != "readinto"
+                           else bytes(buffer[:reader.readinto(buffer)])):
+                assert piece < 0 or len(part) <= sizes[len(parts) % len(sizes)]
                 parts.append(part)
                 if piece < 0:
                     break
             stored = b"".join(parts)
             segments = max(1, -(-size // SEGMENT_SIZE))
             assert reader.plain_bytes == size and len(stored) == HEADER_SIZE + size + segments * TAG_SIZE
-            assert piece < 0 or all(len(part) == piece for part in parts[:-1]), "a read gives all it was asked"
+            assert piece < 0 or all(len(part) == sizes[index % len(sizes)] for index, part in enumerate(parts[:-1])), \
+                "a read gives all it was asked"
             assert _open_by_hand(stored, data_key, name) == data
             assert open_bytes(stored, data_key, name, "here") == data
     stored = seal_bytes(data, data_key, name)

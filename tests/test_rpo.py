@@ -285,6 +285,19 @@ def libfaketime() -> str:
     return found[0]
 
 
+@pytest.fixture
+def faketime_shared_memory() -> Iterator[None]:
+    """Removes the shared memory and semaphore files libfaketime makes per process (/dev/shm/faketime_shm_<pid>,
+    sem.faketime_sem_<pid>): a process stopped by a signal leaves its pair behind, and a later process that
+    gets the same pid fails to start under libfaketime ("shm_open failed: File exists")."""
+    pattern = "/dev/shm/*faketime_*"
+    before = set(glob.glob(pattern))
+    yield
+    for leftover in set(glob.glob(pattern)) - before:
+        Path(leftover).unlink(missing_ok=True)
+
+
+@pytest.mark.usefixtures("faketime_shared_memory")
 def test_a_host_agent_whose_clock_is_minutes_ahead_does_not_change_the_rpo(tmp_path: Path, postgres_url: str) -> None:
     skewed = {"LD_PRELOAD": libfaketime(), "FAKETIME": f"+{int(SKEW.total_seconds())}s",
               "FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_NO_CACHE": "1"}

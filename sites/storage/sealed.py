@@ -101,6 +101,7 @@ class SealingReader:
         self._record = memoryview(self._sealer.header)  # the sealed bytes being handed out, from `_position` on
         self._position = 0
         self._done = False
+        self._scratch = bytearray()  # `read`'s
         self.plain_bytes = 0
 
     def _read_segment(self, segment: bytearray) -> int:
@@ -164,10 +165,15 @@ class SealingReader:
             return filled
 
     def read(self, size: int = -1) -> bytes:
+        """The next `size` sealed bytes (fewer at the end), as a new byte string: filled through one buffer
+        kept for the reads (a backend's client reads its blocks this way, megabytes at a time; a new buffer
+        per read would be fresh pages each time)."""
         if size is None or size < 0:
             return b"".join(iter(lambda: self.read(1 << 24), b""))
-        buffer = bytearray(size)
-        return bytes(buffer[:self.readinto(buffer)])
+        if len(self._scratch) < size:
+            self._scratch = bytearray(size)
+        with memoryview(self._scratch) as view:
+            return bytes(view[:self.readinto(view[:size])])
 
 
 class OpeningWriter:
