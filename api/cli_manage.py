@@ -152,12 +152,14 @@ def _assignment(text: str) -> tuple[str, str]:
 @click.option("--heartbeat", default=None, help="Regex: the guest is up once a line of its console matches it.")
 @click.option("--check-pass", default=None, help="Regex on the console: the guest's own check passed.")
 @click.option("--check-fail", default=None, help="Regex on the console: the guest's own check failed.")
+@click.option("--no-check", is_flag=True,
+              help="Remove the guest's own check (both patterns): a boot check then ends at the heartbeat.")
 @click.option("--cmdline", default=None, help="A direct-kernel guest's kernel command line.")
 @click.option("--guest-agent/--no-guest-agent", default=None,
               help="Whether the guest answers the QEMU guest agent (freeze/thaw for app-consistent points).")
 @json_option
 def vm_set(vm_name: str, networks: tuple[str, ...], memory_mb: int | None, boot_timeout_s: float | None,
-           heartbeat: str | None, check_pass: str | None, check_fail: str | None, cmdline: str | None,
+           heartbeat: str | None, check_pass: str | None, check_fail: str | None, no_check: bool, cmdline: str | None,
            guest_agent: bool | None, as_json: bool):
     """Change VM's definition, on its host (its vm.json) and in its registration: its adapters' networks, and a
     QEMU guest's memory, boot timeout, console patterns, command line and guest agent (the options of `asr vm
@@ -170,6 +172,10 @@ def vm_set(vm_name: str, networks: tuple[str, ...], memory_mb: int | None, boot_
         ("memory_mb", memory_mb), ("boot_timeout_s", boot_timeout_s), ("heartbeat", heartbeat),
         ("check_pass", check_pass), ("check_fail", check_fail), ("cmdline", cmdline),
         ("guest_agent", guest_agent)) if value is not None}
+    if no_check:
+        if check_pass is not None or check_fail is not None:
+            raise click.UsageError("--no-check removes the guest's check: give it without --check-pass/--check-fail")
+        guest |= {"check_pass": None, "check_fail": None}
     if not assignments and not guest:
         raise click.UsageError("nothing to change: give --network or a guest option (asr vm set --help)")
     result = _service().update_vm(vm_name, networks=assignments or None, guest=guest or None)

@@ -371,3 +371,20 @@ def test_a_guests_definition_changes_as_it_is_created(site: RecoverySite, cli_gu
     with session_scope() as session:
         row = session.exec(select(VirtualMachine).where(VirtualMachine.name == "cli-guest")).one()
         assert row.guest["memory_mb"] == 288 and row.guest["hashes"] == hashes
+
+    # The guest's own check can be removed (both patterns, as a definition has both or neither) and given again.
+    check = {"check_pass": guest["check_pass"], "check_fail": guest["check_fail"]}
+    for args, needle in {("--no-check", "--check-pass", "PASS"): "without --check-pass/--check-fail",
+                         ("--check-pass", "PASS", "--no-check"): "without --check-pass/--check-fail"}.items():
+        result = runner.invoke(main, ["vm", "set", "host1/cli-guest", *args])
+        assert result.exit_code == 2 and needle in result.stderr, result.output
+    api_refused(site, lambda: api.update_vm("host1/cli-guest", guest={"check_pass": None}), 422,
+                "give both check_pass and check_fail, or neither")
+    api_refused(site, lambda: api.update_vm("host1/cli-guest", guest={"memory_mb": None}), 422,
+                "memory_mb must be a whole number")
+    result = runner.invoke(main, ["vm", "set", "host1/cli-guest", "--no-check", "--json"])
+    assert result.exit_code == 0, result.output
+    assert (json.loads(result.stdout)["guest"]["check_pass"], api.show_vm("host1/cli-guest")["guest"]["check_fail"],
+            driver.get_vm("cli-guest").guest.check_pass) == (None, None, None)
+    assert (api.update_vm("host1/cli-guest", guest=check)["guest"]["check_pass"],
+            driver.get_vm("cli-guest").guest.check_fail) == (check["check_pass"], check["check_fail"])

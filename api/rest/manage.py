@@ -50,7 +50,8 @@ class HostUpdateIn(_Body):
 
 class GuestUpdateIn(_Body):
     """The fields of a guest definition (as POST /hosts/{host}/vms takes them) that can change; those left out
-    keep their values. How the guest boots (kernel, initrd, boot disk) cannot."""
+    keep their values. check_pass and check_fail both null remove the guest's own check, a null cmdline empties
+    it, a null for another field is refused. How the guest boots (kernel, initrd, boot disk) cannot change."""
 
     memory_mb: int | None = Field(None, ge=64, le=16384)
     boot_timeout_s: float | None = Field(None, ge=5, le=3600)
@@ -105,7 +106,7 @@ def update_host(name: NamePath, body: HostUpdateIn) -> dict[str, Any]:
               summary="Change a VM's adapters' networks or its guest definition, on its host and in its registration")
 def update_vm(vm: VmPath, body: VmUpdateIn, host: HostQuery = None) -> dict[str, Any]:
     return service.update_vm(_vm_ref(vm, host), networks=body.networks,
-                             guest=body.guest.model_dump(exclude_none=True) if body.guest else None)
+                             guest=body.guest.model_dump(exclude_unset=True) if body.guest else None)
 
 
 @router.patch("/network-mappings/{source_network:path}", dependencies=[ADMIN], tags=["fabric"],
