@@ -217,6 +217,11 @@ def worker_host(name: str, key_file: Any, key: str | None, concurrency: int | No
     if key is not None:
         _fail(f"--key would show the key in the process list: give it in a file (--key-file FILE, `-` for "
               f"standard input, or {HOST_KEY_FILE_ENV}) or in {HOST_KEY_ENV}")
+    for host_setting in (settings.host_upload_limit, settings.tracker_spare_max):
+        try:
+            host_setting()  # read by the agent's steps: a bad value refused now, not mid-job
+        except ValueError as exc:
+            _fail(f"{exc}; not started")
     key = _host_key(key_file)
     if not key:
         _fail(f"the registration key of host {name!r} is needed: --key-file FILE (`-`: standard input), "

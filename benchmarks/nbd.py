@@ -33,6 +33,7 @@ from typing import Any
 from benchmarks.datapath import BenchmarkError, row
 from datapath.tracker import ReplicationTracker
 from sites.host.trackerservice import TrackerService
+from workflows import settings
 
 MIB = 1024 * 1024
 DEPTH = 16
@@ -76,7 +77,9 @@ def benchmark_nbd(*, disk_mib: int = 256, total_mib: int = 1024, rounds: int = 3
             subprocess.run(["qemu-img", "bench", "-w", "-q", "-t", "writeback", "-s", str(MIB), "-c",
                             str(disk_mib), "-f", "raw", str(image)], check=True, timeout=600,
                            stdout=subprocess.DEVNULL)
-        tracker = ReplicationTracker.enable(tracked)
+        ReplicationTracker.enable(tracked).close()
+        # Sealed and acknowledged as a host agent's tracker would: keeping the spare log its setting says.
+        tracker = ReplicationTracker(tracked, spare_max_bytes=settings.tracker_spare_max())
         qemu_socket = work / "qemu-nbd.sock"
         qemu_nbd = subprocess.Popen(["qemu-nbd", "-f", "raw", "--cache=writeback", "--persistent", "-x", "disk0",
                                      "-k", str(qemu_socket), str(served)],
@@ -96,7 +99,8 @@ def benchmark_nbd(*, disk_mib: int = 256, total_mib: int = 1024, rounds: int = 3
             _bench(targets["tracker_service"], MIB, total_mib)
             tracker.acknowledge(tracker.seal().generation)
         results: dict[str, Any] = {"disk_mib": disk_mib, "total_mib": total_mib, "depth": DEPTH, "rounds": rounds,
-                                   "directory": str(work.parent), "runs": {}}
+                                   "directory": str(work.parent), "spare_max_bytes": tracker.spare_max_bytes,
+                                   "runs": {}}
         for size in REQUEST_SIZES:
             label = f"{size // 1024}k"
             count = total_mib * MIB // size
@@ -145,7 +149,8 @@ METHOD = [
     "NBD writes: the tracker writes each byte twice, once appended to the replication log and once to the "
     "disk (qemu-nbd and the raw file once), so at equal server cost it moves twice the bytes; the tracker's "
     "log is sealed and acknowledged after each of its runs (not timed), so logs do not pile up. As in service, "
-    "where each seal's new log is written over the storage of an acknowledged one (the tracker's spare log), "
+    "where each seal's new log is written over the storage of an acknowledged one (the tracker's spare log, "
+    "at most ASR_TRACKER_SPARE_MAX of it: 256 MiB by default, a quarter of a run's log), "
     "the tracker's log storage is warmed like the images: two untimed runs through it, each sealed and "
     "acknowledged, before the timed ones (on this tmpfs, writing a fresh log's pages cost 3 to 5 times "
     "writing allocated ones). After the runs the three images must be identical (cmp); otherwise the run stops.",
@@ -210,8 +215,11 @@ def detail_lines(section: dict[str, Any]) -> list[str]:
         f"{_size_text(size)} writes: raw file {details[label]['raw_file_mb_s']:.0f}, qemu-nbd "
         f"{details[label]['qemu_nbd_mb_s']:.0f}, tracker {details[label]['tracker_service_mb_s']:.0f} MB/s"
         for size, label in ((size, f"{size // 1024}k") for size in REQUEST_SIZES))
+    spare = details.get("spare_max_bytes")
+    kept = "" if spare is None else f", the tracker's spare log at most {spare // MIB} MiB"
     return [f"- NBD writes: {details['disk_mib']} MiB disks in {details['directory']}, {details['total_mib']} MiB "
-            f"written per run, best of {details['rounds']}: {figures}. Every run's figures are in benchmarks.json."]
+            f"written per run{kept}, best of {details['rounds']}: {figures}. Every run's figures are in "
+            f"benchmarks.json."]
 
 
 def main() -> None:

@@ -70,8 +70,9 @@ from datapath.trackerstate import (
 RESYNC_THRESHOLD = 0.5
 """Unsent logs at this fraction of the disk size or more: the disk needs resynchronization."""
 SPARE_MAX_BYTES = 256 * 1024 * 1024
-"""The most of an acknowledged log's storage kept as the spare (TrackerFiles.spare): the host's space a
-disk holds beyond its unsent logs. Past it a new log allocates as it grows, as every log did before."""
+"""By default, the most of an acknowledged log's storage kept as the spare (TrackerFiles.spare): the host's
+space a disk holds beyond its unsent logs. Past it a new log allocates as it grows, as every log did before.
+A host agent's trackers take ASR_TRACKER_SPARE_MAX (workflows/settings.py) instead; 0 keeps no spare."""
 
 
 @dataclass(frozen=True)
@@ -115,12 +116,16 @@ class ReplicationTracker:
 
     One object per process; its methods are thread-safe. `sync=True` makes every write durable
     (log, control and disk fsynced) before it returns; otherwise writes reach the OS and seals are
-    durable.
+    durable. `spare_max_bytes`: how much of an acknowledged log's storage `acknowledge` keeps as the spare.
     """
 
-    def __init__(self, disk_path: str | os.PathLike[str], *, sync: bool = False):
+    def __init__(self, disk_path: str | os.PathLike[str], *, sync: bool = False,
+                 spare_max_bytes: int = SPARE_MAX_BYTES):
+        if not isinstance(spare_max_bytes, int) or spare_max_bytes < 0:
+            raise ValueError(f"spare_max_bytes must be a whole number of bytes, 0 or more, got {spare_max_bytes!r}")
         self.disk_path = Path(disk_path)
         self.sync = sync
+        self.spare_max_bytes = spare_max_bytes
         self._files = TrackerFiles(self.disk_path)
         self._lock = threading.Lock()
         self._control_file = ControlFile.open(self._files.control, self.disk_path)
@@ -374,12 +379,15 @@ class ReplicationTracker:
             if not acknowledged:
                 return
             # The newest becomes the spare the next seal's log is written over (TrackerFiles.spare),
-            # replacing an older spare; the others are deleted.
-            for sealed in acknowledged[:-1]:
+            # replacing an older spare, unless no spare is kept; the others are deleted.
+            for sealed in acknowledged[:-1] if self.spare_max_bytes else acknowledged:
                 os.unlink(self._files.sealed(sealed))
-            os.rename(self._files.sealed(acknowledged[-1]), self._files.spare)
-            if os.stat(self._files.spare).st_size > SPARE_MAX_BYTES:
-                os.truncate(self._files.spare, SPARE_MAX_BYTES)
+            if self.spare_max_bytes:
+                os.rename(self._files.sealed(acknowledged[-1]), self._files.spare)
+                if os.stat(self._files.spare).st_size > self.spare_max_bytes:
+                    os.truncate(self._files.spare, self.spare_max_bytes)
+            else:
+                unlink_quietly(self._files.spare)
             self._files.sync_directory()
 
     def unsent_bytes(self) -> int:

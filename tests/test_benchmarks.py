@@ -326,7 +326,8 @@ def test_tiny_nbd_run_reports_the_tracker_against_qemu_nbd_and_the_raw_file(tmp_
     run = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--only", "nbd", "--nbd-size", "4", "--nbd-total", "4",
          "--rounds", "2", "--workdir", str(workdir), "--output", str(output)],
-        cwd=REPO_ROOT, env=BENCH_ENV, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+        cwd=REPO_ROOT, env={**BENCH_ENV, "ASR_TRACKER_SPARE_MAX": "2M"}, capture_output=True, text=True,
+        timeout=RUN_TIMEOUT_S,
     )
     assert run.returncode == 0, run.stderr
     report = json.loads((output / "benchmarks.json").read_text())
@@ -338,6 +339,8 @@ def test_tiny_nbd_run_reports_the_tracker_against_qemu_nbd_and_the_raw_file(tmp_
     rows = {row["metric"]: row for row in benchmark["rows"]}
     assert set(rows) == NBD_ROWS
     details = benchmark["details"]
+    # The tracker keeps the spare log a host agent's setting says, and the report says so.
+    assert details["spare_max_bytes"] == 2 * 1024 * 1024 and "spare log at most 2 MiB" in markdown
     for size, label in (("64 KiB", "64k"), ("1 MiB", "1024k")):
         runs = details["runs"][label]
         assert all(len(values) == 2 and min(values) > 0 for values in runs.values())

@@ -210,6 +210,17 @@ def test_host_agent_refuses_and_starts_nothing(fabric: dict[str, str], args: lis
     assert dump(fabric["url"]) == before
 
 
+@pytest.mark.parametrize(("name", "value"), [("ASR_TRACKER_SPARE_MAX", "lots"), ("ASR_HOST_UPLOAD_LIMIT", "-8M")])
+def test_host_agent_refuses_a_bad_setting_of_its_steps_before_it_starts(fabric: dict[str, str], name: str,
+                                                                        value: str) -> None:
+    env = clean_env(ASR_DATABASE_URL=fabric["url"], ASR_BROKER_URL=DEAD_BROKER, ASR_HOST_KEY=fabric["host1"],
+                    **{name: value})
+    proc = asr("worker", "host", "host1", env=env, timeout=30)
+    assert proc.returncode == 2 and f"{name}={value!r}" in proc.stderr and "not started" in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert last_seen(fabric["url"], "host1") is None
+
+
 def test_host_agent_refuses_when_the_database_does_not_exist(tmp_path: Path) -> None:
     env = clean_env(ASR_DATABASE_URL=f"sqlite:///{tmp_path / 'none.db'}", ASR_BROKER_URL=DEAD_BROKER,
                     ASR_HOST_KEY="whatever")

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from test_tracker import PROCESS_TIMEOUT, copy_data, data_of, logged_writes, make_disk, replay_logs, tracker_files
 
-import datapath.tracker as tracker_module
 from datapath.errors import LogCorruptError
 from datapath.logformat import MAX_RECORD_DATA, RECORD_OVERHEAD, LogHeader, LogState, LogWriter
 from datapath.logreader import verify_log
@@ -182,10 +181,14 @@ def test_a_crash_after_the_spare_was_taken_but_before_the_seal_committed(disk: P
     assert original.read_bytes() == data_of(disk)
 
 
-def test_the_spare_keeps_at_most_its_cap_of_an_acknowledged_log(disk: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The spare is space the host's disk holds beyond the unsent logs: a long acknowledged log is cut to the cap."""
-    monkeypatch.setattr(tracker_module, "SPARE_MAX_BYTES", MIB)
-    with ReplicationTracker.enable(disk) as tracker:
+def test_the_spare_keeps_at_most_its_cap_of_an_acknowledged_log(disk: Path) -> None:
+    """The spare is space the host's disk holds beyond the unsent logs: a long acknowledged log is cut to the
+    tracker's cap (the host's ASR_TRACKER_SPARE_MAX); with a cap of 0 no spare is kept (one kept before goes)."""
+    with ReplicationTracker.enable(disk) as enabled:
+        enabled.write(0, b"\x44" * 4096)
+        enabled.acknowledge(enabled.seal().generation)
+        assert TrackerFiles(disk).spare.exists()
+    with ReplicationTracker(disk, spare_max_bytes=MIB) as tracker:
         tracker.write_many([(i * 256 * KIB, bytes([i + 1]) * 256 * KIB, False) for i in range(12)])
         log = tracker.seal()
         assert log.size > 3 * MIB
@@ -193,7 +196,19 @@ def test_the_spare_keeps_at_most_its_cap_of_an_acknowledged_log(disk: Path, monk
         assert TrackerFiles(disk).spare.stat().st_size == MIB
         tracker.seal()  # the next log is written over the cut spare
         tracker.write(0, b"\x55" * 4096)
+        last = tracker.seal()
+        verify_log(last.path)
+        tracker.acknowledge(last.generation)
+    with ReplicationTracker(disk, spare_max_bytes=0) as tracker:
+        assert TrackerFiles(disk).spare.exists()
+        tracker.write(0, b"\x66" * 4096)
+        tracker.acknowledge(tracker.seal().generation)
+        assert tracker_files(disk.parent) == ["disk0.raw.ctl", "disk0.raw.hrl"]
+        tracker.write(4096, b"\x77" * 4096)
         verify_log(tracker.seal().path)
+    for bad in (-1, 1.5, "1G"):
+        with pytest.raises(ValueError, match="spare_max_bytes"):
+            ReplicationTracker(disk, spare_max_bytes=bad)
 
 
 def test_a_last_commit_that_is_not_whole_records_or_fails_its_checksum_is_refused(disk: Path) -> None:
@@ -220,3 +235,32 @@ def test_a_last_commit_that_is_not_whole_records_or_fails_its_checksum_is_refuse
             ReplicationTracker(disk).write(0, b"\x33" * 512)
     finally:
         os.close(control_file.fd)
+
+
+@pytest.mark.parametrize(("raw", "expected"), [(None, 256 * MIB), ("", 256 * MIB), ("0", 0), ("1G", 1024 * MIB),
+                                               ("64m", 64 * MIB)])
+def test_a_host_agents_trackers_keep_the_spare_its_setting_says(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                raw: str | None, expected: int) -> None:
+    """ASR_TRACKER_SPARE_MAX, read by the host's tracker opener (sites/host/tracking.py) for each tracker."""
+    from sites.host import Host
+    from workflows import settings
+
+    if raw is None:
+        monkeypatch.delenv("ASR_TRACKER_SPARE_MAX", raising=False)
+    else:
+        monkeypatch.setenv("ASR_TRACKER_SPARE_MAX", raw)
+    host = Host(tmp_path / "host1", "host1")
+    host.create_vm("app01", [("disk0", "1M", "raw")])
+    host.enable_tracking("app01")
+    assert settings.tracker_spare_max() == expected
+    with host.tracker("app01", "disk0") as tracker:
+        assert tracker.spare_max_bytes == expected
+
+
+@pytest.mark.parametrize("raw", ["big", "-1M", "inf", "2P"])
+def test_a_bad_spare_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
+    from workflows import settings
+
+    monkeypatch.setenv("ASR_TRACKER_SPARE_MAX", raw)
+    with pytest.raises(ValueError, match="ASR_TRACKER_SPARE_MAX"):
+        settings.tracker_spare_max()

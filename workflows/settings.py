@@ -211,17 +211,33 @@ def host_upload_limit() -> int | None:
     processes together (disk copies, resyncs, shipped logs), as a number with an optional K, M or G suffix
     (binary: 8M is 8 MiB/s); unset or 0: no limit. As Azure Site Recovery's agent throttling, it keeps a
     host's uplink usable for its own work while an initial copy runs."""
-    raw = os.environ.get("ASR_HOST_UPLOAD_LIMIT", "").strip()
+    return _env_bytes("ASR_HOST_UPLOAD_LIMIT", 0, "a number of bytes per second (like 8M)") or None
+
+
+def tracker_spare_max() -> int:
+    """ASR_TRACKER_SPARE_MAX: the most of an acknowledged replication log's storage a host keeps per disk for
+    the next log to be written over (datapath/tracker.py, SPARE_MAX_BYTES: 256M), K, M or G suffixes; 0 keeps
+    none. Space for speed, as a database recycles its write-ahead log: a log written over kept storage costs
+    the host less than one allocating as it grows (docs/operations.md, "What it costs")."""
+    from datapath.tracker import SPARE_MAX_BYTES
+
+    return _env_bytes("ASR_TRACKER_SPARE_MAX", SPARE_MAX_BYTES, "a size in bytes (like 256M or 1G)")
+
+
+def _env_bytes(name: str, default: int, what: str) -> int:
+    """A byte count in environment variable `name`: a number with an optional K, M or G suffix (binary),
+    from 0 to 1P; `default` when unset or blank. A bad value is a ValueError naming the variable."""
+    raw = os.environ.get(name, "").strip()
     if not raw:
-        return None
+        return default
     number, unit = (raw[:-1], raw[-1].upper()) if raw[-1].upper() in "KMG" else (raw, "")
     try:
         value = float(number) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[unit]
     except ValueError:
-        raise ValueError(f"ASR_HOST_UPLOAD_LIMIT={raw!r} is not a number of bytes per second (like 8M)") from None
+        raise ValueError(f"{name}={raw!r} is not {what}") from None
     if not 0 <= value < 1 << 50:  # also refuses nan and inf
-        raise ValueError(f"ASR_HOST_UPLOAD_LIMIT={raw!r} must be from 0 to 1P bytes per second")
-    return int(value) or None
+        raise ValueError(f"{name}={raw!r} must be from 0 to 1P")
+    return int(value)
 
 
 def flower_credentials() -> tuple[str, str]:

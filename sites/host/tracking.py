@@ -28,11 +28,14 @@ class Tracking(VmStore):
         return disk_is_tracked(self._disk_of(vm, disk).path)
 
     def tracker(self, vm: VirtualMachine | str, disk: VirtualDisk | str) -> ReplicationTracker:
-        """The tracker of one disk, opened for the caller (who closes it)."""
+        """The tracker of one disk, opened for the caller (who closes it); it keeps as much of an acknowledged
+        log's storage as ASR_TRACKER_SPARE_MAX says."""
+        from workflows import settings
+
         current = self.get_vm(vm_name(vm))
         virtual_disk = self._disk_of(current, disk)
         try:
-            return ReplicationTracker(virtual_disk.path)
+            return ReplicationTracker(virtual_disk.path, spare_max_bytes=settings.tracker_spare_max())
         except NotTrackedError:
             raise NotTrackedError(
                 f"disk {virtual_disk.name!r} of VM {current.name!r} on host {self.name!r} is not tracked: "
