@@ -29,7 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.datapath import BenchmarkError, row
+from benchmarks.harness import BenchmarkError, row
 from datapath.tracker import RESYNC_THRESHOLD
 from datapath.trackerstate import ControlFile, NotTrackedError, TrackerFiles
 from sites.localservices import ServiceStartError

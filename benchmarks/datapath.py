@@ -1,28 +1,16 @@
 """The data-path benchmarks: each of ours against its peer, on the same generated disks, in one run.
 
-How a measurement is made, and why:
-- Ours runs in a child process (`python -m benchmarks.datapath STEP JSON`), timed with perf_counter
-  around the call inside the child, so the interpreter's start is not counted and the child's peak
-  resident memory (VmHWM) is the step's own. Peers are timed with perf_counter around their commands.
-- Every timed run but the warm scan starts with the files it touches dropped from the page cache
-  (fsync, then POSIX_FADV_DONTNEED), so both sides read the same cold disk.
-- Ours and the peer alternate (round 1 ours first, round 2 the peer first, ...) and the best time of
-  the rounds is reported, so neither side profits from its place; every run is kept in the results.
-- Every result that moves disk data is checked byte for byte with `cmp` over the union of both files'
-  data extents (outside them both files are holes, and cmp reading holes crawls at 0.3 GB/s), and a
-  replica's VHD footer with `qemu-img info`. A run whose result is wrong raises BenchmarkError: it is
-  not a result.
+Ours are the child steps below (STEPS, run as `python -m benchmarks.datapath STEP JSON`); how a step is run,
+timed against its peer over alternating rounds and summarized is benchmarks/harness.py's, the generated disks
+and the checks of every result benchmarks/disks.py's. Every timed run but the warm checksum scan starts with
+the files it touches dropped from the page cache.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
 import re
 import shutil
-import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -30,8 +18,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
+from benchmarks.disks import (
+    DAMAGE_WRITE_SIZE,
+    DAMAGED_CHUNK_FRACTION,
+    SPARSE_VIRTUAL_FACTOR,
+    Disks,
+    MiB,
+    RandomData,
+    allocated_bytes,
+    check_fixed_vhd,
+    check_same_content,
+    drop_from_cache,
+    generate_disks,
+    plan_churn,
+    plan_damage,
+    toggled_changes,
+)
+from benchmarks.harness import BenchmarkError, alternate, child_main, row, run_ours, run_peer, summary, time_row
 from datapath.buffers import aligned_buffer
 from datapath.copy import copy_disk
 from datapath.disk import format_size, open_disk
@@ -42,20 +45,13 @@ from datapath.resync import sync_disks
 from datapath.tracker import ReplicationTracker
 from sites.storage.local import LocalDirectoryStorage
 
-MiB = 1 << 20
 CHUNK_SIZE = MiB
 BLOCK_SIZE = 4096
-SPARSE_VIRTUAL_FACTOR = 10
-"""The sparse disk is this many times the data it holds (10 GiB virtual for 1 GiB of data)."""
 SPARSE_ALLOCATION_SLACK = 0.01
 """A copy of the sparse disk stays sparse when it allocates at most 1% more than the source (the
 replica's footer, and zeros between two extents inside one chunk)."""
-DAMAGED_CHUNK_FRACTION = 0.01
-DAMAGE_WRITE_SIZE = 4096
 MAX_LOG_VOLUME = 256 * MiB
 """Bytes of random writes sent through the tracker for the log benchmark (less on small disks)."""
-CHURN_WRITE_SIZES = tuple(4096 << k for k in range(9))
-"""4 KiB to 1 MiB, each equally likely: mostly small writes by count, mostly large ones by volume."""
 FLAT_MEMORY_SLACK = 4 * MiB
 """How much higher a step may peak on the full-size disk than on the quarter-size one and still count
 as not growing with the disk."""
@@ -69,299 +65,6 @@ REFERENCE_CHECKSUM_GBPS = 3 / 60
 """Azure Site Recovery's failback checksum speed, "a few GB per minute": 3 GB/min."""
 REFERENCE_MAX_CHURN_MBPS = 20.0
 """The highest churn a protected VM may have (premium storage), MB/s: applying logs must keep up."""
-
-_RANDOM_PIECE = 64 * MiB
-_CHILD_BASE_TIMEOUT_S = 120.0
-_CHILD_BYTES_PER_S = 20 * 10**6
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-class BenchmarkError(RuntimeError):
-    """A benchmark could not be measured, or measured a wrong result."""
-
-
-# ---- generated data --------------------------------------------------------------------------------
-class RandomData:
-    """Incompressible bytes reproducible from a seed: the AES-256-CTR keystream (about 4.5 GB/s here,
-    where os.urandom and random.randbytes give 0.2 GB/s)."""
-
-    def __init__(self, seed: int, stream: str):
-        key = hashlib.sha256(f"{seed}/{stream}".encode()).digest()
-        self._encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
-        self._zeros = memoryview(bytes(_RANDOM_PIECE))
-
-    def take(self, length: int) -> bytes:
-        """The next `length` bytes of the stream (at most 64 MiB)."""
-        if not 0 < length <= _RANDOM_PIECE:
-            raise ValueError(f"random data is taken 1 byte to {_RANDOM_PIECE} bytes at a time, not {length}")
-        return self._encryptor.update(self._zeros[:length])
-
-
-def write_random_disk(path: Path, size: int, data: RandomData) -> None:
-    """A raw disk image of `size` bytes of random data, durable and dropped from the page cache."""
-    with open(path, "xb") as out:
-        for offset in range(0, size, _RANDOM_PIECE):
-            out.write(data.take(min(_RANDOM_PIECE, size - offset)))
-    drop_from_cache(path)
-
-
-def scatter_extents(virtual_size: int, data_size: int, rng: random.Random) -> list[tuple[int, int]]:
-    """(offset, length) of extents 64 KiB to 8 MiB long totalling `data_size` bytes, in order, with
-    random gaps between them over `virtual_size` bytes (both sizes whole multiples of 64 KiB)."""
-    unit = 64 * 1024
-    if virtual_size % unit or data_size % unit or not 0 < data_size <= virtual_size:
-        raise ValueError(f"cannot scatter {data_size} bytes over {virtual_size} bytes in 64 KiB units")
-    lengths = []
-    remaining = data_size // unit
-    while remaining:
-        lengths.append(min(remaining, rng.randint(1, 128)))
-        remaining -= lengths[-1]
-    hole_units = (virtual_size - data_size) // unit
-    cuts = sorted(rng.randrange(hole_units + 1) for _ in lengths)
-    extents = []
-    position = previous_cut = 0
-    for units, cut in zip(lengths, cuts, strict=True):
-        position += (cut - previous_cut) * unit
-        previous_cut = cut
-        extents.append((position, units * unit))
-        position += units * unit
-    return extents
-
-
-def write_sparse_disk(path: Path, virtual_size: int, extents: list[tuple[int, int]], data: RandomData) -> None:
-    """A sparse raw disk image: random data in `extents`, holes elsewhere; dropped from the cache."""
-    with open(path, "xb") as out:
-        out.truncate(virtual_size)
-        for offset, length in extents:
-            os.pwrite(out.fileno(), data.take(length), offset)
-    drop_from_cache(path)
-
-
-def drop_from_cache(*paths: Path) -> None:
-    """Make the files durable and drop their pages from the page cache, so the next read is cold
-    (dirty pages cannot be dropped, hence the fsync first). Then flush every other dirty page on the
-    machine too, so that the writeback of earlier steps (a deleted target, a previous round) does not
-    land inside the next timed run."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    os.sync()
-
-
-def allocated_bytes(path: Path) -> int:
-    return os.stat(path).st_blocks * 512
-
-
-@dataclass(frozen=True)
-class Damage:
-    """Small random writes, replayable onto any copy of a disk to damage it the same way."""
-
-    writes: tuple[tuple[int, bytes], ...]
-    chunk_size: int
-
-    @property
-    def chunks(self) -> int:
-        return len({offset // self.chunk_size for offset, _ in self.writes})
-
-    @property
-    def bytes(self) -> int:
-        return sum(len(data) for _, data in self.writes)
-
-    def blocks_touched(self, block_size: int) -> int:
-        return len({block for offset, data in self.writes
-                    for block in range(offset // block_size, (offset + len(data) - 1) // block_size + 1)})
-
-    def apply(self, path: Path) -> None:
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            for offset, data in self.writes:
-                os.pwrite(fd, data, offset)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def plan_damage(size: int, chunk_size: int, rng: random.Random, data: RandomData) -> Damage:
-    """One DAMAGE_WRITE_SIZE write of random data in each of 1% of the chunks (picked at random), at a
-    random sector-aligned offset inside the chunk: a guest writes whole sectors, not always whole
-    4 KiB blocks, so a write may straddle two blocks."""
-    chunks = size // chunk_size
-    damaged = sorted(rng.sample(range(chunks), max(1, round(chunks * DAMAGED_CHUNK_FRACTION))))
-    sectors_in_chunk = (chunk_size - DAMAGE_WRITE_SIZE) // 512 + 1
-    return Damage(tuple((index * chunk_size + rng.randrange(sectors_in_chunk) * 512, data.take(DAMAGE_WRITE_SIZE))
-                        for index in damaged), chunk_size)
-
-
-def plan_churn(size: int, volume: int, rng: random.Random) -> list[tuple[int, int]]:
-    """(offset, length) of random 4 KiB-aligned writes inside a disk of `size` bytes, lengths drawn
-    from CHURN_WRITE_SIZES, totalling at least `volume` bytes."""
-    writes = []
-    total = 0
-    while total < volume:
-        length = min(rng.choice(CHURN_WRITE_SIZES), size)
-        writes.append((rng.randrange((size - length) // 4096 + 1) * 4096, length))
-        total += length
-    return writes
-
-
-@dataclass(frozen=True)
-class Disks:
-    """The generated disks one run measures on."""
-
-    size: int
-    source: Path
-    """A raw disk of `size` bytes of random data."""
-    sparse_source: Path
-    """A raw disk of SPARSE_VIRTUAL_FACTOR × `size` bytes holding `size` bytes of random data."""
-    sparse_extents: int
-
-
-def generate_disks(directory: Path, size: int, seed: int) -> Disks:
-    """The run's disks in `directory` (created), dropped from the page cache."""
-    directory.mkdir(parents=True, exist_ok=True)
-    source = directory / "source.raw"
-    write_random_disk(source, size, RandomData(seed, f"source-{size}"))
-    sparse_source = directory / "sparse-source.raw"
-    virtual_size = SPARSE_VIRTUAL_FACTOR * size
-    extents = scatter_extents(virtual_size, size, random.Random(f"{seed}/extents-{size}"))
-    write_sparse_disk(sparse_source, virtual_size, extents, RandomData(seed, f"sparse-{size}"))
-    return Disks(size, source, sparse_source, len(extents))
-
-
-# ---- checks ---------------------------------------------------------------------------------------
-def data_ranges(path: Path, end: int) -> list[tuple[int, int]]:
-    """The (offset, length) ranges of `path` below `end` that SEEK_DATA reports as data."""
-    ranges = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        position = 0
-        while position < end:
-            try:
-                start = os.lseek(fd, position, os.SEEK_DATA)
-            except OSError:  # ENXIO: nothing but holes from here on
-                break
-            if start >= end:
-                break
-            stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
-            ranges.append((start, stop - start))
-            position = stop
-    finally:
-        os.close(fd)
-    return ranges
-
-
-def merged_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    merged: list[list[int]] = []
-    for offset, length in sorted(ranges):
-        if merged and offset <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], offset + length)
-        else:
-            merged.append([offset, offset + length])
-    return [(start, stop - start) for start, stop in merged]
-
-
-def check_same_content(expected: Path, actual: Path, length: int, what: str) -> None:
-    """BenchmarkError unless the first `length` bytes of both files are equal, compared by `cmp` over
-    every range either file holds data in (elsewhere both read as zeros)."""
-    for path in (expected, actual):
-        if os.stat(path).st_size < length:
-            raise BenchmarkError(f"{what}: {path} is shorter than the {length} bytes to compare")
-    for offset, count in merged_ranges(data_ranges(expected, length) + data_ranges(actual, length)):
-        compared = subprocess.run(
-            ["cmp", f"--ignore-initial={offset}:{offset}", f"--bytes={count}", str(expected), str(actual)],
-            capture_output=True, text=True, timeout=_timeout(count),
-        )
-        if compared.returncode != 0:
-            raise BenchmarkError(
-                f"{what}: {actual} differs from {expected} in [{offset}, {offset + count}) "
-                f"(cmp counts from {offset}): {(compared.stdout + compared.stderr).strip()}"
-            )
-
-
-def check_fixed_vhd(path: Path, size: int, what: str) -> None:
-    """BenchmarkError unless qemu-img reads `path` as a VHD ("vpc") of virtual size `size` and the
-    file is exactly the data and a 512-byte footer. (qemu-img probes a VHD only by a cookie at the
-    start, which a fixed VHD lacks, hence `-f vpc`.)"""
-    info = subprocess.run(["qemu-img", "info", "-f", "vpc", "--output=json", str(path)],
-                          capture_output=True, text=True, timeout=60)
-    if info.returncode != 0:
-        raise BenchmarkError(f"{what}: qemu-img cannot read {path}: {info.stderr.strip()}")
-    details = json.loads(info.stdout)
-    file_size = os.stat(path).st_size
-    if details.get("format") != "vpc" or details.get("virtual-size") != size or file_size != size + 512:
-        raise BenchmarkError(
-            f"{what}: {path} is not a fixed VHD of {size} bytes: qemu-img reads format "
-            f"{details.get('format')!r} of virtual size {details.get('virtual-size')!r}; the file is "
-            f"{file_size} bytes"
-        )
-
-
-# ---- running ours and the peers ---------------------------------------------------------------------
-def _timeout(byte_count: int) -> float:
-    """120 s plus the time to move `byte_count` bytes at 20 MB/s: generous, but a bound."""
-    return _CHILD_BASE_TIMEOUT_S + byte_count / _CHILD_BYTES_PER_S
-
-
-def run_ours(step: str, byte_count: int, *, module: str = "benchmarks.datapath", **arguments: Any) -> dict[str, Any]:
-    """Run one of our steps (of `module`'s STEPS) in a child process; its figures, with `seconds` and
-    `peak_rss_bytes`."""
-    command = [sys.executable, "-m", module, step, json.dumps(arguments)]
-    search_path = [str(_REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
-    try:
-        child = subprocess.run(command, capture_output=True, text=True, cwd=_REPO_ROOT,
-                               env=dict(os.environ, PYTHONPATH=os.pathsep.join(search_path)),
-                               timeout=_timeout(byte_count))
-    except subprocess.TimeoutExpired as exc:
-        raise BenchmarkError(f"step {step} {arguments} did not finish within {exc.timeout:.0f} s") from None
-    if child.returncode != 0:
-        raise BenchmarkError(
-            f"step {step} {arguments} failed (exit {child.returncode}): {child.stderr.strip()[-3000:]}"
-        )
-    return json.loads(child.stdout)
-
-
-def run_peer(commands: list[list[str]], byte_count: int) -> dict[str, Any]:
-    """Run commands one after the other, timed together; their stdout is kept for parsing."""
-    outputs = []
-    started = time.perf_counter()
-    for command in commands:
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=_timeout(byte_count))
-        except subprocess.TimeoutExpired as exc:
-            raise BenchmarkError(f"{' '.join(command)} did not finish within {exc.timeout:.0f} s") from None
-        if done.returncode != 0:
-            raise BenchmarkError(f"{' '.join(command)} failed (exit {done.returncode}): {done.stderr.strip()}")
-        outputs.append(done.stdout)
-    return {"seconds": time.perf_counter() - started, "stdout": "".join(outputs)}
-
-
-def in_rounds(rounds: int, runs: list[Callable[[int], dict] | None],
-              before_round: Callable[[int], None] | None = None) -> list[list[dict]]:
-    """Each of `runs` once a round, given the round's number (1 to `rounds`): in the order listed in odd
-    rounds, reversed in even ones, so no side always goes first; `before_round(number)` before each round.
-    Their results, one list per run (empty for None), each marked with its round."""
-    results: list[list[dict]] = [[] for _ in runs]
-    order = list(enumerate(runs))
-    for number in range(1, rounds + 1):
-        if before_round is not None:
-            before_round(number)
-        for index, run in order if number % 2 else reversed(order):
-            if run is not None:
-                results[index].append(run(number) | {"round": number})
-    return results
-
-
-def alternate(
-    rounds: int, ours: Callable[[], dict], peer: Callable[[], dict] | None
-) -> tuple[list[dict], list[dict]]:
-    """Run ours and the peer `rounds` times each: ours first in odd rounds, the peer first in even ones."""
-    our_runs, peer_runs = in_rounds(rounds, [lambda _: ours(), None if peer is None else lambda _: peer()])
-    return our_runs, peer_runs
-
 
 _RSYNC_FIGURES = {
     "literal_data": r"Literal data: ([\d,]+) bytes",
@@ -380,38 +83,6 @@ def parse_rsync_stats(text: str) -> dict[str, int]:
             raise BenchmarkError(f"rsync --stats output has no {pattern.split(':')[0]!r} line:\n{text}")
         figures[key] = int(match.group(1).replace(",", ""))
     return figures
-
-
-def summary(runs: list[dict]) -> dict[str, Any]:
-    """The runs with their best and median time and the highest peak memory any of them reached."""
-    seconds = [run["seconds"] for run in runs]
-    result: dict[str, Any] = {"runs": runs, "best_seconds": min(seconds),
-                              "median_seconds": statistics.median(seconds)}
-    peaks = [run["peak_rss_bytes"] for run in runs if "peak_rss_bytes" in run]
-    if peaks:
-        result["peak_rss_bytes"] = max(peaks)
-    return result
-
-
-def row(metric: str, ours: float, peer: float | None, unit: str, ratio: float | None, goal: str,
-        passed: bool | None) -> dict[str, Any]:
-    """One line of the results table. `ratio` is always "higher is better": the peer's time over ours,
-    our speed over the peer's, or the peer's bytes over ours. `passed` is None where no goal is set."""
-    return {"metric": metric, "ours": ours, "peer": peer, "unit": unit, "ratio": ratio, "goal": goal,
-            "passed": passed}
-
-
-def time_row(result: dict[str, Any], goal: str, min_ratio: float | None) -> dict[str, Any]:
-    """The time line of a benchmark: best times judged against the goal (reported only, with
-    `min_ratio` None), with the medians beside them (on a busy machine the spread between rounds is
-    wide, and the best alone would hide it)."""
-    ours, peer = result["ours"], result["peer"]
-    ratio = peer["best_seconds"] / ours["best_seconds"]
-    passed = None if min_ratio is None else ratio >= min_ratio
-    return row("time", ours["best_seconds"], peer["best_seconds"], "s", ratio, goal, passed) | {
-        "ours_median": ours["median_seconds"], "peer_median": peer["median_seconds"],
-        "median_ratio": peer["median_seconds"] / ours["median_seconds"],
-    }
 
 
 # ---- the benchmarks ---------------------------------------------------------------------------------
@@ -650,13 +321,6 @@ def bench_resync_product(bench: Bench) -> dict[str, Any]:
                 disks.size / max(run["replica_bytes_read"] for run in our_runs), "none set (reported)", None),
         ]
     return result
-
-
-def toggled_changes(original: Path, damage: Damage) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
-    """The damage plan's writes as (offset, hex data), and the writes putting the original bytes back."""
-    with open(original, "rb") as disk:
-        restore = [(offset, os.pread(disk.fileno(), len(data), offset).hex()) for offset, data in damage.writes]
-    return [(offset, data.hex()) for offset, data in damage.writes], restore
 
 
 def bench_checksum_scan(bench: Bench) -> dict[str, Any]:
@@ -938,24 +602,6 @@ STEPS: dict[str, Callable[..., dict[str, Any]]] = {
     "track_writes": step_track_writes,
     "apply_log": step_apply_log,
 }
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory (VmHWM)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise BenchmarkError("/proc/self/status has no VmHWM line")
-
-
-def child_main(argv: list[str], steps: dict[str, Callable[..., dict[str, Any]]], module: str) -> int:
-    if len(argv) != 2 or argv[0] not in steps:
-        print(f"usage: python -m {module} {{{','.join(steps)}}} JSON-ARGUMENTS", file=sys.stderr)
-        return 2
-    figures = steps[argv[0]](**json.loads(argv[1]))
-    print(json.dumps(figures | {"peak_rss_bytes": peak_rss_bytes()}))
-    return 0
 
 
 def measure_datapath(workdir: Path, size: int, rounds: int, seed: int, progress: Callable[[str], None],

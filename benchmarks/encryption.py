@@ -37,26 +37,18 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from benchmarks.datapath import (
-    BLOCK_SIZE,
-    CHUNK_SIZE,
+from benchmarks.datapath import BLOCK_SIZE, CHUNK_SIZE, REPLICA_NAME, Bench
+from benchmarks.disks import (
     DAMAGED_CHUNK_FRACTION,
-    REPLICA_NAME,
-    Bench,
-    BenchmarkError,
     MiB,
     RandomData,
     check_fixed_vhd,
     check_same_content,
-    child_main,
     drop_from_cache,
-    in_rounds,
     plan_damage,
-    row,
-    run_ours,
-    summary,
     toggled_changes,
 )
+from benchmarks.harness import BenchmarkError, child_main, in_rounds, row, run_ours, summary
 from datapath.copy import copy_disk
 from datapath.disk import open_disk
 from datapath.points import prune_versions
@@ -198,7 +190,7 @@ def _step_details(encrypted: list[dict], clear: list[dict], size: int | None) ->
 def _in_rounds(rounds: int, sides: tuple[bool, ...], run: Callable[[bool, int], dict],
                before_round: Callable[[int], None] | None = None) -> dict[bool, list[dict]]:
     """`run(encrypted, round)` for each side in each round, the encrypted side first in odd rounds and the
-    clear side first in even ones (datapath.in_rounds); `before_round(round)` first, for both sides."""
+    clear side first in even ones (harness.in_rounds); `before_round(round)` first, for both sides."""
     return dict(zip(sides, in_rounds(rounds, [functools.partial(run, side) for side in sides], before_round),
                     strict=True))
 

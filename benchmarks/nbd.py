@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.datapath import BenchmarkError, row
+from benchmarks.harness import BenchmarkError, row
 from datapath.tracker import ReplicationTracker
 from sites.host.trackerservice import TrackerService
 from workflows import settings

@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import churn, nbd, scale
-from benchmarks.datapath import CHUNK_SIZE, BenchmarkError, measure_datapath
+from benchmarks.datapath import CHUNK_SIZE, measure_datapath
 from benchmarks.encryption import MIN_ROUNDS as ENCRYPTION_MIN_ROUNDS
+from benchmarks.harness import BenchmarkError
 from benchmarks.report import all_rows, results_table, text_table, write_outputs
 from benchmarks.workflow_report import measure_workflows
 from datapath.disk import format_size, parse_size

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.churn import _cpu_snapshot, _percentile
-from benchmarks.datapath import BenchmarkError, row
+from benchmarks.harness import BenchmarkError, row
 from sites.localservices import ServiceStartError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

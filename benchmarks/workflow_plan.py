@@ -13,7 +13,7 @@ from typing import Any
 
 from celery import chain
 
-from benchmarks.datapath import BenchmarkError, row, summary
+from benchmarks.harness import BenchmarkError, row, summary
 from benchmarks.workflows import (
     _SECONDS_PER_JOB_BOUND,
     _SECONDS_PER_STEP_BOUND,

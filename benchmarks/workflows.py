@@ -33,7 +33,7 @@ from typing import Any
 
 from celery import chain
 
-from benchmarks.datapath import BenchmarkError, alternate, row, summary
+from benchmarks.harness import BenchmarkError, alternate, row, summary
 from sites.deployment import Deployment
 from sites.localservices import ServiceStartError
 
