@@ -40,8 +40,9 @@ from datapath.copy import copy_disk
 from datapath.disk import format_size, open_disk
 from datapath.logapply import apply_log
 from datapath.manifest import Manifest, chunk_hash, compute_manifest
-from datapath.replication import ReplicaDisk, initial_copy, resynchronize
+from datapath.replication import ReplicaDisk, initial_copy
 from datapath.resync import sync_disks
+from datapath.resynchronize import resynchronize
 from datapath.tracker import ReplicationTracker
 from sites.storage.local import LocalDirectoryStorage
 
@@ -245,7 +246,7 @@ def bench_resync(bench: Bench) -> dict[str, Any]:
 
 
 def bench_resync_product(bench: Bench) -> dict[str, Any]:
-    """The product's own resync (datapath.replication.resynchronize) of a replica made by its own initial
+    """The product's own resync (datapath.resynchronize) of a replica made by its own initial
     copy on LocalDirectoryStorage, after the tracked source changed in the same 1% of its chunks as the
     damage plan: the source snapshot is read whole, the replica only where the source differs from its
     stored manifest. rsync syncs the same source onto a raw copy of what the replica held."""
@@ -296,7 +297,7 @@ def bench_resync_product(bench: Bench) -> dict[str, Any]:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     result = _result(
         f"Product-path resync, the source changed in {DAMAGED_CHUNK_FRACTION:.0%} of the chunks",
-        "resynchronize (datapath.replication) of a replica made by initial_copy on LocalDirectoryStorage, "
+        "resynchronize (datapath.resynchronize) of a replica made by initial_copy on LocalDirectoryStorage, "
         "the tracked source changed through its tracker as the damage plan says: the snapshot read whole, "
         "the replica only in the chunks that differ from its current version's stored manifest; undo log, "
         "manifest and state stored as the product does",

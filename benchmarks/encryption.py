@@ -52,7 +52,8 @@ from benchmarks.harness import BenchmarkError, child_main, in_rounds, row, run_o
 from datapath.copy import copy_disk
 from datapath.disk import open_disk
 from datapath.points import prune_versions
-from datapath.replication import ReplicaDisk, apply_shipped_logs, initial_copy, resynchronize, ship_pending_logs
+from datapath.replication import ReplicaDisk, apply_shipped_logs, initial_copy, ship_pending_logs
+from datapath.resynchronize import resynchronize
 from datapath.tracker import ReplicationTracker
 from sites.storage.encrypted import open_encrypted
 from sites.storage.keys import write_kek_file

@@ -28,8 +28,9 @@ from datapath.endpoint import DiskEndpoint
 from datapath.errors import NonRecoverableError, SizeMismatchError
 from datapath.manifest import DEFAULT_CHUNK_SIZE, compute_manifest, diff_manifests
 from datapath.points import manifest_if_root, store_manifest
-from datapath.replication import RecordingTarget, ReplicaDisk, ReplicaState, copy_recorded
+from datapath.replication import ReplicaDisk, ReplicaState
 from datapath.resync import sync_disks
+from datapath.resynchronize import RecordingTarget, copy_recorded
 from datapath.undolog import merge_ranges, record_undo
 
 Progress = Callable[[int, int], None]

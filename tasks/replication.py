@@ -27,13 +27,8 @@ from datapath.errors import (
     ResyncRequiredError,
 )
 from datapath.points import PointMismatchError, prune_versions
-from datapath.replication import (
-    ReplicaDisk,
-    apply_shipped_logs,
-    initial_copy,
-    resynchronize,
-    ship_pending_logs,
-)
+from datapath.replication import ReplicaDisk, apply_shipped_logs, initial_copy, ship_pending_logs
+from datapath.resynchronize import resynchronize
 from datapath.tracker import RESYNC_THRESHOLD, ReplicationTracker
 from models.db import as_utc, database_now, session_scope
 from models.jobs import JobStep

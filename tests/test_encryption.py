@@ -620,14 +620,8 @@ def test_a_shipped_log_resealed_with_recomputed_checksums_is_refused_then_resync
     from datapath.errors import LogCorruptError
     from datapath.logformat import LogWriter
     from datapath.logreader import LogReader, verify_log
-    from datapath.replication import (
-        ReplicaDisk,
-        apply_shipped_logs,
-        initial_copy,
-        replicate_cycle,
-        resynchronize,
-        ship_pending_logs,
-    )
+    from datapath.replication import ReplicaDisk, apply_shipped_logs, initial_copy, replicate_cycle, ship_pending_logs
+    from datapath.resynchronize import resynchronize
     from sites.host import Host
     from sites.storage.local import LocalDirectoryStorage
 

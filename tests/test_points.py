@@ -30,14 +30,8 @@ from datapath.points import (
     stored_versions,
     verify_point,
 )
-from datapath.replication import (
-    ReplicaDisk,
-    apply_shipped_logs,
-    initial_copy,
-    replicate_cycle,
-    resynchronize,
-    ship_pending_logs,
-)
+from datapath.replication import ReplicaDisk, apply_shipped_logs, initial_copy, replicate_cycle, ship_pending_logs
+from datapath.resynchronize import resynchronize
 from sites.host import Host
 
 MiB = 1 << 20

@@ -17,9 +17,9 @@ from datapath.replication import (
     apply_shipped_logs,
     initial_copy,
     replicate_cycle,
-    resynchronize,
     ship_pending_logs,
 )
+from datapath.resynchronize import resynchronize
 from sites.host import Host
 
 MiB = 1 << 20

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 import datapath.replication as replication
+import datapath.resynchronize
 from datapath.compare import first_difference
 from datapath.disk import open_disk
 from datapath.points import load_manifest, store_manifest, verify_point
-from datapath.replication import ReplicaDisk, initial_copy, replicate_cycle, resynchronize, ship_pending_logs
+from datapath.replication import ReplicaDisk, initial_copy, replicate_cycle, ship_pending_logs
+from datapath.resynchronize import resynchronize
 from sites.host import Host
 from sites.storage.encrypted import EncryptedStorage
 from sites.storage.keys import write_kek_file
@@ -181,7 +183,7 @@ def test_a_resync_interrupted_half_way_is_finished_reading_the_replica_whole(sit
     change_source(tracker, seed=68)
 
     with monkeypatch.context() as patch:  # stops after its writes, before the manifest and state
-        patch.setattr(replication, "store_manifest", crash)
+        patch.setattr(datapath.resynchronize, "store_manifest", crash)
         with pytest.raises(Crash):
             resynchronize(tracker, replica)
     report = resynchronize(tracker, replica)
