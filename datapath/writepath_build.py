@@ -13,8 +13,10 @@ service alternating with qemu-nbd in one run): server CPU per 64 KiB write 43-47
 left: the service's connection thread is CPU-bound at 64 KiB (88% of a core over a run, two thirds of it in
 the kernel: the socket's copy, the log's, the disk's), where qemu-nbd's writes run on its thread pool across
 both cores; with a spare log big enough for a whole 1 GiB run it reaches 0.66-0.68x, so the pages the log
-allocates past the spare are not what is left. Closing it means a second thread per connection (the disk
-write and the replies) behind the log's commit.
+allocates past the spare are not what is left. A second thread per connection writing the disk behind the
+log's commit was tried (2026-12-05) and not kept: replying after the disk write gained nothing (the logging
+thread stayed the slow stage, and each hand-off cost thread wake-ups); replying at the commit gained about
+10% at 64 KiB and lost 10-20% at 1 MiB (one write per batch, a hand-off each).
 
 Why the chunk hashes too: the `mmh3` package holds the GIL while it hashes, so a thread hashing a window
 stalled the read-ahead thread's decryption of the next (each XTS call gives the GIL up and then waits up to
